@@ -1,0 +1,162 @@
+"""The score-function decision: candidate rows + mask -> one allocation.
+
+One small network scores every candidate row; masked scores go through a softmax into one
+categorical action, so the network does not grow with the action space. The scorer is pluggable:
+numpy MLP weights (simulator, tests), an ONNX session (the daemon), or a fixed rule.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+ONNX_INPUT = "rows"
+ONNX_OUTPUT = "scores"
+
+
+class Scorer(Protocol):
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """One float score per row of an (n, N_FEATURES) float32 matrix."""
+        ...
+
+
+class MLPScorer:
+    """A tanh MLP in numpy: weights[i] is (in, out), the last layer has one output."""
+
+    def __init__(self, weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
+        if len(weights) != len(biases) or not weights or weights[-1].shape[1] != 1:
+            raise ValueError("an MLP scorer needs matching weights/biases ending in one output")
+        self.weights = [np.asarray(w, dtype=np.float32) for w in weights]
+        self.biases = [np.asarray(b, dtype=np.float32) for b in biases]
+
+    @classmethod
+    def random(cls, n_in: int, hidden: tuple[int, ...] = (32, 16), seed: int = 0) -> "MLPScorer":
+        rng = np.random.default_rng(seed)
+        sizes = (n_in, *hidden, 1)
+        ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in zip(sizes, sizes[1:])]
+        return cls(ws, [np.zeros(b) for b in sizes[1:]])
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        h = rows
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h = np.tanh(h @ w + b)
+        return (h @ self.weights[-1] + self.biases[-1])[..., 0]
+
+    def scores_blocks(self, ctx: np.ndarray, cpu: np.ndarray, mem: np.ndarray) -> np.ndarray:
+        """Same scores as ``scores(expand_rows(ctx, cpu, mem))``, without building the rows.
+
+        The first layer is linear, so it splits into a context term (once per decision), a CPU
+        term (one per CPU value) and a memory term (one per memory value), broadcast-added.
+        Accepts one observation or a batch (leading dimension) of them.
+        """
+        w1, b1 = self.weights[0], self.biases[0]
+        c, k = ctx.shape[-1], cpu.shape[-1]
+        h_ctx = (ctx @ w1[:c] + b1)[..., None, None, :]
+        h_cpu = (cpu @ w1[c : c + k])[..., :, None, :]
+        h_mem = (mem @ w1[c + k :])[..., None, :, :]
+        h = np.tanh(h_ctx + h_cpu + h_mem)
+        h = h.reshape(*h.shape[:-3], -1, w1.shape[1])
+        for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
+            h = np.tanh(h @ w + b)
+        return (h @ self.weights[-1] + self.biases[-1])[..., 0]
+
+
+class OnnxScorer:
+    """Scores with onnxruntime on one thread: a few microseconds for 64 candidates, no torch."""
+
+    def __init__(self, path: str | Path | bytes) -> None:
+        import onnxruntime as ort  # imported here: the simulator's numpy path does not need it
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        src = path if isinstance(path, bytes) else str(path)
+        self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [ONNX_INPUT] or outputs[:1] != [ONNX_OUTPUT]:
+            raise ValueError(
+                f"model must map {ONNX_INPUT!r} to {ONNX_OUTPUT!r}, has {inputs} -> {outputs}"
+            )
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        out = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: rows})[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+class RuleScorer:
+    """A fixed linear rule over feature columns; e.g. prefer the user's size.
+
+    Lets the daemon run with no model at all: ``RuleScorer.user_size()`` reproduces Fixed
+    wherever the safeguard allows the user's size.
+    """
+
+    def __init__(self, weights: np.ndarray, absolute: bool = False) -> None:
+        self.weights = np.asarray(weights, dtype=np.float32)
+        self.absolute = absolute
+
+    @classmethod
+    def user_size(cls, n_features: int, cpu_vs_user: int, mem_vs_user: int) -> "RuleScorer":
+        w = np.zeros(n_features, dtype=np.float32)
+        w[cpu_vs_user] = w[mem_vs_user] = -1.0
+        return cls(w, absolute=True)
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        x = np.abs(rows) if self.absolute else rows
+        return x @ self.weights
+
+
+def masked_log_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """log pi(a) over allowed candidates; -inf where masked out."""
+    if not mask.any():
+        raise ValueError("the mask allows no candidate")
+    s = np.where(mask, scores.astype(np.float64), -np.inf)
+    z = s - s.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def decide(
+    scores: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+) -> tuple[int, float]:
+    """Pick a candidate: sample when ``rng`` is given (training), else argmax (deployment).
+
+    Returns the candidate index and its log-probability under the masked softmax. Non-finite
+    scores among the allowed candidates are refused: a model emitting NaN must never pick an
+    allocation.
+    """
+    s = np.where(mask, scores.astype(np.float64), -np.inf)
+    m = float(s.max())
+    if not math.isfinite(m):
+        if not mask.any():
+            raise ValueError("the mask allows no candidate")
+        raise ValueError("non-finite scores from the policy")
+    z = s - m
+    e = np.exp(z)
+    total = float(e.sum())
+    if rng is None:
+        a = int(np.argmax(z))
+    else:
+        a = int(np.searchsorted(np.cumsum(e), rng.random() * total, side="right"))
+        if a >= len(e) or not mask[a]:  # floating-point edge at the end of the cumsum
+            a = int(np.flatnonzero(mask)[-1])
+    return a, float(z[a]) - math.log(total)
+
+
+def sample_batch(
+    scores: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one action per row of a (batch, n) score matrix (Gumbel-max), with log-probs.
+
+    The vectorised twin of ``decide`` for rollouts that step several environments at once.
+    """
+    s = np.where(masks, scores.astype(np.float64), -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    if not np.all(np.isfinite(m)):
+        raise ValueError("non-finite scores from the policy, or a mask that allows nothing")
+    z = s - m
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    actions = np.argmax(logp + rng.gumbel(size=logp.shape), axis=1)
+    return actions, logp[np.arange(len(actions)), actions]

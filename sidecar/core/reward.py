@@ -1,0 +1,45 @@
+"""The per-invocation reward: what users feel, in one formula used by the simulator and the sidecar.
+
+With ``rfet = exec / baseline`` (execution time relative to the user's size) and
+``delay = (queueing + cold start) / baseline``:
+
+    r = (1 - rfet)                               # speed-up is good, slow-down bad, linearly
+        - slowdown_weight * max(0, rfet - tolerance)   # and slow-downs much worse
+        - delay_weight * delay                   # starving others (queueing) costs too
+        - failure_penalty * failed               # an OOM kill and retry is the worst outcome
+
+clipped to [-clip, 1]. The reference used sum(1 - 2 * slo) and ignored queueing and cold starts,
+so an over-allocation that queued other invocations went unpunished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    slowdown_weight: float = 4.0
+    tolerance: float = 1.0
+    delay_weight: float = 1.0
+    failure_penalty: float = 5.0
+    clip: float = 10.0
+
+
+def invocation_reward(
+    exec_s: float,
+    baseline_s: float,
+    queue_s: float = 0.0,
+    cold_s: float = 0.0,
+    failed: bool = False,
+    cfg: RewardConfig = RewardConfig(),
+) -> float:
+    base = max(baseline_s, 1e-3)
+    rfet = exec_s / base
+    r = (
+        (1.0 - rfet)
+        - cfg.slowdown_weight * max(0.0, rfet - cfg.tolerance)
+        - cfg.delay_weight * (queue_s + cold_s) / base
+        - cfg.failure_penalty * float(failed)
+    )
+    return max(-cfg.clip, min(1.0, r))

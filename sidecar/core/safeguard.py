@@ -1,0 +1,179 @@
+"""The safeguard: the rules that keep a learned policy from slowing functions down.
+
+Applied per resource before the policy chooses, exactly as the reference (Freyr) describes, with
+threshold 0.9:
+
+* first invocation of a function, or the one after a failure: run at the user's size (a
+  "safeguard invocation"), measure, and calibrate the baseline duration;
+* over-provisioned (last peak <= 0.9 x user setting):
+    - last peak >= 0.9 x what it was last given: usage may be rising, pin the resource at the
+      user's setting (a safeguard run for that resource, which resets its recent peak);
+    - otherwise harvest: choose within [recent peak + 1 unit, user setting];
+* under-provisioned (last peak > 0.9 x user setting): accelerate within
+  [recent peak + 1 unit, per-function max].
+
+"Recent peak" is the maximum peak since that resource's last safeguard run. On top of the
+reference we add the memory floor: a hard memory limit is never chosen below the container's
+current usage plus a headroom, because the kernel would OOM-kill it on the spot. The floor wins
+over every other rule, the user's size included: safety first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from sidecar.core.grid import Alloc, ResourceGrid
+
+FIRST = "first"
+FAILURE = "failure"
+RISING = "rising"
+HARVEST = "harvest"
+ACCELERATE = "accelerate"
+MODES = (FIRST, FAILURE, RISING, HARVEST, ACCELERATE)
+"""Why a resource got its range; a bounded set, so it is safe as a metric label."""
+
+
+@dataclass(frozen=True)
+class SafeguardConfig:
+    threshold: float = 0.9
+    """Peak/allocation ratio that marks a resource as nearly used up (the reference's 0.9)."""
+    mem_headroom_mb: float = 16.0
+    """Memory floor = current usage + this headroom."""
+    give_back_threshold: float = 0.9
+    """Within an invocation, usage at this share of a harvested allocation returns the user's size."""
+
+
+@dataclass
+class SafeguardState:
+    """What the safeguard remembers about one function (peaks in cores and MB)."""
+
+    calibrate: str | None = FIRST
+    """FIRST or FAILURE while the next invocation must run at the user's size; None otherwise."""
+    last_alloc: Alloc | None = None
+    last_cpu_peak_cores: float = 0.0
+    last_mem_peak_mb: float = 0.0
+    recent_cpu_peak_cores: float = 0.0
+    recent_mem_peak_mb: float = 0.0
+    failures: int = 0
+
+    def observe(
+        self,
+        guard: "Guard",
+        alloc: Alloc,
+        cpu_peak_cores: float,
+        mem_peak_mb: float,
+        failed: bool,
+    ) -> None:
+        """Record the end of an invocation that was decided under ``guard`` and ran at ``alloc``."""
+        if failed:
+            self.failures += 1
+            self.calibrate = FAILURE
+            return
+        if guard.cpu_mode in (FIRST, FAILURE, RISING):
+            self.recent_cpu_peak_cores = cpu_peak_cores
+        else:
+            self.recent_cpu_peak_cores = max(self.recent_cpu_peak_cores, cpu_peak_cores)
+        if guard.mem_mode in (FIRST, FAILURE, RISING):
+            self.recent_mem_peak_mb = mem_peak_mb
+        else:
+            self.recent_mem_peak_mb = max(self.recent_mem_peak_mb, mem_peak_mb)
+        self.last_alloc = alloc
+        self.last_cpu_peak_cores = cpu_peak_cores
+        self.last_mem_peak_mb = mem_peak_mb
+        if guard.calibrating:
+            self.calibrate = None
+
+
+class Guard(NamedTuple):
+    """The safeguard's verdict for one invocation: allowed ranges (units) and the action mask.
+
+    A NamedTuple, not a dataclass: one is built per decision on the simulator's hot path.
+    """
+
+    cpu_lo: int
+    cpu_hi: int
+    mem_lo: int
+    mem_hi: int
+    cpu_mode: str
+    mem_mode: str
+    mask: np.ndarray
+
+    @property
+    def calibrating(self) -> bool:
+        """A first or after-failure run: both resources pinned at the user's size."""
+        return self.cpu_mode in (FIRST, FAILURE)
+
+    @property
+    def reason(self) -> str:
+        return f"cpu={self.cpu_mode},mem={self.mem_mode}"
+
+    def allows(self, alloc: Alloc) -> bool:
+        return self.cpu_lo <= alloc.cpu <= self.cpu_hi and self.mem_lo <= alloc.mem <= self.mem_hi
+
+
+def _range(
+    user: int, last_peak: float, last_alloc: int, recent_peak: float, unit: float, top: int, thr: float
+) -> tuple[int, int, str]:
+    """One resource's allowed range in units (peaks and unit in physical quantities)."""
+    user_q = user * unit
+    lo = min(top, max(1, math.ceil(recent_peak / unit + 1 - 1e-9)))
+    if last_peak <= thr * user_q:
+        if last_peak >= thr * last_alloc * unit:
+            return user, user, RISING
+        return min(lo, user), user, HARVEST
+    return lo, top, ACCELERATE
+
+
+def guard(
+    grid: ResourceGrid,
+    user: Alloc,
+    state: SafeguardState,
+    mem_usage_mb: float = 0.0,
+    cfg: SafeguardConfig = SafeguardConfig(),
+) -> Guard:
+    """Allowed (cpu, mem) ranges and the mask over the grid's candidates for the next invocation.
+
+    ``mem_usage_mb`` is the container's current memory usage (0 for a new container).
+    """
+    if state.calibrate is not None or state.last_alloc is None:
+        mode = state.calibrate or FIRST
+        cpu_lo = cpu_hi = user.cpu
+        mem_lo = mem_hi = user.mem
+        cpu_mode = mem_mode = mode
+    else:
+        cpu_lo, cpu_hi, cpu_mode = _range(
+            user.cpu,
+            state.last_cpu_peak_cores,
+            state.last_alloc.cpu,
+            state.recent_cpu_peak_cores,
+            grid.cpu_unit_cores,
+            grid.cpu_units,
+            cfg.threshold,
+        )
+        mem_lo, mem_hi, mem_mode = _range(
+            user.mem,
+            state.last_mem_peak_mb,
+            state.last_alloc.mem,
+            state.recent_mem_peak_mb,
+            grid.mem_unit_mb,
+            grid.mem_units,
+            cfg.threshold,
+        )
+    floor = min(grid.mem_units, grid.mem_units_ceil(mem_usage_mb + cfg.mem_headroom_mb))
+    if mem_usage_mb > 0 and floor > mem_lo:
+        mem_lo = floor
+        mem_hi = max(mem_hi, floor)
+    mask = grid.range_mask(cpu_lo, cpu_hi, mem_lo, mem_hi)
+    return Guard(cpu_lo, cpu_hi, mem_lo, mem_hi, cpu_mode, mem_mode, mask)
+
+
+def give_back_needed(usage: float, allocated: float, user: float, cfg: SafeguardConfig) -> bool:
+    """True when a harvested resource is nearly used up mid-invocation: raise it to the user's size.
+
+    Checked on every 100 ms sample; only harvested allocations (below the user's size) qualify.
+    """
+    return allocated < user and usage >= cfg.give_back_threshold * allocated

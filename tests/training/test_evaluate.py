@@ -1,0 +1,108 @@
+"""Baselines and the evaluation: what each manager is known to do, the JSON and the plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training.evaluate import JSON_KEYS, evaluate, render_table
+from training.sim.presets import get_preset
+
+MANAGERS = ["fixed", "greedy", "ensure", "vpa", "oracle"]
+
+
+@pytest.fixture(scope="module")
+def ev():
+    return evaluate(get_preset("small"), MANAGERS, seed=2, progress=False)
+
+
+def test_every_manager_reports_every_key(ev):
+    for name in MANAGERS:
+        m = ev.results[name]
+        assert set(JSON_KEYS) <= set(m)
+        assert m["invocations"] == ev.results["fixed"]["invocations"] > 1000
+
+
+def test_fixed_is_the_reference_point(ev):
+    f = ev.results["fixed"]
+    assert f["mean_rfet"] == pytest.approx(1.0)
+    assert f["harvested_frac"] == f["accelerated_frac"] == 0.0
+    assert f["failures"] == 0
+
+
+def test_greedy_is_punished_for_careless_harvesting(ev):
+    g = ev.results["greedy"]
+    assert g["failures"] > 0
+    assert g["slowdown_frac_1_2"] > 0.05
+    assert g["mean_rfet"] > 1.1
+
+
+def test_ensure_touches_cpu_only(ev):
+    e = ev.results["ensure"]
+    assert e["failures"] == 0
+    assert e["accelerated_frac"] > 0.1
+    assert e["mean_rfet"] < 1.0
+
+
+def test_oracle_is_the_bound(ev):
+    o = ev.results["oracle"]
+    for name in ("fixed", "greedy", "ensure", "vpa"):
+        assert o["mean_rfet"] <= ev.results[name]["mean_rfet"] + 0.01
+    assert o["p98_rfet"] <= 1.0 + 1e-9
+
+
+def test_table_lists_every_manager(ev):
+    lines = render_table(ev).splitlines()
+    assert [ln.split()[0] for ln in lines[2:]] == MANAGERS
+    assert "mean RFET" in lines[1]
+
+
+def test_cli_sim_eval_writes_json_and_plots(tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "sample",
+           "--managers", "fixed,oracle", "--json", str(out), "--plots", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert set(data) == {"fixed", "oracle"}
+    assert set(JSON_KEYS) <= set(data["oracle"])
+    assert data["oracle"]["mean_rfet"] < data["fixed"]["mean_rfet"]
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["sample_seed1_exec_cdf.png", "sample_seed1_rfet_cdf.png"]
+    assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_cli_rejects_an_unknown_manager():
+    cmd = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "sample", "--managers", "nope"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown manager 'nope'" in proc.stderr
+
+
+def test_cli_trace_generate_then_replay(tmp_path):
+    gen = [sys.executable, "-m", "sidecar", "trace", "generate", "--functions", "30",
+           "--minutes", "5", "--seed", "4", "--out", str(tmp_path / "tr")]
+    assert subprocess.run(gen, capture_output=True, timeout=60).returncode == 0
+    out = tmp_path / "e.json"
+    ev = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "small", "--trace",
+          str(tmp_path / "tr"), "--managers", "fixed", "--json", str(out)]
+    proc = subprocess.run(ev, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    from training.traces import load_azure
+
+    assert json.loads(out.read_text())["fixed"]["invocations"] == load_azure(tmp_path / "tr").total_invocations()
+
+
+def test_bench_sim_json_has_the_named_key(tmp_path):
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "sidecar", "bench", "sim", "--preset", "sample",
+           "--decisions", "400", "--envs", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(out.read_text())
+    assert figures["decisions_per_s"] > 0
+    assert np.isfinite(figures["ratio_vs_fixed"])

@@ -1,0 +1,153 @@
+"""The simulator: determinism, the duration model's invariants, queueing, OOM, the Gym env."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from sidecar.core.grid import Alloc
+from training.baselines import Fixed, Oracle
+from training.evaluate import metrics, run
+from training.sim.cluster import ClusterConfig, ClusterSim
+from training.sim.env import ENV_ID
+from training.sim.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def small():
+    p = get_preset("small")
+    return p, p.build(3)
+
+
+def _run(p, wl, decide, cluster=None):
+    sim = ClusterSim(wl, cluster or p.cluster, p.grid)
+    while (req := sim.next_request()) is not None:
+        sim.apply(decide(sim, req))
+    sim.run_to_end()
+    return sim
+
+
+def test_workload_is_reproducible_and_seeded(small):
+    p, wl = small
+    again = p.build(3)
+    other = p.build(4)
+    assert np.array_equal(wl.arrival_s, again.arrival_s)
+    assert np.array_equal(wl.duration_s, again.duration_s)
+    assert not np.array_equal(wl.duration_s[:50], other.duration_s[:50])
+
+
+def test_users_are_over_and_under_provisioned(small):
+    p, wl = small
+    prov = wl.provisioning(p.grid)
+    # The original simulator gave every function the same ideal size; ours must not.
+    assert 0.3 < prov["cpu_over"] < 0.9
+    assert 0.1 < prov["cpu_under"] < 0.7
+    assert prov["mem_over"] > 0.5
+
+
+def test_fixed_has_rfet_exactly_one_and_every_invocation_finishes(small):
+    p, wl = small
+    sim = _run(p, wl, lambda s, r: r.user)
+    assert sim.results.done.all()
+    rfet = sim.results.exec_s / sim.results.baseline_s
+    assert np.allclose(rfet, 1.0)
+    assert not sim.results.failed.any()
+
+
+def test_extra_cpu_beyond_parallelism_does_not_help(small):
+    p, wl = small
+    sim_user = _run(p, wl, lambda s, r: r.user)
+    sim_max = _run(p, wl, lambda s, r: Alloc(p.grid.cpu_units, r.user.mem))
+    par = wl.parallelism[wl.fn]
+    user_cores = wl.user_cpu[wl.fn] * p.grid.cpu_unit_cores
+    saturated = par <= user_cores  # already has all the CPU it can use
+    rfet = sim_max.results.exec_s / sim_max.results.baseline_s
+    # No speed-up at all where the user's cores already cover the parallelism (contention aside).
+    assert np.all(rfet[saturated] >= 1.0 - 1e-9)
+    # And a real speed-up for under-provisioned CPU-bound functions.
+    hungry = (par >= 2 * user_cores) & (wl.cpu_frac[wl.fn] > 0.5)
+    assert hungry.any()
+    assert np.mean(rfet[hungry]) < 0.8
+    assert sim_user.results.done.all()
+
+
+def test_memory_below_working_set_is_an_oom_and_a_retry(small):
+    p, wl = small
+    sim = _run(p, wl, lambda s, r: Alloc(r.user.cpu, 1))
+    ws = wl.working_set_mb
+    expect_oom = ws > p.grid.mem_unit_mb
+    assert np.array_equal(sim.results.failed, expect_oom)
+    rfet = sim.results.exec_s / sim.results.baseline_s
+    assert np.all(rfet[expect_oom] > 1.2)  # killed run + retry at the user's size
+
+
+def test_queued_invocations_wait_and_do_not_progress(small):
+    p, wl = small
+    tight = replace(p.cluster, servers=1, mem_mb=p.grid.max_mb, cpu_overcommit=1.0)
+    sim = _run(p, wl, lambda s, r: Alloc(p.grid.cpu_units, p.grid.mem_units), cluster=tight)
+    r = sim.results
+    assert r.done.all()
+    assert (r.queue_s > 0).mean() > 0.5
+    # One slot: invocations run strictly one after another, so spans never overlap.
+    start = wl.arrival_s + r.queue_s
+    end = start + r.cold_s + r.exec_s
+    order = np.argsort(start)
+    assert np.all(start[order][1:] >= end[order][:-1] - 1e-6)
+
+
+def test_contention_slows_an_oversubscribed_server(small):
+    p, wl = small
+    roomy = _run(p, wl, lambda s, r: r.user)
+    crowded_cfg = replace(p.cluster, servers=1, cores=2.0, mem_mb=8192.0, cpu_overcommit=8.0)
+    crowded = _run(p, wl, lambda s, r: r.user, cluster=crowded_cfg)
+    assert np.mean(crowded.results.baseline_s) > 1.05 * np.mean(roomy.results.baseline_s)
+
+
+def test_oracle_beats_fixed_and_never_fails(small):
+    p, wl = small
+    sim = ClusterSim(wl, p.cluster, p.grid)
+    run(sim, Fixed())
+    fixed = metrics(sim)
+    run(sim, Oracle())
+    oracle = metrics(sim)
+    assert oracle["mean_rfet"] < fixed["mean_rfet"] - 0.03
+    assert oracle["failures"] == 0
+    assert oracle["harvested_frac"] > 0.3
+
+
+def test_cluster_rejects_servers_too_small_for_the_grid(small):
+    p, wl = small
+    with pytest.raises(ValueError, match="largest allocation"):
+        ClusterSim(wl, ClusterConfig(servers=1, cores=1.0, mem_mb=128.0), p.grid)
+
+
+def test_gym_env_steps_until_every_invocation_is_rewarded():
+    env = gym.make(ENV_ID, preset="sample", fixed_seed=0, disable_env_checker=True)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(
+        {k: (v.astype(np.int8) if k == "mask" else v) for k, v in obs.items()}
+    )
+    steps, rewarded, total = 1, 0, 0.0
+    while True:
+        a = int(np.flatnonzero(obs["mask"])[0])
+        obs, r, term, trunc, info = env.step(a)
+        rewarded += len(info["finished"])
+        total += r
+        assert np.isclose(r, info["finished_rewards"].sum())
+        if term:
+            break
+        steps += 1
+    n = env.unwrapped.sim.wl.n_invocations
+    assert steps == n and rewarded == n
+    assert np.isfinite(total)
+
+
+def test_gym_env_refuses_a_masked_action():
+    env = gym.make(ENV_ID, preset="sample", fixed_seed=0, disable_env_checker=True)
+    obs, _ = env.reset(seed=0)
+    bad = int(np.flatnonzero(~obs["mask"])[0])
+    with pytest.raises(ValueError, match="masked out"):
+        env.step(bad)

@@ -1,0 +1,1 @@
+"""The trace-driven cluster simulator and its Gymnasium wrapper."""

@@ -1,0 +1,370 @@
+"""The event-driven cluster: placement, warm containers, admission queueing, contention, OOM.
+
+One decision per invocation, at arrival. The loop is plain Python over a heap of completion
+events merged with the (pre-sorted) arrival stream; every per-invocation random draw was made
+up front by the workload, so a run is a pure function of (workload, cluster, manager) and the
+counterfactual "same invocation at the user's size" shares its noise draw.
+
+Duration model for invocation i of function f given c cores and m MB (d = the trace's duration
+at the user's size in isolation, n = noise, p = parallelism, phi = CPU-bound share):
+
+    t(c, m) = d * n * [(1 - phi) + phi * kappa(c) * min(u, p) / min(c, p)] * M(m) / M(mu)
+
+with u, mu the user's cores and MB, M the memory-pressure factor (1 + beta when memory is tight,
+1 with 25% room above the working set) and kappa(c) = max(1, load / cores): CPU contention on
+the server from everything running there, this invocation's own use included. Below the working
+set the invocation is OOM-killed part-way and retried at the user's size (counted as a failure).
+Queued invocations do not progress; memory is reserved at admission, CPU may be over-committed
+up to ``cpu_overcommit`` and then shows up as contention.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sidecar.core.features import NodeState
+from sidecar.core.grid import Alloc, ResourceGrid
+from sidecar.core.reward import RewardConfig, invocation_reward
+from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState, guard
+from sidecar.core.stats import FunctionStats
+from training.sim.workload import Workload
+
+MEM_ROOM = 0.25
+"""Memory above the working set (as a share of it) beyond which pressure no longer slows a run."""
+OOM_AT = 0.5
+"""An OOM-killed run dies this far into its execution (memory grows as it runs)."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    servers: int = 20
+    cores: float = 8.0
+    mem_mb: float = 2048.0
+    cpu_overcommit: float = 2.0
+    """Admission allows allocated CPU up to this multiple of the cores (CPU is shares, not slots)."""
+    keep_alive_s: float = 600.0
+    queue_scan: int = 16
+    """How many queued invocations to try when resources free up (limits head-of-line blocking)."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One invocation waiting for its allocation."""
+
+    inv: int
+    fn: int
+    user: Alloc
+    now_s: float
+    guard: Guard
+    stats: FunctionStats
+    guard_state: SafeguardState
+
+
+@dataclass
+class Results:
+    """Per-invocation outcomes, filled as invocations finish (NaN until then)."""
+
+    fn: np.ndarray
+    cpu: np.ndarray
+    mem: np.ndarray
+    exec_s: np.ndarray
+    baseline_s: np.ndarray
+    queue_s: np.ndarray
+    cold_s: np.ndarray
+    failed: np.ndarray
+    cpu_peak: np.ndarray  # cores
+    mem_peak: np.ndarray  # MB
+    reward: np.ndarray
+    done: np.ndarray = field(repr=False)
+
+    @classmethod
+    def empty(cls, wl: Workload) -> "Results":
+        n = wl.n_invocations
+        nan = lambda: np.full(n, np.nan)  # noqa: E731
+        return cls(
+            fn=wl.fn,
+            cpu=np.zeros(n, dtype=np.int64),
+            mem=np.zeros(n, dtype=np.int64),
+            exec_s=nan(),
+            baseline_s=nan(),
+            queue_s=nan(),
+            cold_s=nan(),
+            failed=np.zeros(n, dtype=bool),
+            cpu_peak=nan(),
+            mem_peak=nan(),
+            reward=nan(),
+            done=np.zeros(n, dtype=bool),
+        )
+
+
+class _Server:
+    __slots__ = ("free_mem", "cpu_alloc", "load")
+
+    def __init__(self, mem_mb: float) -> None:
+        self.free_mem = mem_mb
+        self.cpu_alloc = 0.0
+        self.load = 0.0  # average cores in use by running invocations
+
+
+class ClusterSim:
+    """Replays a workload; ``next_request()`` / ``apply()`` is the decision interface."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        cluster: ClusterConfig,
+        grid: ResourceGrid,
+        safeguard: SafeguardConfig = SafeguardConfig(),
+        reward: RewardConfig = RewardConfig(),
+    ) -> None:
+        self.wl = workload
+        self.cluster = cluster
+        self.grid = grid
+        self.safeguard_cfg = safeguard
+        self.reward_cfg = reward
+        if cluster.mem_mb < grid.max_mb or cluster.cores * cluster.cpu_overcommit < grid.max_cores:
+            raise ValueError("a server must be able to hold the grid's largest allocation")
+        # Plain lists: scalar indexing of Python lists is several times faster than numpy's.
+        self._arr = workload.arrival_s.tolist()
+        self._fn = workload.fn.tolist()
+        self._dur = (workload.duration_s * workload.noise).tolist()
+        self._ws = workload.working_set_mb.tolist()
+        self._cold = workload.cold_start_s.tolist()
+        self._par = workload.parallelism.tolist()
+        self._phi = workload.cpu_frac.tolist()
+        self._beta = workload.mem_pressure.tolist()
+        self._ucpu = workload.user_cpu.tolist()
+        self._umem = workload.user_mem.tolist()
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        c = self.cluster
+        self.now = 0.0
+        self.servers = [_Server(c.mem_mb) for _ in range(c.servers)]
+        self.total_cores = c.cores * c.servers
+        self.total_mem = c.mem_mb * c.servers
+        self.used_mem = 0.0
+        self.used_load = 0.0
+        self.stats = [FunctionStats() for _ in range(self.wl.n_functions)]
+        self.guards = [SafeguardState() for _ in range(self.wl.n_functions)]
+        self.results = Results.empty(self.wl)
+        # fn -> {server: idle-since times of its warm containers there, oldest first}
+        self._warm: list[dict[int, list[float]]] = [{} for _ in range(self.wl.n_functions)]
+        self.cold_starts = 0
+        self._next_arrival = 0
+        self._events: list[tuple[float, int]] = []  # (finish time, invocation)
+        self._queue: deque[int] = deque()
+        self._queued_at: dict[int, float] = {}
+        self._running: dict[int, tuple[int, float, float, float]] = {}  # inv -> server, mem, cpu, load
+        self._guard_of: dict[int, Guard] = {}
+        self._request: Request | None = None
+        self.finished: list[int] = []
+        """Invocations finished since the caller last cleared this list (for rewards)."""
+
+    def node_state(self) -> NodeState:
+        return NodeState(
+            total_cores=self.total_cores,
+            total_mem_mb=self.total_mem,
+            free_cores=self.total_cores - self.used_load,
+            free_mem_mb=self.total_mem - self.used_mem,
+            pending=len(self._queue),
+        )
+
+    def user_alloc(self, fn: int) -> Alloc:
+        return Alloc(self._ucpu[fn], self._umem[fn])
+
+    def oracle_alloc(self, inv: int) -> Alloc:
+        """The smallest allocation that runs this invocation as fast as it can run (true demand)."""
+        fn = self._fn[inv]
+        g = self.grid
+        cpu = min(g.cpu_units, max(1, g.cpu_units_ceil(self._par[fn])))
+        mem = min(g.mem_units, max(1, g.mem_units_ceil(self._ws[inv] * (1 + MEM_ROOM))))
+        return Alloc(cpu, mem)
+
+    # ------------------------------------------------------------ decisions
+    def next_request(self) -> Request | None:
+        """Advance the clock to the next arrival needing a decision; None when the trace is done."""
+        arr = self._arr
+        events = self._events
+        while True:
+            na = self._next_arrival
+            if na < len(arr) and (not events or arr[na] <= events[0][0]):
+                self.now = arr[na]
+                self._next_arrival = na + 1
+                fn = self._fn[na]
+                st = self.stats[fn]
+                st.on_arrival(self.now)
+                gs = self.guards[fn]
+                user = Alloc(self._ucpu[fn], self._umem[fn])
+                g = guard(self.grid, user, gs, 0.0, self.safeguard_cfg)
+                self._request = Request(na, fn, user, self.now, g, st, gs)
+                return self._request
+            if not events:
+                return None
+            t, inv = heapq.heappop(events)
+            self.now = t
+            self._finish(inv)
+
+    def apply(self, alloc: Alloc) -> None:
+        """Allocate the pending request and admit it (or queue it)."""
+        req = self._request
+        if req is None:
+            raise RuntimeError("apply() without a pending request")
+        self._request = None
+        g = self.grid
+        cpu = min(g.cpu_units, max(1, alloc[0]))
+        mem = min(g.mem_units, max(1, alloc[1]))
+        inv = req.inv
+        self.results.cpu[inv] = cpu
+        self.results.mem[inv] = mem
+        self._guard_of[inv] = req.guard
+        if self._queue or not self._try_start(inv):
+            self._queue.append(inv)
+            self._queued_at[inv] = self.now
+
+    def run_to_end(self) -> None:
+        """Drain the remaining completions (after the last arrival was decided)."""
+        while self._events:
+            t, inv = heapq.heappop(self._events)
+            self.now = t
+            self._finish(inv)
+
+    # ------------------------------------------------------------- internals
+    def _try_start(self, inv: int) -> bool:
+        fn = self._fn[inv]
+        res = self.results
+        cpu, mem = int(res.cpu[inv]), int(res.mem[inv])
+        cfg = self.cluster
+        g = self.grid
+        mem_mb = g.mb(mem)
+        cores = g.cores(cpu)
+        user_cores = g.cores(self._ucpu[fn])
+        user_mb = g.mb(self._umem[fn])
+        ws = self._ws[inv]
+        oom = mem_mb < ws
+        # An OOM-killed run is retried at the user's size: reserve the larger of the two.
+        need_mem = max(mem_mb, user_mb) if oom else mem_mb
+        need_cpu = max(cores, user_cores) if oom else cores
+        cap_cpu = cfg.cores * cfg.cpu_overcommit
+        servers = self.servers
+        # A warm container of this function on a server with room first; else first fit from
+        # the function's home server (OpenWhisk-style), which then starts cold.
+        si = -1
+        warm = self._warm[fn]
+        for wi in list(warm):
+            idle = warm[wi]
+            while idle and self.now - idle[0] > cfg.keep_alive_s:
+                idle.pop(0)
+            if not idle:
+                del warm[wi]
+                continue
+            s = servers[wi]
+            if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
+                si = wi
+                break
+        if si >= 0:
+            idle = warm[si]
+            idle.pop()
+            if not idle:
+                del warm[si]
+            cold = 0.0
+        else:
+            n = len(servers)
+            home = fn % n
+            for k in range(n):
+                s = servers[(home + k) % n]
+                if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
+                    si = (home + k) % n
+                    break
+            if si < 0:
+                return False
+            cold = self._cold[inv]
+            self.cold_starts += 1
+        s = servers[si]
+
+        p = self._par[fn]
+        phi = self._phi[fn]
+        d = self._dur[inv]
+        beta = self._beta[fn]
+        own = phi * min(cores, p)
+        own_user = phi * min(user_cores, p)
+        kappa = max(1.0, (s.load + own) / cfg.cores)
+        kappa_user = max(1.0, (s.load + own_user) / cfg.cores)
+        m_user = 1.0 + beta * max(0.0, min(1.0, 1.0 - (user_mb - ws) / (MEM_ROOM * ws)))
+        base = d * ((1.0 - phi) + phi * kappa_user)
+        if oom:
+            # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
+            first = d * ((1.0 - phi) + phi * kappa * min(user_cores, p) / min(cores, p))
+            exec_s = OOM_AT * first + self._cold[inv] + base
+            load = max(own, own_user)
+        else:
+            m = 1.0 + beta * max(0.0, min(1.0, 1.0 - (mem_mb - ws) / (MEM_ROOM * ws)))
+            speed = min(user_cores, p) / min(cores, p)
+            exec_s = d * ((1.0 - phi) + phi * kappa * speed) * m / m_user
+            load = own
+        queued = self.now - self._queued_at.pop(inv, self.now)
+        res.exec_s[inv] = exec_s
+        res.baseline_s[inv] = base
+        res.queue_s[inv] = queued
+        res.cold_s[inv] = cold
+        res.failed[inv] = oom
+        s.free_mem -= need_mem
+        s.cpu_alloc += need_cpu
+        s.load += load
+        self.used_mem += need_mem
+        self.used_load += load
+        self._running[inv] = (si, need_mem, need_cpu, load)
+        heapq.heappush(self._events, (self.now + cold + exec_s, inv))
+        return True
+
+    def _finish(self, inv: int) -> None:
+        si, need_mem, need_cpu, load = self._running.pop(inv)
+        s = self.servers[si]
+        s.free_mem += need_mem
+        s.cpu_alloc -= need_cpu
+        s.load -= load
+        self.used_mem -= need_mem
+        self.used_load -= load
+        fn = self._fn[inv]
+        self._warm[fn].setdefault(si, []).append(self.now)
+
+        res = self.results
+        g = self.grid
+        cpu, mem = int(res.cpu[inv]), int(res.mem[inv])
+        failed = bool(res.failed[inv])
+        exec_s = res.exec_s[inv]
+        user = Alloc(self._ucpu[fn], self._umem[fn])
+        cpu_peak = min(g.cores(cpu), self._par[fn])
+        mem_peak = min(g.mb(mem), self._ws[inv])
+        res.cpu_peak[inv] = cpu_peak
+        res.mem_peak[inv] = mem_peak
+        gd = self._guard_of.pop(inv)
+        self.guards[fn].observe(gd, Alloc(cpu, mem), cpu_peak, mem_peak, failed)
+        self.stats[fn].on_completion(
+            self.now, exec_s, cpu_peak, mem_peak, at_user_size=(cpu, mem) == user and not failed
+        )
+        res.reward[inv] = invocation_reward(
+            exec_s, res.baseline_s[inv], res.queue_s[inv], res.cold_s[inv], failed, self.reward_cfg
+        )
+        res.done[inv] = True
+        self.finished.append(inv)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        q = self._queue
+        if not q:
+            return
+        tried = 0
+        kept: list[int] = []
+        while q and tried < self.cluster.queue_scan:
+            inv = q.popleft()
+            tried += 1
+            if not self._try_start(inv):
+                kept.append(inv)
+        q.extendleft(reversed(kept))
+

@@ -1,0 +1,112 @@
+"""Gymnasium wrapper: one step per invocation decision.
+
+Observation: ``context`` (node + function features, also the critic's input), the candidate
+blocks ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
+normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
+allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small. Action: a
+candidate index. The step reward is the sum of the rewards of invocations that finished since
+the previous decision; ``info["finished"]`` / ``info["finished_rewards"]`` name them, so a
+trainer can credit each reward to the decision that caused it (``info["inv"]`` of that step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from sidecar.core.features import N_BLOCK, N_CONTEXT, FeatureEncoder
+from sidecar.core.reward import RewardConfig
+from sidecar.core.safeguard import SafeguardConfig
+from training.sim.cluster import ClusterSim, Request
+from training.sim.presets import Preset, get_preset
+
+ENV_ID = "faasrm/Cluster-v0"
+
+
+class ClusterEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        preset: str | Preset = "small",
+        reward: RewardConfig = RewardConfig(),
+        safeguard: SafeguardConfig = SafeguardConfig(),
+        fixed_seed: int | None = None,
+    ) -> None:
+        """``fixed_seed`` replays one workload every episode; otherwise each reset draws a new one."""
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.grid = self.preset.grid
+        self.reward_cfg = reward
+        self.safeguard_cfg = safeguard
+        self.fixed_seed = fixed_seed
+        self.encoder = FeatureEncoder(self.grid)
+        n = self.grid.n
+        self.observation_space = gym.spaces.Dict(
+            {
+                "context": gym.spaces.Box(-np.inf, np.inf, (N_CONTEXT,), np.float32),
+                "cpu": gym.spaces.Box(-np.inf, np.inf, (self.grid.cpu_units, N_BLOCK), np.float32),
+                "mem": gym.spaces.Box(-np.inf, np.inf, (self.grid.mem_units, N_BLOCK), np.float32),
+                "mask": gym.spaces.MultiBinary(n),
+            }
+        )
+        self.action_space = gym.spaces.Discrete(n)
+        self.sim: ClusterSim | None = None
+        self._req: Request | None = None
+
+    def _obs(self, req: Request) -> dict[str, np.ndarray]:
+        sim = self.sim
+        assert sim is not None
+        node = sim.node_state()
+        ctx = self.encoder.context(node, req.stats, req.guard_state, req.user, req.now_s)
+        cpu, mem = self.encoder.blocks(req.guard_state, req.user)
+        return {"context": ctx, "cpu": cpu, "mem": mem, "mask": req.guard.mask}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        wl_seed = self.fixed_seed if self.fixed_seed is not None else int(
+            self.np_random.integers(2**31)
+        )
+        self.sim = ClusterSim(
+            self.preset.build(wl_seed),
+            self.preset.cluster,
+            self.grid,
+            self.safeguard_cfg,
+            self.reward_cfg,
+        )
+        self._req = self.sim.next_request()
+        if self._req is None:
+            raise RuntimeError("the workload has no invocations")
+        return self._obs(self._req), {"inv": self._req.inv, "workload_seed": wl_seed}
+
+    def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        sim, req = self.sim, self._req
+        if sim is None or req is None:
+            raise RuntimeError("step() before reset() or after the episode ended")
+        a = int(action)
+        if not req.guard.mask[a]:
+            raise ValueError(f"action {a} is masked out by the safeguard ({req.guard.reason})")
+        sim.apply(self.grid.alloc(a))
+        self._req = nxt = sim.next_request()
+        if nxt is None:
+            sim.run_to_end()
+        finished = np.asarray(sim.finished, dtype=np.int64)
+        sim.finished.clear()
+        rewards = sim.results.reward[finished]
+        info: dict[str, Any] = {"finished": finished, "finished_rewards": rewards}
+        if nxt is None:
+            obs = {k: np.zeros(s.shape, s.dtype) for k, s in self.observation_space.spaces.items()}
+            return obs, float(rewards.sum()), True, False, info
+        info["inv"] = nxt.inv
+        return self._obs(nxt), float(rewards.sum()), False, False, info
+
+
+def register() -> None:
+    if ENV_ID not in gym.envs.registry:
+        gym.register(ENV_ID, entry_point="training.sim.env:ClusterEnv")
+
+
+register()

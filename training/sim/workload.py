@@ -1,0 +1,151 @@
+"""From a trace to a workload: each function's true demand, its user's size, every invocation's draw.
+
+The trace gives arrival times, a duration distribution and a memory distribution per function.
+What no trace records, and the simulator must invent honestly, is how a function responds to
+resources. Per function we draw:
+
+* ``parallelism`` (cores): the CPU it can use; extra cores beyond it do not help;
+* ``cpu_frac``: the share of its run that is CPU-bound (the rest waits on I/O);
+* ``mem_pressure``: slowdown when memory is tight (GC, page cache), 0..0.4;
+* the user's size: memory from the trace's peak memory times an over-provisioning factor, CPU
+  proportional to memory (as on OpenWhisk and Lambda); parallelism is drawn relative to the
+  user's CPU, so some functions are over- and some under-provisioned.
+
+Per invocation (input-dependent): one quantile ``q`` drives both the duration draw (the trace's
+percentile curve) and the working set, so big inputs are slow and memory-hungry together; plus
+run-to-run noise and a cold-start draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.core.grid import ResourceGrid
+from training.traces import DURATION_PCTS, MEMORY_PCTS, Trace
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    over_provision_log_mean: float = 0.45
+    """log of the median factor user memory / peak working set (e^0.45 ~ 1.6x)."""
+    over_provision_log_sd: float = 0.45
+    user_cpu_per_mem_unit: float = 0.5
+    """CPU follows memory: user CPU units per user memory unit (0.5: 512 MB gets 4 cores)."""
+    parallelism_log_mean: float = -0.3
+    """log of the median ratio parallelism / user cores (e^-0.3 ~ 0.74: ~55% of functions over-, ~45% under-provisioned on CPU)."""
+    parallelism_log_sd: float = 1.0
+    max_duration_s: float = 300.0
+    """Azure functions time out at 5 minutes; longer draws are clipped."""
+    noise_sd: float = 0.05
+    """Run-to-run log-normal noise on execution time."""
+    cold_start_base_s: float = 0.3
+    cold_start_per_gb_s: float = 1.0
+
+
+@dataclass
+class Workload:
+    """Everything about the functions and invocations; the cluster adds placement and contention."""
+
+    n_functions: int
+    # per function
+    user_cpu: np.ndarray  # grid units
+    user_mem: np.ndarray  # grid units
+    parallelism: np.ndarray  # cores
+    cpu_frac: np.ndarray
+    mem_pressure: np.ndarray
+    # per invocation, sorted by arrival
+    arrival_s: np.ndarray
+    fn: np.ndarray
+    duration_s: np.ndarray  # at the user's size, in isolation, before noise
+    working_set_mb: np.ndarray
+    noise: np.ndarray
+    cold_start_s: np.ndarray
+
+    @property
+    def n_invocations(self) -> int:
+        return len(self.arrival_s)
+
+    def provisioning(self, grid: ResourceGrid) -> dict[str, float]:
+        """Share of functions over-/under-provisioned per resource (peak vs 0.9 x user size)."""
+        user_cores = self.user_cpu * grid.cpu_unit_cores
+        peak_ws = np.zeros(self.n_functions)
+        np.maximum.at(peak_ws, self.fn, self.working_set_mb)
+        user_mb = self.user_mem * grid.mem_unit_mb
+        cpu_peak = np.minimum(self.parallelism, user_cores)
+        return {
+            "cpu_over": float(np.mean(cpu_peak <= 0.9 * user_cores)),
+            "cpu_under": float(np.mean(self.parallelism > 0.9 * user_cores)),
+            "mem_over": float(np.mean(peak_ws <= 0.9 * user_mb)),
+        }
+
+
+def _interp_curve(q: np.ndarray, pcts: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+    return np.interp(q * 100.0, np.asarray(pcts, dtype=np.float64), values)
+
+
+def build_workload(
+    trace: Trace, grid: ResourceGrid, seed: int, cfg: WorkloadConfig = WorkloadConfig()
+) -> Workload:
+    """Draw a reproducible workload (same trace, grid and seed -> same workload)."""
+    rng = np.random.default_rng(seed)
+    nf = len(trace.functions)
+    arrival_s, fn = trace.arrivals(seed)
+    n = len(arrival_s)
+    q = rng.random(n)
+
+    duration_s = np.empty(n)
+    working_set = np.empty(n)
+    user_mem = np.empty(nf, dtype=np.int64)
+    order = np.argsort(fn, kind="stable")
+    bounds = np.searchsorted(fn[order], np.arange(nf + 1))
+    over = np.exp(rng.normal(cfg.over_provision_log_mean, cfg.over_provision_log_sd, nf))
+    for f, tf in enumerate(trace.functions):
+        idx = order[bounds[f] : bounds[f + 1]]
+        mem_pct = tf.memory_pct_mb
+        if not np.all(np.isfinite(mem_pct)):
+            # Unknown memory: a typical Azure function (median ~150 MB) with a modest spread.
+            base = rng.lognormal(np.log(150.0), 0.5)
+            mem_pct = base * np.linspace(0.7, 1.3, len(MEMORY_PCTS))
+        # Working set of this function's invocations: the trace's memory curve, capped so the
+        # largest input still fits the grid's maximum memory.
+        mem_pct = np.minimum(np.maximum.accumulate(mem_pct), grid.max_mb * 0.95)
+        peak_ws = float(mem_pct[-1])
+        user_mem[f] = min(grid.mem_units, max(1, grid.mem_units_ceil(peak_ws * max(1.0, over[f]))))
+        if len(idx):
+            qi = q[idx]
+            curve = np.maximum.accumulate(tf.duration_pct_ms) / 1e3
+            duration_s[idx] = np.minimum(_interp_curve(qi, DURATION_PCTS, curve), cfg.max_duration_s)
+            working_set[idx] = _interp_curve(qi, MEMORY_PCTS, mem_pct)
+    duration_s = np.maximum(duration_s, 1e-3)
+
+    # CPU follows memory: the user's cores are proportional to the user's memory units.
+    user_cpu = np.clip(np.round(user_mem * cfg.user_cpu_per_mem_unit), 1, grid.cpu_units)
+    user_cores = user_cpu * grid.cpu_unit_cores
+    ratio = np.exp(rng.normal(cfg.parallelism_log_mean, cfg.parallelism_log_sd, nf))
+    parallelism = np.clip(ratio * user_cores, 0.05, 2 * grid.max_cores)
+    cpu_frac = rng.beta(4.0, 1.5, nf)  # mostly CPU-bound, some mostly waiting
+    waiting = rng.random(nf) < 0.15
+    cpu_frac[waiting] = rng.uniform(0.02, 0.2, waiting.sum())
+    mem_pressure = rng.uniform(0.0, 0.4, nf)
+
+    noise = np.exp(rng.normal(0.0, cfg.noise_sd, n))
+    user_mb = user_mem[fn] * grid.mem_unit_mb
+    cold = (cfg.cold_start_base_s + cfg.cold_start_per_gb_s * user_mb / 1024.0) * np.exp(
+        rng.normal(0.0, 0.2, n)
+    )
+    return Workload(
+        n_functions=nf,
+        user_cpu=user_cpu.astype(np.int64),
+        user_mem=user_mem,
+        parallelism=parallelism,
+        cpu_frac=cpu_frac,
+        mem_pressure=mem_pressure,
+        arrival_s=arrival_s.astype(np.float64),
+        fn=fn.astype(np.int64),
+        duration_s=duration_s,
+        working_set_mb=working_set,
+        noise=noise,
+        cold_start_s=cold,
+    )
