@@ -1,0 +1,132 @@
+"""Fixtures for sidecar.cgroups: a real v1 cgroup (root only) and a copied v2 file tree."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar import cgroups
+
+ROOT = cgroups.DEFAULT_ROOT
+TEST_PARENT = "faasrm-test"
+V2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cgroupfs" / "v2"
+
+
+def v1_unavailable(root: str = ROOT) -> str | None:
+    """Why real v1 cgroup tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root to create cgroups"
+    for controller in cgroups.V1_CONTROLLERS:
+        path = os.path.join(root, controller)
+        if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+            return f"no cgroup v1 '{controller}' hierarchy at {path}"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+    if not os.path.isfile(os.path.join(root, "cpu", "cpu.cfs_quota_us")):
+        return "the v1 cpu hierarchy has no CFS quota"
+    return None
+
+
+def _kill_all(cg: cgroups.CgroupV1, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pids = cg.pids()
+        except cgroups.CgroupGone:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def v1_cgroup() -> Iterator[cgroups.CgroupV1]:
+    """A fresh cgroup faasrm-test/<uuid> in the v1 cpu, cpuacct and memory hierarchies."""
+    reason = v1_unavailable()
+    if reason:
+        pytest.skip(f"real cgroup v1 test skipped: {reason}")
+    rel = f"{TEST_PARENT}/{uuid.uuid4().hex[:12]}"
+    try:
+        cg = cgroups.create_v1(rel, ROOT)
+    except cgroups.CgroupError as exc:
+        pytest.skip(f"real cgroup v1 test skipped: cannot create a cgroup: {exc}")
+    try:
+        yield cg
+    finally:
+        cg.close()
+        _kill_all(cg)
+        cgroups.remove_v1(rel, ROOT)
+        for controller in cgroups.V1_CONTROLLERS:
+            try:
+                os.rmdir(os.path.join(ROOT, controller, TEST_PARENT))
+            except OSError as exc:  # other tests' cgroups still in it, or already gone
+                assert exc.errno in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY), exc
+
+
+Spawn = Callable[[str], subprocess.Popen[str]]
+
+
+@pytest.fixture
+def spawn(v1_cgroup: cgroups.CgroupV1) -> Iterator[Spawn]:
+    """Start ``python -c code`` inside ``v1_cgroup`` (stdin/stdout are text pipes).
+
+    The child writes its own pid into cgroup.procs of the three hierarchies before exec, so all
+    of the interpreter's CPU time and memory are charged to the test cgroup.
+    """
+    procs_files = [os.path.join(d, "cgroup.procs") for d in v1_cgroup.paths]
+    started: list[subprocess.Popen[str]] = []
+
+    def enter_cgroup() -> None:  # runs in the child between fork and exec
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+
+    def start(code: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=enter_cgroup,  # noqa: PLW1509 (pytest runs tests on one thread)
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass
+
+
+@pytest.fixture
+def v2_tree(tmp_path: Path) -> Path:
+    """A writable copy of tests/fixtures/cgroupfs/v2 (one container's v2 cgroup directory)."""
+    dest = tmp_path / "container"
+    shutil.copytree(V2_FIXTURE, dest)
+    return dest
