@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -71,8 +71,8 @@ def schema() -> dict:
     """The written schema, as stored in model metadata and shown in the docs."""
     return {
         "version": FEATURE_VERSION,
-        "context": [vars(f) for f in CONTEXT_FEATURES],
-        "candidate": [vars(f) for f in CANDIDATE_FEATURES],
+        "context": [asdict(f) for f in CONTEXT_FEATURES],
+        "candidate": [asdict(f) for f in CANDIDATE_FEATURES],
     }
 
 
@@ -130,7 +130,9 @@ class FeatureEncoder:
         mean_d = stats.mean_duration_s
         base_d = stats.baseline_duration_s
         known_base = base_d == base_d and base_d > 0
-        since = now_s - stats.last_safeguard_s
+        since = now_s - stats.last_safeguard_s  # NaN when no user-size run yet
+        if since < 0:  # a clock step back on a host; NaN compares False and stays NaN
+            since = 0.0
         return np.array(
             (
                 math.log1p(node.pending) / 5.0,

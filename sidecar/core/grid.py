@@ -34,7 +34,7 @@ class ResourceGrid:
     mem_units: int = 8
 
     def __post_init__(self) -> None:
-        if self.cpu_unit_cores <= 0 or self.mem_unit_mb <= 0:
+        if not (self.cpu_unit_cores > 0 and self.mem_unit_mb > 0):  # also refuses NaN
             raise ValueError("unit sizes must be positive")
         if self.cpu_units < 1 or self.mem_units < 1:
             raise ValueError("the grid needs at least one unit of each resource")
@@ -93,8 +93,9 @@ class ResourceGrid:
         A user's size need not be a multiple of the unit; the policy works on the grid, while
         restoring a container always writes the user's exact original limits.
         """
-        cpu = min(self.cpu_units, max(1, round(cores / self.cpu_unit_cores)))
-        mem = min(self.mem_units, max(1, round(mb / self.mem_unit_mb)))
+        # Halves round up (Python's round() would send 2.5 units to 2 but 3.5 to 4).
+        cpu = min(self.cpu_units, max(1, math.floor(cores / self.cpu_unit_cores + 0.5)))
+        mem = min(self.mem_units, max(1, math.floor(mb / self.mem_unit_mb + 0.5)))
         return Alloc(cpu, mem)
 
 

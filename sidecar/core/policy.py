@@ -127,12 +127,13 @@ def decide(
     scores among the allowed candidates are refused: a model emitting NaN must never pick an
     allocation.
     """
-    s = np.where(mask, scores.astype(np.float64), -np.inf)
-    m = float(s.max())
-    if not math.isfinite(m):
-        if not mask.any():
-            raise ValueError("the mask allows no candidate")
+    if not mask.any():
+        raise ValueError("the mask allows no candidate")
+    s = np.where(mask, scores.astype(np.float64), 0.0)
+    if not np.isfinite(s).all():
         raise ValueError("non-finite scores from the policy")
+    s[~mask] = -np.inf
+    m = float(s.max())
     z = s - m
     e = np.exp(z)
     total = float(e.sum())
@@ -152,10 +153,13 @@ def sample_batch(
 
     The vectorised twin of ``decide`` for rollouts that step several environments at once.
     """
-    s = np.where(masks, scores.astype(np.float64), -np.inf)
+    if not masks.any(axis=1).all():
+        raise ValueError("a mask allows no candidate")
+    s = np.where(masks, scores.astype(np.float64), 0.0)
+    if not np.isfinite(s).all():
+        raise ValueError("non-finite scores from the policy")
+    s[~masks] = -np.inf
     m = s.max(axis=1, keepdims=True)
-    if not np.all(np.isfinite(m)):
-        raise ValueError("non-finite scores from the policy, or a mask that allows nothing")
     z = s - m
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     actions = np.argmax(logp + rng.gumbel(size=logp.shape), axis=1)

@@ -34,6 +34,8 @@ def invocation_reward(
     failed: bool = False,
     cfg: RewardConfig = RewardConfig(),
 ) -> float:
+    if not (exec_s == exec_s and baseline_s == baseline_s):
+        raise ValueError("reward of an invocation with an unknown execution or baseline time")
     base = max(baseline_s, 1e-3)
     rfet = exec_s / base
     r = (

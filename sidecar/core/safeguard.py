@@ -164,7 +164,7 @@ def guard(
             cfg.threshold,
         )
     floor = min(grid.mem_units, grid.mem_units_ceil(mem_usage_mb + cfg.mem_headroom_mb))
-    if mem_usage_mb > 0 and floor > mem_lo:
+    if floor > mem_lo:
         mem_lo = floor
         mem_hi = max(mem_hi, floor)
     mask = grid.range_mask(cpu_lo, cpu_hi, mem_lo, mem_hi)
