@@ -235,7 +235,8 @@ class ClusterSim:
             self._finish(inv)
 
     # ------------------------------------------------------------- internals
-    def _try_start(self, inv: int) -> bool:
+    def _try_start(self, inv: int, only: int = -1) -> bool:
+        """Place and start ``inv``; ``only`` >= 0 restricts placement to that server."""
         fn = self._fn[inv]
         res = self.results
         cpu, mem = int(res.cpu[inv]), int(res.mem[inv])
@@ -257,6 +258,8 @@ class ClusterSim:
         si = -1
         warm = self._warm[fn]
         for wi in list(warm):
+            if only >= 0 and wi != only:
+                continue
             idle = warm[wi]
             while idle and self.now - idle[0] > cfg.keep_alive_s:
                 idle.pop(0)
@@ -276,7 +279,7 @@ class ClusterSim:
         else:
             n = len(servers)
             home = fn % n
-            for k in range(n):
+            for k in ((only - home) % n,) if only >= 0 else range(n):
                 s = servers[(home + k) % n]
                 if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
                     si = (home + k) % n
@@ -353,18 +356,28 @@ class ClusterSim:
         )
         res.done[inv] = True
         self.finished.append(inv)
-        self._drain_queue()
+        self._drain_queue(si)
 
-    def _drain_queue(self) -> None:
+    def _drain_queue(self, server: int) -> None:
+        """Start queued invocations on ``server``, the only one whose free resources grew."""
         q = self._queue
         if not q:
             return
+        s = self.servers[server]
+        cap_cpu = self.cluster.cores * self.cluster.cpu_overcommit
+        res = self.results
+        g = self.grid
         tried = 0
         kept: list[int] = []
         while q and tried < self.cluster.queue_scan:
             inv = q.popleft()
             tried += 1
-            if not self._try_start(inv):
+            # Cheap pre-check on the allocation alone (an OOM retry may need more: _try_start
+            # checks exactly) before the full placement attempt.
+            if (
+                s.free_mem < g.mb(int(res.mem[inv]))
+                or s.cpu_alloc + g.cores(int(res.cpu[inv])) > cap_cpu
+                or not self._try_start(inv, only=server)
+            ):
                 kept.append(inv)
         q.extendleft(reversed(kept))
-
