@@ -60,14 +60,9 @@ class Oracle(_Stateless):
 
 def _peaks(sim: ClusterSim, inv: int) -> tuple[float, float, float, float]:
     """(cpu peak, mem peak, cpu given, mem given) of a finished invocation, in cores and MB."""
-    res = sim.results
+    res = sim.log
     g = sim.grid
-    return (
-        float(res.cpu_peak[inv]),
-        float(res.mem_peak[inv]),
-        g.cores(int(res.cpu[inv])),
-        g.mb(int(res.mem[inv])),
-    )
+    return res.cpu_peak[inv], res.mem_peak[inv], g.cores(res.cpu[inv]), g.mb(res.mem[inv])
 
 
 class Greedy:
@@ -88,12 +83,12 @@ class Greedy:
 
     def observe(self, sim: ClusterSim, inv: int) -> None:
         g = sim.grid
-        fn = int(sim.results.fn[inv])
-        if sim.results.failed[inv]:
+        fn = sim.log.fn[inv]
+        if sim.log.failed[inv]:
             self.alloc[fn] = sim.user_alloc(fn)
             return
         cpu_peak, mem_peak, cpu, mem = _peaks(sim, inv)
-        c, m = int(sim.results.cpu[inv]), int(sim.results.mem[inv])
+        c, m = sim.log.cpu[inv], sim.log.mem[inv]
         c = c + 1 if cpu_peak >= self.threshold * cpu else c - 1
         m = m + 1 if mem_peak >= self.threshold * mem else m - 1
         self.alloc[fn] = Alloc(min(g.cpu_units, max(1, c)), min(g.mem_units, max(1, m)))
@@ -121,10 +116,10 @@ class Ensure:
 
     def observe(self, sim: ClusterSim, inv: int) -> None:
         g = sim.grid
-        res = sim.results
-        fn = int(res.fn[inv])
+        res = sim.log
+        fn = res.fn[inv]
         base = sim.stats[fn].baseline_duration_s
-        c = int(res.cpu[inv])
+        c = res.cpu[inv]
         if not base == base:  # no user-size run measured yet
             return
         cpu_peak, _, cpu, _ = _peaks(sim, inv)
@@ -164,9 +159,9 @@ class Vpa:
         return Alloc(min(g.cpu_units, max(1, c)), min(g.mem_units, max(1, m)))
 
     def observe(self, sim: ClusterSim, inv: int) -> None:
-        fn = int(sim.results.fn[inv])
+        fn = sim.log.fn[inv]
         cpu_peak, mem_peak, _, mem = _peaks(sim, inv)
-        if sim.results.failed[inv]:
+        if sim.log.failed[inv]:
             mem_peak = 1.2 * mem
         self.cpu.setdefault(fn, deque(maxlen=self.window)).append(cpu_peak)
         self.mem.setdefault(fn, deque(maxlen=self.window)).append(mem_peak)

@@ -224,12 +224,8 @@ class CreditInfo(gym.Wrapper):
             rews = np.asarray(info["finished_rewards"], dtype=np.float64)
         else:
             ids, rews = np.array([decided], dtype=np.int64), np.array([reward], dtype=np.float64)
-        sim = getattr(self.env.unwrapped, "sim", None)
-        rfet = np.array([])
-        if sim is not None and len(ids):
-            r = sim.results
-            rfet = np.asarray(r.exec_s[ids] / r.baseline_s[ids], dtype=np.float64)
-            self._rfet.extend(rfet[np.isfinite(rfet)].tolist())
+        rfet = np.asarray(info.get("finished_rfet", ()), dtype=np.float64)
+        self._rfet.extend(rfet[np.isfinite(rfet)].tolist())
         self._ret += float(reward)
         self._len += 1
         out: dict[str, Any] = {"credit": (decided, ids, rews, rfet)}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,8 +81,7 @@ def schema_hash() -> str:
     return hashlib.sha256(json.dumps(schema(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class NodeState:
+class NodeState(NamedTuple):
     """Node-level inputs: capacity, what is free now, and invocations waiting for admission."""
 
     total_cores: float

@@ -64,9 +64,36 @@ class Request:
     guard_state: SafeguardState
 
 
-@dataclass
+_FIELDS = (
+    "cpu", "mem", "exec_s", "baseline_s", "queue_s", "cold_s", "failed", "cpu_peak", "mem_peak",
+    "reward", "done",
+)
+
+
+class Log:
+    """Per-invocation outcomes while the run goes on: plain lists, written on the hot path.
+
+    Managers read single entries from here (``sim.log.exec_s[inv]``); whole-run analysis uses
+    the numpy snapshot ``sim.results``. NaN / 0 until an invocation has started or finished.
+    """
+
+    __slots__ = ("fn", *_FIELDS)
+
+    def __init__(self, wl: Workload) -> None:
+        n = wl.n_invocations
+        nan = float("nan")
+        self.fn: list[int] = wl.fn.tolist()
+        self.cpu = [0] * n
+        self.mem = [0] * n
+        for name in ("exec_s", "baseline_s", "queue_s", "cold_s", "cpu_peak", "mem_peak", "reward"):
+            setattr(self, name, [nan] * n)
+        self.failed = [False] * n
+        self.done = [False] * n
+
+
+@dataclass(frozen=True)
 class Results:
-    """Per-invocation outcomes, filled as invocations finish (NaN until then)."""
+    """A numpy snapshot of a run's log (cpu/mem in grid units, times in s, peaks in cores/MB)."""
 
     fn: np.ndarray
     cpu: np.ndarray
@@ -76,29 +103,14 @@ class Results:
     queue_s: np.ndarray
     cold_s: np.ndarray
     failed: np.ndarray
-    cpu_peak: np.ndarray  # cores
-    mem_peak: np.ndarray  # MB
+    cpu_peak: np.ndarray
+    mem_peak: np.ndarray
     reward: np.ndarray
     done: np.ndarray = field(repr=False)
 
     @classmethod
-    def empty(cls, wl: Workload) -> "Results":
-        n = wl.n_invocations
-        nan = lambda: np.full(n, np.nan)  # noqa: E731
-        return cls(
-            fn=wl.fn,
-            cpu=np.zeros(n, dtype=np.int64),
-            mem=np.zeros(n, dtype=np.int64),
-            exec_s=nan(),
-            baseline_s=nan(),
-            queue_s=nan(),
-            cold_s=nan(),
-            failed=np.zeros(n, dtype=bool),
-            cpu_peak=nan(),
-            mem_peak=nan(),
-            reward=nan(),
-            done=np.zeros(n, dtype=bool),
-        )
+    def of(cls, log: Log) -> "Results":
+        return cls(fn=np.asarray(log.fn), **{k: np.asarray(getattr(log, k)) for k in _FIELDS})
 
 
 class _Server:
@@ -152,7 +164,7 @@ class ClusterSim:
         self.used_load = 0.0
         self.stats = [FunctionStats() for _ in range(self.wl.n_functions)]
         self.guards = [SafeguardState() for _ in range(self.wl.n_functions)]
-        self.results = Results.empty(self.wl)
+        self.log = Log(self.wl)
         # fn -> {server: idle-since times of its warm containers there, oldest first}
         self._warm: list[dict[int, list[float]]] = [{} for _ in range(self.wl.n_functions)]
         self.cold_starts = 0
@@ -165,6 +177,11 @@ class ClusterSim:
         self._request: Request | None = None
         self.finished: list[int] = []
         """Invocations finished since the caller last cleared this list (for rewards)."""
+
+    @property
+    def results(self) -> Results:
+        """The run so far as numpy arrays (a snapshot: build it once, after the run)."""
+        return Results.of(self.log)
 
     def node_state(self) -> NodeState:
         return NodeState(
@@ -220,8 +237,8 @@ class ClusterSim:
         cpu = min(g.cpu_units, max(1, alloc[0]))
         mem = min(g.mem_units, max(1, alloc[1]))
         inv = req.inv
-        self.results.cpu[inv] = cpu
-        self.results.mem[inv] = mem
+        self.log.cpu[inv] = cpu
+        self.log.mem[inv] = mem
         self._guard_of[inv] = req.guard
         if self._queue or not self._try_start(inv):
             self._queue.append(inv)
@@ -238,8 +255,8 @@ class ClusterSim:
     def _try_start(self, inv: int, only: int = -1) -> bool:
         """Place and start ``inv``; ``only`` >= 0 restricts placement to that server."""
         fn = self._fn[inv]
-        res = self.results
-        cpu, mem = int(res.cpu[inv]), int(res.mem[inv])
+        res = self.log
+        cpu, mem = res.cpu[inv], res.mem[inv]
         cfg = self.cluster
         g = self.grid
         mem_mb = g.mb(mem)
@@ -336,10 +353,10 @@ class ClusterSim:
         fn = self._fn[inv]
         self._warm[fn].setdefault(si, []).append(self.now)
 
-        res = self.results
+        res = self.log
         g = self.grid
-        cpu, mem = int(res.cpu[inv]), int(res.mem[inv])
-        failed = bool(res.failed[inv])
+        cpu, mem = res.cpu[inv], res.mem[inv]
+        failed = res.failed[inv]
         exec_s = res.exec_s[inv]
         user = Alloc(self._ucpu[fn], self._umem[fn])
         cpu_peak = min(g.cores(cpu), self._par[fn])
@@ -364,9 +381,11 @@ class ClusterSim:
         if not q:
             return
         s = self.servers[server]
-        cap_cpu = self.cluster.cores * self.cluster.cpu_overcommit
-        res = self.results
         g = self.grid
+        cap_cpu = self.cluster.cores * self.cluster.cpu_overcommit
+        if s.free_mem < g.mem_unit_mb or s.cpu_alloc + g.cpu_unit_cores > cap_cpu:
+            return  # not even the smallest allocation fits
+        cpu, mem = self.log.cpu, self.log.mem
         tried = 0
         kept: list[int] = []
         while q and tried < self.cluster.queue_scan:
@@ -375,8 +394,8 @@ class ClusterSim:
             # Cheap pre-check on the allocation alone (an OOM retry may need more: _try_start
             # checks exactly) before the full placement attempt.
             if (
-                s.free_mem < g.mb(int(res.mem[inv]))
-                or s.cpu_alloc + g.cores(int(res.cpu[inv])) > cap_cpu
+                s.free_mem < mem[inv] * g.mem_unit_mb
+                or s.cpu_alloc + cpu[inv] * g.cpu_unit_cores > cap_cpu
                 or not self._try_start(inv, only=server)
             ):
                 kept.append(inv)

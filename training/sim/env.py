@@ -5,7 +5,8 @@ blocks ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the thre
 normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
 allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small. Action: a
 candidate index. The step reward is the sum of the rewards of invocations that finished since
-the previous decision; ``info["finished"]`` / ``info["finished_rewards"]`` name them, so a
+the previous decision; ``info["finished"]`` / ``info["finished_rewards"]`` (and their RFETs in
+``info["finished_rfet"]``) name them, so a
 trainer can credit each reward to the decision that caused it (``info["inv"]`` of that step).
 """
 
@@ -93,10 +94,17 @@ class ClusterEnv(gym.Env):
         self._req = nxt = sim.next_request()
         if nxt is None:
             sim.run_to_end()
-        finished = np.asarray(sim.finished, dtype=np.int64)
-        sim.finished.clear()
-        rewards = sim.results.reward[finished]
-        info: dict[str, Any] = {"finished": finished, "finished_rewards": rewards}
+        log = sim.log
+        done = sim.finished
+        finished = np.array(done, dtype=np.int64)
+        rewards = np.array([log.reward[i] for i in done])
+        rfet = np.array([log.exec_s[i] / log.baseline_s[i] for i in done])
+        done.clear()
+        info: dict[str, Any] = {
+            "finished": finished,
+            "finished_rewards": rewards,
+            "finished_rfet": rfet,
+        }
         if nxt is None:
             obs = {k: np.zeros(s.shape, s.dtype) for k, s in self.observation_space.spaces.items()}
             return obs, float(rewards.sum()), True, False, info

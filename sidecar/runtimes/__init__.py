@@ -1,0 +1,1 @@
+"""Container runtimes: discovery adapters in front of the one cgroup reader/writer."""
