@@ -6,12 +6,11 @@ categorical action, so the exported actor is the scorer the sidecar runs. The cr
 MLP over the context vector only.
 
 Credit assignment: the reward of an invocation belongs to the decision that allocated it, not to
-the step at which it happened to finish. The trainer keeps, per env, a map ``inv -> rollout step``
-and adds each finished invocation's reward to that step. Known approximation: an invocation that
-finishes after its rollout has been used for an update (it was decided in the last few steps of a
-rollout) has its reward dropped, so those last steps under-count reward; with rollouts of hundreds
-of steps per env and invocations finishing within a few decisions, this touches a few percent of
-the steps. ``charts/dropped_reward_frac`` logs how many rewards were dropped.
+the step at which its outcome became known. The trainer keeps, per env, a map ``inv -> rollout
+step`` and adds each rewarded invocation's reward to that step. The simulator reports an
+invocation's reward when it starts (its execution time is known then), so only invocations still
+waiting in the admission queue when a rollout ends lose their reward (a known approximation;
+``charts/dropped_reward_frac`` logs the share).
 
 Usage: ``python -m training.ppo --preset small --total-timesteps 200000`` (every ``Args`` field is
 a ``--flag``).
@@ -19,7 +18,6 @@ a ``--flag``).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -190,9 +188,9 @@ class Agent(nn.Module):
 class CreditInfo(gym.Wrapper):
     """Repackages an env's per-step info so a vector env can batch it.
 
-    ``info["credit"] = (inv_decided_now, finished_ids, finished_rewards, finished_rfet)`` as one
+    ``info["credit"] = (inv_decided_now, rewarded_ids, rewards, rfets)`` as one
     tuple (object-batched), and ``info["episode"]`` with return / length / mean RFET at the end
-    of an episode. An env without ``info["finished"]`` gets its step reward credited to the step
+    of an episode. An env without ``info["rewarded"]`` gets its step reward credited to the step
     itself (a synthetic ``inv`` per step).
     """
 
@@ -219,12 +217,12 @@ class CreditInfo(gym.Wrapper):
     def step(self, action):
         obs, reward, term, trunc, info = self.env.step(action)
         decided = self._inv
-        if "finished" in info:
-            ids = np.asarray(info["finished"], dtype=np.int64)
-            rews = np.asarray(info["finished_rewards"], dtype=np.float64)
+        if "rewarded" in info:
+            ids = np.asarray(info["rewarded"], dtype=np.int64)
+            rews = np.asarray(info["rewards"], dtype=np.float64)
         else:
             ids, rews = np.array([decided], dtype=np.int64), np.array([reward], dtype=np.float64)
-        rfet = np.asarray(info.get("finished_rfet", ()), dtype=np.float64)
+        rfet = np.asarray(info.get("rfet", ()), dtype=np.float64)
         self._rfet.extend(rfet[np.isfinite(rfet)].tolist())
         self._ret += float(reward)
         self._len += 1
@@ -590,21 +588,10 @@ def agent_from_checkpoint(path: str | Path) -> tuple[Agent, dict]:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(Args):
-        if f.name in ("batch_size", "minibatch_size", "num_iterations"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        elif f.name in ("target_kl",):
-            p.add_argument(flag, type=float, default=f.default)
-        elif f.name == "resume":
-            p.add_argument(flag, type=str, default=f.default)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            p.add_argument(flag, type=typ, default=f.default)
-    return Args(**vars(p.parse_args(argv)))
+    """Every ``Args`` field as a ``--flag``; the docstring under each field is its help."""
+    import tyro
+
+    return tyro.cli(Args, args=argv, prog="faasrm train", description=__doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ CU, MU = 4, 2
 class BiggestCpuEnv(gym.Env):
     """Same observation layout as ClusterEnv; reward 1 iff the chosen candidate has the largest
     CPU value (column 0 of the CPU block) among the allowed candidates. Every decision is an
-    invocation that finishes at once (info["finished"] carries it, like ClusterEnv)."""
+    invocation that finishes at once (info["rewarded"] carries it, like ClusterEnv)."""
 
     def __init__(self, episode_len: int = 32) -> None:
         self.episode_len = episode_len
@@ -61,7 +61,7 @@ class BiggestCpuEnv(gym.Env):
         inv = self._t
         self._t += 1
         done = self._t >= self.episode_len
-        info = {"finished": np.array([inv]), "finished_rewards": np.array([r])}
+        info = {"rewarded": np.array([inv]), "rewards": np.array([r])}
         obs = self._draw()
         if not done:
             info["inv"] = self._t

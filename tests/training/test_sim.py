@@ -134,9 +134,9 @@ def test_gym_env_steps_until_every_invocation_is_rewarded():
     while True:
         a = int(np.flatnonzero(obs["mask"])[0])
         obs, r, term, trunc, info = env.step(a)
-        rewarded += len(info["finished"])
+        rewarded += len(info["rewarded"])
         total += r
-        assert np.isclose(r, info["finished_rewards"].sum())
+        assert np.isclose(r, info["rewards"].sum())
         if term:
             break
         steps += 1

@@ -176,7 +176,12 @@ class ClusterSim:
         self._guard_of: dict[int, Guard] = {}
         self._request: Request | None = None
         self.finished: list[int] = []
-        """Invocations finished since the caller last cleared this list (for rewards)."""
+        """Invocations finished since the caller last cleared this list (managers observe them)."""
+        self.rewarded: list[int] = []
+        """Invocations whose outcome (and so reward) became known since the caller last cleared
+        this list. The simulator knows an invocation's execution time when it starts, so its
+        reward is available then, not minutes later at its end: a learner credits it to the
+        decision at once instead of losing it past the end of a rollout."""
 
     @property
     def results(self) -> Results:
@@ -333,6 +338,8 @@ class ClusterSim:
         res.queue_s[inv] = queued
         res.cold_s[inv] = cold
         res.failed[inv] = oom
+        res.reward[inv] = invocation_reward(exec_s, base, queued, cold, oom, self.reward_cfg)
+        self.rewarded.append(inv)
         s.free_mem -= need_mem
         s.cpu_alloc += need_cpu
         s.load += load
@@ -367,9 +374,6 @@ class ClusterSim:
         self.guards[fn].observe(gd, Alloc(cpu, mem), cpu_peak, mem_peak, failed)
         self.stats[fn].on_completion(
             self.now, exec_s, cpu_peak, mem_peak, at_user_size=(cpu, mem) == user and not failed
-        )
-        res.reward[inv] = invocation_reward(
-            exec_s, res.baseline_s[inv], res.queue_s[inv], res.cold_s[inv], failed, self.reward_cfg
         )
         res.done[inv] = True
         self.finished.append(inv)

@@ -4,9 +4,9 @@ Observation: ``context`` (node + function features, also the critic's input), th
 blocks ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
 normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
 allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small. Action: a
-candidate index. The step reward is the sum of the rewards of invocations that finished since
-the previous decision; ``info["finished"]`` / ``info["finished_rewards"]`` (and their RFETs in
-``info["finished_rfet"]``) name them, so a
+candidate index. The step reward is the sum of the rewards of invocations whose outcome became
+known since the previous decision (the simulator knows it when an invocation starts);
+``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs in ``info["rfet"]``) name them, so a
 trainer can credit each reward to the decision that caused it (``info["inv"]`` of that step).
 """
 
@@ -95,16 +95,13 @@ class ClusterEnv(gym.Env):
         if nxt is None:
             sim.run_to_end()
         log = sim.log
-        done = sim.finished
-        finished = np.array(done, dtype=np.int64)
-        rewards = np.array([log.reward[i] for i in done])
-        rfet = np.array([log.exec_s[i] / log.baseline_s[i] for i in done])
-        done.clear()
-        info: dict[str, Any] = {
-            "finished": finished,
-            "finished_rewards": rewards,
-            "finished_rfet": rfet,
-        }
+        known = sim.rewarded
+        rewarded = np.array(known, dtype=np.int64)
+        rewards = np.array([log.reward[i] for i in known])
+        rfet = np.array([log.exec_s[i] / log.baseline_s[i] for i in known])
+        known.clear()
+        sim.finished.clear()
+        info: dict[str, Any] = {"rewarded": rewarded, "rewards": rewards, "rfet": rfet}
         if nxt is None:
             obs = {k: np.zeros(s.shape, s.dtype) for k, s in self.observation_space.spaces.items()}
             return obs, float(rewards.sum()), True, False, info
