@@ -61,6 +61,54 @@ def _bench_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar_overrides(args: argparse.Namespace) -> dict:
+    from sidecar.config import parse_override
+
+    out = dict(parse_override(text) for text in args.set or [])
+    for flag, key in (("host", "server.host"), ("port", "server.port"), ("model", "model.path"),
+                      ("state_file", "actuation.state_file"), ("spool_dir", "spool.dir"),
+                      ("log_level", "log_level")):
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _sidecar_run(args: argparse.Namespace) -> int:
+    from sidecar import config
+
+    overrides = _sidecar_overrides(args)
+    cfg = config.load(args.config, overrides)
+    # Crash recovery first, before the heavier imports: a previous run's containers go back to
+    # their user limits well within a second (the daemon's start-up repeats it, idempotently).
+    from sidecar.actuator import Actuator
+
+    Actuator(cfg.actuation.state_file, int(cfg.safeguard.mem_headroom_mb * 2**20)).recover()
+    from sidecar.daemon import run
+
+    return run(cfg, args.config, overrides)
+
+
+def _bench_sidecar(args: argparse.Namespace) -> int:
+    from sidecar.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.ppo import main as train_main
+
+    train_main(args.ppo_args)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import main as export_main
+
+    export_main([args.checkpoint, args.out])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="faasrm",
@@ -96,6 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="folder for invocation/duration/memory.csv")
     gen.set_defaults(func=_trace_generate)
 
+    sc = sub.add_parser("sidecar", help="the node daemon").add_subparsers(
+        dest="sidecar_command", required=True
+    )
+    run = sc.add_parser("run", help="run the sidecar daemon (foreground; JSON logs on stderr)")
+    run.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    run.add_argument("--host", help="listen address (server.host)")
+    run.add_argument("--port", type=int, help="listen port (server.port)")
+    run.add_argument("--model", help="ONNX policy (model.path)")
+    run.add_argument("--state-file", help="crash-safety state file (actuation.state_file)")
+    run.add_argument("--spool-dir", help="trajectory spool directory (spool.dir)")
+    run.add_argument("--log-level", help="debug, info, warning or error")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set sampler.tick_s=0.05 (repeatable)")
+    run.set_defaults(func=_sidecar_run)
+
+    tr = sub.add_parser(
+        "train",
+        help="offline PPO on the simulator (faasrm train --help lists every hyper-parameter)",
+        add_help=False,
+    )
+    tr.add_argument("ppo_args", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=_train)
+
+    ex = sub.add_parser("export", help="a training checkpoint -> one self-contained ONNX policy")
+    ex.add_argument("checkpoint", help="checkpoint.pt written by faasrm train")
+    ex.add_argument("out", help="the .onnx file to write (metadata goes to OUT.json beside it)")
+    ex.set_defaults(func=_export)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench_command", required=True
     )
@@ -106,11 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--envs", type=int, default=16, help="environments stepped in lockstep")
     bs.add_argument("--json", help="write the figures as JSON to this path")
     bs.set_defaults(func=_bench_sim)
+    bsc = bench.add_parser(
+        "sidecar", help="sidecar tick CPU, decision and actuation latency (real cgroups)"
+    )
+    bsc.add_argument("--decisions", type=int, default=5000)
+    bsc.add_argument("--actuations", type=int, default=1000)
+    bsc.add_argument("--ticks", type=int, default=50, help="real 100 ms ticks per container count")
+    bsc.add_argument(
+        "--model", help="ONNX policy to time (default: models/default.onnx, else a random MLP)"
+    )
+    bsc.add_argument("--json", help="write the figures as JSON to this path")
+    bsc.set_defaults(func=_bench_sidecar)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `faasrm train` hands every flag (--help included) to the trainer's own typed parser.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.ppo_args = extra + args.ppo_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,324 @@
+"""Apply allocations to containers through ``sidecar.cgroups``, and put the user's limits back.
+
+Crash safety: before the actuator first changes a container it writes the state file (atomic
+write + fsync + rename) listing every managed container with the user's exact limits. Whatever
+happens afterwards (SIGKILL mid-write included), the next start-up's ``recover()`` writes those
+limits back before anything else runs. The file changes only when the set of managed containers
+or a user's size changes, never per invocation.
+
+The memory floor: ``Cgroup.write_limits`` refuses a hard limit below usage + headroom. A refused
+allocation is applied with the user's memory instead (CPU still changes); a refused restore (a
+container accelerated past its user's memory and still using it) restores CPU now and memory on a
+later tick (``retry_restores``), never by forcing the kernel to reclaim or kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar import cgroups
+from sidecar.cgroups import Limits
+from sidecar.engine import USER_TARGET, Target
+from sidecar.runtimes.base import ContainerRef, UserSize
+
+log = logging.getLogger("faasrm.actuator")
+STATE_VERSION = 1
+
+
+@dataclass
+class Managed:
+    container_id: str
+    cgroup_path: str
+    version: int
+    root: str
+    user: Limits
+    cg: cgroups.Cgroup | None = None
+    applied: Target = USER_TARGET
+    owner: str | None = None
+    """Invocation whose decision the current limits are; None = at (or returning to) user limits."""
+    restore_pending: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "cgroup_path": self.cgroup_path,
+            "version": self.version,
+            "root": self.root,
+            "user": dataclasses.asdict(self.user),
+        }
+
+
+def user_limits(user: UserSize, original: Limits, exact: bool) -> Limits:
+    """The limits restored whenever no decision owns a container.
+
+    ``exact``: the user's size was read from these very limits (keep them, unlimited included);
+    otherwise the configured size with the cgroup's own period and soft limit.
+    """
+    if exact:
+        return original
+    return Limits(
+        cpu_quota_cores=user.cpu_cores,
+        cpu_period_us=original.cpu_period_us,
+        cpu_weight=user.cpu_weight,
+        mem_limit_bytes=user.mem_bytes,
+        mem_high_bytes=original.mem_high_bytes,
+    )
+
+
+def target_limits(user: Limits, target: Target, period_us: int) -> Limits:
+    """Limits for a target (``None`` fields take the user's value)."""
+    cpu_changed = target.cpu_cores is not None
+    return Limits(
+        cpu_quota_cores=target.cpu_cores if cpu_changed else user.cpu_quota_cores,
+        cpu_period_us=period_us if cpu_changed else user.cpu_period_us,
+        cpu_weight=user.cpu_weight if target.cpu_weight is None else target.cpu_weight,
+        mem_limit_bytes=user.mem_limit_bytes
+        if target.mem_limit_bytes is None
+        else target.mem_limit_bytes,
+        mem_high_bytes=user.mem_high_bytes
+        if target.mem_high_bytes is None
+        else target.mem_high_bytes,
+    )
+
+
+def restore_plan(managed: dict[str, Managed], live: set[str]) -> list[str]:
+    """Containers to put back at user limits: every managed one no live decision owns (pure)."""
+    return [cid for cid, m in managed.items() if m.owner is None or m.owner not in live]
+
+
+def open_for(m: Managed) -> cgroups.Cgroup:
+    if m.version == 1:
+        return cgroups.CgroupV1(m.cgroup_path, m.root)
+    return cgroups.CgroupV2(m.cgroup_path)
+
+
+class Actuator:
+    def __init__(
+        self,
+        state_file: str | Path,
+        headroom_bytes: int,
+        period_us: int = 100_000,
+        opener: Callable[[Managed], cgroups.Cgroup] = open_for,
+    ) -> None:
+        self.state_file = Path(state_file)
+        self.headroom_bytes = headroom_bytes
+        self.period_us = period_us
+        self.opener = opener
+        self.managed: dict[str, Managed] = {}
+        self.writes_ok = 0
+        self.writes_failed = 0
+        self.refused = 0
+
+    # -------------------------------------------------------------------------------- state
+    def _save(self) -> None:
+        data = {
+            "version": STATE_VERSION,
+            "pid": os.getpid(),
+            "containers": {cid: m.to_json() for cid, m in self.managed.items()},
+        }
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_file)
+        try:
+            dfd = os.open(self.state_file.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def save(self) -> None:
+        self._save()
+
+    @staticmethod
+    def read_state(path: str | Path) -> dict[str, Managed]:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"unreadable state file {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError(f"state file {path}: unknown version {data.get('version')!r}")
+        out = {}
+        for cid, e in data.get("containers", {}).items():
+            out[cid] = Managed(
+                cid, e["cgroup_path"], int(e["version"]), e["root"], Limits(**e["user"])
+            )
+        return out
+
+    def recover(self) -> dict[str, str]:
+        """Start-up: restore every container of the state file to its user limits.
+
+        Returns container id -> "restored" | "gone" | "pending" | "error: ...". Gone containers
+        are dropped; the others stay managed (not owned) until discovery adopts or forgets them.
+        """
+        results: dict[str, str] = {}
+        for cid, m in self.read_state(self.state_file).items():
+            self.managed[cid] = m
+            m.owner = "recovering"  # not live: restore_plan picks it
+            results[cid] = self._restore(m)
+            if results[cid] == "gone":
+                self.managed.pop(cid, None)
+        if results:
+            self._save()
+        return results
+
+    # -------------------------------------------------------------------------------- adoption
+    def adopt(
+        self, ref: ContainerRef, cg: cgroups.Cgroup | None = None, save: bool = True
+    ) -> Managed:
+        """Start managing a container; its user limits are persisted before any change.
+
+        ``save=False`` defers the state file to a later ``save()`` (adopting many containers at
+        once): the only write adopt itself makes puts the user's own limits in place, which is
+        what a restore would write anyway, so the invariant "persisted before any harvest or
+        acceleration" still holds as long as ``save()`` runs before the next ``apply``.
+        """
+        m = self.managed.get(ref.id)
+        root = getattr(cg, "root", cgroups.DEFAULT_ROOT)
+        if m is not None and m.cgroup_path == ref.cgroup_path:
+            if cg is not None:
+                m.cg = cg
+            return m
+        m = Managed(ref.id, ref.cgroup_path, ref.cgroup_version, root, Limits())
+        m.cg = cg or self.opener(m)
+        original = m.cg.read_limits()
+        m.user = user_limits(ref.user, original, exact=ref.labels.get("user_from") == "limits")
+        self.managed[ref.id] = m
+        if save:
+            self._save()
+        if original != m.user:  # e.g. a fresh cgroup: put the user's limits in place now
+            self._write(m, m.user)
+        return m
+
+    def set_user(self, container_id: str, user: UserSize) -> None:
+        """The hook reported a different user size: persist it before it is ever restored to."""
+        m = self.managed[container_id]
+        new = user_limits(user, m.user, exact=False)
+        if new != m.user:
+            m.user = new
+            self._save()
+
+    def forget(self, container_id: str, restore: bool = True) -> str:
+        m = self.managed.get(container_id)
+        if m is None:
+            return "unknown"
+        result = self._restore(m) if restore else "skipped"
+        self.managed.pop(container_id, None)
+        if m.cg is not None:
+            m.cg.close()
+        self._save()
+        return result
+
+    # -------------------------------------------------------------------------------- writes
+    def _cg(self, m: Managed) -> cgroups.Cgroup:
+        if m.cg is None:
+            m.cg = self.opener(m)
+        return m.cg
+
+    def _write(self, m: Managed, limits: Limits) -> None:
+        try:
+            self._cg(m).write_limits(limits, headroom_bytes=self.headroom_bytes)
+            self.writes_ok += 1
+        except ValueError:
+            self.refused += 1
+            raise
+        except cgroups.CgroupError:
+            self.writes_failed += 1
+            raise
+
+    def apply(self, container_id: str, target: Target, owner: str) -> tuple[Target, float]:
+        """Apply ``target`` for invocation ``owner``; returns (target applied, seconds taken).
+
+        If the memory floor refuses the memory part, memory stays at the user's size. Raises
+        CgroupGone / CgroupIOError (the limits are then unknown; the caller restores or forgets).
+        """
+        t0 = time.perf_counter()
+        m = self.managed[container_id]
+        m.owner = owner
+        applied = target
+        try:
+            self._write(m, target_limits(m.user, target, self.period_us))
+        except ValueError as exc:
+            log.warning(
+                "memory floor kept the user's memory",
+                extra={"container": container_id, "reason": str(exc)},
+            )
+            applied = target._replace(mem_limit_bytes=None, mem_high_bytes=None)
+            self._write(m, target_limits(m.user, applied, self.period_us))
+        m.applied = applied
+        m.restore_pending = False
+        return applied, time.perf_counter() - t0
+
+    def _restore(self, m: Managed) -> str:
+        try:
+            self._write(m, m.user)
+        except ValueError:
+            # memory still above the user's limit + headroom: restore CPU now, memory later
+            cur = self._cg(m).read_limits()
+            try:
+                self._write(
+                    m,
+                    dataclasses.replace(
+                        m.user,
+                        mem_limit_bytes=cur.mem_limit_bytes,
+                        mem_high_bytes=cur.mem_high_bytes,
+                    ),
+                )
+            except (ValueError, cgroups.CgroupError) as exc:
+                return f"error: {exc}"
+            m.restore_pending = True
+            m.owner = None
+            return "pending"
+        except cgroups.CgroupGone:
+            return "gone"
+        except cgroups.CgroupError as exc:
+            m.cg = None
+            return f"error: {exc}"
+        m.owner = None
+        m.applied = USER_TARGET
+        m.restore_pending = False
+        return "restored"
+
+    def restore(self, container_id: str) -> str:
+        m = self.managed.get(container_id)
+        if m is None:
+            return "unknown"
+        return self._restore(m)
+
+    def release(self, container_id: str) -> None:
+        """The owning decision ended but its limits stay (restore_on_end = false)."""
+        m = self.managed.get(container_id)
+        if m is not None:
+            m.owner = None
+
+    def retry_restores(self) -> dict[str, str]:
+        return {
+            cid: self._restore(m)
+            for cid, m in list(self.managed.items())
+            if m.restore_pending and m.owner is None
+        }
+
+    def restore_all(self, live: set[str] | None = None) -> dict[str, str]:
+        """Return every container no live decision owns to its user limits (shutdown: all)."""
+        return {
+            cid: self._restore(self.managed[cid])
+            for cid in restore_plan(self.managed, live or set())
+        }
+
+    def close(self) -> None:
+        for m in self.managed.values():
+            if m.cg is not None:
+                m.cg.close()

@@ -1,0 +1,266 @@
+"""The HTTP API on localhost: invocation hooks, health, metrics, debug views.
+
+* ``POST /v1/invocations`` ``{"function", "container", "user": {"cpu_cores", "mem_mb"},
+  "input_size", "pending", "id"}`` (only ``container`` is required) -> 200 with the allocation
+  applied; 400 with a reason on malformed input, 404 for an unknown container, 409 if the container
+  already runs an invocation.
+* ``POST /v1/invocations/{id}/end`` ``{"outcome": "success"|"failure", "duration_s"}`` -> 200
+  with duration, RFET and reward; 404 for an unknown invocation.
+* ``GET /healthz`` (the loop ticks), ``/readyz`` (first sample done; names the model or the
+  fallback), ``/metrics`` (Prometheus), ``/debug/allocations?function=&container=&limit=``,
+  ``/debug/containers``, ``/debug/model``.
+
+Debug handlers read snapshots and never write cgroups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from sidecar.engine import EngineError, effective
+from sidecar.node import NODE, Node, StartResult
+from sidecar.runtimes.base import UserSize
+
+MB = 2**20
+_START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
+_END_KEYS = {"outcome", "duration_s"}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any) -> str:
+    """Strict JSON: a NaN/inf anywhere becomes null rather than invalid JSON."""
+    try:
+        return json.dumps(obj, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), default=str, allow_nan=False)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return _json({"error": reason}, status)
+
+
+async def _body(request: web.Request, allowed: set[str], required: bool = True) -> dict:
+    raw = await request.read()
+    if not raw:
+        if required:
+            raise BadRequest("empty body: expected a JSON object")
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+    return data
+
+
+def _str(data: dict, key: str, required: bool = False) -> str | None:
+    v = data.get(key)
+    if v is None:
+        if required:
+            raise BadRequest(f"'{key}' is required")
+        return None
+    if not isinstance(v, str) or not v or len(v) > 512:
+        raise BadRequest(f"'{key}' must be a non-empty string (at most 512 characters)")
+    return v
+
+
+def _num(data: dict, key: str, lo: float = 0.0, integer: bool = False) -> float | None:
+    v = data.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadRequest(f"'{key}' must be a finite number")
+    if integer and not float(v).is_integer():
+        raise BadRequest(f"'{key}' must be an integer")
+    if v < lo:
+        raise BadRequest(f"'{key}' must be >= {lo}")
+    return v
+
+
+def _user(data: dict) -> UserSize | None:
+    u = data.get("user")
+    if u is None:
+        return None
+    if not isinstance(u, dict):
+        raise BadRequest("'user' must be an object {cpu_cores, mem_mb[, cpu_weight]}")
+    unknown = sorted(set(u) - {"cpu_cores", "mem_mb", "cpu_weight"})
+    if unknown:
+        raise BadRequest(f"unknown field(s) in 'user': {', '.join(unknown)}")
+    cpu, mem = _num(u, "cpu_cores"), _num(u, "mem_mb")
+    if cpu is None or mem is None or cpu <= 0 or mem <= 0:
+        raise BadRequest("'user' needs positive cpu_cores and mem_mb")
+    if cpu * 1e6 < 1000 or cpu > 1024 or mem > 2**30:
+        raise BadRequest("'user' size out of range")
+    weight = _num(u, "cpu_weight", lo=1, integer=True)
+    if weight is not None and weight > 10000:
+        raise BadRequest("'user.cpu_weight' must be 1..10000")
+    return UserSize(float(cpu), int(mem * MB), int(weight) if weight is not None else 100)
+
+
+def _start_response(node: Node, res: StartResult) -> dict:
+    inv = res.invocation
+    cores, mem = effective(inv.user, inv.target)
+    return {
+        "invocation": inv.id,
+        "function": inv.function,
+        "container": inv.container_id,
+        "allocation": {
+            "cpu_cores": cores,
+            "mem_bytes": mem,
+            "units": list(inv.alloc),
+            "kind": inv.trace["kind"],
+        },
+        "user": {
+            "cpu_cores": inv.user.cpu_cores,
+            "mem_bytes": inv.user.mem_bytes,
+            "units": list(inv.user_alloc),
+        },
+        "reason": inv.guard.reason,
+        "model": inv.model,
+        "applied": res.applied,
+        "error": res.error,
+        "decision_us": round(inv.decision_s * 1e6, 1),
+        "actuation_us": round(res.actuation_s * 1e6, 1),
+    }
+
+
+async def start_invocation(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    try:
+        data = await _body(request, _START_KEYS)
+        container = _str(data, "container", required=True)
+        function = _str(data, "function")
+        inv_id = _str(data, "id")
+        user = _user(data)
+        input_size = _num(data, "input_size")
+        pending = _num(data, "pending", integer=True)
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    assert container is not None
+    try:
+        res = node.start(
+            container,
+            function=function,
+            user=user,
+            pending=int(pending or 0),
+            input_size=input_size,
+            invocation_id=inv_id,
+        )
+    except EngineError as exc:
+        return _error(exc.status, str(exc))
+    return _json(_start_response(node, res))
+
+
+async def end_invocation(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    inv_id = request.match_info["id"]
+    try:
+        data = await _body(request, _END_KEYS, required=False)
+        outcome = _str(data, "outcome") or "success"
+        if outcome not in ("success", "failure"):
+            raise BadRequest("'outcome' must be 'success' or 'failure'")
+        duration = _num(data, "duration_s")
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    try:
+        ended = node.end(inv_id, outcome, duration)
+    except EngineError as exc:
+        return _error(exc.status, str(exc))
+    return _json(
+        {
+            "invocation": inv_id,
+            "outcome": ended.outcome,
+            "duration_s": ended.duration_s,
+            "rfet": ended.rfet,
+            "reward": ended.reward,
+            "cpu_peak_cores": ended.invocation.cpu_peak_cores,
+            "mem_peak_bytes": ended.invocation.mem_peak_bytes,
+            "give_backs": sorted(ended.invocation.given_back),
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    tick = node.cfg.sampler.tick_s
+    age = time.monotonic() - node.last_tick_s if node.first_tick_done else None
+    ok = age is None or age < max(2.0, 20 * tick)
+    body = {"status": "ok" if ok else "stalled", "last_tick_age_s": age}
+    return _json(body, 200 if ok else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    ready = node.first_tick_done
+    body = {
+        "ready": ready,
+        "containers": len(node.engine.containers),
+        "model": node.models.current.id,
+        "model_source": node.models.current.source,
+        "model_note": node.models.ready_note(),
+        "recovered": node.recovered,
+    }
+    return _json(body, 200 if ready else 503)
+
+
+async def debug_allocations(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    q = request.query
+    try:
+        limit = int(q.get("limit", "100"))
+        if not 1 <= limit <= 100_000:
+            raise ValueError
+    except ValueError:
+        return _error(400, "'limit' must be an integer 1..100000")
+    entries = node.engine.allocations(q.get("function"), q.get("container"), limit)
+    return _json({"count": len(entries), "allocations": entries})
+
+
+async def debug_containers(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return _json({"containers": node.containers_view()})
+
+
+async def debug_model(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    return _json(node.models.status())
+
+
+def add_routes(app: web.Application, registry: Any) -> None:
+    app.router.add_post("/v1/invocations", start_invocation)
+    app.router.add_post("/v1/invocations/{id}/end", end_invocation)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/debug/allocations", debug_allocations)
+    app.router.add_get("/debug/containers", debug_containers)
+    app.router.add_get("/debug/model", debug_model)

@@ -1,0 +1,373 @@
+"""The daemon's configuration: one typed dataclass tree, read from TOML, overridable by flags.
+
+Every section is a frozen dataclass; every field has a type, a default and a docstring. Loading is
+strict: an unknown key, a wrong type or an invalid value is a ``ConfigError`` naming the dotted key
+(``sidecar.tick_s``), never a silent default. ``--set section.key=VALUE`` on the command line
+overrides any field (VALUE is a TOML literal, or a bare string).
+
+No I/O beyond reading the one file: parsing and validation are pure and tested without a daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.core.grid import ResourceGrid
+from sidecar.core.reward import RewardConfig
+from sidecar.core.safeguard import SafeguardConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Listen address of the hook and debug API (localhost by default: the hook is not authenticated)."""
+    port: int = 9477
+    """Listen port."""
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    cpu_unit_cores: float = 1.0
+    """Cores per CPU unit (0.25 suits a 2-core host)."""
+    cpu_units: int = 8
+    """Number of CPU units (the per-function maximum)."""
+    mem_unit_mb: float = 64.0
+    """MB per memory unit."""
+    mem_units: int = 8
+    """Number of memory units."""
+
+    def grid(self) -> ResourceGrid:
+        return ResourceGrid(self.cpu_unit_cores, self.cpu_units, self.mem_unit_mb, self.mem_units)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    tick_s: float = 0.1
+    """Sampling period, seconds (monotonic deadlines, no drift)."""
+    discover_every_s: float = 2.0
+    """How often runtimes are re-listed as a safety net for missed events."""
+
+
+@dataclass(frozen=True)
+class SafeguardSection:
+    threshold: float = 0.9
+    """Peak/allocation ratio that marks a resource as nearly used up."""
+    mem_headroom_mb: float = 16.0
+    """A hard memory limit is never below current usage plus this."""
+    give_back_threshold: float = 0.9
+    """Usage at this share of a harvested allocation returns the user's size at once."""
+
+    def core(self) -> SafeguardConfig:
+        return SafeguardConfig(self.threshold, self.mem_headroom_mb, self.give_back_threshold)
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    slowdown_weight: float = 4.0
+    """Extra penalty per unit of RFET above the tolerance."""
+    tolerance: float = 1.0
+    """RFET above which the slowdown penalty applies."""
+    delay_weight: float = 1.0
+    """Penalty per baseline of queueing/cold start."""
+    failure_penalty: float = 5.0
+    """Penalty for a failed (e.g. OOM-killed) invocation."""
+    clip: float = 10.0
+    """Rewards are clipped to [-clip, 1]."""
+
+    def core(self) -> RewardConfig:
+        return RewardConfig(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ActuationConfig:
+    cpu_period_us: int = 100_000
+    """CFS period written with every quota (the period is part of the actuation)."""
+    scale_weight: bool = True
+    """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
+    harvest_memory: bool = True
+    """Lower memory below the user's size (v2: memory.high; v1: the hard limit, above the floor)."""
+    restore_on_end: bool = True
+    """Return a container to its user's size when its invocation ends (the safe default)."""
+    state_file: str = "/var/lib/faasrm/state.json"
+    """Crash-safety state: managed containers and their user limits (atomic write-rename)."""
+
+
+@dataclass(frozen=True)
+class BoundaryConfig:
+    infer: bool = False
+    """Infer invocation boundaries from CPU activity for containers that no hook reports."""
+    busy_cores: float = 0.05
+    """CPU rate (cores) above which an idle container is taken to start an invocation."""
+    idle_ticks: int = 3
+    """Consecutive ticks below busy_cores that end an inferred invocation."""
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    path: str
+    """cgroup path relative to each v1 hierarchy (or to the v2 mount), e.g. ``faasrm/fn-a``."""
+    function: str = ""
+    """Function name (default: the last path component up to an '@')."""
+    cpu_cores: float = 0.0
+    """The user's CPU (cores); 0 = take the cgroup's limits at first sight."""
+    mem_mb: float = 0.0
+    """The user's memory (MB); 0 = take the cgroup's limits at first sight."""
+    cpu_weight: int = 100
+    """The user's cpu weight (v2 scale 1..10000)."""
+
+
+@dataclass(frozen=True)
+class CgroupfsConfig:
+    enabled: bool = True
+    """Manage plain cgroups (the catch-all runtime)."""
+    root: str = "/sys/fs/cgroup"
+    """cgroupfs mount root."""
+    version: int = 0
+    """1 or 2; 0 = detect."""
+    parent: str = ""
+    """Manage every child cgroup of this parent (empty = only the listed containers)."""
+    default_cpu_cores: float = 0.0
+    """User CPU of discovered children (0 = their limits at first sight)."""
+    default_mem_mb: float = 0.0
+    """User memory of discovered children (0 = their limits at first sight)."""
+    containers: list[ContainerConfig] = field(default_factory=list)
+    """Explicitly listed containers ([[cgroupfs.containers]] tables)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """ONNX policy; empty = models/default.onnx of the installation (rule fallback if absent)."""
+    sha256: str = ""
+    """Expected sha256 of the file (empty = take it from <path>.json when present)."""
+    max_runtime_failures: int = 3
+    """Consecutive non-finite decisions after which the previous model is rolled back."""
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = "/var/lib/faasrm/spool"
+    """Trajectory spool directory."""
+    max_bytes: int = 64 * 2**20
+    """Bound on the spool's size; the oldest segment is dropped (and counted) beyond it."""
+    segment_bytes: int = 2**20
+    """Size at which a new segment file is started."""
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    trace_size: int = 2000
+    """Entries kept in the /debug/allocations ring buffer."""
+    max_function_labels: int = 50
+    """Functions with their own metric label; the rest are counted as 'other'."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str = ""
+    """This host's id in trajectory records (default: the hostname)."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    safeguard: SafeguardSection = field(default_factory=SafeguardSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    actuation: ActuationConfig = field(default_factory=ActuationConfig)
+    boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
+    cgroupfs: CgroupfsConfig = field(default_factory=CgroupfsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def node(self) -> str:
+        return self.node_id or socket.gethostname()
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type {tp}")  # not used by the schema
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: Any, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in [{prefix}]" if prefix else ""
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{where}; "
+            f"known: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(
+            f"missing required key{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(f'{prefix}.{m}' if prefix else m for m in missing)}"
+        )
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad override key {dotted!r}")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=VALUE`` -> (key, value); VALUE is a TOML literal, else taken as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def from_dict(data: dict, overrides: dict[str, Any] | None = None) -> Config:
+    data = _deep_copy(data)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (TOML; None = all defaults) and apply dotted ``overrides``."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def validate(cfg: Config) -> None:
+    """Value checks the type system does not express."""
+    problems = []
+    if not 1 <= cfg.server.port <= 65535 and cfg.server.port != 0:
+        problems.append(f"server.port {cfg.server.port} outside 0..65535")
+    try:
+        cfg.grid.grid()
+    except ValueError as exc:
+        problems.append(f"grid: {exc}")
+    if not 0.005 <= cfg.sampler.tick_s <= 10:
+        problems.append(f"sampler.tick_s {cfg.sampler.tick_s} outside 0.005..10")
+    if cfg.sampler.discover_every_s < cfg.sampler.tick_s:
+        problems.append("sampler.discover_every_s must be at least sampler.tick_s")
+    for name in ("threshold", "give_back_threshold"):
+        v = getattr(cfg.safeguard, name)
+        if not 0 < v <= 1:
+            problems.append(f"safeguard.{name} {v} outside (0, 1]")
+    if cfg.safeguard.mem_headroom_mb < 0:
+        problems.append("safeguard.mem_headroom_mb must be >= 0")
+    if not 1000 <= cfg.actuation.cpu_period_us <= 1_000_000:
+        problems.append(
+            f"actuation.cpu_period_us {cfg.actuation.cpu_period_us} outside 1000..1000000"
+        )
+    if not cfg.actuation.state_file:
+        problems.append("actuation.state_file must be set")
+    if cfg.boundaries.busy_cores <= 0 or cfg.boundaries.idle_ticks < 1:
+        problems.append("boundaries.busy_cores must be > 0 and boundaries.idle_ticks >= 1")
+    if cfg.cgroupfs.version not in (0, 1, 2):
+        problems.append(f"cgroupfs.version {cfg.cgroupfs.version} is not 0, 1 or 2")
+    seen = set()
+    for i, c in enumerate(cfg.cgroupfs.containers):
+        if not c.path.strip("/"):
+            problems.append(f"cgroupfs.containers[{i}].path is empty")
+        if c.path.strip("/") in seen:
+            problems.append(f"cgroupfs.containers[{i}].path {c.path!r} listed twice")
+        seen.add(c.path.strip("/"))
+        if c.cpu_cores < 0 or c.mem_mb < 0 or not 1 <= c.cpu_weight <= 10000:
+            problems.append(f"cgroupfs.containers[{i}]: negative size or weight outside 1..10000")
+    if cfg.spool.max_bytes < cfg.spool.segment_bytes or cfg.spool.segment_bytes < 4096:
+        problems.append("spool.segment_bytes must be >= 4096 and <= spool.max_bytes")
+    if cfg.debug.trace_size < 1 or cfg.debug.max_function_labels < 0:
+        problems.append("debug.trace_size must be >= 1, debug.max_function_labels >= 0")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
+    if problems:
+        raise ConfigError("; ".join(problems))

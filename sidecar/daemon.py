@@ -1,0 +1,355 @@
+"""``faasrm sidecar run``: the daemon's wiring (aiohttp owns the whole program).
+
+Start-up, in cleanup-context order (teardown runs in reverse, each only if its start-up half ran):
+
+1. ``_node_ctx``: restore every container left in the state file by a previous run (first, before
+   anything slow: a crashed daemon's containers are back at user limits within a second), load
+   the model (or the rule fallback), open the spool, discover containers.
+   Teardown: end running invocations as lost, restore every container to its user limits.
+2. ``_sampling_ctx``: the 100 ms tick on monotonic deadlines: sample, give-back, OOM, inferred
+   boundaries; ``READY=1`` after the first tick, ``WATCHDOG=1`` from inside the loop.
+3. ``_events_ctx``: one task per runtime event stream (Docker pause/unpause, container changes).
+4. ``_signals_ctx``: SIGHUP reloads config and model. SIGTERM/SIGINT belong to ``run_app``
+   (graceful exit: ``STOPPING=1`` in on_shutdown, then the teardowns above).
+
+Logs are JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import config as config_mod
+from sidecar.actuator import Actuator
+from sidecar.api import add_routes
+from sidecar.config import Config, ConfigError
+from sidecar.metrics import Metrics
+from sidecar.models import ModelManager
+from sidecar.node import NODE, Node
+from sidecar.sampler import Ticker
+from sidecar.spool import Spool
+
+log = logging.getLogger("faasrm.daemon")
+MB = 2**20
+
+# ------------------------------------------------------------------------------------ logging
+_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------ sd_notify
+class Notifier:
+    """sd_notify over an AF_UNIX datagram socket ($NOTIFY_SOCKET); a no-op without one."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        self.watchdog_interval_s = watchdog_usec / 1e6 / 4 if watchdog_usec else None
+        self._last_watchdog = -1e18
+        self.sent: list[str] = []
+
+    @classmethod
+    def from_env(cls) -> Notifier:
+        wd = os.environ.get("WATCHDOG_USEC")
+        wd_pid = os.environ.get("WATCHDOG_PID")
+        usec = (
+            int(wd) if wd and wd.isdigit() and (not wd_pid or wd_pid == str(os.getpid())) else None
+        )
+        return cls(os.environ.get("NOTIFY_SOCKET"), usec)
+
+    def send(self, message: str) -> bool:
+        if not self.address:
+            return False
+        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(message.encode(), addr)
+        except OSError as exc:
+            log.warning("sd_notify failed", extra={"reason": str(exc)})
+            return False
+        self.sent.append(message.split("\n", 1)[0])
+        del self.sent[:-20]
+        return True
+
+    def ready(self) -> None:
+        self.send(f"READY=1\nSTATUS=managing containers\nMAINPID={os.getpid()}")
+
+    def watchdog(self) -> None:
+        if self.watchdog_interval_s is None:
+            return
+        now = time.monotonic()
+        if now - self._last_watchdog >= self.watchdog_interval_s:
+            self._last_watchdog = now
+            self.send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+
+# ------------------------------------------------------------------------------------ app keys
+NOTIFIER = web.AppKey("notifier", Notifier)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", Config)
+CONFIG_SOURCE = web.AppKey("config_source", tuple)
+SAMPLE_TASK = web.AppKey("sample_task", asyncio.Task)
+EVENT_TASKS = web.AppKey("event_tasks", list)
+
+
+def host_capacity() -> tuple[float, float]:
+    import psutil
+
+    return float(psutil.cpu_count() or os.cpu_count() or 1), psutil.virtual_memory().total / MB
+
+
+def make_runtimes(cfg: Config) -> list[Any]:
+    """Runtimes tried in order, most specific first; plain cgroups (the catch-all) last."""
+    runtimes: list[Any] = []
+    if cfg.cgroupfs.enabled:
+        from sidecar.runtimes.cgroupfs import CgroupfsRuntime
+
+        cores, mem_mb = host_capacity()
+        runtimes.append(CgroupfsRuntime(cfg.cgroupfs, cores, int(mem_mb * MB)))
+    return runtimes
+
+
+# ------------------------------------------------------------------------------------ contexts
+async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    metrics = app[METRICS]
+    actuator = Actuator(
+        cfg.actuation.state_file,
+        int(cfg.safeguard.mem_headroom_mb * MB),
+        cfg.actuation.cpu_period_us,
+    )
+    models = ModelManager(cfg.grid.grid(), cfg.model.path, cfg.model.sha256)
+    spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
+    cores, mem_mb = host_capacity()
+    node = Node(
+        cfg,
+        runtimes=make_runtimes(cfg),
+        actuator=actuator,
+        models=models,
+        spool=spool,
+        metrics=metrics,
+        host_cores=cores,
+        host_mem_mb=mem_mb,
+    )
+    node.recover()  # first: a crashed run's containers go back to user limits now
+    ok = models.load()
+    metrics.model_loads.labels("ok" if ok else "rejected").inc()
+    metrics.set_policy(models.current.id)
+    node.sync_containers()
+    app[NODE] = node
+    log.info(
+        "sidecar started",
+        extra={
+            "containers": len(node.engine.containers),
+            "model": models.ready_note(),
+            "node": cfg.node,
+        },
+    )
+    try:
+        yield
+    finally:
+        results = node.shutdown()
+        for rt in node.runtimes:
+            rt.close()
+        log.info("restored user limits", extra={"containers": results})
+
+
+async def _sample_loop(app: web.Application) -> None:
+    node = app[NODE]
+    notifier = app[NOTIFIER]
+    ticker = Ticker(node.cfg.sampler.tick_s)
+    ready = False
+    while True:
+        await ticker.wait()
+        before = ticker.overruns
+        try:
+            node.tick()
+        except Exception:  # the loop must survive one bad tick; the logs say what happened
+            log.exception("tick failed")
+            continue
+        if ticker.overruns > before:
+            node.metrics.tick_overruns.inc(ticker.overruns - before)
+        if not ready:
+            ready = True
+            notifier.ready()
+            log.info("ready")
+        notifier.watchdog()
+
+
+async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_sample_loop(app), name="faasrm-sampler")
+    app[SAMPLE_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _consume_events(app: web.Application, runtime: Any) -> None:
+    node = app[NODE]
+    async for ev in runtime.events():
+        try:
+            if ev.kind == "added" and ev.ref is not None:
+                node._runtime_of[ev.ref.id] = runtime
+                node.add(ev.ref)
+            elif ev.kind == "removed":
+                if ev.container_id in node.engine.containers:
+                    node.remove(ev.container_id, restore=False)
+            elif ev.kind == "invocation_start":
+                if ev.container_id in node.engine.containers:
+                    node.start(ev.container_id)
+            elif ev.kind == "invocation_end":
+                c = node.engine.containers.get(ev.container_id)
+                if c is not None and c.active is not None:
+                    node.end(c.active.id)
+        except Exception:
+            log.exception("runtime event failed", extra={"runtime": runtime.name, "event": ev.kind})
+
+
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    tasks = [
+        asyncio.create_task(_consume_events(app, rt), name=f"faasrm-events-{rt.name}")
+        for rt in app[NODE].runtimes
+    ]
+    app[EVENT_TASKS] = tasks
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+def reload(app: web.Application) -> bool:
+    """SIGHUP: re-read the config file and the model; False if the new config was refused."""
+    path, overrides = app[CONFIG_SOURCE]
+    node = app[NODE]
+    try:
+        new = config_mod.load(path, overrides)
+    except ConfigError as exc:
+        log.error("reload refused: bad config, keeping the running one", extra={"reason": str(exc)})
+        return False
+    old = node.cfg
+    if new.grid != old.grid or new.actuation.state_file != old.actuation.state_file:
+        log.error("reload refused: grid and state_file need a restart")
+        return False
+    if new.server != old.server or new.spool != old.spool:
+        log.warning("server and spool changes need a restart; applying the rest")
+    logging.getLogger().setLevel(new.log_level.upper())
+    node.cfg = new
+    eng = node.engine
+    eng.sg_cfg, eng.reward_cfg, eng.act_cfg, eng.bounds = (
+        new.safeguard.core(),
+        new.reward.core(),
+        new.actuation,
+        new.boundaries,
+    )
+    node.actuator.headroom_bytes = int(new.safeguard.mem_headroom_mb * MB)
+    node.actuator.period_us = new.actuation.cpu_period_us
+    for rt in node.runtimes:
+        rt.close()
+    node.runtimes = make_runtimes(new)
+    node.sync_containers()  # containers the new config dropped are restored and forgotten
+    models = node.models
+    models.configured_path, models.sha256 = new.model.path, new.model.sha256
+    ok = models.load()
+    node.metrics.model_loads.labels("ok" if ok else "rejected").inc()
+    node.metrics.set_policy(models.current.id)
+    log.info("reloaded", extra={"model": models.ready_note(), "containers": len(eng.containers)})
+    return True
+
+
+async def _signals_ctx(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload, app)
+        installed = True
+    except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+        installed = False
+    yield
+    if installed:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _stopping(app: web.Application) -> None:
+    app[NOTIFIER].stopping()
+    log.info("stopping: restoring user limits")
+
+
+def build_app(
+    cfg: Config,
+    config_path: str | None = None,
+    overrides: dict | None = None,
+    notifier: Notifier | None = None,
+) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = cfg
+    app[CONFIG_SOURCE] = (config_path, overrides or {})
+    app[NOTIFIER] = notifier or Notifier.from_env()
+    app[METRICS] = Metrics(cfg.debug.max_function_labels)
+    app.cleanup_ctx.append(_node_ctx)
+    app.cleanup_ctx.append(_sampling_ctx)
+    app.cleanup_ctx.append(_events_ctx)
+    app.cleanup_ctx.append(_signals_ctx)
+    app.on_shutdown.append(_stopping)
+    add_routes(app, app[METRICS].registry)
+    return app
+
+
+def run(cfg: Config, config_path: str | None = None, overrides: dict | None = None) -> int:
+    setup_logging(cfg.log_level)
+    app = build_app(cfg, config_path, overrides)
+    web.run_app(
+        app,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=5.0,
+        handle_signals=True,
+    )
+    return 0

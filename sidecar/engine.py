@@ -1,0 +1,633 @@
+"""Per-invocation decisions on a host: pure logic, no I/O, no asyncio.
+
+The engine decides exactly as the simulator's ``Learned`` manager does (``training/baselines.py``):
+``stats.on_arrival`` -> ``guard`` (with the container's current memory usage for the floor) ->
+``FeatureEncoder`` context + rows -> ``scorer.scores`` -> ``decide`` (argmax) -> allocation; and at
+the end ``SafeguardState.observe`` + ``FunctionStats.on_completion`` with the peaks the sampler
+measured, then the reward. On top it keeps what only a host has: give-back within an invocation,
+OOM kills, inferred boundaries from CPU activity, the allocation trace and trajectory records.
+
+Decisions the spec left open, documented here:
+* Targets are per resource: a resource decided at the user's grid point gets the user's *exact*
+  value (``None`` in ``Target`` = "the user's own limit"), so a user size off the grid is never
+  rounded on a safeguard run or a restore.
+* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies); v2 keeps
+  ``memory.max`` at the user's size and harvests with ``memory.high`` (throttles, never kills).
+* Reward: ``invocation_reward(duration, baseline before this run)``; with no baseline yet (the
+  first safeguard run, or failures before any), the reward is ``None`` and the record says so: the
+  trainer skips it (there is nothing to compare with). A ``lost`` run (daemon shutdown, container
+  removed mid-run) also gets ``None``: its end is not the policy's doing.
+* After an invocation ends the container returns to the user's size (``restore_on_end``), so an
+  idle container never sits harvested while nobody watches its demand.
+* Node state: free = capacity - allocations of running invocations (as the simulator counts it);
+  pending = what the hook reports (0 by default).
+* Inferred boundaries: a container never reported by a hook starts an invocation on the first
+  window whose CPU rate reaches ``busy_cores`` and ends it after ``idle_ticks`` quiet windows; its
+  start and end times are window edges (good to one tick).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from sidecar.cgroups import Usage
+from sidecar.config import ActuationConfig, BoundaryConfig
+from sidecar.core.features import (
+    FEATURE_VERSION,
+    FEATURES,
+    N_FEATURES,
+    FeatureEncoder,
+    NodeState,
+    expand_rows,
+    schema_hash,
+)
+from sidecar.core.grid import Alloc, ResourceGrid
+from sidecar.core.policy import RuleScorer, Scorer, decide
+from sidecar.core.reward import RewardConfig, invocation_reward
+from sidecar.core.safeguard import (
+    FAILURE,
+    Guard,
+    SafeguardConfig,
+    SafeguardState,
+    give_back_needed,
+    guard,
+)
+from sidecar.core.stats import FunctionStats
+from sidecar.runtimes.base import ContainerRef, UserSize
+from sidecar.spool import RECORD_VERSION
+
+MB = 2**20
+OUTCOMES = ("success", "failure", "oom", "lost")
+MAX_FUNCTIONS = 10_000
+"""Per-function state kept (least recently used functions are forgotten beyond it)."""
+_COL = {f.name: i for i, f in enumerate(FEATURES)}
+
+
+def fallback_scorer() -> RuleScorer:
+    """The rule used when no model is loaded or the model fails: closest to the user's size."""
+    return RuleScorer.user_size(N_FEATURES, _COL["cand_cpu_vs_user"], _COL["cand_mem_vs_user"])
+
+
+class Target(NamedTuple):
+    """Limits to apply; ``None`` means the user's own value for that knob."""
+
+    cpu_cores: float | None = None
+    cpu_weight: int | None = None
+    mem_limit_bytes: int | None = None
+    mem_high_bytes: int | None = None
+
+    @property
+    def is_user(self) -> bool:
+        return self == USER_TARGET
+
+
+USER_TARGET = Target()
+
+
+def plan_target(
+    grid: ResourceGrid,
+    user: UserSize,
+    user_alloc: Alloc,
+    alloc: Alloc,
+    cgroup_version: int,
+    cfg: ActuationConfig,
+) -> Target:
+    """Physical limits for a decided allocation (pure)."""
+    cpu_cores = cpu_weight = mem_limit = mem_high = None
+    if alloc.cpu != user_alloc.cpu:
+        cpu_cores = grid.cores(alloc.cpu)
+        if cfg.scale_weight:
+            cpu_weight = max(1, min(10_000, round(user.cpu_weight * cpu_cores / user.cpu_cores)))
+    if alloc.mem != user_alloc.mem:
+        chosen = int(grid.mb(alloc.mem) * MB)
+        if chosen > user.mem_bytes:
+            mem_limit = chosen
+            if cgroup_version == 2:
+                mem_high = chosen
+        elif chosen < user.mem_bytes and cfg.harvest_memory:
+            if cgroup_version == 2:
+                mem_high = chosen  # memory.max stays at the user's size: throttle, never kill
+            else:
+                mem_limit = chosen
+    return Target(cpu_cores, cpu_weight, mem_limit, mem_high)
+
+
+def effective(user: UserSize, target: Target) -> tuple[float, int]:
+    """(cores, memory bytes) a target lets a container use before throttling."""
+    cores = user.cpu_cores if target.cpu_cores is None else target.cpu_cores
+    mem = user.mem_bytes
+    if target.mem_limit_bytes is not None:
+        mem = target.mem_limit_bytes
+    if target.mem_high_bytes is not None:
+        mem = min(mem, target.mem_high_bytes)
+    return cores, mem
+
+
+@dataclass
+class Invocation:
+    id: str
+    container_id: str
+    function: str
+    user: UserSize
+    user_alloc: Alloc
+    alloc: Alloc
+    guard: Guard
+    target: Target
+    action: int
+    logp: float
+    ctx: np.ndarray
+    cpu_block: np.ndarray
+    mem_block: np.ndarray
+    model: str
+    start_s: float
+    wall_start_s: float
+    decision_s: float
+    inferred: bool = False
+    cpu_s_at_start: float = math.nan
+    cpu_peak_cores: float = 0.0
+    mem_peak_bytes: int = 0
+    oom: bool = False
+    given_back: set[str] = field(default_factory=set)
+    fallback: str | None = None
+    trace: dict = field(default_factory=dict)
+
+
+@dataclass
+class ManagedContainer:
+    ref: ContainerRef
+    active: Invocation | None = None
+    hooked: bool = False
+    """A hook reported an invocation here: no inference for this container."""
+    last_mem_bytes: int = 0
+    quiet_ticks: int = 0
+    last_busy_s: float = math.nan
+    window_start_s: float = math.nan
+
+
+class GiveBack(NamedTuple):
+    container_id: str
+    invocation_id: str
+    resources: tuple[str, ...]
+    target: Target
+
+
+class InferredStart(NamedTuple):
+    container_id: str
+    start_s: float
+
+
+class InferredEnd(NamedTuple):
+    invocation_id: str
+    end_s: float
+
+
+class OomKill(NamedTuple):
+    container_id: str
+    kills: int
+    invocation_id: str | None
+
+
+Effect = GiveBack | InferredStart | InferredEnd | OomKill
+
+
+@dataclass
+class Ended:
+    invocation: Invocation
+    outcome: str
+    duration_s: float
+    reward: float | None
+    rfet: float | None
+    record: dict
+
+
+class EngineError(Exception):
+    status = 400
+
+
+class UnknownContainer(EngineError):
+    status = 404
+
+
+class UnknownInvocation(EngineError):
+    status = 404
+
+
+class Busy(EngineError):
+    status = 409
+
+
+class Engine:
+    def __init__(
+        self,
+        grid: ResourceGrid,
+        *,
+        node_id: str,
+        host_cores: float,
+        host_mem_mb: float,
+        scorer: Callable[[], tuple[Scorer, str]],
+        safeguard: SafeguardConfig = SafeguardConfig(),
+        reward: RewardConfig = RewardConfig(),
+        actuation: ActuationConfig = ActuationConfig(),
+        boundaries: BoundaryConfig = BoundaryConfig(),
+        tick_s: float = 0.1,
+        trace_size: int = 2000,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.grid = grid
+        self.encoder = FeatureEncoder(grid)
+        self.node_id = node_id
+        self.host_cores = host_cores
+        self.host_mem_mb = host_mem_mb
+        self.scorer = scorer
+        self.sg_cfg = safeguard
+        self.reward_cfg = reward
+        self.act_cfg = actuation
+        self.bounds = boundaries
+        self.tick_s = tick_s
+        self.clock = clock
+        self.wall = wall
+        self.fallback = fallback_scorer()
+        self.containers: dict[str, ManagedContainer] = {}
+        self.invocations: dict[str, Invocation] = {}
+        self.stats: OrderedDict[str, FunctionStats] = OrderedDict()
+        self.guards: OrderedDict[str, SafeguardState] = OrderedDict()
+        self.trace: deque[dict] = deque(maxlen=trace_size)
+        self._seq = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]
+        self.model_failures = 0
+        self.consecutive_model_failures = 0
+
+    # ------------------------------------------------------------------------ containers
+    def add_container(self, ref: ContainerRef) -> None:
+        c = self.containers.get(ref.id)
+        if c is None:
+            self.containers[ref.id] = ManagedContainer(ref)
+        else:
+            c.ref = ref
+
+    def remove_container(self, container_id: str) -> Invocation | None:
+        """Forget a container; returns its running invocation (the caller ends it as lost)."""
+        c = self.containers.pop(container_id, None)
+        return c.active if c else None
+
+    def _function(self, name: str) -> tuple[FunctionStats, SafeguardState]:
+        st = self.stats.get(name)
+        if st is None:
+            st = self.stats[name] = FunctionStats()
+            self.guards[name] = SafeguardState()
+            while len(self.stats) > MAX_FUNCTIONS:
+                old, _ = self.stats.popitem(last=False)
+                self.guards.pop(old, None)
+        else:
+            self.stats.move_to_end(name)
+            self.guards.move_to_end(name)
+        return st, self.guards[name]
+
+    def node_state(self, pending: int = 0) -> NodeState:
+        used_cores = used_mb = 0.0
+        for inv in self.invocations.values():
+            cores, mem = effective(inv.user, inv.target)
+            used_cores += cores
+            used_mb += mem / MB
+        return NodeState(
+            total_cores=self.host_cores,
+            total_mem_mb=self.host_mem_mb,
+            free_cores=self.host_cores - used_cores,
+            free_mem_mb=self.host_mem_mb - used_mb,
+            pending=pending,
+        )
+
+    # ------------------------------------------------------------------------ decisions
+    def start(
+        self,
+        container_id: str,
+        *,
+        function: str | None = None,
+        user: UserSize | None = None,
+        pending: int = 0,
+        input_size: float | None = None,
+        invocation_id: str | None = None,
+        inferred: bool = False,
+        usage: Usage | None = None,
+        now_s: float | None = None,
+    ) -> Invocation:
+        c = self.containers.get(container_id)
+        if c is None:
+            raise UnknownContainer(f"unknown container {container_id!r}")
+        if c.active is not None:
+            raise Busy(f"container {container_id!r} already runs invocation {c.active.id}")
+        if invocation_id is not None and invocation_id in self.invocations:
+            raise Busy(f"invocation {invocation_id!r} is already running")
+        if not inferred:
+            c.hooked = True
+        t0 = time.perf_counter()
+        now = self.clock() if now_s is None else now_s
+        user = user or c.ref.user
+        fn = function or c.ref.function
+        user_alloc = self.grid.nearest(user.cpu_cores, user.mem_bytes / MB)
+        stats, gs = self._function(fn)
+        stats.on_arrival(now)
+        mem_usage = usage.mem_bytes if usage is not None else c.last_mem_bytes
+        g = guard(self.grid, user_alloc, gs, mem_usage / MB, self.sg_cfg)
+        ctx = self.encoder.context(self.node_state(pending), stats, gs, user_alloc, now)
+        cpu_b, mem_b = self.encoder.blocks(gs, user_alloc)
+        rows = expand_rows(ctx, cpu_b, mem_b)
+        scorer, model = self.scorer()
+        fallback = None
+        try:
+            a, logp = decide(scorer.scores(rows), g.mask)
+            self.consecutive_model_failures = 0
+        except Exception as exc:  # a model must never stop a decision: the user's size wins
+            fallback = f"{type(exc).__name__}: {exc}"
+            self.model_failures += 1
+            self.consecutive_model_failures += 1
+            a, logp = decide(self.fallback.scores(rows), g.mask)
+            model = "fallback"
+        alloc = self.grid.alloc(a)
+        target = plan_target(self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg)
+        decision_s = time.perf_counter() - t0
+        inv = Invocation(
+            id=invocation_id or f"{self._prefix}-{next(self._seq)}",
+            container_id=container_id,
+            function=fn,
+            user=user,
+            user_alloc=user_alloc,
+            alloc=alloc,
+            guard=g,
+            target=target,
+            action=a,
+            logp=logp,
+            ctx=ctx,
+            cpu_block=cpu_b,
+            mem_block=mem_b,
+            model=model,
+            start_s=now,
+            wall_start_s=self.wall(),
+            decision_s=decision_s,
+            inferred=inferred,
+            cpu_s_at_start=usage.cpu_usage_s if usage is not None else math.nan,
+            mem_peak_bytes=mem_usage,
+            fallback=fallback,
+        )
+        cores, mem = effective(user, target)
+        inv.trace = {
+            "invocation": inv.id,
+            "function": fn,
+            "container": container_id,
+            "time": inv.wall_start_s,
+            "user": {
+                "cpu_cores": user.cpu_cores,
+                "mem_bytes": user.mem_bytes,
+                "units": list(user_alloc),
+            },
+            "chosen": {"cpu_cores": cores, "mem_bytes": mem, "units": list(alloc)},
+            "kind": _kind(user, cores, mem),
+            "reason": g.reason,
+            "input_size": input_size,
+            "inferred": inferred,
+            "model": model,
+            "fallback": fallback,
+            "decision_us": round(decision_s * 1e6, 1),
+            "give_backs": [],
+            "cpu_peak_cores": None,
+            "mem_peak_bytes": None,
+            "duration_s": None,
+            "rfet": None,
+            "outcome": None,
+        }
+        self.trace.append(inv.trace)
+        c.active = inv
+        self.invocations[inv.id] = inv
+        return inv
+
+    def end(
+        self,
+        invocation_id: str,
+        outcome: str = "success",
+        *,
+        duration_s: float | None = None,
+        usage: Usage | None = None,
+        now_s: float | None = None,
+    ) -> Ended:
+        if outcome not in OUTCOMES:
+            raise EngineError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+        inv = self.invocations.pop(invocation_id, None)
+        if inv is None:
+            raise UnknownInvocation(f"unknown invocation {invocation_id!r}")
+        c = self.containers.get(inv.container_id)
+        if c is not None and c.active is inv:
+            c.active = None
+        now = self.clock() if now_s is None else now_s
+        duration = max(0.0, now - inv.start_s) if duration_s is None else duration_s
+        if usage is not None:
+            self._observe_usage(inv, usage.mem_bytes, usage.mem_peak_bytes)
+            window = now - inv.start_s
+            if inv.cpu_s_at_start == inv.cpu_s_at_start and window > 0:
+                # short invocations see no full sampling window: their mean rate is the peak
+                avg = (usage.cpu_usage_s - inv.cpu_s_at_start) / window
+                inv.cpu_peak_cores = max(inv.cpu_peak_cores, avg)
+            if c is not None:
+                c.last_mem_bytes = usage.mem_bytes
+        if inv.oom and outcome == "success":
+            outcome = "oom"
+        failed = outcome != "success"
+        stats, gs = self._function(inv.function)
+        baseline = stats.baseline_duration_s
+        mem_peak_mb = inv.mem_peak_bytes / MB
+        gs.observe(inv.guard, inv.alloc, inv.cpu_peak_cores, mem_peak_mb, failed)
+        at_user = inv.alloc == inv.user_alloc and not failed
+        stats.on_completion(now, duration, inv.cpu_peak_cores, mem_peak_mb, at_user_size=at_user)
+        # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with
+        known = baseline == baseline and baseline > 0 and outcome != "lost"
+        reward = (
+            invocation_reward(duration, baseline, failed=failed, cfg=self.reward_cfg)
+            if known
+            else None
+        )
+        rfet = duration / baseline if known else None
+        inv.trace.update(
+            cpu_peak_cores=round(inv.cpu_peak_cores, 4),
+            mem_peak_bytes=inv.mem_peak_bytes,
+            duration_s=round(duration, 6),
+            rfet=None if rfet is None else round(rfet, 4),
+            outcome=outcome,
+            reward=reward,
+        )
+        return Ended(
+            inv,
+            outcome,
+            duration,
+            reward,
+            rfet,
+            self._record(inv, outcome, duration, reward, baseline),
+        )
+
+    def _record(
+        self, inv: Invocation, outcome: str, duration: float, reward: float | None, baseline: float
+    ) -> dict[str, Any]:
+        g = self.grid
+        return {
+            "v": RECORD_VERSION,
+            "node": self.node_id,
+            "invocation": inv.id,
+            "function": inv.function,
+            "container": inv.container_id,
+            "time": inv.wall_start_s,
+            "feature_version": FEATURE_VERSION,
+            "schema_hash": schema_hash(),
+            "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
+            "model": inv.model,
+            "context": inv.ctx.tolist(),
+            "cpu_block": inv.cpu_block.tolist(),
+            "mem_block": inv.mem_block.tolist(),
+            "mask": np.packbits(inv.guard.mask).tobytes(),
+            "action": inv.action,
+            "logp": inv.logp,
+            "user": list(inv.user_alloc),
+            "alloc": list(inv.alloc),
+            "reason": inv.guard.reason,
+            "reward": reward,
+            "baseline_s": baseline if baseline == baseline else None,
+            "duration_s": duration,
+            "outcome": outcome,
+            "cpu_peak_cores": inv.cpu_peak_cores,
+            "mem_peak_mb": inv.mem_peak_bytes / MB,
+            "give_backs": sorted(inv.given_back),
+            "inferred": inv.inferred,
+        }
+
+    # ------------------------------------------------------------------------ samples
+    @staticmethod
+    def _observe_usage(inv: Invocation, mem_bytes: int, mem_peak_bytes: int) -> None:
+        inv.mem_peak_bytes = max(inv.mem_peak_bytes, mem_bytes, mem_peak_bytes)
+
+    def on_samples(self, samples: Iterable[Any]) -> list[Effect]:
+        effects: list[Effect] = []
+        for s in samples:
+            effects.extend(self.on_sample(s))
+        return effects
+
+    def on_sample(self, s: Any) -> list[Effect]:
+        """One container's sample (``sidecar.sampler.Sample``) -> effects for the daemon to apply."""
+        c = self.containers.get(s.container_id)
+        if c is None:
+            return []
+        c.last_mem_bytes = s.mem_bytes
+        effects: list[Effect] = []
+        inv = c.active
+        rate = s.cpu_cores
+        if s.oom_delta > 0:
+            if inv is not None:
+                inv.oom = True
+            else:
+                _, gs = self._function(c.ref.function)
+                gs.failures += 1
+                gs.calibrate = FAILURE
+            effects.append(OomKill(c.ref.id, s.oom_delta, inv.id if inv else None))
+        if inv is not None:
+            self._observe_usage(inv, s.mem_bytes, s.mem_peak_bytes)
+            # only windows inside the invocation: one that began before it dilutes the peak
+            if rate == rate and s.t_s - s.window_s >= inv.start_s - 0.1 * self.tick_s:
+                inv.cpu_peak_cores = max(inv.cpu_peak_cores, rate)
+            gb = self._give_back(inv, rate, s.mem_bytes)
+            if gb is not None:
+                effects.append(gb)
+        if self.bounds.infer and not c.hooked and rate == rate:
+            effects.extend(self._infer(c, s, rate))
+        return effects
+
+    def _give_back(self, inv: Invocation, rate: float, mem_bytes: int) -> GiveBack | None:
+        t, user, cfg = inv.target, inv.user, self.sg_cfg
+        raise_cpu = (
+            "cpu" not in inv.given_back
+            and t.cpu_cores is not None
+            and rate == rate
+            and give_back_needed(rate, t.cpu_cores, user.cpu_cores, cfg)
+        )
+        _, mem_alloc = effective(user, t)
+        raise_mem = "memory" not in inv.given_back and give_back_needed(
+            mem_bytes, mem_alloc, user.mem_bytes, cfg
+        )
+        if not (raise_cpu or raise_mem):
+            return None
+        resources = []
+        if raise_cpu and t.cpu_cores < user.cpu_cores:
+            t = t._replace(cpu_cores=None, cpu_weight=None)
+            resources.append("cpu")
+        if raise_mem:
+            t = t._replace(mem_limit_bytes=None, mem_high_bytes=None)
+            resources.append("memory")
+        if not resources:
+            return None
+        inv.given_back.update(resources)
+        inv.target = t
+        inv.trace["give_backs"].append(
+            {
+                "resources": resources,
+                "after_s": round(self.clock() - inv.start_s, 4),
+                "t_monotonic": self.clock(),
+                "cpu_cores": None if rate != rate else round(rate, 4),
+                "mem_bytes": mem_bytes,
+            }
+        )
+        return GiveBack(inv.container_id, inv.id, tuple(resources), t)
+
+    def _infer(self, c: ManagedContainer, s: Any, rate: float) -> list[Effect]:
+        busy = rate >= self.bounds.busy_cores
+        inv = c.active
+        if inv is None:
+            if busy:
+                return [InferredStart(c.ref.id, s.t_s)]
+            return []
+        if not inv.inferred:
+            return []
+        if busy:
+            c.quiet_ticks = 0
+            c.last_busy_s = s.t_s
+            return []
+        c.quiet_ticks += 1
+        if c.quiet_ticks >= self.bounds.idle_ticks:
+            c.quiet_ticks = 0
+            end = c.last_busy_s if c.last_busy_s == c.last_busy_s else s.t_s
+            return [InferredEnd(inv.id, max(end, inv.start_s))]
+        return []
+
+    def note_inferred_start(self, container_id: str, t_s: float) -> None:
+        c = self.containers.get(container_id)
+        if c is not None:
+            c.quiet_ticks = 0
+            c.last_busy_s = t_s
+
+    # ------------------------------------------------------------------------ views
+    def allocations(
+        self, function: str | None = None, container: str | None = None, limit: int = 100
+    ) -> list[dict]:
+        out = []
+        for entry in reversed(self.trace):
+            if function is not None and entry["function"] != function:
+                continue
+            if container is not None and entry["container"] != container:
+                continue
+            out.append(entry)
+            if len(out) >= limit:
+                break
+        return out
+
+
+def _kind(user: UserSize, cores: float, mem: int) -> str:
+    """harvested (less of some resource, more of none), accelerated (more of some), or user."""
+    more = cores > user.cpu_cores + 1e-9 or mem > user.mem_bytes
+    less = cores < user.cpu_cores - 1e-9 or mem < user.mem_bytes
+    if more:
+        return "accelerated"
+    return "harvested" if less else "user"

@@ -1,0 +1,455 @@
+"""The node: runtimes, sampler, engine, actuator, spool, models and metrics working together.
+
+Everything here runs on the event loop thread (one owner for every cgroup object); nothing
+blocks longer than a few cgroup writes. The HTTP handlers and the sampling loop call these
+methods; the daemon wires them (``sidecar.daemon``). Kept apart from the pure engine so the
+decision logic stays testable without I/O, and from the daemon so it is testable without sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import cgroups
+from sidecar.actuator import Actuator
+from sidecar.config import Config
+from sidecar.engine import (
+    USER_TARGET,
+    Engine,
+    EngineError,
+    GiveBack,
+    InferredEnd,
+    InferredStart,
+    Invocation,
+    OomKill,
+    UnknownContainer,
+    effective,
+)
+from sidecar.metrics import Metrics
+from sidecar.models import ModelManager
+from sidecar.runtimes.base import ContainerRef, UserSize
+from sidecar.sampler import Sampler
+from sidecar.spool import Spool
+
+log = logging.getLogger("faasrm.node")
+MB = 2**20
+TRIPS = ("first", "failure", "rising")
+
+
+@dataclass
+class StartResult:
+    invocation: Invocation
+    applied: bool
+    actuation_s: float
+    error: str | None = None
+
+
+class Node:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        runtimes: list[Any],
+        actuator: Actuator,
+        models: ModelManager,
+        spool: Spool,
+        metrics: Metrics,
+        host_cores: float,
+        host_mem_mb: float,
+    ) -> None:
+        self.cfg = cfg
+        self.runtimes = runtimes
+        self.actuator = actuator
+        self.models = models
+        self.spool = spool
+        self.metrics = metrics
+        self.grid = cfg.grid.grid()
+        self.sampler = Sampler(self._open)
+        self.engine = Engine(
+            self.grid,
+            node_id=cfg.node,
+            host_cores=host_cores,
+            host_mem_mb=host_mem_mb,
+            scorer=models.get,
+            safeguard=cfg.safeguard.core(),
+            reward=cfg.reward.core(),
+            actuation=cfg.actuation,
+            boundaries=cfg.boundaries,
+            tick_s=cfg.sampler.tick_s,
+            trace_size=cfg.debug.trace_size,
+        )
+        self._runtime_of: dict[str, Any] = {}
+        self.first_tick_done = False
+        self.last_tick_s = math.nan
+        self.last_discover_s = -math.inf
+        self.recovered: dict[str, str] = {}
+        self._spool_dropped_seen = spool.dropped
+
+    def _open(self, ref: ContainerRef) -> cgroups.Cgroup:
+        rt = self._runtime_of.get(ref.id)
+        if rt is not None and hasattr(rt, "open"):
+            return rt.open(ref)
+        if ref.cgroup_version == 1:
+            return cgroups.CgroupV1(ref.cgroup_path, self.cfg.cgroupfs.root)
+        return cgroups.CgroupV2(ref.cgroup_path)
+
+    # ------------------------------------------------------------------------ containers
+    def recover(self) -> dict[str, str]:
+        self.recovered = self.actuator.recover()
+        for outcome in self.recovered.values():
+            self.metrics.restores.labels(outcome.split(":")[0]).inc()
+        if self.recovered:
+            log.warning(
+                "restored containers left by a previous run", extra={"containers": self.recovered}
+            )
+        return self.recovered
+
+    def sync_containers(self) -> None:
+        """Re-list every runtime: adopt new containers, restore and forget vanished ones."""
+        seen: dict[str, ContainerRef] = {}
+        for rt in self.runtimes:
+            try:
+                refs = rt.discover()
+            except Exception as exc:
+                log.error("discovery failed", extra={"runtime": rt.name, "reason": str(exc)})
+                return  # never forget containers because one listing failed
+            for ref in refs:
+                if ref.id not in seen:
+                    seen[ref.id] = ref
+                    self._runtime_of[ref.id] = rt
+        added = False
+        for cid, ref in seen.items():
+            if cid not in self.engine.containers:
+                added |= self.add(ref, save=False)
+            else:
+                self._update(ref)
+        if added:
+            self.actuator.save()  # one fsync for the whole batch, before any decision can apply
+        for cid in list(self.engine.containers):
+            if cid not in seen:
+                self.remove(cid, restore=True)
+        # containers of the state file that no runtime lists any more: restore and forget them
+        for cid in list(self.actuator.managed):
+            if cid not in seen:
+                self.actuator.forget(cid, restore=True)
+        self.metrics.managed.set(len(self.engine.containers))
+        self.last_discover_s = time.monotonic()
+
+    def add(self, ref: ContainerRef, save: bool = True) -> bool:
+        try:
+            cg = self.sampler.track(ref)
+            self.actuator.adopt(ref, cg, save=save)
+        except (cgroups.CgroupError, ValueError) as exc:
+            log.warning("cannot manage container", extra={"container": ref.id, "reason": str(exc)})
+            self.sampler.untrack(ref.id)
+            return False
+        self.engine.add_container(ref)
+        log.info(
+            "managing container",
+            extra={
+                "container": ref.id,
+                "function": ref.function,
+                "user_cpu_cores": ref.user.cpu_cores,
+                "user_mem_bytes": ref.user.mem_bytes,
+            },
+        )
+        return True
+
+    def _update(self, ref: ContainerRef) -> None:
+        """A configured user size changed (e.g. on reload): persist it, apply it when idle.
+
+        Sizes read from the cgroup's own limits are not re-read: while a decision owns the
+        container those limits are the decision's, not the user's (the state file keeps the truth).
+        """
+        c = self.engine.containers[ref.id]
+        if ref.labels.get("user_from") in ("limits", "mixed") or ref.user == c.ref.user:
+            return
+        self.actuator.set_user(ref.id, ref.user)
+        self.engine.add_container(ref)
+        if c.active is None:
+            self.actuator.restore(ref.id)
+        log.info(
+            "user size changed",
+            extra={
+                "container": ref.id,
+                "cpu_cores": ref.user.cpu_cores,
+                "mem_bytes": ref.user.mem_bytes,
+            },
+        )
+
+    def remove(self, cid: str, restore: bool) -> None:
+        inv = self.engine.remove_container(cid)
+        if inv is not None:
+            self._finish(inv.id, "lost", None, usage=None, restore=False)
+        result = self.actuator.forget(cid, restore=restore)
+        self.sampler.untrack(cid)
+        self._runtime_of.pop(cid, None)
+        if restore:
+            self.metrics.restores.labels(
+                result.split(":")[0] if result != "unknown" else "gone"
+            ).inc()
+        log.info("forgot container", extra={"container": cid, "restore": result})
+
+    # ------------------------------------------------------------------------ invocations
+    def _usage(self, cid: str) -> cgroups.Usage | None:
+        cg = self.sampler.cgroup(cid)
+        if cg is None:
+            return None
+        try:
+            return cg.read_usage()
+        except cgroups.CgroupError:
+            return None
+
+    def start(
+        self,
+        container_id: str,
+        *,
+        function: str | None = None,
+        user: UserSize | None = None,
+        pending: int = 0,
+        input_size: float | None = None,
+        invocation_id: str | None = None,
+        inferred: bool = False,
+    ) -> StartResult:
+        if container_id not in self.engine.containers:
+            raise UnknownContainer(f"unknown container {container_id!r}")
+        if user is not None and user != self.engine.containers[container_id].ref.user:
+            self.actuator.set_user(container_id, user)  # persisted before anything is written
+        usage = self._usage(container_id)
+        cg = self.sampler.cgroup(container_id)
+        if cg is not None:
+            try:
+                cg.reset_peak()
+            except cgroups.CgroupError:
+                pass
+        inv = self.engine.start(
+            container_id,
+            function=function,
+            user=user,
+            pending=pending,
+            input_size=input_size,
+            invocation_id=invocation_id,
+            inferred=inferred,
+            usage=usage,
+        )
+        m = self.metrics
+        m.decision_latency.observe(inv.decision_s)
+        if inv.fallback is not None:
+            m.model_failures.inc()
+            log.error("model failed, the fallback decided", extra={"reason": inv.fallback})
+            if self.engine.consecutive_model_failures >= self.cfg.model.max_runtime_failures:
+                if self.models.rollback(
+                    f"{self.engine.consecutive_model_failures} failed decisions"
+                ):
+                    m.model_loads.labels("rollback").inc()
+                    m.set_policy(self.models.current.id)
+                    self.engine.consecutive_model_failures = 0
+        if inv.guard.cpu_mode in TRIPS or inv.guard.mem_mode in TRIPS:
+            m.safeguard_trips.labels(
+                inv.guard.cpu_mode if inv.guard.cpu_mode in TRIPS else inv.guard.mem_mode
+            ).inc()
+        kind = inv.trace["kind"]
+        if kind == "harvested":
+            m.harvested.labels(m.function_label(inv.function)).inc()
+        elif kind == "accelerated":
+            m.accelerated.labels(m.function_label(inv.function)).inc()
+        result = self._apply(inv, inv.target)
+        m.active.set(len(self.engine.invocations))
+        self._update_ratio()
+        return result
+
+    def _apply(self, inv: Invocation, target: Any) -> StartResult:
+        resources = self._resources(inv, target)
+        try:
+            applied, took = self.actuator.apply(inv.container_id, target, inv.id)
+        except cgroups.CgroupGone as exc:
+            for r in resources:
+                self.metrics.limit_writes.labels(r, "error").inc()
+            inv.target = USER_TARGET
+            return StartResult(inv, False, 0.0, f"container vanished: {exc}")
+        except (cgroups.CgroupError, ValueError) as exc:
+            for r in resources:
+                self.metrics.limit_writes.labels(r, "error").inc()
+            log.error(
+                "actuation failed, restoring",
+                extra={"container": inv.container_id, "reason": str(exc)},
+            )
+            self.actuator.restore(inv.container_id)
+            inv.target = USER_TARGET
+            inv.trace["applied"] = False
+            return StartResult(inv, False, 0.0, str(exc))
+        if applied != target:
+            self.metrics.limit_writes.labels("memory", "refused").inc()
+            inv.target = applied
+            cores, mem = effective(inv.user, applied)
+            inv.trace["chosen"].update(cpu_cores=cores, mem_bytes=mem, memory_floor=True)
+        for r in self._resources(inv, applied):
+            self.metrics.limit_writes.labels(r, "ok").inc()
+        self.metrics.actuation_latency.observe(took)
+        inv.trace["actuation_us"] = round(took * 1e6, 1)
+        inv.trace["applied"] = True
+        return StartResult(inv, True, took)
+
+    @staticmethod
+    def _resources(inv: Invocation, target: Any) -> list[str]:
+        out = []
+        if target.cpu_cores is not None or target.cpu_weight is not None:
+            out.append("cpu")
+        if target.mem_limit_bytes is not None or target.mem_high_bytes is not None:
+            out.append("memory")
+        return out
+
+    def end(
+        self, invocation_id: str, outcome: str = "success", duration_s: float | None = None
+    ) -> Any:
+        inv = self.engine.invocations.get(invocation_id)
+        usage = self._usage(inv.container_id) if inv is not None else None
+        return self._finish(invocation_id, outcome, duration_s, usage, restore=True)
+
+    def _finish(
+        self,
+        invocation_id: str,
+        outcome: str,
+        duration_s: float | None,
+        usage: cgroups.Usage | None,
+        restore: bool,
+    ) -> Any:
+        ended = self.engine.end(invocation_id, outcome, duration_s=duration_s, usage=usage)
+        inv = ended.invocation
+        self.metrics.invocations.labels(ended.outcome).inc()
+        try:
+            self.spool.append(ended.record)
+        except (OSError, ValueError) as exc:
+            log.error("cannot spool a trajectory record", extra={"reason": str(exc)})
+        st = self.spool.stats()
+        if st.dropped > self._spool_dropped_seen:
+            self.metrics.spool_dropped.inc(st.dropped - self._spool_dropped_seen)
+            self._spool_dropped_seen = st.dropped
+        self.metrics.spool_bytes.set(st.bytes)
+        if restore and inv.container_id in self.actuator.managed:
+            if self.cfg.actuation.restore_on_end:
+                result = self.actuator.restore(inv.container_id)
+                if result != "restored":
+                    self.metrics.restores.labels(result.split(":")[0]).inc()
+            else:
+                self.actuator.release(inv.container_id)
+        self.metrics.active.set(len(self.engine.invocations))
+        self._update_ratio()
+        return ended
+
+    def _update_ratio(self) -> None:
+        alloc = user = 0.0
+        for inv in self.engine.invocations.values():
+            alloc += effective(inv.user, inv.target)[0]
+            user += inv.user.cpu_cores
+        self.metrics.cpu_limit_ratio.set(alloc / user if user else 1.0)
+
+    # ------------------------------------------------------------------------ the tick
+    def tick(self) -> None:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
+            self.sync_containers()
+        res = self.sampler.tick()
+        m = self.metrics
+        m.samples.inc(len(res.samples))
+        for cid in res.gone:
+            m.sample_errors.labels("gone").inc()
+            self.remove(cid, restore=False)
+        for cid, reason in res.errors.items():
+            m.sample_errors.labels("io").inc()
+            log.warning("sample failed", extra={"container": cid, "reason": reason})
+        for effect in self.engine.on_samples(res.samples):
+            self._effect(effect)
+        for cid, result in self.actuator.retry_restores().items():
+            if result == "restored":
+                m.restores.labels("restored").inc()
+        self.first_tick_done = True
+        self.last_tick_s = time.monotonic()
+        m.tick_duration.observe(time.perf_counter() - t0)
+
+    def _effect(self, effect: Any) -> None:
+        m = self.metrics
+        if isinstance(effect, GiveBack):
+            inv = self.engine.invocations.get(effect.invocation_id)
+            if inv is None:
+                return
+            for r in effect.resources:
+                m.give_backs.labels(r).inc()
+            self._apply(inv, effect.target)
+            log.info(
+                "gave back",
+                extra={"container": effect.container_id, "resources": list(effect.resources)},
+            )
+        elif isinstance(effect, OomKill):
+            m.oom_kills.inc(effect.kills)
+            log.warning(
+                "OOM kill in a managed container",
+                extra={"container": effect.container_id, "invocation": effect.invocation_id},
+            )
+        elif isinstance(effect, InferredStart):
+            try:
+                self.start(effect.container_id, inferred=True)
+                self.engine.note_inferred_start(effect.container_id, effect.start_s)
+            except EngineError:
+                pass
+        elif isinstance(effect, InferredEnd):
+            inv = self.engine.invocations.get(effect.invocation_id)
+            if inv is not None:
+                self.end(
+                    effect.invocation_id, "success", duration_s=max(0.0, effect.end_s - inv.start_s)
+                )
+
+    # ------------------------------------------------------------------------ shutdown, views
+    def shutdown(self) -> dict[str, str]:
+        for inv_id in list(self.engine.invocations):
+            try:
+                self._finish(inv_id, "lost", None, usage=None, restore=False)
+            except EngineError:
+                pass
+        results = self.actuator.restore_all()
+        self.sampler.close()
+        self.actuator.close()
+        self.spool.close()
+        return results
+
+    def containers_view(self) -> list[dict]:
+        out = []
+        for cid, c in self.engine.containers.items():
+            last = self.sampler.last(cid)
+            man = self.actuator.managed.get(cid)
+            out.append(
+                {
+                    "id": cid,
+                    "function": c.ref.function,
+                    "runtime": c.ref.runtime,
+                    "cgroup_path": c.ref.cgroup_path,
+                    "cgroup_version": c.ref.cgroup_version,
+                    "user": {
+                        "cpu_cores": c.ref.user.cpu_cores,
+                        "mem_bytes": c.ref.user.mem_bytes,
+                        "cpu_weight": c.ref.user.cpu_weight,
+                    },
+                    "invocation": c.active.id if c.active else None,
+                    "hooked": c.hooked,
+                    "restore_pending": bool(man and man.restore_pending),
+                    "last_sample": None
+                    if last is None
+                    else {
+                        "cpu_usage_s": last.cpu_usage_s,
+                        "mem_bytes": last.mem_bytes,
+                        "oom_kills": last.oom_kills,
+                        "nr_throttled": last.nr_throttled,
+                    },
+                }
+            )
+        return out
+
+
+NODE = web.AppKey("node", Node)

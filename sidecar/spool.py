@@ -1,0 +1,200 @@
+"""A bounded on-disk spool of trajectory records (msgpack), kept until a shipper takes them.
+
+Layout: ``<dir>/seg-<20-digit sequence>.msgpack`` files, each a stream of msgpack maps, plus
+``<dir>/spool.json`` (the dropped-record counter, written atomically). Appends go to the newest
+segment; a new segment starts at ``segment_bytes`` and on every start-up (so a segment torn by a
+crash is never appended to). When the total would exceed ``max_bytes``, the oldest segments are
+deleted and their records counted as dropped: the newest experience is the most useful, and the
+host's disk is never filled. A torn record at a segment's end is skipped when reading (and counted
+as ``corrupt``). Records are flushed per append (not fsynced: losing the last records of a crash
+costs training data, never correctness).
+
+Record format, version ``RECORD_VERSION`` (a msgpack map; arrays as lists, the mask packed):
+
+=================  ==============================================================================
+``v``              record version (int)
+``node``           host id; ``invocation``, ``function``, ``container`` (str)
+``time``           wall-clock start, seconds since the epoch (float)
+``feature_version`` / ``schema_hash``  the feature encoding the rows follow
+``grid``           [cpu_unit_cores, cpu_units, mem_unit_mb, mem_units]
+``model``          id of the scorer that decided ("sha256:<12 hex>", "fallback", "rule")
+``context``        context vector (N_CONTEXT floats)
+``cpu_block``      [cpu_units][3] candidate CPU columns; ``mem_block`` [mem_units][3]
+                   (rows = ``sidecar.core.features.expand_rows(context, cpu_block, mem_block)``)
+``mask``           ``numpy.packbits`` of the boolean mask over the grid (bytes)
+``action``         chosen candidate index; ``logp`` its log-probability under the masked softmax
+``user`` / ``alloc``  user's grid point and the decided one, [cpu units, mem units]
+``reason``         the safeguard's verdict, "cpu=<mode>,mem=<mode>"
+``reward``         float, or None when no baseline exists yet (skip it)
+``baseline_s``     baseline duration before this run (None if unknown); ``duration_s``
+``outcome``        success | failure | oom | lost
+``cpu_peak_cores``, ``mem_peak_mb``, ``give_backs`` (resources returned mid-run), ``inferred``
+=================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+RECORD_VERSION = 1
+REQUIRED = (
+    "v",
+    "node",
+    "function",
+    "container",
+    "time",
+    "context",
+    "cpu_block",
+    "mem_block",
+    "mask",
+    "action",
+    "logp",
+    "reward",
+    "duration_s",
+    "outcome",
+)
+_PREFIX, _SUFFIX = "seg-", ".msgpack"
+
+
+def encode(record: dict) -> bytes:
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"trajectory record lacks {', '.join(missing)}")
+    return msgpack.packb(record, use_bin_type=True)
+
+
+@dataclass
+class SpoolStats:
+    records: int
+    bytes: int
+    segments: int
+    dropped: int
+    corrupt: int
+
+
+class Spool:
+    def __init__(self, directory: str | Path, max_bytes: int, segment_bytes: int) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self._meta = self.dir / "spool.json"
+        self.dropped = self._load_dropped()
+        self.corrupt = 0
+        # sequence -> [bytes, records] of every segment on disk
+        self._segs: dict[int, list[int]] = {}
+        for path in sorted(self.dir.glob(f"{_PREFIX}*{_SUFFIX}")):
+            seq = int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+            n = sum(1 for _ in self._read(path))
+            self._segs[seq] = [path.stat().st_size, n]
+        self._fh = None
+        self._seq = max(self._segs, default=0)
+        self._open_new()
+
+    # -------------------------------------------------------------------------------- meta
+    def _load_dropped(self) -> int:
+        try:
+            return int(json.loads(self._meta.read_text())["dropped"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _save_dropped(self) -> None:
+        tmp = self._meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"dropped": self.dropped}))
+        os.replace(tmp, self._meta)
+
+    # -------------------------------------------------------------------------------- segments
+    def _path(self, seq: int) -> Path:
+        return self.dir / f"{_PREFIX}{seq:020d}{_SUFFIX}"
+
+    def _open_new(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._seq += 1
+        self._fh = open(self._path(self._seq), "ab")  # noqa: SIM115 (kept open for appends)
+        self._segs[self._seq] = [0, 0]
+
+    def _read(self, path: Path) -> Iterator[dict]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data)
+        try:
+            for obj in unpacker:
+                if isinstance(obj, dict):
+                    yield obj
+                else:
+                    self.corrupt += 1
+        except (msgpack.UnpackException, ValueError):
+            self.corrupt += 1  # garbage: everything before it is good
+            return
+        if unpacker.tell() < len(data):
+            self.corrupt += 1  # torn tail after a crash: everything before it is good
+
+    def total_bytes(self) -> int:
+        return sum(b for b, _ in self._segs.values())
+
+    def append(self, record: dict) -> None:
+        data = encode(record)
+        if self._segs[self._seq][0] + len(data) > self.segment_bytes and self._segs[self._seq][1]:
+            self._open_new()
+        self._make_room(len(data))
+        assert self._fh is not None
+        self._fh.write(data)
+        self._fh.flush()
+        seg = self._segs[self._seq]
+        seg[0] += len(data)
+        seg[1] += 1
+
+    def _make_room(self, incoming: int) -> None:
+        dropped = 0
+        while self.total_bytes() + incoming > self.max_bytes and len(self._segs) > 1:
+            oldest = min(self._segs)
+            _, n = self._segs.pop(oldest)
+            self._path(oldest).unlink(missing_ok=True)
+            dropped += n
+        if dropped:
+            self.dropped += dropped
+            self._save_dropped()
+
+    # -------------------------------------------------------------------------------- reading
+    def segments(self) -> list[Path]:
+        """Segment files oldest first (the current one last)."""
+        return [self._path(s) for s in sorted(self._segs)]
+
+    def iter_records(self) -> Iterator[dict]:
+        for path in self.segments():
+            yield from self._read(path)
+
+    def remove(self, path: Path) -> None:
+        """Delete a shipped segment (not the one being written)."""
+        seq = int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+        if seq == self._seq:
+            raise ValueError("cannot remove the segment being written")
+        self._segs.pop(seq, None)
+        path.unlink(missing_ok=True)
+
+    def stats(self) -> SpoolStats:
+        return SpoolStats(
+            records=sum(n for _, n in self._segs.values()),
+            bytes=self.total_bytes(),
+            segments=len(self._segs),
+            dropped=self.dropped,
+            corrupt=self.corrupt,
+        )
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            if self._segs.get(self._seq) == [0, 0]:
+                self._segs.pop(self._seq)
+                self._path(self._seq).unlink(missing_ok=True)

@@ -1,0 +1,168 @@
+"""The actuator: pure restore/limit rules, then real v1 cgroups and v2 fixture trees."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from sidecar_helpers import MB, ref, v2_container
+
+from sidecar import cgroups
+from sidecar.actuator import Actuator, Managed, restore_plan, target_limits, user_limits
+from sidecar.cgroups import Limits
+from sidecar.engine import USER_TARGET, Target
+from sidecar.runtimes.base import UserSize
+
+# ------------------------------------------------------------------------------ pure rules
+
+
+def test_user_limits_exact_or_from_config() -> None:
+    orig = Limits(None, 50_000, 100, None, 64 * MB)
+    assert user_limits(UserSize(1.0, 128 * MB), orig, exact=True) == orig
+    assert user_limits(UserSize(1.0, 128 * MB, 300), orig, exact=False) == Limits(
+        1.0, 50_000, 300, 128 * MB, 64 * MB
+    )
+
+
+def test_target_limits_take_user_values_for_none() -> None:
+    user = Limits(1.3, 50_000, 100, 300 * MB, None)
+    assert target_limits(user, USER_TARGET, 100_000) == user  # exact, period included
+    got = target_limits(user, Target(0.5, 40, 128 * MB, None), 100_000)
+    assert got == Limits(0.5, 100_000, 40, 128 * MB, None)
+    got2 = target_limits(user, Target(None, None, None, 96 * MB), 100_000)
+    assert got2 == Limits(1.3, 50_000, 100, 300 * MB, 96 * MB)
+
+
+def test_restore_plan_spares_only_live_owners() -> None:
+    m = {c: Managed(c, c, 1, "/", Limits()) for c in "abc"}
+    m["a"].owner, m["b"].owner = "inv-1", "inv-2"
+    assert sorted(restore_plan(m, live={"inv-1"})) == ["b", "c"]
+    assert sorted(restore_plan(m, live=set())) == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------------ v2 trees
+
+
+def test_v2_harvest_uses_memory_high_and_restore_is_exact(tmp_path: Path) -> None:
+    d = v2_container(tmp_path, "c1")
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    r = ref("c1", cpu=1.0, mem_mb=512, version=2, path=str(d))
+    cg = cgroups.CgroupV2(str(d))
+    m = act.adopt(r, cg)
+    # adopt wrote the configured user size in place of the tree's 0.5 cores, and persisted it
+    assert (d / "cpu.max").read_text().split() == ["100000", "100000"]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["containers"]["c1"]["user"]["cpu_quota_cores"] == 1.0
+    applied, took = act.apply("c1", Target(0.25, 25, None, 128 * MB), owner="inv-1")
+    assert applied.mem_high_bytes == 128 * MB and took >= 0 and m.owner == "inv-1"
+    assert (d / "cpu.max").read_text().split() == ["25000", "100000"]
+    assert (d / "memory.high").read_text().strip() == str(128 * MB)
+    assert (d / "memory.max").read_text().strip() == str(512 * MB)  # never lowered on v2
+    assert act.restore("c1") == "restored" and m.owner is None
+    assert (d / "memory.high").read_text().strip() == "max"
+    assert (d / "cpu.max").read_text().split() == ["100000", "100000"]
+
+
+def test_memory_floor_keeps_user_memory(tmp_path: Path) -> None:
+    d = v2_container(tmp_path, "c1")  # memory.current ~80 MiB
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    act.adopt(ref("c1", cpu=1.0, mem_mb=512, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    # a hard limit of 64 MiB is below usage + headroom: refused, CPU still applied
+    applied, _ = act.apply("c1", Target(0.5, None, 64 * MB, None), owner="i")
+    assert applied == Target(0.5, None, None, None) and act.refused == 1
+    assert (d / "memory.max").read_text().strip() == str(512 * MB)
+    assert (d / "cpu.max").read_text().split()[0] == "50000"
+
+
+def test_restore_pending_when_usage_exceeds_user_memory(tmp_path: Path) -> None:
+    d = v2_container(tmp_path, "c1")
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    act.adopt(ref("c1", cpu=1.0, mem_mb=256, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    act.apply("c1", Target(2.0, None, 512 * MB, 512 * MB), owner="i")  # accelerated
+    (d / "memory.current").write_text(f"{300 * MB}\n")  # using more than the user's 256
+    assert act.restore("c1") == "pending"
+    assert (d / "cpu.max").read_text().split()[0] == "100000"  # CPU back now
+    assert (d / "memory.max").read_text().strip() == str(512 * MB)  # memory not forced
+    (d / "memory.current").write_text(f"{100 * MB}\n")
+    assert act.retry_restores() == {"c1": "restored"}
+    assert (d / "memory.max").read_text().strip() == str(256 * MB)
+
+
+def test_recover_restores_state_file_containers_and_drops_gone(tmp_path: Path) -> None:
+    d1, d2 = v2_container(tmp_path, "c1"), v2_container(tmp_path, "c2")
+    state = tmp_path / "state.json"
+    act = Actuator(state, 16 * MB)
+    for name, d in (("c1", d1), ("c2", d2)):
+        act.adopt(ref(name, cpu=1.0, mem_mb=512, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+        act.apply(name, Target(0.25, 25, None, 128 * MB), owner="x")
+    # "crash": a new actuator finds the harvested limits and the state file
+    import shutil
+
+    shutil.rmtree(d2)
+    act2 = Actuator(state, 16 * MB)
+    assert act2.recover() == {"c1": "restored", "c2": "gone"}
+    assert (d1 / "cpu.max").read_text().split() == ["100000", "100000"]
+    assert (d1 / "memory.high").read_text().strip() == "max"
+    assert list(json.loads(state.read_text())["containers"]) == ["c1"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unreadable_state_file_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "state.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable state file"):
+        Actuator(p, 0).recover()
+    p.write_text(json.dumps({"version": 99}))
+    with pytest.raises(ValueError, match="unknown version"):
+        Actuator(p, 0).recover()
+
+
+def test_vanished_container_mid_write(tmp_path: Path) -> None:
+    import shutil
+
+    d = v2_container(tmp_path, "c1")
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    act.adopt(ref("c1", cpu=1.0, mem_mb=512, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    shutil.rmtree(d)
+    with pytest.raises(cgroups.CgroupGone):
+        act.apply("c1", Target(0.5, None, None, None), owner="i")
+    assert act.forget("c1") == "gone"
+    assert json.loads((tmp_path / "state.json").read_text())["containers"] == {}
+
+
+# ------------------------------------------------------------------------------ real v1
+
+
+def test_real_v1_harvest_restore_and_floor(v1_cgroup, spawn, tmp_path: Path) -> None:
+    rel = v1_cgroup.rel_path
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    # a process holding ~60 MB
+    p = spawn(
+        "import sys; b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+        "print('ok', flush=True); sys.stdin.read()"
+    )
+    assert p.stdout.readline().strip() == "ok"
+    r = ref(rel, cpu=1.5, mem_mb=256, version=1, path=rel)
+    act.adopt(r, v1_cgroup)
+    cpu_dir, mem_dir = v1_cgroup.paths[0], v1_cgroup.paths[2]
+
+    def read(d: str, f: str) -> int:
+        return int(Path(d, f).read_text())
+
+    assert read(cpu_dir, "cpu.cfs_quota_us") == 150_000
+    assert read(mem_dir, "memory.limit_in_bytes") == 256 * MB
+    applied, _ = act.apply(rel, Target(0.5, 33, 128 * MB, None), owner="i")
+    assert applied.mem_limit_bytes == 128 * MB
+    assert read(cpu_dir, "cpu.cfs_quota_us") == 50_000 and read(cpu_dir, "cpu.shares") == 338
+    assert read(mem_dir, "memory.limit_in_bytes") == 128 * MB
+    # 64 MB would be below usage (~60 MB + interpreter) + 16 MB headroom: refused, no OOM kill
+    applied, _ = act.apply(rel, Target(0.5, 33, 64 * MB, None), owner="i")
+    assert applied.mem_limit_bytes is None
+    assert read(mem_dir, "memory.limit_in_bytes") == 256 * MB
+    assert act.restore(rel) == "restored"
+    assert read(cpu_dir, "cpu.cfs_quota_us") == 150_000 and read(cpu_dir, "cpu.shares") == 1024
+    assert p.poll() is None
+    assert "oom_kill 0" in Path(mem_dir, "memory.oom_control").read_text()
+    assert os.path.exists(tmp_path / "state.json")

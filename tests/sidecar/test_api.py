@@ -1,0 +1,320 @@
+"""The HTTP API in-process over v2 fixture trees: hooks, bad input, debug views, metrics, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from sidecar_helpers import MB, v2_container, write_policy
+
+from sidecar import config
+from sidecar.daemon import Notifier, build_app, reload
+from sidecar.node import NODE
+
+pytest.importorskip("onnxruntime")
+
+
+def _setup(
+    tmp_path: Path, model_kind: str = "harvest"
+) -> tuple[config.Config, Path, dict[str, Path]]:
+    root = tmp_path / "cgroup"
+    parent = root / "faasrm"
+    parent.mkdir(parents=True)
+    dirs = {n: v2_container(parent, n) for n in ("resize@1", "thumb@1")}
+    model = write_policy(tmp_path / "policy.onnx", model_kind)
+    text = f"""
+[server]
+port = 0
+[grid]
+cpu_unit_cores = 0.25
+[sampler]
+tick_s = 0.05
+[actuation]
+state_file = "{tmp_path / "state.json"}"
+[spool]
+dir = "{tmp_path / "spool"}"
+[cgroupfs]
+root = "{root}"
+version = 2
+parent = "faasrm"
+default_cpu_cores = 2.0
+default_mem_mb = 512.0
+[model]
+path = "{model}"
+"""
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(text)
+    return config.load(cfg_path), cfg_path, dirs
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _client(cfg: config.Config, cfg_path: Path) -> TestClient:
+    app = build_app(cfg, str(cfg_path), notifier=Notifier(None))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    for _ in range(100):
+        r = await client.get("/readyz")
+        if r.status == 200:
+            break
+        await asyncio.sleep(0.02)
+    return client
+
+
+BAD_STARTS = [
+    (b"", "empty body"),
+    (b"{nope", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b"{}", "'container' is required"),
+    (b'{"container": 3}', "non-empty string"),
+    (b'{"container": "faasrm/resize@1", "colour": "red"}', "unknown field(s) colour"),
+    (b'{"container": "faasrm/resize@1", "user": {"cpu_cores": -1, "mem_mb": 64}}', "cpu_cores"),
+    (
+        b'{"container": "faasrm/resize@1", "user": {"cpu_cores": 1, "mem_mb": 64, "x": 1}}',
+        "unknown field(s) in 'user'",
+    ),
+    (b'{"container": "faasrm/resize@1", "user": 5}', "'user' must be an object"),
+    (b'{"container": "faasrm/resize@1", "pending": 1.5}', "integer"),
+    (b'{"container": "faasrm/resize@1", "input_size": "big"}', "finite number"),
+    (b'{"container": "faasrm/resize@1", "input_size": NaN}', "finite number"),
+]
+
+
+def test_bad_requests_get_400_with_a_reason_and_the_daemon_keeps_running(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            for body, reason in BAD_STARTS:
+                r = await client.post("/v1/invocations", data=body)
+                assert r.status == 400, body
+                assert reason in (await r.json())["error"], body
+            r = await client.post("/v1/invocations", json={"container": "faasrm/nope"})
+            assert r.status == 404 and "unknown container" in (await r.json())["error"]
+            r = await client.post("/v1/invocations/nope/end", json={"outcome": "success"})
+            assert r.status == 404
+            r = await client.post("/v1/invocations/x/end", data=b"{bad")
+            assert r.status == 400
+            r = await client.post("/v1/invocations/x/end", json={"outcome": "meh"})
+            assert r.status == 400
+            r = await client.get("/debug/allocations?limit=zero")
+            assert r.status == 400
+            assert (await client.get("/healthz")).status == 200
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    d = dirs["resize@1"]
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            ready = await (await client.get("/readyz")).json()
+            assert ready["ready"] and ready["model_source"] == "onnx" and ready["containers"] == 2
+            # first invocation: a safeguard run at the user's size
+            r = await client.post(
+                "/v1/invocations", json={"container": "faasrm/resize@1", "function": "resize"}
+            )
+            assert r.status == 200
+            a = await r.json()
+            assert (
+                a["reason"] == "cpu=first,mem=first"
+                and a["applied"]
+                and a["allocation"]["kind"] == "user"
+            )
+            assert a["allocation"]["cpu_cores"] == 2.0
+            busy = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            assert busy.status == 409
+            await asyncio.sleep(0.12)
+            r = await client.post(
+                f"/v1/invocations/{a['invocation']}/end", json={"outcome": "success"}
+            )
+            assert r.status == 200
+            e = await r.json()
+            assert e["outcome"] == "success" and e["reward"] is None and e["rfet"] is None
+            # second: harvested (the model prefers the smallest allowed candidate)
+            r = await client.post(
+                "/v1/invocations",
+                json={
+                    "container": "faasrm/resize@1",
+                    "function": "resize",
+                    "pending": 2,
+                    "input_size": 1024,
+                },
+            )
+            b = await r.json()
+            assert b["allocation"]["kind"] == "harvested", b
+            quota, period = (d / "cpu.max").read_text().split()
+            assert int(quota) / int(period) == pytest.approx(b["allocation"]["cpu_cores"])
+            assert b["allocation"]["cpu_cores"] < 2.0
+            if b["allocation"]["mem_bytes"] < 512 * MB:
+                assert int((d / "memory.high").read_text()) == b["allocation"]["mem_bytes"]
+            assert int((d / "memory.max").read_text()) == 512 * MB
+            r = await client.post(
+                f"/v1/invocations/{b['invocation']}/end", json={"duration_s": 0.2}
+            )
+            e2 = await r.json()
+            assert e2["rfet"] is not None and e2["reward"] is not None
+            assert (d / "cpu.max").read_text().split() == ["200000", "100000"]  # restored at end
+            assert (d / "memory.high").read_text().strip() == "max"
+            # debug views
+            allocs = await (await client.get("/debug/allocations?function=resize")).json()
+            assert (
+                allocs["count"] == 2 and allocs["allocations"][0]["invocation"] == b["invocation"]
+            )
+            assert allocs["allocations"][0]["input_size"] == 1024
+            none = await (await client.get("/debug/allocations?container=faasrm/thumb@1")).json()
+            assert none["count"] == 0
+            cont = await (await client.get("/debug/containers")).json()
+            assert {c["id"] for c in cont["containers"]} == {"faasrm/resize@1", "faasrm/thumb@1"}
+            model = await (await client.get("/debug/model")).json()
+            assert model["current"]["source"] == "onnx" and model["last_error"] is None
+            text = await (await client.get("/metrics")).text()
+            for name in (
+                "faasrm_decision_latency_seconds_bucket",
+                "faasrm_actuation_latency_seconds_count",
+                'faasrm_limit_writes_total{outcome="ok",resource="cpu"}',
+                'faasrm_safeguard_trips_total{reason="first"} 1.0',
+                'faasrm_harvested_invocations_total{function="resize"} 1.0',
+                "faasrm_samples_total",
+                "faasrm_build_info",
+            ):
+                assert name in text, name
+            assert "resize@1" not in text and "_created" not in text  # no container ids in labels
+            # the trajectory records reached the spool
+            node = client.server.app[NODE]
+            recs = list(node.spool.iter_records())
+            assert [r["outcome"] for r in recs] == ["success", "success"] and recs[1][
+                "reward"
+            ] is not None
+        finally:
+            await client.close()
+        # shutdown restored everything
+        assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+
+    run(main())
+
+
+def test_vanished_container_and_reload_with_a_bad_model(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        node = app[NODE]
+        try:
+            r = await client.post("/v1/invocations", json={"container": "faasrm/thumb@1"})
+            inv = (await r.json())["invocation"]
+            shutil.rmtree(dirs["thumb@1"])
+            node.sampler.cgroup("faasrm/thumb@1").close()  # file trees keep fds readable
+            for _ in range(100):
+                if "faasrm/thumb@1" not in node.engine.containers:
+                    break
+                await asyncio.sleep(0.02)
+            assert "faasrm/thumb@1" not in node.engine.containers
+            r = await client.post(f"/v1/invocations/{inv}/end")
+            assert r.status == 404  # ended as lost when the container went
+            lost = await (await client.get("/debug/allocations?container=faasrm/thumb@1")).json()
+            assert lost["allocations"][0]["outcome"] == "lost"
+            # SIGHUP with a NaN model: refused, the running model kept and the reason reported
+            running = node.models.current.id
+            write_policy(Path(cfg.model.path), "nan")
+            assert reload(app) is True
+            model = await (await client.get("/debug/model")).json()
+            assert (
+                model["current"]["id"] == running and "non-finite" in model["last_error"]["reason"]
+            )
+            # a bad config file is refused as a whole
+            cfg_path.write_text(cfg_path.read_text() + "\nbogus = 1\n")
+            assert reload(app) is False
+            assert (await client.get("/healthz")).status == 200
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    d = dirs["resize@1"]
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        node = app[NODE]
+        try:
+            for _ in range(2):  # calibrate, then a live harvested decision
+                r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+                inv = (await r.json())["invocation"]
+                if _ == 0:
+                    await client.post(f"/v1/invocations/{inv}/end")
+            assert (d / "cpu.max").read_text().split()[0] != "200000"
+            # the new config lists only thumb@1: resize@1 is restored, forgotten, its run lost
+            text = cfg_path.read_text().replace('parent = "faasrm"', 'parent = ""')
+            text += '\n[[cgroupfs.containers]]\npath = "faasrm/thumb@1"\ncpu_cores = 1.0\nmem_mb = 256.0\n'
+            cfg_path.write_text(text)
+            assert reload(app) is True
+            assert set(node.engine.containers) == {"faasrm/thumb@1"}
+            assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+            assert (d / "memory.high").read_text().strip() == "max"
+            r = await client.post(f"/v1/invocations/{inv}/end")
+            assert r.status == 404
+            assert (dirs["thumb@1"] / "cpu.max").read_text().split()[0] == "100000"  # new user size
+        finally:
+            await client.close()
+
+    run(main())
+
+
+class _NanScorer:
+    def scores(self, rows):
+        import numpy as np
+
+        return np.full(len(rows), np.nan, np.float32)
+
+
+def test_model_failing_at_run_time_is_rolled_back(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            node.models.current.scorer = _NanScorer()  # passes validation, fails on real inputs
+            for _ in range(cfg.model.max_runtime_failures):
+                r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+                body = await r.json()
+                assert r.status == 200 and body["model"] == "fallback"
+                await client.post(f"/v1/invocations/{body['invocation']}/end")
+            assert node.models.current.source == "fallback"
+            model = await (await client.get("/debug/model")).json()
+            assert "rolled back" in model["last_error"]["reason"]
+            text = await (await client.get("/metrics")).text()
+            assert 'faasrm_model_loads_total{outcome="rollback"} 1.0' in text
+            assert "faasrm_model_failures_total 3.0" in text
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_the_daemon_never_imports_torch_or_training() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sidecar.daemon, sidecar.bench, sidecar.cli, sidecar.runtimes.cgroupfs\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'training'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

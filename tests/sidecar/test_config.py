@@ -1,0 +1,128 @@
+"""Configuration: one typed tree from TOML, strict keys, flag overrides (pure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar import config
+from sidecar.config import Config, ConfigError, parse_override
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "sidecar" / "example.toml"
+
+
+def test_defaults_and_core_configs() -> None:
+    cfg = config.load(None)
+    assert cfg == Config()
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.grid.grid().n == 64 and cfg.grid.grid().cpu_unit_cores == 1.0
+    assert cfg.safeguard.core().threshold == 0.9
+    assert cfg.reward.core().failure_penalty == 5.0
+    assert cfg.node  # hostname when node_id is empty
+
+
+def test_example_config_loads() -> None:
+    cfg = config.load(EXAMPLE)
+    assert cfg.grid.cpu_unit_cores == 0.25 and cfg.grid.grid().max_cores == 2.0
+    assert cfg.cgroupfs.parent == "faasrm"
+    (c,) = cfg.cgroupfs.containers
+    assert (c.path, c.function, c.cpu_cores, c.mem_mb) == (
+        "faasrm/thumbnail@1",
+        "thumbnail",
+        1.0,
+        256.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("bogus = 1", "unknown key 'bogus'"),
+        ("[sampler]\ntick = 0.1", "unknown key 'tick' in [sampler]"),
+        ("[nope]\nx = 1", "unknown key 'nope'"),
+        ("[sampler]\ntick_s = 'fast'", "sampler.tick_s: expected a number"),
+        ("[server]\nport = 1.5", "server.port: expected an integer"),
+        ("[actuation]\nrestore_on_end = 1", "actuation.restore_on_end: expected true or false"),
+        ("[sampler]\ntick_s = 0", "sampler.tick_s 0.0 outside"),
+        ("[grid]\ncpu_unit_cores = -1", "grid: unit sizes must be positive"),
+        ("[safeguard]\nthreshold = 1.5", "safeguard.threshold"),
+        (
+            "[[cgroupfs.containers]]\nfunction = 'x'",
+            "missing required key cgroupfs.containers[0].path",
+        ),
+        (
+            "[[cgroupfs.containers]]\npath = 'a'\nsize = 3",
+            "unknown key 'size' in [cgroupfs.containers[0]]",
+        ),
+        (
+            "[[cgroupfs.containers]]\npath = 'a'\n[[cgroupfs.containers]]\npath = 'a/'",
+            "listed twice",
+        ),
+        ("log_level = 'loud'", "log_level"),
+        ("[grid]\nmem_units = inf", "expected an integer"),
+        ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    assert needle in str(exc.value) and str(p) in str(exc.value)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        config.load(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[server\nport=1")
+    with pytest.raises(ConfigError):
+        config.load(tmp_path / "bad.toml")
+
+
+def test_overrides_win_and_are_typed(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[server]\nport = 1234\n[sampler]\ntick_s = 0.2\n")
+    overrides = dict(
+        parse_override(s)
+        for s in ["sampler.tick_s=0.05", "model.path=/x/y.onnx", "boundaries.infer=true"]
+    )
+    overrides["server.port"] = 4321
+    cfg = config.load(p, overrides)
+    assert cfg.sampler.tick_s == 0.05 and cfg.server.port == 4321
+    assert cfg.model.path == "/x/y.onnx" and cfg.boundaries.infer is True
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        config.load(p, {"sampler.nope": 1})
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("novalue")
+    with pytest.raises(ConfigError, match="log_level: expected a string"):
+        config.load(p, {"log_level.x": 1})
+    with pytest.raises(ConfigError, match="is not a table"):
+        config.load(p, {"server.port.x": 1})
+
+
+def test_cli_flags_map_to_config_keys(tmp_path: Path) -> None:
+    from sidecar.cli import _sidecar_overrides, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "sidecar",
+            "run",
+            "--config",
+            "c.toml",
+            "--port",
+            "9",
+            "--model",
+            "m.onnx",
+            "--state-file",
+            "s.json",
+            "--set",
+            "grid.cpu_unit_cores=0.5",
+        ]
+    )
+    assert _sidecar_overrides(args) == {
+        "server.port": 9,
+        "model.path": "m.onnx",
+        "actuation.state_file": "s.json",
+        "grid.cpu_unit_cores": 0.5,
+    }

@@ -1,0 +1,348 @@
+"""The engine's decisions, give-back, OOM and boundary rules: pure, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from sidecar_helpers import GRID, MB, ref, sample
+
+from sidecar.cgroups import Usage
+from sidecar.config import ActuationConfig, BoundaryConfig
+from sidecar.core.features import N_FEATURES, FeatureEncoder, NodeState
+from sidecar.core.grid import Alloc
+from sidecar.core.policy import MLPScorer, RuleScorer, decide
+from sidecar.core.safeguard import SafeguardState, guard
+from sidecar.core.stats import FunctionStats
+from sidecar.engine import (
+    USER_TARGET,
+    Busy,
+    Engine,
+    EngineError,
+    GiveBack,
+    InferredEnd,
+    InferredStart,
+    OomKill,
+    Target,
+    UnknownContainer,
+    UnknownInvocation,
+    effective,
+    fallback_scorer,
+    plan_target,
+)
+from sidecar.runtimes.base import UserSize
+from sidecar.spool import encode
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class HarvestScorer:
+    """Prefers the smallest candidate (what a harvesting model would do)."""
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        return -(rows[:, 16] + rows[:, 19])  # cand_cpu, cand_mem
+
+
+class NanScorer:
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        return np.full(len(rows), np.nan, np.float32)
+
+
+def make_engine(scorer=None, clock=None, **kw) -> Engine:
+    sc = scorer or HarvestScorer()
+    return Engine(
+        GRID,
+        node_id="n1",
+        host_cores=2.0,
+        host_mem_mb=4096.0,
+        scorer=lambda: (sc, "test"),
+        clock=clock or Clock(),
+        wall=lambda: 1e9,
+        **kw,
+    )
+
+
+def usage(cpu_s: float = 0.0, mem_mb: float = 10.0, peak_mb: float = -1) -> Usage:
+    return Usage(
+        0.0, cpu_s, 0, 0.0, int(mem_mb * MB), int(peak_mb * MB) if peak_mb >= 0 else -1, 0, None
+    )
+
+
+def run_one(
+    eng: Engine,
+    clock: Clock,
+    cid: str = "fn@1",
+    cpu_peak: float = 0.3,
+    mem_mb: float = 40.0,
+    dur: float = 1.0,
+    outcome: str = "success",
+):
+    inv = eng.start(cid, usage=usage(0.0, mem_mb))
+    clock.t += dur
+    ended = eng.end(inv.id, outcome, usage=usage(cpu_peak * dur, mem_mb, mem_mb))
+    return inv, ended
+
+
+def test_first_invocation_is_a_safeguard_run_at_the_exact_user_size() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=1.3, mem_mb=300))  # off the grid: exact values restored
+    inv = eng.start("fn@1", usage=usage())
+    assert inv.guard.reason == "cpu=first,mem=first"
+    assert inv.alloc == GRID.nearest(1.3, 300) and inv.target == USER_TARGET
+    assert effective(inv.user, inv.target) == (1.3, 300 * MB)
+    assert inv.trace["kind"] == "user"
+    clock.t += 2.0
+    ended = eng.end(inv.id, usage=usage(0.6, 50, 60))
+    # no baseline existed before this run: no reward, no RFET (documented), baseline now set
+    assert ended.reward is None and ended.rfet is None
+    assert eng.stats["fn"].baseline_duration_s == pytest.approx(2.0)
+    assert ended.invocation.cpu_peak_cores == pytest.approx(0.3)
+    assert ended.invocation.mem_peak_bytes == 60 * MB
+
+
+def test_second_invocation_harvests_within_the_safeguard_range_and_gets_a_reward() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert inv.guard.cpu_mode == "harvest" and inv.guard.mem_mode == "harvest"
+    # recent peak 0.3 cores -> lo = ceil(0.3/0.25 + 1) = 3 units; 40 MB + 16 MB floor -> 1 unit,
+    # peak rule: ceil(40/64 + 1) = 2 units
+    assert inv.alloc == Alloc(3, 2)
+    assert inv.target.cpu_cores == pytest.approx(0.75) and inv.target.mem_limit_bytes == 128 * MB
+    assert inv.target.cpu_weight == round(100 * 0.75 / 2.0)
+    assert inv.trace["kind"] == "harvested"
+    clock.t += 1.5
+    ended = eng.end(inv.id, usage=usage(0.3 * 1.5, 40, 41))
+    assert ended.rfet == pytest.approx(1.5) and ended.reward is not None and ended.reward < 0
+    rec = ended.record
+    assert rec["v"] == 1 and rec["action"] == GRID.index(inv.alloc) and rec["outcome"] == "success"
+    assert (
+        np.unpackbits(np.frombuffer(rec["mask"], np.uint8))[: GRID.n].astype(bool).tolist()
+        == inv.guard.mask.tolist()
+    )
+    assert msgpack.unpackb(encode(rec))["reward"] == pytest.approx(ended.reward)
+
+
+def test_engine_decides_like_the_simulators_learned_manager() -> None:
+    """Same inputs through the core functions by hand (training/baselines.Learned) -> same action."""
+    clock = Clock()
+    mlp = MLPScorer.random(N_FEATURES, seed=3)
+    eng = make_engine(scorer=mlp, clock=clock)
+    eng.add_container(ref(cpu=1.0, mem_mb=256))
+    stats, gs = FunctionStats(), SafeguardState()
+    enc = FeatureEncoder(GRID)
+    user = GRID.nearest(1.0, 256)
+    for i, (peak, mem) in enumerate([(0.2, 30.0), (0.9, 200.0), (0.1, 20.0), (0.4, 60.0)]):
+        inv = eng.start("fn@1", usage=usage(0, 12.0))
+        # by hand
+        stats.on_arrival(clock.t)
+        g = guard(GRID, user, gs, 12.0, eng.sg_cfg)
+        node = NodeState(2.0, 4096.0, 2.0, 4096.0, 0)
+        ctx = enc.context(node, stats, gs, user, clock.t)
+        a, logp = decide(mlp.scores(enc.rows(ctx, gs, user)), g.mask)
+        assert inv.action == a and inv.logp == pytest.approx(logp), i
+        np.testing.assert_array_equal(inv.ctx, ctx)
+        clock.t += 1.0
+        eng.end(inv.id, usage=usage(peak, mem, mem))
+        alloc = GRID.alloc(a)
+        gs.observe(g, alloc, peak, mem, False)
+        stats.on_completion(clock.t, 1.0, peak, mem, at_user_size=alloc == user)
+        clock.t += 1.0
+
+
+def test_node_state_counts_running_allocations_only() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref("a", cpu=1.0, mem_mb=256))
+    eng.add_container(ref("b", cpu=0.5, mem_mb=128))
+    assert eng.node_state().free_cores == 2.0
+    eng.start("a", usage=usage())
+    ns = eng.node_state(pending=4)
+    assert ns.free_cores == pytest.approx(1.0) and ns.free_mem_mb == pytest.approx(4096 - 256)
+    assert ns.pending == 4
+
+
+def test_give_back_cpu_and_memory_once_each() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert inv.target.cpu_cores == 0.75
+    clock.t += 0.1
+    assert eng.on_sample(sample("fn@1", clock.t, cpu=0.5, mem_mb=50)) == []  # 0.5 < 0.9 * 0.75
+    clock.t += 0.1
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.7, mem_mb=50))
+    assert isinstance(gb, GiveBack) and gb.resources == ("cpu",)
+    assert gb.target.cpu_cores is None and gb.target.cpu_weight is None
+    assert gb.target.mem_limit_bytes == 128 * MB  # memory still harvested
+    clock.t += 0.1
+    assert eng.on_sample(sample("fn@1", clock.t, cpu=1.0, mem_mb=50)) == []  # cpu at user now
+    clock.t += 0.1
+    (gb2,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, mem_mb=120))  # 120 >= 0.9 * 128
+    assert gb2.resources == ("memory",) and gb2.target == USER_TARGET
+    assert [g["resources"] for g in inv.trace["give_backs"]] == [["cpu"], ["memory"]]
+    clock.t += 0.1
+    ended = eng.end(inv.id, usage=usage(0.5, 120, 125))
+    assert ended.record["give_backs"] == ["cpu", "memory"]
+    # the peak reached >= 0.9 x what was given: the next run is pinned ("rising")
+    nxt = eng.start("fn@1", usage=usage(0, 40))
+    assert nxt.guard.reason == "cpu=rising,mem=rising" and nxt.target == USER_TARGET
+
+
+def test_no_give_back_for_user_sized_or_accelerated_runs() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=0.5, mem_mb=128))
+    inv = eng.start("fn@1", usage=usage())
+    clock.t += 0.2
+    assert eng.on_sample(sample("fn@1", clock.t, cpu=0.5, mem_mb=127)) == []
+    clock.t += 1
+    eng.end(inv.id, usage=usage(0.5, 100, 120))
+    inv2 = eng.start("fn@1", usage=usage(0, 20))  # under-provisioned -> accelerated
+    assert inv2.guard.cpu_mode == "accelerate" and inv2.target.cpu_cores > 0.5
+    assert inv2.trace["kind"] == "accelerated"
+    clock.t += 0.2
+    assert eng.on_sample(sample("fn@1", clock.t, cpu=0.75, mem_mb=150)) == []
+
+
+def test_oom_during_an_invocation_makes_the_next_one_a_safeguard_run() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref())
+    run_one(eng, clock)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    clock.t += 0.1
+    (eff,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, oom_delta=1))
+    assert isinstance(eff, OomKill) and eff.invocation_id == inv.id
+    ended = eng.end(inv.id, "success", usage=usage(0.1, 40))
+    assert ended.outcome == "oom" and ended.reward is not None and ended.reward <= -5 + 1
+    nxt = eng.start("fn@1", usage=usage())
+    assert nxt.guard.reason == "cpu=failure,mem=failure" and nxt.target == USER_TARGET
+
+
+def test_oom_between_invocations_and_failure_outcome_trip_the_safeguard() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref())
+    run_one(eng, clock)
+    (eff,) = eng.on_sample(sample("fn@1", clock.t, oom_delta=2))
+    assert eff.kills == 2 and eff.invocation_id is None
+    assert eng.start("fn@1", usage=usage()).guard.cpu_mode == "failure"
+    eng.end(next(iter(eng.invocations)), usage=usage(0.3, 40, 40))
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert inv.guard.cpu_mode == "harvest"
+    assert eng.end(inv.id, "failure").outcome == "failure"
+    assert eng.start("fn@1", usage=usage()).guard.cpu_mode == "failure"
+
+
+def test_a_failing_model_never_stops_a_decision() -> None:
+    clock = Clock()
+    eng = make_engine(scorer=NanScorer(), clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert inv.fallback is not None and "non-finite" in inv.fallback and inv.model == "fallback"
+    # the fallback rule picks the allowed candidate closest to the user's size
+    assert inv.alloc == GRID.nearest(2.0, 512) and inv.guard.allows(inv.alloc)
+    assert eng.consecutive_model_failures == 2 and eng.model_failures == 2
+
+
+def test_memory_floor_from_current_usage() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 300))  # 300 MB in use now: floor 316 MB -> 5 units
+    assert inv.alloc.mem >= 5 and GRID.mb(inv.alloc.mem) * MB >= 316 * MB
+
+
+def test_plan_target_v1_v2_and_no_memory_harvest() -> None:
+    user = UserSize(2.0, 512 * MB, 200)
+    ua = GRID.nearest(2.0, 512)
+    act = ActuationConfig()
+    t1 = plan_target(GRID, user, ua, Alloc(2, 2), 1, act)
+    assert t1 == Target(0.5, 50, 128 * MB, None)
+    t2 = plan_target(GRID, user, ua, Alloc(2, 2), 2, act)
+    assert t2 == Target(0.5, 50, None, 128 * MB)  # v2: memory.max stays at the user's size
+    assert effective(user, t2) == (0.5, 128 * MB)
+    t3 = plan_target(GRID, UserSize(0.5, 128 * MB), GRID.nearest(0.5, 128), Alloc(4, 4), 2, act)
+    assert t3 == Target(1.0, 200, 256 * MB, 256 * MB)
+    no_mem = ActuationConfig(harvest_memory=False, scale_weight=False)
+    assert plan_target(GRID, user, ua, Alloc(2, 2), 1, no_mem) == Target(0.5, None, None, None)
+    assert plan_target(GRID, user, ua, ua, 1, act) == USER_TARGET
+
+
+def test_inferred_boundaries_from_cpu_activity() -> None:
+    clock = Clock()
+    eng = make_engine(
+        clock=clock, boundaries=BoundaryConfig(infer=True, busy_cores=0.05, idle_ticks=3)
+    )
+    eng.add_container(ref())
+    assert eng.on_sample(sample("fn@1", 1.0, cpu=0.01)) == []
+    (st,) = eng.on_sample(sample("fn@1", 1.1, cpu=0.8))
+    assert isinstance(st, InferredStart)
+    inv = eng.start("fn@1", inferred=True, now_s=1.0)
+    eng.note_inferred_start("fn@1", 1.1)
+    assert eng.on_sample(sample("fn@1", 1.2, cpu=0.9)) == []
+    assert eng.on_sample(sample("fn@1", 1.3, cpu=0.0)) == []
+    assert eng.on_sample(sample("fn@1", 1.4, cpu=0.0)) == []
+    (en,) = eng.on_sample(sample("fn@1", 1.5, cpu=0.0))
+    assert (
+        isinstance(en, InferredEnd)
+        and en.invocation_id == inv.id
+        and en.end_s == pytest.approx(1.2)
+    )
+    # a container reported by a hook is never inferred
+    eng.end(inv.id, duration_s=0.2)
+    eng.add_container(ref("h@1"))
+    eng.end(eng.start("h@1").id)
+    assert eng.on_sample(sample("h@1", 2.0, cpu=1.0)) == []
+
+
+def test_errors_unknown_busy_bad_outcome() -> None:
+    eng = make_engine()
+    with pytest.raises(UnknownContainer):
+        eng.start("nope")
+    eng.add_container(ref())
+    inv = eng.start("fn@1")
+    with pytest.raises(Busy):
+        eng.start("fn@1")
+    with pytest.raises(EngineError):
+        eng.end(inv.id, "exploded")
+    with pytest.raises(UnknownInvocation):
+        eng.end("nope")
+    assert eng.remove_container("fn@1") is inv
+
+
+def test_trace_is_a_bounded_ring_with_filters() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock, trace_size=5)
+    eng.add_container(ref("a", function="fa"))
+    eng.add_container(ref("b", function="fb"))
+    for i in range(8):
+        run_one(eng, clock, cid="a" if i % 2 else "b")
+    assert len(eng.trace) == 5
+    assert {e["function"] for e in eng.allocations(function="fa")} == {"fa"}
+    assert {e["container"] for e in eng.allocations(container="b")} == {"b"}
+    assert len(eng.allocations(limit=2)) == 2
+    assert eng.allocations()[0]["outcome"] == "success"
+
+
+def test_fallback_scorer_is_the_user_size_rule() -> None:
+    assert isinstance(fallback_scorer(), RuleScorer)
+    eng = make_engine(scorer=fallback_scorer())
+    eng.add_container(ref(cpu=1.0, mem_mb=256))
+    assert eng.start("fn@1").alloc == GRID.nearest(1.0, 256)
+    assert not math.isnan(eng.invocations[next(iter(eng.invocations))].logp)

@@ -1,0 +1,120 @@
+"""The sampler (windows, gone and unreadable containers) and the monotonic ticker."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from sidecar_helpers import MB, ref, v2_container
+
+from sidecar import cgroups
+from sidecar.sampler import Sampler, Ticker
+
+
+def _v2_sampler(tmp_path: Path, *names: str) -> tuple[Sampler, dict[str, Path]]:
+    dirs = {n: v2_container(tmp_path, n) for n in names}
+    s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path))
+    for n, d in dirs.items():
+        s.track(ref(n, version=2, path=str(d)))
+    return s, dirs
+
+
+def test_windows_rates_and_deltas_on_v2_trees(tmp_path: Path) -> None:
+    s, dirs = _v2_sampler(tmp_path, "a")
+    (first,) = s.tick().samples
+    assert math.isnan(first.cpu_cores) and first.oom_kills == 1 and first.oom_delta == 0
+    assert first.mem_bytes == 84279296 and first.mem_pressure == 1.53
+    d = dirs["a"]
+    stat = (d / "cpu.stat").read_text().replace("usage_usec 8123456", "usage_usec 9123456")
+    stat = stat.replace("nr_throttled 212", "nr_throttled 215")
+    (d / "cpu.stat").write_text(stat)
+    (d / "memory.events").write_text(
+        (d / "memory.events").read_text().replace("oom_kill 1", "oom_kill 3")
+    )
+    res = s.tick()
+    (second,) = res.samples
+    dt = second.t_s - first.t_s
+    assert second.cpu_cores == pytest.approx(1.0 / dt, rel=1e-6)
+    assert second.oom_delta == 2 and second.throttled_delta == 3
+    s.close()
+
+
+def test_gone_and_unreadable_containers_do_not_stop_the_others(tmp_path: Path) -> None:
+    s, dirs = _v2_sampler(tmp_path, "a", "b", "c")
+    s.tick()
+    shutil.rmtree(dirs["a"])
+    s.cgroup("a").close()  # a regular file tree keeps open fds readable; cgroupfs gives ENODEV
+    (dirs["b"] / "memory.current").write_text("garbage\n")
+    res = s.tick()
+    assert res.gone == ["a"]
+    assert "b" in res.errors and "cannot parse" in res.errors["b"]
+    assert [x.container_id for x in res.samples] == ["c"]
+    s.untrack("a")
+    assert s.ids() == ["b", "c"]
+    s.close()
+
+
+def test_real_v1_busy_process_rate(v1_cgroup, spawn) -> None:
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path))
+    s.track(ref(v1_cgroup.rel_path, version=1, path=v1_cgroup.rel_path))
+    p = spawn(
+        "import time\nprint('go', flush=True)\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass"
+    )
+    assert p.stdout.readline().strip() == "go"
+    s.tick()
+
+    async def wait() -> None:
+        t = Ticker(0.1)
+        for _ in range(4):
+            await t.wait()
+
+    asyncio.run(wait())
+    (x,) = s.tick().samples
+    assert 0.5 <= x.cpu_cores <= 1.2  # one busy thread, on a shared 2-core machine
+    assert x.mem_bytes > 1 * MB
+    s.close()
+
+
+def test_real_v1_cgroup_removed_under_kept_fds(v1_cgroup) -> None:
+    child = cgroups.create_v1(f"{v1_cgroup.rel_path}/gone")
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path))
+    s.track(ref("gone", version=1, path=child.rel_path))
+    assert len(s.tick().samples) == 1  # fds now open
+    cgroups.remove_v1(child.rel_path)
+    assert s.tick().gone == ["gone"]
+    s.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_ticker_deadlines_do_not_drift_and_skip_when_late() -> None:
+    c = FakeClock()
+    t = Ticker(0.1, clock=c)
+    assert t.next_deadline() == pytest.approx(0.1)
+    c.t = 0.13  # work took 30 ms: the next deadline is still on the grid
+    assert t.next_deadline() == pytest.approx(0.2)
+    c.t = 0.75  # stalled for several periods: skip them, count them
+    d = t.next_deadline()
+    assert t.overruns >= 4 and d <= 0.75 + 1e-9 and round(d / 0.1, 6).is_integer()
+    c.t = 0.76
+    assert t.next_deadline() == pytest.approx(round(d + 0.1, 6))
+
+
+def test_ticker_real_lateness_is_small() -> None:
+    async def run() -> float:
+        t = Ticker(0.02)
+        worst = 0.0
+        for _ in range(10):
+            worst = max(worst, await t.wait())
+        return worst
+
+    assert asyncio.run(run()) < 0.1  # generous: a busy shared machine
