@@ -57,14 +57,18 @@ class Args:
     """the number of parallel environments"""
     async_envs: bool = False
     """use gymnasium AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
-    num_steps: int = 256
+    num_steps: int = 1024
     """the number of steps to run in each environment per policy rollout"""
+    episode_decisions: int | None = 1024
+    """decisions per training episode (None: a whole trace); equal to num_steps, every rollout
+    holds whole episodes, so no invocation's reward is lost to a rollout boundary"""
     learning_rate: float = 3e-4
     """the learning rate of the optimizer"""
     anneal_lr: bool = True
     """toggle learning rate annealing for policy and value networks"""
-    gamma: float = 0.9
-    """the discount factor gamma (moderate: rewards are per invocation, credited to its decision)"""
+    gamma: float = 0.5
+    """the discount factor gamma (low: each reward is credited to its own decision; the short
+    horizon still charges a decision for the queueing it causes the next few invocations)"""
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     num_minibatches: int = 4
@@ -91,6 +95,8 @@ class Args:
     """directory for the CSV log and checkpoints"""
     resume: str | None = None
     """path of a checkpoint to resume from (continues the iteration count and global step)"""
+    init_from: str | None = None
+    """start the actor from this checkpoint's weights (e.g. training.pretrain's behaviour clone)"""
     progress: bool = True
     """show a live progress bar (rich)"""
 
@@ -245,7 +251,7 @@ def make_env(args: Args, idx: int, env_fn: Callable[[int], gym.Env] | None) -> C
         else:
             from training.sim.env import ClusterEnv  # each reset draws a new workload
 
-            env = ClusterEnv(preset=args.preset)
+            env = ClusterEnv(preset=args.preset, max_decisions=args.episode_decisions)
         return CreditInfo(env)
 
     return thunk
@@ -327,6 +333,9 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     agent = Agent()
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     start_iteration, global_step = 1, 0
+    if args.init_from and not args.resume:
+        init = load_checkpoint(args.init_from)["agent"]
+        agent.actor.load_state_dict({k[len("actor.") :]: v for k, v in init.items() if k.startswith("actor.")})
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         agent.load_state_dict(ckpt["agent"])

@@ -151,3 +151,18 @@ def test_gym_env_refuses_a_masked_action():
     bad = int(np.flatnonzero(~obs["mask"])[0])
     with pytest.raises(ValueError, match="masked out"):
         env.step(bad)
+
+
+def test_short_episodes_deliver_every_reward_by_their_last_step():
+    env = gym.make(ENV_ID, preset="small", max_decisions=150, disable_env_checker=True)
+    obs, info = env.reset(seed=5)
+    decided = {info["inv"]}
+    rewarded: list[int] = []
+    for step in range(150):
+        obs, _, term, _, info = env.step(int(np.flatnonzero(obs["mask"])[-1]))
+        rewarded.extend(info["rewarded"].tolist())
+        if term:
+            break
+        decided.add(info["inv"])
+    assert term and step == 149
+    assert sorted(rewarded) == sorted(decided)

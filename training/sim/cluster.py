@@ -250,8 +250,14 @@ class ClusterSim:
             self._queued_at[inv] = self.now
 
     def run_to_end(self) -> None:
-        """Drain the remaining completions (after the last arrival was decided)."""
-        while self._events:
+        """Finish everything admitted or queued, admitting no new arrival (end of an episode)."""
+        while self._events or self._queue:
+            if not self._events:
+                # Nothing runs, so the queue head fits anywhere (the grid fits every server).
+                inv = self._queue.popleft()
+                if not self._try_start(inv):
+                    raise RuntimeError("an invocation fits no empty server")
+                continue
             t, inv = heapq.heappop(self._events)
             self.now = t
             self._finish(inv)

@@ -35,13 +35,22 @@ class ClusterEnv(gym.Env):
         reward: RewardConfig = RewardConfig(),
         safeguard: SafeguardConfig = SafeguardConfig(),
         fixed_seed: int | None = None,
+        max_decisions: int | None = None,
     ) -> None:
-        """``fixed_seed`` replays one workload every episode; otherwise each reset draws a new one."""
+        """``fixed_seed`` replays one workload every episode; otherwise each reset draws a new one.
+
+        ``max_decisions`` ends an episode after that many decisions: no further arrivals are
+        admitted, everything admitted or queued runs to completion and its rewards arrive with
+        the last step. Training uses it so one rollout holds whole episodes and no reward of an
+        episode is lost to the rollout boundary (the reference trained on whole episodes too).
+        """
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.grid = self.preset.grid
         self.reward_cfg = reward
         self.safeguard_cfg = safeguard
         self.fixed_seed = fixed_seed
+        self.max_decisions = max_decisions
+        self._decisions = 0
         self.encoder = FeatureEncoder(self.grid)
         n = self.grid.n
         self.observation_space = gym.spaces.Dict(
@@ -78,6 +87,7 @@ class ClusterEnv(gym.Env):
             self.safeguard_cfg,
             self.reward_cfg,
         )
+        self._decisions = 0
         self._req = self.sim.next_request()
         if self._req is None:
             raise RuntimeError("the workload has no invocations")
@@ -91,7 +101,11 @@ class ClusterEnv(gym.Env):
         if not req.guard.mask[a]:
             raise ValueError(f"action {a} is masked out by the safeguard ({req.guard.reason})")
         sim.apply(self.grid.alloc(a))
-        self._req = nxt = sim.next_request()
+        self._decisions += 1
+        if self.max_decisions is not None and self._decisions >= self.max_decisions:
+            self._req = nxt = None
+        else:
+            self._req = nxt = sim.next_request()
         if nxt is None:
             sim.run_to_end()
         log = sim.log
