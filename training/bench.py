@@ -14,18 +14,25 @@ import numpy as np
 
 
 def bench_sim(
-    preset: str = "paper", seed: int = 0, decisions: int = 60_000, n_envs: int = 16
-) -> dict[str, float]:
+    preset: str = "paper",
+    seed: int = 0,
+    decisions: int = 60_000,
+    n_envs: int = 16,
+    model: str | Path | None = None,
+) -> dict[str, float | str]:
     """Decisions/s of ``n_envs`` Gymnasium envs in lockstep, a 32/16 tanh MLP scoring every
     candidate of every pending decision in one batched call (as a vectorised rollout runs).
 
-    Baseline for the ratio: the same loop with the user's size chosen (no features, no policy).
-    Runs on one core (BLAS threads pinned to 1 by the caller's environment).
+    The MLP is the shipped policy's weights (``model``, default ``models/``), or, when
+    there is none, random weights in numpy (these over-allocate, so the simulated cluster runs
+    saturated: a slower, pessimistic regime). Baseline for the ratio: the same loop with the
+    user's size chosen (no features, no policy). One core: BLAS threads pinned to 1.
     """
     import gymnasium as gym
 
     from sidecar.core.features import N_FEATURES
     from sidecar.core.policy import MLPScorer, sample_batch
+    from sidecar.models import default_model_path
     from training.baselines import Fixed
     from training.sim.cluster import ClusterSim
     from training.sim.env import ENV_ID
@@ -36,14 +43,22 @@ def bench_sim(
         gym.make(ENV_ID, preset=p, fixed_seed=seed + i, disable_env_checker=True)
         for i in range(n_envs)
     ]
-    scorer = MLPScorer.random(N_FEATURES, (32, 16), seed=seed)
+    path = Path(model) if model else default_model_path()
+    if path.exists():
+        from training.export import mlp_from_onnx
+
+        score = mlp_from_onnx(path).scores_blocks
+        policy = f"{path.name} (weights in numpy)"
+    else:
+        score = MLPScorer.random(N_FEATURES, (32, 16), seed=seed).scores_blocks
+        policy = "random-mlp"
     rng = np.random.default_rng(seed)
     obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     n = 0
     t0 = time.perf_counter()
     while n < decisions:
         # One batched policy call for all environments, as a vectorised rollout does.
-        scores = scorer.scores_blocks(
+        scores = score(
             np.stack([o["context"] for o in obs]),
             np.stack([o["cpu"] for o in obs]),
             np.stack([o["mem"] for o in obs]),
@@ -73,6 +88,7 @@ def bench_sim(
         "baseline_fixed_decisions_per_s": m / fixed_s,
         "ratio_vs_fixed": dps / (m / fixed_s),
         "ratio_vs_reference_400": dps / 400.0,
+        "policy": policy,
     }
 
 

@@ -25,7 +25,7 @@ import torch
 import sidecar
 from sidecar.core.features import FEATURE_VERSION, N_FEATURES, expand_rows, schema_hash
 from sidecar.core.grid import ResourceGrid
-from sidecar.core.policy import ONNX_INPUT, ONNX_OUTPUT
+from sidecar.core.policy import ONNX_INPUT, ONNX_OUTPUT, MLPScorer
 from training.ppo import Agent, ScoreNet, agent_from_checkpoint
 
 OPSET = 17
@@ -164,3 +164,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def mlp_from_onnx(path: str | Path) -> MLPScorer:
+    """The exported actor's Gemm/Tanh chain as a numpy ``MLPScorer`` (same scores).
+
+    The simulator's fast path scores candidate blocks in numpy (``scores_blocks``) instead of
+    building 64 rows per decision for onnxruntime; this reads the weights back out of the file.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    ws, bs = [], []
+    for node in model.graph.node:
+        if node.op_type != "Gemm":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = init[node.input[1]]
+        ws.append(w.T if attrs.get("transB", 0) else w)
+        bs.append(init[node.input[2]])
+    if not ws:
+        raise ValueError(f"{path}: no Gemm layers (not an exported faasrm actor)")
+    return MLPScorer(ws, bs)

@@ -1,7 +1,7 @@
 """The per-invocation reward: what users feel, in one formula used by the simulator and the sidecar.
 
 With ``rfet = exec / baseline`` (execution time relative to the user's size) and
-``delay = (queueing + cold start) / baseline``:
+``delay = (queueing + cold start) / max(baseline, delay_floor_s)``:
 
     r = (1 - rfet)                               # speed-up is good, slow-down bad, linearly
         - slowdown_weight * max(0, rfet - tolerance)   # and slow-downs much worse
@@ -9,7 +9,10 @@ With ``rfet = exec / baseline`` (execution time relative to the user's size) and
         - failure_penalty * failed               # an OOM kill and retry is the worst outcome
 
 clipped to [-clip, 1]. The reference used sum(1 - 2 * slo) and ignored queueing and cold starts,
-so an over-allocation that queued other invocations went unpunished.
+so an over-allocation that queued other invocations went unpunished. Delay is measured against
+at least ``delay_floor_s`` (1 s): half a second of cold start on a 10 ms function is not fifty
+times worse than on a 500 ms one to its user, and without the floor the unavoidable cold starts
+of tiny functions drown every other term (they would all sit at -clip).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class RewardConfig:
     slowdown_weight: float = 4.0
     tolerance: float = 1.0
     delay_weight: float = 1.0
+    delay_floor_s: float = 1.0
     failure_penalty: float = 5.0
     clip: float = 10.0
 
@@ -41,7 +45,7 @@ def invocation_reward(
     r = (
         (1.0 - rfet)
         - cfg.slowdown_weight * max(0.0, rfet - cfg.tolerance)
-        - cfg.delay_weight * (queue_s + cold_s) / base
+        - cfg.delay_weight * (queue_s + cold_s) / max(base, cfg.delay_floor_s)
         - cfg.failure_penalty * float(failed)
     )
     return max(-cfg.clip, min(1.0, r))

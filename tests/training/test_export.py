@@ -114,3 +114,19 @@ def test_export_from_checkpoint(tmp_path: Path) -> None:
     meta = export(ckpt, tmp_path / "m.onnx")
     assert json.loads(meta["training_config"])["seed"] == 7
     assert parity_check(agent, tmp_path / "m.onnx")["env"] <= 1e-5
+
+
+def test_mlp_from_onnx_scores_like_onnxruntime(tmp_path):
+    import numpy as np
+
+    from sidecar.core.features import N_FEATURES
+    from sidecar.core.policy import OnnxScorer
+    from training.export import export, mlp_from_onnx
+    from training.ppo import Agent
+
+    path = tmp_path / "p.onnx"
+    export(Agent(), path, args={"preset": "sample"})
+    rows = np.random.default_rng(0).normal(size=(64, N_FEATURES)).astype(np.float32)
+    np.testing.assert_allclose(
+        mlp_from_onnx(path).scores(rows), OnnxScorer(path).scores(rows), atol=1e-5
+    )
