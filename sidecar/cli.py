@@ -50,12 +50,13 @@ def _bench_sim(args: argparse.Namespace) -> int:
     from training.bench import bench_sim, single_core, write_json
 
     single_core()
-    figures = bench_sim(args.preset, args.seed, args.decisions, args.envs)
+    figures = bench_sim(args.preset, args.seed, args.decisions, args.envs, args.model)
     print(
         f"simulator + MLP policy: {figures['decisions_per_s']:,.0f} decisions/s on one core "
         f"({figures['ratio_vs_fixed']:.2f}x the Fixed loop's "
         f"{figures['baseline_fixed_decisions_per_s']:,.0f}/s; "
-        f"{figures['ratio_vs_reference_400']:.0f}x the reference's ~400/s)"
+        f"{figures['ratio_vs_reference_400']:.0f}x the reference's ~400/s; "
+        f"policy {figures['policy']})"
     )
     write_json(figures, args.json)
     return 0
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--decisions", type=int, default=100_000)
     bs.add_argument("--envs", type=int, default=16, help="environments stepped in lockstep")
+    bs.add_argument("--model", help="ONNX policy in the loop (default: models/default.onnx)")
     bs.add_argument("--json", help="write the figures as JSON to this path")
     bs.set_defaults(func=_bench_sim)
     bsc = bench.add_parser(
