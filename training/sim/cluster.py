@@ -113,6 +113,12 @@ class Results:
         return cls(fn=np.asarray(log.fn), **{k: np.asarray(getattr(log, k)) for k in _FIELDS})
 
 
+def _tightness(mem_mb: float, ws: float) -> float:
+    """0 with MEM_ROOM or more above the working set, rising linearly to 1 at the working set."""
+    t = 1.0 - (mem_mb - ws) / (MEM_ROOM * ws)
+    return 0.0 if t < 0.0 else (1.0 if t > 1.0 else t)
+
+
 class _Server:
     __slots__ = ("free_mem", "cpu_alloc", "load")
 
@@ -151,6 +157,12 @@ class ClusterSim:
         self._beta = workload.mem_pressure.tolist()
         self._ucpu = workload.user_cpu.tolist()
         self._umem = workload.user_mem.tolist()
+        # Hot-path constants: unit sizes, the users' sizes in cores / MB, the admission cap.
+        self._cu = grid.cpu_unit_cores
+        self._mu = grid.mem_unit_mb
+        self._ucores = (workload.user_cpu * grid.cpu_unit_cores).tolist()
+        self._umb = (workload.user_mem * grid.mem_unit_mb).tolist()
+        self._cap_cpu = cluster.cores * cluster.cpu_overcommit
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -267,19 +279,20 @@ class ClusterSim:
         """Place and start ``inv``; ``only`` >= 0 restricts placement to that server."""
         fn = self._fn[inv]
         res = self.log
-        cpu, mem = res.cpu[inv], res.mem[inv]
         cfg = self.cluster
-        g = self.grid
-        mem_mb = g.mb(mem)
-        cores = g.cores(cpu)
-        user_cores = g.cores(self._ucpu[fn])
-        user_mb = g.mb(self._umem[fn])
+        mem_mb = res.mem[inv] * self._mu
+        cores = res.cpu[inv] * self._cu
+        user_cores = self._ucores[fn]
+        user_mb = self._umb[fn]
         ws = self._ws[inv]
         oom = mem_mb < ws
-        # An OOM-killed run is retried at the user's size: reserve the larger of the two.
-        need_mem = max(mem_mb, user_mb) if oom else mem_mb
-        need_cpu = max(cores, user_cores) if oom else cores
-        cap_cpu = cfg.cores * cfg.cpu_overcommit
+        need_mem, need_cpu = mem_mb, cores
+        if oom:  # an OOM-killed run is retried at the user's size: reserve the larger of the two
+            if user_mb > need_mem:
+                need_mem = user_mb
+            if user_cores > need_cpu:
+                need_cpu = user_cores
+        cap_cpu = self._cap_cpu
         servers = self.servers
         # A warm container of this function on a server with room first; else first fit from
         # the function's home server (OpenWhisk-style), which then starts cold.
@@ -322,21 +335,26 @@ class ClusterSim:
         phi = self._phi[fn]
         d = self._dur[inv]
         beta = self._beta[fn]
-        own = phi * min(cores, p)
-        own_user = phi * min(user_cores, p)
-        kappa = max(1.0, (s.load + own) / cfg.cores)
-        kappa_user = max(1.0, (s.load + own_user) / cfg.cores)
-        m_user = 1.0 + beta * max(0.0, min(1.0, 1.0 - (user_mb - ws) / (MEM_ROOM * ws)))
+        c_eff = cores if cores < p else p  # cores it can use: min(allocated, parallelism)
+        u_eff = user_cores if user_cores < p else p
+        own = phi * c_eff
+        own_user = phi * u_eff
+        kappa = (s.load + own) / cfg.cores
+        if kappa < 1.0:
+            kappa = 1.0
+        kappa_user = (s.load + own_user) / cfg.cores
+        if kappa_user < 1.0:
+            kappa_user = 1.0
+        m_user = 1.0 + beta * _tightness(user_mb, ws)
         base = d * ((1.0 - phi) + phi * kappa_user)
         if oom:
             # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
-            first = d * ((1.0 - phi) + phi * kappa * min(user_cores, p) / min(cores, p))
+            first = d * ((1.0 - phi) + phi * kappa * u_eff / c_eff)
             exec_s = OOM_AT * first + self._cold[inv] + base
-            load = max(own, own_user)
+            load = own if own > own_user else own_user
         else:
-            m = 1.0 + beta * max(0.0, min(1.0, 1.0 - (mem_mb - ws) / (MEM_ROOM * ws)))
-            speed = min(user_cores, p) / min(cores, p)
-            exec_s = d * ((1.0 - phi) + phi * kappa * speed) * m / m_user
+            m = 1.0 + beta * _tightness(mem_mb, ws)
+            exec_s = d * ((1.0 - phi) + phi * kappa * u_eff / c_eff) * m / m_user
             load = own
         queued = self.now - self._queued_at.pop(inv, self.now)
         res.exec_s[inv] = exec_s
@@ -367,20 +385,21 @@ class ClusterSim:
         self._warm[fn].setdefault(si, []).append(self.now)
 
         res = self.log
-        g = self.grid
         cpu, mem = res.cpu[inv], res.mem[inv]
         failed = res.failed[inv]
         exec_s = res.exec_s[inv]
-        user = Alloc(self._ucpu[fn], self._umem[fn])
-        cpu_peak = min(g.cores(cpu), self._par[fn])
-        mem_peak = min(g.mb(mem), self._ws[inv])
+        cpu_peak = cpu * self._cu
+        if self._par[fn] < cpu_peak:
+            cpu_peak = self._par[fn]
+        mem_peak = mem * self._mu
+        if self._ws[inv] < mem_peak:
+            mem_peak = self._ws[inv]
         res.cpu_peak[inv] = cpu_peak
         res.mem_peak[inv] = mem_peak
         gd = self._guard_of.pop(inv)
         self.guards[fn].observe(gd, Alloc(cpu, mem), cpu_peak, mem_peak, failed)
-        self.stats[fn].on_completion(
-            self.now, exec_s, cpu_peak, mem_peak, at_user_size=(cpu, mem) == user and not failed
-        )
+        at_user = cpu == self._ucpu[fn] and mem == self._umem[fn] and not failed
+        self.stats[fn].on_completion(self.now, exec_s, cpu_peak, mem_peak, at_user_size=at_user)
         res.done[inv] = True
         self.finished.append(inv)
         self._drain_queue(si)
