@@ -57,6 +57,9 @@ class Args:
     """the number of parallel environments"""
     async_envs: bool = False
     """use gymnasium AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
+    ray_address: str | None = None
+    """Ray cluster address ('auto', 'ray://host:10001') or 'local'; when set, rollouts run in
+    Ray actors"""
     num_steps: int = 1024
     """the number of steps to run in each environment per policy rollout"""
     episode_decisions: int | None = 1024
@@ -348,7 +351,13 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     # (The envs' own mid-episode state is not checkpointed: a resumed run starts new episodes.)
     thunks = [make_env(args, i, env_fn) for i in range(args.num_envs)]
     vec_cls = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vec_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    if args.ray_address:
+        from training.ray_envs import RayVectorEnv
+
+        envs = RayVectorEnv(thunks, address=args.ray_address,
+                            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    else:
+        envs = vec_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "discrete actions only"
     sp = envs.single_observation_space
     E, T = args.num_envs, args.num_steps
