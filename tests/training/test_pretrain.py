@@ -25,10 +25,10 @@ def test_teacher_is_the_oracle_clipped_into_the_safeguard_ranges():
 
 
 def test_cloning_learns_to_agree_with_the_teacher():
-    data = collect("small", episodes=2, decisions=400, seed=3)
+    data = collect("small", episodes=2, decisions=400, seed=4)
     assert len(data["action"]) == 800
     assert data["mask"][np.arange(800), data["action"]].all()
     # An untrained (near-constant) scorer picks the first allowed candidate: the smallest.
     _, untrained = fit(data, epochs=0, lr=1e-3, seed=0)
     _, trained = fit(data, epochs=80, lr=3e-3, seed=0)
-    assert trained > untrained + 0.08
+    assert trained > max(0.9, untrained + 0.04)

@@ -40,20 +40,20 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        # 2 hours at ~900 invocations/min: ~110k invocations on a cluster that is busy but not
-        # saturated under Fixed (about 10% of invocations wait for admission at peaks).
+        # 1 hour at ~2,000 invocations/min: ~125k invocations on a cluster that is busy (CPU
+        # admission and contention bind at peaks) but not saturated under Fixed.
         Preset(
             "paper",
             ClusterConfig(servers=20, cores=8.0, mem_mb=2048.0, cpu_overcommit=2.5),
-            minutes=120,
-            rate_per_min=900.0,
+            minutes=60,
+            rate_per_min=2000.0,
         ),
         Preset(
             "small",
             ClusterConfig(servers=4, cores=8.0, mem_mb=2048.0),
-            n_functions=100,
-            minutes=20,
-            rate_per_min=300.0,
+            n_functions=200,
+            minutes=30,
+            rate_per_min=240.0,
         ),
         Preset("sample", ClusterConfig(servers=2, cores=8.0, mem_mb=2048.0), sample=True),
     )

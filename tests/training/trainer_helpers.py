@@ -1,0 +1,155 @@
+"""Helpers for the trainer service tests: an in-process server thread, valid records, a client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from sidecar.core.features import FEATURE_VERSION, N_BLOCK, N_CONTEXT, schema_hash
+from sidecar.core.grid import ResourceGrid
+from sidecar.spool import RECORD_VERSION
+
+TOKEN = "test-token"
+GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def record(node: str = "n1", i: int = 0, reward: float | None = -0.1, rng=None) -> dict:
+    rng = rng or np.random.default_rng(i)
+    g = GRID
+    mask = np.ones(g.n, dtype=bool)
+    mask[rng.integers(0, g.n, 8)] = False
+    allowed = np.flatnonzero(mask)
+    action = int(allowed[rng.integers(0, len(allowed))])
+    return {
+        "v": RECORD_VERSION,
+        "node": node,
+        "invocation": f"{node}-inv-{i}",
+        "function": f"fn{i % 3}",
+        "container": f"c{i % 2}",
+        "time": 1_700_000_000.0 + i,
+        "feature_version": FEATURE_VERSION,
+        "schema_hash": schema_hash(),
+        "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
+        "model": "sha256:000000000000",
+        "context": rng.normal(0, 1, N_CONTEXT).round(4).tolist(),
+        "cpu_block": rng.normal(0, 1, (g.cpu_units, N_BLOCK)).round(4).tolist(),
+        "mem_block": rng.normal(0, 1, (g.mem_units, N_BLOCK)).round(4).tolist(),
+        "mask": np.packbits(mask).tobytes(),
+        "action": action,
+        "logp": float(-np.log(len(allowed))),
+        "user": [4, 4],
+        "alloc": list(g.alloc(action)),
+        "reason": "cpu=free,mem=free",
+        "reward": reward,
+        "baseline_s": 0.2,
+        "duration_s": 0.2 + 0.01 * (i % 5),
+        "outcome": "success",
+        "cpu_peak_cores": 0.4,
+        "mem_peak_mb": 40.0,
+        "give_backs": [],
+        "inferred": False,
+    }
+
+
+def batch(node: str, seq: int, records: list[dict], schema_version: int = 1) -> bytes:
+    return msgpack.packb(
+        {"schema_version": schema_version, "node_id": node, "seq": seq, "records": records},
+        use_bin_type=True,
+    )
+
+
+def http(
+    url: str,
+    data: bytes | None = None,
+    token: str | None = TOKEN,
+    headers: dict | None = None,
+    timeout: float = 10.0,
+    method: str | None = None,
+) -> tuple[int, dict, bytes]:
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, headers=h, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def js(body: bytes) -> Any:
+    return json.loads(body)
+
+
+class ServerThread:
+    """``training.service.serve`` on its own event loop in a thread (port chosen here)."""
+
+    def __init__(self, data_dir: Path, **overrides: Any) -> None:
+        from training.service import load_config
+
+        self.port = int(overrides.pop("port", 0)) or free_port()
+        ov = {"port": self.port, "data_dir": str(data_dir), "token": TOKEN, "learner.enabled": False,
+              "grid.cpu_unit_cores": GRID.cpu_unit_cores, "grid.mem_unit_mb": GRID.mem_unit_mb}
+        ov.update(overrides)
+        self.cfg = load_config(None, ov)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from training.service import serve
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve(self.cfg, self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def start(self) -> "ServerThread":
+        self._t.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if http(self.url + "/healthz", token=None, timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if self.error:
+                raise self.error
+            time.sleep(0.02)
+        raise AssertionError("trainer did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._t.join(timeout=20)
+        if self.error:
+            raise self.error
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,436 @@
+"""``faasrm cluster up``: one trainer and N sidecars on this machine, over 127.0.0.1.
+
+Each node is a real ``faasrm sidecar run`` process managing its own cgroup v1 subtree
+``faasrm-cluster-<id>/node<i>/fn<j>`` (a unique parent per cluster), each child holding a real
+worker process. A driver thread per worker plays the invoker: ``POST /v1/invocations``, tell the
+worker to burn some CPU, ``POST /v1/invocations/{id}/end`` with the measured duration. The
+sidecars spool trajectory records and ship them to the trainer, which learns, gates and promotes;
+every sidecar long-polls the registry and hot-swaps the new model.
+
+``Cluster`` is also the fixture of the end-to-end and fault tests, and of ``faasrm bench trainer``.
+Everything it starts is stopped and every cgroup it made is removed by ``stop()`` (also on
+Ctrl-C). Needs root and writable cgroup v1 hierarchies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TOKEN = "cluster-local-token"
+WORKER = r"""
+import sys
+print("up", flush=True)
+for line in sys.stdin:
+    cmd, *a = line.split()
+    if cmd == "burn":
+        x = 0
+        for i in range(int(a[0])):
+            x += i * i
+        print("done", flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if call(url, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s: {log.read_text()[-2000:]}")
+
+
+class Trainer:
+    def __init__(self, workdir: Path, port: int, overrides: dict[str, Any]) -> None:
+        self.dir = workdir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.overrides = overrides
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "trainer.log"
+
+    def start(self, wait: bool = True) -> None:
+        sets = []
+        for k, v in self.overrides.items():
+            sets += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"]
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "trainer", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.dir / "data"), *sets],
+                stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, "FAASRM_TRAINER_TOKEN": TOKEN},
+            )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        assert self.proc is not None
+        _wait_http(self.url + "/healthz", self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Worker:
+    """A child cgroup with a worker process in it (one 'container')."""
+
+    def __init__(self, rel: str) -> None:
+        from sidecar import cgroups
+
+        self.rel = rel
+        self.function = rel.rsplit("/", 1)[-1]
+        self.cg = cgroups.create_v1(rel)
+        procs = [os.path.join(d, "cgroup.procs") for d in self.cg.paths]
+
+        def enter() -> None:
+            for p in procs:
+                fd = os.open(p, os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, preexec_fn=enter,  # noqa: PLW1509 (before any driver thread starts)
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
+
+    def burn(self, n: int) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"burn {n}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "done"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        self.cg.close()
+
+
+class Node:
+    def __init__(self, i: int, workdir: Path, parent: str, trainer_url: str, port: int,
+                 extra: dict[str, dict[str, Any]]) -> None:
+        self.i = i
+        self.id = f"node{i}"
+        self.dir = workdir / self.id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.parent = f"{parent}/{self.id}"
+        self.log = self.dir / "sidecar.log"
+        self.proc: subprocess.Popen | None = None
+        self.workers: list[Worker] = []
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"port": port},
+            "grid": {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8},
+            "sampler": {"tick_s": 0.1, "discover_every_s": 1.0},
+            "actuation": {"state_file": str(self.dir / "state.json")},
+            "spool": {"dir": str(self.dir / "spool"), "max_bytes": 64 * 2**20,
+                      "segment_bytes": 256 * 1024},
+            "cgroupfs": {"version": 1, "parent": self.parent, "default_cpu_cores": 0.5,
+                         "default_mem_mb": 256.0},
+            "shipper": {"enabled": True, "url": trainer_url, "token": TOKEN,
+                        "state_file": str(self.dir / "shipper.json"), "batch_records": 500,
+                        "interval_s": 0.2, "backoff_initial_s": 0.1, "backoff_max_s": 2.0},
+            "model_poller": {"enabled": True, "dir": str(self.dir / "models"), "wait_s": 20.0,
+                             "backoff_initial_s": 0.1, "backoff_max_s": 2.0},
+        }
+        for sec, kv in extra.items():
+            sections.setdefault(sec, {}).update(kv)
+        lines = [f"node_id = {json.dumps(self.id)}", "log_level = 'info'"]
+        for sec, kv in sections.items():
+            lines.append(f"[{sec}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in kv.items()]
+        self.config = self.dir / "sidecar.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self, wait: bool = True) -> None:
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=err,
+            )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        assert self.proc is not None
+        _wait_http(self.url + "/readyz", self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def model(self) -> dict:
+        st, body = call(self.url + "/debug/model", timeout=5)
+        return body if st == 200 else {}
+
+    def active_version(self) -> int | None:
+        try:
+            reg = self.model().get("registry") or {}
+        except OSError:
+            return None
+        return reg.get("active_version")
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+class Cluster:
+    def __init__(
+        self,
+        nodes: int = 10,
+        workers: int = 2,
+        workdir: str | Path | None = None,
+        trainer_overrides: dict[str, Any] | None = None,
+        sidecar_overrides: dict[str, dict[str, Any]] | None = None,
+        rate_per_worker: float = 2.0,
+        burn: int = 150_000,
+        seed: int = 0,
+    ) -> None:
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="faasrm-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.parent = f"faasrm-cluster-{uuid.uuid4().hex[:8]}"
+        self.trainer = Trainer(
+            self.workdir,
+            free_port(),
+            {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0, **(trainer_overrides or {})},
+        )
+        self.nodes = [
+            Node(i, self.workdir, self.parent, self.trainer.url, free_port(), sidecar_overrides or {})
+            for i in range(nodes)
+        ]
+        self.n_workers = workers
+        self.rate = rate_per_worker
+        self.burn_n = burn
+        self.rng = random.Random(seed)
+        self.produced: dict[str, list[str]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pause = threading.Event()
+        self._busy = 0
+        self._threads: list[threading.Thread] = []
+        self.driver_errors = 0
+
+    # ------------------------------------------------------------------------ lifecycle
+    def start(self, drive: bool = True) -> "Cluster":
+        try:
+            from sidecar import cgroups
+
+            for n in self.nodes:
+                cgroups.create_v1(n.parent).close()
+                n.workers = [Worker(f"{n.parent}/fn{j}") for j in range(self.n_workers)]
+            self.trainer.start(wait=False)
+            for n in self.nodes:
+                n.start(wait=False)
+            self.trainer.wait()
+            for n in self.nodes:
+                n.wait()
+            if drive:
+                self.drive()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def drive(self) -> None:
+        for n in self.nodes:
+            for w in n.workers:
+                t = threading.Thread(target=self._drive, args=(n, w), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _drive(self, node: Node, worker: Worker) -> None:
+        rng = random.Random(self.rng.random())
+        while not self._stop.is_set():
+            if self._pause.is_set():
+                time.sleep(0.02)
+                continue
+            with self._lock:
+                self._busy += 1
+            try:
+                self._one(node, worker, rng)
+            except (OSError, ValueError):
+                self.driver_errors += 1
+                time.sleep(0.2)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+            self._stop.wait(rng.expovariate(self.rate))
+
+    def _one(self, node: Node, worker: Worker, rng: random.Random) -> None:
+        st, body = call(node.url + "/v1/invocations",
+                        {"container": worker.rel, "function": worker.function}, timeout=5)
+        if st != 200:
+            self.driver_errors += 1
+            time.sleep(0.2)
+            return
+        inv = body["invocation"]
+        t0 = time.monotonic()
+        worker.burn(int(self.burn_n * rng.uniform(0.5, 1.5)))
+        dur = time.monotonic() - t0
+        st, _ = call(node.url + f"/v1/invocations/{inv}/end",
+                     {"outcome": "success", "duration_s": dur}, timeout=5)
+        if st == 200:
+            with self._lock:
+                self.produced[node.id].append(inv)
+        else:
+            self.driver_errors += 1
+
+    def pause(self, timeout_s: float = 10.0) -> None:
+        """Stop starting invocations and wait until none is running."""
+        self._pause.set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._busy == 0:
+                    return
+            time.sleep(0.01)
+        raise TimeoutError("invocations still running")
+
+    def resume(self) -> None:
+        self._pause.clear()
+
+    def stop(self) -> None:
+        from sidecar import cgroups
+
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        for n in self.nodes:
+            n.stop()
+        for n in self.nodes:
+            for w in n.workers:
+                w.close()
+        self.trainer.stop()
+        for n in self.nodes:
+            for w in n.workers:
+                cgroups.remove_v1(w.rel)
+            cgroups.remove_v1(n.parent)
+        cgroups.remove_v1(self.parent)
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------ views
+    def produced_ids(self) -> list[str]:
+        with self._lock:
+            return [i for ids in self.produced.values() for i in ids]
+
+    def stored_ids(self) -> list[str]:
+        from training.registry import TrajectoryStore
+
+        st = TrajectoryStore(self.trainer.dir / "data" / "trajectories.sqlite")
+        try:
+            return [r["invocation"] for r in st.iter_records()]
+        finally:
+            st.close()
+
+    def stored_count(self) -> int:
+        try:
+            st, body = call(self.trainer.url + "/healthz", timeout=5)
+        except OSError:
+            return -1
+        return body.get("records", -1) if st == 200 else -1
+
+    def versions(self) -> dict[str, int | None]:
+        return {n.id: n.active_version() for n in self.nodes}
+
+    def wait_all_on(self, version: int, timeout_s: float = 30.0, poll_s: float = 0.02) -> float:
+        """Seconds until every node runs ``version`` (raises on timeout)."""
+        t0 = time.monotonic()
+        pending = list(self.nodes)
+        while pending:
+            pending = [n for n in pending if n.active_version() != version]
+            if not pending:
+                break
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"not on v{version}: {[n.id for n in pending]}")
+            time.sleep(poll_s)
+        return time.monotonic() - t0
+
+
+def main(args: Any) -> int:
+    cl = Cluster(args.nodes, args.workers, args.dir, rate_per_worker=args.rate)
+    print(f"starting 1 trainer + {args.nodes} sidecars in {cl.workdir} (cgroups under {cl.parent})")
+    cl.start()
+    print(f"trainer {cl.trainer.url}; nodes " + ", ".join(n.url for n in cl.nodes))
+    t0 = time.monotonic()
+    try:
+        while not args.duration or time.monotonic() - t0 < args.duration:
+            time.sleep(5)
+            _, models = call(cl.trainer.url + "/v1/models")
+            print(f"{time.monotonic() - t0:6.0f}s  produced {len(cl.produced_ids())}  stored "
+                  f"{cl.stored_count()}  latest v{models.get('latest')}  nodes {cl.versions()}",
+                  flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cl.stop()
+        print("stopped; cgroups removed")
+    return 0

@@ -1,0 +1,385 @@
+"""Online learning in the trainer service: real trajectories -> PPO update -> gate -> promotion.
+
+One update (``Learner.step``, on a worker thread):
+
+1. batch: the newest ``window_records`` accepted records on the trainer's grid with a reward
+   (records with ``reward`` None: safeguard first runs, lost invocations, are skipped);
+2. start from the latest promoted version's agent checkpoint (else ``init_checkpoint``, else a
+   fresh ``Agent`` when the registry is empty);
+3. PPO epochs with ``training.ppo.Agent`` and the same clipped surrogate, clipped value loss,
+   entropy bonus and grad-norm clip as ``training/ppo.py`` (which has no reusable update
+   function: its loss lives inline in ``train()``; the phase below mirrors it line by line, under
+   the same names). Each real decision is a one-step episode: its reward is the outcome of the
+   invocation it sized, so the return is the reward and the advantage ``reward - V(context)``;
+   the old log-probability is the one the node recorded (importance ratio against the policy the
+   node actually ran);
+4. export the candidate with ``training.export.export`` on the nodes' grid;
+5. the promotion gate, both must pass:
+   * simulator: ``training.evaluate.evaluate`` on ``gate.preset`` with the fixed ``gate.seed``
+     (held out: never used for training), candidate vs the current model (or Fixed when there is
+     none): mean RFET, share of RFET > 1.2, OOM failures, within the configured tolerances;
+   * recent real data: replay the newest ``gate.real_window`` real decisions through the
+     candidate and the current model (greedy, under each record's safeguard mask) and compare the
+     predicted slowdown rate (allocated cores below the measured CPU peak / ``slowdown_rfet``) and
+     failure rate (allocated memory below the measured peak); the candidate may exceed the current
+     rate by ``real_max_increase`` plus two standard errors of it. The current model's observed real
+     slowdown and failure rates are reported beside them.
+6. promote: a new registry version (ONNX, export metadata, the gate report as evaluation, the
+   agent checkpoint), then every long-poll is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sidecar.core.features import expand_rows
+from sidecar.core.grid import ResourceGrid
+from sidecar.core.policy import OnnxScorer
+from training.ppo import Agent, load_checkpoint
+
+log = logging.getLogger("faasrm.learner")
+
+
+# ------------------------------------------------------------------------------------ data
+def records_to_batch(records: list[dict], grid: ResourceGrid) -> dict[str, torch.Tensor] | None:
+    """Learnable records -> ``b_*`` tensors; None if there are none."""
+    n = grid.n
+    keep = [
+        r
+        for r in records
+        if r.get("reward") is not None
+        and math.isfinite(r["reward"])
+        and math.isfinite(r["logp"])
+        and len(r["cpu_block"]) == grid.cpu_units
+        and len(r["mem_block"]) == grid.mem_units
+        and (r.get("grid") is None or list(r["grid"]) == [grid.cpu_unit_cores, grid.cpu_units,
+                                                          grid.mem_unit_mb, grid.mem_units])
+    ]
+    if not keep:
+        return None
+    masks = np.unpackbits(
+        np.frombuffer(b"".join(r["mask"] for r in keep), np.uint8).reshape(len(keep), -1), axis=1
+    )[:, :n].astype(bool)
+    return {
+        "ctx": torch.as_tensor(np.asarray([r["context"] for r in keep], np.float32)),
+        "cpu": torch.as_tensor(np.asarray([r["cpu_block"] for r in keep], np.float32)),
+        "mem": torch.as_tensor(np.asarray([r["mem_block"] for r in keep], np.float32)),
+        "mask": torch.as_tensor(masks),
+        "actions": torch.as_tensor([int(r["action"]) for r in keep], dtype=torch.long),
+        "logprobs": torch.as_tensor([float(r["logp"]) for r in keep], dtype=torch.float32),
+        "rewards": torch.as_tensor([float(r["reward"]) for r in keep], dtype=torch.float32),
+    }
+
+
+# ------------------------------------------------------------------------------------ PPO update
+def ppo_update(agent: Agent, b: dict[str, torch.Tensor], cfg: Any, seed: int = 0) -> dict[str, float]:
+    """PPO epochs over one batch of one-step episodes; returns the ``losses/`` scalars."""
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    b_ctx, b_cpu, b_mem, b_mask = b["ctx"], b["cpu"], b["mem"], b["mask"]
+    b_actions, b_logprobs = b["actions"], b["logprobs"]
+    with torch.no_grad():
+        b_values = agent.get_value(b_ctx).view(-1)
+    b_returns = b["rewards"]  # one-step episodes: the return is the reward
+    b_advantages = b_returns - b_values
+    batch_size = len(b_actions)
+    minibatch_size = max(1, batch_size // cfg.num_minibatches)
+    b_inds = np.arange(batch_size)
+    clipfracs: list[float] = []
+    pg_loss = v_loss = entropy_loss = approx_kl = old_approx_kl = torch.zeros(())
+    for epoch in range(cfg.update_epochs):
+        rng.shuffle(b_inds)
+        for start in range(0, batch_size, minibatch_size):
+            mb_inds = b_inds[start : start + minibatch_size]
+            _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                b_ctx[mb_inds], b_cpu[mb_inds], b_mem[mb_inds], b_mask[mb_inds], b_actions[mb_inds]
+            )
+            logratio = newlogprob - b_logprobs[mb_inds]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfracs += [((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item()]
+
+            mb_advantages = b_advantages[mb_inds]
+            if len(mb_inds) > 1:
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+            # policy loss
+            pg_loss1 = -mb_advantages * ratio
+            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
+            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+            # value loss (clipped, as in ppo.py)
+            newvalue = newvalue.view(-1)
+            v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+            v_clipped = b_values[mb_inds] + torch.clamp(
+                newvalue - b_values[mb_inds], -cfg.clip_coef, cfg.clip_coef
+            )
+            v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+
+            entropy_loss = entropy.mean()
+            loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
+
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+    return {
+        "losses/policy_loss": float(pg_loss.item()),
+        "losses/value_loss": float(v_loss.item()),
+        "losses/entropy": float(entropy_loss.item()),
+        "losses/old_approx_kl": float(old_approx_kl.item()),
+        "losses/approx_kl": float(approx_kl.item()),
+        "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0,
+        "charts/mean_reward": float(b["rewards"].mean()),
+        "charts/batch_size": batch_size,
+    }
+
+
+# ------------------------------------------------------------------------------------ gate
+def greedy_allocs(scorer: Any, records: list[dict], grid: ResourceGrid) -> np.ndarray:
+    """(R, 2) cores and MB each record's decision would get from ``scorer`` (masked argmax)."""
+    ctx = np.asarray([r["context"] for r in records], np.float32)
+    cpu = np.asarray([r["cpu_block"] for r in records], np.float32)
+    mem = np.asarray([r["mem_block"] for r in records], np.float32)
+    rows = expand_rows(ctx, cpu, mem)  # (R, n, F)
+    scores = np.asarray(scorer.scores(rows.reshape(-1, rows.shape[-1])), np.float64)
+    scores = scores.reshape(len(records), grid.n)
+    masks = np.unpackbits(
+        np.frombuffer(b"".join(r["mask"] for r in records), np.uint8).reshape(len(records), -1),
+        axis=1,
+    )[:, : grid.n].astype(bool)
+    scores = np.where(masks, np.nan_to_num(scores, nan=-np.inf), -np.inf)
+    a = scores.argmax(axis=1)
+    cpu_units = a // grid.mem_units + 1
+    mem_units = a % grid.mem_units + 1
+    return np.stack([cpu_units * grid.cpu_unit_cores, mem_units * grid.mem_unit_mb], axis=1)
+
+
+def real_rates(scorer: Any, records: list[dict], grid: ResourceGrid, slowdown_rfet: float) -> dict:
+    alloc = greedy_allocs(scorer, records, grid)
+    peak_cpu = np.asarray([float(r.get("cpu_peak_cores") or 0.0) for r in records])
+    peak_mb = np.asarray([float(r.get("mem_peak_mb") or 0.0) for r in records])
+    slow = alloc[:, 0] < np.nan_to_num(peak_cpu) / slowdown_rfet
+    fail = alloc[:, 1] < np.nan_to_num(peak_mb)
+    return {"pred_slowdown_rate": float(slow.mean()), "pred_failure_rate": float(fail.mean())}
+
+
+def observed_rates(records: list[dict], model: str | None, slowdown_rfet: float) -> dict:
+    mine = [r for r in records if model is None or r.get("model") == model]
+    mine = [r for r in mine if r.get("outcome") != "lost"]
+    if not mine:
+        return {"invocations": 0, "slowdown_rate": None, "failure_rate": None}
+    fail = [r["outcome"] in ("failure", "oom") for r in mine]
+    slow = [
+        bool(r.get("baseline_s")) and r["duration_s"] > slowdown_rfet * r["baseline_s"]
+        for r in mine
+    ]
+    return {
+        "invocations": len(mine),
+        "slowdown_rate": float(np.mean(slow)),
+        "failure_rate": float(np.mean(fail)),
+    }
+
+
+def sim_figures(grid: ResourceGrid, preset: str, seed: int, model: str | Path | None) -> dict:
+    from training.evaluate import evaluate
+    from training.sim.presets import get_preset
+
+    p = get_preset(preset, grid=grid)
+    name = "learned" if model is not None else "fixed"
+    ev = evaluate(p, [name], seed, model=model, progress=False)
+    m = ev.results[name]
+    return {k: m[k] for k in ("mean_rfet", "p98_rfet", "slowdown_frac_1_2", "failures", "invocations")}
+
+
+def gate(
+    candidate: Path,
+    current: Path | None,
+    records: list[dict],
+    grid: ResourceGrid,
+    cfg: Any,
+    sim_cache: dict | None = None,
+) -> dict:
+    """The promotion gate's report; ``report['passed']`` says whether to promote."""
+    from sidecar.engine import fallback_scorer
+
+    cache = sim_cache if sim_cache is not None else {}
+    key = str(current) if current is not None else "fixed"
+    if key not in cache:
+        cache[key] = sim_figures(grid, cfg.preset, cfg.seed, current)
+    cur_sim = cache[key]
+    cand_sim = sim_figures(grid, cfg.preset, cfg.seed, candidate)
+    sim_ok = (
+        cand_sim["mean_rfet"] <= cur_sim["mean_rfet"] * cfg.max_rfet_ratio
+        and cand_sim["slowdown_frac_1_2"] <= cur_sim["slowdown_frac_1_2"] + cfg.max_slowdown_increase
+        and cand_sim["failures"] <= cur_sim["failures"] + cfg.max_failure_increase
+    )
+    report: dict[str, Any] = {
+        "sim": {"preset": cfg.preset, "seed": cfg.seed, "candidate": cand_sim, "current": cur_sim,
+                "passed": sim_ok},
+    }
+    real = [r for r in records if len(r["cpu_block"]) == grid.cpu_units
+            and len(r["mem_block"]) == grid.mem_units][-cfg.real_window:]
+    if real:
+        cur_scorer = OnnxScorer(current.read_bytes()) if current is not None else fallback_scorer()
+        cand_r = real_rates(OnnxScorer(candidate.read_bytes()), real, grid, cfg.slowdown_rfet)
+        cur_r = real_rates(cur_scorer, real, grid, cfg.slowdown_rfet)
+        n = len(real)
+
+        def allowed(p: float) -> float:
+            # tolerance + two standard errors of the current rate: a few records that flip on a
+            # small sample are noise, not a regression
+            return p + cfg.real_max_increase + 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
+
+        real_ok = (
+            cand_r["pred_slowdown_rate"] <= allowed(cur_r["pred_slowdown_rate"])
+            and cand_r["pred_failure_rate"] <= allowed(cur_r["pred_failure_rate"])
+        )
+        report["real"] = {"records": len(real), "candidate": cand_r, "current": cur_r,
+                          "observed": observed_rates(real, None, cfg.slowdown_rfet),
+                          "passed": real_ok}
+    else:
+        report["real"] = {"records": 0, "passed": True, "note": "no real records on this grid"}
+    report["passed"] = bool(sim_ok and report["real"]["passed"])
+    return report
+
+
+# ------------------------------------------------------------------------------------ learner
+class Learner:
+    def __init__(self, cfg: Any, store: Any, registry: Any, metrics: Any) -> None:
+        self.cfg = cfg
+        self.lcfg = cfg.learner
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.grid = cfg.grid.grid()
+        self.work = Path(cfg.data_dir) / "candidates"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.last_batch_id = 0
+        self.updates = 0
+        self.history: list[dict] = []
+        self.last: dict | None = None
+        self._sim_cache: dict = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasrm-learn")
+        torch.set_num_threads(1)
+
+    def due(self) -> bool:
+        return self.store.rewarded_since(self.last_batch_id) >= self.lcfg.min_records
+
+    def _base_agent(self) -> tuple[Agent, Any, str]:
+        latest = self.registry.latest()
+        agent = Agent()
+        if latest is not None and latest.checkpoint_path is not None:
+            agent.load_state_dict(load_checkpoint(latest.checkpoint_path)["agent"])
+            return agent, latest, f"version {latest.version}"
+        if self.lcfg.init_checkpoint:
+            agent.load_state_dict(load_checkpoint(self.lcfg.init_checkpoint)["agent"])
+            return agent, latest, self.lcfg.init_checkpoint
+        if latest is not None:
+            raise LookupError(
+                f"version {latest.version} has no agent checkpoint to continue from "
+                "(publish with --checkpoint, or set learner.init_checkpoint)"
+            )
+        torch.manual_seed(self.lcfg.seed)
+        return Agent(), None, "fresh agent"
+
+    def step(self) -> dict:
+        """One update; never raises for a refused candidate (the report says why)."""
+        t0 = time.perf_counter()
+        self.updates += 1
+        upto = self.store.max_id()
+        records = self.store.recent(max(self.lcfg.window_records, self.cfg.gate.real_window))
+        out: dict[str, Any] = {"update": self.updates, "time": time.time(), "records": len(records)}
+        try:
+            agent, base, source = self._base_agent()
+        except LookupError as exc:
+            out.update(result="skipped", reason=str(exc))
+            self.last_batch_id = upto
+            return self._done(out, t0)
+        b = records_to_batch(records[-self.lcfg.window_records :], self.grid)
+        if b is None:
+            out.update(result="skipped", reason="no rewarded records on this grid")
+            self.last_batch_id = upto
+            return self._done(out, t0)
+        torch.manual_seed(self.lcfg.seed + self.updates)
+        agent.train()
+        losses = ppo_update(agent, b, self.lcfg, seed=self.lcfg.seed + self.updates)
+        agent.eval()
+        from training.export import export
+
+        cand = self.work / f"candidate-{self.updates:06d}.onnx"
+        meta = export(agent, cand, args={"online": True, "base": source, **losses}, grid=self.grid)
+        report = gate(
+            cand, base.onnx_path if base else None, records, self.grid, self.cfg.gate, self._sim_cache
+        )
+        for check in ("sim", "real"):
+            self.metrics.gate.labels(check, "pass" if report[check]["passed"] else "fail").inc()
+        out.update(base=source, losses=losses, gate=report)
+        self.last_batch_id = upto
+        if report["passed"]:
+            buf = io.BytesIO()
+            torch.save({"agent": agent.state_dict(), "args": {"online": True}}, buf)
+            v = self.registry.add(cand.read_bytes(), meta, report, buf.getvalue(), source="online")
+            out.update(result="promoted", version=v.version, sha256=v.sha256)
+            log.info("candidate promoted", extra={"version": v.version, "base": source})
+        else:
+            out.update(result="rejected")
+            log.info("candidate refused by the gate", extra={"gate": report})
+        cand.unlink(missing_ok=True)
+        Path(str(cand) + ".json").unlink(missing_ok=True)
+        return self._done(out, t0)
+
+    def _done(self, out: dict, t0: float) -> dict:
+        out["duration_s"] = round(time.perf_counter() - t0, 3)
+        self.metrics.updates.labels(out["result"]).inc()
+        self.metrics.update_duration.observe(out["duration_s"])
+        self.last = out
+        self.history.append({k: out.get(k) for k in ("update", "result", "version", "duration_s")})
+        del self.history[:-100]
+        return out
+
+    def status(self) -> dict:
+        return {
+            "enabled": True,
+            "updates": self.updates,
+            "last_batch_id": self.last_batch_id,
+            "due": self.due(),
+            "last": self.last,
+            "history": self.history,
+        }
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+async def learn_loop(svc: Any) -> None:
+    learner: Learner = svc.learner
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(svc.cfg.learner.interval_s)
+        try:
+            due = await loop.run_in_executor(svc.db, learner.due)
+            if not due:
+                continue
+            out = await loop.run_in_executor(learner.executor, learner.step)
+        except Exception:
+            log.exception("online update failed")
+            svc.metrics.updates.labels("error").inc()
+            continue
+        if out.get("result") == "promoted":
+            svc.promoted()
+

@@ -1,0 +1,746 @@
+"""``faasrm trainer serve``: the cluster's trainer service (one per cluster; aiohttp owns it).
+
+Endpoints (writes need ``Authorization: Bearer <token>``):
+
+* ``POST /v1/trajectories``: msgpack ``{schema_version, node_id, seq, records: [...]}`` (records
+  as in ``sidecar.spool``). 401 without the token, 413 over ``max_body_bytes``, 400 with a reason
+  when malformed, 422 for an unknown schema or record version. 200 ``{"stored": true}`` once the
+  batch is committed to disk (sqlite, WAL, ``synchronous=FULL``); a batch whose ``(node_id, seq)``
+  was stored before is acknowledged with ``{"stored": false, "duplicate": true}`` and not stored
+  again.
+* ``GET /v1/models/latest[?wait=S]``: the latest promoted ONNX (``ETag``, ``X-Model-Version``,
+  ``X-Model-Sha256``). With ``If-None-Match`` equal to the current ETag it long-polls up to ``S``
+  seconds and answers as soon as a newer version is promoted, else 304. 404 while there is none.
+* ``GET /v1/models`` (versions), ``/v1/models/{version}`` (ONNX), ``/v1/models/{version}/meta``.
+* ``POST /v1/models``: msgpack ``{onnx, metadata?, evaluation?, checkpoint?, sha256?}``: publish a
+  model (offline ``faasrm train`` runs, operators, tests). Integrity only (sha256, size): every
+  node validates a model itself before running it.
+* ``GET /healthz``, ``/metrics`` (``faasrm_trainer_*``), ``/debug/learner``.
+
+The online learner (``training.online``) runs in its own cleanup context on a worker thread.
+Lifecycle: ``READY=1`` once listening, ``WATCHDOG=1`` from an event-loop task (a blocked loop
+trips the watchdog), ``STOPPING=1`` when shutdown begins. JSON logs on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import logging
+import math
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from sidecar.config import ConfigError, GridConfig, load_tree
+from sidecar.core.features import N_BLOCK, N_CONTEXT
+from sidecar.daemon import Notifier, setup_logging
+from sidecar.engine import OUTCOMES
+from sidecar.spool import RECORD_VERSION, REQUIRED
+from training.registry import Registry, TrajectoryStore
+
+log = logging.getLogger("faasrm.trainer")
+disable_created_metrics()
+SCHEMA_VERSION = 1
+"""Version of the batch envelope ``{schema_version, node_id, seq, records}``."""
+MB = 2**20
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class LearnerConfig:
+    enabled: bool = True
+    """Run online PPO updates on accepted trajectories."""
+    interval_s: float = 30.0
+    """How often the learner checks for enough new data."""
+    min_records: int = 512
+    """New rewarded records needed before an update."""
+    window_records: int = 8192
+    """The newest this many records form an update's batch."""
+    update_epochs: int = 4
+    """PPO epochs over the batch."""
+    num_minibatches: int = 4
+    """Mini-batches per epoch."""
+    learning_rate: float = 1e-4
+    """Adam learning rate (small: the update starts from the running policy)."""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Gradient norm clip."""
+    seed: int = 1
+    """Seed of torch and of the mini-batch shuffles."""
+    init_checkpoint: str = ""
+    """Agent checkpoint to start from when the registry has no version with one."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    preset: str = "sample"
+    """Simulator preset of the held-out evaluation (sample or small: fast)."""
+    seed: int = 12345
+    """Fixed workload seed of the held-out evaluation (never used for training)."""
+    max_rfet_ratio: float = 1.02
+    """Candidate mean RFET may be at most this times the current model's."""
+    max_slowdown_increase: float = 0.01
+    """Candidate share of invocations with RFET > 1.2 may exceed the current's by this much."""
+    max_failure_increase: int = 0
+    """Extra OOM failures allowed in the simulator evaluation."""
+    real_window: int = 2048
+    """Recent real records the real-data check replays."""
+    real_max_increase: float = 0.01
+    """Allowed increase of predicted slowdown / failure rates on recent real records."""
+    slowdown_rfet: float = 1.2
+    """RFET above which a real invocation counts as slowed down."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    host: str = "127.0.0.1"
+    """Listen address."""
+    port: int = 9480
+    """Listen port (0 = any free port)."""
+    token: str = ""
+    """Bearer token for writes (prefer token_file or $FAASRM_TRAINER_TOKEN)."""
+    token_file: str = ""
+    """File holding the bearer token."""
+    data_dir: str = "/var/lib/faasrm-trainer"
+    """Trajectory store, model registry and candidates."""
+    max_body_bytes: int = 16 * MB
+    """Largest trajectory batch body (413 beyond)."""
+    max_model_bytes: int = 64 * MB
+    """Largest published model (ONNX + checkpoint)."""
+    max_records_per_batch: int = 50_000
+    """Most records in one batch."""
+    long_poll_max_s: float = 60.0
+    """Upper bound of ?wait= on /v1/models/latest."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    grid: GridConfig = field(default_factory=GridConfig)
+    """The nodes' action grid (records on another grid are stored but not learned from)."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def resolve_token(self) -> str:
+        if self.token_file:
+            try:
+                return Path(self.token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"token_file {self.token_file}: {exc.strerror}") from None
+        return self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+
+
+def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfig:
+    cfg = load_tree(TrainerConfig, path, overrides)
+    problems = []
+    if not 0 <= cfg.port <= 65535:
+        problems.append(f"port {cfg.port} outside 0..65535")
+    if cfg.max_body_bytes < 1024 or cfg.max_records_per_batch < 1:
+        problems.append("max_body_bytes must be >= 1024 and max_records_per_batch >= 1")
+    if cfg.learner.interval_s <= 0 or cfg.learner.min_records < 1:
+        problems.append("learner.interval_s must be > 0 and learner.min_records >= 1")
+    if cfg.gate.preset not in ("sample", "small", "paper"):
+        problems.append(f"gate.preset {cfg.gate.preset!r} is not sample, small or paper")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
+    try:
+        cfg.grid.grid()
+    except ValueError as exc:
+        problems.append(f"grid: {exc}")
+    if not cfg.resolve_token():
+        problems.append("no token: set token_file, token or $FAASRM_TRAINER_TOKEN")
+    if problems:
+        raise ConfigError(f"{path or 'config'}: {'; '.join(problems)}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ metrics
+REJECT_REASONS = ("unauthorized", "too_large", "malformed", "schema_version")
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.transitions = Counter(
+            "faasrm_trainer_ingest_transitions_total", "Trajectory records stored", registry=r
+        )
+        self.batches = Counter(
+            "faasrm_trainer_ingest_batches_total",
+            "Trajectory batches answered 2xx",
+            ["result"],
+            registry=r,
+        )
+        for res in ("stored", "duplicate"):
+            self.batches.labels(res)
+        self.rejected = Counter(
+            "faasrm_trainer_rejected_batches_total",
+            "Trajectory batches refused",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.ingest_latency = Histogram(
+            "faasrm_trainer_ingest_duration_seconds",
+            "Validation + durable commit of one batch",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "faasrm_trainer_model_version", "Latest promoted model version (0: none)", registry=r
+        )
+        self.model_versions = Gauge(
+            "faasrm_trainer_model_versions", "Model versions in the registry", registry=r
+        )
+        self.updates = Counter(
+            "faasrm_trainer_updates_total", "Online learning updates", ["result"], registry=r
+        )
+        for res in ("promoted", "rejected", "skipped", "error"):
+            self.updates.labels(res)
+        self.gate = Counter(
+            "faasrm_trainer_gate_checks_total",
+            "Promotion gate checks",
+            ["check", "result"],
+            registry=r,
+        )
+        for check in ("sim", "real"):
+            for res in ("pass", "fail"):
+                self.gate.labels(check, res)
+        self.update_duration = Histogram(
+            "faasrm_trainer_update_duration_seconds",
+            "One update: PPO epochs, export and gate",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.long_polls = Gauge(
+            "faasrm_trainer_long_polls", "Model long-polls waiting", registry=r
+        )
+
+
+# ------------------------------------------------------------------------------------ batches
+class BatchError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+    @property
+    def label(self) -> str:
+        return "schema_version" if self.status == 422 else "malformed"
+
+
+@dataclass
+class Batch:
+    node_id: str
+    seq: int
+    n: int
+    rewarded: int
+
+
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ENVELOPE = {"schema_version", "node_id", "seq", "records"}
+_REQUIRED = frozenset(REQUIRED)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numeric(values: list, shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        raise BatchError(400, f"'{what}' is ragged or not numeric") from None
+    if arr.dtype.kind not in "iuf":
+        raise BatchError(400, f"'{what}' must hold numbers only")
+    if arr.shape != shape:
+        raise BatchError(400, f"'{what}' has shape {arr.shape[1:]}, expected {shape[1:]}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BatchError(400, f"'{what}' holds a non-finite number")
+    return arr
+
+
+def decode_batch(body: bytes, max_records: int) -> Batch:
+    """Validate a trajectory batch completely; raises BatchError(400 | 422, reason)."""
+    if not body:
+        raise BatchError(400, "empty body: expected a msgpack map")
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types (ExtraData, StackError, ...)
+        raise BatchError(400, f"body is not one valid msgpack object: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise BatchError(400, "body must be a msgpack map")
+    if "schema_version" not in obj:
+        raise BatchError(400, "'schema_version' is required")
+    sv = obj["schema_version"]
+    if not _is_int(sv):
+        raise BatchError(400, "'schema_version' must be an integer")
+    if sv != SCHEMA_VERSION:
+        raise BatchError(422, f"unknown schema_version {sv}; this trainer reads {SCHEMA_VERSION}")
+    if set(obj) != _ENVELOPE:
+        extra, missing = sorted(set(obj) - _ENVELOPE), sorted(_ENVELOPE - set(obj))
+        raise BatchError(400, f"envelope keys: missing {missing}, unknown {extra}")
+    node, seq, records = obj["node_id"], obj["seq"], obj["records"]
+    if not isinstance(node, str) or not _NODE_RE.match(node):
+        raise BatchError(400, "'node_id' must be 1-128 characters [A-Za-z0-9._:-]")
+    if not _is_int(seq) or not 0 <= seq < 2**63:
+        raise BatchError(400, "'seq' must be an integer in 0..2^63-1")
+    if not isinstance(records, list) or not records:
+        raise BatchError(400, "'records' must be a non-empty array")
+    if len(records) > max_records:
+        raise BatchError(400, f"{len(records)} records in one batch, at most {max_records}")
+    rewarded = 0
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise BatchError(400, f"records[{i}] is not a map")
+        v = rec.get("v")
+        if not _is_int(v):
+            raise BatchError(400, f"records[{i}].v must be an integer")
+        if v != RECORD_VERSION:
+            raise BatchError(422, f"records[{i}]: unknown record version {v}")
+        if not _REQUIRED <= rec.keys():
+            raise BatchError(400, f"records[{i}] lacks {sorted(_REQUIRED - rec.keys())}")
+        if rec["node"] != node:
+            raise BatchError(400, f"records[{i}].node differs from node_id")
+        for key in ("function", "container", "outcome"):
+            if not isinstance(rec[key], str) or len(rec[key]) > 512:
+                raise BatchError(400, f"records[{i}].{key} must be a string")
+        if rec["outcome"] not in OUTCOMES:
+            raise BatchError(400, f"records[{i}].outcome must be one of {', '.join(OUTCOMES)}")
+        if not _is_num(rec["time"]) or not _is_num(rec["duration_s"]) or rec["duration_s"] < 0:
+            raise BatchError(400, f"records[{i}]: time and duration_s must be finite, >= 0")
+        if not _is_num(rec["logp"]) or rec["logp"] > 1e-6:
+            raise BatchError(400, f"records[{i}].logp must be a finite log-probability")
+        r = rec["reward"]
+        if r is not None:
+            if not _is_num(r) or abs(r) > 1e6:
+                raise BatchError(400, f"records[{i}].reward must be null or a finite number")
+            rewarded += 1
+        if not _is_int(rec["action"]) or not isinstance(rec["mask"], bytes):
+            raise BatchError(400, f"records[{i}]: action must be an integer, mask bytes")
+        if not isinstance(rec["context"], list) or not isinstance(rec["cpu_block"], list) or not isinstance(rec["mem_block"], list):
+            raise BatchError(400, f"records[{i}]: context, cpu_block and mem_block must be arrays")
+    n = len(records)
+    cu, mu = len(records[0]["cpu_block"]), len(records[0]["mem_block"])
+    if not 1 <= cu <= 256 or not 1 <= mu <= 256:
+        raise BatchError(400, "cpu_block and mem_block need 1..256 rows")
+    _numeric([r["context"] for r in records], (n, N_CONTEXT), "context")
+    _numeric([r["cpu_block"] for r in records], (n, cu, N_BLOCK), "cpu_block")
+    _numeric([r["mem_block"] for r in records], (n, mu, N_BLOCK), "mem_block")
+    n_cand = cu * mu
+    mask_len = (n_cand + 7) // 8
+    for i, rec in enumerate(records):
+        a, mask = rec["action"], rec["mask"]
+        if len(mask) != mask_len:
+            raise BatchError(400, f"records[{i}].mask has {len(mask)} bytes, expected {mask_len}")
+        if not 0 <= a < n_cand or not (mask[a >> 3] >> (7 - (a & 7))) & 1:
+            raise BatchError(400, f"records[{i}].action {a} is not an allowed candidate")
+    return Batch(node, seq, n, rewarded)
+
+
+# ------------------------------------------------------------------------------------ state
+class Service:
+    """Everything the handlers share (one AppKey)."""
+
+    def __init__(self, cfg: TrainerConfig, token: str) -> None:
+        self.cfg = cfg
+        self.token = token.encode()
+        data = Path(cfg.data_dir)
+        self.store = TrajectoryStore(data / "trajectories.sqlite")
+        self.registry = Registry(data / "models")
+        self.metrics = TrainerMetrics()
+        self.db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasrm-db")
+        self.changed = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once listening (after READY=1): the watchdog pings start then."""
+        self.closing = False
+        self.learner: Any = None
+        self.started = time.time()
+        self._sync_model_metrics()
+
+    def _sync_model_metrics(self) -> None:
+        latest = self.registry.latest()
+        self.metrics.model_version.set(latest.version if latest else 0)
+        self.metrics.model_versions.set(len(self.registry.versions()))
+
+    def promoted(self) -> None:
+        """Wake every long-poll (call on the event loop)."""
+        self._sync_model_metrics()
+        ev, self.changed = self.changed, asyncio.Event()
+        ev.set()
+
+    def authorized(self, request: web.Request) -> bool:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, tok = auth.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
+
+    def close(self) -> None:
+        self.db.shutdown(wait=True)
+        self.store.close()
+
+
+SERVICE = web.AppKey("service", Service)
+NOTIFIER = web.AppKey("notifier", Notifier)
+WATCHDOG_TASK = web.AppKey("watchdog_task", asyncio.Task)
+LEARN_TASK = web.AppKey("learn_task", asyncio.Task)
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None if it is larger than ``limit`` (checked before and while reading)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, total = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------------ handlers
+async def post_trajectories(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    m = svc.metrics
+    if not svc.authorized(request):
+        m.rejected.labels("unauthorized").inc()
+        return _error(401, "missing or wrong bearer token")
+    t0 = time.perf_counter()
+    body = await _read_limited(request, svc.cfg.max_body_bytes)
+    if body is None:
+        m.rejected.labels("too_large").inc()
+        return _error(413, f"body larger than {svc.cfg.max_body_bytes} bytes")
+    try:
+        batch = decode_batch(body, svc.cfg.max_records_per_batch)
+    except BatchError as exc:
+        m.rejected.labels(exc.label).inc()
+        log.info("batch refused", extra={"status": exc.status, "reason": exc.reason})
+        return _error(exc.status, exc.reason)
+    loop = asyncio.get_running_loop()
+    stored = await loop.run_in_executor(
+        svc.db, svc.store.add, batch.node_id, batch.seq, batch.n, batch.rewarded, body
+    )
+    m.ingest_latency.observe(time.perf_counter() - t0)
+    if stored:
+        m.batches.labels("stored").inc()
+        m.transitions.inc(batch.n)
+    else:
+        m.batches.labels("duplicate").inc()
+        log.info("duplicate batch acknowledged", extra={"node": batch.node_id, "seq": batch.seq})
+    return web.json_response(
+        {"stored": stored, "duplicate": not stored, "records": batch.n, "seq": batch.seq}
+    )
+
+
+def _model_response(v: Any) -> web.Response:
+    return web.Response(
+        body=v.onnx_bytes(),
+        content_type="application/octet-stream",
+        headers={
+            "ETag": v.etag,
+            "X-Model-Version": str(v.version),
+            "X-Model-Sha256": v.sha256,
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
+async def get_latest(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    try:
+        wait = float(request.query.get("wait", "0"))
+        if not math.isfinite(wait) or wait < 0:
+            raise ValueError
+    except ValueError:
+        return _error(400, "'wait' must be a number of seconds >= 0")
+    wait = min(wait, svc.cfg.long_poll_max_s)
+    inm = request.headers.get("If-None-Match")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    svc.metrics.long_polls.inc()
+    try:
+        while True:
+            v = svc.registry.latest()
+            if v is not None and v.etag != inm:
+                return _model_response(v)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or svc.closing:
+                if v is None:
+                    return _error(404, "no model promoted yet")
+                return web.Response(status=304, headers={"ETag": v.etag})
+            ev = svc.changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ev.wait(), remaining)
+    finally:
+        svc.metrics.long_polls.dec()
+
+
+def _version_arg(request: web.Request) -> int | None:
+    try:
+        return int(request.match_info["version"])
+    except ValueError:
+        return None
+
+
+async def get_version(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    n = _version_arg(request)
+    v = svc.registry.get(n) if n is not None else None
+    if v is None:
+        return _error(404, f"no model version {request.match_info['version']!r}")
+    return _model_response(v)
+
+
+async def get_version_meta(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    n = _version_arg(request)
+    v = svc.registry.get(n) if n is not None else None
+    if v is None:
+        return _error(404, f"no model version {request.match_info['version']!r}")
+    return web.json_response(v.meta, dumps=_dumps)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    latest = svc.registry.latest()
+    return web.json_response(
+        {"latest": latest.version if latest else None, "versions": svc.registry.versions()}
+    )
+
+
+async def post_model(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    if not svc.authorized(request):
+        svc.metrics.rejected.labels("unauthorized").inc()
+        return _error(401, "missing or wrong bearer token")
+    body = await _read_limited(request, svc.cfg.max_model_bytes)
+    if body is None:
+        return _error(413, f"model larger than {svc.cfg.max_model_bytes} bytes")
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:
+        return _error(400, f"body is not valid msgpack: {type(exc).__name__}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("onnx"), bytes) or not obj["onnx"]:
+        return _error(400, "expected a map with 'onnx' (bytes)")
+    unknown = set(obj) - {"onnx", "metadata", "evaluation", "checkpoint", "sha256", "source"}
+    if unknown:
+        return _error(400, f"unknown keys {sorted(unknown)}")
+    import hashlib
+
+    sha = hashlib.sha256(obj["onnx"]).hexdigest()
+    if obj.get("sha256") and obj["sha256"] != sha:
+        return _error(400, "sha256 does not match the onnx bytes")
+    for key in ("metadata", "evaluation"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            return _error(400, f"'{key}' must be a map")
+    ckpt = obj.get("checkpoint")
+    if ckpt is not None and not isinstance(ckpt, bytes):
+        return _error(400, "'checkpoint' must be bytes")
+    loop = asyncio.get_running_loop()
+    v = await loop.run_in_executor(
+        svc.db,
+        lambda: svc.registry.add(
+            obj["onnx"],
+            obj.get("metadata"),
+            obj.get("evaluation"),
+            ckpt,
+            str(obj.get("source") or "publish"),
+        ),
+    )
+    svc.promoted()
+    log.info("model published", extra={"version": v.version, "sha256": v.sha256})
+    return web.json_response({"version": v.version, "sha256": v.sha256})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    latest = svc.registry.latest()
+    return web.json_response(
+        {
+            "status": "ok",
+            "model_version": latest.version if latest else None,
+            "uptime_s": round(time.time() - svc.started, 3),
+            **svc.store.counts(),
+        }
+    )
+
+
+def _dumps(obj: Any) -> str:
+    from sidecar.api import _dumps as strict
+
+    return strict(obj)
+
+
+async def debug_learner(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    status = svc.learner.status() if svc.learner is not None else {"enabled": False}
+    return web.json_response(status, dumps=_dumps)
+
+
+# ------------------------------------------------------------------------------------ contexts
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    svc = app[SERVICE]
+    svc.close()
+
+
+async def _watchdog_loop(notifier: Notifier, ready: asyncio.Event) -> None:
+    interval = notifier.watchdog_interval_s or 1.0
+    await ready.wait()
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(min(interval, 1.0))
+
+
+async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_watchdog_loop(app[NOTIFIER], app[SERVICE].ready), name="faasrm-watchdog")
+    app[WATCHDOG_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _learner_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICE]
+    if not svc.cfg.learner.enabled:
+        yield
+        return
+    from training.online import Learner, learn_loop
+
+    svc.learner = Learner(svc.cfg, svc.store, svc.registry, svc.metrics)
+    task = asyncio.create_task(learn_loop(svc), name="faasrm-learner")
+    app[LEARN_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    svc.learner.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[NOTIFIER].stopping()
+    svc = app[SERVICE]
+    svc.closing = True
+    svc.promoted()  # long-polls answer now instead of holding the shutdown
+    log.info("stopping")
+
+
+def build_app(cfg: TrainerConfig, notifier: Notifier | None = None) -> web.Application:
+    app = web.Application(client_max_size=max(cfg.max_body_bytes, cfg.max_model_bytes) + 1)
+    app[SERVICE] = Service(cfg, cfg.resolve_token())
+    app[NOTIFIER] = notifier or Notifier.from_env()
+    app.cleanup_ctx.append(_service_ctx)
+    app.cleanup_ctx.append(_watchdog_ctx)
+    app.cleanup_ctx.append(_learner_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    r = app.router
+    r.add_post("/v1/trajectories", post_trajectories)
+    r.add_get("/v1/models", list_models)
+    r.add_post("/v1/models", post_model)
+    r.add_get("/v1/models/latest", get_latest)
+    r.add_get("/v1/models/{version}", get_version)
+    r.add_get("/v1/models/{version}/meta", get_version_meta)
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", make_aiohttp_handler(app[SERVICE].metrics.registry))
+    r.add_get("/debug/learner", debug_learner)
+    return app
+
+
+async def serve(cfg: TrainerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set): READY=1 once listening."""
+    app = build_app(cfg)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)  # not in a thread (tests)
+    port = runner.addresses[0][1] if runner.addresses else cfg.port
+    app[NOTIFIER].send(f"READY=1\nSTATUS=listening on {cfg.host}:{port}\nMAINPID={os.getpid()}")
+    app[SERVICE].ready.set()
+    log.info("trainer listening", extra={"host": cfg.host, "port": port, "data_dir": cfg.data_dir})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(cfg: TrainerConfig) -> int:
+    setup_logging(cfg.log_level)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ client
+def publish(
+    url: str,
+    token: str,
+    onnx: str | Path | bytes,
+    checkpoint: str | Path | bytes | None = None,
+    evaluation: dict | None = None,
+    source: str = "publish",
+    timeout_s: float = 30.0,
+) -> dict:
+    """POST an exported model (and its ``<path>.json`` metadata when present) to the registry."""
+    import json
+    import urllib.request
+
+    metadata: dict = {}
+    if not isinstance(onnx, bytes):
+        side = Path(str(onnx) + ".json")
+        if side.exists():
+            metadata = json.loads(side.read_text())
+        onnx = Path(onnx).read_bytes()
+    if checkpoint is not None and not isinstance(checkpoint, bytes):
+        checkpoint = Path(checkpoint).read_bytes()
+    body = msgpack.packb(
+        {
+            "onnx": onnx,
+            "metadata": metadata,
+            "evaluation": evaluation or {},
+            "checkpoint": checkpoint,
+            "source": source,
+        },
+        use_bin_type=True,
+    )
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/models",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.loads(r.read())
