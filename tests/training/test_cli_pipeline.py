@@ -1,0 +1,39 @@
+"""`faasrm train` -> `faasrm export` -> `faasrm sim eval ... learned`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _faasrm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_train_export_eval_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    _faasrm(
+        "train", "--preset", "sample", "--total-timesteps", "256", "--num-envs", "2",
+        "--num-steps", "64", "--episode-decisions", "64", "--out-dir", str(run), "--no-progress",
+    )
+    assert (run / "checkpoint.pt").exists()
+    model = tmp_path / "policy.onnx"
+    exported = _faasrm("export", str(run / "checkpoint.pt"), str(model))
+    assert max(json.loads(exported.stdout)["parity_max_err"].values()) < 1e-5
+    meta = json.loads((tmp_path / "policy.onnx.json").read_text())
+    assert len(meta["sha256"]) == 64
+    out = tmp_path / "eval.json"
+    _faasrm(
+        "sim", "eval", "--preset", "sample", "--managers", "fixed,oracle,learned",
+        "--model", str(model), "--json", str(out),
+    )
+    results = json.loads(out.read_text())
+    assert set(results) == {"fixed", "oracle", "learned"}
+    assert results["learned"]["invocations"] == results["fixed"]["invocations"] == 268
+    # The safeguard bounds even a barely trained policy: no invocation fails twice as slow.
+    assert results["learned"]["p98_rfet"] < 2.0
