@@ -20,7 +20,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.sim
 
 demo: $(VENV)/.sim
-	$(BIN)/faasrm sim eval --preset paper --managers fixed,greedy,ensure,vpa,oracle \
+	$(BIN)/faasrm sim eval --preset paper --managers fixed,greedy,ensure,vpa,oracle,learned \
 		--seed 1 --json out/sim_eval.json --plots out/
 
 test: $(VENV)/.dev
@@ -32,10 +32,10 @@ test-all: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/faasrm bench sim --json out/bench_sim.json
 
-# Reproduces the shipped policy (models/default.onnx and MODEL_CARD.md); ~30 min on 2 cores.
+# Reproduces the shipped policy (models/default.onnx and MODEL_CARD.md); ~15 min on 2 cores.
 RUN := runs/default
 TRAIN_CMD := $(BIN)/faasrm train --preset paper --episode-decisions 4096 --num-steps 4096 \
-	--num-envs 2 --num-minibatches 8 --learning-rate 1e-4 --total-timesteps 360448 \
+	--num-envs 2 --num-minibatches 8 --learning-rate 3e-4 --total-timesteps 245760 \
 	--init-from $(RUN)/bc.pt --checkpoint-every 5 --seed 7 --out-dir $(RUN) --no-progress
 model: $(VENV)/.dev
 	rm -rf $(RUN) && mkdir -p $(RUN)
@@ -51,6 +51,7 @@ model: $(VENV)/.dev
 	done
 	$(BIN)/python -m training.card --run $(RUN) --model models/default.onnx \
 		--eval $(RUN)/paper_seed101.json $(RUN)/paper_seed102.json --wall-s $$(cat $(RUN)/wall_s) \
+		--notes models/NOTES.md \
 		--command "make model  # python -m training.pretrain --preset paper --episodes 6 --decisions 4096, then $(subst $(BIN)/,,$(TRAIN_CMD))"
 
 clean:

@@ -24,12 +24,15 @@ COLUMNS = (
 )
 
 
+ORDER = ("fixed", "greedy", "ensure", "vpa", "oracle", "learned")
+
+
 def _table(results: dict[str, dict]) -> list[str]:
     head = "| manager | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     rule = "|---" * (len(COLUMNS) + 1) + "|"
     rows = [
         f"| {name} | " + " | ".join(fmt.format(m[k]) for k, _, fmt in COLUMNS) + " |"
-        for name, m in results.items()
+        for name, m in sorted(results.items(), key=lambda kv: (ORDER + (kv[0],)).index(kv[0]))
     ]
     return [head, rule, *rows]
 
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval", nargs="+", required=True, help="faasrm sim eval --json outputs")
     p.add_argument("--command", required=True, help="the commands that produced the model")
     p.add_argument("--wall-s", type=float, required=True, help="training wall time, seconds")
+    p.add_argument("--notes", help="a Markdown file of findings appended to the card")
     a = p.parse_args(argv)
 
     rows = list(csv.DictReader(open(Path(a.run) / "metrics.csv")))
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                 "gain over Fixed."
             )
             lines.append("")
+    if a.notes:
+        lines += ["## Notes", "", Path(a.notes).read_text().strip(), ""]
     out = Path(a.model).parent / "MODEL_CARD.md"
     out.write_text("\n".join(lines))
     print(f"wrote {out} and {meta_path}")
