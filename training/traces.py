@@ -281,6 +281,8 @@ _Z_DUR = np.array([-3.0, -2.326, -0.674, 0.0, 0.674, 2.326, 3.2])
 _Z_MEM = np.array([-2.326, -1.645, -0.674, 0.0, 0.674, 1.645, 2.326, 3.0])
 
 
+MAX_DURATION_MS = 600_000.0
+"""Longest generated duration (10 minutes, Azure Functions' maximum timeout)."""
 MAX_CONCURRENCY = 8.0
 """Cap on one generated function's expected concurrency (rate x mean duration): without it the
 independent heavy tails of popularity and duration now and then draw a single function that
@@ -344,7 +346,8 @@ def generate(n_functions: int, minutes: int, seed: int,
         spread = rng.uniform(0.1, 0.9)
         z = _Z_DUR.copy()
         z[5:] += rng.pareto(2.0, 2).cumsum()  # fatter right tail than lognormal
-        dur = np.maximum.accumulate(med * np.exp(spread * z))
+        # A heavy Pareto tail can overflow exp(); no invocation outlives the platform's timeout.
+        dur = np.maximum.accumulate(np.minimum(med * np.exp(np.minimum(spread * z, 30.0)), MAX_DURATION_MS))
         dur_avg = float(((dur[1:] + dur[:-1]) * np.diff(DURATION_PCTS)).sum() / 200.0)
         concurrency = r / 60.0 * dur_avg / 1000.0
         if concurrency > MAX_CONCURRENCY:  # one function alone would need a whole cluster

@@ -212,3 +212,13 @@ def test_property_durations_within_curve_and_arrival_counts(seed, n, minutes):
     times, fn = t.arrivals(seed)
     assert times.size == fn.size == t.total_invocations()
     assert times.size == 0 or (times.min() >= 0 and times.max() < 60 * minutes)
+
+
+def test_generated_durations_are_finite_and_bounded_for_many_seeds():
+    from training.traces import MAX_DURATION_MS
+
+    for seed in range(40):
+        trace = generate(200, 2, seed)
+        for f in trace.functions:
+            assert np.all(np.isfinite(f.duration_pct_ms)) and f.duration_pct_ms[-1] <= MAX_DURATION_MS
+            assert np.isfinite(f.duration_avg_ms)
