@@ -91,10 +91,6 @@ class NodeState(NamedTuple):
     pending: int = 0
 
 
-def _log10s(x: float, scale: float) -> float:
-    return math.log10(x + 1e-3) / scale
-
-
 class FeatureEncoder:
     """Encodes (node, function, user size) into the context vector and the candidate rows."""
 
@@ -124,8 +120,8 @@ class FeatureEncoder:
     ) -> np.ndarray:
         """The node + function features (also the critic's input), shape (N_CONTEXT,)."""
         g = self.grid
-        user_cores = g.cores(user.cpu)
-        user_mb = g.mb(user.mem)
+        user_cores = user.cpu * g.cpu_unit_cores
+        user_mb = user.mem * g.mem_unit_mb
         iat = stats.mean_iat_s
         mean_d = stats.mean_duration_s
         base_d = stats.baseline_duration_s
@@ -133,24 +129,27 @@ class FeatureEncoder:
         since = now_s - stats.last_safeguard_s  # NaN when no user-size run yet
         if since < 0:  # a clock step back on a host; NaN compares False and stays NaN
             since = 0.0
+        free_cpu = node.free_cores / node.total_cores
+        free_mem = node.free_mem_mb / node.total_mem_mb
+        slowdown = mean_d / base_d - 1.0 if known_base else 0.0
         return np.array(
             (
                 math.log1p(node.pending) / 5.0,
-                min(1.0, max(-1.0, node.free_cores / node.total_cores)),
-                min(1.0, max(-1.0, node.free_mem_mb / node.total_mem_mb)),
-                _log10s(iat, 4.0) if iat == iat else 1.0,
+                -1.0 if free_cpu < -1.0 else (1.0 if free_cpu > 1.0 else free_cpu),
+                -1.0 if free_mem < -1.0 else (1.0 if free_mem > 1.0 else free_mem),
+                math.log10(iat + 1e-3) / 4.0 if iat == iat else 1.0,
                 math.log1p(stats.rate_per_s()),
                 stats.mean_cpu_peak_cores / user_cores,
                 stats.mean_mem_peak_mb / user_mb,
                 guard_state.recent_cpu_peak_cores / user_cores,
                 guard_state.recent_mem_peak_mb / user_mb,
-                _log10s(mean_d, 3.0),
-                _log10s(base_d if known_base else mean_d, 3.0),
+                math.log10(mean_d + 1e-3) / 3.0,
+                math.log10((base_d if known_base else mean_d) + 1e-3) / 3.0,
                 user.cpu / g.cpu_units,
                 user.mem / g.mem_units,
                 math.log1p(since) / 10.0 if since == since else 1.0,
-                min(stats.completions, 20) / 20.0,
-                min(3.0, max(-1.0, mean_d / base_d - 1.0)) if known_base else 0.0,
+                (20 if stats.completions > 20 else stats.completions) / 20.0,
+                -1.0 if slowdown < -1.0 else (3.0 if slowdown > 3.0 else slowdown),
             ),
             dtype=np.float32,
         )

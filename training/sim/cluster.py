@@ -163,6 +163,7 @@ class ClusterSim:
         self._ucores = (workload.user_cpu * grid.cpu_unit_cores).tolist()
         self._umb = (workload.user_mem * grid.mem_unit_mb).tolist()
         self._cap_cpu = cluster.cores * cluster.cpu_overcommit
+        self._user = [Alloc(c, m) for c, m in zip(self._ucpu, self._umem)]
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -210,7 +211,7 @@ class ClusterSim:
         )
 
     def user_alloc(self, fn: int) -> Alloc:
-        return Alloc(self._ucpu[fn], self._umem[fn])
+        return self._user[fn]
 
     def oracle_alloc(self, inv: int) -> Alloc:
         """The smallest allocation that runs this invocation as fast as it can run (true demand)."""
@@ -234,7 +235,7 @@ class ClusterSim:
                 st = self.stats[fn]
                 st.on_arrival(self.now)
                 gs = self.guards[fn]
-                user = Alloc(self._ucpu[fn], self._umem[fn])
+                user = self._user[fn]
                 g = guard(self.grid, user, gs, 0.0, self.safeguard_cfg)
                 self._request = Request(na, fn, user, self.now, g, st, gs)
                 return self._request

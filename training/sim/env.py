@@ -6,7 +6,8 @@ normalised row per candidate that the score function reads) and ``mask`` (the sa
 allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small. Action: a
 candidate index. The step reward is the sum of the rewards of invocations whose outcome became
 known since the previous decision (the simulator knows it when an invocation starts);
-``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs in ``info["rfet"]``) name them, so a
+``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs in ``info["rfet"]``; plain lists)
+name them, so a
 trainer can credit each reward to the decision that caused it (``info["inv"]`` of that step).
 """
 
@@ -110,17 +111,17 @@ class ClusterEnv(gym.Env):
             sim.run_to_end()
         log = sim.log
         known = sim.rewarded
-        rewarded = np.array(known, dtype=np.int64)
-        rewards = np.array([log.reward[i] for i in known])
-        rfet = np.array([log.exec_s[i] / log.baseline_s[i] for i in known])
+        rewarded = known.copy()
+        rewards = [log.reward[i] for i in known]
+        rfet = [log.exec_s[i] / log.baseline_s[i] for i in known]
         known.clear()
         sim.finished.clear()
         info: dict[str, Any] = {"rewarded": rewarded, "rewards": rewards, "rfet": rfet}
         if nxt is None:
             obs = {k: np.zeros(s.shape, s.dtype) for k, s in self.observation_space.spaces.items()}
-            return obs, float(rewards.sum()), True, False, info
+            return obs, sum(rewards), True, False, info
         info["inv"] = nxt.inv
-        return self._obs(nxt), float(rewards.sum()), False, False, info
+        return self._obs(nxt), sum(rewards), False, False, info
 
 
 def register() -> None:
