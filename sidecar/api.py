@@ -251,8 +251,22 @@ async def debug_containers(request: web.Request) -> web.Response:
 
 
 async def debug_model(request: web.Request) -> web.Response:
+    from sidecar.model_poller import POLLER
+
     node = request.app[NODE]
-    return _json(node.models.status())
+    status = node.models.status()
+    poller = request.app.get(POLLER)
+    status["registry"] = poller.status() if poller is not None else None
+    return _json(status)
+
+
+async def debug_shipper(request: web.Request) -> web.Response:
+    from sidecar.shipper import SHIPPER
+
+    shipper = request.app.get(SHIPPER)
+    body = shipper.status() if shipper is not None else {"enabled": False}
+    body["spool"] = request.app[NODE].spool.stats().__dict__
+    return _json(body)
 
 
 def add_routes(app: web.Application, registry: Any) -> None:
@@ -264,3 +278,4 @@ def add_routes(app: web.Application, registry: Any) -> None:
     app.router.add_get("/debug/allocations", debug_allocations)
     app.router.add_get("/debug/containers", debug_containers)
     app.router.add_get("/debug/model", debug_model)
+    app.router.add_get("/debug/shipper", debug_shipper)

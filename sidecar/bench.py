@@ -91,6 +91,21 @@ def _random_model(path: Path) -> str:
     return "random 32/16 tanh MLP (ONNX)"
 
 
+def _grid_for(model: str) -> GridConfig:
+    """The grid the model declares in its metadata (a trained model only loads on its own
+    grid); else 0.25-core x 8 / 64 MB x 8, which suits this 2-core host."""
+    default = GridConfig(0.25, 8, 64.0, 8)
+    if not model:
+        return default
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        return GridConfig(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
+    except Exception:  # noqa: BLE001 (no grid in it, or unreadable: the loader will say)
+        return default
+
+
 def _node(rels: list[str], tmp: Path, model: str):
     from sidecar.actuator import Actuator
     from sidecar.daemon import host_capacity, make_runtimes
@@ -101,7 +116,7 @@ def _node(rels: list[str], tmp: Path, model: str):
 
     tag = uuid.uuid4().hex[:6]
     cfg = Config(
-        grid=GridConfig(0.25, 8, 64.0, 8),
+        grid=_grid_for(model),
         actuation=ActuationConfig(state_file=str(tmp / f"state-{tag}.json")),
         cgroupfs=CgroupfsConfig(
             version=1,

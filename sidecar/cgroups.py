@@ -7,6 +7,12 @@ This is the only module of the daemon that touches cgroupfs. Why it looks the wa
   offset 0, and this saves an open/close pair per file per tick. That costs ~5 fds per container
   (raise RLIMIT_NOFILE, systemd ``LimitNOFILE=``, for hundreds of containers). Limits and pid
   lists are read rarely, with a fresh open each time.
+* The per-tick read is the budget's hot path (1% of a core for 100 containers at 10 Hz): paths
+  are joined once, the two numbers read every tick (CPU and memory usage) are parsed with a bare
+  ``int()`` of the bytes, key/value files with one ``split()``; ``read_usage(oom=, slow=)`` lets
+  the caller skip the slowly-changing files, and on v1 ``oom_eventfd`` has the kernel signal an
+  OOM instead of the counter being polled. Anything unusual falls back to the careful parser,
+  which names the file and the problem.
 * A container can exit at any moment. Every OS error meaning "the cgroup is gone" (ENOENT of the
   directory, ENODEV on a kept fd whose cgroup was removed, ESRCH) becomes ``CgroupGone`` so the
   caller can forget the container instead of crashing; any other failure is ``CgroupIOError``.
@@ -24,18 +30,21 @@ import errno
 import os
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, NamedTuple, Self
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory")
 _V1_UNLIMITED = 2**62  # v1 reports "no limit" as PAGE_COUNTER_MAX pages, ~2**63 bytes
 _MIN_QUOTA_US = 1000  # kernel minimum for cfs_quota_us and the quota of cpu.max
 _Plan = list[tuple[str, str]]  # (file, value) writes, in order
+_pread, _monotonic = os.pread, time.monotonic  # bound once: the per-tick path calls them 200x
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """One sample of one container; counters are cumulative, the caller differentiates."""
+class Usage(NamedTuple):
+    """One sample of one container; counters are cumulative, the caller differentiates.
+
+    Immutable; a NamedTuple rather than a frozen dataclass because one is built per container per
+    tick and a tuple costs a third as much to build."""
 
     t_s: float  # time.monotonic() when read
     cpu_usage_s: float  # cumulative CPU seconds
@@ -105,18 +114,18 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def _pread_all(fd: int) -> str:
+def _pread_all(fd: int) -> bytes:
     chunks = [os.pread(fd, 4096, 0)]
     while len(chunks[-1]) == 4096:  # rare (long pid lists): keep reading
         chunks.append(os.pread(fd, 4096, 4096 * len(chunks)))
-    return b"".join(chunks).decode()
+    return b"".join(chunks)
 
 
 def _read_once(path: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return _pread_all(fd)
+            return _pread_all(fd).decode()
         finally:
             os.close(fd)
     except OSError as exc:
@@ -135,10 +144,12 @@ def _write_file(path: str, value: str) -> None:
         raise _error(exc, path, f"write {value!r} to") from None
 
 
-def _int(text: str, path: str) -> int:
+def _int(text: str | bytes, path: str) -> int:
     try:
-        return int(text.strip())
+        return int(text)  # int() skips surrounding whitespace, also of bytes
     except ValueError:
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
         raise CgroupIOError(f"cannot parse {path}: {text.strip()[:80]!r}", path) from None
 
 
@@ -192,6 +203,10 @@ class Cgroup(abc.ABC):
         self._absent: set[str] = set()  # optional files known not to exist
         self._last: Limits | None = None  # last limits read or written; None = unknown
         self.writes = 0  # successful file writes, for tests and metrics
+        # Values of the slowly-changing files as last read; None = read on the next read_usage.
+        self._oom: int | None = None
+        self._peak_seen: int | None = None
+        self._psi: float | None = None
 
     @property
     @abc.abstractmethod
@@ -199,7 +214,12 @@ class Cgroup(abc.ABC):
         """The cgroup directories (three on v1, one on v2)."""
 
     @abc.abstractmethod
-    def read_usage(self) -> Usage: ...
+    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
+        """Read the counters. CPU and memory usage are always read; ``oom=False`` reuses the OOM
+        counter of the last read and ``slow=False`` the slowly-changing rest: the memory peak
+        (raised to the current usage), PSI and, on v1 (where it is a file of its own), the
+        throttling counters. That saves a pread and a parse per file (the sampler reads them every
+        Nth tick). After ``reset_peak`` and on the first read everything is read."""
 
     @abc.abstractmethod
     def reset_peak(self) -> None:
@@ -283,6 +303,9 @@ class Cgroup(abc.ABC):
         self.writes += 1
 
     def _read(self, path: str, flags: int = os.O_RDONLY) -> str:
+        return self._read_bytes(path, flags).decode()
+
+    def _read_bytes(self, path: str, flags: int = os.O_RDONLY) -> bytes:
         """pread through a kept fd; reopen once if the fd was closed under us (EBADF)."""
         for attempt in (1, 2):
             fd = self._fds.get(path)
@@ -298,6 +321,18 @@ class Cgroup(abc.ABC):
                     _close_quietly(fd)
                 raise _error(exc, path, "read") from None
         raise AssertionError("unreachable")
+
+    def _raw(self, path: str) -> bytes:
+        """The per-tick read: one pread on the kept fd; anything unusual takes _read_bytes."""
+        fd = self._fds.get(path)
+        if fd is not None:
+            try:
+                data = os.pread(fd, 4096, 0)
+                if len(data) < 4096:
+                    return data
+            except OSError:
+                pass  # _read_bytes re-reads, reopens after EBADF or names the error
+        return self._read_bytes(path)
 
     def _read_optional(self, path: str, flags: int = os.O_RDONLY) -> str | None:
         """Like _read, but None if the file does not exist (older kernel, PSI disabled)."""
@@ -315,11 +350,12 @@ class Cgroup(abc.ABC):
         path = self._p(name)
         return _int(self._read(path), path)
 
-    def _keyed(self, name: str, *required: str) -> dict[str, int]:
+    def _keyed(self, name: str, *required: str, data: bytes | None = None) -> dict[str, int]:
         """Parse "key value" lines (cpu.stat, memory.events, memory.oom_control)."""
         path = self._p(name)
+        text = (self._read_bytes(path) if data is None else data).decode(errors="replace")
         out: dict[str, int] = {}
-        for line in self._read(path).splitlines():
+        for line in text.splitlines():
             parts = line.split()
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise CgroupIOError(f"cannot parse {path}: line {line[:80]!r}", path)
@@ -327,6 +363,19 @@ class Cgroup(abc.ABC):
         if missing := [key for key in required if key not in out]:
             raise CgroupIOError(f"cannot parse {path}: no {', '.join(missing)}", path)
         return out
+
+    def _keyed_fast(self, path: str, data: bytes, *keys: bytes) -> list[int]:
+        """The values of ``keys`` in a "key value" file: one split, no per-line Python."""
+        toks = data.split()
+        if not len(toks) & 1:
+            pairs = dict(zip(toks[::2], toks[1::2]))
+            try:
+                return [int(pairs[k]) for k in keys]
+            except (KeyError, ValueError):
+                pass
+        name = path.rsplit("/", 1)[-1]  # malformed: the line parser names the problem
+        got = self._keyed(name, *(k.decode() for k in keys), data=data)
+        return [got[k.decode()] for k in keys]
 
 
 class CgroupV1(Cgroup):
@@ -344,6 +393,19 @@ class CgroupV1(Cgroup):
         super().__init__()
         self.rel_path = rel_path.strip("/")
         self.root = root
+        self._efd: int | None = None  # OOM notification eventfd (oom_eventfd)
+        self._fast: tuple[int, int] | None = None  # kept fds of cpuacct.usage, usage_in_bytes
+        self._throttled = (0, 0)  # nr_throttled, throttled_time (ns) as last read
+        self._files = tuple(
+            self._p(name)
+            for name in (
+                "cpuacct.usage",
+                "cpu.stat",
+                "memory.usage_in_bytes",
+                "memory.max_usage_in_bytes",
+                "memory.oom_control",
+            )
+        )
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -353,14 +415,83 @@ class CgroupV1(Cgroup):
         """The file's prefix ("cpu", "cpuacct", "memory") names its hierarchy."""
         return os.path.join(self.root, name.split(".", 1)[0], self.rel_path, name)
 
-    def read_usage(self) -> Usage:
-        t = time.monotonic()
-        cpu_ns = self._num("cpuacct.usage")
-        stat = self._keyed("cpu.stat", "nr_throttled", "throttled_time")
-        mem, peak = self._num("memory.usage_in_bytes"), self._num("memory.max_usage_in_bytes")
-        oom = self._keyed("memory.oom_control", "oom_kill")["oom_kill"]
-        throttled_s = stat["throttled_time"] / 1e9
-        return Usage(t, cpu_ns / 1e9, stat["nr_throttled"], throttled_s, mem, peak, oom, None)
+    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
+        t = _monotonic()
+        fast = self._fast
+        if fast is not None:  # the per-tick path: two preads on kept fds, no helper calls
+            try:
+                cpu_ns, mem = int(_pread(fast[0], 64, 0)), int(_pread(fast[1], 64, 0))
+            except (OSError, ValueError):  # a closed fd, the cgroup gone: the careful way
+                fast = None
+            else:
+                if not (oom or slow) and (peak := self._peak_seen) is not None:
+                    nr, ns = self._throttled
+                    return Usage(
+                        t, cpu_ns / 1e9, nr, ns / 1e9, mem, peak if peak > mem else mem,
+                        self._oom, None,
+                    )  # fmt: skip
+        raw, (f_cpu, f_stat, f_mem, f_peak, f_oom) = self._raw, self._files
+        if fast is None:
+            cpu_ns, mem = _int(raw(f_cpu), f_cpu), _int(raw(f_mem), f_mem)
+            self._fast = (self._fds[f_cpu], self._fds[f_mem])
+        if slow or self._peak_seen is None:
+            self._peak_seen = max_usage = _int(raw(f_peak), f_peak)
+            toks = (data := raw(f_stat)).split()  # nr_periods N nr_throttled N throttled_time N
+            if len(toks) >= 6 and toks[2] == b"nr_throttled" and toks[4] == b"throttled_time":
+                try:
+                    self._throttled = int(toks[3]), int(toks[5])
+                except ValueError:
+                    self._throttled = self._v1_stat(f_stat, data)
+            else:
+                self._throttled = self._v1_stat(f_stat, data)
+        else:
+            max_usage = self._peak_seen if self._peak_seen > mem else mem
+        if oom or self._oom is None:
+            toks = (data := raw(f_oom)).split()  # oom_kill_disable 0 under_oom 0 oom_kill N
+            if len(toks) == 6 and toks[4] == b"oom_kill" and toks[5].isdigit():
+                self._oom = int(toks[5])
+            else:
+                (self._oom,) = self._keyed_fast(f_oom, data, b"oom_kill")
+        nr_throttled, throttled_ns = self._throttled
+        return Usage(
+            t, cpu_ns / 1e9, nr_throttled, throttled_ns / 1e9, mem, max_usage, self._oom, None
+        )
+
+    def _v1_stat(self, path: str, data: bytes) -> tuple[int, int]:
+        nr, ns = self._keyed_fast(path, data, b"nr_throttled", b"throttled_time")
+        return nr, ns
+
+    def oom_eventfd(self) -> int | None:
+        """An eventfd the kernel signals on every OOM in this cgroup (and on its removal).
+
+        Registered through ``cgroup.event_control`` on ``memory.oom_control`` (the v1 notification
+        API), so the sampler learns of an OOM kill with one epoll_wait per tick for all containers
+        instead of a read per container. The kernel drops the registration when the eventfd is
+        closed (``close``) or the cgroup removed. None where the kernel refuses it.
+        """
+        if self._efd is not None:
+            return self._efd
+        f_oom = self._files[4]
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            self._read_bytes(f_oom)  # opens (and keeps) the fd the registration names
+            control = os.path.join(self.root, "memory", self.rel_path, "cgroup.event_control")
+            _write_file(control, f"{efd} {self._fds[f_oom]}")
+        except (CgroupError, KeyError):
+            os.close(efd)
+            return None
+        self._efd = efd
+        return efd
+
+    def close(self) -> None:
+        self._fast = None
+        super().close()
+        if self._efd is not None:
+            _close_quietly(self._efd)
+            self._efd = None
 
     def _read_limits(self) -> Limits:
         def num(name: str) -> int:
@@ -405,6 +536,7 @@ class CgroupV1(Cgroup):
         return plan
 
     def reset_peak(self) -> None:
+        self._peak_seen = None
         self._write(self._p("memory.max_usage_in_bytes"), "0")
 
 
@@ -419,6 +551,9 @@ class CgroupV2(Cgroup):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self._files = tuple(
+            self._p(n) for n in ("cpu.stat", "memory.current", "memory.events", "memory.pressure")
+        )
         self._peak_rw: bool | None = None  # memory.peak opened read-write (kernel >= 6.12)?
         self._sw_base: int | None = None  # kernel peak at a software reset; None = no such reset
         self._sw_peak = 0  # max memory.current seen since a software reset
@@ -430,17 +565,39 @@ class CgroupV2(Cgroup):
     def _p(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def read_usage(self) -> Usage:
+    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
         t = time.monotonic()
-        stat = self._keyed("cpu.stat", "usage_usec")
-        mem = self._num("memory.current")
-        oom = self._keyed("memory.events", "oom_kill")["oom_kill"]
-        psi = self._read_optional(path := self._p("memory.pressure"))
-        avg10 = None if psi is None else _psi_some_avg10(psi, path)
-        # Without the cpu controller enabled, cpu.stat has only usage: nothing was throttled.
-        throttled_s = stat.get("throttled_usec", 0) / 1e6
-        cpu_s, nr_throttled = stat["usage_usec"] / 1e6, stat.get("nr_throttled", 0)
-        return Usage(t, cpu_s, nr_throttled, throttled_s, mem, self._peak(mem), oom, avg10)
+        raw, (f_stat, f_mem, f_events, f_psi) = self._raw, self._files
+        toks = (data := raw(f_stat)).split()
+        if not len(toks) & 1 and toks[:1] == [b"usage_usec"] and toks[1].isdigit():
+            stat = dict(zip(toks[::2], toks[1::2]))
+            try:
+                # Without the cpu controller cpu.stat has only usage: nothing was throttled.
+                usage_us = int(toks[1])
+                nr_throttled = int(stat.get(b"nr_throttled", 0))
+                throttled_us = int(stat.get(b"throttled_usec", 0))
+            except ValueError:
+                usage_us, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
+        else:
+            usage_us, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
+        mem = _int(raw(f_mem), f_mem)
+        if oom or self._oom is None:
+            (self._oom,) = self._keyed_fast(f_events, raw(f_events), b"oom_kill")
+        if slow or self._peak_seen is None:
+            self._peak_seen = mem_peak = self._peak(mem)
+            psi = self._read_optional(f_psi)
+            self._psi = None if psi is None else _psi_some_avg10(psi, f_psi)
+        else:
+            if self._sw_base is not None:
+                self._sw_peak = max(self._sw_peak, mem)
+            mem_peak = -1 if self._peak_seen < 0 else max(self._peak_seen, mem)
+        return Usage(
+            t, usage_us / 1e6, nr_throttled, throttled_us / 1e6, mem, mem_peak, self._oom, self._psi
+        )
+
+    def _stat_slow(self, path: str, data: bytes) -> tuple[int, int, int]:
+        stat = self._keyed("cpu.stat", "usage_usec", data=data)
+        return stat["usage_usec"], stat.get("nr_throttled", 0), stat.get("throttled_usec", 0)
 
     def _peak_text(self) -> str | None:
         """memory.peak, kept open read-write when the kernel allows it.
@@ -474,6 +631,7 @@ class CgroupV2(Cgroup):
         between samples) unless the kernel's all-time peak has moved past its value at the reset.
         """
         path = self._p("memory.peak")
+        self._peak_seen = None
         if (text := self._peak_text()) is None:
             return  # no kernel peak at all: Usage.mem_peak_bytes stays -1
         if self._peak_rw and (fd := self._fds.get(path)) is not None:

@@ -110,6 +110,50 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    from sidecar.config import parse_override
+
+    return dict(parse_override(text) for text in args.set or [])
+
+
+def _trainer_serve(args: argparse.Namespace) -> int:
+    from training.service import load_config, run
+
+    overrides = _overrides(args)
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    return run(load_config(args.config, overrides))
+
+
+def _trainer_publish(args: argparse.Namespace) -> int:
+    import os
+
+    from training.service import publish
+
+    token = args.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    if not token:
+        raise ValueError("a token is needed: --token-file, --token or $FAASRM_TRAINER_TOKEN")
+    out = publish(args.url, token, args.onnx, checkpoint=args.checkpoint)
+    print(json.dumps(out))
+    return 0
+
+
+def _cluster_up(args: argparse.Namespace) -> int:
+    from training.cluster import main as cluster_main
+
+    return cluster_main(args)
+
+
+def _bench_trainer(args: argparse.Namespace) -> int:
+    from training.bench_trainer import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="faasrm",
@@ -173,6 +217,35 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="the .onnx file to write (metadata goes to OUT.json beside it)")
     ex.set_defaults(func=_export)
 
+    tr_s = sub.add_parser("trainer", help="the cluster's trainer service").add_subparsers(
+        dest="trainer_command", required=True
+    )
+    ts = tr_s.add_parser("serve", help="run the trainer service (foreground; JSON logs on stderr)")
+    ts.add_argument("--config", help="TOML config file (see training/trainer.example.toml)")
+    ts.add_argument("--port", type=int, help="listen port (port)")
+    ts.add_argument("--data-dir", help="trajectory store and model registry (data_dir)")
+    ts.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set learner.interval_s=10 (repeatable)")
+    ts.set_defaults(func=_trainer_serve)
+    tp = tr_s.add_parser("publish", help="publish an exported ONNX policy to the registry")
+    tp.add_argument("onnx", help="the .onnx written by faasrm export (its .json is sent too)")
+    tp.add_argument("--url", required=True, help="trainer base URL, e.g. http://trainer:9480")
+    tp.add_argument("--checkpoint", help="the training checkpoint, so online updates continue it")
+    tp.add_argument("--token-file", help="file holding the bearer token")
+    tp.add_argument("--token", help="the bearer token (else $FAASRM_TRAINER_TOKEN)")
+    tp.set_defaults(func=_trainer_publish)
+
+    cl = sub.add_parser("cluster", help="a whole cluster on this machine").add_subparsers(
+        dest="cluster_command", required=True
+    )
+    cu = cl.add_parser("up", help="one trainer + N sidecars on 127.0.0.1, real cgroups and workers")
+    cu.add_argument("--nodes", type=int, default=10)
+    cu.add_argument("--workers", type=int, default=2, help="worker processes (containers) per node")
+    cu.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: until Ctrl-C)")
+    cu.add_argument("--dir", help="working directory (default: a new temporary one)")
+    cu.add_argument("--rate", type=float, default=2.0, help="invocations per second per worker")
+    cu.set_defaults(func=_cluster_up)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench_command", required=True
     )
@@ -195,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bsc.add_argument("--json", help="write the figures as JSON to this path")
     bsc.set_defaults(func=_bench_sidecar)
+    bt = bench.add_parser(
+        "trainer", help="trainer ingest throughput and model propagation to every node"
+    )
+    bt.add_argument("--nodes", type=int, default=10, help="sidecars for the propagation figure")
+    bt.add_argument("--batches", type=int, default=60, help="ingest batches to post")
+    bt.add_argument("--batch-records", type=int, default=1000)
+    bt.add_argument("--json", help="write the figures as JSON to this path")
+    bt.set_defaults(func=_bench_trainer)
     return p
 
 

@@ -58,6 +58,9 @@ class SamplerConfig:
     """Sampling period, seconds (monotonic deadlines, no drift)."""
     discover_every_s: float = 2.0
     """How often runtimes are re-listed as a safety net for missed events."""
+    slow_every: int = 10
+    """Ticks between reads of the slowly-changing files (memory peak, PSI; the OOM counter of
+    containers without a running invocation). Usage and CPU are read every tick."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,21 @@ class CgroupfsConfig:
 
 
 @dataclass(frozen=True)
+class DockerConfig:
+    enabled: bool = False
+    """Manage OpenWhisk action containers through the Docker Engine (tried before cgroupfs)."""
+    base_url: str = ""
+    """Engine API address, e.g. ``unix:///var/run/docker.sock``; empty = $DOCKER_HOST or the
+    default socket."""
+    cores_per_share: float = 0.0
+    """User cores per CPU share for containers sized by ``--cpu-shares`` (OpenWhisk); 0 = host
+    cores / 1024 (a container holding the invoker's whole memory pool gets every core)."""
+    namespaces: list[str] = field(default_factory=list)
+    """Known OpenWhisk namespaces (as sanitised in container names), for names whose namespace
+    contains ``_``; empty = the namespace is the first ``_``-separated token."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
     """ONNX policy; empty = models/default.onnx of the installation (rule fallback if absent)."""
@@ -160,10 +178,71 @@ class ModelConfig:
 class SpoolConfig:
     dir: str = "/var/lib/faasrm/spool"
     """Trajectory spool directory."""
-    max_bytes: int = 64 * 2**20
-    """Bound on the spool's size; the oldest segment is dropped (and counted) beyond it."""
+    max_bytes: int = 256 * 2**20
+    """Bound on the spool's size; the oldest segment is dropped (and counted) beyond it (256 MiB:
+    hours of records at a busy host's rate, so a trainer outage of minutes loses nothing)."""
     segment_bytes: int = 2**20
     """Size at which a new segment file is started."""
+
+
+@dataclass(frozen=True)
+class ShipperConfig:
+    enabled: bool = False
+    """Ship spooled trajectory records to the trainer service."""
+    url: str = ""
+    """Trainer base URL, e.g. http://trainer:9480."""
+    token_file: str = ""
+    """File holding the trainer's bearer token (else ``token``, else $FAASRM_TRAINER_TOKEN)."""
+    token: str = ""
+    """The bearer token itself (prefer token_file)."""
+    state_file: str = "/var/lib/faasrm/shipper.json"
+    """Acknowledged spool position, next batch seq and the in-flight batch (fsynced)."""
+    batch_records: int = 2000
+    """Most records per batch."""
+    max_batch_bytes: int = 4 * 2**20
+    """Most bytes per batch body (keep below the trainer's max_body_bytes)."""
+    interval_s: float = 1.0
+    """Pause between looks at the spool when everything is shipped."""
+    backoff_initial_s: float = 0.5
+    """First retry delay; doubled per failure (with jitter) up to backoff_max_s."""
+    backoff_max_s: float = 30.0
+    """Longest retry delay."""
+    timeout_s: float = 10.0
+    """Per-request timeout."""
+
+    def resolve_token(self) -> str:
+        import os
+
+        if self.token_file:
+            try:
+                return Path(self.token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"shipper.token_file {self.token_file}: {exc.strerror}") from None
+        return self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+
+
+@dataclass(frozen=True)
+class ModelPollerConfig:
+    enabled: bool = False
+    """Long-poll the trainer's registry for new models and hot-swap them."""
+    url: str = ""
+    """Trainer base URL (empty = shipper.url)."""
+    dir: str = "/var/lib/faasrm/models"
+    """Where downloaded models are kept (the active one is reloaded after a restart)."""
+    wait_s: float = 30.0
+    """Long-poll duration per request."""
+    backoff_initial_s: float = 0.5
+    """First retry delay after an error (doubled, jittered, up to backoff_max_s)."""
+    backoff_max_s: float = 30.0
+    """Longest retry delay."""
+    slowdown_rfet: float = 1.2
+    """An invocation slower than this times its baseline counts as slowed down (failures too)."""
+    max_slowdown_rate: float = 0.3
+    """Roll back a new model if more than this share of its invocations are slowed down."""
+    min_invocations: int = 20
+    """Invocations under a new model before the rollback check applies."""
+    watch_invocations: int = 200
+    """Invocations after which a new model is confirmed and no longer watched."""
 
 
 @dataclass(frozen=True)
@@ -188,8 +267,11 @@ class Config:
     actuation: ActuationConfig = field(default_factory=ActuationConfig)
     boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
     cgroupfs: CgroupfsConfig = field(default_factory=CgroupfsConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    shipper: ShipperConfig = field(default_factory=ShipperConfig)
+    model_poller: ModelPollerConfig = field(default_factory=ModelPollerConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
@@ -338,6 +420,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"sampler.tick_s {cfg.sampler.tick_s} outside 0.005..10")
     if cfg.sampler.discover_every_s < cfg.sampler.tick_s:
         problems.append("sampler.discover_every_s must be at least sampler.tick_s")
+    if cfg.sampler.slow_every < 1:
+        problems.append("sampler.slow_every must be >= 1")
     for name in ("threshold", "give_back_threshold"):
         v = getattr(cfg.safeguard, name)
         if not 0 < v <= 1:
@@ -352,6 +436,10 @@ def validate(cfg: Config) -> None:
         problems.append("actuation.state_file must be set")
     if cfg.boundaries.busy_cores <= 0 or cfg.boundaries.idle_ticks < 1:
         problems.append("boundaries.busy_cores must be > 0 and boundaries.idle_ticks >= 1")
+    if cfg.docker.cores_per_share < 0:
+        problems.append("docker.cores_per_share must be >= 0 (0 = host cores / 1024)")
+    if cfg.docker.base_url and "://" not in cfg.docker.base_url:
+        problems.append(f"docker.base_url {cfg.docker.base_url!r} needs a scheme (unix://, tcp://)")
     if cfg.cgroupfs.version not in (0, 1, 2):
         problems.append(f"cgroupfs.version {cfg.cgroupfs.version} is not 0, 1 or 2")
     seen = set()
@@ -365,9 +453,47 @@ def validate(cfg: Config) -> None:
             problems.append(f"cgroupfs.containers[{i}]: negative size or weight outside 1..10000")
     if cfg.spool.max_bytes < cfg.spool.segment_bytes or cfg.spool.segment_bytes < 4096:
         problems.append("spool.segment_bytes must be >= 4096 and <= spool.max_bytes")
+    sh, mp = cfg.shipper, cfg.model_poller
+    if sh.enabled and not sh.url.startswith(("http://", "https://")):
+        problems.append("shipper.url must be an http(s) URL when the shipper is enabled")
+    if mp.enabled and not (mp.url or sh.url).startswith(("http://", "https://")):
+        problems.append("model_poller.url (or shipper.url) must be an http(s) URL")
+    if sh.batch_records < 1 or sh.max_batch_bytes < 4096 or sh.interval_s <= 0:
+        problems.append("shipper: batch_records >= 1, max_batch_bytes >= 4096, interval_s > 0")
+    for name, sec in (("shipper", sh), ("model_poller", mp)):
+        if not 0 < sec.backoff_initial_s <= sec.backoff_max_s:
+            problems.append(f"{name}: need 0 < backoff_initial_s <= backoff_max_s")
+    if not 0 < mp.wait_s <= 300 or not 0 <= mp.max_slowdown_rate <= 1:
+        problems.append("model_poller: wait_s in (0, 300], max_slowdown_rate in [0, 1]")
+    if mp.min_invocations < 1 or mp.watch_invocations < mp.min_invocations:
+        problems.append("model_poller: 1 <= min_invocations <= watch_invocations")
     if cfg.debug.trace_size < 1 or cfg.debug.max_function_labels < 0:
         problems.append("debug.trace_size must be >= 1, debug.max_function_labels >= 0")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def load_tree(cls: Any, path: str | Path | None, overrides: dict[str, Any] | None = None) -> Any:
+    """Strictly build any dataclass tree ``cls`` from a TOML file plus dotted overrides.
+
+    The same rules as ``load`` (unknown keys, wrong types and non-finite numbers are errors naming
+    the key); used by the trainer's config, which has its own schema.
+    """
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    data = _deep_copy(data)
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return _build(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None

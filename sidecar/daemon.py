@@ -9,7 +9,10 @@ Start-up, in cleanup-context order (teardown runs in reverse, each only if its s
 2. ``_sampling_ctx``: the 100 ms tick on monotonic deadlines: sample, give-back, OOM, inferred
    boundaries; ``READY=1`` after the first tick, ``WATCHDOG=1`` from inside the loop.
 3. ``_events_ctx``: one task per runtime event stream (Docker pause/unpause, container changes).
-4. ``_signals_ctx``: SIGHUP reloads config and model. SIGTERM/SIGINT belong to ``run_app``
+4. ``_shipper_ctx`` (when ``[shipper] enabled``): ships the spool to the trainer
+   (``sidecar.shipper``); ``_poller_ctx`` (when ``[model_poller] enabled``): follows the trainer's
+   model registry (``sidecar.model_poller``). Each task is cancelled and awaited at teardown.
+5. ``_signals_ctx``: SIGHUP reloads config and model. SIGTERM/SIGINT belong to ``run_app``
    (graceful exit: ``STOPPING=1`` in on_shutdown, then the teardowns above).
 
 Logs are JSON lines on stderr.
@@ -145,6 +148,24 @@ def host_capacity() -> tuple[float, float]:
 def make_runtimes(cfg: Config) -> list[Any]:
     """Runtimes tried in order, most specific first; plain cgroups (the catch-all) last."""
     runtimes: list[Any] = []
+    if cfg.docker.enabled:
+        from sidecar.runtimes.docker import DockerRuntime
+
+        d = cfg.docker
+        try:
+            runtimes.append(
+                DockerRuntime(
+                    d.base_url or None,
+                    cores_per_share=d.cores_per_share or None,
+                    namespaces=d.namespaces,
+                    cgroup_root=cfg.cgroupfs.root,
+                )
+            )
+        except Exception as exc:  # the engine does not answer: say so, do not half-start
+            raise ConfigError(
+                f"docker.enabled: cannot reach the Docker Engine at "
+                f"{d.base_url or '$DOCKER_HOST or the default socket'}: {exc}"
+            ) from None
     if cfg.cgroupfs.enabled:
         from sidecar.runtimes.cgroupfs import CgroupfsRuntime
 
@@ -230,38 +251,108 @@ async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _consume_events(app: web.Application, runtime: Any) -> None:
+    """Apply one runtime's pushed changes. Boundaries (Docker unpause/pause) start and end an
+    invocation only when no other source owns the container's current one: an invoker that calls
+    the hook API as well is not double-counted, and a pause ends only what an unpause started."""
     node = app[NODE]
+    owned: dict[str, str] = {}  # container -> invocation started by this runtime's events
     async for ev in runtime.events():
+        if node.runtimes and runtime not in node.runtimes:
+            return  # replaced by a reload: its successor has its own consumer
+        cid = ev.container_id
         try:
             if ev.kind == "added" and ev.ref is not None:
-                node._runtime_of[ev.ref.id] = runtime
-                node.add(ev.ref)
+                if cid in node.engine.containers:
+                    continue
+                taken = {
+                    (c.ref.cgroup_version, c.ref.cgroup_path)
+                    for c in node.engine.containers.values()
+                }
+                if (ev.ref.cgroup_version, ev.ref.cgroup_path) in taken:
+                    continue  # listed by another runtime: the next full listing settles it
+                node._runtime_of[cid] = runtime
+                if not node.add(ev.ref):
+                    node._runtime_of.pop(cid, None)
             elif ev.kind == "removed":
-                if ev.container_id in node.engine.containers:
-                    node.remove(ev.container_id, restore=False)
+                owned.pop(cid, None)
+                if cid in node.engine.containers:
+                    node.remove(cid, restore=False)
             elif ev.kind == "invocation_start":
-                if ev.container_id in node.engine.containers:
-                    node.start(ev.container_id)
+                c = node.engine.containers.get(cid)
+                if c is not None and c.active is None:
+                    owned[cid] = node.start(cid).invocation.id
             elif ev.kind == "invocation_end":
-                c = node.engine.containers.get(ev.container_id)
-                if c is not None and c.active is not None:
-                    node.end(c.active.id)
+                c = node.engine.containers.get(cid)
+                inv_id = owned.pop(cid, None)
+                if c is not None and c.active is not None and c.active.id == inv_id:
+                    node.end(inv_id)
         except Exception:
             log.exception("runtime event failed", extra={"runtime": runtime.name, "event": ev.kind})
 
 
+def _start_consumers(app: web.Application, runtimes: list[Any]) -> None:
+    tasks = app.get(EVENT_TASKS)
+    if tasks is None:  # before _events_ctx: it starts them
+        return
+    tasks[:] = [t for t in tasks if not t.done()]
+    for rt in runtimes:
+        tasks.append(
+            asyncio.get_running_loop().create_task(
+                _consume_events(app, rt), name=f"faasrm-events-{rt.name}"
+            )
+        )
+
+
 async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
-    tasks = [
-        asyncio.create_task(_consume_events(app, rt), name=f"faasrm-events-{rt.name}")
-        for rt in app[NODE].runtimes
-    ]
-    app[EVENT_TASKS] = tasks
+    app[EVENT_TASKS] = []
+    _start_consumers(app, app[NODE].runtimes)
     yield
+    tasks = app[EVENT_TASKS]  # reloads may have replaced some
     for t in tasks:
         t.cancel()
     for t in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await t
+
+
+async def _shipper_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    if not cfg.shipper.enabled:
+        yield
+        return
+    from sidecar.shipper import SHIPPER, Shipper
+
+    node = app[NODE]
+    shipper = Shipper(node.spool, cfg.shipper, cfg.node, cfg.shipper.resolve_token(), app[METRICS])
+    app[SHIPPER] = shipper
+    task = asyncio.create_task(shipper.run(), name="faasrm-shipper")
+    log.info(
+        "shipping trajectories",
+        extra={"url": cfg.shipper.url, "next_seq": shipper.state.next_seq},
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _poller_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    if not cfg.model_poller.enabled:
+        yield
+        return
+    from sidecar.model_poller import POLLER, ModelPoller
+
+    poller = ModelPoller(
+        app[NODE], cfg.model_poller, cfg.model_poller.url or cfg.shipper.url, app[METRICS]
+    )
+    poller.restore_active()
+    app[POLLER] = poller
+    task = asyncio.create_task(poller.run(), name="faasrm-model-poller")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def reload(app: web.Application) -> bool:
@@ -277,8 +368,12 @@ def reload(app: web.Application) -> bool:
     if new.grid != old.grid or new.actuation.state_file != old.actuation.state_file:
         log.error("reload refused: grid and state_file need a restart")
         return False
-    if new.server != old.server or new.spool != old.spool:
-        log.warning("server and spool changes need a restart; applying the rest")
+    if (new.server, new.spool, new.shipper, new.model_poller) != (
+        old.server, old.spool, old.shipper, old.model_poller
+    ):
+        log.warning(
+            "server, spool, shipper and model_poller changes need a restart; applying the rest"
+        )
     logging.getLogger().setLevel(new.log_level.upper())
     node.cfg = new
     eng = node.engine
@@ -290,14 +385,27 @@ def reload(app: web.Application) -> bool:
     )
     node.actuator.headroom_bytes = int(new.safeguard.mem_headroom_mb * MB)
     node.actuator.period_us = new.actuation.cpu_period_us
-    for rt in node.runtimes:
-        rt.close()
-    node.runtimes = make_runtimes(new)
+    try:
+        runtimes = make_runtimes(new)
+    except ConfigError as exc:
+        log.error("reload: keeping the running runtimes", extra={"reason": str(exc)})
+        runtimes = None
+    if runtimes is not None:
+        for rt in node.runtimes:
+            rt.close()  # ends their event consumers
+        node.runtimes = runtimes
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing consumes events
+            _start_consumers(app, runtimes)
     node.sync_containers()  # containers the new config dropped are restored and forgotten
     models = node.models
     models.configured_path, models.sha256 = new.model.path, new.model.sha256
     ok = models.load()
     node.metrics.model_loads.labels("ok" if ok else "rejected").inc()
+    from sidecar.model_poller import POLLER
+
+    poller = app.get(POLLER)
+    if poller is not None and poller.active_version is not None:
+        poller.restore_active("kept across SIGHUP")  # a registry model outranks the local file
     node.metrics.set_policy(models.current.id)
     log.info("reloaded", extra={"model": models.ready_note(), "containers": len(eng.containers)})
     return True
@@ -334,6 +442,8 @@ def build_app(
     app.cleanup_ctx.append(_node_ctx)
     app.cleanup_ctx.append(_sampling_ctx)
     app.cleanup_ctx.append(_events_ctx)
+    app.cleanup_ctx.append(_shipper_ctx)
+    app.cleanup_ctx.append(_poller_ctx)
     app.cleanup_ctx.append(_signals_ctx)
     app.on_shutdown.append(_stopping)
     add_routes(app, app[METRICS].registry)

@@ -513,17 +513,23 @@ class Engine:
 
     def on_samples(self, samples: Iterable[Any]) -> list[Effect]:
         effects: list[Effect] = []
+        on_sample = self._on_sample
         for s in samples:
-            effects.extend(self.on_sample(s))
+            on_sample(s, effects)
         return effects
 
     def on_sample(self, s: Any) -> list[Effect]:
         """One container's sample (``sidecar.sampler.Sample``) -> effects for the daemon to apply."""
+        effects: list[Effect] = []
+        self._on_sample(s, effects)
+        return effects
+
+    def _on_sample(self, s: Any, effects: list[Effect]) -> None:
+        """on_sample appending to ``effects`` (once per container per tick: kept lean)."""
         c = self.containers.get(s.container_id)
         if c is None:
-            return []
+            return
         c.last_mem_bytes = s.mem_bytes
-        effects: list[Effect] = []
         inv = c.active
         rate = s.cpu_cores
         if s.oom_delta > 0:
@@ -544,10 +550,11 @@ class Engine:
                 effects.append(gb)
         if self.bounds.infer and not c.hooked and rate == rate:
             effects.extend(self._infer(c, s, rate))
-        return effects
 
     def _give_back(self, inv: Invocation, rate: float, mem_bytes: int) -> GiveBack | None:
         t, user, cfg = inv.target, inv.user, self.sg_cfg
+        if t.cpu_cores is None and t.mem_limit_bytes is None and t.mem_high_bytes is None:
+            return None  # at the user's size: nothing was harvested, nothing to give back
         raise_cpu = (
             "cpu" not in inv.given_back
             and t.cpu_cores is not None

@@ -128,6 +128,33 @@ class Metrics:
             registry=r,
         )
         self.spool_bytes = Gauge("faasrm_spool_bytes", "Bytes in the trajectory spool", registry=r)
+        self.shipped_records = Counter(
+            "faasrm_shipper_records_total", "Trajectory records acknowledged by the trainer",
+            registry=r,
+        )
+        self.shipped_batches = Counter(
+            "faasrm_shipper_batches_total", "Trajectory batches sent", ["result"], registry=r
+        )
+        for out in ("stored", "duplicate", "rejected", "error"):
+            self.shipped_batches.labels(out)
+        self.shipper_dropped = Counter(
+            "faasrm_shipper_dropped_records_total",
+            "Records the trainer refused as malformed (dropped, logged)",
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "faasrm_model_registry_version",
+            "Registry version of the running model (0: a local model or the fallback)",
+            registry=r,
+        )
+        self.model_updates = Counter(
+            "faasrm_model_updates_total",
+            "Registry models received, by result",
+            ["result"],
+            registry=r,
+        )
+        for out in ("loaded", "rejected", "rolled_back"):
+            self.model_updates.labels(out)
 
     def set_policy(self, policy: str) -> None:
         self.build_info.clear()

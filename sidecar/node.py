@@ -70,7 +70,7 @@ class Node:
         self.spool = spool
         self.metrics = metrics
         self.grid = cfg.grid.grid()
-        self.sampler = Sampler(self._open)
+        self.sampler = Sampler(self._open, cfg.sampler.slow_every)
         self.engine = Engine(
             self.grid,
             node_id=cfg.node,
@@ -90,6 +90,8 @@ class Node:
         self.last_discover_s = -math.inf
         self.recovered: dict[str, str] = {}
         self._spool_dropped_seen = spool.dropped
+        self.record_observers: list[Any] = []
+        """Callables given every finished invocation's trajectory record (the model poller)."""
 
     def _open(self, ref: ContainerRef) -> cgroups.Cgroup:
         rt = self._runtime_of.get(ref.id)
@@ -110,18 +112,28 @@ class Node:
             )
         return self.recovered
 
-    def sync_containers(self) -> None:
-        """Re-list every runtime: adopt new containers, restore and forget vanished ones."""
+    def sync_containers(self, full: bool = True) -> None:
+        """Re-list every runtime: adopt new containers, restore and forget vanished ones.
+
+        Runtimes are asked in order, most specific first: a cgroup another runtime already
+        listed (e.g. ``docker/<id>`` under a cgroupfs parent) stays with the first. ``full=False``
+        (the periodic safety net) lets a runtime with a cheaper listing (``relist``) use it.
+        """
         seen: dict[str, ContainerRef] = {}
+        claimed: set[tuple[int, str]] = set()
         for rt in self.runtimes:
+            lister = None if full else getattr(rt, "relist", None)
             try:
-                refs = rt.discover()
+                refs = (lister or rt.discover)()
             except Exception as exc:
                 log.error("discovery failed", extra={"runtime": rt.name, "reason": str(exc)})
+                self.last_discover_s = time.monotonic()  # retried at the next interval
                 return  # never forget containers because one listing failed
             for ref in refs:
-                if ref.id not in seen:
+                where = (ref.cgroup_version, ref.cgroup_path)
+                if ref.id not in seen and where not in claimed:
                     seen[ref.id] = ref
+                    claimed.add(where)
                     self._runtime_of[ref.id] = rt
         added = False
         for cid, ref in seen.items():
@@ -327,6 +339,11 @@ class Node:
             self.spool.append(ended.record)
         except (OSError, ValueError) as exc:
             log.error("cannot spool a trajectory record", extra={"reason": str(exc)})
+        for observe in self.record_observers:
+            try:
+                observe(ended.record)
+            except Exception:
+                log.exception("record observer failed")
         st = self.spool.stats()
         if st.dropped > self._spool_dropped_seen:
             self.metrics.spool_dropped.inc(st.dropped - self._spool_dropped_seen)
@@ -355,8 +372,8 @@ class Node:
         t0 = time.perf_counter()
         now = time.monotonic()
         if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
-            self.sync_containers()
-        res = self.sampler.tick()
+            self.sync_containers(full=False)
+        res = self.sampler.tick({inv.container_id for inv in self.engine.invocations.values()})
         m = self.metrics
         m.samples.inc(len(res.samples))
         for cid in res.gone:

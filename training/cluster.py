@@ -93,7 +93,7 @@ class Trainer:
     def start(self, wait: bool = True) -> None:
         sets = []
         for k, v in self.overrides.items():
-            sets += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"]
+            sets += ["--set", f"{k}={_toml(v)}"]
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "trainer", "serve", "--port", str(self.port),
@@ -259,7 +259,10 @@ class Cluster:
             {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0, **(trainer_overrides or {})},
         )
         self.nodes = [
-            Node(i, self.workdir, self.parent, self.trainer.url, free_port(), sidecar_overrides or {})
+            Node(
+                i, self.workdir, self.parent, self.trainer.url, free_port(),
+                sidecar_overrides or {},
+            )
             for i in range(nodes)
         ]
         self.n_workers = workers
@@ -416,7 +419,9 @@ class Cluster:
 
 
 def main(args: Any) -> int:
-    cl = Cluster(args.nodes, args.workers, args.dir, rate_per_worker=args.rate)
+    # a demo cluster learns fast: small updates often (a real trainer waits for more data)
+    cl = Cluster(args.nodes, args.workers, args.dir, rate_per_worker=args.rate,
+                 trainer_overrides={"learner.interval_s": 5.0, "learner.min_records": 100})
     print(f"starting 1 trainer + {args.nodes} sidecars in {cl.workdir} (cgroups under {cl.parent})")
     cl.start()
     print(f"trainer {cl.trainer.url}; nodes " + ", ".join(n.url for n in cl.nodes))

@@ -83,7 +83,9 @@ def records_to_batch(records: list[dict], grid: ResourceGrid) -> dict[str, torch
 
 
 # ------------------------------------------------------------------------------------ PPO update
-def ppo_update(agent: Agent, b: dict[str, torch.Tensor], cfg: Any, seed: int = 0) -> dict[str, float]:
+def ppo_update(
+    agent: Agent, b: dict[str, torch.Tensor], cfg: Any, seed: int = 0
+) -> dict[str, float]:
     """PPO epochs over one batch of one-step episodes; returns the ``losses/`` scalars."""
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
@@ -114,7 +116,9 @@ def ppo_update(agent: Agent, b: dict[str, torch.Tensor], cfg: Any, seed: int = 0
 
             mb_advantages = b_advantages[mb_inds]
             if len(mb_inds) > 1:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (
+                    mb_advantages.std() + 1e-8
+                )
 
             # policy loss
             pg_loss1 = -mb_advantages * ratio
@@ -203,7 +207,8 @@ def sim_figures(grid: ResourceGrid, preset: str, seed: int, model: str | Path | 
     name = "learned" if model is not None else "fixed"
     ev = evaluate(p, [name], seed, model=model, progress=False)
     m = ev.results[name]
-    return {k: m[k] for k in ("mean_rfet", "p98_rfet", "slowdown_frac_1_2", "failures", "invocations")}
+    keys = ("mean_rfet", "p98_rfet", "slowdown_frac_1_2", "failures", "invocations")
+    return {k: m[k] for k in keys}
 
 
 def gate(
@@ -225,7 +230,8 @@ def gate(
     cand_sim = sim_figures(grid, cfg.preset, cfg.seed, candidate)
     sim_ok = (
         cand_sim["mean_rfet"] <= cur_sim["mean_rfet"] * cfg.max_rfet_ratio
-        and cand_sim["slowdown_frac_1_2"] <= cur_sim["slowdown_frac_1_2"] + cfg.max_slowdown_increase
+        and cand_sim["slowdown_frac_1_2"]
+        <= cur_sim["slowdown_frac_1_2"] + cfg.max_slowdown_increase
         and cand_sim["failures"] <= cur_sim["failures"] + cfg.max_failure_increase
     )
     report: dict[str, Any] = {
@@ -324,7 +330,12 @@ class Learner:
         cand = self.work / f"candidate-{self.updates:06d}.onnx"
         meta = export(agent, cand, args={"online": True, "base": source, **losses}, grid=self.grid)
         report = gate(
-            cand, base.onnx_path if base else None, records, self.grid, self.cfg.gate, self._sim_cache
+            cand,
+            base.onnx_path if base else None,
+            records,
+            self.grid,
+            self.cfg.gate,
+            self._sim_cache,
         )
         for check in ("sim", "real"):
             self.metrics.gate.labels(check, "pass" if report[check]["passed"] else "fail").inc()

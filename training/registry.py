@@ -188,7 +188,9 @@ class Registry:
             tmp.mkdir()
             _write_durable(tmp / "model.onnx", onnx)
             if checkpoint is not None:
-                data = checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
+                data = (
+                    checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
+                )
                 _write_durable(tmp / "agent.pt", data)
             meta = {
                 "version": version,

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -40,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -128,6 +129,9 @@ class TrainerConfig:
     """Largest published model (ONNX + checkpoint)."""
     max_records_per_batch: int = 50_000
     """Most records in one batch."""
+    ingest_workers: int = 0
+    """Processes validating batches in parallel (0: on the event loop; try 2+ on an idle
+    multi-core trainer host: on a busy 2-core machine they only add pickling)."""
     long_poll_max_s: float = 60.0
     """Upper bound of ?wait= on /v1/models/latest."""
     log_level: str = "info"
@@ -151,6 +155,8 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
     problems = []
     if not 0 <= cfg.port <= 65535:
         problems.append(f"port {cfg.port} outside 0..65535")
+    if not 0 <= cfg.ingest_workers <= 64:
+        problems.append("ingest_workers must be 0..64")
     if cfg.max_body_bytes < 1024 or cfg.max_records_per_batch < 1:
         problems.append("max_body_bytes must be >= 1024 and max_records_per_batch >= 1")
     if cfg.learner.interval_s <= 0 or cfg.learner.min_records < 1:
@@ -236,9 +242,12 @@ class TrainerMetrics:
 # ------------------------------------------------------------------------------------ batches
 class BatchError(Exception):
     def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(status, reason)  # both in args: it pickles (validator processes)
         self.status = status
         self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
     @property
     def label(self) -> str:
@@ -256,43 +265,32 @@ class Batch:
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ENVELOPE = {"schema_version", "node_id", "seq", "records"}
 _REQUIRED = frozenset(REQUIRED)
+_NUM = {float, int}
+_OUTCOMES = frozenset(OUTCOMES)
+_TUPLE = {tuple}
+_BLOCK_LEN = {N_BLOCK}
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _numeric(values: list, shape: tuple[int, ...], what: str) -> np.ndarray:
-    try:
-        arr = np.asarray(values)
-    except (ValueError, TypeError, OverflowError):
-        raise BatchError(400, f"'{what}' is ragged or not numeric") from None
-    if arr.dtype.kind not in "iuf":
-        raise BatchError(400, f"'{what}' must hold numbers only")
-    if arr.shape != shape:
-        raise BatchError(400, f"'{what}' has shape {arr.shape[1:]}, expected {shape[1:]}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise BatchError(400, f"'{what}' holds a non-finite number")
-    return arr
-
-
 def decode_batch(body: bytes, max_records: int) -> Batch:
-    """Validate a trajectory batch completely; raises BatchError(400 | 422, reason)."""
+    """Validate a trajectory batch completely; raises BatchError(400 | 422, reason).
+
+    Arrays decode as tuples (cheaper than lists) and are checked with C-level iteration: exact
+    element types (``true`` or ``"1.5"`` is not a number here), shapes, and finiteness through
+    one sum per array (a NaN or an infinity anywhere makes the sum non-finite).
+    """
     if not body:
         raise BatchError(400, "empty body: expected a msgpack map")
     try:
         obj = msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            max_ext_len=0,
+            body, raw=False, strict_map_key=True, max_ext_len=0, use_list=False
         )
     except Exception as exc:  # msgpack raises several types (ExtraData, StackError, ...)
-        raise BatchError(400, f"body is not one valid msgpack object: {type(exc).__name__}") from None
+        reason = f"body is not one valid msgpack object: {type(exc).__name__}"
+        raise BatchError(400, reason) from None
     if not isinstance(obj, dict):
         raise BatchError(400, "body must be a msgpack map")
     if "schema_version" not in obj:
@@ -303,18 +301,29 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
     if sv != SCHEMA_VERSION:
         raise BatchError(422, f"unknown schema_version {sv}; this trainer reads {SCHEMA_VERSION}")
     if set(obj) != _ENVELOPE:
-        extra, missing = sorted(set(obj) - _ENVELOPE), sorted(_ENVELOPE - set(obj))
+        extra, missing = sorted(map(str, set(obj) - _ENVELOPE)), sorted(_ENVELOPE - set(obj))
         raise BatchError(400, f"envelope keys: missing {missing}, unknown {extra}")
     node, seq, records = obj["node_id"], obj["seq"], obj["records"]
     if not isinstance(node, str) or not _NODE_RE.match(node):
         raise BatchError(400, "'node_id' must be 1-128 characters [A-Za-z0-9._:-]")
     if not _is_int(seq) or not 0 <= seq < 2**63:
         raise BatchError(400, "'seq' must be an integer in 0..2^63-1")
-    if not isinstance(records, list) or not records:
+    if type(records) is not tuple or not records:
         raise BatchError(400, "'records' must be a non-empty array")
     if len(records) > max_records:
         raise BatchError(400, f"{len(records)} records in one batch, at most {max_records}")
+    first = records[0]
+    if not isinstance(first, dict) or type(first.get("cpu_block")) is not tuple or type(
+        first.get("mem_block")
+    ) is not tuple:
+        raise BatchError(400, "records[0] is not a map with cpu_block and mem_block arrays")
+    cu, mu = len(first["cpu_block"]), len(first["mem_block"])
+    if not 1 <= cu <= 256 or not 1 <= mu <= 256:
+        raise BatchError(400, "cpu_block and mem_block need 1..256 rows")
+    n_cand = cu * mu
+    mask_len = (n_cand + 7) // 8
     rewarded = 0
+    chain = itertools.chain.from_iterable
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise BatchError(400, f"records[{i}] is not a map")
@@ -327,40 +336,49 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
             raise BatchError(400, f"records[{i}] lacks {sorted(_REQUIRED - rec.keys())}")
         if rec["node"] != node:
             raise BatchError(400, f"records[{i}].node differs from node_id")
-        for key in ("function", "container", "outcome"):
-            if not isinstance(rec[key], str) or len(rec[key]) > 512:
-                raise BatchError(400, f"records[{i}].{key} must be a string")
-        if rec["outcome"] not in OUTCOMES:
+        fn, ct, out = rec["function"], rec["container"], rec["outcome"]
+        if type(fn) is not str or type(ct) is not str or len(fn) > 512 or len(ct) > 512:
+            raise BatchError(400, f"records[{i}]: function and container must be strings")
+        if type(out) is not str or out not in _OUTCOMES:
             raise BatchError(400, f"records[{i}].outcome must be one of {', '.join(OUTCOMES)}")
-        if not _is_num(rec["time"]) or not _is_num(rec["duration_s"]) or rec["duration_s"] < 0:
-            raise BatchError(400, f"records[{i}]: time and duration_s must be finite, >= 0")
-        if not _is_num(rec["logp"]) or rec["logp"] > 1e-6:
-            raise BatchError(400, f"records[{i}].logp must be a finite log-probability")
+        t, d, lp = rec["time"], rec["duration_s"], rec["logp"]
+        if type(t) not in _NUM or type(d) not in _NUM or type(lp) not in _NUM:
+            raise BatchError(400, f"records[{i}]: time, duration_s and logp must be numbers")
+        # comparisons are False for NaN, and one sum catches any infinity
+        if not (d >= 0 and lp <= 1e-6 and t >= 0 and math.isfinite(t + d + lp)):
+            raise BatchError(400, f"records[{i}]: time, duration_s >= 0, logp <= 0, all finite")
         r = rec["reward"]
         if r is not None:
-            if not _is_num(r) or abs(r) > 1e6:
+            if type(r) not in _NUM or not -1e6 <= r <= 1e6:
                 raise BatchError(400, f"records[{i}].reward must be null or a finite number")
             rewarded += 1
-        if not _is_int(rec["action"]) or not isinstance(rec["mask"], bytes):
-            raise BatchError(400, f"records[{i}]: action must be an integer, mask bytes")
-        if not isinstance(rec["context"], list) or not isinstance(rec["cpu_block"], list) or not isinstance(rec["mem_block"], list):
+        ctx, cpu, mem = rec["context"], rec["cpu_block"], rec["mem_block"]
+        if not (type(ctx) is tuple and type(cpu) is tuple and type(mem) is tuple):
             raise BatchError(400, f"records[{i}]: context, cpu_block and mem_block must be arrays")
-    n = len(records)
-    cu, mu = len(records[0]["cpu_block"]), len(records[0]["mem_block"])
-    if not 1 <= cu <= 256 or not 1 <= mu <= 256:
-        raise BatchError(400, "cpu_block and mem_block need 1..256 rows")
-    _numeric([r["context"] for r in records], (n, N_CONTEXT), "context")
-    _numeric([r["cpu_block"] for r in records], (n, cu, N_BLOCK), "cpu_block")
-    _numeric([r["mem_block"] for r in records], (n, mu, N_BLOCK), "mem_block")
-    n_cand = cu * mu
-    mask_len = (n_cand + 7) // 8
-    for i, rec in enumerate(records):
+        if len(ctx) != N_CONTEXT or len(cpu) != cu or len(mem) != mu:
+            raise BatchError(
+                400, f"records[{i}]: context needs {N_CONTEXT} numbers, blocks {cu} and {mu} rows"
+            )
+        rows = set(map(type, cpu))
+        rows.update(map(type, mem))
+        if rows != _TUPLE or set(map(len, cpu)) | set(map(len, mem)) != _BLOCK_LEN:
+            raise BatchError(400, f"records[{i}]: block rows must be arrays of {N_BLOCK} numbers")
+        types = set(map(type, ctx))
+        types.update(map(type, chain(cpu)))
+        types.update(map(type, chain(mem)))
+        if not types <= _NUM:
+            raise BatchError(400, f"records[{i}]: context and blocks must hold numbers only")
+        total = sum(ctx) + sum(map(sum, cpu)) + sum(map(sum, mem))
+        if not math.isfinite(total):
+            raise BatchError(400, f"records[{i}]: context or blocks hold a non-finite number")
         a, mask = rec["action"], rec["mask"]
+        if not _is_int(a) or type(mask) is not bytes:
+            raise BatchError(400, f"records[{i}]: action must be an integer, mask bytes")
         if len(mask) != mask_len:
             raise BatchError(400, f"records[{i}].mask has {len(mask)} bytes, expected {mask_len}")
         if not 0 <= a < n_cand or not (mask[a >> 3] >> (7 - (a & 7))) & 1:
             raise BatchError(400, f"records[{i}].action {a} is not an allowed candidate")
-    return Batch(node, seq, n, rewarded)
+    return Batch(node, seq, len(records), rewarded)
 
 
 # ------------------------------------------------------------------------------------ state
@@ -375,6 +393,7 @@ class Service:
         self.registry = Registry(data / "models")
         self.metrics = TrainerMetrics()
         self.db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasrm-db")
+        self.validators: concurrent.futures.ProcessPoolExecutor | None = None
         self.changed = asyncio.Event()
         self.ready = asyncio.Event()
         """Set once listening (after READY=1): the watchdog pings start then."""
@@ -399,7 +418,22 @@ class Service:
         scheme, _, tok = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
 
+    async def validate(self, body: bytes) -> Batch:
+        if self.validators is None:
+            return decode_batch(body, self.cfg.max_records_per_batch)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self.validators, decode_batch, body, self.cfg.max_records_per_batch
+            )
+        except concurrent.futures.process.BrokenProcessPool:
+            log.error("a validator process died; validating in-process from now on")
+            self.validators = None
+            return decode_batch(body, self.cfg.max_records_per_batch)
+
     def close(self) -> None:
+        if self.validators is not None:
+            self.validators.shutdown(wait=True, cancel_futures=True)
         self.db.shutdown(wait=True)
         self.store.close()
 
@@ -440,7 +474,7 @@ async def post_trajectories(request: web.Request) -> web.Response:
         m.rejected.labels("too_large").inc()
         return _error(413, f"body larger than {svc.cfg.max_body_bytes} bytes")
     try:
-        batch = decode_batch(body, svc.cfg.max_records_per_batch)
+        batch = await svc.validate(body)
     except BatchError as exc:
         m.rejected.labels(exc.label).inc()
         log.info("batch refused", extra={"status": exc.status, "reason": exc.reason})
@@ -554,8 +588,6 @@ async def post_model(request: web.Request) -> web.Response:
     unknown = set(obj) - {"onnx", "metadata", "evaluation", "checkpoint", "sha256", "source"}
     if unknown:
         return _error(400, f"unknown keys {sorted(unknown)}")
-    import hashlib
-
     sha = hashlib.sha256(obj["onnx"]).hexdigest()
     if obj.get("sha256") and obj["sha256"] != sha:
         return _error(400, "sha256 does not match the onnx bytes")
@@ -607,7 +639,24 @@ async def debug_learner(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------------------------ contexts
+def _warm() -> int:
+    return os.getpid()
+
+
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICE]
+    if svc.cfg.ingest_workers > 0:
+        import multiprocessing
+
+        # forkserver: workers never inherit the loop's threads or sockets
+        svc.validators = concurrent.futures.ProcessPoolExecutor(
+            svc.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
+        )
+        # start them now (imports take a moment) rather than on the first batch
+        await asyncio.gather(*(
+            asyncio.get_running_loop().run_in_executor(svc.validators, _warm)
+            for _ in range(svc.cfg.ingest_workers)
+        ))
     yield
     svc = app[SERVICE]
     svc.close()
@@ -622,7 +671,9 @@ async def _watchdog_loop(notifier: Notifier, ready: asyncio.Event) -> None:
 
 
 async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_watchdog_loop(app[NOTIFIER], app[SERVICE].ready), name="faasrm-watchdog")
+    task = asyncio.create_task(
+        _watchdog_loop(app[NOTIFIER], app[SERVICE].ready), name="faasrm-watchdog"
+    )
     app[WATCHDOG_TASK] = task
     yield
     task.cancel()

@@ -40,14 +40,24 @@ class CgroupfsRuntime:
         self.host_mem_bytes = host_mem_bytes
         self._v2_base = (cgroups._v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
         self._closed = asyncio.Event()
+        self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> its directories (joined once)
 
     # -------------------------------------------------------------------------------- listing
-    def _exists(self, rel: str) -> bool:
-        if self.version == 1:
-            return all(
-                os.path.isdir(os.path.join(self.root, c, rel)) for c in cgroups.V1_CONTROLLERS
-            )
-        return os.path.isdir(os.path.join(self._v2_base, rel))
+    def _exists(self, rel: str, quick: bool = False) -> bool:
+        """The cgroup's directories exist (``quick``: only the first, for the periodic relist:
+        the sampler notices a half-removed cgroup itself)."""
+        dirs = self._dirs.get(rel)
+        if dirs is None:
+            if self.version == 1:
+                dirs = tuple(os.path.join(self.root, c, rel) for c in cgroups.V1_CONTROLLERS)
+            else:
+                dirs = (os.path.join(self._v2_base, rel),)
+            if len(self._dirs) > 100_000:
+                self._dirs.clear()
+            self._dirs[rel] = dirs
+        if quick:
+            return os.path.isdir(dirs[-1])
+        return all(os.path.isdir(d) for d in dirs)
 
     def _children(self) -> list[str]:
         parent = self.cfg.parent.strip("/")
@@ -88,12 +98,16 @@ class CgroupfsRuntime:
             return cgroups.CgroupV1(rel, self.root)
         return cgroups.CgroupV2(os.path.join(self._v2_base, rel))
 
-    def discover(self) -> list[ContainerRef]:
+    def relist(self) -> list[ContainerRef]:
+        """The periodic safety net: ``discover`` with one directory check per cgroup."""
+        return self.discover(quick=True)
+
+    def discover(self, quick: bool = False) -> list[ContainerRef]:
         listed = {c.path.strip("/"): c for c in self.cfg.containers}
         rels = list(listed) + [r for r in self._children() if r not in listed]
         out = []
         for rel in rels:
-            if not self._exists(rel):
+            if not self._exists(rel, quick):
                 continue
             entry = listed.get(rel)
             try:

@@ -402,6 +402,41 @@ class DockerRuntime:
             self._paused = {k: v for k, v in self._paused.items() if k in self._known}
         return refs
 
+    def relist(self) -> list[ContainerRef]:
+        """The periodic safety net: one list call; only containers not known yet are inspected.
+
+        Known containers keep their ref (their user size is read again by ``discover``, i.e. at
+        start-up and on SIGHUP); the paused flag follows the listing's state.
+        """
+        import docker.errors
+
+        with self._lock:
+            known = dict(self._known)
+        refs: list[ContainerRef] = []
+        paused: dict[str, bool] = {}
+        for summary in self._client.api.containers(all=False):
+            cid = summary["Id"]
+            ref = known.get(cid)
+            if ref is None:
+                names = summary.get("Names") or []
+                if self._managed_function(names[0] if names else "", summary.get("Labels")) is None:
+                    continue
+                try:
+                    ref = self._inspect(self._client, cid)
+                except docker.errors.APIError as exc:
+                    log.warning("docker inspect %s failed: %s", cid[:12], exc)
+                    continue
+                if ref is None:
+                    continue
+            elif "State" in summary:
+                paused[cid] = summary["State"] == "paused"
+            refs.append(ref)
+        with self._lock:
+            self._known = {r.id: r for r in refs}
+            self._paused.update(paused)
+            self._paused = {k: v for k, v in self._paused.items() if k in self._known}
+        return refs
+
     def is_paused(self, container_id: str) -> bool | None:
         """Whether a known container was paused (idle between activations) when last seen."""
         with self._lock:

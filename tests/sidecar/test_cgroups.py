@@ -262,6 +262,8 @@ def test_v2_removed_directory_is_gone(v2_tree: Path) -> None:
         ("memory.current", ""),
         ("cpu.stat", "user_usec 1\nsystem_usec 2\n"),  # no usage_usec
         ("cpu.stat", "usage_usec 12 34\n"),
+        ("cpu.stat", "usage_usec\n"),
+        ("memory.events", "oom_kill\n"),
         ("memory.events", "oom_kill many\n"),
         ("memory.pressure", "some avg10=x avg60=0.00\n"),
         ("memory.pressure", "garbage\n"),

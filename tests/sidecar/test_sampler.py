@@ -118,3 +118,86 @@ def test_ticker_real_lateness_is_small() -> None:
         return worst
 
     assert asyncio.run(run()) < 0.1  # generous: a busy shared machine
+
+
+# ----------------------------------------------------------------- what is read on which tick
+def test_slow_files_are_read_every_nth_tick_and_oom_every_tick_when_live(tmp_path: Path) -> None:
+    """v2 (no OOM eventfd): the OOM counter of an idle container waits for its slow tick, a live
+    one's is read every tick; the peak between slow reads is the last one raised to the usage."""
+    dirs = {n: v2_container(tmp_path, n) for n in ("idle", "live")}
+    s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path), slow_every=5)
+    for n, d in dirs.items():
+        s.track(ref(n, version=2, path=str(d)))
+    s.tick(live={"live"})  # first read of each: everything
+    for d in dirs.values():
+        events = (d / "memory.events").read_text()
+        (d / "memory.events").write_text(events.replace("oom_kill 1", "oom_kill 2"))
+        (d / "memory.current").write_text("200000000\n")  # above the peak last read (~122 MiB)
+        (d / "memory.peak").write_text("250000000\n")
+    seen: dict[str, list[int]] = {"idle": [], "live": []}
+    peaks = []
+    for _ in range(5):
+        for x in s.tick(live={"live"}).samples:
+            seen[x.container_id].append(x.oom_delta)
+            if x.container_id == "idle":
+                peaks.append(x.mem_peak_bytes)
+    assert seen["live"] == [1, 0, 0, 0, 0]  # at once
+    assert sum(seen["idle"]) == 1 and seen["idle"][0] == 0  # on its slow tick, within 5
+    assert all(p >= 200_000_000 for p in peaks)  # never below the current usage
+    assert peaks.count(250_000_000) == 1  # the kernel's, read on the slow tick
+    s.close()
+
+
+def test_live_none_reads_oom_every_tick(tmp_path: Path) -> None:
+    s, dirs = _v2_sampler(tmp_path, "a")
+    s.slow_every = 100
+    s.tick()
+    d = dirs["a"]
+    events = (d / "memory.events").read_text()
+    (d / "memory.events").write_text(events.replace("oom_kill 1", "oom_kill 4"))
+    (x,) = s.tick().samples
+    assert x.oom_delta == 3
+    s.close()
+
+
+def test_real_v1_oom_kill_is_seen_within_a_tick_through_the_eventfd(v1_cgroup, spawn) -> None:
+    """No container is live and the slow tick is far away: the kernel's OOM notification alone
+    makes the sampler read the counter."""
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=1000)
+    cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
+    assert s._tracked["c"].efd is not None  # registered on this kernel
+    p = spawn("import sys\nprint('go', flush=True)\nsys.stdin.readline()\nx = b'x' * (256 << 20)\n")
+    assert p.stdout.readline().strip() == "go"
+    s.tick(live=())
+    s.tick(live=())  # the slow tick is now 999 ticks away
+    cg.write_limits(cgroups.Limits(mem_limit_bytes=64 * MB), headroom_bytes=0)
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert p.wait(timeout=10) == -9
+    deltas = [x.oom_delta for _ in range(2) for x in s.tick(live=()).samples]
+    assert sum(deltas) >= 1 and deltas[0] >= 1
+    assert s.oom_notifications >= 1
+    s.untrack("c")
+    assert not s._by_efd
+    s.close()
+
+
+def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> None:
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=3)
+    cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
+    cg.write_limits(cgroups.Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
+    spawn("while True: pass")
+
+    async def ticks(n: int) -> list:
+        t, out = Ticker(0.05), []
+        for _ in range(n):
+            await t.wait()
+            out.extend(s.tick(live=()).samples)
+        return out
+
+    xs = asyncio.run(ticks(7))
+    # throttling moves only on the slow ticks (every 3rd), and then by the whole interval's count
+    moved = [i for i, x in enumerate(xs) if x.throttled_delta > 0]
+    assert moved and all(i % 3 == 0 for i in moved)
+    assert all(x.mem_peak_bytes >= x.mem_bytes for x in xs)
+    s.close()

@@ -50,18 +50,20 @@ def test_ppo_update_moves_the_policy_towards_rewarded_actions() -> None:
         r["reward"] = 1.0 if good else -1.0
         recs.append(r)
     b = records_to_batch(recs, GRID)
+    five = torch.full((256,), 5)
+    torch.set_num_threads(1)
     with torch.no_grad():
-        before = agent.get_action_and_value(b["ctx"], b["cpu"], b["mem"], b["mask"], torch.full((256,), 5))[1]
+        before = agent.get_action_and_value(b["ctx"], b["cpu"], b["mem"], b["mask"], five)[1]
     cfg = LearnerConfig(learning_rate=3e-3, update_epochs=8)
     losses = ppo_update(agent, b, cfg)
     with torch.no_grad():
-        after = agent.get_action_and_value(b["ctx"], b["cpu"], b["mem"], b["mask"], torch.full((256,), 5))[1]
+        after = agent.get_action_and_value(b["ctx"], b["cpu"], b["mem"], b["mask"], five)[1]
     assert after.exp().mean() > before.exp().mean() + 0.05
     assert set(losses) >= {"losses/policy_loss", "losses/value_loss", "losses/approx_kl"}
 
 
 def _real_record(i: int) -> dict:
-    """A record with real encoder blocks: the function peaks at 1 core and 200 MB, user 1 core/256 MB."""
+    """A record with real encoder blocks: peaks at 1 core and 200 MB, user size 1 core/256 MB."""
     enc = FeatureEncoder(GRID)
     gs = SafeguardState(calibrate=None, last_alloc=Alloc(4, 4), recent_cpu_peak_cores=1.0,
                         recent_mem_peak_mb=200.0)

@@ -145,3 +145,13 @@ def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
         load_config(None, {"token": "t", "nope": 1})
     (tmp_path / "tok").write_text("secret\n")
     assert load_config(None, {"token_file": str(tmp_path / "tok")}).resolve_token() == "secret"
+
+
+def test_validator_processes_give_the_same_answers(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data", ingest_workers=1) as srv:
+        assert post(srv, batch("n1", 0, [record("n1", i) for i in range(5)]))[0] == 200
+        assert post(srv, batch("n1", 0, [record("n1", 0)]))[0] == 200  # duplicate
+        st, _, body = post(srv, batch("n1", 1, [record("n1", 0)], schema_version=3))
+        assert st == 422 and "schema_version" in js(body)["error"]
+        assert post(srv, b"\xc1")[0] == 400
+        assert js(http(srv.url + "/healthz", token=None)[2])["records"] == 5

@@ -1,0 +1,77 @@
+#!/bin/sh
+# Install faasrm on a host: a venv under /opt/faasrm, the systemd unit(s), example configs.
+# Units are installed and systemd reloaded, but nothing is started unless --start is given.
+#
+#   sudo systemd/install.sh --role sidecar            # an invoker host
+#   sudo systemd/install.sh --role trainer --start    # the trainer host
+#
+# Options: --role sidecar|trainer|both (default sidecar), --prefix DIR (default /opt/faasrm),
+#          --start (enable --now the unit(s)), --skip-venv (units and configs only).
+# DESTDIR=/some/root installs into a staging tree (no systemctl calls then).
+set -eu
+
+ROLE=sidecar
+PREFIX=/opt/faasrm
+START=no
+SKIP_VENV=no
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+DESTDIR=${DESTDIR:-}
+PYTHON=${PYTHON:-python3}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --role) ROLE=$2; shift 2 ;;
+        --prefix) PREFIX=$2; shift 2 ;;
+        --start) START=yes; shift ;;
+        --skip-venv) SKIP_VENV=yes; shift ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+case "$ROLE" in
+    sidecar) UNITS=faasrm-sidecar; EXTRA="" ;;
+    trainer) UNITS=faasrm-trainer; EXTRA="[train]" ;;
+    both) UNITS="faasrm-sidecar faasrm-trainer"; EXTRA="[train]" ;;
+    *) echo "install.sh: --role must be sidecar, trainer or both" >&2; exit 2 ;;
+esac
+
+if [ "$SKIP_VENV" = no ]; then
+    echo "creating the venv in $DESTDIR$PREFIX/venv"
+    "$PYTHON" -m venv "$DESTDIR$PREFIX/venv"
+    "$DESTDIR$PREFIX/venv/bin/pip" install --upgrade pip >/dev/null
+    # the trainer pulls torch: the pinned CPU wheel (an unpinned torch is a multi-GB CUDA build)
+    "$DESTDIR$PREFIX/venv/bin/pip" install "$SRC$EXTRA"
+fi
+
+install -d -m 0755 "$DESTDIR/etc/faasrm" "$DESTDIR/etc/systemd/system"
+install -d -m 0750 "$DESTDIR/var/lib/faasrm"
+for unit in $UNITS; do
+    sed "s#/opt/faasrm/venv/bin/faasrm#$PREFIX/venv/bin/faasrm#" "$SRC/systemd/$unit.service" \
+        > "$DESTDIR/etc/systemd/system/$unit.service"
+    chmod 0644 "$DESTDIR/etc/systemd/system/$unit.service"
+    echo "installed $unit.service"
+done
+# example configs (no secrets in them: tokens go to /etc/faasrm/*.env), never overwritten
+copy_config() {
+    if [ ! -e "$DESTDIR/etc/faasrm/$2" ]; then
+        install -m 0644 "$SRC/$1" "$DESTDIR/etc/faasrm/$2"
+        echo "installed /etc/faasrm/$2 (edit it: grid, containers, trainer url)"
+    fi
+}
+case "$ROLE" in
+    sidecar) copy_config sidecar/example.toml sidecar.toml ;;
+    trainer) copy_config training/trainer.example.toml trainer.toml ;;
+    both) copy_config sidecar/example.toml sidecar.toml
+          copy_config training/trainer.example.toml trainer.toml ;;
+esac
+
+if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    if [ "$START" = yes ]; then
+        for unit in $UNITS; do systemctl enable --now "$unit.service"; done
+    else
+        echo "not started; run: systemctl enable --now $UNITS"
+    fi
+else
+    echo "systemd is not running here (or DESTDIR is set): units copied, nothing reloaded"
+fi

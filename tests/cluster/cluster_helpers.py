@@ -1,0 +1,60 @@
+"""Shared bits of the one-machine cluster tests (real processes, real cgroup v1)."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from training.cluster import TOKEN, Cluster
+
+GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
+
+
+def v1_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create cgroups"
+    for c in ("cpu", "cpuacct", "memory"):
+        if not os.access(f"/sys/fs/cgroup/{c}/cgroup.procs", os.W_OK):
+            return f"no writable cgroup v1 '{c}' hierarchy"
+    return None
+
+
+def require_v1() -> None:
+    reason = v1_unavailable()
+    if reason:
+        pytest.skip(f"one-machine cluster test skipped: {reason}")
+
+
+def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:
+    import torch
+
+    from sidecar.core.grid import ResourceGrid
+    from training.export import export
+    from training.ppo import Agent
+    from training.service import publish
+
+    torch.manual_seed(seed)
+    agent = Agent()
+    path = tmp / f"agent{seed}.onnx"
+    export(agent, path, args={"preset": "sample"}, grid=ResourceGrid(0.25, 8, 64.0, 8))
+    buf = io.BytesIO()
+    torch.save({"agent": agent.state_dict()}, buf)
+    return publish(cluster.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
+
+
+def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cgroup_gone(parent: str) -> bool:
+    return not any(Path(f"/sys/fs/cgroup/{c}/{parent}").exists() for c in ("cpu", "cpuacct", "memory"))

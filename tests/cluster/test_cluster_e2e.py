@@ -1,0 +1,62 @@
+"""End to end on one machine: 1 trainer + 3 sidecars, real cgroups and worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, require_v1, wait_for
+
+from training.cluster import Cluster, call
+
+pytestmark = pytest.mark.root
+
+
+def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
+    require_v1()
+    cl = Cluster(
+        nodes=3, workers=2, workdir=tmp_path / "cluster", rate_per_worker=4.0,
+        trainer_overrides={**GRID_OV, "learner.interval_s": 0.5, "learner.min_records": 40},
+    )
+    try:
+        cl.start(drive=False)
+        v1 = publish_fresh_agent(cl, tmp_path)
+        cl.wait_all_on(v1, timeout_s=20)
+        cl.drive()
+        # the learner turns the nodes' trajectories into a gated update, promoted as v2+
+        latest = wait_for(
+            lambda: (call(cl.trainer.url + "/v1/models")[1].get("latest") or 0) > v1 and
+            call(cl.trainer.url + "/v1/models")[1]["latest"], 60, "a promoted update")
+        meta = call(cl.trainer.url + f"/v1/models/{latest}/meta")[1]
+        assert meta["source"] == "online" and meta["evaluation"]["passed"]
+
+        def all_on_latest():
+            lv = call(cl.trainer.url + "/v1/models")[1]["latest"]
+            vs = cl.versions()
+            return lv if all(v == lv for v in vs.values()) else None
+
+        now = wait_for(all_on_latest, 30, "every node on the latest version")
+        assert now >= latest
+        # trajectories from every node reached the trainer
+        from training.registry import TrajectoryStore
+
+        st = TrajectoryStore(cl.trainer.dir / "data" / "trajectories.sqlite")
+        nodes = {r["node"] for r in st.iter_records()}
+        st.close()
+        assert nodes == {"node0", "node1", "node2"}
+        # the allocation traces show decisions made by the new model on every node
+        for n in cl.nodes:
+            model_id = n.model()["current"]["id"]
+
+            def decided(n=n, model_id=model_id):
+                _, body = call(n.url + "/debug/allocations?limit=1000")
+                return [e for e in body["allocations"] if e.get("model") == model_id]
+
+            entries = wait_for(decided, 20, f"{n.id} deciding with {model_id}")
+            assert entries[0]["chosen"]["cpu_cores"] > 0
+        metrics = call(cl.trainer.url + "/metrics")[1]
+        assert b'faasrm_trainer_updates_total{result="promoted"}' in metrics
+    finally:
+        cl.stop()
+    assert cgroup_gone(cl.parent)
+    assert all(n.proc.poll() is not None for n in cl.nodes) and cl.trainer.proc.poll() is not None

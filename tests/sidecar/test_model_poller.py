@@ -1,0 +1,107 @@
+"""The model poller: long-poll the registry, validate, hot-swap, refuse bad models, roll back."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from sidecar_helpers import GRID, onnx_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from trainer_helpers import TOKEN, ServerThread  # noqa: E402
+
+from sidecar.config import ModelPollerConfig  # noqa: E402
+from sidecar.model_poller import ModelPoller  # noqa: E402
+from sidecar.models import ModelManager  # noqa: E402
+from training.service import publish  # noqa: E402
+
+pytest.importorskip("onnxruntime")
+
+
+class StubNode:
+    def __init__(self) -> None:
+        self.models = ModelManager(GRID, "/nonexistent/default.onnx")
+        self.record_observers: list = []
+
+
+def poller(tmp: Path, url: str, node=None, **kw) -> ModelPoller:
+    cfg = ModelPollerConfig(
+        enabled=True, url=url, dir=str(tmp / "models"), wait_s=kw.pop("wait_s", 0.2),
+        min_invocations=5, watch_invocations=50, max_slowdown_rate=0.3, **kw,
+    )
+    return ModelPoller(node or StubNode(), cfg, url)
+
+
+async def poll(p: ModelPoller) -> str:
+    async with aiohttp.ClientSession() as s:
+        return await p.poll_once(s)
+
+
+def rec(model: str, slow: bool) -> dict:
+    dur = 2.0 if slow else 1.0
+    return {"model": model, "outcome": "success", "baseline_s": 1.0, "duration_s": dur}
+
+
+def test_adopt_refuse_rollback_restore(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data") as srv:
+        node = StubNode()
+        p = poller(tmp_path, srv.url, node)
+        assert asyncio.run(poll(p)) == "none"
+        publish(srv.url, TOKEN, onnx_policy("harvest"))
+        assert asyncio.run(poll(p)) == "new"
+        v1_id = node.models.current.id
+        assert node.models.current.source == "onnx" and p.active_version == 1
+        assert asyncio.run(poll(p)) == "same"  # 304 after the wait
+        # a NaN-producing model and a corrupt file are refused; v1 keeps running
+        publish(srv.url, TOKEN, onnx_policy("nan"))
+        assert asyncio.run(poll(p)) == "new"
+        assert node.models.current.id == v1_id and p.active_version == 1
+        assert "non-finite" in p.history[-1]["reason"]
+        publish(srv.url, TOKEN, onnx_policy("harvest")[:300])
+        asyncio.run(poll(p))
+        assert node.models.current.id == v1_id and p.history[-1]["result"] == "rejected"
+        assert asyncio.run(poll(p)) == "same"  # a refused version is not fetched again
+        # v4 is adopted, then rolled back when its live slowdown rate exceeds the bound
+        publish(srv.url, TOKEN, onnx_policy("user"))
+        asyncio.run(poll(p))
+        v4_id = node.models.current.id
+        assert v4_id != v1_id and p.active_version == 4
+        for slow in (True, False, True, True, False):
+            for obs in node.record_observers:
+                obs(rec(v4_id, slow))
+        assert node.models.current.id == v1_id and p.active_version == 1
+        assert [h["result"] for h in p.history][-2:] == ["loaded", "rolled_back"]
+        # after a restart the active registry version is reloaded at once
+        node2 = StubNode()
+        p2 = poller(tmp_path, srv.url, node2)
+        p2.restore_active()
+        assert node2.models.current.id == v1_id and p2.active_version == 1
+        assert p2.status()["active_version"] == 1
+        # a SIGHUP reload puts the local model back; the daemon then restores the registry's
+        node2.models.rollback("simulated reload of the local file")
+        assert node2.models.current.id != v1_id
+        p2.restore_active("kept across SIGHUP")
+        assert node2.models.current.id == v1_id and p2.history[-1]["reason"] == "kept across SIGHUP"
+
+
+def test_long_poll_learns_of_a_promotion_within_a_second(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data") as srv:
+        publish(srv.url, TOKEN, onnx_policy("harvest"))
+        node = StubNode()
+        p = poller(tmp_path, srv.url, node, wait_s=10)
+        asyncio.run(poll(p))
+
+        async def race() -> float:
+            task = asyncio.create_task(poll(p))
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            await asyncio.to_thread(publish, srv.url, TOKEN, onnx_policy("user"))
+            assert await task == "new"
+            return time.monotonic() - t0
+
+        assert asyncio.run(race()) < 1.0
+        assert p.active_version == 2

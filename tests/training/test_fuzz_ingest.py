@@ -1,0 +1,139 @@
+"""Fuzz POST /v1/trajectories: malformed, truncated and hostile msgpack -> only 4xx, no crash,
+nothing stored."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trainer_helpers import ServerThread, batch, http, js, record
+
+VALID = batch("n1", 0, [record("n1", i) for i in range(3)])
+REC = record("n1", 0)
+
+# values that are wrong for each field (type, range or content)
+BAD = {
+    "v": [None, "1", 1.5, -1, 2**70 - 1 if False else 99],
+    "node": [None, 5, "other", b"n1"],
+    "function": [None, 3, b"x", "f" * 600],
+    "container": [None, [], {}],
+    "time": [None, "now", math.inf, math.nan],
+    "context": [None, [], "abc", [1.0] * 3, [[1.0]] * 16, [math.nan] * 16, ["x"] * 16,
+                [{"a": 1}] * 16, [True] * 16, [2**80] * 16],
+    "cpu_block": [None, [[1.0, 2.0]] * 8, [[1.0, 2.0, 3.0]] * 3 + [[1.0]], "x", [[None] * 3] * 8],
+    "mem_block": [[], [[math.inf] * 3] * 8, 7],
+    "mask": [None, b"", b"\x00" * 8, "ffff", b"\xff" * 9, [1, 2]],
+    "action": [None, -1, 64, 1.0, "3", True],
+    "logp": [None, 0.5, math.nan, "x"],
+    "reward": ["x", math.inf, math.nan, 1e9, [1.0]],
+    "duration_s": [None, -1.0, math.inf],
+    "outcome": [None, "exploded", 1],
+}
+ENVELOPE_BAD = {
+    "node_id": [None, "", "a b", "x" * 200, 5, "../etc"],
+    "seq": [None, -1, 2**64, 1.5, "1", True],
+    "records": [None, [], {}, "x", [None], [1, 2], [[]]],
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with ServerThread(tmp_path_factory.mktemp("fuzz") / "data", max_body_bytes=256 * 1024) as s:
+        yield s
+
+
+def _check(server, body: bytes) -> None:
+    st_, _, out = http(server.url + "/v1/trajectories", body,
+                       headers={"Content-Type": "application/msgpack"}, timeout=30)
+    assert st_ in (400, 413, 422), (st_, body[:80], out[:200])
+    assert "error" in js(out)
+
+
+def _hostile_objects():
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64 - 1),
+                        st.floats(allow_nan=True), st.text(max_size=20), st.binary(max_size=20))
+    return st.recursive(scalars, lambda kids: st.one_of(
+        st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=8), kids, max_size=5)),
+        max_leaves=30)
+
+
+settings.register_profile("ingest", max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings(settings.get_profile("ingest"))
+@given(data=st.binary(max_size=2000))
+def test_random_bytes(server, data: bytes) -> None:
+    _check(server, data)
+
+
+@settings(settings.get_profile("ingest"))
+@given(cut=st.integers(0, len(VALID) - 1))
+def test_truncated_valid_batch(server, cut: int) -> None:
+    _check(server, VALID[:cut])
+
+
+@settings(settings.get_profile("ingest"))
+@given(obj=_hostile_objects())
+def test_arbitrary_msgpack_objects(server, obj) -> None:
+    try:
+        body = msgpack.packb(obj, use_bin_type=True)
+    except (OverflowError, ValueError):
+        return
+    _check(server, body)
+
+
+@settings(settings.get_profile("ingest"))
+@given(field=st.sampled_from(sorted(BAD)), pick=st.integers(0, 100), where=st.integers(0, 2))
+def test_one_bad_field_in_a_record(server, field: str, pick: int, where: int) -> None:
+    recs = [record("n1", i) for i in range(3)]
+    recs[where][field] = BAD[field][pick % len(BAD[field])]
+    try:
+        body = batch("n1", 1, recs)
+    except OverflowError:  # not even msgpack can carry it
+        return
+    _check(server, body)
+
+
+@settings(settings.get_profile("ingest"))
+@given(field=st.sampled_from(sorted(ENVELOPE_BAD)), pick=st.integers(0, 100),
+       extra=st.booleans())
+def test_bad_envelope(server, field: str, pick: int, extra: bool) -> None:
+    env = {"schema_version": 1, "node_id": "n1", "seq": 0, "records": [REC]}
+    env[field] = ENVELOPE_BAD[field][pick % len(ENVELOPE_BAD[field])]
+    if extra:
+        env["surprise"] = 1
+    try:
+        body = msgpack.packb(env, use_bin_type=True)
+    except OverflowError:
+        return
+    _check(server, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G elements, no data
+        b"\xdf\xff\xff\xff\xff",  # map32 claiming 4G pairs
+        b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # str32 claiming 4 GB
+        b"\x91" * 100_000 + b"\xc0",  # 100,000 nested arrays
+        msgpack.packb(msgpack.ExtType(5, b"boom")),
+        msgpack.packb({"schema_version": 1, "node_id": "n1", "seq": 0,
+                       "records": [msgpack.ExtType(1, b"x")]}),
+        VALID + b"\x00",  # trailing garbage
+        msgpack.packb({1: 2}),  # non-string map keys
+    ],
+)
+def test_hostile_structures(server, body: bytes) -> None:
+    _check(server, body)
+
+
+def test_nothing_was_stored_and_the_server_is_healthy(server) -> None:
+    # runs after the fuzzers (file order): not a single record got in, the service still answers
+    st_, _, body = http(server.url + "/healthz", token=None)
+    assert st_ == 200 and js(body)["records"] == 0 and js(body)["batches"] == 0
+    assert http(server.url + "/v1/trajectories", VALID)[0] == 200
