@@ -54,14 +54,16 @@ class MLPScorer:
         """
         w1, b1 = self.weights[0], self.biases[0]
         c, k = ctx.shape[-1], cpu.shape[-1]
-        h_ctx = (ctx @ w1[:c] + b1)[..., None, None, :]
-        h_cpu = (cpu @ w1[c : c + k])[..., :, None, :]
-        h_mem = (mem @ w1[c + k :])[..., None, :, :]
-        h = np.tanh(h_ctx + h_cpu + h_mem)
+        h_cpu = cpu @ w1[c : c + k]
+        h_cpu += (ctx @ w1[:c] + b1)[..., None, :]
+        h = h_cpu[..., :, None, :] + (mem @ w1[c + k :])[..., None, :, :]
+        np.tanh(h, out=h)  # in place: this (batch, cpu, mem, hidden) array is the hot spot
         h = h.reshape(*h.shape[:-3], -1, w1.shape[1])
         for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
-            h = np.tanh(h @ w + b)
-        return (h @ self.weights[-1] + self.biases[-1])[..., 0]
+            h = h @ w
+            h += b
+            np.tanh(h, out=h)
+        return (h @ self.weights[-1])[..., 0] + self.biases[-1][0]
 
 
 class OnnxScorer:
@@ -149,18 +151,18 @@ def decide(
 def sample_batch(
     scores: np.ndarray, masks: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample one action per row of a (batch, n) score matrix (Gumbel-max), with log-probs.
+    """Sample one action per row of a (batch, n) score matrix, with log-probs.
 
-    The vectorised twin of ``decide`` for rollouts that step several environments at once.
+    The vectorised twin of ``decide`` for rollouts that step several environments at once. The
+    exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is a draw from p (the Gumbel-max trick
+    without the logarithms); masked-out candidates have p = 0 and never win.
     """
     if not masks.any(axis=1).all():
         raise ValueError("a mask allows no candidate")
-    s = np.where(masks, scores.astype(np.float64), 0.0)
-    if not np.isfinite(s).all():
+    if (masks & ~np.isfinite(scores)).any():
         raise ValueError("non-finite scores from the policy")
-    s[~masks] = -np.inf
-    m = s.max(axis=1, keepdims=True)
-    z = s - m
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    actions = np.argmax(logp + rng.gumbel(size=logp.shape), axis=1)
-    return actions, logp[np.arange(len(actions)), actions]
+    s = np.where(masks, scores.astype(np.float64), -np.inf)
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    actions = np.argmax(e / rng.standard_exponential(e.shape), axis=1)
+    rows = np.arange(len(actions))
+    return actions, np.log(e[rows, actions] / e.sum(axis=1))
