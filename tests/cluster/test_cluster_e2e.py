@@ -22,6 +22,7 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
         cl.start(drive=False)
         v1 = publish_fresh_agent(cl, tmp_path)
         cl.wait_all_on(v1, timeout_s=20)
+        v1_ids = {n.model()["current"]["id"] for n in cl.nodes}
         cl.drive()
         # the learner turns the nodes' trajectories into a gated update, promoted as v2+
         latest = wait_for(
@@ -44,15 +45,15 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
         nodes = {r["node"] for r in st.iter_records()}
         st.close()
         assert nodes == {"node0", "node1", "node2"}
-        # the allocation traces show decisions made by the new model on every node
+        # the allocation traces show decisions made by a promoted update on every node (the
+        # learner keeps promoting, so the exact version may move on while we look)
         for n in cl.nodes:
-            model_id = n.model()["current"]["id"]
 
-            def decided(n=n, model_id=model_id):
+            def decided(n=n):
                 _, body = call(n.url + "/debug/allocations?limit=1000")
-                return [e for e in body["allocations"] if e.get("model") == model_id]
+                return [e for e in body["allocations"] if e.get("model") not in v1_ids]
 
-            entries = wait_for(decided, 20, f"{n.id} deciding with {model_id}")
+            entries = wait_for(decided, 30, f"{n.id} deciding with an updated model")
             assert entries[0]["chosen"]["cpu_cores"] > 0
         metrics = call(cl.trainer.url + "/metrics")[1]
         assert b'faasrm_trainer_updates_total{result="promoted"}' in metrics
