@@ -33,10 +33,10 @@ from sidecar.config import (
     CgroupfsConfig,
     Config,
     ContainerConfig,
-    GridConfig,
     ModelConfig,
     SpoolConfig,
 )
+from sidecar.core.grid import ResourceGrid
 from sidecar.engine import Target
 
 MB = 2**20
@@ -91,17 +91,17 @@ def _random_model(path: Path) -> str:
     return "random 32/16 tanh MLP (ONNX)"
 
 
-def _grid_for(model: str) -> GridConfig:
+def _grid_for(model: str) -> ResourceGrid:
     """The grid the model declares in its metadata (a trained model only loads on its own
     grid); else 0.25-core x 8 / 64 MB x 8, which suits this 2-core host."""
-    default = GridConfig(0.25, 8, 64.0, 8)
+    default = ResourceGrid(0.25, 8, 64.0, 8)
     if not model:
         return default
     try:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        return GridConfig(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
+        return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
     except Exception:  # noqa: BLE001 (no grid in it, or unreadable: the loader will say)
         return default
 
@@ -128,7 +128,7 @@ def _node(rels: list[str], tmp: Path, model: str):
         model=ModelConfig(path=model),
         spool=SpoolConfig(dir=str(tmp / f"spool-{tag}")),
     )
-    models = ModelManager(cfg.grid.grid(), cfg.model.path)
+    models = ModelManager(cfg.grid, cfg.model.path)
     if model and not models.load():
         raise SystemExit(f"model rejected: {models.last_error}")
     cores, mem_mb = host_capacity()

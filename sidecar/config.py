@@ -38,21 +38,6 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class GridConfig:
-    cpu_unit_cores: float = 1.0
-    """Cores per CPU unit (0.25 suits a 2-core host)."""
-    cpu_units: int = 8
-    """Number of CPU units (the per-function maximum)."""
-    mem_unit_mb: float = 64.0
-    """MB per memory unit."""
-    mem_units: int = 8
-    """Number of memory units."""
-
-    def grid(self) -> ResourceGrid:
-        return ResourceGrid(self.cpu_unit_cores, self.cpu_units, self.mem_unit_mb, self.mem_units)
-
-
-@dataclass(frozen=True)
 class SamplerConfig:
     tick_s: float = 0.1
     """Sampling period, seconds (monotonic deadlines, no drift)."""
@@ -61,36 +46,6 @@ class SamplerConfig:
     slow_every: int = 10
     """Ticks between reads of the slowly-changing files (memory peak, PSI; the OOM counter of
     containers without a running invocation). Usage and CPU are read every tick."""
-
-
-@dataclass(frozen=True)
-class SafeguardSection:
-    threshold: float = 0.9
-    """Peak/allocation ratio that marks a resource as nearly used up."""
-    mem_headroom_mb: float = 16.0
-    """A hard memory limit is never below current usage plus this."""
-    give_back_threshold: float = 0.9
-    """Usage at this share of a harvested allocation returns the user's size at once."""
-
-    def core(self) -> SafeguardConfig:
-        return SafeguardConfig(self.threshold, self.mem_headroom_mb, self.give_back_threshold)
-
-
-@dataclass(frozen=True)
-class RewardSection:
-    slowdown_weight: float = 4.0
-    """Extra penalty per unit of RFET above the tolerance."""
-    tolerance: float = 1.0
-    """RFET above which the slowdown penalty applies."""
-    delay_weight: float = 1.0
-    """Penalty per baseline of queueing/cold start."""
-    failure_penalty: float = 5.0
-    """Penalty for a failed (e.g. OOM-killed) invocation."""
-    clip: float = 10.0
-    """Rewards are clipped to [-clip, 1]."""
-
-    def core(self) -> RewardConfig:
-        return RewardConfig(**dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -260,10 +215,10 @@ class Config:
     log_level: str = "info"
     """debug, info, warning or error."""
     server: ServerConfig = field(default_factory=ServerConfig)
-    grid: GridConfig = field(default_factory=GridConfig)
+    grid: ResourceGrid = field(default_factory=ResourceGrid)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    safeguard: SafeguardSection = field(default_factory=SafeguardSection)
-    reward: RewardSection = field(default_factory=RewardSection)
+    safeguard: SafeguardConfig = field(default_factory=SafeguardConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     actuation: ActuationConfig = field(default_factory=ActuationConfig)
     boundaries: BoundaryConfig = field(default_factory=BoundaryConfig)
     cgroupfs: CgroupfsConfig = field(default_factory=CgroupfsConfig)
@@ -346,7 +301,10 @@ def _build(cls: Any, data: dict, prefix: str = "") -> Any:
             f"missing required key{'s' if len(missing) > 1 else ''} "
             f"{', '.join(f'{prefix}.{m}' if prefix else m for m in missing)}"
         )
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own validation (e.g. ResourceGrid's unit sizes)
+        raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -412,10 +370,6 @@ def validate(cfg: Config) -> None:
     problems = []
     if not 1 <= cfg.server.port <= 65535 and cfg.server.port != 0:
         problems.append(f"server.port {cfg.server.port} outside 0..65535")
-    try:
-        cfg.grid.grid()
-    except ValueError as exc:
-        problems.append(f"grid: {exc}")
     if not 0.005 <= cfg.sampler.tick_s <= 10:
         problems.append(f"sampler.tick_s {cfg.sampler.tick_s} outside 0.005..10")
     if cfg.sampler.discover_every_s < cfg.sampler.tick_s:

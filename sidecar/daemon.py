@@ -183,7 +183,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         int(cfg.safeguard.mem_headroom_mb * MB),
         cfg.actuation.cpu_period_us,
     )
-    models = ModelManager(cfg.grid.grid(), cfg.model.path, cfg.model.sha256)
+    models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256)
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
     cores, mem_mb = host_capacity()
     node = Node(
@@ -378,8 +378,8 @@ def reload(app: web.Application) -> bool:
     node.cfg = new
     eng = node.engine
     eng.sg_cfg, eng.reward_cfg, eng.act_cfg, eng.bounds = (
-        new.safeguard.core(),
-        new.reward.core(),
+        new.safeguard,
+        new.reward,
         new.actuation,
         new.boundaries,
     )

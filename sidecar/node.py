@@ -69,7 +69,7 @@ class Node:
         self.models = models
         self.spool = spool
         self.metrics = metrics
-        self.grid = cfg.grid.grid()
+        self.grid = cfg.grid
         self.sampler = Sampler(self._open, cfg.sampler.slow_every)
         self.engine = Engine(
             self.grid,
@@ -77,8 +77,8 @@ class Node:
             host_cores=host_cores,
             host_mem_mb=host_mem_mb,
             scorer=models.get,
-            safeguard=cfg.safeguard.core(),
-            reward=cfg.reward.core(),
+            safeguard=cfg.safeguard,
+            reward=cfg.reward,
             actuation=cfg.actuation,
             boundaries=cfg.boundaries,
             tick_s=cfg.sampler.tick_s,

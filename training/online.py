@@ -272,7 +272,7 @@ class Learner:
         self.store = store
         self.registry = registry
         self.metrics = metrics
-        self.grid = cfg.grid.grid()
+        self.grid = cfg.grid
         self.work = Path(cfg.data_dir) / "candidates"
         self.work.mkdir(parents=True, exist_ok=True)
         self.last_batch_id = 0

@@ -32,6 +32,7 @@ import hmac
 import itertools
 import logging
 import math
+import operator
 import os
 import re
 import signal
@@ -42,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from sidecar.config import ConfigError, GridConfig, load_tree
+from sidecar.config import ConfigError, load_tree
+from sidecar.core.grid import ResourceGrid
 from sidecar.core.features import N_BLOCK, N_CONTEXT
 from sidecar.daemon import Notifier, setup_logging
 from sidecar.engine import OUTCOMES
@@ -136,7 +139,7 @@ class TrainerConfig:
     """Upper bound of ?wait= on /v1/models/latest."""
     log_level: str = "info"
     """debug, info, warning or error."""
-    grid: GridConfig = field(default_factory=GridConfig)
+    grid: ResourceGrid = field(default_factory=ResourceGrid)
     """The nodes' action grid (records on another grid are stored but not learned from)."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -166,7 +169,7 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
     try:
-        cfg.grid.grid()
+        cfg.grid
     except ValueError as exc:
         problems.append(f"grid: {exc}")
     if not cfg.resolve_token():
@@ -322,6 +325,111 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
         raise BatchError(400, "cpu_block and mem_block need 1..256 rows")
     n_cand = cu * mu
     mask_len = (n_cand + 7) // 8
+    try:
+        rewarded = _check_records_fast(records, node, cu, mu, mask_len, n_cand)
+    except Exception:  # anything odd (unhashable, missing key, overflow): the exact loop decides
+        rewarded = None
+    if rewarded is not None:
+        return Batch(node, seq, len(records), rewarded)
+    return _check_records_exact(records, node, seq, cu, mu, mask_len, n_cand)
+
+
+_FIELDS = (
+    "v", "node", "function", "container", "outcome", "time", "duration_s", "logp", "reward",
+    "context", "cpu_block", "mem_block", "action", "mask",
+)
+_get_fields = operator.itemgetter(*_FIELDS)
+if set(_FIELDS) != _REQUIRED:  # the fast check reads exactly the required fields
+    raise ImportError("training.service._FIELDS is out of step with sidecar.spool.REQUIRED")
+_INT = {int}
+_STR = {str}
+_BYTES = {bytes}
+_DICT = {dict}
+_NONE = type(None)
+_flat = itertools.chain.from_iterable
+_SUM_BOUND = 1e300
+
+
+def _check_records_fast(
+    records: tuple, node: str, cu: int, mu: int, mask_len: int, n_cand: int
+) -> int | None:
+    """The records' rewarded count if every record is valid, else None (never a false pass).
+
+    The same predicates as ``_check_records_exact``, evaluated column-wise over the whole batch
+    with C-level iteration (itemgetter, zip, set(map(type, ...)), min/max/sum, numpy for the
+    action bits) instead of a Python loop per record. It may answer None for a valid batch (e.g. a
+    sum overflowing across records): the exact loop then decides, and it alone words the reasons.
+    """
+    if set(map(type, records)) != _DICT:
+        return None
+    # a missing key raises KeyError here: the exact loop reports it
+    (vs, nodes, fns, cts, outs, ts, ds, lps, rws, ctxs, cpus, mems, acts, masks) = zip(
+        *map(_get_fields, records)
+    )
+    if set(map(type, vs)) != _INT or set(vs) != {RECORD_VERSION}:
+        return None
+    if set(map(type, nodes)) != _STR or set(nodes) != {node}:
+        return None
+    if set(map(type, fns)) != _STR or set(map(type, cts)) != _STR:
+        return None
+    if max(map(len, fns)) > 512 or max(map(len, cts)) > 512:
+        return None
+    if set(map(type, outs)) != _STR or not set(outs) <= _OUTCOMES:
+        return None
+    if not (set(map(type, ts)) | set(map(type, ds)) | set(map(type, lps))) <= _NUM:
+        return None
+    # NaN and infinities make a sum non-finite (min/max alone skip a NaN)
+    if not math.isfinite(sum(ts) + sum(ds) + sum(lps)):
+        return None
+    if min(ds) < 0 or min(ts) < 0 or max(lps) > 1e-6:
+        return None
+    rtypes = set(map(type, rws))
+    if _NONE in rtypes:
+        rtypes.discard(_NONE)
+        rws = [r for r in rws if r is not None]
+    if not rtypes <= _NUM:
+        return None
+    if rws:
+        if not math.isfinite(sum(rws)) or min(rws) < -1e6 or max(rws) > 1e6:
+            return None
+    rewarded = len(rws)
+    if set(map(type, ctxs)) | set(map(type, cpus)) | set(map(type, mems)) != _TUPLE:
+        return None
+    if set(map(len, ctxs)) != {N_CONTEXT} or set(map(len, cpus)) != {cu}:
+        return None
+    if set(map(len, mems)) != {mu}:
+        return None
+    rows = list(_flat(cpus))
+    rows += _flat(mems)
+    if set(map(type, rows)) != _TUPLE or set(map(len, rows)) != _BLOCK_LEN:
+        return None
+    types = set(map(type, _flat(ctxs)))
+    types.update(map(type, _flat(rows)))
+    if not types <= _NUM:
+        return None
+    # per array the same sum() as the exact loop; bounding each one keeps a record's total (at
+    # most 513 arrays) and the batch's from overflowing, so finite here means finite there too
+    # (huge values that cancel across records could otherwise hide a per-record overflow)
+    sums = list(map(sum, ctxs))
+    sums += map(sum, rows)
+    if not math.isfinite(sum(sums)) or max(sums) > _SUM_BOUND or min(sums) < -_SUM_BOUND:
+        return None
+    if set(map(type, acts)) != _INT or set(map(type, masks)) != _BYTES:
+        return None
+    if set(map(len, masks)) != {mask_len} or min(acts) < 0 or max(acts) >= n_cand:
+        return None
+    a = np.fromiter(acts, dtype=np.int64, count=len(acts))
+    bits = np.frombuffer(b"".join(masks), dtype=np.uint8).reshape(len(masks), mask_len)
+    allowed = (bits[np.arange(len(a)), a >> 3] >> (7 - (a & 7))) & 1
+    if not allowed.all():
+        return None
+    return rewarded
+
+
+def _check_records_exact(
+    records: tuple, node: str, seq: int, cu: int, mu: int, mask_len: int, n_cand: int
+) -> Batch:
+    """Record by record: raises BatchError with the first offending record's reason."""
     rewarded = 0
     chain = itertools.chain.from_iterable
     for i, rec in enumerate(records):

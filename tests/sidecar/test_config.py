@@ -16,15 +16,15 @@ def test_defaults_and_core_configs() -> None:
     cfg = config.load(None)
     assert cfg == Config()
     assert cfg.server.host == "127.0.0.1"
-    assert cfg.grid.grid().n == 64 and cfg.grid.grid().cpu_unit_cores == 1.0
-    assert cfg.safeguard.core().threshold == 0.9
-    assert cfg.reward.core().failure_penalty == 5.0
+    assert cfg.grid.n == 64 and cfg.grid.cpu_unit_cores == 1.0
+    assert cfg.safeguard.threshold == 0.9
+    assert cfg.reward.failure_penalty == 5.0
     assert cfg.node  # hostname when node_id is empty
 
 
 def test_example_config_loads() -> None:
     cfg = config.load(EXAMPLE)
-    assert cfg.grid.cpu_unit_cores == 0.25 and cfg.grid.grid().max_cores == 2.0
+    assert cfg.grid.cpu_unit_cores == 0.25 and cfg.grid.max_cores == 2.0
     assert cfg.cgroupfs.parent == "faasrm"
     (c,) = cfg.cgroupfs.containers
     assert (c.path, c.function, c.cpu_cores, c.mem_mb) == (
