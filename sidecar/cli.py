@@ -148,18 +148,6 @@ def _cluster_up(args: argparse.Namespace) -> int:
     return cluster_main(args)
 
 
-def _bench_real(args: argparse.Namespace) -> int:
-    from training.invoker.real import main as real_main
-
-    return real_main(args)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from training.invoker.real import main as real_main
-
-    return real_main(args, demo=True)
-
-
 def _bench_trainer(args: argparse.Namespace) -> int:
     from training.bench_trainer import main as bench_main
 
@@ -288,18 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-records", type=int, default=1000)
     bt.add_argument("--json", help="write the figures as JSON to this path")
     bt.set_defaults(func=_bench_trainer)
-    from training.invoker.args import add_arguments  # light: no numpy, no torch
-
-    br = bench.add_parser(
-        "real", help="real functions on a local invoker (real cgroups): managers in turn, RFET"
-    )
-    add_arguments(br)
-    br.set_defaults(func=_bench_real)
-    dm = sub.add_parser(
-        "demo", help="local invoker + real functions under Fixed, then the sidecar's learned policy"
-    )
-    add_arguments(dm, demo=True)
-    dm.set_defaults(func=_demo)
     return p
 
 
