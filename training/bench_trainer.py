@@ -1,10 +1,12 @@
 """``faasrm bench trainer``: ingest throughput and model propagation, each beside a baseline.
 
 * ingest_transitions_per_s: realistic trajectory records (the sidecar's record layout, 8x8
-  grid), ``--batch-records`` per batch, POSTed over 127.0.0.1 by 2 concurrent clients to a real
-  ``faasrm trainer serve`` process (learner off); wall time until the last 2xx, i.e. every record
-  validated and committed with fsync. Baseline: decoding the same bodies with ``msgpack.unpackb``
-  alone, in this process (the floor of any validating ingest).
+  grid), ``--batch-records`` per batch (the shipper's ``batch_records`` default when not given),
+  POSTed over 127.0.0.1 by 2 concurrent clients in this process to a real ``faasrm trainer
+  serve`` child process (learner off; client and server do not share an event loop); wall time
+  until the last 2xx, i.e. every record validated and committed with fsync. Baseline: decoding
+  the same bodies with ``msgpack.unpackb`` alone, in this process (the floor of any validating
+  ingest).
 * propagation_s: a model is published (promoted) while ``--nodes`` sidecars of a one-machine
   cluster long-poll the registry; time until every node's ``/debug/model`` reports it active
   (downloaded, validated, swapped). Median of 3 promotions. Baseline: the first node to have it.
@@ -94,9 +96,11 @@ async def _post_all(url: str, token: str, bodies: list[bytes], concurrency: int 
         return time.perf_counter() - t0
 
 
-def bench_ingest(n_batches: int, per_batch: int, workdir: Path) -> dict[str, float]:
+def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[str, float]:
+    from sidecar.config import ShipperConfig
     from training.cluster import TOKEN, Trainer, free_port
 
+    per_batch = per_batch or ShipperConfig().batch_records  # what a sidecar really posts
     bodies = make_bodies(n_batches, per_batch)
     baseline = decode_baseline(bodies, per_batch)
     tr = Trainer(workdir, free_port(), {"learner.enabled": False, "max_body_bytes": 64 * 2**20})
@@ -110,6 +114,7 @@ def bench_ingest(n_batches: int, per_batch: int, workdir: Path) -> dict[str, flo
         "ingest_transitions_per_s": (n_batches - 2) * per_batch / wall,
         "baseline_msgpack_decode_per_s": baseline,
         "body_bytes_per_record": len(bodies[0]) / per_batch,
+        "batch_records": per_batch,
     }
 
 
@@ -167,7 +172,8 @@ def main(args: Any) -> int:
         ing = bench_ingest(args.batches, args.batch_records, work)
         print(
             f"ingest: {ing['ingest_transitions_per_s']:,.0f} transitions/s into the trainer "
-            f"(validated, fsynced; {ing['body_bytes_per_record']:.0f} B/record) "
+            f"(validated, fsynced; {ing['batch_records']} records/batch, "
+            f"{ing['body_bytes_per_record']:.0f} B/record) "
             f"vs {ing['baseline_msgpack_decode_per_s']:,.0f}/s raw msgpack decode alone "
             f"(target >= 50,000/s)", flush=True,
         )

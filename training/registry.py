@@ -1,9 +1,10 @@
 """The trainer's durable state on disk: accepted trajectory batches and promoted model versions.
 
 Trajectory store (``<data_dir>/trajectories.sqlite``): one row per accepted batch, the request
-body stored verbatim (it is already msgpack), ``UNIQUE(node, seq)`` for idempotency, WAL with
-``synchronous=FULL`` so a commit is on disk before the 2xx reply. One writer connection, used by
-one thread at a time (the service runs it on a single-thread executor).
+body stored verbatim (it is already msgpack: never re-encoded, no per-record rows),
+``UNIQUE(node, seq)`` for idempotency, WAL with ``synchronous=FULL`` so a commit is on disk before
+the 2xx reply (one WAL fsync per batch), 64 KiB pages for new stores. One writer connection, used
+by one thread at a time (the service runs it on a single-thread executor).
 
 Model registry (``<data_dir>/models/``): ``<version:06d>/model.onnx`` + ``meta.json``
 (version, sha256, export metadata, evaluation, source, created) and optionally ``agent.pt`` (the
@@ -51,6 +52,11 @@ class TrajectoryStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        # 64 KiB pages: a batch body (~1 KiB per record, ~2 MiB for the shipper's 2000) spans
+        # 16x fewer overflow pages than with the 4 KiB default, which halves sqlite's CPU per
+        # commit. Takes effect only when the file is created (before WAL); older stores keep
+        # their page size and work as before.
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(

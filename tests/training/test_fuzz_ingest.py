@@ -137,3 +137,64 @@ def test_nothing_was_stored_and_the_server_is_healthy(server) -> None:
     st_, _, body = http(server.url + "/healthz", token=None)
     assert st_ == 200 and js(body)["records"] == 0 and js(body)["batches"] == 0
     assert http(server.url + "/v1/trajectories", VALID)[0] == 200
+
+
+# ---------------------------------------------------------------- fast check == exact loop
+# decode_batch validates a batch column-wise first and falls back to the record-by-record loop
+# only when that check says no. It must never accept what the loop refuses, nor count differently.
+EDGE = {
+    "reward": [None, True, 0, -1e6, 1e6, 1e6 + 1],
+    "time": [0, 1e308, -0.0, True],
+    "duration_s": [0, 1e308, True],
+    "logp": [-1e308, 1e-6, 2e-6, -1, True],
+    "context": [[1e308] * 16, [1e308, -1e308] * 8, [1] * 16, [1.0] * 15 + [True],
+                [2**63] * 16, [-(2**63)] * 16, [1e300] * 16],
+    "cpu_block": [[[1e308, 1e308, -1e308]] * 8, [[1, 2, 3]] * 8, [[1.0, 2.0, False]] * 8,
+                  [[1e300, 1e300, 1e300]] * 8],
+    "action": [0, 63, True, 2**63 - 1],
+    "v": [True, 1.0],
+    "outcome": ["success", "lost", ("success",)],
+}
+
+
+def _outcome(body: bytes, exact: bool):
+    from unittest import mock
+
+    from training import service
+
+    ctx = (mock.patch.object(service, "_check_records_fast", return_value=None) if exact
+           else mock.patch.object(service, "_check_records_fast", service._check_records_fast))
+    with ctx:
+        try:
+            b = service.decode_batch(body, 100)
+            return ("ok", b.node_id, b.seq, b.n, b.rewarded)
+        except service.BatchError as exc:
+            return ("err", exc.status, exc.reason)
+
+
+@settings(max_examples=400, deadline=None)
+@given(muts=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(set(BAD) | set(EDGE))),
+                               st.integers(0, 100)), max_size=3),
+       n=st.integers(1, 4))
+def test_fast_check_agrees_with_the_exact_loop(muts, n: int) -> None:
+    recs = [record("n1", i, reward=None if i == 2 else -0.1) for i in range(n)]
+    for where, field, pick in muts:
+        values = BAD.get(field, []) + EDGE.get(field, [])
+        recs[where % n][field] = values[pick % len(values)]
+    try:
+        body = batch("n1", 1, recs)
+    except (OverflowError, ValueError, TypeError):
+        return
+    assert _outcome(body, exact=False) == _outcome(body, exact=True)
+
+
+def test_fast_check_never_hides_a_per_record_overflow() -> None:
+    # record 0's arrays sum past the float range (the loop refuses it); record 1 cancels it out
+    a, b = record("n1", 0), record("n1", 1)
+    a["context"] = [1e308] + [0.0] * 15
+    a["cpu_block"] = [[1e308, 0.0, 0.0]] + [[0.0] * 3] * 7
+    b["context"] = [-1e308] + [0.0] * 15
+    b["cpu_block"] = [[-1e308, 0.0, 0.0]] + [[0.0] * 3] * 7
+    body = batch("n1", 0, [a, b])
+    assert _outcome(body, exact=True)[:2] == ("err", 400)
+    assert _outcome(body, exact=False) == _outcome(body, exact=True)
