@@ -143,7 +143,7 @@ def _trainer_publish(args: argparse.Namespace) -> int:
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
-    from training.cluster import main as cluster_main
+    from training.local_cluster import main as cluster_main
 
     return cluster_main(args)
 

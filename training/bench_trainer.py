@@ -98,7 +98,7 @@ async def _post_all(url: str, token: str, bodies: list[bytes], concurrency: int 
 
 def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[str, float]:
     from sidecar.config import ShipperConfig
-    from training.cluster import TOKEN, Trainer, free_port
+    from training.local_cluster import TOKEN, Trainer, free_port
 
     per_batch = per_batch or ShipperConfig().batch_records  # what a sidecar really posts
     bodies = make_bodies(n_batches, per_batch)
@@ -121,7 +121,7 @@ def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[s
 def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, float]:
     import torch
 
-    from training.cluster import TOKEN, Cluster
+    from training.local_cluster import TOKEN, Cluster
     from training.export import export
     from training.ppo import Agent
     from training.service import publish

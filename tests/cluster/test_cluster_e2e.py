@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, require_v1, wait_for
 
-from training.cluster import Cluster, call
+from training.local_cluster import Cluster, call
 
 pytestmark = pytest.mark.root
 

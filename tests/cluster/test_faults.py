@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import GRID_OV, publish_fresh_agent, require_v1, wait_for
 
-from training.cluster import TOKEN, Cluster, call
+from training.local_cluster import TOKEN, Cluster, call
 from training.service import publish
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
