@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-all bench model clean
+.PHONY: demo demo-real test test-all bench model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.sim
 	$(BIN)/faasrm sim eval --preset paper --managers fixed,greedy,ensure,vpa,oracle,learned \
 		--seed 1 --json out/sim_eval.json --plots out/
+
+# Real functions on a local invoker (root, cgroup v1): Fixed, then the sidecar's learned policy.
+$(VENV)/.invoker: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[sim,invoker]'
+	touch $@
+
+demo-real: $(VENV)/.invoker
+	$(BIN)/faasrm demo
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -148,10 +148,43 @@ def _cluster_up(args: argparse.Namespace) -> int:
     return cluster_main(args)
 
 
+def _bench_real(args: argparse.Namespace) -> int:
+    from training.invoker.real import main as real_main
+
+    return real_main(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.invoker.real import main as real_main
+
+    return real_main(args, demo=True)
+
+
 def _bench_trainer(args: argparse.Namespace) -> int:
     from training.bench_trainer import main as bench_main
 
     return bench_main(args)
+
+
+def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    """Flags of `bench real` and `demo` (training/invoker/real.py; docs/invoker.md)."""
+    p.add_argument("--managers", default="fixed,learned",
+                   help="comma-separated: fixed (no sidecar; runs first: the RFET baseline), "
+                        "fixed2 (Fixed again: the noise floor), learned (sidecar + shipped "
+                        "model), rule (sidecar with its rule fallback policy)")
+    p.add_argument("--minutes", type=float, default=1.0 if demo else 2.0,
+                   help="real minutes of trace per manager")
+    p.add_argument("--speedup", type=float, default=15.0,
+                   help="trace minutes replayed per real minute (the sample is sparse)")
+    p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
+    p.add_argument("--cores-per-mb", type=float, default=1.0 / 256.0,
+                   help="user CPU per MB of user memory (default 1 core per 256 MB)")
+    p.add_argument("--model", help="ONNX policy for 'learned' (default models/default.onnx)")
+    p.add_argument("--json", default="out/demo_real.json" if demo else None,
+                   help="write figures (and config, per-function medians) as JSON")
+    p.add_argument("--plots", default="out/" if demo else None,
+                   help="folder for PNG plots: RFET CDF, allocations over time")
+    p.add_argument("--records", action="store_true", help="also write every invocation's record")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch-records", type=int, default=1000)
     bt.add_argument("--json", help="write the figures as JSON to this path")
     bt.set_defaults(func=_bench_trainer)
+    br = bench.add_parser(
+        "real", help="real functions on a local invoker (real cgroups): managers in turn, RFET"
+    )
+    _real_arguments(br)
+    br.set_defaults(func=_bench_real)
+    dm = sub.add_parser(
+        "demo", help="local invoker + real functions under Fixed, then the sidecar's learned policy"
+    )
+    _real_arguments(dm, demo=True)
+    dm.set_defaults(func=_demo)
     return p
 
 

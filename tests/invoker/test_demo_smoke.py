@@ -1,0 +1,74 @@
+"""``faasrm demo`` as a subprocess: the table is printed and nothing is left behind (-m slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+pytest.importorskip("onnxruntime")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _skip_without_v1() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create cgroups")
+    if not os.path.isfile("/sys/fs/cgroup/memory/cgroup.procs"):
+        pytest.skip("no cgroup v1 memory hierarchy")
+
+
+def _leftovers(pid: int) -> tuple[list[str], list[str]]:
+    cgs = [str(p) for c in ("cpu", "cpuacct", "memory")
+           for p in Path("/sys/fs/cgroup", c).glob(f"faasrm-real-{pid}-*")]
+    procs = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"training.invoker.worker" in cmd or b"faasrm-real-" in cmd:
+                procs.append(cmd.decode(errors="replace"))
+    return cgs, procs
+
+
+def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "demo", "--json", str(tmp_path / "demo.json"),
+         "--plots", str(tmp_path), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_demo_short_run_prints_table_and_cleans_up(tmp_path: Path) -> None:
+    _skip_without_v1()
+    proc = _demo(tmp_path, "--minutes", "0.15")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "mean RFET" in out and "/debug/allocations" in out, out
+    assert (tmp_path / "real_rfet_cdf.png").stat().st_size > 0
+    rows = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert "fixed" in rows and "learned" in rows, out
+    results = json.loads((tmp_path / "demo.json").read_text())["results"]
+    for key in ("mean_rfet", "p98_rfet", "p98_duration_s", "harvested_frac", "accelerated_frac",
+                "slowdown_frac_1_2", "failures", "invocations", "oom_kills", "give_backs"):
+        assert key in results["learned"], key
+    assert results["learned"]["invocations"] == results["fixed"]["invocations"] > 0
+    assert _leftovers(proc.pid) == ([], [])
+
+
+def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    _skip_without_v1()
+    proc = _demo(tmp_path, "--minutes", "1")
+    time.sleep(8)  # containers up, the Fixed replay running
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert _leftovers(proc.pid) == ([], [])

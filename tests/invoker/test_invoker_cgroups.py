@@ -1,0 +1,80 @@
+"""The local invoker on real v1 cgroups and worker processes (root; run with -m slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+
+from sidecar import cgroups
+from training.invoker.functions import BY_NAME
+from training.invoker.invoker import Containers, Invocation, Invoker
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+
+def _skip_without_v1() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create cgroups")
+    for c in cgroups.V1_CONTROLLERS:
+        if not os.access(os.path.join(cgroups.DEFAULT_ROOT, c), os.W_OK):
+            pytest.skip(f"no writable cgroup v1 '{c}' hierarchy")
+
+
+def _exists(parent: str) -> bool:
+    return any(os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
+               for c in cgroups.V1_CONTROLLERS)
+
+
+def test_two_containers_replay_then_cleanup() -> None:
+    _skip_without_v1()
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
+    containers = Containers(parent, specs)
+    invs = [Invocation(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
+            for i in range(20)]  # ~10 s, both containers busy
+    seen: dict = {}
+
+    async def main() -> list:
+        try:
+            await containers.start()
+            for c in containers.values():
+                lim = c.cg.read_limits()
+                seen[c.name] = (lim.cpu_quota_cores, lim.mem_limit_bytes, list(c.cg.pids()))
+            return await Invoker(containers).replay(invs)
+        finally:
+            await containers.stop()
+
+    records = asyncio.run(main())
+    assert [r.idx for r in sorted(records, key=lambda r: r.idx)] == list(range(20))
+    assert all(r.outcome == "success" and r.exec_s > 0 for r in records), records
+    assert all(r.response_s >= r.exec_s for r in records)
+    assert seen["pyloop"][:2] == (0.5, 128 * 2**20)  # the user's size: 128 MB -> 0.5 core
+    assert seen["memhog"][:2] == (2.0, 512 * 2**20)
+    assert all(pids for *_, pids in seen.values())  # a worker inside each cgroup
+    worker_pids = [p for *_, pids in seen.values() for p in pids]
+    assert not _exists(parent)
+    assert not any(os.path.exists(f"/proc/{p}") and b"training.invoker.worker"
+                   in open(f"/proc/{p}/cmdline", "rb").read() for p in worker_pids)
+
+
+def test_oom_kill_is_recorded_and_worker_restarted() -> None:
+    _skip_without_v1()
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    containers = Containers(parent, [BY_NAME["memhog"]], ratio=1 / 128)
+    containers["memhog"].user_mem_mb = 96.0  # the user's guess is below the working set
+
+    async def main() -> list:
+        try:
+            await containers.start(warm=False)
+            return await Invoker(containers).replay(
+                [Invocation(0, 0.0, "memhog", 200.0), Invocation(1, 0.1, "memhog", 20.0)])
+        finally:
+            await containers.stop()
+
+    first, second = sorted(asyncio.run(main()), key=lambda r: r.idx)
+    assert first.outcome == "oom", first
+    assert second.outcome == "success", second  # the restarted worker serves the next one
+    assert not _exists(parent)

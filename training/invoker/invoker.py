@@ -1,0 +1,324 @@
+"""Containers (a real cgroup v1 + a long-lived worker) and the asyncio trace replay.
+
+One container per function, one invocation at a time per container (as an OpenWhisk action
+container): later arrivals wait for it, which is the response time's queueing. For every
+invocation the invoker calls the sidecar's hook (``POST /v1/invocations`` before, ``.../end``
+after) when a sidecar URL is given, runs the function in the container's worker and records
+execution time (measured inside the worker), response time (arrival to completion) and outcome
+(``success``, ``failure``, ``oom``: the kernel killed the worker; it is restarted, the invocation
+is not retried). The caller owns cleanup: ``Containers.stop()`` kills every worker and removes
+every cgroup, and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from sidecar import cgroups
+from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSpec
+
+MB = 1 << 20
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Invocation:
+    idx: int
+    t_s: float  # arrival, seconds after the replay starts
+    container: str  # container name (== function name here)
+    size: float
+
+
+@dataclass
+class Record:
+    idx: int
+    function: str
+    size: float
+    arrival_s: float
+    start_s: float = 0.0
+    exec_s: float = 0.0
+    response_s: float = 0.0
+    outcome: str = "lost"
+    kind: str = "user"  # the sidecar's allocation kind (harvested / accelerated / user)
+    cpu_cores: float = 0.0
+    mem_mb: float = 0.0
+    give_backs: int = 0
+    error: str | None = None
+
+
+def schedule(minutes: float, speedup: float = 15.0, seed: int = 0,
+             functions: list[FunctionSpec] | None = None) -> list[Invocation]:
+    """The bundled Azure sample's arrivals, ``speedup`` trace minutes per real minute.
+
+    Trace function i is played by ``functions[i % len(functions)]``; each invocation's input is
+    drawn log-uniformly in the function's range from ``seed`` (the same for every manager). Longer
+    slices than the 60-minute sample wrap around it.
+    """
+    from training.traces import sample_trace
+
+    functions = functions or SPECS
+    trace = sample_trace()
+    times, fns = trace.arrivals(seed)
+    span = trace.minutes * 60.0
+    horizon = minutes * 60.0 * speedup  # trace seconds to play
+    reps = max(1, math.ceil(horizon / span))
+    all_t = np.concatenate([times + k * span for k in range(reps)])
+    all_f = np.concatenate([fns] * reps)
+    keep = all_t < horizon
+    all_t, all_f = all_t[keep] / speedup, all_f[keep]
+    u = np.random.default_rng(seed + 1).random(all_t.size)
+    out = []
+    for i, (t, f) in enumerate(zip(all_t, all_f, strict=True)):
+        spec = functions[int(f) % len(functions)]
+        out.append(Invocation(i, float(t), spec.name, float(spec.input_size(u[i]))))
+    return out
+
+
+def _enter_cgroup(procs_files: list[str]) -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter() -> None:  # in the child between fork and exec
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the invoker
+
+    return enter
+
+
+class Container:
+    """A real v1 cgroup ``<parent>/<name>`` at the user's size, holding one worker process."""
+
+    def __init__(self, parent: str, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.rel = f"{parent}/{spec.name}"
+        self.user_mem_mb = spec.mem_mb
+        self.user_cpu = round(spec.mem_mb * ratio, 3)
+        self.cg: cgroups.CgroupV1 | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.restarts = 0
+
+    @property
+    def user_limits(self) -> cgroups.Limits:
+        return cgroups.Limits(cpu_quota_cores=self.user_cpu,
+                              cpu_weight=max(1, int(100 * self.user_cpu)),
+                              mem_limit_bytes=int(self.user_mem_mb * MB))
+
+    async def start(self) -> None:
+        self.cg = cgroups.create_v1(self.rel)
+        self.cg.write_limits(self.user_limits, headroom_bytes=0, force=True)
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        assert self.cg is not None
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2",
+               "MKL_NUM_THREADS": "2"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "training.invoker.worker", self.spec.name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+            preexec_fn=_enter_cgroup([os.path.join(d, "cgroup.procs") for d in self.cg.paths]),
+            start_new_session=True,  # Ctrl-C reaches the invoker only; it stops the workers
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+        if not line.startswith(b'{"ready"'):
+            raise RuntimeError(f"worker {self.name} did not start: {line!r}")
+
+    def oom_kills(self) -> int:
+        path = os.path.join(cgroups.DEFAULT_ROOT, "memory", self.rel, "memory.oom_control")
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def limits(self) -> cgroups.Limits | None:
+        try:
+            return self.cg.read_limits() if self.cg is not None else None
+        except cgroups.CgroupError:
+            return None
+
+    async def run(self, size: float, timeout_s: float = 120.0) -> tuple[float, str, str | None]:
+        """(execution seconds, outcome, error) of one invocation in the worker."""
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        oom_before = self.oom_kills()
+        t0 = time.perf_counter()
+        try:
+            self.proc.stdin.write(json.dumps({"size": size}).encode() + b"\n")
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+        except (BrokenPipeError, ConnectionResetError):
+            line = b""
+        except TimeoutError:
+            self.proc.kill()
+            line = b""
+        if line:
+            reply = json.loads(line)
+            if reply.get("ok"):
+                return float(reply["exec_s"]), "success", None
+            return time.perf_counter() - t0, "failure", reply.get("error")
+        elapsed = time.perf_counter() - t0
+        await self.proc.wait()  # the worker died: OOM kill (or a crash); start a new one
+        outcome = "oom" if self.oom_kills() > oom_before else "failure"
+        self.restarts += 1
+        await self._spawn()
+        return elapsed, outcome, f"worker exited {self.proc.returncode}"
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                pass
+        self.proc = None
+        if self.cg is not None:
+            self.cg.close()
+            self.cg = None
+        cgroups.remove_v1(self.rel)
+
+
+def remove_parent(parent: str) -> None:
+    for c in cgroups.V1_CONTROLLERS:
+        try:
+            os.rmdir(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
+        except FileNotFoundError:
+            pass
+
+
+class Containers(dict):
+    """name -> Container under one parent cgroup; ``stop()`` removes them all and the parent."""
+
+    def __init__(self, parent: str, specs: list[FunctionSpec], ratio: float = DEFAULT_RATIO):
+        super().__init__((s.name, Container(parent, s, ratio)) for s in specs)
+        self.parent = parent
+
+    async def start(self, warm: bool = True) -> None:
+        await asyncio.gather(*(c.start() for c in self.values()))
+        if warm:  # one unrecorded mid-size run each, one at a time: warm allocator, caches, BLAS
+            for c in self.values():
+                await c.run(c.spec.input_size(0.5))
+
+    async def stop(self) -> None:
+        errors = []
+        for c in self.values():
+            try:
+                await c.stop()
+            except Exception as exc:  # noqa: BLE001 (remove the rest anyway)
+                errors.append(exc)
+        try:
+            remove_parent(self.parent)
+        except OSError as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@dataclass
+class Progress:
+    total: int = 0
+    done: int = 0
+    running: int = 0
+    failures: int = 0
+    records: list[Record] = field(default_factory=list)
+
+
+class Invoker:
+    """Replays a schedule over ``containers``, through the sidecar's hooks when ``sidecar_url``."""
+
+    def __init__(self, containers: Containers, sidecar_url: str | None = None) -> None:
+        self.containers = containers
+        self.sidecar_url = sidecar_url
+        self.progress = Progress()
+
+    async def replay(self, invocations: list[Invocation]) -> list[Record]:
+        import aiohttp
+
+        self.progress = Progress(total=len(invocations))
+        t0 = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            tasks = [asyncio.create_task(self._one(inv, t0, http)) for inv in invocations]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _hook(self, http, path: str, body: dict) -> dict | None:
+        try:
+            async with http.post(self.sidecar_url + path, json=body) as r:
+                data = await r.json(content_type=None)
+                return data if r.status == 200 else {"error": data}
+        except Exception as exc:  # noqa: BLE001 (a sidecar problem must not stop the replay)
+            return {"error": repr(exc)}
+
+    async def _one(self, inv: Invocation, t0: float, http) -> Record:
+        c = self.containers[inv.container]
+        await asyncio.sleep(max(0.0, t0 + inv.t_s - time.monotonic()))
+        rec = Record(inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu,
+                     mem_mb=c.user_mem_mb)
+        arrived = time.monotonic()
+        c.waiting += 1
+        async with c.lock:
+            c.waiting -= 1
+            self.progress.running += 1
+            rec.start_s = time.monotonic() - t0
+            inv_id = None
+            try:
+                if self.sidecar_url:
+                    start = await self._hook(http, "/v1/invocations", {
+                        "container": c.rel, "function": c.name, "input_size": inv.size,
+                        "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
+                        "pending": c.waiting})
+                    if start and "invocation" in start:
+                        inv_id = start["invocation"]
+                        alloc = start.get("allocation") or {}
+                        rec.kind = alloc.get("kind", "user")
+                        rec.cpu_cores = float(alloc.get("cpu_cores", c.user_cpu))
+                        rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
+                    else:
+                        rec.error = f"hook start: {start}"
+                rec.exec_s, rec.outcome, err = await c.run(inv.size)
+                rec.error = rec.error or err
+                if inv_id is not None:
+                    end = await self._hook(http, f"/v1/invocations/{inv_id}/end", {
+                        "outcome": "success" if rec.outcome == "success" else "failure",
+                        "duration_s": rec.exec_s})
+                    rec.give_backs = len((end or {}).get("give_backs") or [])
+            finally:
+                self.progress.running -= 1
+        rec.response_s = time.monotonic() - arrived
+        self.progress.done += 1
+        self.progress.failures += rec.outcome != "success"
+        self.progress.records.append(rec)
+        return rec
+
+
+def record_dicts(records: list[Record]) -> list[dict]:
+    return [asdict(r) for r in records]
+
+
+__all__ = ["BY_NAME", "Container", "Containers", "Invocation", "Invoker", "Record", "schedule"]

@@ -1,0 +1,437 @@
+"""``faasrm bench real`` and ``faasrm demo``: real functions on a local invoker, managers in turn.
+
+Each manager replays the same trace slice (``invoker.schedule``: the bundled Azure sample,
+``speedup`` trace minutes per real minute, inputs drawn from ``seed``) over fresh containers
+(cgroups ``faasrm-real-<pid>-<manager>/<function>``, one worker each):
+
+* ``fixed``: no sidecar, every container stays at its user's size;
+* ``learned``: a real ``faasrm sidecar run`` subprocess managing those cgroups with the shipped
+  model, called through its hook API at every invocation's start and end.
+
+The shipped model was trained on the grid 1 core x 8, 64 MB x 8, and the daemon refuses a model
+whose grid differs from its config's, so the sidecar runs on that grid: on this 2-core host CPU
+allocations are 1 or 2 cores (more is not more than the host), memory 64..512 MB in 64 MB steps.
+
+RFET of an invocation = its execution time / the execution time of the same invocation (same
+function, input and arrival time) in the ``fixed`` run, which always runs first: the README's
+definition, measured instead of simulated, so it includes run-to-run noise and the other
+invocations' load (``fixed2`` replays Fixed again to show that noise floor). The brief's variant,
+execution time / the function's median execution time under ``fixed``, is in ``rfet_vs_median``
+(it mixes in the spread of input sizes, so even Fixed is far from 1 there). Failed and
+OOM-killed invocations are counted in ``failures`` / ``oom_kills`` and left out of RFET.
+Every container gets one unrecorded warm-up invocation before the replay (and before the
+sidecar starts, so the sidecar still sees the first recorded invocation as a function's first).
+Everything started is stopped and every cgroup removed at the end, on errors and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.invoker.functions import SPECS
+from training.invoker.invoker import (
+    DEFAULT_RATIO, Containers, Invoker, Record, _enter_cgroup, record_dicts, schedule,
+)
+
+MANAGERS = ("fixed", "learned")
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "models" / "default.onnx"
+PARENT_PREFIX = "faasrm-real-"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Sidecar:
+    """A ``faasrm sidecar run`` subprocess managing every child cgroup of ``parent``."""
+
+    def __init__(self, parent: str, workdir: Path, model: Path | None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "sidecar.log"
+        model_line = f'path = "{model}"' if model else 'path = "/nonexistent/rule-fallback.onnx"'
+        self.config = workdir / "sidecar.toml"
+        self.config.write_text(f"""
+log_level = "warning"
+[server]
+host = "127.0.0.1"
+port = {self.port}
+[grid]  # the shipped model's grid (the daemon refuses a model trained on another)
+cpu_unit_cores = 1.0
+cpu_units = 8
+mem_unit_mb = 64.0
+mem_units = 8
+[cgroupfs]
+parent = "{parent}"
+[actuation]
+state_file = "{workdir / 'state.json'}"
+[spool]
+dir = "{workdir / 'spool'}"
+[model]
+{model_line}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> dict:
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                preexec_fn=_enter_cgroup([]),  # PDEATHSIG: never outlive the invoker
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                status, body = _get(self.url + "/readyz", 2)
+                if status == 200:
+                    return json.loads(body)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"sidecar not ready: {self.log.read_text()[-2000:]}")
+
+    def metric(self, name: str) -> float:
+        """Sum of every series of a Prometheus counter (0 when absent)."""
+        try:
+            _, body = _get(self.url + "/metrics")
+        except OSError:
+            return 0.0
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # restores every container, then exits
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _rfet_stats(rfet: np.ndarray) -> dict[str, float]:
+    if rfet.size == 0:
+        rfet = np.array([1.0])
+    return {"mean_rfet": float(rfet.mean()), "p50_rfet": float(np.percentile(rfet, 50)),
+            "p98_rfet": float(np.percentile(rfet, 98)), "p99_rfet": float(np.percentile(rfet, 99))}
+
+
+def summarize(records: list[Record], base: list[Record], oom_kills: int,
+              give_backs: int) -> dict[str, Any]:
+    median = medians(base)
+    base_exec = {r.idx: r.exec_s for r in base if r.outcome == "success"}
+    ok = [r for r in records if r.outcome == "success" and r.idx in base_exec]
+    rfet = np.array([r.exec_s / base_exec[r.idx] for r in ok]) if ok else np.array([1.0])
+    vs_median = np.array([r.exec_s / median[r.function] for r in records
+                          if r.outcome == "success" and r.function in median])
+    ex = np.array([r.exec_s for r in ok] or [0.0])
+    resp = np.array([r.response_s for r in records] or [0.0])
+    n = max(1, len(records))
+    return {
+        "invocations": len(records),
+        **_rfet_stats(rfet),
+        "rfet_vs_median": _rfet_stats(vs_median),
+        "p98_duration_s": float(np.percentile(ex, 98)),
+        "p99_duration_s": float(np.percentile(ex, 99)),
+        "mean_response_s": float(resp.mean()),
+        "p98_response_s": float(np.percentile(resp, 98)),
+        "p99_response_s": float(np.percentile(resp, 99)),
+        "harvested_frac": sum(r.kind == "harvested" for r in records) / n,
+        "accelerated_frac": sum(r.kind == "accelerated" for r in records) / n,
+        "slowdown_frac_1_1": float((rfet > 1.1).mean()) if ok else 0.0,
+        "slowdown_frac_1_2": float((rfet > 1.2).mean()) if ok else 0.0,
+        "failures": sum(r.outcome != "success" for r in records),
+        "oom_kills": oom_kills,
+        "give_backs": give_backs,
+    }
+
+
+def medians(records: list[Record]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r.outcome == "success":
+            by.setdefault(r.function, []).append(r.exec_s)
+    return {f: float(np.median(v)) for f, v in by.items()}
+
+
+COLUMNS = [("mean RFET", "mean_rfet", "{:.3f}"), ("p50", "p50_rfet", "{:.3f}"),
+           ("p98", "p98_rfet", "{:.3f}"), ("p99", "p99_rfet", "{:.3f}"),
+           ("p98 exec s", "p98_duration_s", "{:.2f}"), ("p98 resp s", "p98_response_s", "{:.2f}"),
+           ("harvested", "harvested_frac", "{:.1%}"), ("accel.", "accelerated_frac", "{:.1%}"),
+           (">1.2", "slowdown_frac_1_2", "{:.1%}"), ("fail", "failures", "{}"),
+           ("OOM", "oom_kills", "{}"), ("give-backs", "give_backs", "{}"),
+           ("n", "invocations", "{}")]
+
+
+def table(results: dict[str, dict]) -> str:
+    head = ["manager"] + [c[0] for c in COLUMNS]
+    rows = [[m] + [fmt.format(r[k]) for _, k, fmt in COLUMNS] for m, r in results.items()]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+                     for row in [head, *rows])
+
+
+async def run_manager(manager: str, invocations, *, ratio: float, model: Path | None,
+                      workdir: Path, state: dict, echo=print) -> tuple[list[Record], int, int]:
+    """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs)."""
+    parent = f"{PARENT_PREFIX}{os.getpid()}-{manager}"
+    containers = Containers(parent, SPECS, ratio)
+    sidecar = None
+    state.update(manager=manager, containers=containers, sidecar=None, invoker=None)
+    try:
+        await containers.start()
+        if not manager.startswith("fixed"):
+            sidecar = Sidecar(parent, workdir / manager, model if manager == "learned" else None)
+            ready = await asyncio.to_thread(sidecar.start)
+            state.update(sidecar=sidecar, ready=ready)
+            echo(f"{manager}: sidecar {ready.get('model_source', '?')} policy "
+                 f"{ready.get('model', '')}; allocation trace while it runs: "
+                 f"{sidecar.url}/debug/allocations")
+        invoker = Invoker(containers, sidecar.url if sidecar else None)
+        state["invoker"] = invoker
+        records = await invoker.replay(invocations)
+        ooms = sum(c.oom_kills() for c in containers.values())
+        give_backs = sum(r.give_backs for r in records)
+        if sidecar is not None:
+            give_backs = max(give_backs, int(sidecar.metric("faasrm_give_backs_total")))
+        return records, ooms, give_backs
+    finally:
+        state.update(sidecar=None, invoker=None)
+        if sidecar is not None:
+            await asyncio.to_thread(sidecar.stop)
+        await containers.stop()
+
+
+def _live_view(state: dict, started: float):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    inv, containers, sc = state.get("invoker"), state.get("containers"), state.get("sidecar")
+    p = inv.progress if inv else None
+    head = Text(f"[{time.monotonic() - started:5.0f} s] manager {state.get('manager', '-')}: "
+                + (f"{p.done}/{p.total} invocations, {p.running} running, {p.failures} failed"
+                   if p else "starting containers"))
+    parts: list = [head]
+    if sc is not None:
+        parts.append(Text(f"sidecar allocation trace: {sc.url}/debug/allocations"))
+    if containers:
+        t = Table("container", "user cpu", "user MB", "cpu now", "MB now", "waiting", box=None)
+        for c in containers.values():
+            lim = c.limits()
+            q = None if lim is None else lim.cpu_quota_cores
+            cpu = "-" if q is None else f"{q:.2f}"
+            mem = "-" if lim is None or lim.mem_limit_bytes is None else \
+                f"{lim.mem_limit_bytes / 2**20:.0f}"
+            t.add_row(c.name, f"{c.user_cpu:.2f}", f"{c.user_mem_mb:.0f}", cpu, mem,
+                      str(c.waiting))
+        parts.append(t)
+    return Group(*parts)
+
+
+async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: int,
+                  ratio: float, model: Path | None, live: bool, workdir: Path,
+                  echo=print) -> dict[str, Any]:
+    invocations = schedule(minutes, speedup, seed)
+    echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, {minutes:g} min "
+         f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}")
+    results: dict[str, dict] = {}
+    all_records: dict[str, list[dict]] = {}
+    base: list[Record] = []
+    state: dict = {}
+    started = time.monotonic()
+    live_ctx = None
+    if live:
+        from rich.live import Live
+
+        live_ctx = Live(_live_view(state, started), refresh_per_second=2, transient=False)
+    refresher = None
+    try:
+        if live_ctx is not None:
+            live_ctx.start()
+
+            async def refresh() -> None:
+                while True:
+                    live_ctx.update(_live_view(state, started))
+                    await asyncio.sleep(0.5)
+
+            refresher = asyncio.create_task(refresh())
+        for m in managers:
+            if not m.startswith("fixed"):
+                echo_live = live_ctx.console.print if live_ctx else echo
+                echo_live(f"{m}: sidecar with {model if m == 'learned' else 'the rule fallback'}")
+            records, ooms, gbs = await run_manager(
+                m, invocations, ratio=ratio, model=model, workdir=workdir, state=state,
+                echo=live_ctx.console.print if live_ctx else echo)
+            if m == "fixed":
+                base = records
+            results[m] = summarize(records, base, ooms, gbs)
+            if m == "learned" and state.get("ready"):
+                results[m]["policy"] = state["ready"].get("model")
+            all_records[m] = record_dicts(records)
+            msg = f"{m}: {len(records)} invocations, mean RFET {results[m]['mean_rfet']:.3f}"
+            (live_ctx.console.print if live_ctx else echo)(msg)
+    finally:
+        if refresher is not None:
+            refresher.cancel()
+        if live_ctx is not None:
+            live_ctx.stop()
+    return {"results": results, "records": all_records, "medians_s": medians(base),
+            "functions": {s.name: {"user_mem_mb": s.mem_mb, "user_cpu_cores": s.mem_mb * ratio,
+                                   "input_range": [s.lo, s.hi], "shape": s.shape}
+                          for s in SPECS},
+            "config": {"minutes": minutes, "speedup": speedup, "seed": seed,
+                       "cores_per_mb": ratio, "model": str(model) if model else None,
+                       "grid": "1 core x 8, 64 MB x 8"}}
+
+
+def leftovers() -> list[str]:
+    """faasrm-real-* cgroups of this process still present (should be none after a run)."""
+    out = []
+    for c in ("cpu", "cpuacct", "memory"):
+        d = Path("/sys/fs/cgroup") / c
+        out += [str(p) for p in d.glob(f"{PARENT_PREFIX}{os.getpid()}-*")]
+    return out
+
+
+def main(args: Any, *, demo: bool = False) -> int:
+    from sidecar.cgroups import V1_CONTROLLERS
+
+    if os.geteuid() != 0 or not all(
+        os.path.isfile(f"/sys/fs/cgroup/{c}/cgroup.procs") for c in V1_CONTROLLERS
+    ):
+        print("faasrm: error: needs root and writable cgroup v1 cpu, cpuacct and memory "
+              "hierarchies", file=sys.stderr)
+        return 2
+    managers = [m.strip() for m in args.managers.split(",") if m.strip()]
+    bad = [m for m in managers if m not in (*MANAGERS, "rule", "fixed2")]
+    if bad:
+        raise ValueError(f"unknown manager(s) {bad}: choose from fixed, fixed2, learned, rule "
+                         "(greedy/ensure/vpa are not implemented on the real invoker yet)")
+    if "fixed" in managers:
+        managers.remove("fixed")
+    managers.insert(0, "fixed")  # the RFET baseline runs first
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    if "learned" in managers and not model.is_file():
+        raise FileNotFoundError(f"model {model} not found")
+
+    async def _main() -> dict:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        def on_signal() -> None:  # once: a second Ctrl-C must not cut the cleanup short
+            task.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: None)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        with tempfile.TemporaryDirectory(prefix="faasrm-real-") as tmp:
+            return await run_all(managers, args.minutes, speedup=args.speedup, seed=args.seed,
+                                 ratio=args.cores_per_mb, model=model, live=demo,
+                                 workdir=Path(tmp), echo=lambda m: print(m, flush=True))
+
+    try:
+        out = asyncio.run(_main())
+    except asyncio.CancelledError:
+        print("interrupted: containers, workers and the sidecar were stopped and removed",
+              file=sys.stderr)
+        return 130
+    finally:
+        left = leftovers()
+        if left:
+            print(f"faasrm: warning: cgroups left behind: {left}", file=sys.stderr)
+    print()
+    print(table(out["results"]))
+    if getattr(args, "plots", None):
+        try:
+            for path in plots(out, args.plots):
+                print(f"wrote {path}")
+        except ImportError as exc:
+            print(f"faasrm: no plots ({exc}): pip install 'faasrm[sim]'", file=sys.stderr)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = out if getattr(args, "records", False) else \
+            {k: v for k, v in out.items() if k != "records"}
+        Path(args.json).write_text(json.dumps(payload, indent=1, sort_keys=True))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def plots(out: dict, folder: str | Path) -> list[Path]:
+    """RFET CDF per manager, and the allocations the sidecar chose over time for 4 functions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = out["records"]
+    base = {r["idx"]: r["exec_s"] for r in records.get("fixed", []) if r["outcome"] == "success"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, rs in records.items():
+        x = np.sort([r["exec_s"] / base[r["idx"]] for r in rs
+                     if r["outcome"] == "success" and r["idx"] in base])
+        if x.size:
+            ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("RFET (vs the same invocation under Fixed)")
+    ax.set_ylabel("share of invocations")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths = [folder / "real_rfet_cdf.png"]
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    managed = [m for m in records if not m.startswith("fixed")]
+    if managed:
+        names = ["pyloop", "matmul", "memhog", "sleepy"]
+        fig, axes = plt.subplots(len(names), 2, figsize=(9, 2 * len(names)), sharex=True)
+        for row, name in zip(axes, names, strict=True):
+            for m in managed:
+                rs = sorted((r for r in records[m] if r["function"] == name),
+                            key=lambda r: r["start_s"])
+                t = [r["start_s"] for r in rs]
+                row[0].step(t, [r["cpu_cores"] for r in rs], where="post", label=m)
+                row[1].step(t, [r["mem_mb"] for r in rs], where="post", label=m)
+            row[0].set_ylabel(f"{name}\ncores")
+            row[1].set_ylabel("MB")
+        axes[0][0].legend(fontsize=7)
+        axes[-1][0].set_xlabel("s")
+        axes[-1][1].set_xlabel("s")
+        paths.append(folder / "real_allocations.png")
+        fig.savefig(paths[1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return paths
