@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -71,7 +71,24 @@ class ResourceGrid:
 
     def range_mask(self, cpu_lo: int, cpu_hi: int, mem_lo: int, mem_hi: int) -> np.ndarray:
         """Read-only boolean mask of the candidates inside the two ranges (cached: few distinct)."""
-        return _range_mask(self, cpu_lo, cpu_hi, mem_lo, mem_hi)
+        key = (cpu_lo, cpu_hi, mem_lo, mem_hi)
+        mask = self._masks.get(key)
+        if mask is None:
+            cpu_ok = (self.cand_cpu >= cpu_lo) & (self.cand_cpu <= cpu_hi)
+            mem_ok = (self.cand_mem >= mem_lo) & (self.cand_mem <= mem_hi)
+            mask = cpu_ok & mem_ok
+            mask.setflags(write=False)
+            self._masks[key] = mask
+        return mask
+
+    @cached_property
+    def _masks(self) -> dict[tuple[int, int, int, int], np.ndarray]:
+        return {}
+
+    @cached_property
+    def allocs(self) -> tuple[Alloc, ...]:
+        """Every candidate's allocation, by index (``allocs[i] == alloc(i)``)."""
+        return tuple(self.alloc(i) for i in range(self.n))
 
     def cores(self, units: int) -> float:
         return units * self.cpu_unit_cores
@@ -98,11 +115,3 @@ class ResourceGrid:
         mem = min(self.mem_units, max(1, math.floor(mb / self.mem_unit_mb + 0.5)))
         return Alloc(cpu, mem)
 
-
-@lru_cache(maxsize=4096)
-def _range_mask(grid: ResourceGrid, cpu_lo: int, cpu_hi: int, mem_lo: int, mem_hi: int) -> np.ndarray:
-    cpu_ok = (grid.cand_cpu >= cpu_lo) & (grid.cand_cpu <= cpu_hi)
-    mem_ok = (grid.cand_mem >= mem_lo) & (grid.cand_mem <= mem_hi)
-    mask = cpu_ok & mem_ok
-    mask.setflags(write=False)
-    return mask

@@ -101,7 +101,7 @@ class ClusterEnv(gym.Env):
         a = int(action)
         if not req.guard.mask[a]:
             raise ValueError(f"action {a} is masked out by the safeguard ({req.guard.reason})")
-        sim.apply(self.grid.alloc(a))
+        sim.apply(self.grid.allocs[a])
         self._decisions += 1
         if self.max_decisions is not None and self._decisions >= self.max_decisions:
             self._req = nxt = None
