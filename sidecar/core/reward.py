@@ -40,12 +40,13 @@ def invocation_reward(
 ) -> float:
     if not (exec_s == exec_s and baseline_s == baseline_s):
         raise ValueError("reward of an invocation with an unknown execution or baseline time")
-    base = max(baseline_s, 1e-3)
+    base = baseline_s if baseline_s > 1e-3 else 1e-3
     rfet = exec_s / base
+    slow = rfet - cfg.tolerance
     r = (
         (1.0 - rfet)
-        - cfg.slowdown_weight * max(0.0, rfet - cfg.tolerance)
-        - cfg.delay_weight * (queue_s + cold_s) / max(base, cfg.delay_floor_s)
-        - cfg.failure_penalty * float(failed)
+        - (cfg.slowdown_weight * slow if slow > 0.0 else 0.0)
+        - cfg.delay_weight * (queue_s + cold_s) / (base if base > cfg.delay_floor_s else cfg.delay_floor_s)
+        - (cfg.failure_penalty if failed else 0.0)
     )
-    return max(-cfg.clip, min(1.0, r))
+    return -cfg.clip if r < -cfg.clip else (1.0 if r > 1.0 else r)

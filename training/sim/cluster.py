@@ -252,8 +252,10 @@ class ClusterSim:
             raise RuntimeError("apply() without a pending request")
         self._request = None
         g = self.grid
-        cpu = min(g.cpu_units, max(1, alloc[0]))
-        mem = min(g.mem_units, max(1, alloc[1]))
+        cpu, mem = alloc
+        if not (1 <= cpu <= g.cpu_units and 1 <= mem <= g.mem_units):
+            cpu = min(g.cpu_units, max(1, cpu))
+            mem = min(g.mem_units, max(1, mem))
         inv = req.inv
         self.log.cpu[inv] = cpu
         self.log.mem[inv] = mem
