@@ -81,6 +81,17 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 6
     raise RuntimeError(f"{url} not ready after {timeout_s}s: {log.read_text()[-2000:]}")
 
 
+
+def _stop(proc: subprocess.Popen | None, sig: int) -> None:
+    """Signal a child and reap it; SIGKILL if it has not exited within 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 class Trainer:
     def __init__(self, workdir: Path, port: int, overrides: dict[str, Any]) -> None:
         self.dir = workdir
@@ -109,13 +120,7 @@ class Trainer:
         _wait_http(self.url + "/healthz", self.proc, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, sig)
 
 
 class Worker:
@@ -210,13 +215,7 @@ class Node:
         _wait_http(self.url + "/readyz", self.proc, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc, sig)
 
     def model(self) -> dict:
         st, body = call(self.url + "/debug/model", timeout=5)
