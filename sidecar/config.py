@@ -340,17 +340,22 @@ def from_dict(data: dict, overrides: dict[str, Any] | None = None) -> Config:
     return cfg
 
 
+def _read_toml(path: str | Path | None) -> dict:
+    """The TOML file's table (empty for None); unreadable or malformed -> ConfigError."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read ``path`` (TOML; None = all defaults) and apply dotted ``overrides``."""
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    data = _read_toml(path)
     try:
         return from_dict(data, overrides)
     except ConfigError as exc:
@@ -435,15 +440,7 @@ def load_tree(cls: Any, path: str | Path | None, overrides: dict[str, Any] | Non
     The same rules as ``load`` (unknown keys, wrong types and non-finite numbers are errors naming
     the key); used by the trainer's config, which has its own schema.
     """
-    data: dict = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    data = _read_toml(path)
     data = _deep_copy(data)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
