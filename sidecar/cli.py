@@ -154,6 +154,12 @@ def _bench_real(args: argparse.Namespace) -> int:
     return real_main(args)
 
 
+def _bench_curves(args: argparse.Namespace) -> int:
+    from training.invoker.curves import main as curves_main
+
+    return curves_main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from training.invoker.real import main as real_main
 
@@ -314,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _real_arguments(br)
     br.set_defaults(func=_bench_real)
+    bcu = bench.add_parser(
+        "curves", help="real functions' time vs CPU quota / memory limit, fitted to the sim model"
+    )
+    bcu.add_argument("--functions", help="comma-separated subset (default: all ten)")
+    bcu.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
+    bcu.add_argument("--json", help="write the curves and fits as JSON to this path")
+    bcu.set_defaults(func=_bench_curves)
     dm = sub.add_parser(
         "demo", help="local invoker + real functions under Fixed, then the sidecar's learned policy"
     )

@@ -1,0 +1,285 @@
+"""Measured duration curves of the real functions, checked against the simulator's model.
+
+For each real function (one fixed mid-size input, ``CURVE_SIZES``), in one real v1 container
+(``training.invoker.invoker.Container``: a cgroup holding a long-lived worker):
+
+* CPU curve: the median execution time (``repeats`` runs) at CFS quotas of 0.25 / 0.5 / 1 / 2
+  cores (period 100 ms), memory at the user's size;
+* memory curve: the container's peak memory use at the user's size (``memory.max_usage_in_bytes``,
+  worker included), then the median time at 1.0x / 1.25x / 2x that peak, CPU at the user's
+  quota; finally one run with the limit half-way between the idle worker and the peak, which
+  should be OOM-killed (recorded; a timeout kills the worker, nothing hangs).
+
+The simulator's CPU model (``training/sim/cluster.py``, no contention, memory ample) is then
+fitted to each CPU curve by least squares on relative error over phi in [0, 1] and parallelism
+p in [0.05, 8]::
+
+    t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p)),   t1 = measured time at 1 core
+
+``faasrm bench curves --json PATH`` prints the table and writes the JSON; docs/duration-model.md
+has one run and what it means for the simulator. Needs root and writable v1 cgroups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sidecar import cgroups
+from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSpec
+
+MB = 1 << 20
+QUOTAS = (0.25, 0.5, 1.0, 2.0)
+MEM_FACTORS = (1.0, 1.25, 2.0)
+PERIOD_US = 100_000
+CURVE_SIZES = {  # ~0.1-0.25 s at one core on this host: the whole run stays near a minute
+    "pyloop": 2500, "matmul": 900, "zlibmt": 3, "image": 1100, "compress": 2,
+    "graph": 25000, "html": 30000, "memhog": 120, "sleepy": 200, "phased": 50,
+}
+
+
+# ----------------------------------------------------------------------------------- the fit
+
+def model(c: np.ndarray | float, t1: float, phi: float, p: float) -> np.ndarray:
+    """The simulator's CPU model without contention: time at ``c`` cores."""
+    c = np.asarray(c, dtype=float)
+    return t1 * ((1.0 - phi) + phi * min(1.0, p) / np.minimum(c, p))
+
+
+def fit_cpu(quotas, times, t1: float | None = None) -> dict:
+    """Least squares (relative residuals) of ``model`` over phi in [0, 1], p in [0.05, 8].
+
+    For a fixed p the model is linear in phi, so phi has a closed form (clipped to [0, 1]);
+    p is searched on a fine log grid. ``t1`` defaults to the measured time at 1 core.
+    Returns phi, p, t1, the fitted times and the max / RMS relative error.
+    """
+    c = np.asarray(quotas, dtype=float)
+    t = np.asarray(times, dtype=float)
+    if t1 is None:
+        t1 = float(np.interp(1.0, c, t)) if 1.0 not in c else float(t[c == 1.0][0])
+    a = (t1 - t) / t  # relative residual = a + phi * b(p)
+    best = (np.inf, 0.0, 1.0)
+    for p in np.geomspace(0.05, 8.0, 2000):
+        b = t1 * (min(1.0, p) / np.minimum(c, p) - 1.0) / t
+        bb = float(b @ b)
+        phi = 0.0 if bb == 0 else float(np.clip(-(a @ b) / bb, 0.0, 1.0))
+        sse = float(((a + phi * b) ** 2).sum())
+        if sse < best[0] - 1e-12:
+            best = (sse, phi, float(p))
+    _, phi, p = best
+    fitted = model(c, t1, phi, p)
+    rel = np.abs(fitted - t) / t
+    return {"phi": phi, "p": p, "t1_s": t1, "fitted_s": [float(x) for x in fitted],
+            "max_rel_err": float(rel.max()), "rms_rel_err": float(np.sqrt((rel ** 2).mean()))}
+
+
+# ----------------------------------------------------------------------- real measurements
+
+@dataclass
+class Curve:
+    function: str
+    size: float
+    user_cpu: float
+    user_mem_mb: float
+    quotas: list[float] = field(default_factory=list)
+    cpu_times_s: list[float] = field(default_factory=list)  # medians, one per quota
+    cpu_runs_s: list[list[float]] = field(default_factory=list)
+    throttled: list[int] = field(default_factory=list)  # nr_throttled during the repeats
+    idle_mb: float = 0.0
+    peak_mb: float = 0.0
+    mem_factors: list[float] = field(default_factory=list)
+    mem_limits_mb: list[float] = field(default_factory=list)
+    mem_times_s: list[float | None] = field(default_factory=list)  # None: not every run succeeded
+    mem_outcomes: list[list[str]] = field(default_factory=list)
+    below_peak_mb: float | None = None
+    below_peak_outcome: str | None = None  # oom / success / failure / timeout / refused
+    fit: dict | None = None
+
+
+def _v1_file(rel: str, controller: str, name: str) -> str:
+    return os.path.join(cgroups.DEFAULT_ROOT, controller, rel, name)
+
+
+def _read_int(rel: str, controller: str, name: str) -> int:
+    with open(_v1_file(rel, controller, name)) as f:
+        return int(f.read().split()[0])
+
+
+def _nr_throttled(rel: str) -> int:
+    with open(_v1_file(rel, "cpu", "cpu.stat")) as f:
+        for line in f:
+            if line.startswith("nr_throttled "):
+                return int(line.split()[1])
+    return 0
+
+
+def _limits(cpu: float, mem_bytes: int) -> cgroups.Limits:
+    return cgroups.Limits(cpu_quota_cores=cpu, cpu_period_us=PERIOD_US,
+                          cpu_weight=max(1, int(100 * cpu)), mem_limit_bytes=mem_bytes)
+
+
+async def _run_no_respawn(c, size: float, timeout_s: float) -> str:
+    """One invocation; if the worker dies, say why (oom / failure) and leave it dead."""
+    proc = c.proc
+    before = c.oom_kills()
+    try:
+        proc.stdin.write(json.dumps({"size": size}).encode() + b"\n")
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
+    except (BrokenPipeError, ConnectionResetError):
+        line = b""
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return "timeout"
+    if line:
+        return "success" if json.loads(line).get("ok") else "failure"
+    await proc.wait()
+    return "oom" if c.oom_kills() > before else "failure"
+
+
+async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTAS,
+                  mem_factors=MEM_FACTORS, repeats: int = 3, below_peak: bool = True,
+                  ratio: float = DEFAULT_RATIO, timeout_s: float = 30.0,
+                  parent: str | None = None) -> Curve:
+    """The CPU and memory curves of one function in one fresh container (removed afterwards)."""
+    from training.invoker.invoker import Container, remove_parent
+
+    size = float(CURVE_SIZES[spec.name] if size is None else size)
+    parent = parent or f"faasrm-curves-{os.getpid()}"
+    c = Container(parent, spec, ratio)
+    user_mem = int(spec.mem_mb * MB)
+    curve = Curve(spec.name, size, c.user_cpu, spec.mem_mb)
+    try:
+        await c.start()
+        await c.run(size, timeout_s)  # warm-up, unrecorded
+        for q in quotas:
+            c.cg.write_limits(_limits(q, user_mem), headroom_bytes=0, force=True)
+            thr0, runs = _nr_throttled(c.rel), []
+            for _ in range(repeats):
+                exec_s, outcome, err = await c.run(size, timeout_s)
+                if outcome != "success":
+                    raise RuntimeError(f"{spec.name} at {q} cores: {outcome} {err}")
+                runs.append(exec_s)
+            curve.quotas.append(q)
+            curve.cpu_runs_s.append(runs)
+            curve.cpu_times_s.append(statistics.median(runs))
+            curve.throttled.append(_nr_throttled(c.rel) - thr0)
+        if mem_factors or below_peak:
+            c.cg.write_limits(_limits(c.user_cpu, user_mem), headroom_bytes=0, force=True)
+            curve.idle_mb = _read_int(c.rel, "memory", "memory.usage_in_bytes") / MB
+            with open(_v1_file(c.rel, "memory", "memory.max_usage_in_bytes"), "w") as f:
+                f.write("0")  # reset the high-water mark
+            peaks = []
+            for _ in range(2):
+                await c.run(size, timeout_s)
+                peaks.append(_read_int(c.rel, "memory", "memory.max_usage_in_bytes"))
+            peak = max(peaks)
+            curve.peak_mb = peak / MB
+            for k in mem_factors:
+                limit = int(peak * k)
+                c.cg.write_limits(_limits(c.user_cpu, limit), headroom_bytes=0, force=True)
+                runs, outcomes = [], []
+                for _ in range(repeats):
+                    exec_s, outcome, _ = await c.run(size, timeout_s)
+                    outcomes.append(outcome)
+                    if outcome == "success":
+                        runs.append(exec_s)
+                curve.mem_factors.append(k)
+                curve.mem_limits_mb.append(limit / MB)
+                curve.mem_outcomes.append(outcomes)
+                curve.mem_times_s.append(statistics.median(runs) if len(runs) == repeats
+                                         else None)
+            if below_peak:  # last: the worker may die here and is not restarted
+                c.cg.write_limits(_limits(c.user_cpu, user_mem), headroom_bytes=0, force=True)
+                idle = _read_int(c.rel, "memory", "memory.usage_in_bytes")
+                limit = int(idle + 0.5 * max(0, peak - idle))
+                curve.below_peak_mb = limit / MB
+                try:
+                    c.cg.write_limits(_limits(c.user_cpu, limit), headroom_bytes=0, force=True)
+                except cgroups.CgroupError:
+                    curve.below_peak_outcome = "refused"
+                else:
+                    curve.below_peak_outcome = await _run_no_respawn(c, size, timeout_s)
+    finally:
+        try:
+            await c.stop()
+        finally:
+            remove_parent(parent)
+    if len(curve.quotas) >= 2 and 1.0 in curve.quotas:
+        curve.fit = fit_cpu(curve.quotas, curve.cpu_times_s)
+    return curve
+
+
+async def measure_all(names: list[str] | None = None, repeats: int = 3,
+                      progress=None) -> list[Curve]:
+    out = []
+    parent = f"faasrm-curves-{os.getpid()}"
+    for spec in [BY_NAME[n] for n in names] if names else SPECS:
+        out.append(await measure(spec, repeats=repeats, parent=parent))
+        if progress:
+            progress(out[-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------- output
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f}"
+
+
+def render_table(curves: list[Curve]) -> str:
+    q = curves[0].quotas if curves else list(QUOTAS)
+    k = curves[0].mem_factors if curves else list(MEM_FACTORS)
+    head = (["function", "size", "user"] + [f"{x:g}c ms" for x in q] + ["phi", "p", "fit err"]
+            + ["peak MB"] + [f"{x:g}xpk ms" for x in k] + ["OOM<peak"])
+    rows = []
+    for cv in curves:
+        f = cv.fit or {}
+        oom = {"oom": "yes", None: "-"}.get(cv.below_peak_outcome, f"no ({cv.below_peak_outcome})")
+        rows.append([cv.function, f"{cv.size:g}", f"{cv.user_cpu:g}c/{cv.user_mem_mb:g}M"]
+                    + [_ms(t) for t in cv.cpu_times_s]
+                    + [f"{f.get('phi', float('nan')):.2f}", f"{f.get('p', float('nan')):.2f}",
+                       f"{100 * f.get('max_rel_err', float('nan')):.0f}%"]
+                    + [f"{cv.peak_mb:.0f}"]
+                    + [_ms(t) if t is not None else "/".join(o[:3] for o in outs)
+                       for t, outs in zip(cv.mem_times_s, cv.mem_outcomes, strict=True)]
+                    + [oom])
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)  # noqa: E731
+                              for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+    return "\n".join([fmt(head), *(fmt(r) for r in rows)])
+
+
+def to_json(curves: list[Curve], elapsed_s: float) -> dict:
+    return {"period_us": PERIOD_US, "quotas": list(QUOTAS), "mem_factors": list(MEM_FACTORS),
+            "elapsed_s": elapsed_s, "cpus": os.cpu_count(),
+            "model": "t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p))",
+            "functions": [asdict(c) for c in curves]}
+
+
+def main(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise ValueError("bench curves needs root (it creates v1 cgroups)")
+    names = [n.strip() for n in (args.functions or "").split(",") if n.strip()] or None
+    t0 = time.monotonic()
+    curves = asyncio.run(measure_all(
+        names, args.repeats,
+        progress=lambda cv: print(f"  {cv.function}: done", flush=True)))
+    elapsed = time.monotonic() - t0
+    print(render_table(curves))
+    print(f"({elapsed:.0f} s; CFS period {PERIOD_US // 1000} ms; median of {args.repeats}; "
+          "fit err = max relative error of the fitted simulator CPU model)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(to_json(curves, elapsed), indent=2))
+        print(f"wrote {args.json}")
+    return 0
