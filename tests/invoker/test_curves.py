@@ -49,7 +49,6 @@ def _skip_without_v1() -> None:
             pytest.skip(f"no writable cgroup v1 '{c}' hierarchy")
 
 
-@pytest.mark.slow
 @pytest.mark.root
 def test_pyloop_slows_down_at_a_quarter_core() -> None:
     _skip_without_v1()

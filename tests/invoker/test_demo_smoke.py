@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+pytestmark = pytest.mark.root
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 

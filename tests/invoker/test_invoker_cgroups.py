@@ -12,7 +12,7 @@ from sidecar import cgroups
 from training.invoker.functions import BY_NAME
 from training.invoker.invoker import Containers, Invocation, Invoker
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+pytestmark = pytest.mark.root
 
 
 def _skip_without_v1() -> None:
