@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine; each creates .venv and installs what it needs.
-#   make demo   the main job on an embedded default (simulator evaluation of every manager)
+#   make demo   the main job: real functions on a local invoker, Fixed then the learned policy
 #   make test   the test suite (what CI runs)
+# Also: make sim-demo (every manager in the simulator), make model, make bench.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: demo demo-real test test-all bench model clean
+.PHONY: demo sim-demo test test-all bench model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.sim
 
-demo: $(VENV)/.sim
+sim-demo: $(VENV)/.sim
 	$(BIN)/faasrm sim eval --preset paper --managers fixed,greedy,ensure,vpa,oracle,learned \
 		--seed 1 --json out/sim_eval.json --plots out/
 
@@ -28,7 +29,7 @@ $(VENV)/.invoker: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[sim,invoker]'
 	touch $@
 
-demo-real: $(VENV)/.invoker
+demo: $(VENV)/.invoker
 	$(BIN)/faasrm demo
 
 test: $(VENV)/.dev
