@@ -176,8 +176,9 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     """Flags of `bench real` and `demo` (training/invoker/real.py; docs/invoker.md)."""
     p.add_argument("--managers", default="fixed,learned",
                    help="comma-separated: fixed (no sidecar; runs first: the RFET baseline), "
-                        "fixed2 (Fixed again: the noise floor), learned (sidecar + shipped "
-                        "model), rule (sidecar with its rule fallback policy)")
+                        "fixed2 (Fixed again: the noise floor), greedy, ensure, vpa (applied "
+                        "by the invoker), learned (sidecar + shipped model), rule (sidecar "
+                        "with its rule fallback policy)")
     p.add_argument("--minutes", type=float, default=1.0 if demo else 2.0,
                    help="real minutes of trace per manager")
     p.add_argument("--speedup", type=float, default=15.0,

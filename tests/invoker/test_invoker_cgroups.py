@@ -78,3 +78,37 @@ def test_oom_kill_is_recorded_and_worker_restarted() -> None:
     assert first.outcome == "oom", first
     assert second.outcome == "success", second  # the restarted worker serves the next one
     assert not _exists(parent)
+
+
+def test_invoker_applies_a_local_manager_and_restores_the_user_size() -> None:
+    from training.invoker.managers import Alloc, Vpa
+
+    _skip_without_v1()
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    spec = BY_NAME["sleepy"]  # 512 MB / 2 cores user, ~0 cores and little memory used
+    containers = Containers(parent, [spec])
+    invs = [Invocation(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
+    mgr = Vpa()
+    after: dict = {}
+
+    async def main() -> list:
+        try:
+            await containers.start(warm=False)
+            records = await Invoker(containers, manager=mgr).replay(invs)
+            lim = containers[spec.name].cg.read_limits()
+            after["limits"] = (lim.cpu_quota_cores, lim.mem_limit_bytes)
+            return records
+        finally:
+            await containers.stop()
+
+    records = sorted(asyncio.run(main()), key=lambda r: r.start_s)
+    assert all(r.outcome == "success" for r in records), records
+    assert [r.kind for r in records[:3]] == ["user"] * 3  # VPA waits for 3 runs
+    assert records[3].kind == "harvested" and records[3].cpu_cores == 1.0, records[3]
+    assert records[3].mem_mb < 512 and records[3].mem_mb % 64 == 0
+    assert all(0 <= c < 0.5 for c in mgr.cpu[spec.name])  # measured: sleepy barely uses CPU
+    assert all(0 < m < 512 for m in mgr.mem[spec.name]), mgr.mem
+    assert after["limits"] == (2.0, 512 * 2**20)  # the user's size after the replay
+    assert mgr.decide(spec.name, Alloc(2.0, 512)) == Alloc(records[4].cpu_cores,
+                                                           records[4].mem_mb)
+    assert not _exists(parent)

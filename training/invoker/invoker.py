@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -247,9 +248,16 @@ class Progress:
 class Invoker:
     """Replays a schedule over ``containers``, through the sidecar's hooks when ``sidecar_url``."""
 
-    def __init__(self, containers: Containers, sidecar_url: str | None = None) -> None:
+    def __init__(self, containers: Containers, sidecar_url: str | None = None,
+                 manager: Any = None, headroom_mb: float = 16.0) -> None:
+        """``manager``: a ``training.invoker.managers.RealManager`` the invoker applies itself
+        (no sidecar): its allocation is written before each invocation (memory never below
+        current usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size
+        restored after it; the manager observes the measured CPU/memory peak and time."""
         self.containers = containers
         self.sidecar_url = sidecar_url
+        self.manager = manager
+        self.headroom_bytes = int(headroom_mb * MB)
         self.progress = Progress()
 
     async def replay(self, invocations: list[Invocation]) -> list[Record]:
@@ -301,7 +309,10 @@ class Invoker:
                         rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
                     else:
                         rec.error = f"hook start: {start}"
-                rec.exec_s, rec.outcome, err = await c.run(inv.size)
+                if self.manager is not None:
+                    err = await self._managed_run(c, inv, rec)
+                else:
+                    rec.exec_s, rec.outcome, err = await c.run(inv.size)
                 rec.error = rec.error or err
                 if inv_id is not None:
                     end = await self._hook(http, f"/v1/invocations/{inv_id}/end", {
@@ -315,6 +326,52 @@ class Invoker:
         self.progress.failures += rec.outcome != "success"
         self.progress.records.append(rec)
         return rec
+
+
+    async def _managed_run(self, c: Container, inv: Invocation, rec: Record) -> str | None:
+        """Apply the manager's allocation, run, measure, restore the user's size, observe."""
+        from training.invoker.managers import Alloc, Observation, kind
+
+        assert c.cg is not None
+        user = Alloc(c.user_cpu, c.user_mem_mb)
+        want = self.manager.decide(c.name, user)
+        cpu, mem_mb, err = want.cpu_cores, want.mem_mb, None
+        try:
+            c.cg.write_limits(_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
+        except (ValueError, cgroups.CgroupError) as exc:  # memory refused: keep the user's
+            mem_mb, err = user.mem_mb, f"limit refused: {exc}"
+            try:
+                c.cg.write_limits(_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
+            except (ValueError, cgroups.CgroupError) as exc2:
+                cpu, err = c.user_cpu, f"limits refused: {exc2}"
+                c.cg.read_limits()
+        given = Alloc(cpu, mem_mb)
+        rec.cpu_cores, rec.mem_mb, rec.kind = cpu, mem_mb, kind(user, given)
+        try:
+            c.cg.reset_peak()
+        except cgroups.CgroupError:
+            pass
+        u0 = c.cg.read_usage(oom=False, slow=True)
+        t0 = time.monotonic()
+        try:
+            rec.exec_s, rec.outcome, run_err = await c.run(inv.size)
+        finally:
+            wall = max(1e-6, time.monotonic() - t0)
+            u1 = c.cg.read_usage(oom=False, slow=True)
+            try:  # back to the user's size (the kernel reclaims cache when memory goes down)
+                c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
+            except cgroups.CgroupError:
+                c.cg.read_limits()  # retried through the diff at the next invocation
+        self.manager.observe(c.name, user, Observation(
+            given=given, cpu_peak_cores=max(0.0, u1.cpu_usage_s - u0.cpu_usage_s) / wall,
+            mem_peak_mb=max(u1.mem_peak_bytes, u1.mem_bytes) / MB, exec_s=rec.exec_s,
+            outcome=rec.outcome))
+        return run_err or err
+
+
+def _limits(cpu_cores: float, mem_mb: float) -> cgroups.Limits:
+    return cgroups.Limits(cpu_quota_cores=cpu_cores, cpu_weight=max(1, int(100 * cpu_cores)),
+                          mem_limit_bytes=int(mem_mb * MB))
 
 
 def record_dicts(records: list[Record]) -> list[dict]:

@@ -5,6 +5,10 @@ Each manager replays the same trace slice (``invoker.schedule``: the bundled Azu
 (cgroups ``faasrm-real-<pid>-<manager>/<function>``, one worker each):
 
 * ``fixed``: no sidecar, every container stays at its user's size;
+* ``greedy``, ``ensure``, ``vpa``: no sidecar; the invoker applies the manager itself
+  (``training.invoker.managers``, the rules of ``training/baselines.py``) before each
+  invocation from what it measured of the function's previous invocations, and restores the
+  user's size after it (ENSURE's baseline is the function's mean time in the ``fixed`` run);
 * ``learned``: a real ``faasrm sidecar run`` subprocess managing those cgroups with the shipped
   model, called through its hook API at every invocation's start and end.
 
@@ -41,11 +45,12 @@ from typing import Any
 import numpy as np
 
 from training.invoker.functions import SPECS
+from training.invoker import managers as local
 from training.invoker.invoker import (
     DEFAULT_RATIO, Containers, Invoker, Record, _enter_cgroup, record_dicts, schedule,
 )
 
-MANAGERS = ("fixed", "learned")
+MANAGERS = ("fixed", "greedy", "ensure", "vpa", "learned")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "default.onnx"
 PARENT_PREFIX = "faasrm-real-"
@@ -179,6 +184,14 @@ def summarize(records: list[Record], base: list[Record], oom_kills: int,
     }
 
 
+def means(records: list[Record]) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r.outcome == "success":
+            by.setdefault(r.function, []).append(r.exec_s)
+    return {f: float(np.mean(v)) for f, v in by.items()}
+
+
 def medians(records: list[Record]) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for r in records:
@@ -205,22 +218,29 @@ def table(results: dict[str, dict]) -> str:
 
 
 async def run_manager(manager: str, invocations, *, ratio: float, model: Path | None,
-                      workdir: Path, state: dict, echo=print) -> tuple[list[Record], int, int]:
-    """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs)."""
+                      workdir: Path, state: dict, echo=print,
+                      baselines: dict[str, float] | None = None,
+                      ) -> tuple[list[Record], int, int]:
+    """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
+
+    ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
     parent = f"{PARENT_PREFIX}{os.getpid()}-{manager}"
     containers = Containers(parent, SPECS, ratio)
     sidecar = None
     state.update(manager=manager, containers=containers, sidecar=None, invoker=None)
     try:
         await containers.start()
-        if not manager.startswith("fixed"):
+        applied = None
+        if manager in local.LOCAL_MANAGERS:
+            applied = local.make(manager, local.Grid(), baselines)
+        elif not manager.startswith("fixed"):
             sidecar = Sidecar(parent, workdir / manager, model if manager == "learned" else None)
             ready = await asyncio.to_thread(sidecar.start)
             state.update(sidecar=sidecar, ready=ready)
             echo(f"{manager}: sidecar {ready.get('model_source', '?')} policy "
                  f"{ready.get('model', '')}; allocation trace while it runs: "
                  f"{sidecar.url}/debug/allocations")
-        invoker = Invoker(containers, sidecar.url if sidecar else None)
+        invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
         state["invoker"] = invoker
         records = await invoker.replay(invocations)
         ooms = sum(c.oom_kills() for c in containers.values())
@@ -290,12 +310,15 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
 
             refresher = asyncio.create_task(refresh())
         for m in managers:
-            if not m.startswith("fixed"):
+            if m in local.LOCAL_MANAGERS:
+                (live_ctx.console.print if live_ctx else echo)(
+                    f"{m}: applied by the invoker (no sidecar), grid 1 core x 8, 64 MB x 8")
+            elif not m.startswith("fixed"):
                 echo_live = live_ctx.console.print if live_ctx else echo
                 echo_live(f"{m}: sidecar with {model if m == 'learned' else 'the rule fallback'}")
             records, ooms, gbs = await run_manager(
                 m, invocations, ratio=ratio, model=model, workdir=workdir, state=state,
-                echo=live_ctx.console.print if live_ctx else echo)
+                echo=live_ctx.console.print if live_ctx else echo, baselines=means(base))
             if m == "fixed":
                 base = records
             results[m] = summarize(records, base, ooms, gbs)
@@ -339,8 +362,8 @@ def main(args: Any, *, demo: bool = False) -> int:
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     bad = [m for m in managers if m not in (*MANAGERS, "rule", "fixed2")]
     if bad:
-        raise ValueError(f"unknown manager(s) {bad}: choose from fixed, fixed2, learned, rule "
-                         "(greedy/ensure/vpa are not implemented on the real invoker yet)")
+        raise ValueError(f"unknown manager(s) {bad}: choose from fixed, fixed2, greedy, "
+                         "ensure, vpa, learned, rule")
     if "fixed" in managers:
         managers.remove("fixed")
     managers.insert(0, "fixed")  # the RFET baseline runs first
@@ -391,7 +414,7 @@ def main(args: Any, *, demo: bool = False) -> int:
 
 
 def plots(out: dict, folder: str | Path) -> list[Path]:
-    """RFET CDF per manager, and the allocations the sidecar chose over time for 4 functions."""
+    """RFET CDF per manager, and the allocations the managers chose over time for 4 functions."""
     import matplotlib
 
     matplotlib.use("Agg")
