@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
+from sidecar.shipper import jittered_backoff
 
 log = logging.getLogger("faasrm.model_poller")
 
@@ -183,8 +184,7 @@ class ModelPoller:
 
     # ------------------------------------------------------------------------ polling
     def backoff_s(self, attempt: int) -> float:
-        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2**min(attempt, 30))
-        return self._rng.uniform(cap / 2, cap)
+        return jittered_backoff(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
 
     async def poll_once(self, session: Any) -> str:
         """One long-poll: 'new', 'same', 'none' or 'error'."""

@@ -48,6 +48,12 @@ def _seg_no(path: Path) -> int:
     return int(path.name[len(_PREFIX) : -len(_SUFFIX)])
 
 
+def jittered_backoff(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": uniform in [cap/2, cap], cap doubling per attempt."""
+    cap = min(max_s, initial_s * 2 ** min(attempt, 30))
+    return rng.uniform(cap / 2, cap)
+
+
 @dataclass
 class Pending:
     seq: int
@@ -220,8 +226,7 @@ class Shipper:
 
     # ------------------------------------------------------------------------ sending
     def backoff_s(self, attempt: int) -> float:
-        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2**min(attempt, 30))
-        return self._rng.uniform(cap / 2, cap)
+        return jittered_backoff(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
 
     def _count(self, result: str, n: int = 0) -> None:
         if self.metrics is not None:
