@@ -716,26 +716,82 @@ def create_v1(rel_path: str, root: str = DEFAULT_ROOT) -> CgroupV1:
 
 
 def remove_v1(rel_path: str, root: str = DEFAULT_ROOT, timeout_s: float = 2.0) -> None:
-    """Remove the cgroup from the three hierarchies; idempotent.
-
-    A v1 cgroup with tasks cannot be removed, so its processes are moved to the parent first;
-    exiting processes can linger for a moment, hence the retries until ``timeout_s``.
-    """
+    """Remove the cgroup from the three hierarchies; idempotent (see ``_remove_dir``)."""
     for controller in V1_CONTROLLERS:
-        path = os.path.join(root, controller, rel_path.strip("/"))
-        parent_procs = os.path.join(os.path.dirname(path), "cgroup.procs")
-        deadline = time.monotonic() + timeout_s
-        while os.path.isdir(path):
-            try:
-                for pid in _read_once(os.path.join(path, "cgroup.procs")).split():
-                    try:
-                        _write_file(parent_procs, pid)
-                    except CgroupError:
-                        pass  # exited meanwhile (ESRCH); rmdir tells whether it matters
-                os.rmdir(path)
-            except (FileNotFoundError, CgroupGone):
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise CgroupIOError(f"cannot remove {path}: {exc.strerror}", path) from None
-                time.sleep(0.01)
+        _remove_dir(os.path.join(root, controller, rel_path.strip("/")), timeout_s)
+
+
+def _v2_base_or_raise(root: str) -> str:
+    base = _v2_base(root)
+    if base is None:
+        raise CgroupError(f"no unified (v2) hierarchy with cpu and memory under {root}", root)
+    return base
+
+
+def create_v2(rel_path: str, root: str = DEFAULT_ROOT) -> CgroupV2:
+    """Create the cgroup under the unified mount, with cpu and memory enabled down to it.
+
+    v2 gives a cgroup a controller's files only if its parent lists the controller in
+    ``cgroup.subtree_control``, so ``+cpu +memory`` is written there at every level from the mount
+    down to the new cgroup's parent (a no-op where already enabled). The leaf's own
+    subtree_control is left alone: processes live in it, and v2 forbids a cgroup with processes
+    from enabling controllers for children ("no internal processes").
+    """
+    base = _v2_base_or_raise(root)
+    parts = [p for p in rel_path.strip("/").split("/") if p]
+    path = base
+    for part in parts:
+        _write_file(os.path.join(path, "cgroup.subtree_control"), "+cpu +memory")
+        path = os.path.join(path, part)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise CgroupIOError(f"cannot create {path}: {exc.strerror}", path, exc.errno) from None
+    return CgroupV2(path)
+
+
+def remove_v2(rel_path: str, root: str = DEFAULT_ROOT, timeout_s: float = 2.0) -> None:
+    """Remove the cgroup from the unified hierarchy; idempotent (see ``_remove_dir``)."""
+    _remove_dir(os.path.join(_v2_base_or_raise(root), rel_path.strip("/")), timeout_s)
+
+
+def create(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = None) -> Cgroup:
+    """Create a cgroup in the host's hierarchy (``version`` None: detected)."""
+    if (version or detect_version(root)) == 1:
+        return create_v1(rel_path, root)
+    return create_v2(rel_path, root)
+
+
+def remove(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = None,
+           timeout_s: float = 2.0) -> None:
+    """Remove a cgroup made by ``create`` (``version`` None: detected); idempotent."""
+    if (version or detect_version(root)) == 1:
+        remove_v1(rel_path, root, timeout_s)
+    else:
+        remove_v2(rel_path, root, timeout_s)
+
+
+def _remove_dir(path: str, timeout_s: float) -> None:
+    """rmdir one cgroup directory, moving its processes to the parent first; idempotent.
+
+    A cgroup with processes cannot be removed (v1 and v2), so they are moved to the parent's
+    cgroup.procs first; exiting processes can linger for a moment, hence the retries on EBUSY
+    until ``timeout_s``.
+    """
+    parent_procs = os.path.join(os.path.dirname(path), "cgroup.procs")
+    deadline = time.monotonic() + timeout_s
+    while os.path.isdir(path):
+        try:
+            for pid in _read_once(os.path.join(path, "cgroup.procs")).split():
+                try:
+                    _write_file(parent_procs, pid)
+                except CgroupError:
+                    pass  # exited meanwhile (ESRCH); rmdir tells whether it matters
+            os.rmdir(path)
+        except (FileNotFoundError, CgroupGone):
+            break
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupIOError(f"cannot remove {path}: {exc.strerror}", path, exc.errno) \
+                    from None
+            time.sleep(0.01)

@@ -551,3 +551,65 @@ def test_v1_remove_moves_processes_out(v1_cgroup: CgroupV1, spawn) -> None:
 def test_v1_invalid_value_names_file_and_value(v1_cgroup: CgroupV1) -> None:
     with pytest.raises(CgroupIOError, match=r"'abc'.*cpu\.shares.*EINVAL"):
         v1_cgroup._write(v1_cgroup._p("cpu.shares"), "abc")
+
+
+# ----------------------------------------------------- v2 create/remove (fake unified mount)
+
+PARENT, LEAF = "faasrm-real-1-fixed", "pyloop"
+
+
+@pytest.fixture
+def v2_root(tmp_path: Path, v2_tree: Path) -> Path:
+    """A fake unified mount holding a run's parent cgroup, as the kernel would have populated
+    them: the root's controllers, the parent's files, and the leaf as the fixture's directory
+    (mkdir on a file tree makes an empty directory where the kernel makes the cgroup's files)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("\n")
+    (root / "cgroup.procs").write_text("1\n")
+    (root / PARENT).mkdir()
+    (root / PARENT / "cgroup.subtree_control").write_text("\n")
+    (root / PARENT / "cgroup.procs").write_text("")
+    v2_tree.rename(root / PARENT / LEAF)
+    return root
+
+
+def test_v2_create_enables_cpu_and_memory_down_to_the_leaf(v2_root: Path) -> None:
+    assert cgroups.detect_version(str(v2_root)) == 2
+    leaf_control = (v2_root / PARENT / LEAF / "cgroup.subtree_control").read_text()
+    cg = cgroups.create(f"{PARENT}/{LEAF}", str(v2_root))  # version detected: 2
+    assert isinstance(cg, CgroupV2) and cg.path == str(v2_root / PARENT / LEAF)
+    assert (v2_root / "cgroup.subtree_control").read_text() == "+cpu +memory\n"
+    assert (v2_root / PARENT / "cgroup.subtree_control").read_text() == "+cpu +memory\n"
+    # the leaf holds the worker: v2 forbids it to enable controllers for children
+    assert (v2_root / PARENT / LEAF / "cgroup.subtree_control").read_text() == leaf_control
+    assert cg.paths == cgroups.open_cgroup(f"{PARENT}/{LEAF}", str(v2_root)).paths
+    cg.write_limits(Limits(cpu_quota_cores=0.5, cpu_weight=50, mem_limit_bytes=128 * MiB),
+                    headroom_bytes=0, force=True)
+    assert (v2_root / PARENT / LEAF / "cpu.max").read_text() == "50000 100000\n"
+    assert (v2_root / PARENT / LEAF / "cpu.weight").read_text() == "50\n"
+    assert (v2_root / PARENT / LEAF / "memory.max").read_text() == f"{128 * MiB}\n"
+    assert cg.read_usage().oom_kills == 1  # memory.events' oom_kill (the invoker's OOM count)
+    assert cgroups.create(f"{PARENT}/{LEAF}", str(v2_root), version=2).paths == cg.paths
+
+
+def test_v2_create_without_a_unified_hierarchy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(cgroups.CgroupError, match="no unified"):
+        cgroups.create_v2(f"{PARENT}/{LEAF}", str(tmp_path))
+
+
+def test_v2_remove_moves_processes_to_the_parent_first(v2_root: Path) -> None:
+    leaf = v2_root / PARENT / LEAF
+    assert leaf.joinpath("cgroup.procs").read_text().split() == ["4242", "4263"]
+    # The kernel removes a cgroup directory's files with it; a file tree cannot, so rmdir fails
+    # here, after the processes were written to the parent one by one (a fake file keeps the last).
+    with pytest.raises(CgroupIOError) as err:
+        cgroups.remove(f"{PARENT}/{LEAF}", str(v2_root), version=2)
+    assert err.value.errno == errno.ENOTEMPTY and err.value.path == str(leaf)
+    assert (v2_root / PARENT / "cgroup.procs").read_text() == "4263\n"
+
+
+def test_v2_remove_is_idempotent(v2_root: Path) -> None:
+    cgroups.remove(f"{PARENT}/absent", str(v2_root))  # version detected: 2
+    cgroups.remove_v2(f"{PARENT}/absent", str(v2_root))

@@ -1,4 +1,5 @@
-"""Containers (a real cgroup v1 + a long-lived worker) and the asyncio trace replay.
+"""Containers (a real cgroup v1/v2 or a real Docker container, each holding one long-lived
+worker) and the asyncio trace replay.
 
 One container per function, one invocation at a time per container (as an OpenWhisk action
 container): later arrivals wait for it, which is the response time's queueing. For every
@@ -7,11 +8,12 @@ after) when a sidecar URL is given, runs the function in the container's worker 
 execution time (measured inside the worker), response time (arrival to completion) and outcome
 (``success``, ``failure``, ``oom``: the kernel killed the worker; it is restarted, the invocation
 is not retried). The caller owns cleanup: ``Containers.stop()`` kills every worker and removes
-every cgroup, and is safe to call twice.
+every cgroup (or Docker container), and is safe to call twice.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ctypes
 import json
@@ -22,15 +24,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sidecar import cgroups
 from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSpec
 
+if TYPE_CHECKING:
+    from sidecar.dockerd import DockerEngine
+
 MB = 1 << 20
 _PR_SET_PDEATHSIG = 1
+# The workers' BLAS/OpenMP pools: 2 threads (this host's cores), not one per core of the machine.
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
 @dataclass(frozen=True)
@@ -102,57 +109,64 @@ def _enter_cgroup(procs_files: list[str]) -> Callable[[], None]:
     return enter
 
 
-class Container:
-    """A real v1 cgroup ``<parent>/<name>`` at the user's size, holding one worker process."""
+class WorkerContainer(abc.ABC):
+    """What both container kinds share: the user's size, one invocation at a time, and the
+    worker's JSON-line protocol (``training/invoker/worker.py``) on the container's stdin/stdout.
 
-    def __init__(self, parent: str, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
+    ``cg`` is the container's cgroup while it runs: the local managers write their allocations
+    there (``Invoker._managed_run``), as the sidecar does, whatever started the container."""
+
+    def __init__(self, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
         self.spec = spec
         self.name = spec.name
-        self.rel = f"{parent}/{spec.name}"
         self.user_mem_mb = spec.mem_mb
         self.user_cpu = round(spec.mem_mb * ratio, 3)
-        self.cg: cgroups.CgroupV1 | None = None
-        self.proc: asyncio.subprocess.Process | None = None
+        self.cg: cgroups.Cgroup | None = None
         self.lock = asyncio.Lock()
         self.waiting = 0
         self.restarts = 0
+        self._stdin: asyncio.StreamWriter | None = None
+        self._stdout: asyncio.StreamReader | None = None
+
+    @property
+    @abc.abstractmethod
+    def sidecar_id(self) -> str:
+        """The id the sidecar's hook API knows this container by (its runtime's container id)."""
 
     @property
     def user_limits(self) -> cgroups.Limits:
-        return cgroups.Limits(cpu_quota_cores=self.user_cpu,
-                              cpu_weight=max(1, int(100 * self.user_cpu)),
-                              mem_limit_bytes=int(self.user_mem_mb * MB))
+        return _limits(self.user_cpu, self.user_mem_mb)
 
+    @abc.abstractmethod
     async def start(self) -> None:
-        self.cg = cgroups.create_v1(self.rel)
-        self.cg.write_limits(self.user_limits, headroom_bytes=0, force=True)
-        await self._spawn()
+        """Create the container at the user's size and start its worker (``_spawn``)."""
 
+    @abc.abstractmethod
     async def _spawn(self) -> None:
-        assert self.cg is not None
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2",
-               "MKL_NUM_THREADS": "2"}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.invoker.worker", self.spec.name,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-            preexec_fn=_enter_cgroup([os.path.join(d, "cgroup.procs") for d in self.cg.paths]),
-            start_new_session=True,  # Ctrl-C reaches the invoker only; it stops the workers
-        )
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+        """Start the worker, set ``_stdin``/``_stdout`` and wait for it (``_ready``)."""
+
+    @abc.abstractmethod
+    async def _kill(self) -> None:
+        """Kill the worker (a timed-out invocation)."""
+
+    @abc.abstractmethod
+    async def _wait_exit(self) -> int | None:
+        """Wait until the worker is gone; its exit code. Afterwards ``oom_kills`` counts it if
+        the kernel killed it for memory."""
+
+    @abc.abstractmethod
+    def oom_kills(self) -> int:
+        """OOM kills in this container so far."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Kill the worker and remove the container; safe to call twice."""
+
+    async def _ready(self) -> None:
+        assert self._stdout is not None
+        line = await asyncio.wait_for(self._stdout.readline(), 120)
         if not line.startswith(b'{"ready"'):
             raise RuntimeError(f"worker {self.name} did not start: {line!r}")
-
-    def oom_kills(self) -> int:
-        path = os.path.join(cgroups.DEFAULT_ROOT, "memory", self.rel, "memory.oom_control")
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
 
     def limits(self) -> cgroups.Limits | None:
         try:
@@ -162,17 +176,17 @@ class Container:
 
     async def run(self, size: float, timeout_s: float = 120.0) -> tuple[float, str, str | None]:
         """(execution seconds, outcome, error) of one invocation in the worker."""
-        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        assert self._stdin is not None and self._stdout is not None
         oom_before = self.oom_kills()
         t0 = time.perf_counter()
         try:
-            self.proc.stdin.write(json.dumps({"size": size}).encode() + b"\n")
-            await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+            self._stdin.write(json.dumps({"size": size}).encode() + b"\n")
+            await self._stdin.drain()
+            line = await asyncio.wait_for(self._stdout.readline(), timeout_s)
         except (BrokenPipeError, ConnectionResetError):
             line = b""
         except TimeoutError:
-            self.proc.kill()
+            await self._kill()
             line = b""
         if line:
             reply = json.loads(line)
@@ -180,11 +194,59 @@ class Container:
                 return float(reply["exec_s"]), "success", None
             return time.perf_counter() - t0, "failure", reply.get("error")
         elapsed = time.perf_counter() - t0
-        await self.proc.wait()  # the worker died: OOM kill (or a crash); start a new one
+        code = await self._wait_exit()  # the worker died: OOM kill (or a crash); start a new one
         outcome = "oom" if self.oom_kills() > oom_before else "failure"
         self.restarts += 1
         await self._spawn()
-        return elapsed, outcome, f"worker exited {self.proc.returncode}"
+        return elapsed, outcome, f"worker exited {code}"
+
+
+class Container(WorkerContainer):
+    """A real cgroup ``<parent>/<name>`` at the user's size holding one worker process: v1 (cpu,
+    cpuacct, memory hierarchies) or v2 (the unified hierarchy), as the host has it."""
+
+    def __init__(self, parent: str, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
+        super().__init__(spec, ratio)
+        self.rel = f"{parent}/{spec.name}"
+        self.version: int | None = None  # the host's cgroup version, known at start()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def sidecar_id(self) -> str:
+        return self.rel  # the cgroupfs runtime's id: the path under its parent
+
+    async def start(self) -> None:
+        self.version = cgroups.detect_version()
+        self.cg = cgroups.create(self.rel, version=self.version)
+        self.cg.write_limits(self.user_limits, headroom_bytes=0, force=True)
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        assert self.cg is not None
+        env = {**os.environ, **WORKER_ENV}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "training.invoker.worker", self.spec.name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+            preexec_fn=_enter_cgroup([os.path.join(d, "cgroup.procs") for d in self.cg.paths]),
+            start_new_session=True,  # Ctrl-C reaches the invoker only; it stops the workers
+        )
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+        await self._ready()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def _wait_exit(self) -> int | None:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    def oom_kills(self) -> int:
+        """The kernel's counter: v1 ``memory.oom_control``, v2 ``memory.events`` ``oom_kill``."""
+        try:
+            return self.cg.read_usage(slow=False).oom_kills if self.cg is not None else 0
+        except cgroups.CgroupError:
+            return 0
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -197,23 +259,32 @@ class Container:
         if self.cg is not None:
             self.cg.close()
             self.cg = None
-        cgroups.remove_v1(self.rel)
+        if self.version is not None:
+            cgroups.remove(self.rel, version=self.version)
 
 
 def remove_parent(parent: str) -> None:
-    for c in cgroups.V1_CONTROLLERS:
-        try:
-            os.rmdir(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
-        except FileNotFoundError:
-            pass
+    """Remove the (empty) parent cgroup of a run's containers."""
+    cgroups.remove(parent)
 
 
-class Containers(dict):
-    """name -> Container under one parent cgroup; ``stop()`` removes them all and the parent."""
+class Containers(dict[str, WorkerContainer]):
+    """name -> container of each function; ``stop()`` removes them all (and their parent).
 
-    def __init__(self, parent: str, specs: list[FunctionSpec], ratio: float = DEFAULT_RATIO):
-        super().__init__((s.name, Container(parent, s, ratio)) for s in specs)
+    ``engine``: real Docker containers on that engine (``DockerContainer``, named after
+    ``parent``) instead of bare cgroups under ``parent``."""
+
+    def __init__(self, parent: str, specs: list[FunctionSpec], ratio: float = DEFAULT_RATIO,
+                 engine: DockerEngine | None = None) -> None:
+        if engine is None:
+            super().__init__((s.name, Container(parent, s, ratio)) for s in specs)
+        else:
+            from training.invoker.docker_container import DockerContainer
+
+            super().__init__((s.name, DockerContainer(engine, parent, n, s, ratio))
+                             for n, s in enumerate(specs))
         self.parent = parent
+        self.engine = engine
 
     async def start(self, warm: bool = True) -> None:
         await asyncio.gather(*(c.start() for c in self.values()))
@@ -228,10 +299,11 @@ class Containers(dict):
                 await c.stop()
             except Exception as exc:  # noqa: BLE001 (remove the rest anyway)
                 errors.append(exc)
-        try:
-            remove_parent(self.parent)
-        except OSError as exc:
-            errors.append(exc)
+        if self.engine is None:
+            try:
+                remove_parent(self.parent)
+            except cgroups.CgroupError as exc:
+                errors.append(exc)
         if errors:
             raise errors[0]
 
@@ -298,7 +370,7 @@ class Invoker:
             try:
                 if self.sidecar_url:
                     start = await self._hook(http, "/v1/invocations", {
-                        "container": c.rel, "function": c.name, "input_size": inv.size,
+                        "container": c.sidecar_id, "function": c.name, "input_size": inv.size,
                         "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
                         "pending": c.waiting})
                     if start and "invocation" in start:
@@ -328,7 +400,7 @@ class Invoker:
         return rec
 
 
-    async def _managed_run(self, c: Container, inv: Invocation, rec: Record) -> str | None:
+    async def _managed_run(self, c: WorkerContainer, inv: Invocation, rec: Record) -> str | None:
         """Apply the manager's allocation, run, measure, restore the user's size, observe."""
         from training.invoker.managers import Alloc, Observation, kind
 
@@ -378,4 +450,5 @@ def record_dicts(records: list[Record]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
-__all__ = ["BY_NAME", "Container", "Containers", "Invocation", "Invoker", "Record", "schedule"]
+__all__ = ["BY_NAME", "Container", "Containers", "Invocation", "Invoker", "Record",
+           "WorkerContainer", "schedule"]
