@@ -94,16 +94,10 @@ def _random_model(path: Path) -> str:
 def _grid_for(model: str) -> ResourceGrid:
     """The grid the model declares in its metadata (a trained model only loads on its own
     grid); else 0.25-core x 8 / 64 MB x 8, which suits this 2-core host."""
-    default = ResourceGrid(0.25, 8, 64.0, 8)
-    if not model:
-        return default
-    try:
-        import onnxruntime as ort
+    from sidecar.models import model_grid
 
-        sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
-    except Exception:  # noqa: BLE001 (no grid in it, or unreadable: the loader will say)
-        return default
+    default = ResourceGrid(0.25, 8, 64.0, 8)
+    return (model_grid(model) if model else None) or default
 
 
 def _node(rels: list[str], tmp: Path, model: str):

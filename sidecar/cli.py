@@ -186,12 +186,17 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
     p.add_argument("--cores-per-mb", type=float, default=1.0 / 256.0,
                    help="user CPU per MB of user memory (default 1 core per 256 MB)")
-    p.add_argument("--model", help="ONNX policy for 'learned' (default models/default.onnx)")
+    p.add_argument("--model", help="ONNX policy for 'learned' (default models/invoker.onnx, "
+                   "trained for 2-core hosts; every manager uses its grid)")
     p.add_argument("--json", default="out/demo_real.json" if demo else None,
                    help="write figures (and config, per-function medians) as JSON")
     p.add_argument("--plots", default="out/" if demo else None,
                    help="folder for PNG plots: RFET CDF, allocations over time")
     p.add_argument("--records", action="store_true", help="also write every invocation's record")
+    p.add_argument("--runtime", choices=("cgroup", "docker"), default="cgroup",
+                   help="containers: bare cgroups (v1 or v2) or real Docker containers (a "
+                        "private dockerd is started, and docker.io apt-get installed, if none "
+                        "answers)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,6 +149,18 @@ def validate(
     return scorer, meta
 
 
+def model_grid(path: str | Path) -> ResourceGrid | None:
+    """The grid a model file declares in its metadata (a model only loads on its own grid), so
+    tools can configure a sidecar for it; None when it declares none or cannot be read."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
+    except Exception:  # noqa: BLE001 (missing, corrupt, no grid: the loader says why)
+        return None
+
+
 def _expected_sha(path: Path, configured: str) -> str | None:
     if configured:
         return configured

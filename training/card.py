@@ -1,8 +1,9 @@
 """The model card: how the shipped policy was trained and how it scored, next to the ONNX file.
 
 ``python -m training.card --run RUN_DIR --model models/default.onnx --eval A.json [B.json ...]
---command "..."`` writes ``models/MODEL_CARD.md`` and adds ``training`` and ``evaluation``
-sections to the model's ``<model>.json`` metadata (its sha256 stays the ONNX file's).
+--command "..."`` writes the card (``--card``, default ``models/MODEL_CARD.md``) and adds
+``training`` and ``evaluation`` sections to the model's ``<model>.json`` metadata (its sha256
+stays the ONNX file's).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--command", required=True, help="the commands that produced the model")
     p.add_argument("--wall-s", type=float, required=True, help="training wall time, seconds")
     p.add_argument("--notes", help="a Markdown file of findings appended to the card")
+    p.add_argument("--preset", default="paper", help="the simulator preset of the evaluations")
+    p.add_argument("--card", help="where to write the card (default: MODEL_CARD.md beside it)")
     a = p.parse_args(argv)
 
     rows = list(csv.DictReader(open(Path(a.run) / "metrics.csv")))
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     lines = [
-        "# The shipped policy: `models/default.onnx`",
+        f"# The shipped policy: `models/{Path(a.model).name}`",
         "",
         f"sha256 `{meta['sha256']}`; feature schema v{meta.get('feature_version')} "
         f"(hash `{meta.get('schema_hash')}`); grid `{meta.get('grid')}`.",
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "(training/pretrain.py). Training workloads use random seeds drawn per episode; the "
         "evaluation seeds below were never used in training.",
         "",
-        "## How it scored (simulator, `paper` preset, same seeds for every manager)",
+        f"## How it scored (simulator, `{a.preset}` preset, same seeds for every manager)",
         "",
     ]
     for name, results in evals.items():
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append("")
     if a.notes:
         lines += ["## Notes", "", Path(a.notes).read_text().strip(), ""]
-    out = Path(a.model).parent / "MODEL_CARD.md"
+    out = Path(a.card) if a.card else Path(a.model).parent / "MODEL_CARD.md"
     out.write_text("\n".join(lines))
     print(f"wrote {out} and {meta_path}")
 

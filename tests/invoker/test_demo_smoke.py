@@ -1,4 +1,5 @@
-"""``faasrm demo`` as a subprocess: the table is printed and nothing is left behind (-m slow)."""
+"""``faasrm demo`` as a subprocess: the table is printed, the trainer got trajectories, and
+nothing is left behind (trainer, sidecar, workers, cgroups), also after Ctrl-C."""
 
 from __future__ import annotations
 
@@ -56,7 +57,12 @@ def test_demo_short_run_prints_table_and_cleans_up(tmp_path: Path) -> None:
     assert (tmp_path / "real_rfet_cdf.png").stat().st_size > 0
     rows = [line.split()[0] for line in out.splitlines() if line.strip()]
     assert "fixed" in rows and "learned" in rows, out
-    results = json.loads((tmp_path / "demo.json").read_text())["results"]
+    out_json = json.loads((tmp_path / "demo.json").read_text())
+    results = out_json["results"]
+    # the demo's trainer received the learned run's trajectories from the sidecar's shipper
+    assert out_json["trainer"]["records"] > 0, out_json.get("trainer")
+    assert "trajectory records" in out
+    assert out_json["config"]["grid"]["cpu_unit_cores"] == 0.25  # models/invoker.onnx's grid
     for key in ("mean_rfet", "p98_rfet", "p98_duration_s", "harvested_frac", "accelerated_frac",
                 "slowdown_frac_1_2", "failures", "invocations", "oom_kills", "give_backs"):
         assert key in results["learned"], key

@@ -5,7 +5,8 @@ allocation, applies it to the container's cgroup, runs the invocation, measures 
 cgroup's ``cpuacct.usage`` delta over the run / wall time, memory = ``memory.max_usage_in_bytes``
 reset before the run, execution time, outcome), tells the manager with ``observe`` and restores
 the user's size. The rules mirror ``training/baselines.py`` (the simulator's versions) on the
-learned run's grid: 1-core CPU units and 64 MB memory units, 8 of each.
+learned run's grid (``faasrm bench real``: the model's; by default 0.25-core CPU units and 64 MB
+memory units, 8 of each).
 
 Users' sizes need not lie on the grid (pyloop's user has 0.5 core): "one unit up" from a size is
 the next grid point strictly above it, "one unit down" the next strictly below, both clamped to
@@ -21,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sidecar.core.grid import ResourceGrid
+
 
 @dataclass(frozen=True)
 class Alloc:
@@ -29,11 +32,8 @@ class Alloc:
 
 
 @dataclass(frozen=True)
-class Grid:
-    cpu_unit_cores: float = 1.0
-    cpu_units: int = 8
-    mem_unit_mb: float = 64.0
-    mem_units: int = 8
+class Grid(ResourceGrid):
+    """The run's ``ResourceGrid`` with the up/down steps of these rules (sizes off the grid)."""
 
     @staticmethod
     def _clamp(units: int, n: int) -> int:

@@ -12,9 +12,10 @@ Each manager replays the same trace slice (``invoker.schedule``: the bundled Azu
 * ``learned``: a real ``faasrm sidecar run`` subprocess managing those cgroups with the shipped
   model, called through its hook API at every invocation's start and end.
 
-The shipped model was trained on the grid 1 core x 8, 64 MB x 8, and the daemon refuses a model
-whose grid differs from its config's, so the sidecar runs on that grid: on this 2-core host CPU
-allocations are 1 or 2 cores (more is not more than the host), memory 64..512 MB in 64 MB steps.
+Every manager works on one grid: the model's (from its metadata; the daemon refuses a model
+trained on another), by default ``models/invoker.onnx``'s 0.25 core x 8, 64 MB x 8, trained on
+the simulator's ``invoker`` preset (2-core hosts like this one). ``faasrm demo`` also starts a
+trainer service: the sidecar ships its trajectories to it, as on a real cluster.
 
 RFET of an invocation = its execution time / the execution time of the same invocation (same
 function, input and arrival time) in the ``fixed`` run, which always runs first: the README's
@@ -31,6 +32,8 @@ Everything started is stopped and every cgroup removed at the end, on errors and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -44,24 +47,27 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.core.grid import ResourceGrid
+from sidecar.dockerd import DockerEngine
+from sidecar.models import model_grid
 from training.invoker.functions import SPECS
 from training.invoker import managers as local
 from training.invoker.invoker import (
     DEFAULT_RATIO, Containers, Invoker, Record, _enter_cgroup, record_dicts, schedule,
 )
+from training.local_cluster import TOKEN as TRAINER_TOKEN
+from training.local_cluster import Trainer, free_port
 
 MANAGERS = ("fixed", "greedy", "ensure", "vpa", "learned")
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "models" / "default.onnx"
+DEFAULT_MODEL = REPO / "models" / "invoker.onnx"
+INVOKER_GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+"""The grid without a model (rule fallback, local managers): a quarter core suits 2 cores."""
 PARENT_PREFIX = "faasrm-real-"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SETTLE_S = 3.0
+"""Pause between start-up (workers, warm-ups, sidecar) and the replay: without it the first
+burst of invocations ran slower in whichever run had the busier start (2-5x for Fixed's first
+seven invocations in one run), which showed up as a gain for the sidecar runs."""
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -75,33 +81,45 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Sidecar:
     """A ``faasrm sidecar run`` subprocess managing every child cgroup of ``parent``."""
 
-    def __init__(self, parent: str, workdir: Path, model: Path | None) -> None:
-        self.port = _free_port()
+    def __init__(self, parent: str, workdir: Path, model: Path | None, grid: ResourceGrid,
+                 trainer: "Trainer | None" = None, docker: DockerEngine | None = None) -> None:
+        """``docker``: manage the invoker's Docker containers through that engine (the
+        sidecar's Docker runtime) instead of the cgroups under ``parent``."""
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "sidecar.log"
         model_line = f'path = "{model}"' if model else 'path = "/nonexistent/rule-fallback.onnx"'
+        shipper = "" if trainer is None else f"""
+[shipper]
+enabled = true
+url = "{trainer.url}"
+token = "{TRAINER_TOKEN}"
+state_file = "{workdir / 'shipper.json'}"
+interval_s = 0.5
+"""
+        containers = f'[cgroupfs]\nparent = "{parent}"' if docker is None else \
+            f'[docker]\nenabled = true\nbase_url = "{docker.base_url or ""}"'
         self.config = workdir / "sidecar.toml"
         self.config.write_text(f"""
 log_level = "warning"
 [server]
 host = "127.0.0.1"
 port = {self.port}
-[grid]  # the shipped model's grid (the daemon refuses a model trained on another)
-cpu_unit_cores = 1.0
-cpu_units = 8
-mem_unit_mb = 64.0
-mem_units = 8
-[cgroupfs]
-parent = "{parent}"
+[grid]  # the model's grid (the daemon refuses a model trained on another)
+cpu_unit_cores = {grid.cpu_unit_cores}
+cpu_units = {grid.cpu_units}
+mem_unit_mb = {grid.mem_unit_mb}
+mem_units = {grid.mem_units}
+{containers}
 [actuation]
 state_file = "{workdir / 'state.json'}"
 [spool]
 dir = "{workdir / 'spool'}"
 [model]
 {model_line}
-""")
+{shipper}""")
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> dict:
@@ -218,28 +236,32 @@ def table(results: dict[str, dict]) -> str:
 
 
 async def run_manager(manager: str, invocations, *, ratio: float, model: Path | None,
-                      workdir: Path, state: dict, echo=print,
+                      grid: ResourceGrid, workdir: Path, state: dict, echo=print,
+                      trainer: Trainer | None = None,
                       baselines: dict[str, float] | None = None,
+                      engine: DockerEngine | None = None,
                       ) -> tuple[list[Record], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
     ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
     parent = f"{PARENT_PREFIX}{os.getpid()}-{manager}"
-    containers = Containers(parent, SPECS, ratio)
+    containers = Containers(parent, SPECS, ratio, engine=engine)
     sidecar = None
     state.update(manager=manager, containers=containers, sidecar=None, invoker=None)
     try:
         await containers.start()
         applied = None
         if manager in local.LOCAL_MANAGERS:
-            applied = local.make(manager, local.Grid(), baselines)
+            applied = local.make(manager, local.Grid(**dataclasses.asdict(grid)), baselines)
         elif not manager.startswith("fixed"):
-            sidecar = Sidecar(parent, workdir / manager, model if manager == "learned" else None)
+            sidecar = Sidecar(parent, workdir / manager, model if manager == "learned" else None,
+                              grid, trainer, docker=engine)
             ready = await asyncio.to_thread(sidecar.start)
             state.update(sidecar=sidecar, ready=ready)
             echo(f"{manager}: sidecar {ready.get('model_source', '?')} policy "
                  f"{ready.get('model', '')}; allocation trace while it runs: "
                  f"{sidecar.url}/debug/allocations")
+        await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
         invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
         state["invoker"] = invoker
         records = await invoker.replay(invocations)
@@ -268,6 +290,9 @@ def _live_view(state: dict, started: float):
     parts: list = [head]
     if sc is not None:
         parts.append(Text(f"sidecar allocation trace: {sc.url}/debug/allocations"))
+    if state.get("trainer") is not None:
+        parts.append(Text(f"trainer {state['trainer'].url}: "
+                          f"{state.get('trainer_records', 0)} trajectory records received"))
     if containers:
         t = Table("container", "user cpu", "user MB", "cpu now", "MB now", "waiting", box=None)
         for c in containers.values():
@@ -282,12 +307,30 @@ def _live_view(state: dict, started: float):
     return Group(*parts)
 
 
+def grid_text(grid: ResourceGrid) -> str:
+    return (f"{grid.cpu_unit_cores:g} core x {grid.cpu_units}, "
+            f"{grid.mem_unit_mb:g} MB x {grid.mem_units}")
+
+
+def trainer_records(trainer: Trainer) -> int:
+    """Trajectory records the trainer has stored (-1 when it does not answer)."""
+    try:
+        status, body = _get(trainer.url + "/healthz", 2)
+        return int(json.loads(body).get("records", -1)) if status == 200 else -1
+    except (OSError, ValueError):
+        return -1
+
+
 async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: int,
-                  ratio: float, model: Path | None, live: bool, workdir: Path,
-                  echo=print) -> dict[str, Any]:
+                  ratio: float, model: Path | None, grid: ResourceGrid, live: bool,
+                  workdir: Path, with_trainer: bool = False, echo=print,
+                  engine: DockerEngine | None = None) -> dict[str, Any]:
+    """Every manager in turn over the same invocations; ``with_trainer``: a local trainer
+    service receives the sidecar's trajectories (its learner runs with its defaults)."""
     invocations = schedule(minutes, speedup, seed)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, {minutes:g} min "
-         f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}")
+         f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}; "
+         f"grid {grid_text(grid)}")
     results: dict[str, dict] = {}
     all_records: dict[str, list[dict]] = {}
     base: list[Record] = []
@@ -298,8 +341,24 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
         from rich.live import Live
 
         live_ctx = Live(_live_view(state, started), refresh_per_second=2, transient=False)
-    refresher = None
+    refresher = poller = trainer = None
     try:
+        if with_trainer:
+            (workdir / "trainer").mkdir(parents=True, exist_ok=True)
+            learner = importlib.util.find_spec("torch") is not None  # else: receive only
+            trainer = Trainer(workdir / "trainer", free_port(), {
+                "learner.enabled": learner,
+                **{f"grid.{k}": v for k, v in dataclasses.asdict(grid).items()}})
+            await asyncio.to_thread(trainer.start)
+            state["trainer"] = trainer
+            echo(f"trainer service: {trainer.url} (trajectories in {workdir / 'trainer'})")
+
+            async def poll_trainer() -> None:
+                while True:
+                    state["trainer_records"] = await asyncio.to_thread(trainer_records, trainer)
+                    await asyncio.sleep(1.0)
+
+            poller = asyncio.create_task(poll_trainer())
         if live_ctx is not None:
             live_ctx.start()
 
@@ -312,13 +371,14 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
         for m in managers:
             if m in local.LOCAL_MANAGERS:
                 (live_ctx.console.print if live_ctx else echo)(
-                    f"{m}: applied by the invoker (no sidecar), grid 1 core x 8, 64 MB x 8")
+                    f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}")
             elif not m.startswith("fixed"):
                 echo_live = live_ctx.console.print if live_ctx else echo
                 echo_live(f"{m}: sidecar with {model if m == 'learned' else 'the rule fallback'}")
             records, ooms, gbs = await run_manager(
-                m, invocations, ratio=ratio, model=model, workdir=workdir, state=state,
-                echo=live_ctx.console.print if live_ctx else echo, baselines=means(base))
+                m, invocations, ratio=ratio, model=model, grid=grid, workdir=workdir,
+                state=state, echo=live_ctx.console.print if live_ctx else echo,
+                baselines=means(base), trainer=trainer, engine=engine)
             if m == "fixed":
                 base = records
             results[m] = summarize(records, base, ooms, gbs)
@@ -327,37 +387,53 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
             all_records[m] = record_dicts(records)
             msg = f"{m}: {len(records)} invocations, mean RFET {results[m]['mean_rfet']:.3f}"
             (live_ctx.console.print if live_ctx else echo)(msg)
+        if trainer is not None:  # the sidecars have stopped: their shippers flushed or spooled
+            state["trainer_records"] = await asyncio.to_thread(trainer_records, trainer)
     finally:
-        if refresher is not None:
-            refresher.cancel()
+        for task in (refresher, poller):
+            if task is not None:
+                task.cancel()
         if live_ctx is not None:
             live_ctx.stop()
+        if trainer is not None:
+            await asyncio.to_thread(trainer.stop)
     return {"results": results, "records": all_records, "medians_s": medians(base),
             "functions": {s.name: {"user_mem_mb": s.mem_mb, "user_cpu_cores": s.mem_mb * ratio,
                                    "input_range": [s.lo, s.hi], "shape": s.shape}
                           for s in SPECS},
             "config": {"minutes": minutes, "speedup": speedup, "seed": seed,
                        "cores_per_mb": ratio, "model": str(model) if model else None,
-                       "grid": "1 core x 8, 64 MB x 8"}}
+                       "grid": dataclasses.asdict(grid)},
+            **({"trainer": {"url": trainer.url, "records": state.get("trainer_records", -1)}}
+               if trainer is not None else {})}
 
 
-def leftovers() -> list[str]:
-    """faasrm-real-* cgroups of this process still present (should be none after a run)."""
-    out = []
-    for c in ("cpu", "cpuacct", "memory"):
-        d = Path("/sys/fs/cgroup") / c
-        out += [str(p) for p in d.glob(f"{PARENT_PREFIX}{os.getpid()}-*")]
+def leftovers(engine: DockerEngine | None = None) -> list[str]:
+    """faasrm-real-* cgroups (v1 or v2) and Docker containers of this process still present
+    (should be none after a run)."""
+    from sidecar.cgroups import _v2_base
+
+    prefix = f"{PARENT_PREFIX}{os.getpid()}-"
+    dirs = [Path("/sys/fs/cgroup") / c for c in ("cpu", "cpuacct", "memory")]
+    dirs += [Path(base)] if (base := _v2_base("/sys/fs/cgroup")) else []
+    out = [str(p) for d in dirs for p in d.glob(f"{prefix}*")]
+    if engine is not None:
+        from training.invoker.docker_container import leftovers as docker_leftovers
+
+        out += docker_leftovers(engine, prefix)
     return out
 
 
 def main(args: Any, *, demo: bool = False) -> int:
-    from sidecar.cgroups import V1_CONTROLLERS
+    from sidecar import cgroups, dockerd
 
-    if os.geteuid() != 0 or not all(
-        os.path.isfile(f"/sys/fs/cgroup/{c}/cgroup.procs") for c in V1_CONTROLLERS
-    ):
-        print("faasrm: error: needs root and writable cgroup v1 cpu, cpuacct and memory "
-              "hierarchies", file=sys.stderr)
+    try:
+        cgroups_ok = cgroups.detect_version() in (1, 2)
+    except cgroups.CgroupError:
+        cgroups_ok = False
+    if os.geteuid() != 0 or not cgroups_ok:
+        print("faasrm: error: needs root and cgroup v1 (cpu, cpuacct, memory) or v2 (cpu, "
+              "memory) controllers", file=sys.stderr)
         return 2
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     bad = [m for m in managers if m not in (*MANAGERS, "rule", "fixed2")]
@@ -370,6 +446,17 @@ def main(args: Any, *, demo: bool = False) -> int:
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if "learned" in managers and not model.is_file():
         raise FileNotFoundError(f"model {model} not found")
+    grid = (model_grid(model) if "learned" in managers else None) or INVOKER_GRID
+    engine = None
+    if args.runtime == "docker":  # explicitly asked for: installing docker.io is allowed
+        try:
+            engine = dockerd.find_or_start(install=True, echo=lambda m: print(
+                f"--runtime docker: {m}", flush=True))
+        except dockerd.EngineUnavailable as exc:
+            print(f"faasrm: error: --runtime docker: {exc}", file=sys.stderr)
+            return 2
+        print(f"--runtime docker: engine {engine.base_url or 'from DOCKER_HOST'}"
+              f"{' (private, stopped at the end)' if engine.owned else ''}", flush=True)
 
     async def _main() -> dict:
         task = asyncio.current_task()
@@ -383,8 +470,9 @@ def main(args: Any, *, demo: bool = False) -> int:
             loop.add_signal_handler(sig, on_signal)
         with tempfile.TemporaryDirectory(prefix="faasrm-real-") as tmp:
             return await run_all(managers, args.minutes, speedup=args.speedup, seed=args.seed,
-                                 ratio=args.cores_per_mb, model=model, live=demo,
-                                 workdir=Path(tmp), echo=lambda m: print(m, flush=True))
+                                 ratio=args.cores_per_mb, model=model, grid=grid, live=demo,
+                                 workdir=Path(tmp), with_trainer=demo,
+                                 echo=lambda m: print(m, flush=True), engine=engine)
 
     try:
         out = asyncio.run(_main())
@@ -393,11 +481,16 @@ def main(args: Any, *, demo: bool = False) -> int:
               file=sys.stderr)
         return 130
     finally:
-        left = leftovers()
+        left = leftovers(engine)
         if left:
-            print(f"faasrm: warning: cgroups left behind: {left}", file=sys.stderr)
+            print(f"faasrm: warning: cgroups or containers left behind: {left}", file=sys.stderr)
+        if engine is not None:
+            engine.stop()
     print()
     print(table(out["results"]))
+    if "trainer" in out:
+        print(f"trainer service: received {out['trainer']['records']} trajectory records from "
+              "the sidecars (its learner starts updating at learner.min_records)")
     if getattr(args, "plots", None):
         try:
             for path in plots(out, args.plots):

@@ -56,6 +56,18 @@ PRESETS: dict[str, Preset] = {
             rate_per_min=240.0,
         ),
         Preset("sample", ClusterConfig(servers=2, cores=8.0, mem_mb=2048.0), sample=True),
+        # The local invoker of ``faasrm demo`` / ``bench real`` scaled out: 2-core hosts, a
+        # 0.25-core x 8 / 64 MB x 8 grid, CPU at 1 core per 256 MB of the user's memory (one CPU
+        # unit per memory unit), functions of seconds rather than minutes.
+        Preset(
+            "invoker",
+            ClusterConfig(servers=4, cores=2.0, mem_mb=4096.0, cpu_overcommit=4.0),
+            grid=ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8),
+            n_functions=160,
+            minutes=30,
+            rate_per_min=160.0,
+            workload=WorkloadConfig(user_cpu_per_mem_unit=1.0, max_duration_s=60.0),
+        ),
     )
 }
 
