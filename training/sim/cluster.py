@@ -8,19 +8,29 @@ counterfactual "same invocation at the user's size" shares its noise draw.
 Duration model for invocation i of function f given c cores and m MB (d = the trace's duration
 at the user's size in isolation, n = noise, p = parallelism, phi = CPU-bound share):
 
-    t(c, m) = d * n * [(1 - phi) + phi * kappa(c) * min(u, p) / min(c, p)] * M(m) / M(mu)
+    t(c, m) = [d * n * (1 - phi) + kappa(c) * S(W, c)] * M(m) / M(mu)
 
-with u, mu the user's cores and MB, M the memory-pressure factor (1 + beta when memory is tight,
-1 with 25% room above the working set) and kappa(c) = max(1, load / cores): CPU contention on
-the server from everything running there, this invocation's own use included. Below the working
-set the invocation is OOM-killed part-way and retried at the user's size (counted as a failure).
-Queued invocations do not progress; memory is reserved at admission, CPU may be over-committed
-up to ``cpu_overcommit`` and then shows up as contention.
+S is the CPU part under a CFS quota of c cores per period T (``cfs_cpu_time``): the quota is a
+budget per period, not a rate cap, so the invocation runs at r = min(p, server cores) until it has
+spent c * T core-seconds in the period, then waits for the next one. Its CPU work W (core-seconds)
+is the inverse of S at the user's size u, so that S(W, u) = d * n * phi: the trace's duration is
+kept (up to the staircase's gaps: ``cfs_work``). A burst that fits one period's quota is not slowed
+at all; longer ones follow a staircase in ceil(W / (c T)) periods that tends to the linear d * n *
+phi * min(u, p) / min(c, p) when W >> c T (times the multi-threaded throttling penalty when p > 1).
+kappa(c) = max(1, load / cores) is CPU contention on the server from everything running there, this
+invocation's own use included (phi times the mean rate W / S of its CPU part: a burst runs above
+its quota). M is the memory-pressure factor (1 + beta when memory is tight, 1 with 25% room above
+the working set; beta is 0 by default: measured runs are not slowed above their peak). The working
+set includes the warm worker's idle memory. Below it the invocation is OOM-killed part-way and
+retried at the user's size (counted as a failure). Queued invocations do not progress; memory is
+reserved at admission, CPU may be over-committed up to ``cpu_overcommit`` and then shows up as
+contention. The constants are measured on real functions: docs/duration-model.md.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -49,6 +59,16 @@ class ClusterConfig:
     keep_alive_s: float = 600.0
     queue_scan: int = 16
     """How many queued invocations to try when resources free up (limits head-of-line blocking)."""
+    cfs_period_s: float = 0.1
+    """CFS period of the CPU quota (cgroup ``cpu.cfs_period_us``): an invocation's quota of c cores
+    is a budget of c * period core-seconds per period. 100 ms is the kernel's default, the period
+    the sidecar actuates with and the one of the measured curves (docs/duration-model.md: matmul
+    48 / 118 / 397 ms at 1 / 0.5 / 0.25 core, a staircase in periods)."""
+    throttle_penalty_multithread: float = 1.15
+    """Wall time of a throttled period for multi-threaded code (p > 1), in periods: threads
+    stalled together lose extra time. Measured at a 100 ms period from 2-thread zlib and BLAS
+    (zlibmt 496 ms at 0.25 core vs ~430 ms by the plain staircase; docs/duration-model.md); it
+    grows at shorter periods (/work/shared/reference/platform.md)."""
 
 
 @dataclass(slots=True)
@@ -113,6 +133,46 @@ class Results:
         return cls(fn=np.asarray(log.fn), **{k: np.asarray(getattr(log, k)) for k in _FIELDS})
 
 
+def cfs_cpu_time(work: float, cores: float, rate: float, period: float, penalty: float) -> float:
+    """Wall time (s, in isolation) of ``work`` core-seconds of CPU under a CFS quota of ``cores``
+    per ``period``, running at ``rate`` cores while the period's quota lasts.
+
+    The hot path's CPU term, so plain floats. When ``rate <= cores`` the quota never binds. Else
+    every period but the last is throttled and costs ``period * penalty``; the last runs what is
+    left, (0, cores * period] core-seconds, at ``rate``. A burst that fits one period's quota is
+    not slowed; a long run tends to ``penalty * work / cores``, the linear model.
+    """
+    if rate <= cores:
+        return work / rate
+    budget = cores * period
+    k = math.ceil(work / budget) - 1
+    if k <= 0:
+        return work / rate
+    return k * period * penalty + (work - k * budget) / rate
+
+
+def cfs_work(
+    cpu_s: np.ndarray, cores: np.ndarray, rate: np.ndarray, period: float, penalty: np.ndarray
+) -> np.ndarray:
+    """The CPU work (core-seconds) ``cfs_cpu_time`` runs in ``cpu_s`` at ``cores``: its inverse.
+
+    Used once per workload to turn the trace's duration at the user's size into the work W that
+    every other size then runs. A staircase cannot take every time: a time in the gap between a
+    period's last burst and the next period maps to the nearer reachable step (the work just at,
+    or just over, a whole number of periods' quota).
+    """
+    budget = cores * period
+    step = period * penalty
+    k = np.floor(cpu_s / step)
+    last = (cpu_s - k * step) * rate  # work done in the last, partial period
+    # Gap: cpu_s lies in (k * step + budget / rate, (k + 1) * step); 1e-9 keeps ceil() on the
+    # intended side of the whole number of periods.
+    nearer_low = cpu_s - (k * step + budget / rate) < (k + 1) * step - cpu_s
+    gap = (k + 1) * budget * np.where(nearer_low, 1.0 - 1e-9, 1.0 + 1e-9)
+    throttled = np.where(last <= budget, k * budget + last, gap)
+    return np.where(rate <= cores, cpu_s * rate, throttled)
+
+
 def _tightness(mem_mb: float, ws: float) -> float:
     """0 with MEM_ROOM or more above the working set, rising linearly to 1 at the working set."""
     t = 1.0 - (mem_mb - ws) / (MEM_ROOM * ws)
@@ -157,6 +217,26 @@ class ClusterSim:
         self._beta = workload.mem_pressure.tolist()
         self._ucpu = workload.user_cpu.tolist()
         self._umem = workload.user_mem.tolist()
+        # CFS: per function the burst rate (its threads, at most a server's cores) and the cost of
+        # a throttled period; per invocation its CPU work, its CPU time at the user's size and
+        # the cores it uses on average meanwhile (its share of the server's load).
+        period = cluster.cfs_period_s
+        rate = np.minimum(workload.parallelism, cluster.cores)
+        pen = np.where(workload.parallelism > 1.0, cluster.throttle_penalty_multithread, 1.0)
+        user_cores = workload.user_cpu * grid.cpu_unit_cores
+        fn = workload.fn
+        cpu_at_user = workload.duration_s * workload.noise * workload.cpu_frac[fn]
+        work = cfs_work(cpu_at_user, user_cores[fn], rate[fn], period, pen[fn])
+        self._period = period
+        self._rate = rate.tolist()
+        self._pen = pen.tolist()
+        self._work = work.tolist()
+        ucores = user_cores.tolist()
+        self._cpu_user = [
+            cfs_cpu_time(w, ucores[f], self._rate[f], period, self._pen[f])
+            for w, f in zip(self._work, self._fn)
+        ]
+        self._use_user = [w / t if t > 0.0 else 0.0 for w, t in zip(self._work, self._cpu_user)]
         # Hot-path constants: unit sizes, the users' sizes in cores / MB, the admission cap.
         self._cu = grid.cpu_unit_cores
         self._mu = grid.mem_unit_mb
@@ -214,11 +294,23 @@ class ClusterSim:
         return self._user[fn]
 
     def oracle_alloc(self, inv: int) -> Alloc:
-        """The smallest allocation that runs this invocation as fast as it can run (true demand)."""
+        """The smallest allocation that runs this invocation as fast as it can run (true demand).
+
+        CPU: the fewest units whose CFS time equals that at its parallelism, so a burst that fits
+        one period's quota at fewer cores gets fewer (same time, same load, less allocated).
+        """
         fn = self._fn[inv]
         g = self.grid
-        cpu = min(g.cpu_units, max(1, g.cpu_units_ceil(self._par[fn])))
-        mem = min(g.mem_units, max(1, g.mem_units_ceil(self._ws[inv] * (1 + MEM_ROOM))))
+        full = min(g.cpu_units, max(1, g.cpu_units_ceil(self._par[fn])))
+        work, rate, pen = self._work[inv], self._rate[fn], self._pen[fn]
+        fastest = cfs_cpu_time(work, full * self._cu, rate, self._period, pen)
+        cpu = next(
+            c
+            for c in range(1, full + 1)
+            if cfs_cpu_time(work, c * self._cu, rate, self._period, pen) <= fastest * (1 + 1e-9)
+        )
+        room = MEM_ROOM if self._beta[fn] > 0.0 else 0.0  # no pressure slowdown: the bare peak
+        mem = min(g.mem_units, max(1, g.mem_units_ceil(self._ws[inv] * (1 + room))))
         return Alloc(cpu, mem)
 
     # ------------------------------------------------------------ decisions
@@ -334,30 +426,33 @@ class ClusterSim:
             self.cold_starts += 1
         s = servers[si]
 
-        p = self._par[fn]
         phi = self._phi[fn]
         d = self._dur[inv]
-        beta = self._beta[fn]
-        c_eff = cores if cores < p else p  # cores it can use: min(allocated, parallelism)
-        u_eff = user_cores if user_cores < p else p
-        own = phi * c_eff
-        own_user = phi * u_eff
+        work = self._work[inv]
+        cpu_s = cfs_cpu_time(work, cores, self._rate[fn], self._period, self._pen[fn])
+        # Its load: the cores it uses on average, CPU share times the mean rate of its CPU part
+        # (a burst within one period's quota runs at its full parallelism, above its quota).
+        own = phi * work / cpu_s if cpu_s > 0.0 else 0.0
+        own_user = phi * self._use_user[inv]
         kappa = (s.load + own) / cfg.cores
         if kappa < 1.0:
             kappa = 1.0
         kappa_user = (s.load + own_user) / cfg.cores
         if kappa_user < 1.0:
             kappa_user = 1.0
-        m_user = 1.0 + beta * _tightness(user_mb, ws)
-        base = d * ((1.0 - phi) + phi * kappa_user)
+        wait = d * (1.0 - phi)
+        base = wait + kappa_user * self._cpu_user[inv]
+        run = wait + kappa * cpu_s
         if oom:
             # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
-            first = d * ((1.0 - phi) + phi * kappa * u_eff / c_eff)
-            exec_s = OOM_AT * first + self._cold[inv] + base
+            exec_s = OOM_AT * run + self._cold[inv] + base
             load = own if own > own_user else own_user
         else:
-            m = 1.0 + beta * _tightness(mem_mb, ws)
-            exec_s = d * ((1.0 - phi) + phi * kappa * u_eff / c_eff) * m / m_user
+            exec_s = run
+            beta = self._beta[fn]
+            if beta:  # memory pressure relative to the user's size (beta is 0 by default)
+                m = 1.0 + beta * _tightness(mem_mb, ws)
+                exec_s *= m / (1.0 + beta * _tightness(user_mb, ws))
             load = own
         queued = self.now - self._queued_at.pop(inv, self.now)
         res.exec_s[inv] = exec_s

@@ -6,14 +6,17 @@ resources. Per function we draw:
 
 * ``parallelism`` (cores): the CPU it can use; extra cores beyond it do not help;
 * ``cpu_frac``: the share of its run that is CPU-bound (the rest waits on I/O);
-* ``mem_pressure``: slowdown when memory is tight (GC, page cache), 0..0.4;
+* ``mem_pressure``: slowdown when memory is tight, 0 by default (measured real functions ran as
+  fast at their peak memory as at twice it; below it they are OOM-killed);
+* ``worker_mb``: the warm worker's idle memory (runtime, libraries, cached inputs), which the
+  container's limit must hold on top of the invocation's own memory;
 * the user's size: memory from the trace's peak memory times an over-provisioning factor, CPU
   proportional to memory (as on OpenWhisk and Lambda); parallelism is drawn relative to the
   user's CPU, so some functions are over- and some under-provisioned.
 
 Per invocation (input-dependent): one quantile ``q`` drives both the duration draw (the trace's
-percentile curve) and the working set, so big inputs are slow and memory-hungry together; plus
-run-to-run noise and a cold-start draw.
+percentile curve) and the working set (the worker's idle memory plus the trace's memory curve),
+so big inputs are slow and memory-hungry together; plus run-to-run noise and a cold-start draw.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ class WorkloadConfig:
     """Run-to-run log-normal noise on execution time."""
     cold_start_base_s: float = 0.3
     cold_start_per_gb_s: float = 1.0
+    mem_pressure_max: float = 0.0
+    """Upper bound of the per-function memory-pressure slowdown beta (uniform draw). 0: ten real
+    functions ran as fast at 1.0x / 1.25x their peak as at 2x (no swap; docs/duration-model.md),
+    and a limit below the real need is an OOM kill, not a slowdown."""
+    worker_idle_mb_min: float = 8.0
+    worker_idle_mb_max: float = 80.0
+    """The warm worker's idle memory is drawn log-uniformly in [min, max] per function and added
+    to every invocation's working set: 8 MB (bare Python worker) to ~80 MB (numpy and a cached
+    16 MB input), measured on the real functions' containers (docs/duration-model.md)."""
 
 
 @dataclass
@@ -55,11 +67,12 @@ class Workload:
     parallelism: np.ndarray  # cores
     cpu_frac: np.ndarray
     mem_pressure: np.ndarray
+    worker_mb: np.ndarray  # idle memory of the warm worker, included in working_set_mb
     # per invocation, sorted by arrival
     arrival_s: np.ndarray
     fn: np.ndarray
     duration_s: np.ndarray  # at the user's size, in isolation, before noise
-    working_set_mb: np.ndarray
+    working_set_mb: np.ndarray  # the worker's idle memory included
     noise: np.ndarray
     cold_start_s: np.ndarray
 
@@ -101,6 +114,12 @@ def build_workload(
     order = np.argsort(fn, kind="stable")
     bounds = np.searchsorted(fn[order], np.arange(nf + 1))
     over = np.exp(rng.normal(cfg.over_provision_log_mean, cfg.over_provision_log_sd, nf))
+    # Its own stream: the worker draw leaves every other draw of a seed as it was.
+    worker_mb = np.exp(
+        np.random.default_rng([seed, 1]).uniform(
+            np.log(cfg.worker_idle_mb_min), np.log(cfg.worker_idle_mb_max), nf
+        )
+    )
     for f, tf in enumerate(trace.functions):
         idx = order[bounds[f] : bounds[f + 1]]
         mem_pct = tf.memory_pct_mb
@@ -108,9 +127,12 @@ def build_workload(
             # Unknown memory: a typical Azure function (median ~150 MB) with a modest spread.
             base = rng.lognormal(np.log(150.0), 0.5)
             mem_pct = base * np.linspace(0.7, 1.3, len(MEMORY_PCTS))
-        # Working set of this function's invocations: the trace's memory curve, capped so the
-        # largest input still fits the grid's maximum memory.
-        mem_pct = np.minimum(np.maximum.accumulate(mem_pct), grid.max_mb * 0.95)
+        # Working set of this function's invocations: the worker's idle memory plus the trace's
+        # memory curve, capped so the largest input still fits the grid's maximum memory (and
+        # the worker takes at most half of that on a small grid).
+        cap = grid.max_mb * 0.95
+        worker_mb[f] = min(worker_mb[f], 0.5 * cap)
+        mem_pct = worker_mb[f] + np.minimum(np.maximum.accumulate(mem_pct), cap - worker_mb[f])
         peak_ws = float(mem_pct[-1])
         user_mem[f] = min(grid.mem_units, max(1, grid.mem_units_ceil(peak_ws * max(1.0, over[f]))))
         if len(idx):
@@ -128,7 +150,7 @@ def build_workload(
     cpu_frac = rng.beta(4.0, 1.5, nf)  # mostly CPU-bound, some mostly waiting
     waiting = rng.random(nf) < 0.15
     cpu_frac[waiting] = rng.uniform(0.02, 0.2, waiting.sum())
-    mem_pressure = rng.uniform(0.0, 0.4, nf)
+    mem_pressure = rng.uniform(0.0, cfg.mem_pressure_max, nf)
 
     noise = np.exp(rng.normal(0.0, cfg.noise_sd, n))
     user_mb = user_mem[fn] * grid.mem_unit_mb
@@ -142,6 +164,7 @@ def build_workload(
         parallelism=parallelism,
         cpu_frac=cpu_frac,
         mem_pressure=mem_pressure,
+        worker_mb=worker_mb,
         arrival_s=arrival_s.astype(np.float64),
         fn=fn.astype(np.int64),
         duration_s=duration_s,
