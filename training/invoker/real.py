@@ -155,6 +155,17 @@ dir = "{workdir / 'spool'}"
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the trainer has acknowledged a trajectory record for every finished
+        invocation (the spool would keep the rest on disk, but this sidecar will not restart)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (self.metric("faasrm_shipper_records_total")
+                    >= self.metric("faasrm_invocations_total")):
+                return True
+            time.sleep(0.2)
+        return False
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # restores every container, then exits
@@ -269,6 +280,8 @@ async def run_manager(manager: str, invocations, *, ratio: float, model: Path | 
         give_backs = sum(r.give_backs for r in records)
         if sidecar is not None:
             give_backs = max(give_backs, int(sidecar.metric("faasrm_give_backs_total")))
+            if trainer is not None:
+                await asyncio.to_thread(sidecar.drain)
         return records, ooms, give_backs
     finally:
         state.update(sidecar=None, invoker=None)
