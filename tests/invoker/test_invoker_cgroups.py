@@ -60,6 +60,29 @@ def test_two_containers_replay_then_cleanup() -> None:
                    in open(f"/proc/{p}/cmdline", "rb").read() for p in worker_pids)
 
 
+def test_timeout_kills_the_worker_and_respawn_decides_whether_it_comes_back() -> None:
+    _skip_without_v1()
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    containers = Containers(parent, [BY_NAME["sleepy"]])
+
+    async def main() -> tuple:
+        try:
+            await containers.start(warm=False)
+            c = containers["sleepy"]
+            slow = await c.run(1000.0, timeout_s=0.2)  # sleeps ~1 s: killed at 0.2 s
+            after = await c.run(100.0)  # respawned: serves the next one
+            dead = await c.run(1000.0, timeout_s=0.2, respawn=False)
+            return slow, after, dead, c.restarts, c.proc.returncode
+        finally:
+            await containers.stop()
+
+    slow, after, dead, restarts, code = asyncio.run(main())
+    assert slow[1] == "timeout" and 0.2 <= slow[0] < 1.0, slow
+    assert after[1] == "success", after
+    assert dead[1] == "timeout" and restarts == 1 and code is not None  # left dead
+    assert not _exists(parent)
+
+
 def test_oom_kill_is_recorded_and_worker_restarted() -> None:
     _skip_without_v1()
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"

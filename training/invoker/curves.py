@@ -121,48 +121,29 @@ def _nr_throttled(rel: str) -> int:
     return 0
 
 
-def _limits(cpu: float, mem_bytes: int) -> cgroups.Limits:
-    return cgroups.Limits(cpu_quota_cores=cpu, cpu_period_us=PERIOD_US,
-                          cpu_weight=max(1, int(100 * cpu)), mem_limit_bytes=mem_bytes)
-
-
-async def _run_no_respawn(c, size: float, timeout_s: float) -> str:
-    """One invocation; if the worker dies, say why (oom / failure) and leave it dead."""
-    proc = c.proc
-    before = c.oom_kills()
-    try:
-        proc.stdin.write(json.dumps({"size": size}).encode() + b"\n")
-        await proc.stdin.drain()
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout_s)
-    except (BrokenPipeError, ConnectionResetError):
-        line = b""
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return "timeout"
-    if line:
-        return "success" if json.loads(line).get("ok") else "failure"
-    await proc.wait()
-    return "oom" if c.oom_kills() > before else "failure"
-
-
 async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTAS,
                   mem_factors=MEM_FACTORS, repeats: int = 3, below_peak: bool = True,
                   ratio: float = DEFAULT_RATIO, timeout_s: float = 30.0,
                   parent: str | None = None) -> Curve:
     """The CPU and memory curves of one function in one fresh container (removed afterwards)."""
-    from training.invoker.invoker import Container, remove_parent
+    from training.invoker.invoker import Container, container_limits, remove_parent
 
     size = float(CURVE_SIZES[spec.name] if size is None else size)
     parent = parent or f"faasrm-curves-{os.getpid()}"
     c = Container(parent, spec, ratio)
     user_mem = int(spec.mem_mb * MB)
     curve = Curve(spec.name, size, c.user_cpu, spec.mem_mb)
+
+    def set_limits(cpu: float, mem_bytes: int) -> None:
+        assert c.cg is not None
+        c.cg.write_limits(container_limits(cpu, mem_bytes / MB, PERIOD_US), headroom_bytes=0,
+                          force=True)
+
     try:
         await c.start()
         await c.run(size, timeout_s)  # warm-up, unrecorded
         for q in quotas:
-            c.cg.write_limits(_limits(q, user_mem), headroom_bytes=0, force=True)
+            set_limits(q, user_mem)
             thr0, runs = _nr_throttled(c.rel), []
             for _ in range(repeats):
                 exec_s, outcome, err = await c.run(size, timeout_s)
@@ -174,7 +155,7 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
             curve.cpu_times_s.append(statistics.median(runs))
             curve.throttled.append(_nr_throttled(c.rel) - thr0)
         if mem_factors or below_peak:
-            c.cg.write_limits(_limits(c.user_cpu, user_mem), headroom_bytes=0, force=True)
+            set_limits(c.user_cpu, user_mem)
             curve.idle_mb = _read_int(c.rel, "memory", "memory.usage_in_bytes") / MB
             with open(_v1_file(c.rel, "memory", "memory.max_usage_in_bytes"), "w") as f:
                 f.write("0")  # reset the high-water mark
@@ -186,7 +167,7 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
             curve.peak_mb = peak / MB
             for k in mem_factors:
                 limit = int(peak * k)
-                c.cg.write_limits(_limits(c.user_cpu, limit), headroom_bytes=0, force=True)
+                set_limits(c.user_cpu, limit)
                 runs, outcomes = [], []
                 for _ in range(repeats):
                     exec_s, outcome, _ = await c.run(size, timeout_s)
@@ -199,16 +180,16 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
                 curve.mem_times_s.append(statistics.median(runs) if len(runs) == repeats
                                          else None)
             if below_peak:  # last: the worker may die here and is not restarted
-                c.cg.write_limits(_limits(c.user_cpu, user_mem), headroom_bytes=0, force=True)
+                set_limits(c.user_cpu, user_mem)
                 idle = _read_int(c.rel, "memory", "memory.usage_in_bytes")
                 limit = int(idle + 0.5 * max(0, peak - idle))
                 curve.below_peak_mb = limit / MB
                 try:
-                    c.cg.write_limits(_limits(c.user_cpu, limit), headroom_bytes=0, force=True)
+                    set_limits(c.user_cpu, limit)
                 except cgroups.CgroupError:
                     curve.below_peak_outcome = "refused"
                 else:
-                    curve.below_peak_outcome = await _run_no_respawn(c, size, timeout_s)
+                    _, curve.below_peak_outcome, _ = await c.run(size, timeout_s, respawn=False)
     finally:
         try:
             await c.stop()

@@ -135,7 +135,7 @@ class WorkerContainer(abc.ABC):
 
     @property
     def user_limits(self) -> cgroups.Limits:
-        return _limits(self.user_cpu, self.user_mem_mb)
+        return container_limits(self.user_cpu, self.user_mem_mb)
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -174,11 +174,18 @@ class WorkerContainer(abc.ABC):
         except cgroups.CgroupError:
             return None
 
-    async def run(self, size: float, timeout_s: float = 120.0) -> tuple[float, str, str | None]:
-        """(execution seconds, outcome, error) of one invocation in the worker."""
+    async def run(self, size: float, timeout_s: float = 120.0,
+                  respawn: bool = True) -> tuple[float, str, str | None]:
+        """(execution seconds, outcome, error) of one invocation in the worker.
+
+        Outcomes: ``success``, ``failure`` (the function raised, or the worker crashed),
+        ``timeout`` (killed after ``timeout_s``), ``oom`` (the kernel killed the worker). A dead
+        worker is started again unless ``respawn`` is false (``bench curves`` probes an OOM last
+        and leaves it dead)."""
         assert self._stdin is not None and self._stdout is not None
         oom_before = self.oom_kills()
         t0 = time.perf_counter()
+        timed_out = False
         try:
             self._stdin.write(json.dumps({"size": size}).encode() + b"\n")
             await self._stdin.drain()
@@ -187,7 +194,7 @@ class WorkerContainer(abc.ABC):
             line = b""
         except TimeoutError:
             await self._kill()
-            line = b""
+            line, timed_out = b"", True
         if line:
             reply = json.loads(line)
             if reply.get("ok"):
@@ -195,9 +202,11 @@ class WorkerContainer(abc.ABC):
             return time.perf_counter() - t0, "failure", reply.get("error")
         elapsed = time.perf_counter() - t0
         code = await self._wait_exit()  # the worker died: OOM kill (or a crash); start a new one
-        outcome = "oom" if self.oom_kills() > oom_before else "failure"
-        self.restarts += 1
-        await self._spawn()
+        outcome = ("oom" if self.oom_kills() > oom_before
+                   else "timeout" if timed_out else "failure")
+        if respawn:
+            self.restarts += 1
+            await self._spawn()
         return elapsed, outcome, f"worker exited {code}"
 
 
@@ -409,11 +418,11 @@ class Invoker:
         want = self.manager.decide(c.name, user)
         cpu, mem_mb, err = want.cpu_cores, want.mem_mb, None
         try:
-            c.cg.write_limits(_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
+            c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
         except (ValueError, cgroups.CgroupError) as exc:  # memory refused: keep the user's
             mem_mb, err = user.mem_mb, f"limit refused: {exc}"
             try:
-                c.cg.write_limits(_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
+                c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
             except (ValueError, cgroups.CgroupError) as exc2:
                 cpu, err = c.user_cpu, f"limits refused: {exc2}"
                 c.cg.read_limits()
@@ -441,8 +450,11 @@ class Invoker:
         return run_err or err
 
 
-def _limits(cpu_cores: float, mem_mb: float) -> cgroups.Limits:
-    return cgroups.Limits(cpu_quota_cores=cpu_cores, cpu_weight=max(1, int(100 * cpu_cores)),
+def container_limits(cpu_cores: float, mem_mb: float,
+                     period_us: int = 100_000) -> cgroups.Limits:
+    """A container's limits: CFS quota = cores, weight 100 x cores (OpenWhisk-style), memory."""
+    return cgroups.Limits(cpu_quota_cores=cpu_cores, cpu_period_us=period_us,
+                          cpu_weight=max(1, int(100 * cpu_cores)),
                           mem_limit_bytes=int(mem_mb * MB))
 
 
