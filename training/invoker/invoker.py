@@ -6,8 +6,8 @@ container): later arrivals wait for it, which is the response time's queueing. F
 invocation the invoker calls the sidecar's hook (``POST /v1/invocations`` before, ``.../end``
 after) when a sidecar URL is given, runs the function in the container's worker and records
 execution time (measured inside the worker), response time (arrival to completion) and outcome
-(``success``, ``failure``, ``oom``: the kernel killed the worker; it is restarted, the invocation
-is not retried). The caller owns cleanup: ``Containers.stop()`` kills every worker and removes
+(``success``, ``failure``, ``timeout``, ``oom``: the kernel killed the worker; a dead worker is
+restarted, the invocation is not retried). The caller owns cleanup: ``Containers.stop()`` kills every worker and removes
 every cgroup (or Docker container), and is safe to call twice.
 """
 
