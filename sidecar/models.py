@@ -36,9 +36,30 @@ from sidecar.core.stats import FunctionStats
 log = logging.getLogger("faasrm.models")
 
 
-def default_model_path() -> Path:
-    """``<repo>/models/default.onnx``, found relative to this package (editable installs too)."""
-    return Path(__file__).resolve().parent.parent / "models" / "default.onnx"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+"""The shipped models, found relative to this package (editable installs too)."""
+
+
+def _declared_grid(path: Path) -> dict | None:
+    """The grid in a model's ``<path>.json`` sidecar metadata (None: no file or no grid)."""
+    try:
+        return json.loads(json.loads(Path(str(path) + ".json").read_text())["grid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def default_model_path(grid: ResourceGrid | None = None) -> Path:
+    """The shipped model for ``grid``: ``models/default.onnx`` (8-core invokers, 1-core units),
+    unless it declares another grid and a shipped sibling declares this one (``invoker.onnx``:
+    quarter cores for 2-core hosts). A model only loads on its own grid, so an empty
+    ``[model] path`` must pick the one that fits ``[grid]``."""
+    default = MODELS_DIR / "default.onnx"
+    if grid is None or _declared_grid(default) in (None, dataclasses.asdict(grid)):
+        return default
+    for path in sorted(MODELS_DIR.glob("*.onnx")):
+        if _declared_grid(path) == dataclasses.asdict(grid):
+            return path
+    return default  # refused on its grid, with the reason, and the rule fallback runs
 
 
 class ModelRejected(ValueError):
@@ -190,7 +211,9 @@ class ModelManager:
 
     @property
     def path(self) -> Path:
-        return Path(self.configured_path) if self.configured_path else default_model_path()
+        if self.configured_path:
+            return Path(self.configured_path)
+        return default_model_path(self.grid)
 
     def get(self) -> tuple[Scorer, str]:
         return self.current.scorer, self.current.id

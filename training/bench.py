@@ -43,7 +43,7 @@ def bench_sim(
         gym.make(ENV_ID, preset=p, fixed_seed=seed + i, disable_env_checker=True)
         for i in range(n_envs)
     ]
-    path = Path(model) if model else default_model_path()
+    path = Path(model) if model else default_model_path(p.grid)
     if path.exists():
         from training.export import mlp_from_onnx
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from sidecar.core.grid import ResourceGrid
 from training.baselines import BASELINES, Learned, Manager
 from training.sim.cluster import ClusterSim
 from training.sim.presets import Preset
@@ -99,11 +100,13 @@ class Evaluation:
     wall_s: dict[str, float]
 
 
-def make_manager(name: str, model: str | Path | None = None) -> Manager:
+def make_manager(name: str, model: str | Path | None = None,
+                 grid: ResourceGrid | None = None) -> Manager:
+    """``learned`` without a ``model``: the shipped model trained for ``grid``."""
     if name == "learned":
         from sidecar.models import default_model_path
 
-        return Learned.from_onnx(model or default_model_path())
+        return Learned.from_onnx(model or default_model_path(grid))
     try:
         return BASELINES[name]()
     except KeyError:
@@ -121,7 +124,7 @@ def evaluate(
 ) -> Evaluation:
     """Run each manager on the identical workload (same trace, draws and seed)."""
     wl = workload or preset.build(seed)
-    built = [make_manager(m, model) for m in managers]
+    built = [make_manager(m, model, preset.grid) for m in managers]
     out: dict[str, dict[str, float]] = {}
     rfet: dict[str, np.ndarray] = {}
     exec_s: dict[str, np.ndarray] = {}

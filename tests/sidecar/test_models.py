@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -22,8 +23,28 @@ def test_default_model_path_is_in_the_repository() -> None:
     assert (p.parent.parent / "sidecar" / "models.py").exists()
 
 
+@pytest.mark.parametrize("grid, shipped", [
+    (ResourceGrid(1.0, 8, 64.0, 8), "default.onnx"),  # 8-core invokers
+    (ResourceGrid(0.25, 8, 64.0, 8), "invoker.onnx"),  # 2-core hosts (sidecar/example.toml)
+])
+def test_an_empty_model_path_loads_the_shipped_model_of_the_configured_grid(
+    grid: ResourceGrid, shipped: str
+) -> None:
+    mm = ModelManager(grid)
+    assert mm.path.name == shipped
+    assert mm.load() and mm.current.source == "onnx", mm.last_error
+    assert json.loads(mm.current.metadata["grid"]) == dataclasses.asdict(grid)
+
+
+def test_a_grid_no_shipped_model_fits_names_default_and_is_refused_with_the_reason() -> None:
+    mm = ModelManager(ResourceGrid(0.5, 4, 128.0, 4))
+    assert mm.path.name == "default.onnx"
+    assert mm.load() is False and mm.current.source == "fallback"
+    assert "trained for grid" in mm.last_error["reason"]
+
+
 def test_no_model_file_falls_back_to_the_user_size_rule(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("sidecar.models.default_model_path", lambda: tmp_path / "default.onnx")
+    monkeypatch.setattr("sidecar.models.default_model_path", lambda grid: tmp_path / "default.onnx")
     mm = ModelManager(GRID)
     assert mm.load() is True
     assert mm.current.source == "fallback" and "no model file" in mm.ready_note()
