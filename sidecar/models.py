@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,17 @@ from sidecar.core.stats import FunctionStats
 log = logging.getLogger("faasrm.models")
 
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-"""The shipped models, found relative to this package (editable installs too)."""
+def _models_dir() -> Path:
+    """Where the shipped models are: ``models/`` beside this package in a source tree or an
+    editable install, else ``<prefix>/share/faasrm/models`` of a wheel install (pyproject's
+    data-files)."""
+    tree = Path(__file__).resolve().parent.parent / "models"
+    if tree.is_dir():
+        return tree
+    return Path(sys.prefix) / "share" / "faasrm" / "models"
+
+
+MODELS_DIR = _models_dir()
 
 
 def _declared_grid(path: Path) -> dict | None:

@@ -116,3 +116,38 @@ def test_trainer_sends_ready_watchdog_stopping(tmp_path: Path) -> None:
     assert got.count("WATCHDOG=1") >= 3 and got[-1] == "STOPPING=1", got
     logs = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines() if line]
     assert {"trainer listening", "stopping"} <= {rec["msg"] for rec in logs}  # JSON lines
+
+
+def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) -> None:
+    """install.sh pip-installs the project (not editable): the models must travel with it
+    (<prefix>/share/faasrm/models) and an empty [model] path must find the grid's model there."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for d in ("sidecar", "training", "models"):
+        shutil.copytree(REPO / d, src / d, ignore=ignore)
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "whl")], check=True, timeout=120, cwd=src)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    wheel = next((tmp_path / "whl").glob("faasrm-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--prefix", str(venv), str(wheel)],
+                   check=True, timeout=120)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    # the dependencies come from this environment, after the installed package
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "zz_deps.pth").write_text("\n".join(deps) + "\n")
+    probe = (
+        "import json, sidecar.models as m; from sidecar.core.grid import ResourceGrid as G; "
+        "mm = m.ModelManager(G(0.25, 8, 64.0, 8)); ok = mm.load(); "
+        "print(json.dumps([m.__file__, str(mm.path), ok, mm.current.source]))"
+    )
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path, check=True)
+    module, path, ok, source = json.loads(out.stdout)
+    assert module.startswith(str(venv)), module  # the installed copy, not this source tree
+    assert path == str(venv / "share" / "faasrm" / "models" / "invoker.onnx")
+    assert ok and source == "onnx"
