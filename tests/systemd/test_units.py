@@ -134,8 +134,9 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=60)
     wheel = next((tmp_path / "whl").glob("faasrm-*.whl"))
-    subprocess.run([*pip, "install", "--no-deps", "--prefix", str(venv), str(wheel)],
-                   check=True, timeout=120)
+    # --ignore-installed: never uninstall the faasrm of the environment running the tests
+    subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "--prefix", str(venv),
+                    str(wheel)], check=True, timeout=120)
     site = next(venv.glob("lib/python3*/site-packages"))
     # the dependencies come from this environment, after the installed package
     deps = [p for p in sys.path if p.endswith("site-packages")]
