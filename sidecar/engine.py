@@ -155,6 +155,9 @@ class Invocation:
     cpu_s_at_start: float = math.nan
     cpu_peak_cores: float = 0.0
     mem_peak_bytes: int = 0
+    mem_start_bytes: int = 0
+    input_size: float | None = None
+    """As the invoker reported it: with the usage at start it feeds the safeguard's input floor."""
     oom: bool = False
     given_back: set[str] = field(default_factory=set)
     fallback: str | None = None
@@ -338,7 +341,7 @@ class Engine:
         stats, gs = self._function(fn)
         stats.on_arrival(now)
         mem_usage = usage.mem_bytes if usage is not None else c.last_mem_bytes
-        g = guard(self.grid, user_alloc, gs, mem_usage / MB, self.sg_cfg)
+        g = guard(self.grid, user_alloc, gs, mem_usage / MB, self.sg_cfg, input_size)
         ctx = self.encoder.context(self.node_state(pending), stats, gs, user_alloc, now)
         cpu_b, mem_b = self.encoder.blocks(gs, user_alloc)
         rows = expand_rows(ctx, cpu_b, mem_b)
@@ -377,6 +380,8 @@ class Engine:
             inferred=inferred,
             cpu_s_at_start=usage.cpu_usage_s if usage is not None else math.nan,
             mem_peak_bytes=mem_usage,
+            mem_start_bytes=mem_usage,
+            input_size=input_size,
             fallback=fallback,
         )
         cores, mem = effective(user, target)
@@ -444,7 +449,8 @@ class Engine:
         stats, gs = self._function(inv.function)
         baseline = stats.baseline_duration_s
         mem_peak_mb = inv.mem_peak_bytes / MB
-        gs.observe(inv.guard, inv.alloc, inv.cpu_peak_cores, mem_peak_mb, failed)
+        gs.observe(inv.guard, inv.alloc, inv.cpu_peak_cores, mem_peak_mb, failed,
+                   inv.input_size, inv.mem_start_bytes / MB)
         at_user = inv.alloc == inv.user_alloc and not failed
         stats.on_completion(now, duration, inv.cpu_peak_cores, mem_peak_mb, at_user_size=at_user)
         # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with

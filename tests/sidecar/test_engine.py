@@ -268,6 +268,24 @@ def test_memory_floor_from_current_usage() -> None:
     assert inv.alloc.mem >= 5 and GRID.mb(inv.alloc.mem) * MB >= 316 * MB
 
 
+def test_reported_input_sizes_keep_the_memory_a_larger_input_needs() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    for size, peak in ((50.0, 62.0), (60.0, 72.0)):  # ~1 MB per input unit over 10 MB idle
+        inv = eng.start("fn@1", usage=usage(0, 10), input_size=size)
+        clock.t += 1.0
+        eng.end(inv.id, "success", usage=usage(0.3, 10, peak))
+    small = eng.start("fn@1", usage=usage(0, 10), input_size=40.0)
+    clock.t += 1.0
+    eng.end(small.id, "success", usage=usage(0.3, 10, 52))
+    big = eng.start("fn@1", usage=usage(0, 10), input_size=250.0)
+    # the peak rule alone allows ceil((72 + 64) / 64) = 3 units (192 MB), which a small input
+    # gets; 10 + 1.04 x 250 + 16 MB needs 5 units (320 MB)
+    assert GRID.mb(small.alloc.mem) == 192 and 320 <= GRID.mb(big.alloc.mem) <= 512
+    assert big.trace["input_size"] == 250.0
+
+
 def test_plan_target_v1_v2_and_no_memory_harvest() -> None:
     user = UserSize(2.0, 512 * MB, 200)
     ua = GRID.nearest(2.0, 512)

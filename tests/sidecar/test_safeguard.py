@@ -652,3 +652,62 @@ def test_give_back_property(usage: float, allocated: float, user: float, thr: fl
         assert not got
     if got:  # monotone: more usage still needs the give-back
         assert give_back_needed(usage * 2 + 1, allocated, user, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# the input floor (an invoker that reports input sizes)
+
+
+def test_example_input_floor_a_larger_input_keeps_the_memory_it_will_need() -> None:
+    # memhog-like: 10 MB idle worker, grows ~1 MB per input unit; user 512 MB on 64 MB units
+    user = Alloc(2, 8)
+    s = SafeguardState()
+    gd = guard(G1, user, s, mem_usage_mb=10.0, input_size=50.0)  # first run: user's size
+    s.observe(gd, user, 1.0, mem_peak_mb=62.0, failed=False, input_size=50.0, mem_start_mb=10.0)
+    assert s.mem_mb_per_input == pytest.approx(52.0 / 50.0)
+    # the peak rule alone would harvest down to ceil((62 + 64) / 64) = 2 units (128 MB) ...
+    assert guard(G1, user, s, mem_usage_mb=10.0).mem_lo == 2
+    # ... which a 250-unit input (~270 MB) would blow: the input floor keeps
+    # ceil((10 + 1.04 x 250 + 16) / 64) = 5 units (320 MB)
+    gd = guard(G1, user, s, mem_usage_mb=10.0, input_size=250.0)
+    assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (5, 8, HARVEST)
+    assert all(a.mem >= 5 for a in _allowed(G1, gd))
+    # a small input is harvested as before; an input beyond the user's size gets the user's size
+    assert guard(G1, user, s, mem_usage_mb=10.0, input_size=20.0).mem_lo == 2
+    assert guard(G1, user, s, mem_usage_mb=10.0, input_size=5000.0).mem_lo == 8
+
+
+def test_input_floor_ignores_what_does_not_grow_and_keeps_the_largest_growth() -> None:
+    user = Alloc(2, 8)
+    s = _state(user, cpu_last=1.0, mem_last=20.0)
+    gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=1000.0)
+    s.observe(gd, user, 1.0, 20.0, False, input_size=1000.0, mem_start_mb=20.0)  # flat
+    assert s.mem_mb_per_input == 0.0
+    # nothing added to the peak rule's ceil((20 + 64) / 64) = 2 units
+    assert guard(G1, user, s, mem_usage_mb=20.0, input_size=9000.0).mem_lo == 2
+    s.observe(gd, user, 1.0, 120.0, False, input_size=100.0, mem_start_mb=20.0)
+    s.observe(gd, user, 1.0, 60.0, False, input_size=100.0, mem_start_mb=20.0)
+    assert s.mem_mb_per_input == pytest.approx(1.0)  # the largest growth seen, not the last
+    # an OOM-killed run's peak is a lower bound on its need: it counts too
+    s.observe(gd, Alloc(2, 2), 1.0, 128.0, True, input_size=50.0, mem_start_mb=20.0)
+    assert s.mem_mb_per_input == pytest.approx(108.0 / 50.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), gu=grid_and_user(), cfg=configs)
+def test_input_floor_only_raises_memory_and_never_above_the_user_size(data, gu, cfg) -> None:
+    g, user = gu
+    la = Alloc(data.draw(st.integers(1, g.cpu_units)), data.draw(st.integers(1, g.mem_units)))
+    s = _state(la, data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
+               data.draw(peak(g.mem_unit_mb, la.mem, user.mem)))
+    s.mem_mb_per_input = data.draw(st.floats(0.0, 10.0))
+    usage = data.draw(st.floats(0.0, 2.0 * g.max_mb))
+    size = data.draw(st.floats(0.0, 1e4))
+    gd = guard(g, user, s, usage, cfg, input_size=size)
+    need = usage + s.mem_mb_per_input * size + cfg.mem_headroom_mb
+    assert gd.mask.any()
+    assert all(a.mem >= min(user.mem, g.mem_units_ceil(need)) for a in _allowed(g, gd))
+    base = guard(g, user, s, usage, cfg)  # the same decision without the input
+    assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode, gd.mem_mode) == (
+        base.cpu_lo, base.cpu_hi, base.cpu_mode, base.mem_mode)
+    assert base.mem_lo <= gd.mem_lo <= max(base.mem_lo, user.mem) and gd.mem_hi >= base.mem_hi
