@@ -30,6 +30,7 @@ import errno
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple, Self
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -702,6 +703,23 @@ def open_cgroup(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = N
     if (version or detect_version(root)) == 1:
         return CgroupV1(rel_path, root)
     return CgroupV2(os.path.join(_v2_base(root) or root, rel_path.strip("/")))
+
+
+def join_in_child(cg: Cgroup) -> Callable[[], None]:
+    """A ``preexec_fn`` that moves the child into ``cg`` between fork and exec, so none of the
+    program's work runs outside it (the paths are computed here: only writes in the child)."""
+    files = [os.path.join(d, "cgroup.procs") for d in cg.paths]
+
+    def join() -> None:
+        pid = str(os.getpid()).encode()
+        for path in files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+
+    return join
 
 
 def create_v1(rel_path: str, root: str = DEFAULT_ROOT) -> CgroupV1:

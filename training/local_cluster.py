@@ -132,17 +132,10 @@ class Worker:
         self.rel = rel
         self.function = rel.rsplit("/", 1)[-1]
         self.cg = cgroups.create_v1(rel)
-        procs = [os.path.join(d, "cgroup.procs") for d in self.cg.paths]
-
-        def enter() -> None:
-            for p in procs:
-                fd = os.open(p, os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, preexec_fn=enter,  # noqa: PLW1509 (before any driver thread starts)
+            text=True,
+            preexec_fn=cgroups.join_in_child(self.cg),  # noqa: PLW1509 (no driver thread yet)
         )
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
 

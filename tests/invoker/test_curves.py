@@ -41,17 +41,9 @@ def test_fit_of_a_saturated_or_flat_curve() -> None:
     assert fit["phi"] == pytest.approx(0.9, abs=0.1) and fit["max_rel_err"] < 0.1
 
 
-def _skip_without_v1() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create cgroups")
-    for c in cgroups.V1_CONTROLLERS:
-        if not os.access(os.path.join(cgroups.DEFAULT_ROOT, c), os.W_OK):
-            pytest.skip(f"no writable cgroup v1 '{c}' hierarchy")
-
 
 @pytest.mark.root
-def test_pyloop_slows_down_at_a_quarter_core() -> None:
-    _skip_without_v1()
+def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
     parent = f"faasrm-test-curves-{uuid.uuid4().hex[:8]}"
     curve = asyncio.run(measure(BY_NAME["pyloop"], 1500, quotas=(0.25, 1.0), mem_factors=(),
                                 below_peak=False, repeats=3, parent=parent))

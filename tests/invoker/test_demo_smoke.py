@@ -4,7 +4,6 @@ nothing is left behind (trainer, sidecar, workers, cgroups), also after Ctrl-C."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,6 @@ pytestmark = pytest.mark.root
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 
-
-def _skip_without_v1() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create cgroups")
-    if not os.path.isfile("/sys/fs/cgroup/memory/cgroup.procs"):
-        pytest.skip("no cgroup v1 memory hierarchy")
 
 
 def _leftovers(pid: int) -> tuple[list[str], list[str]]:
@@ -48,8 +41,7 @@ def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_demo_short_run_prints_table_and_cleans_up(tmp_path: Path) -> None:
-    _skip_without_v1()
+def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path) -> None:
     proc = _demo(tmp_path, "--minutes", "0.15")
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
@@ -70,8 +62,7 @@ def test_demo_short_run_prints_table_and_cleans_up(tmp_path: Path) -> None:
     assert _leftovers(proc.pid) == ([], [])
 
 
-def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    _skip_without_v1()
+def test_demo_ctrl_c_leaves_nothing_behind(v1_root: None, tmp_path: Path) -> None:
     proc = _demo(tmp_path, "--minutes", "1")
     time.sleep(8)  # containers up, the Fixed replay running
     proc.send_signal(signal.SIGINT)

@@ -15,21 +15,12 @@ from training.invoker.invoker import Containers, Invocation, Invoker
 pytestmark = pytest.mark.root
 
 
-def _skip_without_v1() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create cgroups")
-    for c in cgroups.V1_CONTROLLERS:
-        if not os.access(os.path.join(cgroups.DEFAULT_ROOT, c), os.W_OK):
-            pytest.skip(f"no writable cgroup v1 '{c}' hierarchy")
-
-
 def _exists(parent: str) -> bool:
     return any(os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
                for c in cgroups.V1_CONTROLLERS)
 
 
-def test_two_containers_replay_then_cleanup() -> None:
-    _skip_without_v1()
+def test_two_containers_replay_then_cleanup(v1_root: None) -> None:
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs)
@@ -60,8 +51,7 @@ def test_two_containers_replay_then_cleanup() -> None:
                    in open(f"/proc/{p}/cmdline", "rb").read() for p in worker_pids)
 
 
-def test_timeout_kills_the_worker_and_respawn_decides_whether_it_comes_back() -> None:
-    _skip_without_v1()
+def test_timeout_kills_the_worker_and_respawn_decides_whether_it_comes_back(v1_root: None) -> None:
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     containers = Containers(parent, [BY_NAME["sleepy"]])
 
@@ -83,8 +73,7 @@ def test_timeout_kills_the_worker_and_respawn_decides_whether_it_comes_back() ->
     assert not _exists(parent)
 
 
-def test_oom_kill_is_recorded_and_worker_restarted() -> None:
-    _skip_without_v1()
+def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     containers = Containers(parent, [BY_NAME["memhog"]], ratio=1 / 128)
     containers["memhog"].user_mem_mb = 96.0  # the user's guess is below the working set
@@ -103,10 +92,9 @@ def test_oom_kill_is_recorded_and_worker_restarted() -> None:
     assert not _exists(parent)
 
 
-def test_invoker_applies_a_local_manager_and_restores_the_user_size() -> None:
+def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: None) -> None:
     from training.invoker.managers import Alloc, Vpa
 
-    _skip_without_v1()
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     spec = BY_NAME["sleepy"]  # 512 MB / 2 cores user, ~0 cores and little memory used
     containers = Containers(parent, [spec])

@@ -88,17 +88,7 @@ def spawn(v1_cgroup: cgroups.CgroupV1) -> Iterator[Spawn]:
     The child writes its own pid into cgroup.procs of the three hierarchies before exec, so all
     of the interpreter's CPU time and memory are charged to the test cgroup.
     """
-    procs_files = [os.path.join(d, "cgroup.procs") for d in v1_cgroup.paths]
     started: list[subprocess.Popen[str]] = []
-
-    def enter_cgroup() -> None:  # runs in the child between fork and exec
-        pid = str(os.getpid()).encode()
-        for path in procs_files:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
 
     def start(code: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
@@ -106,7 +96,7 @@ def spawn(v1_cgroup: cgroups.CgroupV1) -> Iterator[Spawn]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=enter_cgroup,  # noqa: PLW1509 (pytest runs tests on one thread)
+            preexec_fn=cgroups.join_in_child(v1_cgroup),  # noqa: PLW1509 (one test thread)
         )
         started.append(proc)
         return proc

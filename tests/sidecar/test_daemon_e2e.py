@@ -124,20 +124,12 @@ class Box:
     def __init__(self, rel: str) -> None:
         self.rel = rel
         self.cg = cgroups.create_v1(rel)
-        procs = [os.path.join(d, "cgroup.procs") for d in self.cg.paths]
-
-        def enter() -> None:
-            for p in procs:
-                fd = os.open(p, os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=enter,
+            preexec_fn=cgroups.join_in_child(self.cg),
         )
         assert self.proc.stdout.readline().strip() == "up"
 

@@ -7,8 +7,8 @@ invocation the invoker calls the sidecar's hook (``POST /v1/invocations`` before
 after) when a sidecar URL is given, runs the function in the container's worker and records
 execution time (measured inside the worker), response time (arrival to completion) and outcome
 (``success``, ``failure``, ``timeout``, ``oom``: the kernel killed the worker; a dead worker is
-restarted, the invocation is not retried). The caller owns cleanup: ``Containers.stop()`` kills every worker and removes
-every cgroup (or Docker container), and is safe to call twice.
+restarted, the invocation is not retried). The caller owns cleanup: ``Containers.stop()`` kills
+every worker and removes every cgroup (or Docker container), and is safe to call twice.
 """
 
 from __future__ import annotations
@@ -93,20 +93,18 @@ def schedule(minutes: float, speedup: float = 15.0, seed: int = 0,
     return out
 
 
-def _enter_cgroup(procs_files: list[str]) -> Callable[[], None]:
+def child_setup(cg: cgroups.Cgroup | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` for the invoker's children: join ``cg`` (when given) and die with the
+    invoker (``PR_SET_PDEATHSIG``), so no worker or sidecar outlives it."""
     libc = ctypes.CDLL(None, use_errno=True)
+    join = cgroups.join_in_child(cg) if cg is not None else None
 
-    def enter() -> None:  # in the child between fork and exec
-        pid = str(os.getpid()).encode()
-        for path in procs_files:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the invoker
+    def setup() -> None:  # in the child between fork and exec
+        if join is not None:
+            join()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    return enter
+    return setup
 
 
 class WorkerContainer(abc.ABC):
@@ -236,7 +234,7 @@ class Container(WorkerContainer):
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "training.invoker.worker", self.spec.name,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-            preexec_fn=_enter_cgroup([os.path.join(d, "cgroup.procs") for d in self.cg.paths]),
+            preexec_fn=child_setup(self.cg),
             start_new_session=True,  # Ctrl-C reaches the invoker only; it stops the workers
         )
         self._stdin, self._stdout = self.proc.stdin, self.proc.stdout

@@ -53,7 +53,7 @@ from sidecar.models import model_grid
 from training.invoker.functions import SPECS
 from training.invoker import managers as local
 from training.invoker.invoker import (
-    DEFAULT_RATIO, Containers, Invoker, Record, _enter_cgroup, record_dicts, schedule,
+    Containers, Invoker, Record, child_setup, record_dicts, schedule,
 )
 from training.local_cluster import TOKEN as TRAINER_TOKEN
 from training.local_cluster import Trainer, free_port
@@ -127,7 +127,7 @@ dir = "{workdir / 'spool'}"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                preexec_fn=_enter_cgroup([]),  # PDEATHSIG: never outlive the invoker
+                preexec_fn=child_setup(),  # PDEATHSIG: never outlive the invoker
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
