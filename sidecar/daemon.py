@@ -398,7 +398,7 @@ def reload(app: web.Application) -> bool:
             _start_consumers(app, runtimes)
     node.sync_containers()  # containers the new config dropped are restored and forgotten
     models = node.models
-    models.configured_path, models.sha256 = new.model.path, new.model.sha256
+    models.configure(new.model.path, new.model.sha256)
     ok = models.load()
     node.metrics.model_loads.labels("ok" if ok else "rejected").inc()
     from sidecar.model_poller import POLLER

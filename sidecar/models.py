@@ -50,11 +50,15 @@ def _models_dir() -> Path:
 MODELS_DIR = _models_dir()
 
 
-def _declared_grid(path: Path) -> dict | None:
-    """The grid in a model's ``<path>.json`` sidecar metadata (None: no file or no grid)."""
+def model_grid(path: str | Path) -> ResourceGrid | None:
+    """The grid a model file declares in its metadata (a model only loads on its own grid), so
+    tools can configure a sidecar for it; None when it declares none or cannot be read."""
+    import onnxruntime as ort
+
     try:
-        return json.loads(json.loads(Path(str(path) + ".json").read_text())["grid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
+    except Exception:  # noqa: BLE001 (missing, corrupt, no grid: the loader says why)
         return None
 
 
@@ -64,10 +68,10 @@ def default_model_path(grid: ResourceGrid | None = None) -> Path:
     quarter cores for 2-core hosts). A model only loads on its own grid, so an empty
     ``[model] path`` must pick the one that fits ``[grid]``."""
     default = MODELS_DIR / "default.onnx"
-    if grid is None or _declared_grid(default) in (None, dataclasses.asdict(grid)):
+    if grid is None or model_grid(default) in (None, grid):
         return default
     for path in sorted(MODELS_DIR.glob("*.onnx")):
-        if _declared_grid(path) == dataclasses.asdict(grid):
+        if model_grid(path) == grid:
             return path
     return default  # refused on its grid, with the reason, and the rule fallback runs
 
@@ -180,18 +184,6 @@ def validate(
     return scorer, meta
 
 
-def model_grid(path: str | Path) -> ResourceGrid | None:
-    """The grid a model file declares in its metadata (a model only loads on its own grid), so
-    tools can configure a sidecar for it; None when it declares none or cannot be read."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
-    except Exception:  # noqa: BLE001 (missing, corrupt, no grid: the loader says why)
-        return None
-
-
 def _expected_sha(path: Path, configured: str) -> str | None:
     if configured:
         return configured
@@ -210,8 +202,7 @@ class ModelManager:
         from sidecar.engine import fallback_scorer  # the engine owns the fallback rule
 
         self.grid = grid
-        self.configured_path = path
-        self.sha256 = sha256
+        self.configure(path, sha256)
         self._fallback = Loaded(fallback_scorer(), "fallback", "fallback")
         self.current = self._fallback
         self.previous: Loaded | None = None
@@ -219,11 +210,12 @@ class ModelManager:
         self.loads_ok = 0
         self.loads_failed = 0
 
-    @property
-    def path(self) -> Path:
-        if self.configured_path:
-            return Path(self.configured_path)
-        return default_model_path(self.grid)
+    def configure(self, path: str, sha256: str) -> None:
+        """Set ``[model] path`` / ``sha256`` (start-up, config reload); an empty path resolves
+        once to the shipped model of this grid (that opens each candidate's metadata)."""
+        self.configured_path = path
+        self.sha256 = sha256
+        self.path = Path(path) if path else default_model_path(self.grid)
 
     def get(self) -> tuple[Scorer, str]:
         return self.current.scorer, self.current.id
