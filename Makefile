@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: demo sim-demo test test-all bench model model-invoker clean
+.PHONY: demo sim-demo test test-all lint bench model model-invoker clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,8 +33,12 @@ $(VENV)/.invoker: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.invoker
 	$(BIN)/faasrm demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev lint
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check sidecar training tests
+	$(BIN)/ruff format --check sidecar training tests
 
 test-all: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -m ''

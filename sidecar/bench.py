@@ -335,15 +335,18 @@ def main(args: argparse.Namespace) -> int:
         f"(open/read/close of the same files, same schedule: {x['raw_read_cpu_pct_100']:.3f} %)"
     )
     print(
-        f"decision latency:          p50 {res['decision_p50_us']:.1f} us, p99 {res['decision_p99_us']:.1f} us "
-        f"(target p99 <= 200; inference alone p50 {x['inference_p50_us']:.1f}, p99 {x['inference_p99_us']:.1f})"
+        f"decision latency:          p50 {res['decision_p50_us']:.1f} us, "
+        f"p99 {res['decision_p99_us']:.1f} us (target p99 <= 200; inference alone "
+        f"p50 {x['inference_p50_us']:.1f}, p99 {x['inference_p99_us']:.1f})"
     )
     print(
-        f"actuation latency:         p50 {res['actuation_p50_ms']:.4f} ms, p99 {res['actuation_p99_ms']:.4f} ms "
+        f"actuation latency:         p50 {res['actuation_p50_ms']:.4f} ms, "
+        f"p99 {res['actuation_p99_ms']:.4f} ms "
         f"(one raw quota write: p50 {x['raw_write_p50_ms']:.4f}, p99 {x['raw_write_p99_ms']:.4f})"
     )
     print(
-        f"start hook -> in place:    p50 {x['hook_p50_ms']:.4f} ms, p99 {x['hook_p99_ms']:.4f} ms (target 5 ms)"
+        f"start hook -> in place:    p50 {x['hook_p50_ms']:.4f} ms, "
+        f"p99 {x['hook_p99_ms']:.4f} ms (target 5 ms)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({k: res[k] for k in KEYS}, indent=2) + "\n")

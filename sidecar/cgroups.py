@@ -29,8 +29,8 @@ import abc
 import errno
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Self
 
 DEFAULT_ROOT = "/sys/fs/cgroup"
@@ -780,8 +780,9 @@ def create(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = None) 
     return create_v2(rel_path, root)
 
 
-def remove(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = None,
-           timeout_s: float = 2.0) -> None:
+def remove(
+    rel_path: str, root: str = DEFAULT_ROOT, version: int | None = None, timeout_s: float = 2.0
+) -> None:
     """Remove a cgroup made by ``create`` (``version`` None: detected); idempotent."""
     if (version or detect_version(root)) == 1:
         remove_v1(rel_path, root, timeout_s)
@@ -810,6 +811,7 @@ def _remove_dir(path: str, timeout_s: float) -> None:
             break
         except OSError as exc:
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise CgroupIOError(f"cannot remove {path}: {exc.strerror}", path, exc.errno) \
-                    from None
+                raise CgroupIOError(
+                    f"cannot remove {path}: {exc.strerror}", path, exc.errno
+                ) from None
             time.sleep(0.01)

@@ -66,9 +66,14 @@ def _sidecar_overrides(args: argparse.Namespace) -> dict:
     from sidecar.config import parse_override
 
     out = dict(parse_override(text) for text in args.set or [])
-    for flag, key in (("host", "server.host"), ("port", "server.port"), ("model", "model.path"),
-                      ("state_file", "actuation.state_file"), ("spool_dir", "spool.dir"),
-                      ("log_level", "log_level")):
+    for flag, key in (
+        ("host", "server.host"),
+        ("port", "server.port"),
+        ("model", "model.path"),
+        ("state_file", "actuation.state_file"),
+        ("spool_dir", "spool.dir"),
+        ("log_level", "log_level"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             out[key] = value
@@ -174,29 +179,57 @@ def _bench_trainer(args: argparse.Namespace) -> int:
 
 def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     """Flags of `bench real` and `demo` (training/invoker/real.py; docs/invoker.md)."""
-    p.add_argument("--managers", default="fixed,learned",
-                   help="comma-separated: fixed (no sidecar; runs first: the RFET baseline), "
-                        "fixed2 (Fixed again: the noise floor), greedy, ensure, vpa (applied "
-                        "by the invoker), learned (sidecar + shipped model), rule (sidecar "
-                        "with its rule fallback policy)")
-    p.add_argument("--minutes", type=float, default=1.0 if demo else 2.0,
-                   help="real minutes of trace per manager")
-    p.add_argument("--speedup", type=float, default=15.0,
-                   help="trace minutes replayed per real minute (the sample is sparse)")
+    p.add_argument(
+        "--managers",
+        default="fixed,learned",
+        help="comma-separated: fixed (no sidecar; runs first: the RFET baseline), "
+        "fixed2 (Fixed again: the noise floor), greedy, ensure, vpa (applied "
+        "by the invoker), learned (sidecar + shipped model), rule (sidecar "
+        "with its rule fallback policy)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=1.0 if demo else 2.0,
+        help="real minutes of trace per manager",
+    )
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=15.0,
+        help="trace minutes replayed per real minute (the sample is sparse)",
+    )
     p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
-    p.add_argument("--cores-per-mb", type=float, default=1.0 / 256.0,
-                   help="user CPU per MB of user memory (default 1 core per 256 MB)")
-    p.add_argument("--model", help="ONNX policy for 'learned' (default models/invoker.onnx, "
-                   "trained for 2-core hosts; every manager uses its grid)")
-    p.add_argument("--json", default="out/demo_real.json" if demo else None,
-                   help="write figures (and config, per-function medians) as JSON")
-    p.add_argument("--plots", default="out/" if demo else None,
-                   help="folder for PNG plots: RFET CDF, allocations over time")
+    p.add_argument(
+        "--cores-per-mb",
+        type=float,
+        default=1.0 / 256.0,
+        help="user CPU per MB of user memory (default 1 core per 256 MB)",
+    )
+    p.add_argument(
+        "--model",
+        help="ONNX policy for 'learned' (default models/invoker.onnx, "
+        "trained for 2-core hosts; every manager uses its grid)",
+    )
+    p.add_argument(
+        "--json",
+        default="out/demo_real.json" if demo else None,
+        help="write figures (and config, per-function medians) as JSON",
+    )
+    p.add_argument(
+        "--plots",
+        default="out/" if demo else None,
+        help="folder for PNG plots: RFET CDF, allocations over time",
+    )
     p.add_argument("--records", action="store_true", help="also write every invocation's record")
-    p.add_argument("--runtime", choices=("cgroup", "docker"), default="cgroup",
-                   help="containers: bare cgroups (v1 or v2) or real Docker containers (a "
-                        "private dockerd is started, and docker.io apt-get installed, if none "
-                        "answers)")
+    p.add_argument(
+        "--runtime",
+        choices=("cgroup", "docker"),
+        default="cgroup",
+        help="containers: bare cgroups (v1 or v2) or real Docker containers (a "
+        "private dockerd is started, and docker.io apt-get installed, if none "
+        "answers)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-file", help="crash-safety state file (actuation.state_file)")
     run.add_argument("--spool-dir", help="trajectory spool directory (spool.dir)")
     run.add_argument("--log-level", help="debug, info, warning or error")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set sampler.tick_s=0.05 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set sampler.tick_s=0.05 (repeatable)",
+    )
     run.set_defaults(func=_sidecar_run)
 
     tr = sub.add_parser(
@@ -269,8 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--config", help="TOML config file (see training/trainer.example.toml)")
     ts.add_argument("--port", type=int, help="listen port (port)")
     ts.add_argument("--data-dir", help="trajectory store and model registry (data_dir)")
-    ts.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override any config key, e.g. --set learner.interval_s=10 (repeatable)")
+    ts.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set learner.interval_s=10 (repeatable)",
+    )
     ts.set_defaults(func=_trainer_serve)
     tp = tr_s.add_parser("publish", help="publish an exported ONNX policy to the registry")
     tp.add_argument("onnx", help="the .onnx written by faasrm export (its .json is sent too)")

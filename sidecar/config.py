@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    """Listen address of the hook and debug API (localhost by default: the hook is not authenticated)."""
+    """Listen address of the hook and debug API (localhost by default: the hook is not
+    authenticated)."""
     port: int = 9477
     """Listen port."""
 

@@ -369,7 +369,10 @@ def reload(app: web.Application) -> bool:
         log.error("reload refused: grid and state_file need a restart")
         return False
     if (new.server, new.spool, new.shipper, new.model_poller) != (
-        old.server, old.spool, old.shipper, old.model_poller
+        old.server,
+        old.spool,
+        old.shipper,
+        old.model_poller,
     ):
         log.warning(
             "server, spool, shipper and model_poller changes need a restart; applying the rest"

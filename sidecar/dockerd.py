@@ -96,7 +96,10 @@ class _PrivateDockerd:
         log = open(self.log_path, "wb")  # noqa: SIM115 (dockerd keeps writing to it)
         try:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C reaches its user, who stops it in order
             )
         except OSError as exc:
@@ -207,8 +210,13 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> s
     """Run a command; None on success, else why it failed (with its output's tail)."""
     try:
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-            env=env, check=False,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return f"`{' '.join(cmd)}` did not finish within {timeout:.0f} s"
@@ -259,8 +267,9 @@ def _log_tail(path: str, lines: int = 5) -> str:
         return "(no log)"
 
 
-def find_or_start(*, install: bool, busybox: bool = False,
-                  echo: Callable[[str], None] = lambda _msg: None) -> DockerEngine:
+def find_or_start(
+    *, install: bool, busybox: bool = False, echo: Callable[[str], None] = lambda _msg: None
+) -> DockerEngine:
     """An engine that answers (see the module docstring); raises EngineUnavailable.
 
     ``install``: apt-get install what is missing (root only). ``busybox``: a static busybox is
@@ -280,13 +289,15 @@ def find_or_start(*, install: bool, busybox: bool = False,
             if not install:
                 raise EngineUnavailable(f"{', '.join(missing)} not installed", tuple(missing))
             if shutil.which("apt-get") is None:
-                raise EngineUnavailable(f"{', '.join(missing)} missing and no apt-get",
-                                        tuple(missing))
+                raise EngineUnavailable(
+                    f"{', '.join(missing)} missing and no apt-get", tuple(missing)
+                )
             echo(f"installing {', '.join(missing)} with apt-get")
             err = _apt_install(missing)
             if err or missing_packages(busybox):
-                raise EngineUnavailable(f"installing {', '.join(missing)} failed: {err}",
-                                        tuple(missing))
+                raise EngineUnavailable(
+                    f"installing {', '.join(missing)} failed: {err}", tuple(missing)
+                )
         t_start = time.monotonic()
         echo(f"starting a private dockerd on {PRIVATE_SOCK}")
         daemon = _PrivateDockerd()

@@ -449,8 +449,15 @@ class Engine:
         stats, gs = self._function(inv.function)
         baseline = stats.baseline_duration_s
         mem_peak_mb = inv.mem_peak_bytes / MB
-        gs.observe(inv.guard, inv.alloc, inv.cpu_peak_cores, mem_peak_mb, failed,
-                   inv.input_size, inv.mem_start_bytes / MB)
+        gs.observe(
+            inv.guard,
+            inv.alloc,
+            inv.cpu_peak_cores,
+            mem_peak_mb,
+            failed,
+            inv.input_size,
+            inv.mem_start_bytes / MB,
+        )
         at_user = inv.alloc == inv.user_alloc and not failed
         stats.on_completion(now, duration, inv.cpu_peak_cores, mem_peak_mb, at_user_size=at_user)
         # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with
@@ -525,7 +532,8 @@ class Engine:
         return effects
 
     def on_sample(self, s: Any) -> list[Effect]:
-        """One container's sample (``sidecar.sampler.Sample``) -> effects for the daemon to apply."""
+        """One container's sample (``sidecar.sampler.Sample``) -> effects for the daemon to
+        apply."""
         effects: list[Effect] = []
         self._on_sample(s, effects)
         return effects

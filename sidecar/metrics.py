@@ -129,7 +129,8 @@ class Metrics:
         )
         self.spool_bytes = Gauge("faasrm_spool_bytes", "Bytes in the trajectory spool", registry=r)
         self.shipped_records = Counter(
-            "faasrm_shipper_records_total", "Trajectory records acknowledged by the trainer",
+            "faasrm_shipper_records_total",
+            "Trajectory records acknowledged by the trainer",
             registry=r,
         )
         self.shipped_batches = Counter(

@@ -184,7 +184,9 @@ class ModelPoller:
 
     # ------------------------------------------------------------------------ polling
     def backoff_s(self, attempt: int) -> float:
-        return jittered_backoff(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
+        return jittered_backoff(
+            attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+        )
 
     async def poll_once(self, session: Any) -> str:
         """One long-poll: 'new', 'same', 'none' or 'error'."""
@@ -208,7 +210,7 @@ class ModelPoller:
                 version = int(r.headers["X-Model-Version"])
                 sha = r.headers["X-Model-Sha256"]
                 etag = r.headers["ETag"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return "error"
         self.last_error = None
@@ -228,8 +230,11 @@ class ModelPoller:
                     if attempt == 1 or attempt % 10 == 0:
                         log.warning(
                             "model poll failed",
-                            extra={"reason": self.last_error, "attempt": attempt,
-                                   "delay_s": round(delay, 3)},
+                            extra={
+                                "reason": self.last_error,
+                                "attempt": attempt,
+                                "delay_s": round(delay, 3),
+                            },
                         )
                     await asyncio.sleep(delay)
                     continue

@@ -153,7 +153,8 @@ def validate(
     meta = dict(scorer.session.get_modelmeta().custom_metadata_map)
     if meta.get("feature_version") != str(FEATURE_VERSION):
         raise ModelRejected(
-            f"feature_version {meta.get('feature_version')!r} in its metadata, this host needs {FEATURE_VERSION}"
+            f"feature_version {meta.get('feature_version')!r} in its metadata, "
+            f"this host needs {FEATURE_VERSION}"
         )
     if meta.get("schema_hash") != schema_hash():
         raise ModelRejected(
@@ -221,7 +222,8 @@ class ModelManager:
         return self.current.scorer, self.current.id
 
     def load(self, path: str | Path | None = None) -> bool:
-        """Validate and swap in ``path`` (default: the configured one). False = kept the running one."""
+        """Validate and swap in ``path`` (default: the configured one). False = kept the running
+        one."""
         p = Path(path) if path is not None else self.path
         if not p.exists() and path is None and not self.configured_path:
             note = f"no model file at {p}: deciding with RuleScorer.user_size"

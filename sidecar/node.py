@@ -384,7 +384,7 @@ class Node:
             log.warning("sample failed", extra={"container": cid, "reason": reason})
         for effect in self.engine.on_samples(res.samples):
             self._effect(effect)
-        for cid, result in self.actuator.retry_restores().items():
+        for result in self.actuator.retry_restores().values():
             if result == "restored":
                 m.restores.labels("restored").inc()
         self.first_tick_done = True

@@ -194,8 +194,16 @@ class Sampler:
                 d_oom, d_thr = u[6] - prev[6], u[2] - prev[2]
                 append(
                     Sample(
-                        cid, u[0], rate if rate > 0.0 else 0.0, dt, u[4], u[5], u[6],
-                        d_oom if d_oom > 0 else 0, d_thr if d_thr > 0 else 0, u[7],
+                        cid,
+                        u[0],
+                        rate if rate > 0.0 else 0.0,
+                        dt,
+                        u[4],
+                        u[5],
+                        u[6],
+                        d_oom if d_oom > 0 else 0,
+                        d_thr if d_thr > 0 else 0,
+                        u[7],
                     )  # fmt: skip
                 )
             except cgroups.CgroupGone:

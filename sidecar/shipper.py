@@ -49,7 +49,8 @@ def _seg_no(path: Path) -> int:
 
 
 def jittered_backoff(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": uniform in [cap/2, cap], cap doubling per attempt."""
+    """Exponential backoff with "equal jitter": uniform in [cap/2, cap], cap doubling per
+    attempt."""
     cap = min(max_s, initial_s * 2 ** min(attempt, 30))
     return rng.uniform(cap / 2, cap)
 
@@ -226,7 +227,9 @@ class Shipper:
 
     # ------------------------------------------------------------------------ sending
     def backoff_s(self, attempt: int) -> float:
-        return jittered_backoff(attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng)
+        return jittered_backoff(
+            attempt, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rng
+        )
 
     def _count(self, result: str, n: int = 0) -> None:
         if self.metrics is not None:
@@ -258,12 +261,14 @@ class Shipper:
 
         try:
             async with session.post(
-                url, data=body, headers=headers,
+                url,
+                data=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
             ) as r:
                 status = r.status
                 text = (await r.read())[:500].decode("utf-8", "replace")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._count("error")
             return "retry"
@@ -318,8 +323,11 @@ class Shipper:
                     if attempt == 1 or attempt % 10 == 0:
                         log.warning(
                             "shipping failed, retrying",
-                            extra={"reason": self.last_error, "attempt": attempt,
-                                   "delay_s": round(delay, 3)},
+                            extra={
+                                "reason": self.last_error,
+                                "attempt": attempt,
+                                "delay_s": round(delay, 3),
+                            },
                         )
                     await asyncio.sleep(delay)
                     continue

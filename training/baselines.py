@@ -177,7 +177,7 @@ class Learned(_Stateless):
         self.rng = rng
 
     @classmethod
-    def from_onnx(cls, path: str | Path) -> "Learned":
+    def from_onnx(cls, path: str | Path) -> Learned:
         return cls(OnnxScorer(path))
 
     def reset(self, sim: ClusterSim) -> None:

@@ -42,19 +42,33 @@ def synthetic_record(node: str, i: int, rng: np.random.Generator) -> dict:
     allowed = np.flatnonzero(mask)
     action = int(allowed[rng.integers(0, len(allowed))])
     return {
-        "v": RECORD_VERSION, "node": node, "invocation": f"{node}-{i}", "function": f"fn{i % 50}",
-        "container": f"c{i % 8}", "time": 1.7e9 + i, "feature_version": FEATURE_VERSION,
+        "v": RECORD_VERSION,
+        "node": node,
+        "invocation": f"{node}-{i}",
+        "function": f"fn{i % 50}",
+        "container": f"c{i % 8}",
+        "time": 1.7e9 + i,
+        "feature_version": FEATURE_VERSION,
         "schema_hash": schema_hash(),
         "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
         "model": "sha256:0123456789ab",
         "context": rng.random(N_CONTEXT).astype(np.float32).tolist(),
         "cpu_block": rng.random((g.cpu_units, N_BLOCK)).astype(np.float32).tolist(),
         "mem_block": rng.random((g.mem_units, N_BLOCK)).astype(np.float32).tolist(),
-        "mask": np.packbits(mask).tobytes(), "action": action,
-        "logp": float(-np.log(len(allowed))), "user": [4, 4], "alloc": list(g.alloc(action)),
-        "reason": "cpu=free,mem=free", "reward": float(rng.normal(0, 0.3)), "baseline_s": 0.2,
-        "duration_s": 0.21, "outcome": "success", "cpu_peak_cores": 0.4, "mem_peak_mb": 40.0,
-        "give_backs": [], "inferred": False,
+        "mask": np.packbits(mask).tobytes(),
+        "action": action,
+        "logp": float(-np.log(len(allowed))),
+        "user": [4, 4],
+        "alloc": list(g.alloc(action)),
+        "reason": "cpu=free,mem=free",
+        "reward": float(rng.normal(0, 0.3)),
+        "baseline_s": 0.2,
+        "duration_s": 0.21,
+        "outcome": "success",
+        "cpu_peak_cores": 0.4,
+        "mem_peak_mb": 40.0,
+        "give_backs": [],
+        "inferred": False,
     }
 
 
@@ -65,8 +79,12 @@ def make_bodies(n_batches: int, per_batch: int, nodes: int = 10) -> list[bytes]:
     for b in range(n_batches):
         node = f"node{b % nodes}"
         recs = [dict(r, node=node, invocation=f"{node}-{b}-{i}") for i, r in enumerate(template)]
-        bodies.append(msgpack.packb({"schema_version": 1, "node_id": node, "seq": b // nodes,
-                                     "records": recs}, use_bin_type=True))
+        bodies.append(
+            msgpack.packb(
+                {"schema_version": 1, "node_id": node, "seq": b // nodes, "records": recs},
+                use_bin_type=True,
+            )
+        )
     return bodies
 
 
@@ -121,8 +139,8 @@ def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[s
 def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, float]:
     import torch
 
-    from training.local_cluster import TOKEN, Cluster
     from training.export import export
+    from training.local_cluster import TOKEN, Cluster
     from training.ppo import Agent
     from training.service import publish
 
@@ -135,8 +153,12 @@ def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, 
         torch.save({"agent": agent.state_dict()}, buf)
         return p, buf.getvalue()
 
-    cl = Cluster(nodes=nodes, workers=1, workdir=workdir / "cluster",
-                 trainer_overrides={"learner.enabled": False})
+    cl = Cluster(
+        nodes=nodes,
+        workers=1,
+        workdir=workdir / "cluster",
+        trainer_overrides={"learner.enabled": False},
+    )
     all_s, first_s = [], []
     try:
         cl.start(drive=False)
@@ -175,7 +197,8 @@ def main(args: Any) -> int:
             f"(validated, fsynced; {ing['batch_records']} records/batch, "
             f"{ing['body_bytes_per_record']:.0f} B/record) "
             f"vs {ing['baseline_msgpack_decode_per_s']:,.0f}/s raw msgpack decode alone "
-            f"(target >= 50,000/s)", flush=True,
+            f"(target >= 50,000/s)",
+            flush=True,
         )
         prop = bench_propagation(args.nodes, work)
         print(

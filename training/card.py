@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Wall time {a.wall_s / 60:.1f} min on this 2-core machine (CPU only); "
         f"{training['global_step']:,} PPO decisions in {training['iterations']} iterations, "
-        "after a behaviour-cloning warm start from the Oracle projected onto the safeguard's ranges "
-        "(training/pretrain.py). Training workloads use random seeds drawn per episode; the "
+        "after a behaviour-cloning warm start from the Oracle projected onto the safeguard's "
+        "ranges (training/pretrain.py). Training workloads use random seeds drawn per episode; the "
         "evaluation seeds below were never used in training.",
         "",
         f"## How it scored (simulator, `{a.preset}` preset, same seeds for every manager)",

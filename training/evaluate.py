@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -100,8 +100,9 @@ class Evaluation:
     wall_s: dict[str, float]
 
 
-def make_manager(name: str, model: str | Path | None = None,
-                 grid: ResourceGrid | None = None) -> Manager:
+def make_manager(
+    name: str, model: str | Path | None = None, grid: ResourceGrid | None = None
+) -> Manager:
     """``learned`` without a ``model``: the shipped model trained for ``grid``."""
     if name == "learned":
         from sidecar.models import default_model_path
@@ -135,7 +136,7 @@ def evaluate(
     with Progress(disable=not progress, transient=True) as bar:
         for name, mgr in zip(managers, built):
             task = bar.add_task(f"{name:>8}", total=wl.n_invocations)
-            wall[name] = run(sim, mgr, lambda k: bar.advance(task, k))
+            wall[name] = run(sim, mgr, lambda k, task=task: bar.advance(task, k))
             out[name] = metrics(sim)
             rfet[name] = sim.results.exec_s / sim.results.baseline_s
             exec_s[name] = sim.results.exec_s.copy()

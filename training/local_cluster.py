@@ -53,8 +53,12 @@ def free_port() -> int:
 
 def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method="POST" if data is not None else "GET",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -81,7 +85,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 6
     raise RuntimeError(f"{url} not ready after {timeout_s}s: {log.read_text()[-2000:]}")
 
 
-
 def _stop(proc: subprocess.Popen | None, sig: int) -> None:
     """Signal a child and reap it; SIGKILL if it has not exited within 30 s."""
     if proc is not None and proc.poll() is None:
@@ -91,6 +94,7 @@ def _stop(proc: subprocess.Popen | None, sig: int) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
 
 class Trainer:
     def __init__(self, workdir: Path, port: int, overrides: dict[str, Any]) -> None:
@@ -107,9 +111,20 @@ class Trainer:
             sets += ["--set", f"{k}={_toml(v)}"]
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "trainer", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.dir / "data"), *sets],
-                stdout=subprocess.DEVNULL, stderr=err,
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "trainer",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.dir / "data"),
+                    *sets,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
                 env={**os.environ, "FAASRM_TRAINER_TOKEN": TOKEN},
             )
         if wait:
@@ -133,7 +148,9 @@ class Worker:
         self.function = rel.rsplit("/", 1)[-1]
         self.cg = cgroups.create_v1(rel)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-c", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             text=True,
             preexec_fn=cgroups.join_in_child(self.cg),  # noqa: PLW1509 (no driver thread yet)
         )
@@ -158,8 +175,15 @@ class Worker:
 
 
 class Node:
-    def __init__(self, i: int, workdir: Path, parent: str, trainer_url: str, port: int,
-                 extra: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        i: int,
+        workdir: Path,
+        parent: str,
+        trainer_url: str,
+        port: int,
+        extra: dict[str, dict[str, Any]],
+    ) -> None:
         self.i = i
         self.id = f"node{i}"
         self.dir = workdir / self.id
@@ -175,15 +199,34 @@ class Node:
             "grid": {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8},
             "sampler": {"tick_s": 0.1, "discover_every_s": 1.0},
             "actuation": {"state_file": str(self.dir / "state.json")},
-            "spool": {"dir": str(self.dir / "spool"), "max_bytes": 64 * 2**20,
-                      "segment_bytes": 256 * 1024},
-            "cgroupfs": {"version": 1, "parent": self.parent, "default_cpu_cores": 0.5,
-                         "default_mem_mb": 256.0},
-            "shipper": {"enabled": True, "url": trainer_url, "token": TOKEN,
-                        "state_file": str(self.dir / "shipper.json"), "batch_records": 500,
-                        "interval_s": 0.2, "backoff_initial_s": 0.1, "backoff_max_s": 2.0},
-            "model_poller": {"enabled": True, "dir": str(self.dir / "models"), "wait_s": 20.0,
-                             "backoff_initial_s": 0.1, "backoff_max_s": 2.0},
+            "spool": {
+                "dir": str(self.dir / "spool"),
+                "max_bytes": 64 * 2**20,
+                "segment_bytes": 256 * 1024,
+            },
+            "cgroupfs": {
+                "version": 1,
+                "parent": self.parent,
+                "default_cpu_cores": 0.5,
+                "default_mem_mb": 256.0,
+            },
+            "shipper": {
+                "enabled": True,
+                "url": trainer_url,
+                "token": TOKEN,
+                "state_file": str(self.dir / "shipper.json"),
+                "batch_records": 500,
+                "interval_s": 0.2,
+                "backoff_initial_s": 0.1,
+                "backoff_max_s": 2.0,
+            },
+            "model_poller": {
+                "enabled": True,
+                "dir": str(self.dir / "models"),
+                "wait_s": 20.0,
+                "backoff_initial_s": 0.1,
+                "backoff_max_s": 2.0,
+            },
         }
         for sec, kv in extra.items():
             sections.setdefault(sec, {}).update(kv)
@@ -198,7 +241,8 @@ class Node:
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=err,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
             )
         if wait:
             self.wait()
@@ -252,7 +296,11 @@ class Cluster:
         )
         self.nodes = [
             Node(
-                i, self.workdir, self.parent, self.trainer.url, free_port(),
+                i,
+                self.workdir,
+                self.parent,
+                self.trainer.url,
+                free_port(),
                 sidecar_overrides or {},
             )
             for i in range(nodes)
@@ -270,7 +318,7 @@ class Cluster:
         self.driver_errors = 0
 
     # ------------------------------------------------------------------------ lifecycle
-    def start(self, drive: bool = True) -> "Cluster":
+    def start(self, drive: bool = True) -> Cluster:
         try:
             from sidecar import cgroups
 
@@ -316,8 +364,11 @@ class Cluster:
             self._stop.wait(rng.expovariate(self.rate))
 
     def _one(self, node: Node, worker: Worker, rng: random.Random) -> None:
-        st, body = call(node.url + "/v1/invocations",
-                        {"container": worker.rel, "function": worker.function}, timeout=5)
+        st, body = call(
+            node.url + "/v1/invocations",
+            {"container": worker.rel, "function": worker.function},
+            timeout=5,
+        )
         if st != 200:
             self.driver_errors += 1
             time.sleep(0.2)
@@ -326,8 +377,11 @@ class Cluster:
         t0 = time.monotonic()
         worker.burn(int(self.burn_n * rng.uniform(0.5, 1.5)))
         dur = time.monotonic() - t0
-        st, _ = call(node.url + f"/v1/invocations/{inv}/end",
-                     {"outcome": "success", "duration_s": dur}, timeout=5)
+        st, _ = call(
+            node.url + f"/v1/invocations/{inv}/end",
+            {"outcome": "success", "duration_s": dur},
+            timeout=5,
+        )
         if st == 200:
             with self._lock:
                 self.produced[node.id].append(inv)
@@ -366,7 +420,7 @@ class Cluster:
             cgroups.remove_v1(n.parent)
         cgroups.remove_v1(self.parent)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -412,8 +466,13 @@ class Cluster:
 
 def main(args: Any) -> int:
     # a demo cluster learns fast: small updates often (a real trainer waits for more data)
-    cl = Cluster(args.nodes, args.workers, args.dir, rate_per_worker=args.rate,
-                 trainer_overrides={"learner.interval_s": 5.0, "learner.min_records": 100})
+    cl = Cluster(
+        args.nodes,
+        args.workers,
+        args.dir,
+        rate_per_worker=args.rate,
+        trainer_overrides={"learner.interval_s": 5.0, "learner.min_records": 100},
+    )
     print(f"starting 1 trainer + {args.nodes} sidecars in {cl.workdir} (cgroups under {cl.parent})")
     cl.start()
     print(f"trainer {cl.trainer.url}; nodes " + ", ".join(n.url for n in cl.nodes))
@@ -422,9 +481,11 @@ def main(args: Any) -> int:
         while not args.duration or time.monotonic() - t0 < args.duration:
             time.sleep(5)
             _, models = call(cl.trainer.url + "/v1/models")
-            print(f"{time.monotonic() - t0:6.0f}s  produced {len(cl.produced_ids())}  stored "
-                  f"{cl.stored_count()}  latest v{models.get('latest')}  nodes {cl.versions()}",
-                  flush=True)
+            print(
+                f"{time.monotonic() - t0:6.0f}s  produced {len(cl.produced_ids())}  stored "
+                f"{cl.stored_count()}  latest v{models.get('latest')}  nodes {cl.versions()}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     finally:

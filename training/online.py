@@ -63,8 +63,11 @@ def records_to_batch(records: list[dict], grid: ResourceGrid) -> dict[str, torch
         and math.isfinite(r["logp"])
         and len(r["cpu_block"]) == grid.cpu_units
         and len(r["mem_block"]) == grid.mem_units
-        and (r.get("grid") is None or list(r["grid"]) == [grid.cpu_unit_cores, grid.cpu_units,
-                                                          grid.mem_unit_mb, grid.mem_units])
+        and (
+            r.get("grid") is None
+            or list(r["grid"])
+            == [grid.cpu_unit_cores, grid.cpu_units, grid.mem_unit_mb, grid.mem_units]
+        )
     ]
     if not keep:
         return None
@@ -100,7 +103,7 @@ def ppo_update(
     b_inds = np.arange(batch_size)
     clipfracs: list[float] = []
     pg_loss = v_loss = entropy_loss = approx_kl = old_approx_kl = torch.zeros(())
-    for epoch in range(cfg.update_epochs):
+    for _epoch in range(cfg.update_epochs):
         rng.shuffle(b_inds)
         for start in range(0, batch_size, minibatch_size):
             mb_inds = b_inds[start : start + minibatch_size]
@@ -235,11 +238,19 @@ def gate(
         and cand_sim["failures"] <= cur_sim["failures"] + cfg.max_failure_increase
     )
     report: dict[str, Any] = {
-        "sim": {"preset": cfg.preset, "seed": cfg.seed, "candidate": cand_sim, "current": cur_sim,
-                "passed": sim_ok},
+        "sim": {
+            "preset": cfg.preset,
+            "seed": cfg.seed,
+            "candidate": cand_sim,
+            "current": cur_sim,
+            "passed": sim_ok,
+        },
     }
-    real = [r for r in records if len(r["cpu_block"]) == grid.cpu_units
-            and len(r["mem_block"]) == grid.mem_units][-cfg.real_window:]
+    real = [
+        r
+        for r in records
+        if len(r["cpu_block"]) == grid.cpu_units and len(r["mem_block"]) == grid.mem_units
+    ][-cfg.real_window :]
     if real:
         cur_scorer = OnnxScorer(current.read_bytes()) if current is not None else fallback_scorer()
         cand_r = real_rates(OnnxScorer(candidate.read_bytes()), real, grid, cfg.slowdown_rfet)
@@ -251,13 +262,16 @@ def gate(
             # small sample are noise, not a regression
             return p + cfg.real_max_increase + 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
 
-        real_ok = (
-            cand_r["pred_slowdown_rate"] <= allowed(cur_r["pred_slowdown_rate"])
-            and cand_r["pred_failure_rate"] <= allowed(cur_r["pred_failure_rate"])
-        )
-        report["real"] = {"records": len(real), "candidate": cand_r, "current": cur_r,
-                          "observed": observed_rates(real, None, cfg.slowdown_rfet),
-                          "passed": real_ok}
+        real_ok = cand_r["pred_slowdown_rate"] <= allowed(cur_r["pred_slowdown_rate"]) and cand_r[
+            "pred_failure_rate"
+        ] <= allowed(cur_r["pred_failure_rate"])
+        report["real"] = {
+            "records": len(real),
+            "candidate": cand_r,
+            "current": cur_r,
+            "observed": observed_rates(real, None, cfg.slowdown_rfet),
+            "passed": real_ok,
+        }
     else:
         report["real"] = {"records": 0, "passed": True, "note": "no real records on this grid"}
     report["passed"] = bool(sim_ok and report["real"]["passed"])
@@ -393,4 +407,3 @@ async def learn_loop(svc: Any) -> None:
             continue
         if out.get("result") == "promoted":
             svc.promoted()
-

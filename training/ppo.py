@@ -25,9 +25,10 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.distributions.categorical import Categorical
 
-from sidecar.core.features import N_BLOCK, N_CONTEXT, N_FEATURES
+from sidecar.core.features import N_CONTEXT, N_FEATURES
 
 MASKED_LOGIT = -1e9
 """Logit given to masked-out candidates: exp() underflows to exactly 0 in float32, no NaN."""
@@ -187,7 +188,8 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(ctx)
 
     def actor_mlp_weights(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(weights, biases) for ``sidecar.core.policy.MLPScorer``: weights as (in, out) matrices."""
+        """(weights, biases) for ``sidecar.core.policy.MLPScorer``: weights as (in, out)
+        matrices."""
         linears = [m for m in self.actor if isinstance(m, nn.Linear)]
         ws = [m.weight.detach().cpu().numpy().T.astype(np.float32).copy() for m in linears]
         bs = [m.bias.detach().cpu().numpy().astype(np.float32).copy() for m in linears]
@@ -247,7 +249,9 @@ class CreditInfo(gym.Wrapper):
         return obs, reward, term, trunc, out
 
 
-def make_env(args: Args, idx: int, env_fn: Callable[[int], gym.Env] | None) -> Callable[[], gym.Env]:
+def make_env(
+    args: Args, idx: int, env_fn: Callable[[int], gym.Env] | None
+) -> Callable[[], gym.Env]:
     def thunk() -> gym.Env:
         if env_fn is not None:
             env = env_fn(idx)
@@ -288,8 +292,14 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
 
 
-def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, iteration: int,
-                    global_step: int, args: Args) -> None:
+def save_checkpoint(
+    path: Path,
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    global_step: int,
+    args: Args,
+) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -338,7 +348,9 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     start_iteration, global_step = 1, 0
     if args.init_from and not args.resume:
         init = load_checkpoint(args.init_from)["agent"]
-        agent.actor.load_state_dict({k[len("actor.") :]: v for k, v in init.items() if k.startswith("actor.")})
+        agent.actor.load_state_dict(
+            {k[len("actor.") :]: v for k, v in init.items() if k.startswith("actor.")}
+        )
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         agent.load_state_dict(ckpt["agent"])
@@ -354,8 +366,9 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     if args.ray_address:
         from training.ray_envs import RayVectorEnv
 
-        envs = RayVectorEnv(thunks, address=args.ray_address,
-                            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        envs = RayVectorEnv(
+            thunks, address=args.ray_address, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
     else:
         envs = vec_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "discrete actions only"
@@ -391,12 +404,16 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(
-            TextColumn("[bold]ppo"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
+            TextColumn("[bold]ppo"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[live]}"),
         )
         progress.start()
-        task = progress.add_task("train", total=args.num_iterations,
-                                 completed=start_iteration - 1, live="")
+        task = progress.add_task(
+            "train", total=args.num_iterations, completed=start_iteration - 1, live=""
+        )
     iteration = start_iteration - 1
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
@@ -486,12 +503,15 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
             # -- optimise policy and value networks
             b_inds = np.arange(args.batch_size)
             clipfracs = []
-            for epoch in range(args.update_epochs):
+            for _epoch in range(args.update_epochs):
                 np.random.shuffle(b_inds)
                 for start in range(0, args.batch_size, args.minibatch_size):
                     mb_inds = b_inds[start : start + args.minibatch_size]
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(
-                        b_ctx[mb_inds], b_cpu[mb_inds], b_mem[mb_inds], b_mask[mb_inds],
+                        b_ctx[mb_inds],
+                        b_cpu[mb_inds],
+                        b_mem[mb_inds],
+                        b_mask[mb_inds],
                         b_actions[mb_inds],
                     )
                     logratio = newlogprob - b_logprobs[mb_inds]
@@ -561,7 +581,9 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
                 "losses/clipfrac": float(np.mean(clipfracs)),
                 "losses/explained_variance": float(explained_var),
                 "sim/mean_rfet": float(np.mean(fin_rfets)) if fin_rfets else nan,
-                "sim/episode_mean_rfet": float(np.nanmean(ep_rfets)) if ep_rfets and not all(map(math.isnan, ep_rfets)) else nan,
+                "sim/episode_mean_rfet": float(np.nanmean(ep_rfets))
+                if ep_rfets and not all(map(math.isnan, ep_rfets))
+                else nan,
                 "sim/finished": len(fin_rfets),
             }
             if writer is None:
@@ -572,7 +594,8 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
             csv_f.flush()
             if progress is not None:
                 progress.update(
-                    task, completed=iteration,
+                    task,
+                    completed=iteration,
                     live=f"step {global_step} R {metrics['charts/mean_step_reward']:.3f} "
                     f"rfet {metrics['sim/mean_rfet']:.3f} ent {metrics['losses/entropy']:.2f}",
                 )

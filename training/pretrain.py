@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sidecar.core.grid import Alloc
-from training.ppo import Agent, MASKED_LOGIT, build_rows
+from training.ppo import MASKED_LOGIT, Agent, build_rows
 from training.sim.env import ClusterEnv
 
 
@@ -93,8 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     data = collect(a.preset, a.episodes, a.decisions, a.seed)
     agent, acc = fit(data, a.epochs, a.lr, a.seed)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"agent": agent.state_dict(), "bc_accuracy": acc, "samples": len(data["action"])}, a.out)
-    print(f"behaviour cloning: {len(data['action'])} samples, teacher agreement {acc:.1%} -> {a.out}")
+    torch.save(
+        {"agent": agent.state_dict(), "bc_accuracy": acc, "samples": len(data["action"])}, a.out
+    )
+    print(
+        f"behaviour cloning: {len(data['action'])} samples, teacher agreement {acc:.1%} -> {a.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.config import ConfigError, load_tree
-from sidecar.core.grid import ResourceGrid
 from sidecar.core.features import N_BLOCK, N_CONTEXT
+from sidecar.core.grid import ResourceGrid
 from sidecar.daemon import Notifier, setup_logging
 from sidecar.engine import OUTCOMES
 from sidecar.spool import RECORD_VERSION, REQUIRED
@@ -169,7 +169,7 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
     try:
-        cfg.grid
+        cfg.grid.n  # noqa: B018 (a grid that cannot be built raises here)
     except ValueError as exc:
         problems.append(f"grid: {exc}")
     if not cfg.resolve_token():
@@ -237,9 +237,7 @@ class TrainerMetrics:
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120),
             registry=r,
         )
-        self.long_polls = Gauge(
-            "faasrm_trainer_long_polls", "Model long-polls waiting", registry=r
-        )
+        self.long_polls = Gauge("faasrm_trainer_long_polls", "Model long-polls waiting", registry=r)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -290,9 +288,7 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
     if not body:
         raise BatchError(400, "empty body: expected a msgpack map")
     try:
-        obj = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, max_ext_len=0, use_list=False
-        )
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0, use_list=False)
     except Exception as exc:  # msgpack raises several types (ExtraData, StackError, ...)
         reason = f"body is not one valid msgpack object: {type(exc).__name__}"
         raise BatchError(400, reason) from None
@@ -318,9 +314,11 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
     if len(records) > max_records:
         raise BatchError(400, f"{len(records)} records in one batch, at most {max_records}")
     first = records[0]
-    if not isinstance(first, dict) or type(first.get("cpu_block")) is not tuple or type(
-        first.get("mem_block")
-    ) is not tuple:
+    if (
+        not isinstance(first, dict)
+        or type(first.get("cpu_block")) is not tuple
+        or type(first.get("mem_block")) is not tuple
+    ):
         raise BatchError(400, "records[0] is not a map with cpu_block and mem_block arrays")
     cu, mu = len(first["cpu_block"]), len(first["mem_block"])
     if not 1 <= cu <= 256 or not 1 <= mu <= 256:
@@ -337,8 +335,20 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
 
 
 _FIELDS = (
-    "v", "node", "function", "container", "outcome", "time", "duration_s", "logp", "reward",
-    "context", "cpu_block", "mem_block", "action", "mask",
+    "v",
+    "node",
+    "function",
+    "container",
+    "outcome",
+    "time",
+    "duration_s",
+    "logp",
+    "reward",
+    "context",
+    "cpu_block",
+    "mem_block",
+    "action",
+    "mask",
 )
 _get_fields = operator.itemgetter(*_FIELDS)
 if set(_FIELDS) != _REQUIRED:  # the fast check reads exactly the required fields
@@ -762,10 +772,12 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
             svc.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
         )
         # start them now (imports take a moment) rather than on the first batch
-        await asyncio.gather(*(
-            asyncio.get_running_loop().run_in_executor(svc.validators, _warm)
-            for _ in range(svc.cfg.ingest_workers)
-        ))
+        await asyncio.gather(
+            *(
+                asyncio.get_running_loop().run_in_executor(svc.validators, _warm)
+                for _ in range(svc.cfg.ingest_workers)
+            )
+        )
     yield
     svc = app[SERVICE]
     svc.close()

@@ -121,8 +121,9 @@ class Trace:
         if start_minute < 0 or minutes < 0 or start_minute + minutes > self.minutes:
             raise ValueError(f"slice [{start_minute}, +{minutes}) outside 0..{self.minutes}")
         end = start_minute + minutes
-        return Trace([_replace_counts(f, f.per_minute[start_minute:end]) for f in self.functions],
-                     minutes)
+        return Trace(
+            [_replace_counts(f, f.per_minute[start_minute:end]) for f in self.functions], minutes
+        )
 
     def subset(self, indices) -> Trace:
         """The functions at ``indices`` (in that order), e.g. those an invoker host serves."""
@@ -130,8 +131,15 @@ class Trace:
 
 
 def _replace_counts(f: TraceFunction, counts: np.ndarray) -> TraceFunction:
-    return TraceFunction(f.name, f.trigger, counts, f.duration_avg_ms, f.duration_pct_ms,
-                         f.memory_avg_mb, f.memory_pct_mb)
+    return TraceFunction(
+        f.name,
+        f.trigger,
+        counts,
+        f.duration_avg_ms,
+        f.duration_pct_ms,
+        f.memory_avg_mb,
+        f.memory_pct_mb,
+    )
 
 
 # ---------------------------------------------------------------------------- loading / writing
@@ -185,8 +193,10 @@ def load_azure(path: str | Path, day: int = 1) -> Trace:
     if not (root / names[0]).exists():
         names = tuple(n.format(day=day) for n in _REAL_FILES)
         if not (root / names[0]).exists():
-            raise FileNotFoundError(f"{root}: neither {_SAMPLE_FILES[0]} (sample layout) nor "
-                                    f"{names[0]} (real layout, day {day}) found")
+            raise FileNotFoundError(
+                f"{root}: neither {_SAMPLE_FILES[0]} (sample layout) nor "
+                f"{names[0]} (real layout, day {day}) found"
+            )
     inv_path, dur_path, mem_path = (root / n for n in names)
 
     inv_header, inv_rows = _read_csv(inv_path, ["HashFunction", "Trigger"])
@@ -224,10 +234,14 @@ def load_azure(path: str | Path, day: int = 1) -> Trace:
         if not np.isfinite(d).all():
             raise ValueError(f"{dur_path}:{dur[0]}: non-finite duration")
         mem = memory.get(tuple(key[k] for k in mem_keys))
-        m = (np.full(len(_MEM_COLS), np.nan) if mem is None
-             else _numbers(mem_path, mem[0], [mem[1][i] for i in mem_idx], np.float64))
-        functions.append(TraceFunction(key["HashFunction"], row[trig_idx],
-                                       counts, d[0], d[1:], m[0], m[1:]))
+        m = (
+            np.full(len(_MEM_COLS), np.nan)
+            if mem is None
+            else _numbers(mem_path, mem[0], [mem[1][i] for i in mem_idx], np.float64)
+        )
+        functions.append(
+            TraceFunction(key["HashFunction"], row[trig_idx], counts, d[0], d[1:], m[0], m[1:])
+        )
     return Trace(functions, len(minute_cols))
 
 
@@ -252,15 +266,18 @@ def write_azure(trace: Trace, path: str | Path) -> None:
         w.writerow(["HashFunction", "Average", "Count", "Minimum", "Maximum"] + _DUR_COLS[1:])
         for f in trace.functions:
             pct = [repr(float(v)) for v in f.duration_pct_ms]
-            w.writerow([f.name, repr(f.duration_avg_ms), int(f.per_minute.sum()), pct[0],
-                        pct[-1]] + pct)
+            w.writerow(
+                [f.name, repr(f.duration_avg_ms), int(f.per_minute.sum()), pct[0], pct[-1]] + pct
+            )
     with (root / "memory.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["HashFunction", "SampleCount"] + _MEM_COLS)
         for f in trace.functions:
             if not np.isnan(f.memory_avg_mb):
-                w.writerow([f.name, int(f.per_minute.sum()), repr(f.memory_avg_mb)]
-                           + [repr(float(v)) for v in f.memory_pct_mb])
+                w.writerow(
+                    [f.name, int(f.per_minute.sum()), repr(f.memory_avg_mb)]
+                    + [repr(float(v)) for v in f.memory_pct_mb]
+                )
 
 
 def sample_trace() -> Trace:
@@ -289,8 +306,9 @@ independent heavy tails of popularity and duration now and then draw a single fu
 needs more than a whole 20-invoker cluster, and every other invocation queues behind it."""
 
 
-def generate(n_functions: int, minutes: int, seed: int,
-             mean_rate_per_min: float | None = None) -> Trace:
+def generate(
+    n_functions: int, minutes: int, seed: int, mean_rate_per_min: float | None = None
+) -> Trace:
     """Synthesise an Azure-like trace, reproducible from ``seed``.
 
     Patterns: periodic timers (every k minutes, exactly periodic), Poisson-steady, bursty
@@ -347,15 +365,23 @@ def generate(n_functions: int, minutes: int, seed: int,
         z = _Z_DUR.copy()
         z[5:] += rng.pareto(2.0, 2).cumsum()  # fatter right tail than lognormal
         # A heavy Pareto tail can overflow exp(); no invocation outlives the platform's timeout.
-        dur = np.maximum.accumulate(np.minimum(med * np.exp(np.minimum(spread * z, 30.0)), MAX_DURATION_MS))
+        dur = np.maximum.accumulate(
+            np.minimum(med * np.exp(np.minimum(spread * z, 30.0)), MAX_DURATION_MS)
+        )
         dur_avg = float(((dur[1:] + dur[:-1]) * np.diff(DURATION_PCTS)).sum() / 200.0)
         concurrency = r / 60.0 * dur_avg / 1000.0
         if concurrency > MAX_CONCURRENCY:  # one function alone would need a whole cluster
-            dur, dur_avg = dur * (MAX_CONCURRENCY / concurrency), dur_avg * (MAX_CONCURRENCY / concurrency)
+            dur, dur_avg = (
+                dur * (MAX_CONCURRENCY / concurrency),
+                dur_avg * (MAX_CONCURRENCY / concurrency),
+            )
 
         mmed = np.clip(np.exp(rng.normal(np.log(150.0), 0.45)), 32.0, 4096.0)
         ms = rng.uniform(0.01, 0.25)
         mem = mmed * np.exp(ms * _Z_MEM)
-        functions.append(TraceFunction(f"fn{i:05d}", trigger, counts, dur_avg, dur,
-                                       float(mmed * np.exp(ms * ms / 2)), mem))
+        functions.append(
+            TraceFunction(
+                f"fn{i:05d}", trigger, counts, dur_avg, dur, float(mmed * np.exp(ms * ms / 2)), mem
+            )
+        )
     return Trace(functions, minutes)

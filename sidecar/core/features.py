@@ -161,7 +161,12 @@ class FeatureEncoder:
         candidate part of the rows is these two small blocks broadcast over the cpu-major grid.
         They change only when a function's peak does, so they are cached (read-only arrays).
         """
-        key = (user.cpu, user.mem, guard_state.recent_cpu_peak_cores, guard_state.recent_mem_peak_mb)
+        key = (
+            user.cpu,
+            user.mem,
+            guard_state.recent_cpu_peak_cores,
+            guard_state.recent_mem_peak_mb,
+        )
         hit = self._cache.get(key)
         if hit is not None:
             return hit

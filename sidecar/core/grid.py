@@ -114,4 +114,3 @@ class ResourceGrid:
         cpu = min(self.cpu_units, max(1, math.floor(cores / self.cpu_unit_cores + 0.5)))
         mem = min(self.mem_units, max(1, math.floor(mb / self.mem_unit_mb + 0.5)))
         return Alloc(cpu, mem)
-

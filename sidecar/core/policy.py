@@ -33,7 +33,7 @@ class MLPScorer:
         self.biases = [np.asarray(b, dtype=np.float32) for b in biases]
 
     @classmethod
-    def random(cls, n_in: int, hidden: tuple[int, ...] = (32, 16), seed: int = 0) -> "MLPScorer":
+    def random(cls, n_in: int, hidden: tuple[int, ...] = (32, 16), seed: int = 0) -> MLPScorer:
         rng = np.random.default_rng(seed)
         sizes = (n_in, *hidden, 1)
         ws = [rng.normal(0, 1 / np.sqrt(a), (a, b)) for a, b in zip(sizes, sizes[1:])]
@@ -101,7 +101,7 @@ class RuleScorer:
         self.absolute = absolute
 
     @classmethod
-    def user_size(cls, n_features: int, cpu_vs_user: int, mem_vs_user: int) -> "RuleScorer":
+    def user_size(cls, n_features: int, cpu_vs_user: int, mem_vs_user: int) -> RuleScorer:
         w = np.zeros(n_features, dtype=np.float32)
         w[cpu_vs_user] = w[mem_vs_user] = -1.0
         return cls(w, absolute=True)

@@ -46,7 +46,9 @@ def invocation_reward(
     r = (
         (1.0 - rfet)
         - (cfg.slowdown_weight * slow if slow > 0.0 else 0.0)
-        - cfg.delay_weight * (queue_s + cold_s) / (base if base > cfg.delay_floor_s else cfg.delay_floor_s)
+        - cfg.delay_weight
+        * (queue_s + cold_s)
+        / (base if base > cfg.delay_floor_s else cfg.delay_floor_s)
         - (cfg.failure_penalty if failed else 0.0)
     )
     return -cfg.clip if r < -cfg.clip else (1.0 if r > 1.0 else r)

@@ -52,7 +52,8 @@ class SafeguardConfig:
     mem_headroom_mb: float = 16.0
     """Memory floor = current usage + this headroom."""
     give_back_threshold: float = 0.9
-    """Within an invocation, usage at this share of a harvested allocation returns the user's size."""
+    """Within an invocation, usage at this share of a harvested allocation returns the user's
+    size."""
 
 
 @dataclass
@@ -72,7 +73,7 @@ class SafeguardState:
 
     def observe(
         self,
-        guard: "Guard",
+        guard: Guard,
         alloc: Alloc,
         cpu_peak_cores: float,
         mem_peak_mb: float,
@@ -133,7 +134,13 @@ class Guard(NamedTuple):
 
 
 def _range(
-    user: int, last_peak: float, last_alloc: int, recent_peak: float, unit: float, top: int, thr: float
+    user: int,
+    last_peak: float,
+    last_alloc: int,
+    recent_peak: float,
+    unit: float,
+    top: int,
+    thr: float,
 ) -> tuple[int, int, str]:
     """One resource's allowed range in units (peaks and unit in physical quantities)."""
     user_q = user * unit

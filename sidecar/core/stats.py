@@ -35,14 +35,17 @@ class FunctionStats:
     last_mem_peak_mb: float = 0.0
     mean_duration_s: float = 0.0
     baseline_duration_s: float = math.nan
-    """Mean execution time at the user's size, from safeguard (user-size) runs; NaN until one ran."""
+    """Mean execution time at the user's size, from safeguard (user-size) runs; NaN until one
+    ran."""
     baseline_runs: int = 0
     last_safeguard_s: float = math.nan
 
     def on_arrival(self, now_s: float) -> None:
         if self.arrivals > 0:
             iat = max(0.0, now_s - self.last_arrival_s)
-            self.mean_iat_s = iat if self.arrivals == 1 else _ewma(self.mean_iat_s, iat, self.arrivals)
+            self.mean_iat_s = (
+                iat if self.arrivals == 1 else _ewma(self.mean_iat_s, iat, self.arrivals)
+            )
         self.arrivals += 1
         self.last_arrival_s = now_s
 

@@ -8,8 +8,9 @@ pause/unpause around each OpenWhisk activation). It never reads usage: only
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Protocol
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)

@@ -685,4 +685,3 @@ __all__ = [
     "parse_proc_cgroup",
     "user_size",
 ]
-

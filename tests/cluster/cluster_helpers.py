@@ -57,4 +57,6 @@ def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
 
 
 def cgroup_gone(parent: str) -> bool:
-    return not any(Path(f"/sys/fs/cgroup/{c}/{parent}").exists() for c in ("cpu", "cpuacct", "memory"))
+    return not any(
+        Path(f"/sys/fs/cgroup/{c}/{parent}").exists() for c in ("cpu", "cpuacct", "memory")
+    )

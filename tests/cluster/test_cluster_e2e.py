@@ -15,7 +15,10 @@ pytestmark = pytest.mark.root
 def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
     require_v1()
     cl = Cluster(
-        nodes=3, workers=2, workdir=tmp_path / "cluster", rate_per_worker=4.0,
+        nodes=3,
+        workers=2,
+        workdir=tmp_path / "cluster",
+        rate_per_worker=4.0,
         trainer_overrides={**GRID_OV, "learner.interval_s": 0.5, "learner.min_records": 40},
     )
     try:
@@ -26,8 +29,13 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
         cl.drive()
         # the learner turns the nodes' trajectories into a gated update, promoted as v2+
         latest = wait_for(
-            lambda: (call(cl.trainer.url + "/v1/models")[1].get("latest") or 0) > v1 and
-            call(cl.trainer.url + "/v1/models")[1]["latest"], 60, "a promoted update")
+            lambda: (
+                (call(cl.trainer.url + "/v1/models")[1].get("latest") or 0) > v1
+                and call(cl.trainer.url + "/v1/models")[1]["latest"]
+            ),
+            60,
+            "a promoted update",
+        )
         meta = call(cl.trainer.url + f"/v1/models/{latest}/meta")[1]
         assert meta["source"] == "online" and meta["evaluation"]["passed"]
 

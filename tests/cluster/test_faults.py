@@ -24,7 +24,10 @@ pytestmark = pytest.mark.root
 def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> None:
     require_v1()
     cl = Cluster(
-        nodes=2, workers=2, workdir=tmp_path / "cluster", rate_per_worker=8.0,
+        nodes=2,
+        workers=2,
+        workdir=tmp_path / "cluster",
+        rate_per_worker=8.0,
         trainer_overrides={**GRID_OV, "learner.enabled": False},
         sidecar_overrides={"shipper": {"batch_records": 5, "interval_s": 0.05}},
     )
@@ -43,11 +46,17 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> Non
         try:
             # new records for node0 so it has a batch to ship
             cl.resume()
-            wait_for(lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
-                     10, "node0 with a batch in flight")
+            wait_for(
+                lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
+                10,
+                "node0 with a batch in flight",
+            )
             cl.pause()
-            wait_for(lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
-                     10, "node0 with a batch in flight")
+            wait_for(
+                lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
+                10,
+                "node0 with a batch in flight",
+            )
             node.stop(signal.SIGKILL)
         finally:
             cl.trainer.proc.send_signal(signal.SIGCONT)  # it now stores the dead node's batch
@@ -56,16 +65,22 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> Non
         time.sleep(1.5)
         cl.pause()
         produced = cl.produced_ids()
-        wait_for(lambda: cl.stored_count() == len(produced), 30,
-                 f"{len(produced)} records stored (have {cl.stored_count()})")
+        wait_for(
+            lambda: cl.stored_count() == len(produced),
+            30,
+            f"{len(produced)} records stored (have {cl.stored_count()})",
+        )
         stored = cl.stored_ids()
         dup = [k for k, c in Counter(stored).items() if c > 1]
         assert not dup, f"duplicates: {dup[:5]}"
         assert sorted(stored) == sorted(produced)
         assert len(produced) > 50
         metrics = call(cl.trainer.url + "/metrics")[1].decode()
-        dups = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                    if line.startswith('faasrm_trainer_ingest_batches_total{result="duplicate"}'))
+        dups = next(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('faasrm_trainer_ingest_batches_total{result="duplicate"}')
+        )
         assert dups >= 1  # the killed node's in-flight batch was re-sent and stored once
     finally:
         cl.stop()
@@ -73,8 +88,13 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> Non
 
 def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path) -> None:
     require_v1()
-    cl = Cluster(nodes=3, workers=1, workdir=tmp_path / "cluster", rate_per_worker=4.0,
-                 trainer_overrides={**GRID_OV, "learner.enabled": False})
+    cl = Cluster(
+        nodes=3,
+        workers=1,
+        workdir=tmp_path / "cluster",
+        rate_per_worker=4.0,
+        trainer_overrides={**GRID_OV, "learner.enabled": False},
+    )
     try:
         cl.start(drive=False)
         v1 = publish_fresh_agent(cl, tmp_path)
@@ -91,14 +111,16 @@ def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path) -> Non
 
             def refused(v=v):
                 hist = [n.model()["registry"]["history"] for n in cl.nodes]
-                return all(any(h["version"] == v and h["result"] == "rejected" for h in hh)
-                           for hh in hist)
+                return all(
+                    any(h["version"] == v and h["result"] == "rejected" for h in hh) for hh in hist
+                )
 
             wait_for(refused, 20, f"every node refusing the {kind} model v{v}")
             assert cl.versions() == {n.id: v1 for n in cl.nodes}
             assert {n.id: n.model()["current"]["id"] for n in cl.nodes} == good
         # the old model keeps deciding on every node
         for n in cl.nodes:
+
             def decided(n=n):
                 _, body = call(n.url + "/debug/allocations?limit=50")
                 return [e for e in body["allocations"] if e.get("model") == good[n.id]]

@@ -41,17 +41,27 @@ def test_fit_of_a_saturated_or_flat_curve() -> None:
     assert fit["phi"] == pytest.approx(0.9, abs=0.1) and fit["max_rel_err"] < 0.1
 
 
-
 @pytest.mark.root
 def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
     parent = f"faasrm-test-curves-{uuid.uuid4().hex[:8]}"
-    curve = asyncio.run(measure(BY_NAME["pyloop"], 1500, quotas=(0.25, 1.0), mem_factors=(),
-                                below_peak=False, repeats=3, parent=parent))
+    curve = asyncio.run(
+        measure(
+            BY_NAME["pyloop"],
+            1500,
+            quotas=(0.25, 1.0),
+            mem_factors=(),
+            below_peak=False,
+            repeats=3,
+            parent=parent,
+        )
+    )
     t_quarter, t_one = curve.cpu_times_s
     # ~0.1 s of pure-Python CPU: at 0.25 core it needs ~4 periods' quota, so >= ~3x slower
     assert t_quarter > 2.5 * t_one, curve
     assert curve.throttled[0] > 0
     assert curve.fit is not None and curve.fit["phi"] > 0.8
     assert "pyloop" in render_table([curve])
-    assert not any(os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
-                   for c in cgroups.V1_CONTROLLERS)
+    assert not any(
+        os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
+        for c in cgroups.V1_CONTROLLERS
+    )

@@ -17,10 +17,12 @@ pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def _leftovers(pid: int) -> tuple[list[str], list[str]]:
-    cgs = [str(p) for c in ("cpu", "cpuacct", "memory")
-           for p in Path("/sys/fs/cgroup", c).glob(f"faasrm-real-{pid}-*")]
+    cgs = [
+        str(p)
+        for c in ("cpu", "cpuacct", "memory")
+        for p in Path("/sys/fs/cgroup", c).glob(f"faasrm-real-{pid}-*")
+    ]
     procs = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -35,9 +37,21 @@ def _leftovers(pid: int) -> tuple[list[str], list[str]]:
 
 def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "demo", "--json", str(tmp_path / "demo.json"),
-         "--plots", str(tmp_path), *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--json",
+            str(tmp_path / "demo.json"),
+            "--plots",
+            str(tmp_path),
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -55,8 +69,18 @@ def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path
     assert out_json["trainer"]["records"] > 0, out_json.get("trainer")
     assert "trajectory records" in out
     assert out_json["config"]["grid"]["cpu_unit_cores"] == 0.25  # models/invoker.onnx's grid
-    for key in ("mean_rfet", "p98_rfet", "p98_duration_s", "harvested_frac", "accelerated_frac",
-                "slowdown_frac_1_2", "failures", "invocations", "oom_kills", "give_backs"):
+    for key in (
+        "mean_rfet",
+        "p98_rfet",
+        "p98_duration_s",
+        "harvested_frac",
+        "accelerated_frac",
+        "slowdown_frac_1_2",
+        "failures",
+        "invocations",
+        "oom_kills",
+        "give_backs",
+    ):
         assert key in results["learned"], key
     assert results["learned"]["invocations"] == results["fixed"]["invocations"] > 0
     assert _leftovers(proc.pid) == ([], [])

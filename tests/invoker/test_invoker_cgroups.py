@@ -16,16 +16,20 @@ pytestmark = pytest.mark.root
 
 
 def _exists(parent: str) -> bool:
-    return any(os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
-               for c in cgroups.V1_CONTROLLERS)
+    return any(
+        os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
+        for c in cgroups.V1_CONTROLLERS
+    )
 
 
 def test_two_containers_replay_then_cleanup(v1_root: None) -> None:
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs)
-    invs = [Invocation(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
-            for i in range(20)]  # ~10 s, both containers busy
+    invs = [
+        Invocation(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
+        for i in range(20)
+    ]  # ~10 s, both containers busy
     seen: dict = {}
 
     async def main() -> list:
@@ -47,8 +51,11 @@ def test_two_containers_replay_then_cleanup(v1_root: None) -> None:
     assert all(pids for *_, pids in seen.values())  # a worker inside each cgroup
     worker_pids = [p for *_, pids in seen.values() for p in pids]
     assert not _exists(parent)
-    assert not any(os.path.exists(f"/proc/{p}") and b"training.invoker.worker"
-                   in open(f"/proc/{p}/cmdline", "rb").read() for p in worker_pids)
+    assert not any(
+        os.path.exists(f"/proc/{p}")
+        and b"training.invoker.worker" in open(f"/proc/{p}/cmdline", "rb").read()
+        for p in worker_pids
+    )
 
 
 def test_timeout_kills_the_worker_and_respawn_decides_whether_it_comes_back(v1_root: None) -> None:
@@ -82,7 +89,8 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
         try:
             await containers.start(warm=False)
             return await Invoker(containers).replay(
-                [Invocation(0, 0.0, "memhog", 200.0), Invocation(1, 0.1, "memhog", 20.0)])
+                [Invocation(0, 0.0, "memhog", 200.0), Invocation(1, 0.1, "memhog", 20.0)]
+            )
         finally:
             await containers.stop()
 
@@ -120,6 +128,5 @@ def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: Non
     assert all(0 <= c < 0.5 for c in mgr.cpu[spec.name])  # measured: sleepy barely uses CPU
     assert all(0 < m < 512 for m in mgr.mem[spec.name]), mgr.mem
     assert after["limits"] == (2.0, 512 * 2**20)  # the user's size after the replay
-    assert mgr.decide(spec.name, Alloc(2.0, 512)) == Alloc(records[4].cpu_cores,
-                                                           records[4].mem_mb)
+    assert mgr.decide(spec.name, Alloc(2.0, 512)) == Alloc(records[4].cpu_cores, records[4].mem_mb)
     assert not _exists(parent)

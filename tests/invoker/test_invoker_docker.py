@@ -35,8 +35,10 @@ def test_docker_containers_run_oom_restart_and_cleanup(
     parent = f"faasrm-test-docker-{uuid.uuid4().hex[:8]}"
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs, engine=docker_engine)
-    invs = [Invocation(i, 0.3 * i, specs[i % 2].name, specs[i % 2].input_size((i % 4) / 4))
-            for i in range(8)]
+    invs = [
+        Invocation(i, 0.3 * i, specs[i % 2].name, specs[i % 2].input_size((i % 4) / 4))
+        for i in range(8)
+    ]
     seen: dict = {}
 
     async def main() -> tuple:
@@ -46,8 +48,13 @@ def test_docker_containers_run_oom_restart_and_cleanup(
             try:
                 for c in containers.values():
                     attrs = client.api.inspect_container(c.id)
-                    seen[c.name] = (c.docker_name, c.id, c.cg.paths, c.cg.read_limits(),
-                                    attrs["HostConfig"])
+                    seen[c.name] = (
+                        c.docker_name,
+                        c.id,
+                        c.cg.paths,
+                        c.cg.read_limits(),
+                        attrs["HostConfig"],
+                    )
             finally:
                 client.close()
             records = await Invoker(containers).replay(invs)
@@ -64,13 +71,17 @@ def test_docker_containers_run_oom_restart_and_cleanup(
     for spec in specs:
         name, cid, paths, limits, host_config = seen[spec.name]
         user = containers[spec.name].user_limits
-        assert (limits.cpu_quota_cores, limits.cpu_weight, limits.mem_limit_bytes) == \
-            (user.cpu_quota_cores, user.cpu_weight, user.mem_limit_bytes)  # its cgroup files
+        assert (limits.cpu_quota_cores, limits.cpu_weight, limits.mem_limit_bytes) == (
+            user.cpu_quota_cores,
+            user.cpu_weight,
+            user.mem_limit_bytes,
+        )  # its cgroup files
         assert all(cid in p for p in paths)
         # what the sidecar's Docker runtime makes of it: the function and the user's size
         assert parse_container_name(name).function == f"guest/{spec.name}"
-        size = user_size(host_config, cores_per_share=2 / 1024, host_cpus=64,
-                         host_mem_bytes=1 << 40)
+        size = user_size(
+            host_config, cores_per_share=2 / 1024, host_cpus=64, host_mem_bytes=1 << 40
+        )
         assert (size.cpu_cores, size.mem_bytes) == (user.cpu_quota_cores, spec.mem_mb * MB)
     assert oom[1] == "oom" and ooms == 1, oom
     assert after[1] == "success", after  # the same container, started again
@@ -80,7 +91,8 @@ def test_docker_containers_run_oom_restart_and_cleanup(
 
 
 def test_bench_real_runtime_docker_with_the_sidecar(
-    tmp_path: Path, docker_engine: DockerEngine,  # noqa: F811
+    tmp_path: Path,
+    docker_engine: DockerEngine,  # noqa: F811
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("faasrm bench real needs root")
@@ -89,13 +101,34 @@ def test_bench_real_runtime_docker_with_the_sidecar(
     if docker_engine.base_url and not env.get("DOCKER_HOST"):
         env["DOCKER_HOST"] = docker_engine.base_url  # the command finds this session's engine
     proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "bench", "real", "--runtime", "docker",
-         "--managers", "fixed,rule", "--minutes", "0.1", "--json", str(out), "--records"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "bench",
+            "real",
+            "--runtime",
+            "docker",
+            "--managers",
+            "fixed,rule",
+            "--minutes",
+            "0.1",
+            "--json",
+            str(out),
+            "--records",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "left behind" not in proc.stderr, proc.stderr
     records = json.loads(out.read_text())["records"]
     assert records["rule"] and len(records["rule"]) == len(records["fixed"])
     # every start hook named a container the sidecar's Docker runtime knew and got an allocation
-    assert all(r["error"] is None and r["outcome"] == "success" for r in records["rule"]), \
-        records["rule"]
+    assert all(r["error"] is None and r["outcome"] == "success" for r in records["rule"]), records[
+        "rule"
+    ]

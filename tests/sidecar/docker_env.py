@@ -44,8 +44,11 @@ def docker_engine() -> Iterator[DockerEngine]:
     try:
         engine = dockerd.find_or_start(install=_install_allowed(), busybox=True)
     except dockerd.EngineUnavailable as exc:
-        hint = ("; set CI=1 or FAASRM_DOCKER_INSTALL=1 to let the tests apt-get install them"
-                if exc.missing and not _install_allowed() else "")
+        hint = (
+            "; set CI=1 or FAASRM_DOCKER_INSTALL=1 to let the tests apt-get install them"
+            if exc.missing and not _install_allowed()
+            else ""
+        )
         pytest.skip(f"Docker tests skipped: {exc}{hint}")
     try:
         yield engine
@@ -55,19 +58,21 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 def rootfs_tarball(busybox: str = dockerd.BUSYBOX) -> bytes:
     """A root filesystem: /bin/busybox plus applet links, /tmp, /proc and /sys mount points."""
-    dirs = [dockerd.TarEntry(d, "dir", mode=0o1777 if d == "tmp" else 0o755)
-            for d in ("bin", "tmp", "proc", "sys", "dev", "etc")]
+    dirs = [
+        dockerd.TarEntry(d, "dir", mode=0o1777 if d == "tmp" else 0o755)
+        for d in ("bin", "tmp", "proc", "sys", "dev", "etc")
+    ]
     links = [dockerd.TarEntry(f"bin/{a}", "symlink", "busybox") for a in APPLETS]
-    return dockerd.rootfs_tarball([*dirs, dockerd.TarEntry("bin/busybox", "file", busybox),
-                                   *links])
+    return dockerd.rootfs_tarball([*dirs, dockerd.TarEntry("bin/busybox", "file", busybox), *links])
 
 
 @pytest.fixture(scope="session")
 def busybox_image(docker_engine: DockerEngine) -> str:
     """An image imported from a busybox root filesystem (nothing can be pulled here)."""
     if not dockerd.is_static_elf(dockerd.BUSYBOX):
-        pytest.skip(f"Docker tests skipped: no static busybox at {dockerd.BUSYBOX} "
-                    "(busybox-static)")
+        pytest.skip(
+            f"Docker tests skipped: no static busybox at {dockerd.BUSYBOX} (busybox-static)"
+        )
     c = docker_engine.client()
     try:
         return dockerd.import_image(c, rootfs_tarball(), IMAGE)

@@ -261,7 +261,10 @@ def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
             assert (d / "cpu.max").read_text().split()[0] != "200000"
             # the new config lists only thumb@1: resize@1 is restored, forgotten, its run lost
             text = cfg_path.read_text().replace('parent = "faasrm"', 'parent = ""')
-            text += '\n[[cgroupfs.containers]]\npath = "faasrm/thumb@1"\ncpu_cores = 1.0\nmem_mb = 256.0\n'
+            text += (
+                '\n[[cgroupfs.containers]]\npath = "faasrm/thumb@1"\n'
+                "cpu_cores = 1.0\nmem_mb = 256.0\n"
+            )
             cfg_path.write_text(text)
             assert reload(app) is True
             assert set(node.engine.containers) == {"faasrm/thumb@1"}

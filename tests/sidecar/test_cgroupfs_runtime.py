@@ -1,4 +1,5 @@
-"""The cgroupfs runtime (discovery on real v1 and v2 trees) and inferred boundaries on real cgroups."""
+"""The cgroupfs runtime (discovery on real v1 and v2 trees) and inferred boundaries on real
+cgroups."""
 
 from __future__ import annotations
 

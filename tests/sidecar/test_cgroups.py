@@ -585,8 +585,11 @@ def test_v2_create_enables_cpu_and_memory_down_to_the_leaf(v2_root: Path) -> Non
     # the leaf holds the worker: v2 forbids it to enable controllers for children
     assert (v2_root / PARENT / LEAF / "cgroup.subtree_control").read_text() == leaf_control
     assert cg.paths == cgroups.open_cgroup(f"{PARENT}/{LEAF}", str(v2_root)).paths
-    cg.write_limits(Limits(cpu_quota_cores=0.5, cpu_weight=50, mem_limit_bytes=128 * MiB),
-                    headroom_bytes=0, force=True)
+    cg.write_limits(
+        Limits(cpu_quota_cores=0.5, cpu_weight=50, mem_limit_bytes=128 * MiB),
+        headroom_bytes=0,
+        force=True,
+    )
     assert (v2_root / PARENT / LEAF / "cpu.max").read_text() == "50000 100000\n"
     assert (v2_root / PARENT / LEAF / "cpu.weight").read_text() == "50\n"
     assert (v2_root / PARENT / LEAF / "memory.max").read_text() == f"{128 * MiB}\n"

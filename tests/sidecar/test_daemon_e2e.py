@@ -191,7 +191,8 @@ def _config(
     ]
     for rel, (fn, cpu, mem) in boxes.items():
         lines.append(
-            f"[[cgroupfs.containers]]\npath = '{rel}'\nfunction = '{fn}'\ncpu_cores = {cpu}\nmem_mb = {mem}"
+            f"[[cgroupfs.containers]]\npath = '{rel}'\nfunction = '{fn}'\n"
+            f"cpu_cores = {cpu}\nmem_mb = {mem}"
         )
     p = tmp_path / "sidecar.toml"
     p.write_text("\n".join(lines) + "\n")

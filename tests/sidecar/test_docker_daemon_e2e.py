@@ -94,7 +94,9 @@ def _wait(pred: Any, timeout_s: float, what: str) -> Any:
 
 
 def test_docker_pause_unpause_drive_decisions(
-    tmp_path: Path, docker_engine: DockerEngine, wsk_container: Any  # noqa: F811
+    tmp_path: Path,
+    docker_engine: DockerEngine,  # noqa: F811 (the fixture imported above)
+    wsk_container: Any,
 ) -> None:
     if not os.path.isdir(f"{ROOT}/cpu/docker/{wsk_container.id}"):
         pytest.skip("the engine does not use the cgroupfs driver on cgroup v1 here")
@@ -122,7 +124,7 @@ def test_docker_pause_unpause_drive_decisions(
             """unpause ... pause, as the invoker around activation n; returns its trace entry
             and the limits seen while it ran."""
             wsk_container.unpause()
-            entry = _wait(lambda: len(allocations()) >= n and allocations()[0], 5, f"decision {n}")
+            _wait(lambda: len(allocations()) >= n and allocations()[0], 5, f"decision {n}")
             time.sleep(0.6)  # the busy loop runs under the decision
             during = files.limits()
             wsk_container.pause()

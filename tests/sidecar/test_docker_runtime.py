@@ -542,7 +542,9 @@ def test_real_discover(containers: Containers, docker_runtime: DockerRuntime) ->
     hello = containers.run("wsk0_1_guest_hello", mem_limit=128 * MiB, cpu_shares=256)
     resize = containers.run("wsk0_2_guest_img-resize", mem_limit=256 * MiB, cpu_shares=512)
     labelled = containers.run(
-        "wsk0_3_guest_x", mem_limit=64 * MiB, nano_cpus=500_000_000,
+        "wsk0_3_guest_x",
+        mem_limit=64 * MiB,
+        nano_cpus=500_000_000,
         labels={FUNCTION_LABEL: "team/custom"},
     )
     plain = containers.run("web-server", mem_limit=64 * MiB, cpu_shares=256)

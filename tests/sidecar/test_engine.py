@@ -135,7 +135,8 @@ def test_second_invocation_harvests_within_the_safeguard_range_and_gets_a_reward
 
 
 def test_engine_decides_like_the_simulators_learned_manager() -> None:
-    """Same inputs through the core functions by hand (training/baselines.Learned) -> same action."""
+    """Same inputs through the core functions by hand (training/baselines.Learned) -> same
+    action."""
     clock = Clock()
     mlp = MLPScorer.random(N_FEATURES, seed=3)
     eng = make_engine(scorer=mlp, clock=clock)

@@ -30,7 +30,9 @@ C = N_CONTEXT
 COL = {f.name: i for i, f in enumerate(FEATURES)}
 
 G = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
-NODE = NodeState(total_cores=2.0, total_mem_mb=4096.0, free_cores=1.0, free_mem_mb=1024.0, pending=3)
+NODE = NodeState(
+    total_cores=2.0, total_mem_mb=4096.0, free_cores=1.0, free_mem_mb=1024.0, pending=3
+)
 USER = Alloc(4, 2)  # 1 core, 128 MB
 
 
@@ -39,13 +41,25 @@ def _populated() -> tuple[FunctionStats, SafeguardState]:
     for i in range(10):
         s.on_arrival(2.0 * i)
         s.on_completion(2.0 * i + 0.5, 0.5 + 0.01 * i, 0.6, 90.0, at_user_size=(i % 3 == 0))
-    gs = SafeguardState(calibrate=None, last_alloc=Alloc(3, 2), last_cpu_peak_cores=0.6,
-                        last_mem_peak_mb=90.0, recent_cpu_peak_cores=0.7, recent_mem_peak_mb=95.0)
+    gs = SafeguardState(
+        calibrate=None,
+        last_alloc=Alloc(3, 2),
+        last_cpu_peak_cores=0.6,
+        last_mem_peak_mb=90.0,
+        recent_cpu_peak_cores=0.7,
+        recent_mem_peak_mb=95.0,
+    )
     return s, gs
 
 
-def _encode(enc: FeatureEncoder, node: NodeState, stats: FunctionStats, gs: SafeguardState,
-            user: Alloc, now: float) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    enc: FeatureEncoder,
+    node: NodeState,
+    stats: FunctionStats,
+    gs: SafeguardState,
+    user: Alloc,
+    now: float,
+) -> tuple[np.ndarray, np.ndarray]:
     ctx = enc.context(node, stats, gs, user, now)
     return ctx, enc.rows(ctx, gs, user)
 
@@ -93,7 +107,8 @@ def test_populated_context_values() -> None:
     want = min(3.0, max(-1.0, stats.mean_duration_s / stats.baseline_duration_s - 1.0))
     assert ctx[COL["slowdown"]] == pytest.approx(want, rel=1e-5, abs=1e-7)
     assert ctx[COL["baseline_duration"]] == pytest.approx(
-        math.log10(stats.baseline_duration_s + 1e-3) / 3, rel=1e-5)
+        math.log10(stats.baseline_duration_s + 1e-3) / 3, rel=1e-5
+    )
     # history saturates at 20 completions, free ratios clip to [-1, 1]
     for i in range(30):
         stats.on_completion(40.0 + i, 0.5, 0.5, 90.0, at_user_size=False)
@@ -121,9 +136,11 @@ def test_candidate_columns_vary_as_documented() -> None:
     np.testing.assert_array_equal(cvu == 0.0, cpu == USER.cpu)
     np.testing.assert_array_equal(mvu == 0.0, mem == USER.mem)
     np.testing.assert_allclose(
-        rows[:, COL["cand_cpu_vs_peak"]], np.log2(cpu * 0.25 / (0.7 + 0.05)) / 4, rtol=1e-5)
+        rows[:, COL["cand_cpu_vs_peak"]], np.log2(cpu * 0.25 / (0.7 + 0.05)) / 4, rtol=1e-5
+    )
     np.testing.assert_allclose(
-        rows[:, COL["cand_mem_vs_peak"]], np.log2(mem * 64.0 / (95.0 + 1.0)) / 4, rtol=1e-5)
+        rows[:, COL["cand_mem_vs_peak"]], np.log2(mem * 64.0 / (95.0 + 1.0)) / 4, rtol=1e-5
+    )
     # each candidate column depends on its own resource only
     for name in ("cand_cpu", "cand_cpu_vs_user", "cand_cpu_vs_peak"):
         col = rows[:, COL[name]].reshape(G.cpu_units, G.mem_units)
@@ -182,7 +199,9 @@ def test_schema_lists_every_feature() -> None:
     s = schema()
     assert s["version"] == F.FEATURE_VERSION
     assert len(s["context"]) == N_CONTEXT == len(CONTEXT_FEATURES)
-    assert len(s["context"]) + len(s["candidate"]) == N_FEATURES == len(CANDIDATE_FEATURES) + N_CONTEXT
+    assert (
+        len(s["context"]) + len(s["candidate"]) == N_FEATURES == len(CANDIDATE_FEATURES) + N_CONTEXT
+    )
     names = [f["name"] for f in s["context"] + s["candidate"]]
     assert names == [f.name for f in FEATURES]
     assert len(set(names)) == N_FEATURES
@@ -251,9 +270,18 @@ def scenes(draw):
     )
     stats = FunctionStats()
     t = draw(st.floats(0, 1e7))
-    for gap, dur, cpu, mem, at_user in draw(st.lists(st.tuples(
-        st.floats(0, 1e4), st.floats(0, 1e3), st.floats(0, 64), st.floats(0, 1e5), st.booleans()),
-        max_size=25)):
+    for gap, dur, cpu, mem, at_user in draw(
+        st.lists(
+            st.tuples(
+                st.floats(0, 1e4),
+                st.floats(0, 1e3),
+                st.floats(0, 64),
+                st.floats(0, 1e5),
+                st.booleans(),
+            ),
+            max_size=25,
+        )
+    ):
         t += gap
         stats.on_arrival(t)
         if draw(st.booleans()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -166,6 +167,6 @@ def test_grid_properties_and_conversions() -> None:
     assert math.isclose(g.cores(g.cpu_units), g.max_cores)
     # the cached arrays are stable and the grid is hashable/frozen
     assert g.cand_cpu is g.cand_cpu
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         g.cpu_units = 3  # type: ignore[misc]
     assert hash(g) == hash(ResourceGrid(0.5, 6, 128.0, 5))

@@ -30,8 +30,14 @@ class StubNode:
 
 def poller(tmp: Path, url: str, node=None, **kw) -> ModelPoller:
     cfg = ModelPollerConfig(
-        enabled=True, url=url, dir=str(tmp / "models"), wait_s=kw.pop("wait_s", 0.2),
-        min_invocations=5, watch_invocations=50, max_slowdown_rate=0.3, **kw,
+        enabled=True,
+        url=url,
+        dir=str(tmp / "models"),
+        wait_s=kw.pop("wait_s", 0.2),
+        min_invocations=5,
+        watch_invocations=50,
+        max_slowdown_rate=0.3,
+        **kw,
     )
     return ModelPoller(node or StubNode(), cfg, url)
 

@@ -23,10 +23,13 @@ def test_default_model_path_is_in_the_repository() -> None:
     assert (p.parent.parent / "sidecar" / "models.py").exists()
 
 
-@pytest.mark.parametrize("grid, shipped", [
-    (ResourceGrid(1.0, 8, 64.0, 8), "default.onnx"),  # 8-core invokers
-    (ResourceGrid(0.25, 8, 64.0, 8), "invoker.onnx"),  # 2-core hosts (sidecar/example.toml)
-])
+@pytest.mark.parametrize(
+    "grid, shipped",
+    [
+        (ResourceGrid(1.0, 8, 64.0, 8), "default.onnx"),  # 8-core invokers
+        (ResourceGrid(0.25, 8, 64.0, 8), "invoker.onnx"),  # 2-core hosts (sidecar/example.toml)
+    ],
+)
 def test_an_empty_model_path_loads_the_shipped_model_of_the_configured_grid(
     grid: ResourceGrid, shipped: str
 ) -> None:

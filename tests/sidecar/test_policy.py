@@ -50,8 +50,13 @@ def scores_and_mask(draw, max_n: int = 64):
 
 def _encoder_rows(g: ResourceGrid, user: Alloc, gs: SafeguardState | None = None) -> np.ndarray:
     enc = FeatureEncoder(g)
-    node = NodeState(total_cores=g.max_cores, total_mem_mb=g.max_mb, free_cores=g.max_cores / 2,
-                     free_mem_mb=g.max_mb / 3, pending=1)
+    node = NodeState(
+        total_cores=g.max_cores,
+        total_mem_mb=g.max_mb,
+        free_cores=g.max_cores / 2,
+        free_mem_mb=g.max_mb / 3,
+        pending=1,
+    )
     gs = gs or SafeguardState()
     ctx = enc.context(node, FunctionStats(), gs, user, 0.0)
     return enc.rows(ctx, gs, user)
@@ -95,7 +100,9 @@ def test_masked_log_softmax_matches_softmax_formula(scores, data) -> None:
     e = np.exp(scores[mask])
     np.testing.assert_allclose(np.exp(logp[mask]), e / e.sum(), rtol=1e-9)
     # invariant to a constant shift of the scores
-    np.testing.assert_allclose(masked_log_softmax(scores + 123.0, mask)[mask], logp[mask], atol=1e-9)
+    np.testing.assert_allclose(
+        masked_log_softmax(scores + 123.0, mask)[mask], logp[mask], atol=1e-9
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -158,7 +165,9 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
     a = [decide(scores, mask, np.random.default_rng(7))[0] for _ in range(3)]
     assert a[0] == a[1] == a[2]
     r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
-    assert [decide(scores, mask, r1)[0] for _ in range(50)] == [decide(scores, mask, r2)[0] for _ in range(50)]
+    assert [decide(scores, mask, r1)[0] for _ in range(50)] == [
+        decide(scores, mask, r2)[0] for _ in range(50)
+    ]
 
 
 def test_sampling_at_the_ends_of_the_unit_interval() -> None:
@@ -212,7 +221,9 @@ def test_sample_batch_frequencies_and_mask() -> None:
     p = np.where(mask, np.exp(scores), 0.0)
     p /= p.sum()
     n = 40_000
-    acts, logp = sample_batch(np.tile(scores, (n, 1)), np.tile(mask, (n, 1)), np.random.default_rng(5))
+    acts, logp = sample_batch(
+        np.tile(scores, (n, 1)), np.tile(mask, (n, 1)), np.random.default_rng(5)
+    )
     assert acts.shape == (n,) and logp.shape == (n,)
     assert mask[acts].all()
     np.testing.assert_allclose(logp, np.log(p[acts]))
@@ -271,8 +282,12 @@ def test_mlp_scorer_rejects_bad_shapes() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(
-    st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 8), st.sampled_from([32.0, 64.0]),
-    st.integers(1, 8), st.integers(0, 1000), st.data(),
+    st.sampled_from([0.25, 0.5, 1.0]),
+    st.integers(1, 8),
+    st.sampled_from([32.0, 64.0]),
+    st.integers(1, 8),
+    st.integers(0, 1000),
+    st.data(),
 )
 def test_mlp_scores_blocks_equal_scores_of_rows(cu, cn, mu, mn, seed, data) -> None:
     g = ResourceGrid(cpu_unit_cores=cu, cpu_units=cn, mem_unit_mb=mu, mem_units=mn)
@@ -280,8 +295,10 @@ def test_mlp_scores_blocks_equal_scores_of_rows(cu, cn, mu, mn, seed, data) -> N
     enc = FeatureEncoder(g)
     m = MLPScorer.random(N_FEATURES, seed=seed)
     node = NodeState(4.0, 4096.0, 1.0, 512.0, 2)
-    gs = SafeguardState(recent_cpu_peak_cores=data.draw(st.floats(0, 4)),
-                        recent_mem_peak_mb=data.draw(st.floats(0, 500)))
+    gs = SafeguardState(
+        recent_cpu_peak_cores=data.draw(st.floats(0, 4)),
+        recent_mem_peak_mb=data.draw(st.floats(0, 500)),
+    )
     ctx = enc.context(node, FunctionStats(), gs, user, 0.0)
     cpu, mem = enc.blocks(gs, user)
     rows = enc.rows(ctx, gs, user)
@@ -290,7 +307,8 @@ def test_mlp_scores_blocks_equal_scores_of_rows(cu, cn, mu, mn, seed, data) -> N
     assert batch.shape == (2, g.n)
     np.testing.assert_allclose(batch[1], m.scores(rows), atol=1e-5)
     np.testing.assert_allclose(
-        m.scores(expand_rows(np.stack([ctx]), cpu[None], mem[None]))[0], m.scores(rows), atol=1e-6)
+        m.scores(expand_rows(np.stack([ctx]), cpu[None], mem[None]))[0], m.scores(rows), atol=1e-6
+    )
 
 
 def _user_size_rule() -> RuleScorer:
@@ -299,8 +317,11 @@ def _user_size_rule() -> RuleScorer:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 10), st.sampled_from([16.0, 64.0, 128.0]),
-    st.integers(1, 10), st.data(),
+    st.sampled_from([0.25, 0.5, 1.0]),
+    st.integers(1, 10),
+    st.sampled_from([16.0, 64.0, 128.0]),
+    st.integers(1, 10),
+    st.data(),
 )
 def test_rule_scorer_user_size_picks_the_users_candidate(cu, cn, mu, mn, data) -> None:
     g = ResourceGrid(cpu_unit_cores=cu, cpu_units=cn, mem_unit_mb=mu, mem_units=mn)
@@ -323,8 +344,14 @@ def test_rule_scorer_user_size_picks_the_users_candidate(cu, cn, mu, mn, data) -
 def test_rule_scorer_reproduces_fixed_under_the_safeguard() -> None:
     g = ResourceGrid(cpu_unit_cores=1.0, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
     user = Alloc(4, 4)
-    gs = SafeguardState(calibrate=None, last_alloc=Alloc(3, 4), last_cpu_peak_cores=1.2,
-                        last_mem_peak_mb=100.0, recent_cpu_peak_cores=1.2, recent_mem_peak_mb=100.0)
+    gs = SafeguardState(
+        calibrate=None,
+        last_alloc=Alloc(3, 4),
+        last_cpu_peak_cores=1.2,
+        last_mem_peak_mb=100.0,
+        recent_cpu_peak_cores=1.2,
+        recent_mem_peak_mb=100.0,
+    )
     gd = guard(g, user, gs)
     assert gd.mask.sum() > 1  # harvesting: the user's size is one option among several
     rows = _encoder_rows(g, user, gs)
@@ -334,7 +361,9 @@ def test_rule_scorer_reproduces_fixed_under_the_safeguard() -> None:
 def test_rule_scorer_linear() -> None:
     rows = np.array([[1.0, -2.0], [3.0, 4.0]], dtype=np.float32)
     np.testing.assert_allclose(RuleScorer(np.array([1.0, 1.0])).scores(rows), [-1.0, 7.0])
-    np.testing.assert_allclose(RuleScorer(np.array([1.0, 1.0]), absolute=True).scores(rows), [3.0, 7.0])
+    np.testing.assert_allclose(
+        RuleScorer(np.array([1.0, 1.0]), absolute=True).scores(rows), [3.0, 7.0]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +391,11 @@ def _onnx_mlp(m: MLPScorer, input_name: str = ONNX_INPUT, output_name: str = ONN
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", m.weights[0].shape[0]])],
+        [
+            helper.make_tensor_value_info(
+                input_name, TensorProto.FLOAT, ["N", m.weights[0].shape[0]]
+            )
+        ],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N"])],
         initializer=inits,
     )

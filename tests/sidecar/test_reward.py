@@ -34,7 +34,9 @@ def test_speed_up_is_positive(base: float, f: float) -> None:
 
 
 @given(base=st.floats(1e-3, 1e4), d=st.floats(0.01, 0.99))
-def test_slowdown_is_punished_more_than_the_same_speed_up_is_rewarded(base: float, d: float) -> None:
+def test_slowdown_is_punished_more_than_the_same_speed_up_is_rewarded(
+    base: float, d: float
+) -> None:
     fast = invocation_reward((1 - d) * base, base)
     slow = invocation_reward((1 + d) * base, base)
     assert fast > 0 > slow

@@ -96,9 +96,15 @@ def check_guard(
     assert gd.mask.dtype == bool and gd.mask.shape == (g.n,)
     assert not gd.mask.flags.writeable  # masks are shared (cached): nobody may edit one
     assert gd.mask.any()
-    cpu_ok = (np.arange(1, g.cpu_units + 1) >= gd.cpu_lo) & (np.arange(1, g.cpu_units + 1) <= gd.cpu_hi)
-    mem_ok = (np.arange(1, g.mem_units + 1) >= gd.mem_lo) & (np.arange(1, g.mem_units + 1) <= gd.mem_hi)
-    np.testing.assert_array_equal(gd.mask.reshape(g.cpu_units, g.mem_units), np.outer(cpu_ok, mem_ok))
+    cpu_ok = (np.arange(1, g.cpu_units + 1) >= gd.cpu_lo) & (
+        np.arange(1, g.cpu_units + 1) <= gd.cpu_hi
+    )
+    mem_ok = (np.arange(1, g.mem_units + 1) >= gd.mem_lo) & (
+        np.arange(1, g.mem_units + 1) <= gd.mem_hi
+    )
+    np.testing.assert_array_equal(
+        gd.mask.reshape(g.cpu_units, g.mem_units), np.outer(cpu_ok, mem_ok)
+    )
     assert int(gd.mask.sum()) == (gd.cpu_hi - gd.cpu_lo + 1) * (gd.mem_hi - gd.mem_lo + 1)
     for i in range(g.n):
         assert gd.allows(g.alloc(i)) == bool(gd.mask[i])
@@ -147,8 +153,26 @@ def check_guard(
 
     # ---- the brief's statements, literally
     for res, lo_, hi_, mode_, u_units, unit, top, recent in (
-        ("cpu", gd.cpu_lo, gd.cpu_hi, gd.cpu_mode, user.cpu, cu, g.cpu_units, st_.recent_cpu_peak_cores),
-        ("mem", gd.mem_lo, gd.mem_hi, gd.mem_mode, user.mem, mu, g.mem_units, st_.recent_mem_peak_mb),
+        (
+            "cpu",
+            gd.cpu_lo,
+            gd.cpu_hi,
+            gd.cpu_mode,
+            user.cpu,
+            cu,
+            g.cpu_units,
+            st_.recent_cpu_peak_cores,
+        ),
+        (
+            "mem",
+            gd.mem_lo,
+            gd.mem_hi,
+            gd.mem_mode,
+            user.mem,
+            mu,
+            g.mem_units,
+            st_.recent_mem_peak_mb,
+        ),
     ):
         bound = recent + unit
         allowed_units = sorted({getattr(a, res) for a in _allowed(g, gd)})
@@ -174,12 +198,21 @@ def check_guard(
 
 
 def check_observe(
-    before: SafeguardState, after: SafeguardState, gd: Guard, alloc: Alloc, cpu_pk: float, mem_pk: float, failed: bool
+    before: SafeguardState,
+    after: SafeguardState,
+    gd: Guard,
+    alloc: Alloc,
+    cpu_pk: float,
+    mem_pk: float,
+    failed: bool,
 ) -> None:
     if failed:
         assert after.calibrate == FAILURE
         assert after.failures == before.failures + 1
-        assert dataclasses.replace(after, calibrate=before.calibrate, failures=before.failures) == before
+        assert (
+            dataclasses.replace(after, calibrate=before.calibrate, failures=before.failures)
+            == before
+        )
         return
     assert after.failures == before.failures
     assert after.last_alloc == alloc
@@ -298,8 +331,12 @@ def test_arbitrary_states_obey_every_rule(data, gu, cfg) -> None:
     la = Alloc(data.draw(st.integers(1, g.cpu_units)), data.draw(st.integers(1, g.mem_units)))
     cpu_last = data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu))
     mem_last = data.draw(peak(g.mem_unit_mb, la.mem, user.mem))
-    cpu_recent = cpu_last + data.draw(st.one_of(st.just(0.0), peak(g.cpu_unit_cores, la.cpu, user.cpu)))
-    mem_recent = mem_last + data.draw(st.one_of(st.just(0.0), peak(g.mem_unit_mb, la.mem, user.mem)))
+    cpu_recent = cpu_last + data.draw(
+        st.one_of(st.just(0.0), peak(g.cpu_unit_cores, la.cpu, user.cpu))
+    )
+    mem_recent = mem_last + data.draw(
+        st.one_of(st.just(0.0), peak(g.mem_unit_mb, la.mem, user.mem))
+    )
     s = _state(la, cpu_last, mem_last, cpu_recent, mem_recent)
     usage = mem_usage(data.draw, g, user)
     gd = guard(g, user, s, usage, cfg)
@@ -328,8 +365,13 @@ def test_after_a_failure_both_resources_are_pinned(gu, data) -> None:
         gd = guard(g, user, s)
         choices = np.flatnonzero(gd.mask)
         a = g.alloc(choices[data.draw(st.integers(0, len(choices) - 1))])
-        s.observe(gd, a, data.draw(peak(g.cpu_unit_cores, a.cpu, user.cpu)),
-                  data.draw(peak(g.mem_unit_mb, a.mem, user.mem)), False)
+        s.observe(
+            gd,
+            a,
+            data.draw(peak(g.cpu_unit_cores, a.cpu, user.cpu)),
+            data.draw(peak(g.mem_unit_mb, a.mem, user.mem)),
+            False,
+        )
     gd = guard(g, user, s)
     choices = np.flatnonzero(gd.mask)
     a = g.alloc(choices[data.draw(st.integers(0, len(choices) - 1))])
@@ -339,7 +381,12 @@ def test_after_a_failure_both_resources_are_pinned(gu, data) -> None:
     usage = data.draw(st.floats(0.0, user_mb - CFG.mem_headroom_mb))
     nxt = guard(g, user, s, usage)
     assert nxt.cpu_mode == nxt.mem_mode == FAILURE and nxt.calibrating
-    assert (nxt.cpu_lo, nxt.cpu_hi, nxt.mem_lo, nxt.mem_hi) == (user.cpu, user.cpu, user.mem, user.mem)
+    assert (nxt.cpu_lo, nxt.cpu_hi, nxt.mem_lo, nxt.mem_hi) == (
+        user.cpu,
+        user.cpu,
+        user.mem,
+        user.mem,
+    )
     assert list(np.flatnonzero(nxt.mask)) == [g.index(user)]
     # it stays pinned until a run succeeds, then the calibration is over
     s.observe(nxt, user, 0.1, 1.0, failed=True)
@@ -412,8 +459,13 @@ def test_rising_pins_to_user_size(gu, data) -> None:
     mem_last = min(f_mem * la.mem * mu, THR * (user.mem * mu))
     if cpu_last < THR * la.cpu * cu or mem_last < THR * la.mem * mu:
         return  # la == user and the clamp made it a harvest; covered elsewhere
-    s = _state(la, cpu_last, mem_last, data.draw(st.floats(cpu_last, 10 * cpu_last + 1)),
-               data.draw(st.floats(mem_last, 10 * mem_last + 1)))
+    s = _state(
+        la,
+        cpu_last,
+        mem_last,
+        data.draw(st.floats(cpu_last, 10 * cpu_last + 1)),
+        data.draw(st.floats(mem_last, 10 * mem_last + 1)),
+    )
     gd = guard(g, user, s)
     assert gd.cpu_mode == RISING and gd.mem_mode == RISING
     assert list(np.flatnonzero(gd.mask)) == [g.index(user)]
@@ -428,8 +480,11 @@ def test_memory_never_below_the_floor(data, gu, cfg) -> None:
     calibrated = data.draw(st.booleans())
     if calibrated:
         la = Alloc(data.draw(st.integers(1, g.cpu_units)), data.draw(st.integers(1, g.mem_units)))
-        s = _state(la, data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
-                   data.draw(peak(mu, la.mem, user.mem)))
+        s = _state(
+            la,
+            data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
+            data.draw(peak(mu, la.mem, user.mem)),
+        )
     else:
         s = SafeguardState(calibrate=data.draw(st.sampled_from([FIRST, FAILURE])))
     gd = guard(g, user, s, usage, cfg)
@@ -698,8 +753,11 @@ def test_input_floor_ignores_what_does_not_grow_and_keeps_the_largest_growth() -
 def test_input_floor_only_raises_memory_and_never_above_the_user_size(data, gu, cfg) -> None:
     g, user = gu
     la = Alloc(data.draw(st.integers(1, g.cpu_units)), data.draw(st.integers(1, g.mem_units)))
-    s = _state(la, data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
-               data.draw(peak(g.mem_unit_mb, la.mem, user.mem)))
+    s = _state(
+        la,
+        data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
+        data.draw(peak(g.mem_unit_mb, la.mem, user.mem)),
+    )
     s.mem_mb_per_input = data.draw(st.floats(0.0, 10.0))
     usage = data.draw(st.floats(0.0, 2.0 * g.max_mb))
     size = data.draw(st.floats(0.0, 1e4))
@@ -709,5 +767,9 @@ def test_input_floor_only_raises_memory_and_never_above_the_user_size(data, gu, 
     assert all(a.mem >= min(user.mem, g.mem_units_ceil(need)) for a in _allowed(g, gd))
     base = guard(g, user, s, usage, cfg)  # the same decision without the input
     assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode, gd.mem_mode) == (
-        base.cpu_lo, base.cpu_hi, base.cpu_mode, base.mem_mode)
+        base.cpu_lo,
+        base.cpu_hi,
+        base.cpu_mode,
+        base.mem_mode,
+    )
     assert base.mem_lo <= gd.mem_lo <= max(base.mem_lo, user.mem) and gd.mem_hi >= base.mem_hi

@@ -61,7 +61,8 @@ def test_real_v1_busy_process_rate(v1_cgroup, spawn) -> None:
     s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path))
     s.track(ref(v1_cgroup.rel_path, version=1, path=v1_cgroup.rel_path))
     p = spawn(
-        "import time\nprint('go', flush=True)\nt = time.monotonic()\nwhile time.monotonic() - t < 2: pass"
+        "import time\nprint('go', flush=True)\nt = time.monotonic()\n"
+        "while time.monotonic() - t < 2: pass"
     )
     assert p.stdout.readline().strip() == "go"
     s.tick()

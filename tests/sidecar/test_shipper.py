@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread, free_port, record  # noqa: E402
@@ -22,9 +21,16 @@ from training.registry import TrajectoryStore  # noqa: E402
 def make(tmp: Path, url: str, **kw) -> tuple[Spool, Shipper]:
     spool = Spool(tmp / "spool", max_bytes=10 * 2**20, segment_bytes=8192)
     cfg = ShipperConfig(
-        enabled=True, url=url, token=TOKEN, state_file=str(tmp / "shipper.json"),
-        batch_records=kw.pop("batch_records", 7), interval_s=0.05, backoff_initial_s=0.01,
-        backoff_max_s=0.05, timeout_s=5, **kw,
+        enabled=True,
+        url=url,
+        token=TOKEN,
+        state_file=str(tmp / "shipper.json"),
+        batch_records=kw.pop("batch_records", 7),
+        interval_s=0.05,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        timeout_s=5,
+        **kw,
     )
     return spool, Shipper(spool, cfg, "n1", TOKEN)
 
@@ -92,8 +98,11 @@ def test_lost_reply_is_resent_and_stored_once(tmp_path: Path) -> None:
 
         async def post_and_crash() -> None:  # the batch arrives, the daemon dies before the ack
             async with aiohttp.ClientSession() as s:
-                async with s.post(srv.url + "/v1/trajectories", data=body,
-                                  headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                async with s.post(
+                    srv.url + "/v1/trajectories",
+                    data=body,
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                ) as r:
                     assert r.status == 200
 
         asyncio.run(post_and_crash())
@@ -166,9 +175,15 @@ def test_lost_state_file_never_loses_new_records(tmp_path: Path) -> None:
 def test_spool_full_while_trainer_down_drops_oldest_counted_never_silently(tmp_path: Path) -> None:
     port = free_port()
     spool = Spool(tmp_path / "spool", max_bytes=5 * 8192, segment_bytes=8192)
-    cfg = ShipperConfig(enabled=True, url=f"http://127.0.0.1:{port}", token=TOKEN,
-                        state_file=str(tmp_path / "shipper.json"), batch_records=7,
-                        backoff_initial_s=0.01, backoff_max_s=0.02)
+    cfg = ShipperConfig(
+        enabled=True,
+        url=f"http://127.0.0.1:{port}",
+        token=TOKEN,
+        state_file=str(tmp_path / "shipper.json"),
+        batch_records=7,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+    )
     sh = Shipper(spool, cfg, "n1", TOKEN)
     produced = []
 
@@ -189,4 +204,4 @@ def test_spool_full_while_trainer_down_drops_oldest_counted_never_silently(tmp_p
     assert len(got) == len(set(got))
     # every record is either stored or counted as dropped; the stored ones are the newest
     assert len(got) + spool.dropped == len(produced)
-    assert got == produced[-len(got):]
+    assert got == produced[-len(got) :]

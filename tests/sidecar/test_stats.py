@@ -131,8 +131,14 @@ def test_rate_per_s() -> None:
     assert FunctionStats(mean_iat_s=math.nan).rate_per_s() == 0.0
 
 
-@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 50), st.floats(0, 8), st.floats(0, 4096),
-                          st.booleans()), max_size=200))
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 100), st.floats(0, 50), st.floats(0, 8), st.floats(0, 4096), st.booleans()
+        ),
+        max_size=200,
+    )
+)
 def test_state_is_constant_size_and_means_are_bounded(events) -> None:
     """O(1) state: a fixed set of scalar fields however long the history; means stay in range."""
     s = FunctionStats()

@@ -1,4 +1,5 @@
-"""systemd units: ``systemd-analyze verify`` clean; install.sh stages them; the trainer's sd_notify."""
+"""systemd units: ``systemd-analyze verify`` clean; install.sh stages them; the trainer's
+sd_notify."""
 
 from __future__ import annotations
 
@@ -49,8 +50,14 @@ def test_units_verify_without_warnings(tmp_path: Path, units: dict[str, str]) ->
     res = _verify(tmp_path, units)
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
     for text in units.values():
-        for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "MemoryMax=",
-                    "ProtectSystem=strict", "EnvironmentFile=-"):
+        for key in (
+            "Type=notify",
+            "WatchdogSec=",
+            "Restart=on-failure",
+            "MemoryMax=",
+            "ProtectSystem=strict",
+            "EnvironmentFile=-",
+        ):
             assert key in text
     assert "ReadWritePaths=/sys/fs/cgroup /var/lib/faasrm" in units["faasrm-sidecar"]
 
@@ -65,15 +72,27 @@ def test_verify_output_is_checked(tmp_path: Path, units: dict[str, str]) -> None
 def test_install_sh_stages_units_and_configs(tmp_path: Path) -> None:
     dest = tmp_path / "root"
     res = subprocess.run(
-        ["sh", str(REPO / "systemd" / "install.sh"), "--role", "both", "--skip-venv",
-         "--prefix", "/opt/faasrm-test"],
-        env={**os.environ, "DESTDIR": str(dest)}, capture_output=True, text=True, timeout=60,
+        [
+            "sh",
+            str(REPO / "systemd" / "install.sh"),
+            "--role",
+            "both",
+            "--skip-venv",
+            "--prefix",
+            "/opt/faasrm-test",
+        ],
+        env={**os.environ, "DESTDIR": str(dest)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     for u in UNITS:
         text = (dest / "etc/systemd/system" / f"{u}.service").read_text()
         assert "ExecStart=/opt/faasrm-test/venv/bin/faasrm" in text
-    assert (dest / "etc/faasrm/sidecar.toml").exists() and (dest / "etc/faasrm/trainer.toml").exists()
+    assert (dest / "etc/faasrm/sidecar.toml").exists() and (
+        dest / "etc/faasrm/trainer.toml"
+    ).exists()
     assert "nothing reloaded" in res.stdout
 
 
@@ -85,13 +104,30 @@ def test_trainer_sends_ready_watchdog_stopping(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000",
-           "FAASRM_TRAINER_TOKEN": "t"}
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(sock_path),
+        "WATCHDOG_USEC": "400000",
+        "FAASRM_TRAINER_TOKEN": "t",
+    }
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "trainer", "serve", "--port", str(port),
-         "--data-dir", str(tmp_path / "data"), "--set", "learner.enabled=false"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "trainer",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--set",
+            "learner.enabled=false",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "log", "wb"),
     )
     got: list[str] = []
     try:
@@ -128,15 +164,23 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / f, src / f)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "whl")], check=True, timeout=120, cwd=src)
+    subprocess.run(
+        [*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl")],
+        check=True,
+        timeout=120,
+        cwd=src,
+    )
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+    )
     wheel = next((tmp_path / "whl").glob("faasrm-*.whl"))
     # --ignore-installed: never uninstall the faasrm of the environment running the tests
-    subprocess.run([*pip, "install", "--no-deps", "--ignore-installed", "--prefix", str(venv),
-                    str(wheel)], check=True, timeout=120)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--ignore-installed", "--prefix", str(venv), str(wheel)],
+        check=True,
+        timeout=120,
+    )
     site = next(venv.glob("lib/python3*/site-packages"))
     # the dependencies come from this environment, after the installed package
     deps = [p for p in sys.path if p.endswith("site-packages")]
@@ -146,8 +190,14 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
         "mm = m.ModelManager(G(0.25, 8, 64.0, 8)); ok = mm.load(); "
         "print(json.dumps([m.__file__, str(mm.path), ok, mm.current.source]))"
     )
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
-                         text=True, timeout=60, cwd=tmp_path, check=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=True,
+    )
     module, path, ok, source = json.loads(out.stdout)
     assert module.startswith(str(venv)), module  # the installed copy, not this source tree
     assert path == str(venv / "share" / "faasrm" / "models" / "invoker.onnx")

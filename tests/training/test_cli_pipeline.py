@@ -18,8 +18,20 @@ def _faasrm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_train_export_eval_end_to_end(tmp_path):
     run = tmp_path / "run"
     _faasrm(
-        "train", "--preset", "sample", "--total-timesteps", "256", "--num-envs", "2",
-        "--num-steps", "64", "--episode-decisions", "64", "--out-dir", str(run), "--no-progress",
+        "train",
+        "--preset",
+        "sample",
+        "--total-timesteps",
+        "256",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "64",
+        "--episode-decisions",
+        "64",
+        "--out-dir",
+        str(run),
+        "--no-progress",
     )
     assert (run / "checkpoint.pt").exists()
     model = tmp_path / "policy.onnx"
@@ -29,8 +41,16 @@ def test_train_export_eval_end_to_end(tmp_path):
     assert len(meta["sha256"]) == 64
     out = tmp_path / "eval.json"
     _faasrm(
-        "sim", "eval", "--preset", "sample", "--managers", "fixed,oracle,learned",
-        "--model", str(model), "--json", str(out),
+        "sim",
+        "eval",
+        "--preset",
+        "sample",
+        "--managers",
+        "fixed,oracle,learned",
+        "--model",
+        str(model),
+        "--json",
+        str(out),
     )
     results = json.loads(out.read_text())
     assert set(results) == {"fixed", "oracle", "learned"}

@@ -63,8 +63,21 @@ def test_table_lists_every_manager(ev):
 
 def test_cli_sim_eval_writes_json_and_plots(tmp_path):
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "sample",
-           "--managers", "fixed,oracle", "--json", str(out), "--plots", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "sim",
+        "eval",
+        "--preset",
+        "sample",
+        "--managers",
+        "fixed,oracle",
+        "--json",
+        str(out),
+        "--plots",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
@@ -77,30 +90,82 @@ def test_cli_sim_eval_writes_json_and_plots(tmp_path):
 
 
 def test_cli_rejects_an_unknown_manager():
-    cmd = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "sample", "--managers", "nope"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "sim",
+        "eval",
+        "--preset",
+        "sample",
+        "--managers",
+        "nope",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown manager 'nope'" in proc.stderr
 
 
 def test_cli_trace_generate_then_replay(tmp_path):
-    gen = [sys.executable, "-m", "sidecar", "trace", "generate", "--functions", "30",
-           "--minutes", "5", "--seed", "4", "--out", str(tmp_path / "tr")]
+    gen = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "trace",
+        "generate",
+        "--functions",
+        "30",
+        "--minutes",
+        "5",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path / "tr"),
+    ]
     assert subprocess.run(gen, capture_output=True, timeout=60).returncode == 0
     out = tmp_path / "e.json"
-    ev = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "small", "--trace",
-          str(tmp_path / "tr"), "--managers", "fixed", "--json", str(out)]
+    ev = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "sim",
+        "eval",
+        "--preset",
+        "small",
+        "--trace",
+        str(tmp_path / "tr"),
+        "--managers",
+        "fixed",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(ev, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     from training.traces import load_azure
 
-    assert json.loads(out.read_text())["fixed"]["invocations"] == load_azure(tmp_path / "tr").total_invocations()
+    assert (
+        json.loads(out.read_text())["fixed"]["invocations"]
+        == load_azure(tmp_path / "tr").total_invocations()
+    )
 
 
 def test_bench_sim_json_has_the_named_key(tmp_path):
     out = tmp_path / "b.json"
-    cmd = [sys.executable, "-m", "sidecar", "bench", "sim", "--preset", "sample",
-           "--decisions", "400", "--envs", "2", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "bench",
+        "sim",
+        "--preset",
+        "sample",
+        "--decisions",
+        "400",
+        "--envs",
+        "2",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(out.read_text())

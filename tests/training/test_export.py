@@ -1,4 +1,5 @@
-"""ONNX export of the PPO actor: parity with torch, self-contained file, metadata, no torch at serve time."""
+"""ONNX export of the PPO actor: parity with torch, self-contained file, metadata, no torch at
+serve time."""
 
 from __future__ import annotations
 
@@ -98,7 +99,9 @@ def test_serving_does_not_import_torch(exported) -> None:
         "assert out.shape == (5,)\n"
         "print('torch' in sys.modules)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 

@@ -4,7 +4,6 @@ nothing stored."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -22,8 +21,18 @@ BAD = {
     "function": [None, 3, b"x", "f" * 600],
     "container": [None, [], {}],
     "time": [None, "now", math.inf, math.nan],
-    "context": [None, [], "abc", [1.0] * 3, [[1.0]] * 16, [math.nan] * 16, ["x"] * 16,
-                [{"a": 1}] * 16, [True] * 16, [2**80] * 16],
+    "context": [
+        None,
+        [],
+        "abc",
+        [1.0] * 3,
+        [[1.0]] * 16,
+        [math.nan] * 16,
+        ["x"] * 16,
+        [{"a": 1}] * 16,
+        [True] * 16,
+        [2**80] * 16,
+    ],
     "cpu_block": [None, [[1.0, 2.0]] * 8, [[1.0, 2.0, 3.0]] * 3 + [[1.0]], "x", [[None] * 3] * 8],
     "mem_block": [[], [[math.inf] * 3] * 8, 7],
     "mask": [None, b"", b"\x00" * 8, "ffff", b"\xff" * 9, [1, 2]],
@@ -47,22 +56,40 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _check(server, body: bytes) -> None:
-    st_, _, out = http(server.url + "/v1/trajectories", body,
-                       headers={"Content-Type": "application/msgpack"}, timeout=30)
+    st_, _, out = http(
+        server.url + "/v1/trajectories",
+        body,
+        headers={"Content-Type": "application/msgpack"},
+        timeout=30,
+    )
     assert st_ in (400, 413, 422), (st_, body[:80], out[:200])
     assert "error" in js(out)
 
 
 def _hostile_objects():
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64 - 1),
-                        st.floats(allow_nan=True), st.text(max_size=20), st.binary(max_size=20))
-    return st.recursive(scalars, lambda kids: st.one_of(
-        st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=8), kids, max_size=5)),
-        max_leaves=30)
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64 - 1),
+        st.floats(allow_nan=True),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+    )
+    return st.recursive(
+        scalars,
+        lambda kids: st.one_of(
+            st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=8), kids, max_size=5)
+        ),
+        max_leaves=30,
+    )
 
 
-settings.register_profile("ingest", max_examples=150, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ingest",
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @settings(settings.get_profile("ingest"))
@@ -100,8 +127,7 @@ def test_one_bad_field_in_a_record(server, field: str, pick: int, where: int) ->
 
 
 @settings(settings.get_profile("ingest"))
-@given(field=st.sampled_from(sorted(ENVELOPE_BAD)), pick=st.integers(0, 100),
-       extra=st.booleans())
+@given(field=st.sampled_from(sorted(ENVELOPE_BAD)), pick=st.integers(0, 100), extra=st.booleans())
 def test_bad_envelope(server, field: str, pick: int, extra: bool) -> None:
     env = {"schema_version": 1, "node_id": "n1", "seq": 0, "records": [REC]}
     env[field] = ENVELOPE_BAD[field][pick % len(ENVELOPE_BAD[field])]
@@ -122,8 +148,9 @@ def test_bad_envelope(server, field: str, pick: int, extra: bool) -> None:
         b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # str32 claiming 4 GB
         b"\x91" * 100_000 + b"\xc0",  # 100,000 nested arrays
         msgpack.packb(msgpack.ExtType(5, b"boom")),
-        msgpack.packb({"schema_version": 1, "node_id": "n1", "seq": 0,
-                       "records": [msgpack.ExtType(1, b"x")]}),
+        msgpack.packb(
+            {"schema_version": 1, "node_id": "n1", "seq": 0, "records": [msgpack.ExtType(1, b"x")]}
+        ),
         VALID + b"\x00",  # trailing garbage
         msgpack.packb({1: 2}),  # non-string map keys
     ],
@@ -147,10 +174,21 @@ EDGE = {
     "time": [0, 1e308, -0.0, True],
     "duration_s": [0, 1e308, True],
     "logp": [-1e308, 1e-6, 2e-6, -1, True],
-    "context": [[1e308] * 16, [1e308, -1e308] * 8, [1] * 16, [1.0] * 15 + [True],
-                [2**63] * 16, [-(2**63)] * 16, [1e300] * 16],
-    "cpu_block": [[[1e308, 1e308, -1e308]] * 8, [[1, 2, 3]] * 8, [[1.0, 2.0, False]] * 8,
-                  [[1e300, 1e300, 1e300]] * 8],
+    "context": [
+        [1e308] * 16,
+        [1e308, -1e308] * 8,
+        [1] * 16,
+        [1.0] * 15 + [True],
+        [2**63] * 16,
+        [-(2**63)] * 16,
+        [1e300] * 16,
+    ],
+    "cpu_block": [
+        [[1e308, 1e308, -1e308]] * 8,
+        [[1, 2, 3]] * 8,
+        [[1.0, 2.0, False]] * 8,
+        [[1e300, 1e300, 1e300]] * 8,
+    ],
     "action": [0, 63, True, 2**63 - 1],
     "v": [True, 1.0],
     "outcome": ["success", "lost", ("success",)],
@@ -162,8 +200,11 @@ def _outcome(body: bytes, exact: bool):
 
     from training import service
 
-    ctx = (mock.patch.object(service, "_check_records_fast", return_value=None) if exact
-           else mock.patch.object(service, "_check_records_fast", service._check_records_fast))
+    ctx = (
+        mock.patch.object(service, "_check_records_fast", return_value=None)
+        if exact
+        else mock.patch.object(service, "_check_records_fast", service._check_records_fast)
+    )
     with ctx:
         try:
             b = service.decode_batch(body, 100)
@@ -173,9 +214,15 @@ def _outcome(body: bytes, exact: bool):
 
 
 @settings(max_examples=400, deadline=None)
-@given(muts=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(set(BAD) | set(EDGE))),
-                               st.integers(0, 100)), max_size=3),
-       n=st.integers(1, 4))
+@given(
+    muts=st.lists(
+        st.tuples(
+            st.integers(0, 3), st.sampled_from(sorted(set(BAD) | set(EDGE))), st.integers(0, 100)
+        ),
+        max_size=3,
+    ),
+    n=st.integers(1, 4),
+)
 def test_fast_check_agrees_with_the_exact_loop(muts, n: int) -> None:
     recs = [record("n1", i, reward=None if i == 2 else -0.1) for i in range(n)]
     for where, field, pick in muts:

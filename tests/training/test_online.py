@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from trainer_helpers import GRID, TOKEN, ServerThread, batch, http, js, record
 
@@ -65,12 +63,18 @@ def test_ppo_update_moves_the_policy_towards_rewarded_actions() -> None:
 def _real_record(i: int) -> dict:
     """A record with real encoder blocks: peaks at 1 core and 200 MB, user size 1 core/256 MB."""
     enc = FeatureEncoder(GRID)
-    gs = SafeguardState(calibrate=None, last_alloc=Alloc(4, 4), recent_cpu_peak_cores=1.0,
-                        recent_mem_peak_mb=200.0)
+    gs = SafeguardState(
+        calibrate=None, last_alloc=Alloc(4, 4), recent_cpu_peak_cores=1.0, recent_mem_peak_mb=200.0
+    )
     cpu, mem = enc.blocks(gs, Alloc(4, 4))
     r = record("n", i)
-    r.update(cpu_block=cpu.tolist(), mem_block=mem.tolist(), cpu_peak_cores=1.0, mem_peak_mb=200.0,
-             mask=np.packbits(np.ones(GRID.n, bool)).tobytes())
+    r.update(
+        cpu_block=cpu.tolist(),
+        mem_block=mem.tolist(),
+        cpu_peak_cores=1.0,
+        mem_peak_mb=200.0,
+        mask=np.packbits(np.ones(GRID.n, bool)).tobytes(),
+    )
     return r
 
 
@@ -98,16 +102,25 @@ def _publish_fresh_agent(url: str, tmp: Path, seed: int = 0) -> dict:
 
 
 def test_online_loop_promotes_a_gated_update(tmp_path: Path) -> None:
-    ov = {"learner.enabled": True, "learner.interval_s": 0.2, "learner.min_records": 40,
-          "grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
+    ov = {
+        "learner.enabled": True,
+        "learner.interval_s": 0.2,
+        "learner.min_records": 40,
+        "grid.cpu_unit_cores": 0.25,
+        "grid.mem_unit_mb": 64.0,
+    }
     with ServerThread(tmp_path / "data", **ov) as srv:
         v1 = _publish_fresh_agent(srv.url, tmp_path)
         st, h, _ = http(srv.url + "/v1/models/latest", token=None)
         etag = h["ETag"]
         recs = [record("n1", i, reward=None if i % 10 == 0 else -0.05 * (i % 7)) for i in range(60)]
         assert http(srv.url + "/v1/trajectories", batch("n1", 0, recs))[0] == 200
-        st, h, body = http(srv.url + "/v1/models/latest?wait=60", token=None,
-                           headers={"If-None-Match": etag}, timeout=90)
+        st, h, body = http(
+            srv.url + "/v1/models/latest?wait=60",
+            token=None,
+            headers={"If-None-Match": etag},
+            timeout=90,
+        )
         assert st == 200 and int(h["X-Model-Version"]) == v1["version"] + 1
         meta = js(http(srv.url + f"/v1/models/{h['X-Model-Version']}/meta", token=None)[2])
         assert meta["source"] == "online" and meta["evaluation"]["passed"] is True
@@ -122,12 +135,20 @@ def test_online_loop_promotes_a_gated_update(tmp_path: Path) -> None:
 
 
 def test_online_loop_keeps_the_model_when_the_gate_fails(tmp_path: Path) -> None:
-    ov = {"learner.enabled": True, "learner.interval_s": 0.2, "learner.min_records": 20,
-          "gate.max_rfet_ratio": 0.5}
+    ov = {
+        "learner.enabled": True,
+        "learner.interval_s": 0.2,
+        "learner.min_records": 20,
+        "gate.max_rfet_ratio": 0.5,
+    }
     with ServerThread(tmp_path / "data", **ov) as srv:
         _publish_fresh_agent(srv.url, tmp_path)
-        assert http(srv.url + "/v1/trajectories",
-                    batch("n1", 0, [record("n1", i) for i in range(30)]))[0] == 200
+        assert (
+            http(
+                srv.url + "/v1/trajectories", batch("n1", 0, [record("n1", i) for i in range(30)])
+            )[0]
+            == 200
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             last = js(http(srv.url + "/debug/learner", token=None)[2]).get("last")

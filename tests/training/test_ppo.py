@@ -126,9 +126,7 @@ def test_resume_continues(tmp_path: Path) -> None:
     ck = load_checkpoint(out1["checkpoint"])
     assert ck["iteration"] == 3 and ck["global_step"] == 4 * 32 * 3
     assert {"agent", "optimizer", "args", "rng"} <= set(ck)
-    a2 = _toy_args(
-        tmp_path, total_timesteps=4 * 32 * 6, num_steps=32, resume=out1["checkpoint"]
-    )
+    a2 = _toy_args(tmp_path, total_timesteps=4 * 32 * 6, num_steps=32, resume=out1["checkpoint"])
     out2 = train(a2, env_fn=env_fn)
     assert out2["iteration"] == 6 and out2["global_step"] == 4 * 32 * 6
     rows = _read_csv(out2["csv"])
@@ -190,13 +188,24 @@ def test_rows_match_expand_rows_and_mlp_scorer() -> None:
 @pytest.mark.parametrize("preset", ["sample"])
 def test_train_on_cluster_env_smoke(tmp_path: Path, preset: str) -> None:
     out = train(
-        Args(preset=preset, total_timesteps=2 * 64 * 2, num_envs=2, num_steps=64,
-             out_dir=str(tmp_path), progress=False)
+        Args(
+            preset=preset,
+            total_timesteps=2 * 64 * 2,
+            num_envs=2,
+            num_steps=64,
+            out_dir=str(tmp_path),
+            progress=False,
+        )
     )
     assert out["global_step"] == 256
     rows = _read_csv(out["csv"])
     assert len(rows) == 2
     keys = rows[0].keys()
-    assert {"charts/episodic_return", "losses/policy_loss", "losses/entropy", "sim/mean_rfet"} <= keys
+    assert {
+        "charts/episodic_return",
+        "losses/policy_loss",
+        "losses/entropy",
+        "sim/mean_rfet",
+    } <= keys
     assert 0.0 < float(rows[-1]["sim/mean_rfet"]) < 10.0
     assert Path(out["checkpoint"]).exists()

@@ -109,8 +109,14 @@ def test_ray_vector_env_matches_sync(local_ray):
 def test_train_with_ray(local_ray, tmp_path: Path):
     out = train(
         Args(
-            preset="sample", total_timesteps=256, num_envs=2, num_steps=64,
-            episode_decisions=64, ray_address="local", out_dir=str(tmp_path), progress=False,
+            preset="sample",
+            total_timesteps=256,
+            num_envs=2,
+            num_steps=64,
+            episode_decisions=64,
+            ray_address="local",
+            out_dir=str(tmp_path),
+            progress=False,
         )
     )
     with open(out["csv"]) as f:

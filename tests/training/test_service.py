@@ -1,4 +1,5 @@
-"""The trainer service's HTTP contract: auth, sizes, validation, idempotency, durability, registry."""
+"""The trainer service's HTTP contract: auth, sizes, validation, idempotency, durability,
+registry."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from trainer_helpers import TOKEN, ServerThread, batch, http, js, record
 
 from training.registry import Registry, TrajectoryStore
-from training.service import decode_batch, load_config, BatchError
+from training.service import BatchError, decode_batch, load_config
 
 
 @pytest.fixture
@@ -22,8 +23,12 @@ def server(tmp_path: Path):
 
 
 def post(server, body: bytes, token: str | None = TOKEN):
-    return http(server.url + "/v1/trajectories", body, token=token,
-                headers={"Content-Type": "application/msgpack"})
+    return http(
+        server.url + "/v1/trajectories",
+        body,
+        token=token,
+        headers={"Content-Type": "application/msgpack"},
+    )
 
 
 def test_accepts_stores_durably_and_is_idempotent(server, tmp_path: Path) -> None:
@@ -105,22 +110,26 @@ def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
     assert h["X-Model-Sha256"] == hashlib.sha256(b"model-one").hexdigest()
     etag = h["ETag"]
     t0 = time.monotonic()
-    st, h2, _ = http(server.url + "/v1/models/latest?wait=0.3", token=None,
-                     headers={"If-None-Match": etag})
+    st, h2, _ = http(
+        server.url + "/v1/models/latest?wait=0.3", token=None, headers={"If-None-Match": etag}
+    )
     assert st == 304 and 0.25 <= time.monotonic() - t0 < 3 and h2["ETag"] == etag
     # a long-poll answers as soon as a newer version is promoted
     got: dict = {}
 
     def poll() -> None:
         t = time.monotonic()
-        got["r"] = http(server.url + "/v1/models/latest?wait=20", token=None,
-                        headers={"If-None-Match": etag}, timeout=30)
+        got["r"] = http(
+            server.url + "/v1/models/latest?wait=20",
+            token=None,
+            headers={"If-None-Match": etag},
+            timeout=30,
+        )
         got["dt"] = time.monotonic() - t
 
     th = threading.Thread(target=poll)
     th.start()
     time.sleep(0.3)
-    t_pub = time.monotonic()
     assert _publish(server, b"model-two")[1]["version"] == 2
     th.join(10)
     st, h3, body = got["r"]

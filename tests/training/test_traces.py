@@ -38,8 +38,9 @@ def _assert_same(a: Trace, b: Trace) -> None:
         np.testing.assert_array_equal(f.duration_pct_ms, g.duration_pct_ms)
         np.testing.assert_array_equal(f.memory_pct_mb, g.memory_pct_mb)
         assert f.duration_avg_ms == g.duration_avg_ms
-        assert f.memory_avg_mb == g.memory_avg_mb or (np.isnan(f.memory_avg_mb)
-                                                      and np.isnan(g.memory_avg_mb))
+        assert f.memory_avg_mb == g.memory_avg_mb or (
+            np.isnan(f.memory_avg_mb) and np.isnan(g.memory_avg_mb)
+        )
 
 
 def test_sample_loads_and_matches_csv_sums():
@@ -50,8 +51,9 @@ def test_sample_loads_and_matches_csv_sums():
     assert t.total_invocations() == sum(int(v) for r in rows for v in r[2:])
     by_name = {f.name: f for f in t.functions}
     assert by_name["ir"].per_minute.sum() == 22 and by_name["ir"].trigger == "http"
-    np.testing.assert_array_equal(by_name["dh"].duration_pct_ms,
-                                  [3900, 4462, 15385, 41538, 70266, 300100, 300152])
+    np.testing.assert_array_equal(
+        by_name["dh"].duration_pct_ms, [3900, 4462, 15385, 41538, 70266, 300100, 300152]
+    )
     assert by_name["dh"].memory_avg_mb == 185.0 and by_name["dh"].memory_pct_mb[-1] == 388.0
     assert all(f.per_minute.dtype == np.int64 for f in t.functions)
 
@@ -60,20 +62,40 @@ def test_real_layout_joins_memory_per_app_and_drops_missing_durations(tmp_path):
     minutes = [str(m) for m in range(1, 1441)]
     counts = {"f1": [1] * 1440, "f2": [0, 2] * 720, "f3": [3] * 1440, "f4": [1] + [0] * 1439}
     apps = {"f1": "a1", "f2": "a1", "f3": "a2", "f4": "a3"}
-    _write(tmp_path / "invocations_per_function_md.anon.d02.csv",
-           [["HashOwner", "HashApp", "HashFunction", "Trigger", *minutes]]
-           + [["o", apps[f], f, "http", *c] for f, c in counts.items()])
+    _write(
+        tmp_path / "invocations_per_function_md.anon.d02.csv",
+        [["HashOwner", "HashApp", "HashFunction", "Trigger", *minutes]]
+        + [["o", apps[f], f, "http", *c] for f, c in counts.items()],
+    )
     dur_cols = [f"percentile_Average_{p}" for p in DURATION_PCTS]
-    _write(tmp_path / "function_durations_percentiles.anon.d02.csv",
-           [["HashOwner", "HashApp", "HashFunction", "Average", "Count", "Minimum", "Maximum",
-             *dur_cols]]
-           + [["o", apps[f], f, 10 * i, 5, 1, 99, *(np.arange(7) * i)]
-              for i, f in enumerate(["f1", "f2", "f4"], start=1)])  # f3 has no durations
+    _write(
+        tmp_path / "function_durations_percentiles.anon.d02.csv",
+        [
+            [
+                "HashOwner",
+                "HashApp",
+                "HashFunction",
+                "Average",
+                "Count",
+                "Minimum",
+                "Maximum",
+                *dur_cols,
+            ]
+        ]
+        + [
+            ["o", apps[f], f, 10 * i, 5, 1, 99, *(np.arange(7) * i)]
+            for i, f in enumerate(["f1", "f2", "f4"], start=1)
+        ],
+    )  # f3 has no durations
     mem_cols = [f"AverageAllocatedMb_pct{p}" for p in MEMORY_PCTS]
-    _write(tmp_path / "app_memory_percentiles.anon.d02.csv",
-           [["HashOwner", "HashApp", "SampleCount", "AverageAllocatedMb", *mem_cols],
+    _write(
+        tmp_path / "app_memory_percentiles.anon.d02.csv",
+        [
+            ["HashOwner", "HashApp", "SampleCount", "AverageAllocatedMb", *mem_cols],
             ["o", "a1", 7, 128, *range(100, 108)],
-            ["o", "a2", 7, 256, *range(200, 208)]])  # a3 has no memory row
+            ["o", "a2", 7, 256, *range(200, 208)],
+        ],
+    )  # a3 has no memory row
 
     with pytest.raises(FileNotFoundError, match="d01"):
         load_azure(tmp_path)  # default day 1 does not exist
@@ -91,8 +113,18 @@ def test_write_load_round_trip(tmp_path):
     t = generate(50, 30, seed=3)
     # one function with unknown memory must survive the round trip as NaN
     f0 = t.functions[0]
-    funcs = [TraceFunction(f0.name, f0.trigger, f0.per_minute, f0.duration_avg_ms,
-                           f0.duration_pct_ms, np.nan, np.full(8, np.nan)), *t.functions[1:]]
+    funcs = [
+        TraceFunction(
+            f0.name,
+            f0.trigger,
+            f0.per_minute,
+            f0.duration_avg_ms,
+            f0.duration_pct_ms,
+            np.nan,
+            np.full(8, np.nan),
+        ),
+        *t.functions[1:],
+    ]
     t = Trace(funcs, t.minutes)
     write_azure(t, tmp_path / "out")
     _assert_same(t, load_azure(tmp_path / "out"))
@@ -107,8 +139,9 @@ def _rewrite(t: Trace, path: Path) -> Path:
 def test_generator_is_deterministic_and_seed_dependent():
     a, b, c = generate(200, 60, 7), generate(200, 60, 7), generate(200, 60, 8)
     _assert_same(a, b)
-    assert any(not np.array_equal(f.per_minute, g.per_minute)
-               for f, g in zip(a.functions, c.functions))
+    assert any(
+        not np.array_equal(f.per_minute, g.per_minute) for f, g in zip(a.functions, c.functions)
+    )
 
 
 def test_generator_shapes():
@@ -155,8 +188,9 @@ def test_arrivals_sorted_counted_and_in_their_minutes():
         np.testing.assert_array_equal(np.bincount(minute[fn == i], minlength=30), f.per_minute)
     np.testing.assert_array_equal(t.arrivals(seed=0)[0], times)
     # a timer firing c times in a minute is evenly spaced 60/c seconds apart
-    i = next(i for i, f in enumerate(t.functions)
-             if f.trigger == "timer" and f.per_minute.max() > 1)
+    i = next(
+        i for i, f in enumerate(t.functions) if f.trigger == "timer" and f.per_minute.max() > 1
+    )
     first = times[(fn == i) & (minute == int(np.argmax(t.functions[i].per_minute)))]
     np.testing.assert_allclose(np.diff(first), 60.0 / first.size)
 
@@ -178,10 +212,13 @@ def test_slice_and_subset():
         t.slice(50, 20)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda rows: [r[:1] + r[2:] for r in rows], "Trigger"),  # missing column
-    (lambda rows: rows[:2] + [rows[2][:5] + ["x"] + rows[2][6:]] + rows[3:], "non-numeric"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda rows: [r[:1] + r[2:] for r in rows], "Trigger"),  # missing column
+        (lambda rows: rows[:2] + [rows[2][:5] + ["x"] + rows[2][6:]] + rows[3:], "non-numeric"),
+    ],
+)
 def test_malformed_invocation_file_names_file(tmp_path, mutate, message):
     for name in ("duration.csv", "memory.csv"):
         (tmp_path / name).write_text((SAMPLE_DIR / name).read_text())
@@ -220,5 +257,7 @@ def test_generated_durations_are_finite_and_bounded_for_many_seeds():
     for seed in range(40):
         trace = generate(200, 2, seed)
         for f in trace.functions:
-            assert np.all(np.isfinite(f.duration_pct_ms)) and f.duration_pct_ms[-1] <= MAX_DURATION_MS
+            assert (
+                np.all(np.isfinite(f.duration_pct_ms)) and f.duration_pct_ms[-1] <= MAX_DURATION_MS
+            )
             assert np.isfinite(f.duration_avg_ms)

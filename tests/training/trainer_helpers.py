@@ -104,8 +104,14 @@ class ServerThread:
         from training.service import load_config
 
         self.port = int(overrides.pop("port", 0)) or free_port()
-        ov = {"port": self.port, "data_dir": str(data_dir), "token": TOKEN, "learner.enabled": False,
-              "grid.cpu_unit_cores": GRID.cpu_unit_cores, "grid.mem_unit_mb": GRID.mem_unit_mb}
+        ov = {
+            "port": self.port,
+            "data_dir": str(data_dir),
+            "token": TOKEN,
+            "learner.enabled": False,
+            "grid.cpu_unit_cores": GRID.cpu_unit_cores,
+            "grid.mem_unit_mb": GRID.mem_unit_mb,
+        }
         ov.update(overrides)
         self.cfg = load_config(None, ov)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -127,7 +133,7 @@ class ServerThread:
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self._t.start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -148,7 +154,7 @@ class ServerThread:
         if self.error:
             raise self.error
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -41,12 +41,21 @@ QUOTAS = (0.25, 0.5, 1.0, 2.0)
 MEM_FACTORS = (1.0, 1.25, 2.0)
 PERIOD_US = 100_000
 CURVE_SIZES = {  # ~0.1-0.25 s at one core on this host: the whole run stays near a minute
-    "pyloop": 2500, "matmul": 900, "zlibmt": 3, "image": 1100, "compress": 2,
-    "graph": 25000, "html": 30000, "memhog": 120, "sleepy": 200, "phased": 50,
+    "pyloop": 2500,
+    "matmul": 900,
+    "zlibmt": 3,
+    "image": 1100,
+    "compress": 2,
+    "graph": 25000,
+    "html": 30000,
+    "memhog": 120,
+    "sleepy": 200,
+    "phased": 50,
 }
 
 
 # ----------------------------------------------------------------------------------- the fit
+
 
 def model(c: np.ndarray | float, t1: float, phi: float, p: float) -> np.ndarray:
     """The simulator's CPU model without contention: time at ``c`` cores."""
@@ -77,11 +86,18 @@ def fit_cpu(quotas, times, t1: float | None = None) -> dict:
     _, phi, p = best
     fitted = model(c, t1, phi, p)
     rel = np.abs(fitted - t) / t
-    return {"phi": phi, "p": p, "t1_s": t1, "fitted_s": [float(x) for x in fitted],
-            "max_rel_err": float(rel.max()), "rms_rel_err": float(np.sqrt((rel ** 2).mean()))}
+    return {
+        "phi": phi,
+        "p": p,
+        "t1_s": t1,
+        "fitted_s": [float(x) for x in fitted],
+        "max_rel_err": float(rel.max()),
+        "rms_rel_err": float(np.sqrt((rel**2).mean())),
+    }
 
 
 # ----------------------------------------------------------------------- real measurements
+
 
 @dataclass
 class Curve:
@@ -121,10 +137,18 @@ def _nr_throttled(rel: str) -> int:
     return 0
 
 
-async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTAS,
-                  mem_factors=MEM_FACTORS, repeats: int = 3, below_peak: bool = True,
-                  ratio: float = DEFAULT_RATIO, timeout_s: float = 30.0,
-                  parent: str | None = None) -> Curve:
+async def measure(
+    spec: FunctionSpec,
+    size: float | None = None,
+    *,
+    quotas=QUOTAS,
+    mem_factors=MEM_FACTORS,
+    repeats: int = 3,
+    below_peak: bool = True,
+    ratio: float = DEFAULT_RATIO,
+    timeout_s: float = 30.0,
+    parent: str | None = None,
+) -> Curve:
     """The CPU and memory curves of one function in one fresh container (removed afterwards)."""
     from training.invoker.invoker import Container, container_limits, remove_parent
 
@@ -136,8 +160,9 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
 
     def set_limits(cpu: float, mem_bytes: int) -> None:
         assert c.cg is not None
-        c.cg.write_limits(container_limits(cpu, mem_bytes / MB, PERIOD_US), headroom_bytes=0,
-                          force=True)
+        c.cg.write_limits(
+            container_limits(cpu, mem_bytes / MB, PERIOD_US), headroom_bytes=0, force=True
+        )
 
     try:
         await c.start()
@@ -177,8 +202,7 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
                 curve.mem_factors.append(k)
                 curve.mem_limits_mb.append(limit / MB)
                 curve.mem_outcomes.append(outcomes)
-                curve.mem_times_s.append(statistics.median(runs) if len(runs) == repeats
-                                         else None)
+                curve.mem_times_s.append(statistics.median(runs) if len(runs) == repeats else None)
             if below_peak:  # last: the worker may die here and is not restarted
                 set_limits(c.user_cpu, user_mem)
                 idle = _read_int(c.rel, "memory", "memory.usage_in_bytes")
@@ -200,8 +224,9 @@ async def measure(spec: FunctionSpec, size: float | None = None, *, quotas=QUOTA
     return curve
 
 
-async def measure_all(names: list[str] | None = None, repeats: int = 3,
-                      progress=None) -> list[Curve]:
+async def measure_all(
+    names: list[str] | None = None, repeats: int = 3, progress=None
+) -> list[Curve]:
     out = []
     parent = f"faasrm-curves-{os.getpid()}"
     for spec in [BY_NAME[n] for n in names] if names else SPECS:
@@ -213,6 +238,7 @@ async def measure_all(names: list[str] | None = None, repeats: int = 3,
 
 # ---------------------------------------------------------------------------------- output
 
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.0f}"
 
@@ -220,31 +246,54 @@ def _ms(x: float | None) -> str:
 def render_table(curves: list[Curve]) -> str:
     q = curves[0].quotas if curves else list(QUOTAS)
     k = curves[0].mem_factors if curves else list(MEM_FACTORS)
-    head = (["function", "size", "user"] + [f"{x:g}c ms" for x in q] + ["phi", "p", "fit err"]
-            + ["peak MB"] + [f"{x:g}xpk ms" for x in k] + ["OOM<peak"])
+    head = (
+        ["function", "size", "user"]
+        + [f"{x:g}c ms" for x in q]
+        + ["phi", "p", "fit err"]
+        + ["peak MB"]
+        + [f"{x:g}xpk ms" for x in k]
+        + ["OOM<peak"]
+    )
     rows = []
     for cv in curves:
         f = cv.fit or {}
         oom = {"oom": "yes", None: "-"}.get(cv.below_peak_outcome, f"no ({cv.below_peak_outcome})")
-        rows.append([cv.function, f"{cv.size:g}", f"{cv.user_cpu:g}c/{cv.user_mem_mb:g}M"]
-                    + [_ms(t) for t in cv.cpu_times_s]
-                    + [f"{f.get('phi', float('nan')):.2f}", f"{f.get('p', float('nan')):.2f}",
-                       f"{100 * f.get('max_rel_err', float('nan')):.0f}%"]
-                    + [f"{cv.peak_mb:.0f}"]
-                    + [_ms(t) if t is not None else "/".join(o[:3] for o in outs)
-                       for t, outs in zip(cv.mem_times_s, cv.mem_outcomes, strict=True)]
-                    + [oom])
+        rows.append(
+            [cv.function, f"{cv.size:g}", f"{cv.user_cpu:g}c/{cv.user_mem_mb:g}M"]
+            + [_ms(t) for t in cv.cpu_times_s]
+            + [
+                f"{f.get('phi', float('nan')):.2f}",
+                f"{f.get('p', float('nan')):.2f}",
+                f"{100 * f.get('max_rel_err', float('nan')):.0f}%",
+            ]
+            + [f"{cv.peak_mb:.0f}"]
+            + [
+                _ms(t) if t is not None else "/".join(o[:3] for o in outs)
+                for t, outs in zip(cv.mem_times_s, cv.mem_outcomes, strict=True)
+            ]
+            + [oom]
+        )
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)  # noqa: E731
-                              for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+
+    def fmt(r: list) -> str:
+        return "  ".join(
+            str(x).rjust(w) if i else str(x).ljust(w)
+            for i, (x, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     return "\n".join([fmt(head), *(fmt(r) for r in rows)])
 
 
 def to_json(curves: list[Curve], elapsed_s: float) -> dict:
-    return {"period_us": PERIOD_US, "quotas": list(QUOTAS), "mem_factors": list(MEM_FACTORS),
-            "elapsed_s": elapsed_s, "cpus": os.cpu_count(),
-            "model": "t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p))",
-            "functions": [asdict(c) for c in curves]}
+    return {
+        "period_us": PERIOD_US,
+        "quotas": list(QUOTAS),
+        "mem_factors": list(MEM_FACTORS),
+        "elapsed_s": elapsed_s,
+        "cpus": os.cpu_count(),
+        "model": "t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p))",
+        "functions": [asdict(c) for c in curves],
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -252,13 +301,17 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("bench curves needs root (it creates v1 cgroups)")
     names = [n.strip() for n in (args.functions or "").split(",") if n.strip()] or None
     t0 = time.monotonic()
-    curves = asyncio.run(measure_all(
-        names, args.repeats,
-        progress=lambda cv: print(f"  {cv.function}: done", flush=True)))
+    curves = asyncio.run(
+        measure_all(
+            names, args.repeats, progress=lambda cv: print(f"  {cv.function}: done", flush=True)
+        )
+    )
     elapsed = time.monotonic() - t0
     print(render_table(curves))
-    print(f"({elapsed:.0f} s; CFS period {PERIOD_US // 1000} ms; median of {args.repeats}; "
-          "fit err = max relative error of the fitted simulator CPU model)")
+    print(
+        f"({elapsed:.0f} s; CFS period {PERIOD_US // 1000} ms; median of {args.repeats}; "
+        "fit err = max relative error of the fitted simulator CPU model)"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(to_json(curves, elapsed), indent=2))

@@ -55,19 +55,26 @@ def host_mounts() -> list[str]:
     """Host directories the worker needs, mounted read-only at the same paths (nested ones
     dropped): /usr, the top-level library directories that are not links into it, the Python
     installation, the venv and the repo."""
-    wanted = ["/usr", *(f"/{t}" for t in _TOP_LINKS
-                        if os.path.isdir(f"/{t}") and not os.path.islink(f"/{t}")),
-              sys.base_prefix, sys.prefix, str(REPO)]
+    wanted = [
+        "/usr",
+        *(f"/{t}" for t in _TOP_LINKS if os.path.isdir(f"/{t}") and not os.path.islink(f"/{t}")),
+        sys.base_prefix,
+        sys.prefix,
+        str(REPO),
+    ]
     paths = sorted({os.path.realpath(p) for p in wanted})
     return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
 
 
 def image_tarball() -> bytes:
     """The image's root filesystem: mount points plus the host's top-level links into /usr."""
-    entries = [TarEntry(d, "dir", mode=0o1777 if d == "tmp" else 0o755)
-               for d in ("tmp", "proc", "sys", "dev", "etc")]
-    entries += [TarEntry(t, "symlink", os.readlink(f"/{t}"))
-                for t in _TOP_LINKS if os.path.islink(f"/{t}")]
+    entries = [
+        TarEntry(d, "dir", mode=0o1777 if d == "tmp" else 0o755)
+        for d in ("tmp", "proc", "sys", "dev", "etc")
+    ]
+    entries += [
+        TarEntry(t, "symlink", os.readlink(f"/{t}")) for t in _TOP_LINKS if os.path.islink(f"/{t}")
+    ]
     return rootfs_tarball(entries)
 
 
@@ -78,15 +85,24 @@ def leftovers(engine: DockerEngine, parent_prefix: str) -> list[str]:
         found = client.api.containers(all=True, filters={"label": PARENT_LABEL})
     finally:
         client.close()
-    return [c["Names"][0].lstrip("/") for c in found
-            if c["Labels"].get(PARENT_LABEL, "").startswith(parent_prefix)]
+    return [
+        c["Names"][0].lstrip("/")
+        for c in found
+        if c["Labels"].get(PARENT_LABEL, "").startswith(parent_prefix)
+    ]
 
 
 class DockerContainer(WorkerContainer):
     """One function's Docker container on ``engine`` (see the module docstring)."""
 
-    def __init__(self, engine: DockerEngine, parent: str, seq: int, spec: FunctionSpec,
-                 ratio: float = DEFAULT_RATIO) -> None:
+    def __init__(
+        self,
+        engine: DockerEngine,
+        parent: str,
+        seq: int,
+        spec: FunctionSpec,
+        ratio: float = DEFAULT_RATIO,
+    ) -> None:
         super().__init__(spec, ratio)
         self.engine = engine
         self.parent = parent
@@ -127,10 +143,14 @@ class DockerContainer(WorkerContainer):
             memswap_limit=int(self.user_mem_mb * MB),
         )
         created = self._client.api.create_container(
-            IMAGE, [sys.executable, "-m", "training.invoker.worker", self.spec.name],
-            name=self.docker_name, stdin_open=True, working_dir=str(REPO),
+            IMAGE,
+            [sys.executable, "-m", "training.invoker.worker", self.spec.name],
+            name=self.docker_name,
+            stdin_open=True,
+            working_dir=str(REPO),
             environment={**WORKER_ENV, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"},
-            labels={PARENT_LABEL: self.parent}, host_config=host_config,
+            labels={PARENT_LABEL: self.parent},
+            host_config=host_config,
         )
         self.id = created["Id"]
         # No CgroupParent: the engine's default place (docker/<id> with the cgroupfs driver).
@@ -139,8 +159,10 @@ class DockerContainer(WorkerContainer):
     async def _spawn(self) -> None:
         assert self.id is not None
         self._attach = await asyncio.to_thread(
-            self._client.api.attach_socket, self.id,
-            params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            self._client.api.attach_socket,
+            self.id,
+            params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1},
+        )
         # The SDK returns a SocketIO over the hijacked connection; asyncio needs the socket.
         sock: socket.socket = self._attach._sock
         reader, self._stdin = await asyncio.open_connection(sock=sock)
@@ -212,8 +234,7 @@ class DockerContainer(WorkerContainer):
         try:
             if self.id is not None:
                 try:
-                    await asyncio.to_thread(self._client.api.remove_container, self.id,
-                                            force=True)
+                    await asyncio.to_thread(self._client.api.remove_container, self.id, force=True)
                 except docker.errors.NotFound:
                     pass
             await self._close_stream()

@@ -22,8 +22,8 @@ import string
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 MB = 1 << 20
 DEFAULT_RATIO = 1.0 / 256.0  # user cores per MB of user memory (1 core per 256 MB)
@@ -89,7 +89,7 @@ def zlib_threads(size: float) -> int:
         c = zlib.compressobj(6)
         n = 0
         for off in range(0, len(data[i]), 1 << 16):
-            n += len(c.compress(data[i][off:off + (1 << 16)]))
+            n += len(c.compress(data[i][off : off + (1 << 16)]))
         out[i] = n + len(c.flush())
 
     threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
@@ -146,15 +146,20 @@ def graph(size: float) -> int:
 
 
 _ROW = string.Template("<tr><td>$i</td><td>$name</td><td>$email</td><td>$amount</td></tr>")
-_PAGE = string.Template("<html><head><title>$title</title></head><body><table>$rows</table>"
-                        "</body></html>")
+_PAGE = string.Template(
+    "<html><head><title>$title</title></head><body><table>$rows</table></body></html>"
+)
 
 
 def html_render(size: float) -> int:
     """HTML templating (string.Template + escaping) of a ``size``-row table."""
     rows = [
-        _ROW.substitute(i=i, name=html.escape(f"user <{i}> & co"),
-                        email=html.escape(f"u{i}@example.org"), amount=f"{i * 1.37:.2f}")
+        _ROW.substitute(
+            i=i,
+            name=html.escape(f"user <{i}> & co"),
+            email=html.escape(f"u{i}@example.org"),
+            amount=f"{i * 1.37:.2f}",
+        )
         for i in range(int(size))
     ]
     return len(_PAGE.substitute(title="report", rows="".join(rows)))

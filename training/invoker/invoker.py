@@ -65,8 +65,12 @@ class Record:
     error: str | None = None
 
 
-def schedule(minutes: float, speedup: float = 15.0, seed: int = 0,
-             functions: list[FunctionSpec] | None = None) -> list[Invocation]:
+def schedule(
+    minutes: float,
+    speedup: float = 15.0,
+    seed: int = 0,
+    functions: list[FunctionSpec] | None = None,
+) -> list[Invocation]:
     """The bundled Azure sample's arrivals, ``speedup`` trace minutes per real minute.
 
     Trace function i is played by ``functions[i % len(functions)]``; each invocation's input is
@@ -172,8 +176,9 @@ class WorkerContainer(abc.ABC):
         except cgroups.CgroupError:
             return None
 
-    async def run(self, size: float, timeout_s: float = 120.0,
-                  respawn: bool = True) -> tuple[float, str, str | None]:
+    async def run(
+        self, size: float, timeout_s: float = 120.0, respawn: bool = True
+    ) -> tuple[float, str, str | None]:
         """(execution seconds, outcome, error) of one invocation in the worker.
 
         Outcomes: ``success``, ``failure`` (the function raised, or the worker crashed),
@@ -200,8 +205,7 @@ class WorkerContainer(abc.ABC):
             return time.perf_counter() - t0, "failure", reply.get("error")
         elapsed = time.perf_counter() - t0
         code = await self._wait_exit()  # the worker died: OOM kill (or a crash); start a new one
-        outcome = ("oom" if self.oom_kills() > oom_before
-                   else "timeout" if timed_out else "failure")
+        outcome = "oom" if self.oom_kills() > oom_before else "timeout" if timed_out else "failure"
         if respawn:
             self.restarts += 1
             await self._spawn()
@@ -232,8 +236,13 @@ class Container(WorkerContainer):
         assert self.cg is not None
         env = {**os.environ, **WORKER_ENV}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "training.invoker.worker", self.spec.name,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+            sys.executable,
+            "-m",
+            "training.invoker.worker",
+            self.spec.name,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
             preexec_fn=child_setup(self.cg),
             start_new_session=True,  # Ctrl-C reaches the invoker only; it stops the workers
         )
@@ -281,15 +290,21 @@ class Containers(dict[str, WorkerContainer]):
     ``engine``: real Docker containers on that engine (``DockerContainer``, named after
     ``parent``) instead of bare cgroups under ``parent``."""
 
-    def __init__(self, parent: str, specs: list[FunctionSpec], ratio: float = DEFAULT_RATIO,
-                 engine: DockerEngine | None = None) -> None:
+    def __init__(
+        self,
+        parent: str,
+        specs: list[FunctionSpec],
+        ratio: float = DEFAULT_RATIO,
+        engine: DockerEngine | None = None,
+    ) -> None:
         if engine is None:
             super().__init__((s.name, Container(parent, s, ratio)) for s in specs)
         else:
             from training.invoker.docker_container import DockerContainer
 
-            super().__init__((s.name, DockerContainer(engine, parent, n, s, ratio))
-                             for n, s in enumerate(specs))
+            super().__init__(
+                (s.name, DockerContainer(engine, parent, n, s, ratio)) for n, s in enumerate(specs)
+            )
         self.parent = parent
         self.engine = engine
 
@@ -327,8 +342,13 @@ class Progress:
 class Invoker:
     """Replays a schedule over ``containers``, through the sidecar's hooks when ``sidecar_url``."""
 
-    def __init__(self, containers: Containers, sidecar_url: str | None = None,
-                 manager: Any = None, headroom_mb: float = 16.0) -> None:
+    def __init__(
+        self,
+        containers: Containers,
+        sidecar_url: str | None = None,
+        manager: Any = None,
+        headroom_mb: float = 16.0,
+    ) -> None:
         """``manager``: a ``training.invoker.managers.RealManager`` the invoker applies itself
         (no sidecar): its allocation is written before each invocation (memory never below
         current usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size
@@ -365,8 +385,7 @@ class Invoker:
     async def _one(self, inv: Invocation, t0: float, http) -> Record:
         c = self.containers[inv.container]
         await asyncio.sleep(max(0.0, t0 + inv.t_s - time.monotonic()))
-        rec = Record(inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu,
-                     mem_mb=c.user_mem_mb)
+        rec = Record(inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu, mem_mb=c.user_mem_mb)
         arrived = time.monotonic()
         c.waiting += 1
         async with c.lock:
@@ -376,10 +395,17 @@ class Invoker:
             inv_id = None
             try:
                 if self.sidecar_url:
-                    start = await self._hook(http, "/v1/invocations", {
-                        "container": c.sidecar_id, "function": c.name, "input_size": inv.size,
-                        "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
-                        "pending": c.waiting})
+                    start = await self._hook(
+                        http,
+                        "/v1/invocations",
+                        {
+                            "container": c.sidecar_id,
+                            "function": c.name,
+                            "input_size": inv.size,
+                            "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
+                            "pending": c.waiting,
+                        },
+                    )
                     if start and "invocation" in start:
                         inv_id = start["invocation"]
                         alloc = start.get("allocation") or {}
@@ -394,9 +420,14 @@ class Invoker:
                     rec.exec_s, rec.outcome, err = await c.run(inv.size)
                 rec.error = rec.error or err
                 if inv_id is not None:
-                    end = await self._hook(http, f"/v1/invocations/{inv_id}/end", {
-                        "outcome": "success" if rec.outcome == "success" else "failure",
-                        "duration_s": rec.exec_s})
+                    end = await self._hook(
+                        http,
+                        f"/v1/invocations/{inv_id}/end",
+                        {
+                            "outcome": "success" if rec.outcome == "success" else "failure",
+                            "duration_s": rec.exec_s,
+                        },
+                    )
                     rec.give_backs = len((end or {}).get("give_backs") or [])
             finally:
                 self.progress.running -= 1
@@ -405,7 +436,6 @@ class Invoker:
         self.progress.failures += rec.outcome != "success"
         self.progress.records.append(rec)
         return rec
-
 
     async def _managed_run(self, c: WorkerContainer, inv: Invocation, rec: Record) -> str | None:
         """Apply the manager's allocation, run, measure, restore the user's size, observe."""
@@ -441,24 +471,41 @@ class Invoker:
                 c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
             except cgroups.CgroupError:
                 c.cg.read_limits()  # retried through the diff at the next invocation
-        self.manager.observe(c.name, user, Observation(
-            given=given, cpu_peak_cores=max(0.0, u1.cpu_usage_s - u0.cpu_usage_s) / wall,
-            mem_peak_mb=max(u1.mem_peak_bytes, u1.mem_bytes) / MB, exec_s=rec.exec_s,
-            outcome=rec.outcome))
+        self.manager.observe(
+            c.name,
+            user,
+            Observation(
+                given=given,
+                cpu_peak_cores=max(0.0, u1.cpu_usage_s - u0.cpu_usage_s) / wall,
+                mem_peak_mb=max(u1.mem_peak_bytes, u1.mem_bytes) / MB,
+                exec_s=rec.exec_s,
+                outcome=rec.outcome,
+            ),
+        )
         return run_err or err
 
 
-def container_limits(cpu_cores: float, mem_mb: float,
-                     period_us: int = 100_000) -> cgroups.Limits:
+def container_limits(cpu_cores: float, mem_mb: float, period_us: int = 100_000) -> cgroups.Limits:
     """A container's limits: CFS quota = cores, weight 100 x cores (OpenWhisk-style), memory."""
-    return cgroups.Limits(cpu_quota_cores=cpu_cores, cpu_period_us=period_us,
-                          cpu_weight=max(1, int(100 * cpu_cores)),
-                          mem_limit_bytes=int(mem_mb * MB))
+    return cgroups.Limits(
+        cpu_quota_cores=cpu_cores,
+        cpu_period_us=period_us,
+        cpu_weight=max(1, int(100 * cpu_cores)),
+        mem_limit_bytes=int(mem_mb * MB),
+    )
 
 
 def record_dicts(records: list[Record]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
-__all__ = ["BY_NAME", "Container", "Containers", "Invocation", "Invoker", "Record",
-           "WorkerContainer", "schedule"]
+__all__ = [
+    "BY_NAME",
+    "Container",
+    "Containers",
+    "Invocation",
+    "Invoker",
+    "Record",
+    "WorkerContainer",
+    "schedule",
+]

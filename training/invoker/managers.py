@@ -106,10 +106,12 @@ class Greedy:
             self.alloc[fn] = user
             return
         g, given = self.grid, obs.given
-        cpu = (g.cpu_up if obs.cpu_peak_cores >= self.threshold * given.cpu_cores
-               else g.cpu_down)(given.cpu_cores)
-        mem = (g.mem_up if obs.mem_peak_mb >= self.threshold * given.mem_mb
-               else g.mem_down)(given.mem_mb)
+        cpu = (g.cpu_up if obs.cpu_peak_cores >= self.threshold * given.cpu_cores else g.cpu_down)(
+            given.cpu_cores
+        )
+        mem = (g.mem_up if obs.mem_peak_mb >= self.threshold * given.mem_mb else g.mem_down)(
+            given.mem_mb
+        )
         self.alloc[fn] = Alloc(cpu, mem)
 
 
@@ -124,8 +126,7 @@ class Ensure:
     calm_runs = 3
     idle_util = 0.7
 
-    def __init__(self, grid: Grid | None = None,
-                 baselines: dict[str, float] | None = None) -> None:
+    def __init__(self, grid: Grid | None = None, baselines: dict[str, float] | None = None) -> None:
         self.grid = grid or Grid()
         self.baselines = dict(baselines or {})
         self.cpu: dict[str, float] = {}
@@ -180,8 +181,10 @@ class Vpa:
         if cpu is None or len(cpu) < self.min_samples:
             return user
         g = self.grid
-        return Alloc(g.cpu_ceil(float(np.percentile(list(cpu), 90)) * self.margin),
-                     g.mem_ceil(max(self.mem[fn]) * self.margin))
+        return Alloc(
+            g.cpu_ceil(float(np.percentile(list(cpu), 90)) * self.margin),
+            g.mem_ceil(max(self.mem[fn]) * self.margin),
+        )
 
     def observe(self, fn: str, user: Alloc, obs: Observation) -> None:
         mem = obs.mem_peak_mb
@@ -194,8 +197,9 @@ class Vpa:
 LOCAL_MANAGERS: dict[str, type] = {m.name: m for m in (Greedy, Ensure, Vpa)}
 
 
-def make(name: str, grid: Grid | None = None,
-         baselines: dict[str, float] | None = None) -> RealManager:
+def make(
+    name: str, grid: Grid | None = None, baselines: dict[str, float] | None = None
+) -> RealManager:
     if name == "ensure":
         return Ensure(grid, baselines)
     return LOCAL_MANAGERS[name](grid)

@@ -50,10 +50,15 @@ import numpy as np
 from sidecar.core.grid import ResourceGrid
 from sidecar.dockerd import DockerEngine
 from sidecar.models import model_grid
-from training.invoker.functions import SPECS
 from training.invoker import managers as local
+from training.invoker.functions import SPECS
 from training.invoker.invoker import (
-    Containers, Invoker, Record, child_setup, record_dicts, schedule,
+    Containers,
+    Invoker,
+    Record,
+    child_setup,
+    record_dicts,
+    schedule,
 )
 from training.local_cluster import TOKEN as TRAINER_TOKEN
 from training.local_cluster import Trainer, free_port
@@ -81,8 +86,15 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Sidecar:
     """A ``faasrm sidecar run`` subprocess managing every child cgroup of ``parent``."""
 
-    def __init__(self, parent: str, workdir: Path, model: Path | None, grid: ResourceGrid,
-                 trainer: "Trainer | None" = None, docker: DockerEngine | None = None) -> None:
+    def __init__(
+        self,
+        parent: str,
+        workdir: Path,
+        model: Path | None,
+        grid: ResourceGrid,
+        trainer: Trainer | None = None,
+        docker: DockerEngine | None = None,
+    ) -> None:
         """``docker``: manage the invoker's Docker containers through that engine (the
         sidecar's Docker runtime) instead of the cgroups under ``parent``."""
         self.port = free_port()
@@ -91,16 +103,23 @@ class Sidecar:
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "sidecar.log"
         model_line = f'path = "{model}"' if model else 'path = "/nonexistent/rule-fallback.onnx"'
-        shipper = "" if trainer is None else f"""
+        shipper = (
+            ""
+            if trainer is None
+            else f"""
 [shipper]
 enabled = true
 url = "{trainer.url}"
 token = "{TRAINER_TOKEN}"
-state_file = "{workdir / 'shipper.json'}"
+state_file = "{workdir / "shipper.json"}"
 interval_s = 0.5
 """
-        containers = f'[cgroupfs]\nparent = "{parent}"' if docker is None else \
-            f'[docker]\nenabled = true\nbase_url = "{docker.base_url or ""}"'
+        )
+        containers = (
+            f'[cgroupfs]\nparent = "{parent}"'
+            if docker is None
+            else f'[docker]\nenabled = true\nbase_url = "{docker.base_url or ""}"'
+        )
         self.config = workdir / "sidecar.toml"
         self.config.write_text(f"""
 log_level = "warning"
@@ -114,9 +133,9 @@ mem_unit_mb = {grid.mem_unit_mb}
 mem_units = {grid.mem_units}
 {containers}
 [actuation]
-state_file = "{workdir / 'state.json'}"
+state_file = "{workdir / "state.json"}"
 [spool]
-dir = "{workdir / 'spool'}"
+dir = "{workdir / "spool"}"
 [model]
 {model_line}
 {shipper}""")
@@ -126,14 +145,17 @@ dir = "{workdir / 'spool'}"
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
                 preexec_fn=child_setup(),  # PDEATHSIG: never outlive the invoker
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited {self.proc.returncode}: "
-                                   f"{self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"sidecar exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 status, body = _get(self.url + "/readyz", 2)
                 if status == 200:
@@ -160,8 +182,9 @@ dir = "{workdir / 'spool'}"
         invocation (the spool would keep the rest on disk, but this sidecar will not restart)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if (self.metric("faasrm_shipper_records_total")
-                    >= self.metric("faasrm_invocations_total")):
+            if self.metric("faasrm_shipper_records_total") >= self.metric(
+                "faasrm_invocations_total"
+            ):
                 return True
             time.sleep(0.2)
         return False
@@ -179,18 +202,28 @@ dir = "{workdir / 'spool'}"
 def _rfet_stats(rfet: np.ndarray) -> dict[str, float]:
     if rfet.size == 0:
         rfet = np.array([1.0])
-    return {"mean_rfet": float(rfet.mean()), "p50_rfet": float(np.percentile(rfet, 50)),
-            "p98_rfet": float(np.percentile(rfet, 98)), "p99_rfet": float(np.percentile(rfet, 99))}
+    return {
+        "mean_rfet": float(rfet.mean()),
+        "p50_rfet": float(np.percentile(rfet, 50)),
+        "p98_rfet": float(np.percentile(rfet, 98)),
+        "p99_rfet": float(np.percentile(rfet, 99)),
+    }
 
 
-def summarize(records: list[Record], base: list[Record], oom_kills: int,
-              give_backs: int) -> dict[str, Any]:
+def summarize(
+    records: list[Record], base: list[Record], oom_kills: int, give_backs: int
+) -> dict[str, Any]:
     median = medians(base)
     base_exec = {r.idx: r.exec_s for r in base if r.outcome == "success"}
     ok = [r for r in records if r.outcome == "success" and r.idx in base_exec]
     rfet = np.array([r.exec_s / base_exec[r.idx] for r in ok]) if ok else np.array([1.0])
-    vs_median = np.array([r.exec_s / median[r.function] for r in records
-                          if r.outcome == "success" and r.function in median])
+    vs_median = np.array(
+        [
+            r.exec_s / median[r.function]
+            for r in records
+            if r.outcome == "success" and r.function in median
+        ]
+    )
     ex = np.array([r.exec_s for r in ok] or [0.0])
     resp = np.array([r.response_s for r in records] or [0.0])
     n = max(1, len(records))
@@ -229,29 +262,46 @@ def medians(records: list[Record]) -> dict[str, float]:
     return {f: float(np.median(v)) for f, v in by.items()}
 
 
-COLUMNS = [("mean RFET", "mean_rfet", "{:.3f}"), ("p50", "p50_rfet", "{:.3f}"),
-           ("p98", "p98_rfet", "{:.3f}"), ("p99", "p99_rfet", "{:.3f}"),
-           ("p98 exec s", "p98_duration_s", "{:.2f}"), ("p98 resp s", "p98_response_s", "{:.2f}"),
-           ("harvested", "harvested_frac", "{:.1%}"), ("accel.", "accelerated_frac", "{:.1%}"),
-           (">1.2", "slowdown_frac_1_2", "{:.1%}"), ("fail", "failures", "{}"),
-           ("OOM", "oom_kills", "{}"), ("give-backs", "give_backs", "{}"),
-           ("n", "invocations", "{}")]
+COLUMNS = [
+    ("mean RFET", "mean_rfet", "{:.3f}"),
+    ("p50", "p50_rfet", "{:.3f}"),
+    ("p98", "p98_rfet", "{:.3f}"),
+    ("p99", "p99_rfet", "{:.3f}"),
+    ("p98 exec s", "p98_duration_s", "{:.2f}"),
+    ("p98 resp s", "p98_response_s", "{:.2f}"),
+    ("harvested", "harvested_frac", "{:.1%}"),
+    ("accel.", "accelerated_frac", "{:.1%}"),
+    (">1.2", "slowdown_frac_1_2", "{:.1%}"),
+    ("fail", "failures", "{}"),
+    ("OOM", "oom_kills", "{}"),
+    ("give-backs", "give_backs", "{}"),
+    ("n", "invocations", "{}"),
+]
 
 
 def table(results: dict[str, dict]) -> str:
     head = ["manager"] + [c[0] for c in COLUMNS]
     rows = [[m] + [fmt.format(r[k]) for _, k, fmt in COLUMNS] for m, r in results.items()]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
-                     for row in [head, *rows])
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *rows]
+    )
 
 
-async def run_manager(manager: str, invocations, *, ratio: float, model: Path | None,
-                      grid: ResourceGrid, workdir: Path, state: dict, echo=print,
-                      trainer: Trainer | None = None,
-                      baselines: dict[str, float] | None = None,
-                      engine: DockerEngine | None = None,
-                      ) -> tuple[list[Record], int, int]:
+async def run_manager(
+    manager: str,
+    invocations,
+    *,
+    ratio: float,
+    model: Path | None,
+    grid: ResourceGrid,
+    workdir: Path,
+    state: dict,
+    echo=print,
+    trainer: Trainer | None = None,
+    baselines: dict[str, float] | None = None,
+    engine: DockerEngine | None = None,
+) -> tuple[list[Record], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
     ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
@@ -265,13 +315,21 @@ async def run_manager(manager: str, invocations, *, ratio: float, model: Path | 
         if manager in local.LOCAL_MANAGERS:
             applied = local.make(manager, local.Grid(**dataclasses.asdict(grid)), baselines)
         elif not manager.startswith("fixed"):
-            sidecar = Sidecar(parent, workdir / manager, model if manager == "learned" else None,
-                              grid, trainer, docker=engine)
+            sidecar = Sidecar(
+                parent,
+                workdir / manager,
+                model if manager == "learned" else None,
+                grid,
+                trainer,
+                docker=engine,
+            )
             ready = await asyncio.to_thread(sidecar.start)
             state.update(sidecar=sidecar, ready=ready)
-            echo(f"{manager}: sidecar {ready.get('model_source', '?')} policy "
-                 f"{ready.get('model', '')}; allocation trace while it runs: "
-                 f"{sidecar.url}/debug/allocations")
+            echo(
+                f"{manager}: sidecar {ready.get('model_source', '?')} policy "
+                f"{ready.get('model', '')}; allocation trace while it runs: "
+                f"{sidecar.url}/debug/allocations"
+            )
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
         invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
         state["invoker"] = invoker
@@ -297,32 +355,45 @@ def _live_view(state: dict, started: float):
 
     inv, containers, sc = state.get("invoker"), state.get("containers"), state.get("sidecar")
     p = inv.progress if inv else None
-    head = Text(f"[{time.monotonic() - started:5.0f} s] manager {state.get('manager', '-')}: "
-                + (f"{p.done}/{p.total} invocations, {p.running} running, {p.failures} failed"
-                   if p else "starting containers"))
+    head = Text(
+        f"[{time.monotonic() - started:5.0f} s] manager {state.get('manager', '-')}: "
+        + (
+            f"{p.done}/{p.total} invocations, {p.running} running, {p.failures} failed"
+            if p
+            else "starting containers"
+        )
+    )
     parts: list = [head]
     if sc is not None:
         parts.append(Text(f"sidecar allocation trace: {sc.url}/debug/allocations"))
     if state.get("trainer") is not None:
-        parts.append(Text(f"trainer {state['trainer'].url}: "
-                          f"{state.get('trainer_records', 0)} trajectory records received"))
+        parts.append(
+            Text(
+                f"trainer {state['trainer'].url}: "
+                f"{state.get('trainer_records', 0)} trajectory records received"
+            )
+        )
     if containers:
         t = Table("container", "user cpu", "user MB", "cpu now", "MB now", "waiting", box=None)
         for c in containers.values():
             lim = c.limits()
             q = None if lim is None else lim.cpu_quota_cores
             cpu = "-" if q is None else f"{q:.2f}"
-            mem = "-" if lim is None or lim.mem_limit_bytes is None else \
-                f"{lim.mem_limit_bytes / 2**20:.0f}"
-            t.add_row(c.name, f"{c.user_cpu:.2f}", f"{c.user_mem_mb:.0f}", cpu, mem,
-                      str(c.waiting))
+            mem = (
+                "-"
+                if lim is None or lim.mem_limit_bytes is None
+                else f"{lim.mem_limit_bytes / 2**20:.0f}"
+            )
+            t.add_row(c.name, f"{c.user_cpu:.2f}", f"{c.user_mem_mb:.0f}", cpu, mem, str(c.waiting))
         parts.append(t)
     return Group(*parts)
 
 
 def grid_text(grid: ResourceGrid) -> str:
-    return (f"{grid.cpu_unit_cores:g} core x {grid.cpu_units}, "
-            f"{grid.mem_unit_mb:g} MB x {grid.mem_units}")
+    return (
+        f"{grid.cpu_unit_cores:g} core x {grid.cpu_units}, "
+        f"{grid.mem_unit_mb:g} MB x {grid.mem_units}"
+    )
 
 
 def trainer_records(trainer: Trainer) -> int:
@@ -334,16 +405,29 @@ def trainer_records(trainer: Trainer) -> int:
         return -1
 
 
-async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: int,
-                  ratio: float, model: Path | None, grid: ResourceGrid, live: bool,
-                  workdir: Path, with_trainer: bool = False, echo=print,
-                  engine: DockerEngine | None = None) -> dict[str, Any]:
+async def run_all(
+    managers: list[str],
+    minutes: float,
+    *,
+    speedup: float,
+    seed: int,
+    ratio: float,
+    model: Path | None,
+    grid: ResourceGrid,
+    live: bool,
+    workdir: Path,
+    with_trainer: bool = False,
+    echo=print,
+    engine: DockerEngine | None = None,
+) -> dict[str, Any]:
     """Every manager in turn over the same invocations; ``with_trainer``: a local trainer
     service receives the sidecar's trajectories (its learner runs with its defaults)."""
     invocations = schedule(minutes, speedup, seed)
-    echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, {minutes:g} min "
-         f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}; "
-         f"grid {grid_text(grid)}")
+    echo(
+        f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, {minutes:g} min "
+        f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}; "
+        f"grid {grid_text(grid)}"
+    )
     results: dict[str, dict] = {}
     all_records: dict[str, list[dict]] = {}
     base: list[Record] = []
@@ -359,9 +443,14 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
         if with_trainer:
             (workdir / "trainer").mkdir(parents=True, exist_ok=True)
             learner = importlib.util.find_spec("torch") is not None  # else: receive only
-            trainer = Trainer(workdir / "trainer", free_port(), {
-                "learner.enabled": learner,
-                **{f"grid.{k}": v for k, v in dataclasses.asdict(grid).items()}})
+            trainer = Trainer(
+                workdir / "trainer",
+                free_port(),
+                {
+                    "learner.enabled": learner,
+                    **{f"grid.{k}": v for k, v in dataclasses.asdict(grid).items()},
+                },
+            )
             await asyncio.to_thread(trainer.start)
             state["trainer"] = trainer
             echo(f"trainer service: {trainer.url} (trajectories in {workdir / 'trainer'})")
@@ -384,14 +473,24 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
         for m in managers:
             if m in local.LOCAL_MANAGERS:
                 (live_ctx.console.print if live_ctx else echo)(
-                    f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}")
+                    f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}"
+                )
             elif not m.startswith("fixed"):
                 echo_live = live_ctx.console.print if live_ctx else echo
                 echo_live(f"{m}: sidecar with {model if m == 'learned' else 'the rule fallback'}")
             records, ooms, gbs = await run_manager(
-                m, invocations, ratio=ratio, model=model, grid=grid, workdir=workdir,
-                state=state, echo=live_ctx.console.print if live_ctx else echo,
-                baselines=means(base), trainer=trainer, engine=engine)
+                m,
+                invocations,
+                ratio=ratio,
+                model=model,
+                grid=grid,
+                workdir=workdir,
+                state=state,
+                echo=live_ctx.console.print if live_ctx else echo,
+                baselines=means(base),
+                trainer=trainer,
+                engine=engine,
+            )
             if m == "fixed":
                 base = records
             results[m] = summarize(records, base, ooms, gbs)
@@ -410,15 +509,33 @@ async def run_all(managers: list[str], minutes: float, *, speedup: float, seed: 
             live_ctx.stop()
         if trainer is not None:
             await asyncio.to_thread(trainer.stop)
-    return {"results": results, "records": all_records, "medians_s": medians(base),
-            "functions": {s.name: {"user_mem_mb": s.mem_mb, "user_cpu_cores": s.mem_mb * ratio,
-                                   "input_range": [s.lo, s.hi], "shape": s.shape}
-                          for s in SPECS},
-            "config": {"minutes": minutes, "speedup": speedup, "seed": seed,
-                       "cores_per_mb": ratio, "model": str(model) if model else None,
-                       "grid": dataclasses.asdict(grid)},
-            **({"trainer": {"url": trainer.url, "records": state.get("trainer_records", -1)}}
-               if trainer is not None else {})}
+    return {
+        "results": results,
+        "records": all_records,
+        "medians_s": medians(base),
+        "functions": {
+            s.name: {
+                "user_mem_mb": s.mem_mb,
+                "user_cpu_cores": s.mem_mb * ratio,
+                "input_range": [s.lo, s.hi],
+                "shape": s.shape,
+            }
+            for s in SPECS
+        },
+        "config": {
+            "minutes": minutes,
+            "speedup": speedup,
+            "seed": seed,
+            "cores_per_mb": ratio,
+            "model": str(model) if model else None,
+            "grid": dataclasses.asdict(grid),
+        },
+        **(
+            {"trainer": {"url": trainer.url, "records": state.get("trainer_records", -1)}}
+            if trainer is not None
+            else {}
+        ),
+    }
 
 
 def leftovers(engine: DockerEngine | None = None) -> list[str]:
@@ -445,14 +562,19 @@ def main(args: Any, *, demo: bool = False) -> int:
     except cgroups.CgroupError:
         cgroups_ok = False
     if os.geteuid() != 0 or not cgroups_ok:
-        print("faasrm: error: needs root and cgroup v1 (cpu, cpuacct, memory) or v2 (cpu, "
-              "memory) controllers", file=sys.stderr)
+        print(
+            "faasrm: error: needs root and cgroup v1 (cpu, cpuacct, memory) or v2 (cpu, "
+            "memory) controllers",
+            file=sys.stderr,
+        )
         return 2
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     bad = [m for m in managers if m not in (*MANAGERS, "rule", "fixed2")]
     if bad:
-        raise ValueError(f"unknown manager(s) {bad}: choose from fixed, fixed2, greedy, "
-                         "ensure, vpa, learned, rule")
+        raise ValueError(
+            f"unknown manager(s) {bad}: choose from fixed, fixed2, greedy, "
+            "ensure, vpa, learned, rule"
+        )
     if "fixed" in managers:
         managers.remove("fixed")
     managers.insert(0, "fixed")  # the RFET baseline runs first
@@ -463,17 +585,22 @@ def main(args: Any, *, demo: bool = False) -> int:
     engine = None
     if args.runtime == "docker":  # explicitly asked for: installing docker.io is allowed
         try:
-            engine = dockerd.find_or_start(install=True, echo=lambda m: print(
-                f"--runtime docker: {m}", flush=True))
+            engine = dockerd.find_or_start(
+                install=True, echo=lambda m: print(f"--runtime docker: {m}", flush=True)
+            )
         except dockerd.EngineUnavailable as exc:
             print(f"faasrm: error: --runtime docker: {exc}", file=sys.stderr)
             return 2
-        print(f"--runtime docker: engine {engine.base_url or 'from DOCKER_HOST'}"
-              f"{' (private, stopped at the end)' if engine.owned else ''}", flush=True)
+        print(
+            f"--runtime docker: engine {engine.base_url or 'from DOCKER_HOST'}"
+            f"{' (private, stopped at the end)' if engine.owned else ''}",
+            flush=True,
+        )
 
     async def _main() -> dict:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
         def on_signal() -> None:  # once: a second Ctrl-C must not cut the cleanup short
             task.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -482,16 +609,28 @@ def main(args: Any, *, demo: bool = False) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         with tempfile.TemporaryDirectory(prefix="faasrm-real-") as tmp:
-            return await run_all(managers, args.minutes, speedup=args.speedup, seed=args.seed,
-                                 ratio=args.cores_per_mb, model=model, grid=grid, live=demo,
-                                 workdir=Path(tmp), with_trainer=demo,
-                                 echo=lambda m: print(m, flush=True), engine=engine)
+            return await run_all(
+                managers,
+                args.minutes,
+                speedup=args.speedup,
+                seed=args.seed,
+                ratio=args.cores_per_mb,
+                model=model,
+                grid=grid,
+                live=demo,
+                workdir=Path(tmp),
+                with_trainer=demo,
+                echo=lambda m: print(m, flush=True),
+                engine=engine,
+            )
 
     try:
         out = asyncio.run(_main())
     except asyncio.CancelledError:
-        print("interrupted: containers, workers and the sidecar were stopped and removed",
-              file=sys.stderr)
+        print(
+            "interrupted: containers, workers and the sidecar were stopped and removed",
+            file=sys.stderr,
+        )
         return 130
     finally:
         left = leftovers(engine)
@@ -502,8 +641,10 @@ def main(args: Any, *, demo: bool = False) -> int:
     print()
     print(table(out["results"]))
     if "trainer" in out:
-        print(f"trainer service: received {out['trainer']['records']} trajectory records from "
-              "the sidecars (its learner starts updating at learner.min_records)")
+        print(
+            f"trainer service: received {out['trainer']['records']} trajectory records from "
+            "the sidecars (its learner starts updating at learner.min_records)"
+        )
     if getattr(args, "plots", None):
         try:
             for path in plots(out, args.plots):
@@ -512,8 +653,11 @@ def main(args: Any, *, demo: bool = False) -> int:
             print(f"faasrm: no plots ({exc}): pip install 'faasrm[sim]'", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = out if getattr(args, "records", False) else \
-            {k: v for k, v in out.items() if k != "records"}
+        payload = (
+            out
+            if getattr(args, "records", False)
+            else {k: v for k, v in out.items() if k != "records"}
+        )
         Path(args.json).write_text(json.dumps(payload, indent=1, sort_keys=True))
         print(f"wrote {args.json}")
     return 0
@@ -532,8 +676,13 @@ def plots(out: dict, folder: str | Path) -> list[Path]:
     base = {r["idx"]: r["exec_s"] for r in records.get("fixed", []) if r["outcome"] == "success"}
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, rs in records.items():
-        x = np.sort([r["exec_s"] / base[r["idx"]] for r in rs
-                     if r["outcome"] == "success" and r["idx"] in base])
+        x = np.sort(
+            [
+                r["exec_s"] / base[r["idx"]]
+                for r in rs
+                if r["outcome"] == "success" and r["idx"] in base
+            ]
+        )
         if x.size:
             ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", label=m)
     ax.set_xscale("log")
@@ -550,8 +699,9 @@ def plots(out: dict, folder: str | Path) -> list[Path]:
         fig, axes = plt.subplots(len(names), 2, figsize=(9, 2 * len(names)), sharex=True)
         for row, name in zip(axes, names, strict=True):
             for m in managed:
-                rs = sorted((r for r in records[m] if r["function"] == name),
-                            key=lambda r: r["start_s"])
+                rs = sorted(
+                    (r for r in records[m] if r["function"] == name), key=lambda r: r["start_s"]
+                )
                 t = [r["start_s"] for r in rs]
                 row[0].step(t, [r["cpu_cores"] for r in rs], where="post", label=m)
                 row[1].step(t, [r["mem_mb"] for r in rs], where="post", label=m)

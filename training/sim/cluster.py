@@ -55,7 +55,8 @@ class ClusterConfig:
     cores: float = 8.0
     mem_mb: float = 2048.0
     cpu_overcommit: float = 2.0
-    """Admission allows allocated CPU up to this multiple of the cores (CPU is shares, not slots)."""
+    """Admission allows allocated CPU up to this multiple of the cores (CPU is shares, not
+    slots)."""
     keep_alive_s: float = 600.0
     queue_scan: int = 16
     """How many queued invocations to try when resources free up (limits head-of-line blocking)."""
@@ -85,8 +86,17 @@ class Request:
 
 
 _FIELDS = (
-    "cpu", "mem", "exec_s", "baseline_s", "queue_s", "cold_s", "failed", "cpu_peak", "mem_peak",
-    "reward", "done",
+    "cpu",
+    "mem",
+    "exec_s",
+    "baseline_s",
+    "queue_s",
+    "cold_s",
+    "failed",
+    "cpu_peak",
+    "mem_peak",
+    "reward",
+    "done",
 )
 
 
@@ -129,7 +139,7 @@ class Results:
     done: np.ndarray = field(repr=False)
 
     @classmethod
-    def of(cls, log: Log) -> "Results":
+    def of(cls, log: Log) -> Results:
         return cls(fn=np.asarray(log.fn), **{k: np.asarray(getattr(log, k)) for k in _FIELDS})
 
 
@@ -265,7 +275,9 @@ class ClusterSim:
         self._events: list[tuple[float, int]] = []  # (finish time, invocation)
         self._queue: deque[int] = deque()
         self._queued_at: dict[int, float] = {}
-        self._running: dict[int, tuple[int, float, float, float]] = {}  # inv -> server, mem, cpu, load
+        self._running: dict[
+            int, tuple[int, float, float, float]
+        ] = {}  # inv -> server, mem, cpu, load
         self._guard_of: dict[int, Guard] = {}
         self._request: Request | None = None
         self.finished: list[int] = []

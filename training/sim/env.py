@@ -3,12 +3,12 @@
 Observation: ``context`` (node + function features, also the critic's input), the candidate
 blocks ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
 normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
-allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small. Action: a
-candidate index. The step reward is the sum of the rewards of invocations whose outcome became
-known since the previous decision (the simulator knows it when an invocation starts);
+allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small.
+Action: a candidate index. The step reward is the sum of the rewards of invocations whose outcome
+became known since the previous decision (the simulator knows it when an invocation starts);
 ``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs in ``info["rfet"]``; plain lists)
-name them, so a
-trainer can credit each reward to the decision that caused it (``info["inv"]`` of that step).
+name them, so a trainer can credit each reward to the decision that caused it (``info["inv"]``
+of that step).
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class ClusterEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
-        wl_seed = self.fixed_seed if self.fixed_seed is not None else int(
-            self.np_random.integers(2**31)
+        wl_seed = (
+            self.fixed_seed if self.fixed_seed is not None else int(self.np_random.integers(2**31))
         )
         self.sim = ClusterSim(
             self.preset.build(wl_seed),

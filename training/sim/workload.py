@@ -1,4 +1,5 @@
-"""From a trace to a workload: each function's true demand, its user's size, every invocation's draw.
+"""From a trace to a workload: each function's true demand, its user's size, every invocation's
+draw.
 
 The trace gives arrival times, a duration distribution and a memory distribution per function.
 What no trace records, and the simulator must invent honestly, is how a function responds to
@@ -37,7 +38,8 @@ class WorkloadConfig:
     user_cpu_per_mem_unit: float = 0.5
     """CPU follows memory: user CPU units per user memory unit (0.5: 512 MB gets 4 cores)."""
     parallelism_log_mean: float = -0.3
-    """log of the median ratio parallelism / user cores (e^-0.3 ~ 0.74: ~55% of functions over-, ~45% under-provisioned on CPU)."""
+    """log of the median ratio parallelism / user cores (e^-0.3 ~ 0.74: ~55% of functions over-,
+    ~45% under-provisioned on CPU)."""
     parallelism_log_sd: float = 1.0
     max_duration_s: float = 300.0
     """Azure functions time out at 5 minutes; longer draws are clipped."""
@@ -138,7 +140,9 @@ def build_workload(
         if len(idx):
             qi = q[idx]
             curve = np.maximum.accumulate(tf.duration_pct_ms) / 1e3
-            duration_s[idx] = np.minimum(_interp_curve(qi, DURATION_PCTS, curve), cfg.max_duration_s)
+            duration_s[idx] = np.minimum(
+                _interp_curve(qi, DURATION_PCTS, curve), cfg.max_duration_s
+            )
             working_set[idx] = _interp_curve(qi, MEMORY_PCTS, mem_pct)
     duration_s = np.maximum(duration_s, 1e-3)
 
