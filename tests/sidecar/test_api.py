@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,27 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
             await client.close()
         # shutdown restored everything
         assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+
+    run(main())
+
+
+def test_a_stalled_loop_counts_its_skipped_ticks(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)  # tick_s = 0.05
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            time.sleep(0.5)  # blocks the event loop: the ticks due meanwhile are skipped
+            text = ""
+            for _ in range(100):
+                text = await (await client.get("/metrics")).text()
+                (line,) = [x for x in text.splitlines() if x.startswith("faasrm_tick_overruns")]
+                if float(line.split()[1]) > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert float(line.split()[1]) >= 5, line
+        finally:
+            await client.close()
 
     run(main())
 
