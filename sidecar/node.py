@@ -210,9 +210,12 @@ class Node:
 
     # ------------------------------------------------------------------------ invocations
     def _usage(self, cid: str) -> cgroups.Usage | None:
+        cg = self.sampler.cgroup(cid)
+        if cg is None:
+            return None
         try:
-            return self.sampler.read_now(cid)
-        except (KeyError, cgroups.CgroupError):
+            return cg.read_usage()
+        except cgroups.CgroupError:
             return None
 
     def start(

@@ -16,8 +16,8 @@ yet). The OOM counter: on v1 the kernel signals an eventfd on every OOM in the c
 container is read, OOM counter included, on that tick and the next, hot or not; without an
 eventfd (v2) a hot container's counter is read every tick. The memory peak, PSI and v1
 throttling counters are read on the slow ticks (in between the peak is the last one read, raised
-to the current usage). ``read_now`` reads one container in full at once (an invocation's start
-and end).
+to the current usage). An invocation's start and end read the container in full at once (the
+node, through ``cgroup``), without moving its window.
 
 Each container keeps its last ``HISTORY`` samples (time, CPU cores, memory bytes) in a fixed ring
 of doubles for the debug page's timeline: 7 KB per container, no allocation per sample.
@@ -149,16 +149,6 @@ class Sampler:
     def last(self, container_id: str) -> cgroups.Usage | None:
         t = self._tracked.get(container_id)
         return t.last if t else None
-
-    def read_now(self, container_id: str) -> cgroups.Usage:
-        """Read one container in full now (an invocation's start or end; raises KeyError or
-        CgroupError). The next window's CPU rate counts from here; the counters the next sample
-        turns into deltas (OOM kills, throttling) keep their last values, so no event is lost."""
-        t = self._tracked[container_id]
-        u = t.cg.read_usage()
-        if t.last is not None:
-            t.last = t.last._replace(t_s=u.t_s, cpu_usage_s=u.cpu_usage_s)
-        return u
 
     def history(self, container_id: str, limit: int = HISTORY) -> list[tuple[float, float, int]]:
         """The container's last ``limit`` samples as (t_s, cpu_cores, mem_bytes), oldest first

@@ -168,24 +168,6 @@ def test_a_new_container_is_read_at_once_and_the_history_ring_wraps(tmp_path: Pa
     s.close()
 
 
-def test_read_now_starts_the_next_window_and_keeps_event_deltas(tmp_path: Path) -> None:
-    s, dirs = _v2_sampler(tmp_path, "a")
-    s.tick()
-    d = dirs["a"]
-    (d / "memory.events").write_text(
-        (d / "memory.events").read_text().replace("oom_kill 1", "oom_kill 2")
-    )
-    u = s.read_now("a")  # an invocation starts: read everything now
-    assert u.oom_kills == 2
-    stat = (d / "cpu.stat").read_text().replace("usage_usec 8123456", "usage_usec 8223456")
-    (d / "cpu.stat").write_text(stat)
-    (x,) = s.tick().samples
-    assert x.oom_delta == 1  # still reported by the sample after the read
-    assert x.t_s - x.window_s == u.t_s  # the window starts at the read
-    assert x.cpu_cores == pytest.approx(0.1 / x.window_s, rel=1e-6)
-    s.close()
-
-
 def test_live_none_reads_oom_every_tick(tmp_path: Path) -> None:
     s, dirs = _v2_sampler(tmp_path, "a")
     s.slow_every = 100
