@@ -44,6 +44,8 @@ class Managed:
     owner: str | None = None
     """Invocation whose decision the current limits are; None = at (or returning to) user limits."""
     restore_pending: bool = False
+    written: Limits | None = None
+    """The limits in the cgroup as far as the actuator knows: the last ones it wrote or read."""
 
     def to_json(self) -> dict:
         return {
@@ -114,6 +116,9 @@ class Actuator:
         self.writes_ok = 0
         self.writes_failed = 0
         self.refused = 0
+        self.held: set[str] = set()
+        """Containers not at their user's limits: a decision's are in place, or a restore is
+        pending. Kept as the limits change, so a tick never scans every container for them."""
 
     # -------------------------------------------------------------------------------- state
     def _save(self) -> None:
@@ -194,7 +199,7 @@ class Actuator:
             return m
         m = Managed(ref.id, ref.cgroup_path, ref.cgroup_version, root, Limits())
         m.cg = cg or self.opener(m)
-        original = m.cg.read_limits()
+        original = m.written = m.cg.read_limits()
         m.user = user_limits(ref.user, original, exact=ref.labels.get("user_from") == "limits")
         self.managed[ref.id] = m
         if save:
@@ -217,6 +222,7 @@ class Actuator:
             return "unknown"
         result = self._restore(m) if restore else "skipped"
         self.managed.pop(container_id, None)
+        self.held.discard(container_id)
         if m.cg is not None:
             m.cg.close()
         self._save()
@@ -231,6 +237,7 @@ class Actuator:
     def _write(self, m: Managed, limits: Limits) -> None:
         try:
             self._cg(m).write_limits(limits, headroom_bytes=self.headroom_bytes)
+            m.written = limits
             self.writes_ok += 1
         except ValueError:
             self.refused += 1
@@ -260,7 +267,14 @@ class Actuator:
             self._write(m, target_limits(m.user, applied, self.period_us))
         m.applied = applied
         m.restore_pending = False
+        self._mark(m)
         return applied, time.perf_counter() - t0
+
+    def _mark(self, m: Managed) -> None:
+        if m.restore_pending or not m.applied.is_user:
+            self.held.add(m.container_id)
+        else:
+            self.held.discard(m.container_id)
 
     def _restore(self, m: Managed) -> str:
         try:
@@ -281,6 +295,7 @@ class Actuator:
                 return f"error: {exc}"
             m.restore_pending = True
             m.owner = None
+            self._mark(m)
             return "pending"
         except cgroups.CgroupGone:
             return "gone"
@@ -290,6 +305,7 @@ class Actuator:
         m.owner = None
         m.applied = USER_TARGET
         m.restore_pending = False
+        self._mark(m)
         return "restored"
 
     def restore(self, container_id: str) -> str:
@@ -307,8 +323,8 @@ class Actuator:
     def retry_restores(self) -> dict[str, str]:
         return {
             cid: self._restore(m)
-            for cid, m in list(self.managed.items())
-            if m.restore_pending and m.owner is None
+            for cid in list(self.held)
+            if (m := self.managed[cid]).restore_pending and m.owner is None
         }
 
     def restore_all(self, live: set[str] | None = None) -> dict[str, str]:

@@ -8,7 +8,9 @@
   with duration, RFET and reward; 404 for an unknown invocation.
 * ``GET /healthz`` (the loop ticks), ``/readyz`` (first sample done; names the model or the
   fallback), ``/metrics`` (Prometheus), ``/debug/allocations?function=&container=&limit=``,
-  ``/debug/containers``, ``/debug/model``.
+  ``/debug/containers``, ``/debug/history?container=&limit=`` (one container's recent samples),
+  ``/debug/model``, ``/debug/shipper``; ``/debug/`` is a page built on them
+  (``sidecar/debug_page.html``: inline CSS and JS, nothing loaded from elsewhere).
 
 Debug handlers read snapshots and never write cgroups.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +29,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.engine import EngineError, effective
 from sidecar.node import NODE, Node, StartResult
 from sidecar.runtimes.base import UserSize
+from sidecar.sampler import HISTORY
 
 MB = 2**20
 _START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
@@ -250,6 +254,44 @@ async def debug_containers(request: web.Request) -> web.Response:
     return _json({"containers": node.containers_view()})
 
 
+async def debug_history(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    cid = request.query.get("container", "")
+    if cid not in node.engine.containers:
+        return _error(404, f"unknown container {cid!r}")
+    try:
+        limit = int(request.query.get("limit", str(HISTORY)))
+        if not 1 <= limit <= HISTORY:
+            raise ValueError
+    except ValueError:
+        return _error(400, f"'limit' must be an integer 1..{HISTORY}")
+    wall = time.time() - time.monotonic()
+    samples = node.sampler.history(cid, limit)
+    return _json(
+        {
+            "container": cid,
+            "t": [round(t + wall, 3) for t, _, _ in samples],
+            "cpu_cores": [c for _, c, _ in samples],
+            "mem_bytes": [m for _, _, m in samples],
+        }
+    )
+
+
+_PAGE = resources.files("sidecar").joinpath("debug_page.html")
+# the page may talk to this server only: no CDN, no external script, style or font
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; connect-src 'self'; "
+    "script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:",
+    "Cache-Control": "no-cache",
+}
+
+
+async def debug_page(request: web.Request) -> web.Response:
+    return web.Response(
+        text=_PAGE.read_text(), content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS
+    )
+
+
 async def debug_model(request: web.Request) -> web.Response:
     from sidecar.model_poller import POLLER
 
@@ -277,5 +319,7 @@ def add_routes(app: web.Application, registry: Any) -> None:
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/debug/allocations", debug_allocations)
     app.router.add_get("/debug/containers", debug_containers)
+    app.router.add_get("/debug/history", debug_history)
+    app.router.add_get("/debug/", debug_page)
     app.router.add_get("/debug/model", debug_model)
     app.router.add_get("/debug/shipper", debug_shipper)

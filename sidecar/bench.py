@@ -1,9 +1,12 @@
 """``faasrm bench sidecar``: the daemon's costs on real cgroups, each beside a baseline.
 
-* tick CPU: the daemon's own ``Node.tick`` (sample every container through kept fds, per-sample
-  peaks/give-back/OOM checks, metrics) at 10 Hz on monotonic deadlines, with an invocation
-  running in every container; process CPU time per tick as % of one core, at 10 and 100
-  containers. Baseline: reading the same files with open/read/close per file.
+* tick CPU: the daemon's own ``Node.tick`` (sample the containers the tick reads through kept
+  fds, per-sample peaks/give-back/OOM checks, metrics) at 10 Hz on monotonic deadlines; process
+  CPU time per tick as % of one core, for three mixes: 100 and 1,000 containers with 10% of them
+  running an invocation (an invoker host: most warm containers are idle at any moment), and 100
+  all running one. Baseline, per mix: open/read/close of the same files on the same schedule (a
+  running container's CPU and memory usage every tick, the rest of its files every
+  ``slow_every`` ticks; an idle container's five files every ``slow_every`` ticks).
 * decision latency: ``Engine.start`` (stats, safeguard, features, inference, argmax), p50/p99.
   Baseline: the scorer's inference alone on the same rows.
 * actuation latency: ``Actuator.apply`` of a harvest allocation (CPU quota + shares + memory
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import tempfile
 import time
 import uuid
@@ -40,9 +44,14 @@ from sidecar.core.grid import ResourceGrid
 from sidecar.engine import Target
 
 MB = 2**20
+MIXES = {  # key suffix: (containers, share running an invocation)
+    "100": (100, 0.1),
+    "1000": (1000, 0.1),
+    "100_all_active": (100, 1.0),
+}
 KEYS = (
-    "tick_cpu_pct_10",
-    "tick_cpu_pct_100",
+    *(f"tick_cpu_pct_{m}" for m in MIXES),
+    *(f"raw_read_cpu_pct_{m}" for m in MIXES),
     "decision_p50_us",
     "decision_p99_us",
     "actuation_p50_ms",
@@ -140,12 +149,19 @@ def _node(rels: list[str], tmp: Path, model: str):
     return node
 
 
-def _tick_cpu(node, n_ticks: int) -> float:
+def _active(n: int, share: float) -> list[bool]:
+    """Which of n containers run an invocation: every k-th, spread over the slow-tick phases."""
+    k = round(1 / share) if share > 0 else n + 1
+    return [i % k == 0 for i in range(n)]
+
+
+def _tick_cpu(node, active: list[bool], n_ticks: int) -> float:
     """Process CPU per tick over n_ticks real 100 ms ticks, as % of one core."""
     from sidecar.sampler import Ticker
 
-    for cid in list(node.engine.containers):
-        node.start(cid)
+    for cid, busy in zip(list(node.engine.containers), active):
+        if busy:
+            node.start(cid)
 
     async def loop() -> float:
         ticker = Ticker(node.cfg.sampler.tick_s)
@@ -163,22 +179,40 @@ def _tick_cpu(node, n_ticks: int) -> float:
     return cpu / n_ticks / node.cfg.sampler.tick_s * 100
 
 
-def _raw_read_cpu(rels: list[str], n_ticks: int, tick_s: float = 0.1) -> float:
-    """The baseline: the same five files per container with open/read/close, same 10 Hz schedule."""
+def _raw_read_cpu(
+    rels: list[str], active: list[bool], n_ticks: int, slow_every: int, tick_s: float = 0.1
+) -> float:
+    """The baseline: the files the daemon reads in this mix, on its schedule, each with
+    open/read/close."""
     from sidecar.sampler import Ticker
 
     root = cgroups.DEFAULT_ROOT
-    files = []
+    fast_files, slow_files = [], []  # per container
     for rel in rels:
-        files += [
-            f"{root}/cpuacct/{rel}/cpuacct.usage",
-            f"{root}/cpu/{rel}/cpu.stat",
-            f"{root}/memory/{rel}/memory.usage_in_bytes",
-            f"{root}/memory/{rel}/memory.max_usage_in_bytes",
-            f"{root}/memory/{rel}/memory.oom_control",
+        fast_files.append(
+            [f"{root}/cpuacct/{rel}/cpuacct.usage", f"{root}/memory/{rel}/memory.usage_in_bytes"]
+        )
+        slow_files.append(
+            [
+                f"{root}/cpu/{rel}/cpu.stat",
+                f"{root}/memory/{rel}/memory.max_usage_in_bytes",
+                f"{root}/memory/{rel}/memory.oom_control",
+            ]
+        )
+    # per tick phase: the files read on it (slow ticks are spread as the sampler spreads them)
+    hot = [f for i, files in enumerate(fast_files) if active[i] for f in files]
+    phases = [
+        hot
+        + [
+            f
+            for i in range(len(rels))
+            if i % slow_every == phase
+            for f in (slow_files[i] if active[i] else fast_files[i] + slow_files[i])
         ]
+        for phase in range(slow_every)
+    ]
 
-    def read_all() -> None:
+    def read(files: list[str]) -> None:
         for f in files:
             fd = os.open(f, os.O_RDONLY)
             os.read(fd, 4096)
@@ -188,8 +222,8 @@ def _raw_read_cpu(rels: list[str], n_ticks: int, tick_s: float = 0.1) -> float:
         ticker = Ticker(tick_s)
         await ticker.wait()
         c0 = time.process_time()
-        for _ in range(n_ticks):
-            read_all()
+        for k in range(n_ticks):
+            read(phases[k % slow_every])
             await ticker.wait()
         return time.process_time() - c0
 
@@ -264,11 +298,22 @@ def _actuation(node, n: int) -> tuple[list[float], list[float], list[float]]:
     return applied, hooks, raw
 
 
+def _raise_fd_limit(needed: int) -> None:
+    """The daemon keeps ~6 fds per container (its unit sets LimitNOFILE=65536): do the same."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        cap = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+
+
 def run(args: argparse.Namespace) -> dict:
     from sidecar.models import default_model_path
 
     parent = f"faasrm-bench-{uuid.uuid4().hex[:8]}"
-    rels = [f"{parent}/c{i:03d}" for i in range(100)]
+    n_max = max(n for n, _ in MIXES.values())
+    rels = [f"{parent}/c{i:04d}" for i in range(n_max)]
+    _raise_fd_limit(8 * n_max + 1024)
+    tick, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="faasrm-bench-") as tmpdir:
         tmp = Path(tmpdir)
         model = args.model or (str(default_model_path()) if default_model_path().exists() else "")
@@ -282,13 +327,15 @@ def run(args: argparse.Namespace) -> dict:
         try:
             for rel in rels:
                 cgroups.create_v1(rel)
-            node10, node100 = _node(rels[:10], tmp, model), _node(rels, tmp, model)
-            tick10 = _tick_cpu(node10, args.ticks)
-            tick100 = _tick_cpu(node100, args.ticks)
-            raw100 = _raw_read_cpu(rels, args.ticks)
-            dec, inf = _decisions(node100, args.decisions)
-            act, hook, raw = _actuation(node10, args.actuations)
-            for node in (node10, node100):
+            nodes = {n: _node(rels[:n], tmp, model) for n in sorted({n for n, _ in MIXES.values()})}
+            for name, (n, share) in MIXES.items():
+                active = _active(n, share)
+                tick[name] = _tick_cpu(nodes[n], active, args.ticks)
+                slow_every = nodes[n].cfg.sampler.slow_every
+                raw[name] = _raw_read_cpu(rels[:n], active, args.ticks, slow_every)
+            dec, inf = _decisions(nodes[100], args.decisions)
+            act, hook, raw_w = _actuation(nodes[100], args.actuations)
+            for node in nodes.values():
                 node.shutdown()
         finally:
             for rel in rels:
@@ -299,8 +346,8 @@ def run(args: argparse.Namespace) -> dict:
                 except OSError:
                     pass
     figures = {
-        "tick_cpu_pct_10": round(tick10, 3),
-        "tick_cpu_pct_100": round(tick100, 3),
+        **{f"tick_cpu_pct_{m}": round(v, 3) for m, v in tick.items()},
+        **{f"raw_read_cpu_pct_{m}": round(v, 3) for m, v in raw.items()},
         "decision_p50_us": round(_pct(dec, 50) * 1e6, 1),
         "decision_p99_us": round(_pct(dec, 99) * 1e6, 1),
         "actuation_p50_ms": round(_pct(act, 50) * 1e3, 4),
@@ -308,13 +355,12 @@ def run(args: argparse.Namespace) -> dict:
     }
     extra = {
         "model": model_desc,
-        "raw_read_cpu_pct_100": round(raw100, 3),
         "inference_p50_us": round(_pct(inf, 50) * 1e6, 1),
         "inference_p99_us": round(_pct(inf, 99) * 1e6, 1),
         "hook_p50_ms": round(_pct(hook, 50) * 1e3, 4),
         "hook_p99_ms": round(_pct(hook, 99) * 1e3, 4),
-        "raw_write_p50_ms": round(_pct(raw, 50) * 1e3, 4),
-        "raw_write_p99_ms": round(_pct(raw, 99) * 1e3, 4),
+        "raw_write_p50_ms": round(_pct(raw_w, 50) * 1e3, 4),
+        "raw_write_p99_ms": round(_pct(raw_w, 99) * 1e3, 4),
     }
     return {**figures, "_extra": extra}
 
@@ -327,13 +373,13 @@ def main(args: argparse.Namespace) -> int:
     res = run(args)
     x = res.pop("_extra")
     print(f"policy: {x['model']}")
-    print(
-        f"tick CPU, 10 containers:   {res['tick_cpu_pct_10']:.3f} % of one core (budget 1 % at 100)"
-    )
-    print(
-        f"tick CPU, 100 containers:  {res['tick_cpu_pct_100']:.3f} % of one core "
-        f"(open/read/close of the same files, same schedule: {x['raw_read_cpu_pct_100']:.3f} %)"
-    )
+    for m, (n, share) in MIXES.items():
+        label = f"{n} containers, {share:.0%} running"
+        print(
+            f"tick CPU, {label + ':':<29} {res[f'tick_cpu_pct_{m}']:6.3f} % of one core "
+            f"(open/read/close of the same files: {res[f'raw_read_cpu_pct_{m}']:.3f} %)"
+        )
+    print("  budget: 1 % of one core at 100 containers, 10 % running")
     print(
         f"decision latency:          p50 {res['decision_p50_us']:.1f} us, "
         f"p99 {res['decision_p99_us']:.1f} us (target p99 <= 200; inference alone "

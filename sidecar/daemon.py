@@ -224,16 +224,17 @@ async def _sample_loop(app: web.Application) -> None:
     notifier = app[NOTIFIER]
     ticker = Ticker(node.cfg.sampler.tick_s)
     ready = False
+    counted = 0  # ticker.overruns grows in wait(): count what it skipped since the last tick
     while True:
         await ticker.wait()
-        before = ticker.overruns
+        if ticker.overruns > counted:
+            node.metrics.tick_overruns.inc(ticker.overruns - counted)
+            counted = ticker.overruns
         try:
             node.tick()
         except Exception:  # the loop must survive one bad tick; the logs say what happened
             log.exception("tick failed")
             continue
-        if ticker.overruns > before:
-            node.metrics.tick_overruns.inc(ticker.overruns - before)
         if not ready:
             ready = True
             notifier.ready()

@@ -245,7 +245,9 @@ def _no_service_start() -> Iterator[None]:
             os.unlink(path)
 
 
-def _apt_install(packages: list[str]) -> str | None:
+def apt_install(packages: list[str]) -> str | None:
+    """apt-get update and install ``packages`` (root), starting no service; None on success,
+    else why it failed. Also used by the tests that need Debian's chromium or promtool in CI."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     deadline = time.monotonic() + APT_TIMEOUT_S
     err = _run(["apt-get", "update"], timeout=APT_TIMEOUT_S / 2, env=env)
@@ -293,7 +295,7 @@ def find_or_start(
                     f"{', '.join(missing)} missing and no apt-get", tuple(missing)
                 )
             echo(f"installing {', '.join(missing)} with apt-get")
-            err = _apt_install(missing)
+            err = apt_install(missing)
             if err or missing_packages(busybox):
                 raise EngineUnavailable(
                     f"installing {', '.join(missing)} failed: {err}", tuple(missing)
@@ -360,6 +362,7 @@ __all__ = [
     "EngineUnavailable",
     "TarEntry",
     "answers",
+    "apt_install",
     "client",
     "find_or_start",
     "import_image",

@@ -83,6 +83,11 @@ class Metrics:
         self.oom_kills = Counter(
             "faasrm_oom_kills_total", "OOM kills seen in managed containers", registry=r
         )
+        self.harvested_oom_kills = Counter(
+            "faasrm_harvested_oom_kills_total",
+            "OOM kills during an invocation whose decision gave it less memory than its user's",
+            registry=r,
+        )
         self.invocations = Counter(
             "faasrm_invocations_total", "Finished invocations", ["outcome"], registry=r
         )
@@ -138,6 +143,11 @@ class Metrics:
         )
         for out in ("stored", "duplicate", "rejected", "error"):
             self.shipped_batches.labels(out)
+        self.shipper_failures = Gauge(
+            "faasrm_shipper_consecutive_failures",
+            "Failed sends to the trainer since the last one it answered (0: shipping works)",
+            registry=r,
+        )
         self.shipper_dropped = Counter(
             "faasrm_shipper_dropped_records_total",
             "Records the trainer refused as malformed (dropped, logged)",

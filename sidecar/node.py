@@ -373,7 +373,7 @@ class Node:
         now = time.monotonic()
         if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
             self.sync_containers(full=False)
-        res = self.sampler.tick({inv.container_id for inv in self.engine.invocations.values()})
+        res = self.sampler.tick(self._hot())
         m = self.metrics
         m.samples.inc(len(res.samples))
         for cid in res.gone:
@@ -391,6 +391,17 @@ class Node:
         self.last_tick_s = time.monotonic()
         m.tick_duration.observe(time.perf_counter() - t0)
 
+    def _hot(self) -> set[str]:
+        """The containers sampled every tick: those running an invocation or holding a
+        decision's limits (a give-back or an OOM must be seen within a tick), and, with inferred
+        boundaries, every container no hook reports (its next invocation is a CPU edge). The
+        others, idle at their user's size, are read on their slow tick (``sampler.slow_every``)."""
+        hot = {inv.container_id for inv in self.engine.invocations.values()}
+        hot.update(self.actuator.held)
+        if self.cfg.boundaries.infer:
+            hot.update(cid for cid, c in self.engine.containers.items() if not c.hooked)
+        return hot
+
     def _effect(self, effect: Any) -> None:
         m = self.metrics
         if isinstance(effect, GiveBack):
@@ -406,6 +417,9 @@ class Node:
             )
         elif isinstance(effect, OomKill):
             m.oom_kills.inc(effect.kills)
+            inv = self.engine.invocations.get(effect.invocation_id or "")
+            if inv is not None and inv.trace["chosen"]["mem_bytes"] < inv.user.mem_bytes:
+                m.harvested_oom_kills.inc(effect.kills)
             log.warning(
                 "OOM kill in a managed container",
                 extra={"container": effect.container_id, "invocation": effect.invocation_id},
@@ -437,10 +451,16 @@ class Node:
         return results
 
     def containers_view(self) -> list[dict]:
+        """Every container for ``/debug/containers`` (and the page): user size, the limits in
+        place (as last written or read), the latest usage (``t`` in Unix seconds), what runs."""
         out = []
+        hot = self._hot()
+        wall = time.time() - time.monotonic()
         for cid, c in self.engine.containers.items():
             last = self.sampler.last(cid)
             man = self.actuator.managed.get(cid)
+            lim = man.written if man else None
+            now = self.sampler.history(cid, 1)
             out.append(
                 {
                     "id": cid,
@@ -453,7 +473,20 @@ class Node:
                         "mem_bytes": c.ref.user.mem_bytes,
                         "cpu_weight": c.ref.user.cpu_weight,
                     },
+                    "limits": None
+                    if lim is None
+                    else {
+                        "cpu_cores": lim.cpu_quota_cores,
+                        "cpu_weight": lim.cpu_weight,
+                        "mem_bytes": lim.mem_limit_bytes,
+                        "mem_high_bytes": lim.mem_high_bytes,
+                    },
+                    "usage": None
+                    if not now
+                    else {"t": now[0][0] + wall, "cpu_cores": now[0][1], "mem_bytes": now[0][2]},
                     "invocation": c.active.id if c.active else None,
+                    "kind": c.active.trace["kind"] if c.active else None,
+                    "every_tick": cid in hot,
                     "hooked": c.hooked,
                     "restore_pending": bool(man and man.restore_pending),
                     "last_sample": None

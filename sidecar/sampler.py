@@ -6,14 +6,21 @@ throttling and OOM-kill deltas. A container whose cgroup vanished is reported in
 unreadable file is an ``errors`` entry for that container only (the others are still sampled).
 
 Cost (budget: 1% of a core for 100 containers at 10 Hz, i.e. 10 us per container per tick, where
-one pread of a cgroup file costs 1-3 us): CPU and memory usage are read every tick; the slowly-
-changing files less often. The OOM counter: on v1 the kernel signals an eventfd on every OOM in the
-cgroup (``Cgroup.oom_eventfd``), one ``epoll_wait`` per tick covers every container, and a
-signalled container's counter is read on that tick and the next; without an eventfd (v2) it is
-read every tick for the containers running an invocation (``tick(live=...)``; all when ``live`` is
-None). Every container's OOM counter, memory peak, PSI and v1 throttling counters are also read
-every ``slow_every`` ticks (in between the peak is the last one read, raised to the current usage;
-an invocation's start and end read everything afresh). Slow reads are spread over the ticks.
+one pread of a cgroup file costs 1-3 us). One rule decides what a tick reads: the *hot*
+containers (``tick(hot=...)``, chosen by the node: running an invocation, holding a decision's
+limits, or with inferred boundaries) have CPU and memory usage read every tick; every container,
+hot or not, is read in full on its *slow tick*, one in ``slow_every``, spread over the ticks; a
+container that is neither hot nor on its slow tick is not read at all (unless it has no sample
+yet). The OOM counter: on v1 the kernel signals an eventfd on every OOM in the cgroup
+(``Cgroup.oom_eventfd``), one ``epoll_wait`` per tick covers every container, and a signalled
+container is read, OOM counter included, on that tick and the next, hot or not; without an
+eventfd (v2) a hot container's counter is read every tick. The memory peak, PSI and v1
+throttling counters are read on the slow ticks (in between the peak is the last one read, raised
+to the current usage). An invocation's start and end read the container in full at once (the
+node, through ``cgroup``), without moving its window.
+
+Each container keeps its last ``HISTORY`` samples (time, CPU cores, memory bytes) in a fixed ring
+of doubles for the debug page's timeline: 7 KB per container, no allocation per sample.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ import math
 import os
 import select
 import time
+from array import array
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sidecar import cgroups
 from sidecar.runtimes.base import ContainerRef
+
+HISTORY = 300
+"""Samples kept per container: 30 s of a hot container at 10 Hz, 5 min of an idle one."""
 
 
 class Sample(NamedTuple):
@@ -59,6 +70,16 @@ class _Tracked:
     slow_in: int = 0  # ticks until the next read of the slowly-changing files
     efd: int | None = None  # OOM eventfd registered with the sampler's epoll
     oom_due: int = 0  # ticks left on which the OOM counter is read (after a notification)
+    history: array = field(default_factory=lambda: array("d", bytes(24 * HISTORY)))
+    """(t_s, cpu_cores, mem_bytes) triples, a ring; ``at`` is the next slot's first index."""
+    at: int = 0
+    recorded: int = 0
+
+    def record(self, t_s: float, cpu_cores: float, mem_bytes: int) -> None:
+        h, i = self.history, self.at
+        h[i], h[i + 1], h[i + 2] = t_s, cpu_cores, mem_bytes
+        self.at = i + 3 if i + 3 < 3 * HISTORY else 0
+        self.recorded += 1
 
 
 @dataclass
@@ -129,48 +150,23 @@ class Sampler:
         t = self._tracked.get(container_id)
         return t.last if t else None
 
-    def sample_one(self, container_id: str, oom: bool = True, slow: bool = True) -> Sample:
-        """Read one container now (raises CgroupError); see ``Cgroup.read_usage`` for the flags."""
-        t = self._tracked[container_id]
-        return self._sample(t, t.cg.read_usage(oom, slow))
+    def history(self, container_id: str, limit: int = HISTORY) -> list[tuple[float, float, int]]:
+        """The container's last ``limit`` samples as (t_s, cpu_cores, mem_bytes), oldest first
+        (cpu_cores NaN: the first sample, no window yet)."""
+        t = self._tracked.get(container_id)
+        if t is None:
+            return []
+        h, n = t.history, min(t.recorded, HISTORY, limit)
+        start = (t.at - 3 * n) % (3 * HISTORY)
+        out = []
+        for k in range(n):
+            i = (start + 3 * k) % (3 * HISTORY)
+            out.append((h[i], h[i + 1], int(h[i + 2])))
+        return out
 
-    @staticmethod
-    def _sample(t: _Tracked, u: cgroups.Usage) -> Sample:
-        container_id = t.ref.id
-        prev = t.last
-        t.last = u
-        if prev is None:
-            return Sample(
-                container_id,
-                u.t_s,
-                math.nan,
-                math.nan,
-                u.mem_bytes,
-                u.mem_peak_bytes,
-                u.oom_kills,
-                0,
-                0,
-                u.mem_pressure_some_avg10,
-            )
-        dt = u.t_s - prev.t_s
-        rate = (u.cpu_usage_s - prev.cpu_usage_s) / dt if dt > 0 else math.nan
-        oom_delta = u.oom_kills - prev.oom_kills
-        throttled_delta = u.nr_throttled - prev.nr_throttled
-        return Sample(
-            container_id,
-            u.t_s,
-            rate if rate > 0.0 else 0.0,  # as max(0.0, rate): NaN (dt <= 0) -> 0.0
-            dt,
-            u.mem_bytes,
-            u.mem_peak_bytes,
-            u.oom_kills,
-            oom_delta if oom_delta > 0 else 0,
-            throttled_delta if throttled_delta > 0 else 0,
-            u.mem_pressure_some_avg10,
-        )
-
-    def tick(self, live: Container[str] | None = None) -> TickResult:
-        """Sample every container; ``live``: the containers running an invocation (None = all)."""
+    def tick(self, hot: Container[str] | None = None) -> TickResult:
+        """Sample the containers this tick reads (see the module docstring); ``hot``: the
+        containers read every tick (None = all)."""
         out = TickResult()
         if self._by_efd:
             self._notified()
@@ -181,22 +177,29 @@ class Sampler:
             if t.oom_due:
                 t.oom_due -= 1
                 oom = True
+            elif slow:
+                oom = True
+            elif hot is None or cid in hot or t.last is None:
+                oom = t.efd is None
             else:
-                oom = slow or (t.efd is None and (live is None or cid in live))
+                continue  # idle at its user's size: read on its slow tick
             try:
                 u = t.cg.read_usage(oom, slow)
                 prev, t.last = t.last, u
-                if prev is None:  # as _sample, inlined: this loop runs 1000 times a second
+                if prev is None:  # the first sample: no window yet (this loop is the hot path)
+                    t.record(u[0], nan, u[4])
                     append(Sample(cid, u[0], nan, nan, u[4], u[5], u[6], 0, 0, u[7]))
                     continue
                 dt = u[0] - prev[0]
                 rate = (u[1] - prev[1]) / dt if dt > 0 else nan
+                rate = rate if rate > 0.0 else 0.0  # as max(0.0, rate): NaN (dt <= 0) -> 0.0
                 d_oom, d_thr = u[6] - prev[6], u[2] - prev[2]
+                t.record(u[0], rate, u[4])
                 append(
                     Sample(
                         cid,
                         u[0],
-                        rate if rate > 0.0 else 0.0,
+                        rate,
                         dt,
                         u[4],
                         u[5],

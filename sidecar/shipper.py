@@ -239,6 +239,10 @@ class Shipper:
             if result == "rejected" and n:
                 self.metrics.shipper_dropped.inc(n)
 
+    def _failing(self, attempts: int) -> None:
+        if self.metrics is not None:
+            self.metrics.shipper_failures.set(attempts)
+
     async def ship_once(self, session: Any) -> str:
         """Plan and send one batch: 'idle', 'shipped', 'split', 'dropped' or 'retry'."""
         p = self.plan()
@@ -320,6 +324,7 @@ class Shipper:
                     self.retries += 1
                     delay = self.backoff_s(attempt)
                     attempt += 1
+                    self._failing(attempt)
                     if attempt == 1 or attempt % 10 == 0:
                         log.warning(
                             "shipping failed, retrying",
@@ -331,7 +336,9 @@ class Shipper:
                         )
                     await asyncio.sleep(delay)
                     continue
-                attempt = 0
+                if attempt:
+                    attempt = 0
+                    self._failing(0)
                 if result == "idle":
                     await asyncio.sleep(self.cfg.interval_s)
 

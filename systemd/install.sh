@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install faasrm on a host: a venv under /opt/faasrm, the systemd unit(s), example configs.
+# Install faasrm on a host: a venv under /opt/faasrm, the systemd unit(s), example configs, and
+# the monitoring assets (Grafana dashboard, Prometheus alert rules) in <prefix>/share/faasrm.
 # Units are installed and systemd reloaded, but nothing is started unless --start is given.
 #
 #   sudo systemd/install.sh --role sidecar            # an invoker host
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=$2; shift 2 ;;
         --start) START=yes; shift ;;
         --skip-venv) SKIP_VENV=yes; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -64,6 +65,13 @@ case "$ROLE" in
     both) copy_config sidecar/example.toml sidecar.toml
           copy_config training/trainer.example.toml trainer.toml ;;
 esac
+
+# monitoring: the Grafana dashboard and the Prometheus alert rules with their unit tests
+install -d -m 0755 "$DESTDIR$PREFIX/share/faasrm"
+for f in grafana-dashboard.json alerts.yml alerts_test.yml; do
+    install -m 0644 "$SRC/systemd/monitoring/$f" "$DESTDIR$PREFIX/share/faasrm/$f"
+done
+echo "installed $PREFIX/share/faasrm/{grafana-dashboard.json,alerts.yml} (docs/operations.md)"
 
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload

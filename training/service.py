@@ -36,6 +36,7 @@ import operator
 import os
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -205,6 +206,11 @@ class TrainerMetrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        self.ingest_errors = Counter(
+            "faasrm_trainer_ingest_errors_total",
+            "Valid trajectory batches the trainer failed to store (answered 500, resent later)",
+            registry=r,
+        )
         self.ingest_latency = Histogram(
             "faasrm_trainer_ingest_duration_seconds",
             "Validation + durable commit of one batch",
@@ -599,9 +605,14 @@ async def post_trajectories(request: web.Request) -> web.Response:
         log.info("batch refused", extra={"status": exc.status, "reason": exc.reason})
         return _error(exc.status, exc.reason)
     loop = asyncio.get_running_loop()
-    stored = await loop.run_in_executor(
-        svc.db, svc.store.add, batch.node_id, batch.seq, batch.n, batch.rewarded, body
-    )
+    try:
+        stored = await loop.run_in_executor(
+            svc.db, svc.store.add, batch.node_id, batch.seq, batch.n, batch.rewarded, body
+        )
+    except (sqlite3.Error, OSError) as exc:  # nothing stored: the node resends the same seq
+        m.ingest_errors.inc()
+        log.error("cannot store a batch", extra={"node": batch.node_id, "reason": str(exc)})
+        return _error(500, f"cannot store the batch: {exc}")
     m.ingest_latency.observe(time.perf_counter() - t0)
     if stored:
         m.batches.labels("stored").inc()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from daemon_helpers import Box
 
 from sidecar import cgroups
 
@@ -112,6 +113,20 @@ def spawn(v1_cgroup: cgroups.CgroupV1) -> Iterator[Spawn]:
                     pipe.close()
                 except BrokenPipeError:
                     pass
+
+
+@pytest.fixture
+def boxes(v1_cgroup: cgroups.CgroupV1) -> Iterator[Callable[[str], Box]]:
+    """``boxes(name)``: a child cgroup of ``v1_cgroup`` with a worker process in it."""
+    made: dict[str, Box] = {}
+
+    def make(name: str) -> Box:
+        b = made[name] = Box(f"{v1_cgroup.rel_path}/{name}")
+        return b
+
+    yield make
+    for b in made.values():
+        b.close()
 
 
 @pytest.fixture

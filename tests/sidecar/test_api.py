@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,126 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
             await client.close()
         # shutdown restored everything
         assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+
+    run(main())
+
+
+def _every_tick(containers: dict) -> set[str]:
+    return {c["id"] for c in containers["containers"] if c["every_tick"]}
+
+
+def test_what_is_sampled_every_tick_and_the_page_endpoints(tmp_path: Path) -> None:
+    """The sampling rule, as /debug/containers shows it: a container running an invocation or
+    holding a decision's limits is read every tick, an idle one at its user's size is not (and
+    its OOM kill is still seen); an OOM kill under a harvested allocation is counted apart."""
+    _, cfg_path, dirs = _setup(tmp_path)
+    cfg = config.load(cfg_path, {"actuation.restore_on_end": False})
+    d = dirs["resize@1"]
+
+    async def call(client: TestClient, path: str, body: dict | None = None) -> dict:
+        r = await (client.get(path) if body is None else client.post(path, json=body))
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            cont = await call(client, "/debug/containers")
+            assert _every_tick(cont) == set()
+            (c,) = [c for c in cont["containers"] if c["id"] == "faasrm/resize@1"]
+            assert c["limits"] == {
+                "cpu_cores": 2.0,
+                "cpu_weight": 100,
+                "mem_bytes": 512 * MB,
+                "mem_high_bytes": None,
+            }
+            assert c["usage"]["mem_bytes"] == int((d / "memory.current").read_text())
+            assert c["kind"] is None and c["invocation"] is None
+            start = {"container": "faasrm/resize@1", "function": "resize"}
+            a = await call(client, "/v1/invocations", start)  # first run: the user's size
+            assert _every_tick(await call(client, "/debug/containers")) == {"faasrm/resize@1"}
+            await call(client, f"/v1/invocations/{a['invocation']}/end", {})
+            assert _every_tick(await call(client, "/debug/containers")) == set()
+            b = await call(client, "/v1/invocations", start)
+            assert b["allocation"]["kind"] == "harvested", b
+            (d / "memory.peak").write_text("90000000\n")  # what the kernel shows after a reset
+            assert b["allocation"]["mem_bytes"] < 512 * MB
+            # an OOM kill under the harvested allocation, and one in the idle container
+            for name in ("resize@1", "thumb@1"):
+                events = dirs[name] / "memory.events"
+                events.write_text(events.read_text().replace("oom_kill 1", "oom_kill 2"))
+            text = ""
+            for _ in range(200):
+                text = await (await client.get("/metrics")).text()
+                if "faasrm_oom_kills_total 2.0" in text:
+                    break
+                await asyncio.sleep(0.05)
+            assert "faasrm_oom_kills_total 2.0" in text
+            assert "faasrm_harvested_oom_kills_total 1.0" in text
+            await call(client, f"/v1/invocations/{b['invocation']}/end", {})
+            # restore_on_end = false: the harvested limits stay, and so does the full rate
+            cont = await call(client, "/debug/containers")
+            assert _every_tick(cont) == {"faasrm/resize@1"}
+            (c,) = [c for c in cont["containers"] if c["id"] == "faasrm/resize@1"]
+            quota, period = (d / "cpu.max").read_text().split()
+            assert c["limits"]["cpu_cores"] == int(quota) / int(period) < 2.0
+            # the timeline's samples (a hot container gets one per tick)
+            for _ in range(200):
+                h = await call(client, "/debug/history?container=faasrm/resize@1&limit=5")
+                if len(h["t"]) == 5:
+                    break
+                await asyncio.sleep(0.05)
+            assert h["container"] == "faasrm/resize@1" and len(h["t"]) == 5
+            assert len(h["cpu_cores"]) == len(h["mem_bytes"]) == 5 and h["t"] == sorted(h["t"])
+            assert (await client.get("/debug/history?container=nope")).status == 404
+            bad = await client.get("/debug/history?container=faasrm/resize@1&limit=0")
+            assert bad.status == 400
+            page = await client.get("/debug/")
+            html = await page.text()
+            assert page.status == 200 and page.content_type == "text/html"
+            assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+            assert "/debug/containers" in html and "/debug/history" in html
+            assert "<script src" not in html and "<link" not in html and "http" not in html
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_a_stalled_loop_counts_its_skipped_ticks(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)  # tick_s = 0.05
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            time.sleep(0.5)  # blocks the event loop: the ticks due meanwhile are skipped
+            text = ""
+            for _ in range(100):
+                text = await (await client.get("/metrics")).text()
+                (line,) = [x for x in text.splitlines() if x.startswith("faasrm_tick_overruns")]
+                if float(line.split()[1]) > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert float(line.split()[1]) >= 5, line
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_inferred_boundaries_keep_every_unhooked_container_at_the_full_rate(
+    tmp_path: Path,
+) -> None:
+    _, cfg_path, _ = _setup(tmp_path)
+    cfg = config.load(cfg_path, {"boundaries.infer": True})
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            cont = await (await client.get("/debug/containers")).json()
+            assert _every_tick(cont) == {"faasrm/resize@1", "faasrm/thumb@1"}
+        finally:
+            await client.close()
 
     run(main())
 

@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,195 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from daemon_helpers import Box, Daemon, free_port, write_config
 from sidecar_helpers import MB, write_policy
 
-from sidecar import cgroups
-
 pytest.importorskip("onnxruntime")
-ROOT = cgroups.DEFAULT_ROOT
-
-WORKER = r"""
-import sys, time
-hold = []
-def touch(n_mb):
-    b = bytearray(n_mb * 2**20)
-    b[::4096] = b"x" * len(range(0, len(b), 4096))
-    return b
-print("up", flush=True)
-for line in sys.stdin:
-    cmd, *a = line.split()
-    if cmd == "duty":  # duty SECONDS BUSY_FRACTION [FULL_BUSY_AFTER_S]
-        dur, frac = float(a[0]), float(a[1])
-        jump = float(a[2]) if len(a) > 2 else None
-        t0 = time.monotonic(); tj = -1.0
-        while (now := time.monotonic()) - t0 < dur:
-            if jump is not None and now - t0 >= jump:
-                if tj < 0: tj = now
-                continue
-            b = time.monotonic()
-            while time.monotonic() - b < 0.02 * frac: pass
-            time.sleep(0.02 * (1 - frac))
-        print("done", tj, flush=True)
-    elif cmd == "mem":  # mem HOLD_MB [GROW_MB GROW_S]: hold memory, optionally grow it gradually
-        hold.append(touch(int(a[0])))
-        if len(a) > 1:
-            steps = int(a[1]) // 4
-            for _ in range(steps):
-                hold.append(touch(4)); time.sleep(float(a[2]) / steps)
-        time.sleep(0.3)
-        print("done", flush=True)
-    elif cmd == "free":
-        hold.clear(); print("done", flush=True)
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    def __init__(self, cfg_path: Path, port: int, log: Path, env: dict | None = None) -> None:
-        self.port = port
-        self.log = log
-        self.started = time.monotonic()
-        with open(log, "ab") as err:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(cfg_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env={**os.environ, **(env or {})},
-            )
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def call(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url(path), data=data, method="POST" if data is not None else "GET"
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def wait_ready(self, timeout_s: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
-                )
-            try:
-                status, body = self.call("/readyz")
-                if status == 200:
-                    return body
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
-
-
-class Box:
-    """A child cgroup with a worker process in it."""
-
-    def __init__(self, rel: str) -> None:
-        self.rel = rel
-        self.cg = cgroups.create_v1(rel)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=cgroups.join_in_child(self.cg),
-        )
-        assert self.proc.stdout.readline().strip() == "up"
-
-    def file(self, controller: str, name: str) -> str:
-        return Path(ROOT, controller, self.rel, name).read_text()
-
-    def quota_cores(self) -> float:
-        return int(self.file("cpu", "cpu.cfs_quota_us")) / int(
-            self.file("cpu", "cpu.cfs_period_us")
-        )
-
-    def mem_limit(self) -> int:
-        return int(self.file("memory", "memory.limit_in_bytes"))
-
-    def cpu_s(self) -> float:
-        return int(self.file("cpuacct", "cpuacct.usage")) / 1e9
-
-    def oom_kills(self) -> int:
-        return int(self.file("memory", "memory.oom_control").split("oom_kill ")[1].split()[0])
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait_done(self) -> list[str]:
-        out = self.proc.stdout.readline().split()
-        assert out and out[0] == "done", out
-        return out[1:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=5)
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        self.cg.close()
-        cgroups.remove_v1(self.rel)
-
-
-def _config(
-    tmp_path: Path,
-    port: int,
-    boxes: dict[str, tuple[str, float, float]],
-    model: Path,
-    tick_s: float = 0.1,
-) -> Path:
-    lines = [
-        "log_level = 'info'",
-        f"[server]\nport = {port}",
-        "[grid]\ncpu_unit_cores = 0.25\ncpu_units = 8\nmem_unit_mb = 64.0\nmem_units = 8",
-        f"[sampler]\ntick_s = {tick_s}",
-        f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'",
-        f"[spool]\ndir = '{tmp_path / 'spool'}'",
-        f"[model]\npath = '{model}'",
-        "[cgroupfs]\nversion = 1",
-    ]
-    for rel, (fn, cpu, mem) in boxes.items():
-        lines.append(
-            f"[[cgroupfs.containers]]\npath = '{rel}'\nfunction = '{fn}'\n"
-            f"cpu_cores = {cpu}\nmem_mb = {mem}"
-        )
-    p = tmp_path / "sidecar.toml"
-    p.write_text("\n".join(lines) + "\n")
-    return p
-
-
-@pytest.fixture
-def boxes(v1_cgroup):
-    made: dict[str, Box] = {}
-
-    def make(name: str) -> Box:
-        b = made[name] = Box(f"{v1_cgroup.rel_path}/{name}")
-        return b
-
-    yield make
-    for b in made.values():
-        b.close()
 
 
 def _invoke(d: Daemon, box: Box, work: str, fn: str) -> dict:
@@ -264,9 +77,9 @@ def test_harvest_accelerate_give_back_no_oom(tmp_path: Path, boxes, v1_cgroup) -
         jump.rel: ("jump", 2.0, 512),
         mem.rel: ("mem", 1.0, 512),
     }
-    port = _free_port()
+    port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
-    d = Daemon(_config(tmp_path, port, spec, model), port, tmp_path / "daemon.log")
+    d = Daemon(write_config(tmp_path, port, spec, model), port, tmp_path / "daemon.log")
     try:
         ready = d.wait_ready()
         assert ready["containers"] == 4 and ready["model_source"] == "onnx"
@@ -343,9 +156,9 @@ def test_harvest_accelerate_give_back_no_oom(tmp_path: Path, boxes, v1_cgroup) -
 def test_sigkill_mid_actuation_then_restart_restores_within_a_second(tmp_path: Path, boxes) -> None:
     a, b = boxes("a@1"), boxes("b@1")
     spec = {a.rel: ("fa", 2.0, 512), b.rel: ("fb", 1.5, 384)}
-    port = _free_port()
+    port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
-    cfg = _config(tmp_path, port, spec, model)
+    cfg = write_config(tmp_path, port, spec, model)
     d = Daemon(cfg, port, tmp_path / "daemon.log")
     d.wait_ready()
     # calibrate, then hold a live harvested decision on a
@@ -404,9 +217,9 @@ def test_sigkill_mid_actuation_then_restart_restores_within_a_second(tmp_path: P
 
 def test_sd_notify_and_sigterm_restore(tmp_path: Path, boxes) -> None:
     a = boxes("n@1")
-    port = _free_port()
+    port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
-    cfg = _config(tmp_path, port, {a.rel: ("fn", 1.0, 256)}, model)
+    cfg = write_config(tmp_path, port, {a.rel: ("fn", 1.0, 256)}, model)
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)

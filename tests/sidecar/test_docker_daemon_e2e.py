@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import Daemon, free_port
 from docker_env import DockerEngine, busybox_image, client_for, docker_engine  # noqa: F401
 from sidecar_helpers import MB, write_policy
-from test_daemon_e2e import Daemon, _free_port
 
 pytestmark = pytest.mark.docker
 ROOT = "/sys/fs/cgroup"
@@ -101,7 +101,7 @@ def test_docker_pause_unpause_drive_decisions(
     if not os.path.isdir(f"{ROOT}/cpu/docker/{wsk_container.id}"):
         pytest.skip("the engine does not use the cgroupfs driver on cgroup v1 here")
     files = Files(wsk_container.id)
-    port = _free_port()
+    port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
     d = Daemon(_config(tmp_path, port, docker_engine.base_url, model), port, tmp_path / "d.log")
     try:

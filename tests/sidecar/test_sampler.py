@@ -11,7 +11,7 @@ import pytest
 from sidecar_helpers import MB, ref, v2_container
 
 from sidecar import cgroups
-from sidecar.sampler import Sampler, Ticker
+from sidecar.sampler import HISTORY, Sampler, Ticker
 
 
 def _v2_sampler(tmp_path: Path, *names: str) -> tuple[Sampler, dict[str, Path]]:
@@ -122,30 +122,49 @@ def test_ticker_real_lateness_is_small() -> None:
 
 
 # ----------------------------------------------------------------- what is read on which tick
-def test_slow_files_are_read_every_nth_tick_and_oom_every_tick_when_live(tmp_path: Path) -> None:
-    """v2 (no OOM eventfd): the OOM counter of an idle container waits for its slow tick, a live
-    one's is read every tick; the peak between slow reads is the last one raised to the usage."""
-    dirs = {n: v2_container(tmp_path, n) for n in ("idle", "live")}
+def test_idle_containers_are_read_on_their_slow_tick_only(tmp_path: Path) -> None:
+    """v2 (no OOM eventfd): a hot container is read every tick, its OOM counter too; an idle one
+    is read once in ``slow_every`` ticks, in full; the peak between slow reads is the last one
+    raised to the usage."""
+    dirs = {n: v2_container(tmp_path, n) for n in ("hot", "idle")}  # slow ticks: hot's first
     s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path), slow_every=5)
     for n, d in dirs.items():
         s.track(ref(n, version=2, path=str(d)))
-    s.tick(live={"live"})  # first read of each: everything
+    s.tick(hot={"hot"})  # first read of each: everything
     for d in dirs.values():
         events = (d / "memory.events").read_text()
         (d / "memory.events").write_text(events.replace("oom_kill 1", "oom_kill 2"))
         (d / "memory.current").write_text("200000000\n")  # above the peak last read (~122 MiB)
         (d / "memory.peak").write_text("250000000\n")
-    seen: dict[str, list[int]] = {"idle": [], "live": []}
+    seen: dict[str, list[int]] = {"idle": [], "hot": []}
     peaks = []
-    for _ in range(5):
-        for x in s.tick(live={"live"}).samples:
+    for _ in range(10):
+        for x in s.tick(hot={"hot"}).samples:
             seen[x.container_id].append(x.oom_delta)
-            if x.container_id == "idle":
+            if x.container_id == "hot":
                 peaks.append(x.mem_peak_bytes)
-    assert seen["live"] == [1, 0, 0, 0, 0]  # at once
-    assert sum(seen["idle"]) == 1 and seen["idle"][0] == 0  # on its slow tick, within 5
+    assert seen["hot"] == [1] + [0] * 9  # at once
+    assert seen["idle"] == [1, 0]  # read twice in 10 ticks, everything on the first
     assert all(p >= 200_000_000 for p in peaks)  # never below the current usage
-    assert peaks.count(250_000_000) == 1  # the kernel's, read on the slow tick
+    assert peaks == [200_000_000] * 4 + [250_000_000] * 6  # the kernel's, from the slow tick on
+    history = s.history("idle")
+    assert len(history) == 3 and [m for _, _, m in history] == [84279296, 200_000_000, 200_000_000]
+    assert math.isnan(history[0][1]) and history[1][0] < history[2][0]
+    assert len(s.history("hot")) == 11 and len(s.history("hot", 4)) == 4
+    s.close()
+
+
+def test_a_new_container_is_read_at_once_and_the_history_ring_wraps(tmp_path: Path) -> None:
+    s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path), slow_every=50)
+    for n in ("a", "b", "c"):  # slow ticks spread over the 50: a on the first, b the second
+        s.track(ref(n, version=2, path=str(v2_container(tmp_path, n))))
+    assert [x.container_id for x in s.tick(hot=()).samples] == ["a", "b", "c"]
+    assert [x.container_id for x in s.tick(hot=()).samples] == ["b"]
+    for _ in range(HISTORY + 5):
+        s.tick(hot={"c"})
+    h = s.history("c")
+    assert len(h) == HISTORY and all(h[i][0] < h[i + 1][0] for i in range(HISTORY - 1))
+    assert h[-1][0] == s.last("c").t_s
     s.close()
 
 
@@ -162,20 +181,20 @@ def test_live_none_reads_oom_every_tick(tmp_path: Path) -> None:
 
 
 def test_real_v1_oom_kill_is_seen_within_a_tick_through_the_eventfd(v1_cgroup, spawn) -> None:
-    """No container is live and the slow tick is far away: the kernel's OOM notification alone
+    """No container is hot and the slow tick is far away: the kernel's OOM notification alone
     makes the sampler read the counter."""
     s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=1000)
     cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
     assert s._tracked["c"].efd is not None  # registered on this kernel
     p = spawn("import sys\nprint('go', flush=True)\nsys.stdin.readline()\nx = b'x' * (256 << 20)\n")
     assert p.stdout.readline().strip() == "go"
-    s.tick(live=())
-    s.tick(live=())  # the slow tick is now 999 ticks away
+    s.tick(hot=())
+    s.tick(hot=())  # the slow tick is now 999 ticks away
     cg.write_limits(cgroups.Limits(mem_limit_bytes=64 * MB), headroom_bytes=0)
     p.stdin.write("\n")
     p.stdin.flush()
     assert p.wait(timeout=10) == -9
-    deltas = [x.oom_delta for _ in range(2) for x in s.tick(live=()).samples]
+    deltas = [x.oom_delta for _ in range(2) for x in s.tick(hot=()).samples]
     assert sum(deltas) >= 1 and deltas[0] >= 1
     assert s.oom_notifications >= 1
     s.untrack("c")
@@ -193,7 +212,7 @@ def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> 
         t, out = Ticker(0.05), []
         for _ in range(n):
             await t.wait()
-            out.extend(s.tick(live=()).samples)
+            out.extend(s.tick(hot={"c"}).samples)
         return out
 
     xs = asyncio.run(ticks(7))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread, free_port, record  # noqa: E402
 
 from sidecar.config import ShipperConfig  # noqa: E402
+from sidecar.metrics import Metrics  # noqa: E402
 from sidecar.shipper import Shipper  # noqa: E402
 from sidecar.spool import Spool  # noqa: E402
 from training.registry import TrajectoryStore  # noqa: E402
@@ -128,6 +130,52 @@ def test_trainer_down_then_back(tmp_path: Path) -> None:
     with ServerThread(tmp_path / "data", port=port):
         assert asyncio.run(drain(sh))[-1] == "idle"
     assert stored(tmp_path) == [f"n1-inv-{i}" for i in range(12)]
+
+
+def test_a_failure_streak_shows_in_the_metrics_until_the_trainer_answers(tmp_path: Path) -> None:
+    """``faasrm_shipper_consecutive_failures`` (the "shipper failing" alert) counts the failed
+    sends of ``run`` since the last answered one, and drops to 0 when the trainer is back."""
+    port = free_port()
+    spool = Spool(tmp_path / "spool", max_bytes=10 * 2**20, segment_bytes=8192)
+    cfg = ShipperConfig(
+        enabled=True,
+        url=f"http://127.0.0.1:{port}",
+        token=TOKEN,
+        state_file=str(tmp_path / "shipper.json"),
+        interval_s=0.05,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+    )
+    metrics = Metrics()
+    sh = Shipper(spool, cfg, "n1", TOKEN, metrics)
+    for i in range(5):
+        spool.append(record("n1", i))
+
+    def failures() -> float:
+        return metrics.registry.get_sample_value("faasrm_shipper_consecutive_failures")
+
+    async def until(cond, what: str) -> None:
+        for _ in range(600):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def main() -> None:
+        task = asyncio.create_task(sh.run())
+        try:
+            await until(lambda: failures() >= 3, "three failed sends")
+            with ServerThread(tmp_path / "data", port=port):
+                await until(lambda: failures() == 0, "the streak to end")
+                await until(lambda: sh.shipped_records == 5, "the records to be shipped")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    assert failures() == 0
+    asyncio.run(main())
+    assert stored(tmp_path) == [f"n1-inv-{i}" for i in range(5)]
 
 
 def test_413_halves_the_batch_and_400_drops_it(tmp_path: Path) -> None:

@@ -94,6 +94,9 @@ def test_install_sh_stages_units_and_configs(tmp_path: Path) -> None:
         dest / "etc/faasrm/trainer.toml"
     ).exists()
     assert "nothing reloaded" in res.stdout
+    share = dest / "opt/faasrm-test/share/faasrm"
+    for name in ("grafana-dashboard.json", "alerts.yml", "alerts_test.yml"):
+        assert (share / name).read_bytes() == (REPO / "systemd/monitoring" / name).read_bytes()
 
 
 def test_trainer_sends_ready_watchdog_stopping(tmp_path: Path) -> None:
@@ -156,7 +159,8 @@ def test_trainer_sends_ready_watchdog_stopping(tmp_path: Path) -> None:
 
 def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) -> None:
     """install.sh pip-installs the project (not editable): the models must travel with it
-    (<prefix>/share/faasrm/models) and an empty [model] path must find the grid's model there."""
+    (<prefix>/share/faasrm/models) and an empty [model] path must find the grid's model there;
+    the debug page travels as package data."""
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for d in ("sidecar", "training", "models"):
@@ -187,8 +191,10 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
     (site / "zz_deps.pth").write_text("\n".join(deps) + "\n")
     probe = (
         "import json, sidecar.models as m; from sidecar.core.grid import ResourceGrid as G; "
+        "from importlib import resources; "
+        "page = resources.files('sidecar').joinpath('debug_page.html').is_file(); "
         "mm = m.ModelManager(G(0.25, 8, 64.0, 8)); ok = mm.load(); "
-        "print(json.dumps([m.__file__, str(mm.path), ok, mm.current.source]))"
+        "print(json.dumps([m.__file__, str(mm.path), ok, mm.current.source, page]))"
     )
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", probe],
@@ -198,7 +204,8 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
         cwd=tmp_path,
         check=True,
     )
-    module, path, ok, source = json.loads(out.stdout)
+    module, path, ok, source, page = json.loads(out.stdout)
     assert module.startswith(str(venv)), module  # the installed copy, not this source tree
     assert path == str(venv / "share" / "faasrm" / "models" / "invoker.onnx")
     assert ok and source == "onnx"
+    assert page  # GET /debug/ is served from package data

@@ -4,6 +4,7 @@ registry."""
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -78,6 +79,22 @@ def test_rejections(server) -> None:
     # nothing of the above was stored; the good batch still is, once
     assert post(server, good)[0] == 200
     assert js(http(server.url + "/healthz", token=None)[2])["records"] == 1
+
+
+def test_a_batch_the_store_cannot_take_is_a_500_and_an_ingest_error(server, tmp_path) -> None:
+    """A valid batch the database refuses: 500 (the node keeps it and resends the same seq),
+    counted in ``faasrm_trainer_ingest_errors_total`` (the "trainer ingest errors" alert)."""
+    db = sqlite3.connect(tmp_path / "data" / "trajectories.sqlite")
+    db.execute("ALTER TABLE batches RENAME TO gone")  # the next INSERT fails: no such table
+    db.commit()
+    st, _, body = post(server, batch("n1", 0, [record("n1", 0)]))
+    assert st == 500 and "cannot store the batch" in js(body)["error"]
+    metrics = http(server.url + "/metrics", token=None)[2].decode()
+    assert "faasrm_trainer_ingest_errors_total 1.0" in metrics
+    db.execute("ALTER TABLE gone RENAME TO batches")
+    db.commit()
+    db.close()
+    assert post(server, batch("n1", 0, [record("n1", 0)]))[0] == 200  # the resend is stored
 
 
 def test_decode_batch_rejects_disallowed_action() -> None:

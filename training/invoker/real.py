@@ -327,9 +327,9 @@ async def run_manager(
             state.update(sidecar=sidecar, ready=ready)
             echo(
                 f"{manager}: sidecar {ready.get('model_source', '?')} policy "
-                f"{ready.get('model', '')}; allocation trace while it runs: "
-                f"{sidecar.url}/debug/allocations"
+                f"{ready.get('model', '')}; while it runs:"
             )
+            echo(f"  {sidecar.url}/debug/ (allocations: /debug/allocations)")
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
         invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
         state["invoker"] = invoker
@@ -342,13 +342,16 @@ async def run_manager(
                 await asyncio.to_thread(sidecar.drain)
         return records, ooms, give_backs
     finally:
-        state.update(sidecar=None, invoker=None)
+        state.update(sidecar=None)  # the invoker's progress stays for the final frame
         if sidecar is not None:
             await asyncio.to_thread(sidecar.stop)
         await containers.stop()
 
 
 def _live_view(state: dict, started: float):
+    """The demo's live block: progress, where to look while a sidecar runs, and each container's
+    user size beside the limits it has now (the last ones read once it is stopped, so the final
+    frame is not a column of dashes). Lines stay under 80 columns: a URL is never wrapped."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -365,7 +368,8 @@ def _live_view(state: dict, started: float):
     )
     parts: list = [head]
     if sc is not None:
-        parts.append(Text(f"sidecar allocation trace: {sc.url}/debug/allocations"))
+        parts.append(Text(f"sidecar page:  {sc.url}/debug/"))
+        parts.append(Text(f"allocations:   {sc.url}/debug/allocations"))
     if state.get("trainer") is not None:
         parts.append(
             Text(
@@ -374,14 +378,20 @@ def _live_view(state: dict, started: float):
             )
         )
     if containers:
-        t = Table("container", "user cpu", "user MB", "cpu now", "MB now", "waiting", box=None)
+        seen = state.setdefault("limits_seen", {})
+        t = Table("container", "user cpu", "user MB", "cpu limit", "MB limit", "waiting", box=None)
         for c in containers.values():
             lim = c.limits()
+            if lim is not None:
+                seen[c] = lim
+            lim = seen.get(c)
             q = None if lim is None else lim.cpu_quota_cores
-            cpu = "-" if q is None else f"{q:.2f}"
+            cpu = "-" if lim is None else "none" if q is None else f"{q:.2f}"
             mem = (
                 "-"
-                if lim is None or lim.mem_limit_bytes is None
+                if lim is None
+                else "none"
+                if lim.mem_limit_bytes is None
                 else f"{lim.mem_limit_bytes / 2**20:.0f}"
             )
             t.add_row(c.name, f"{c.user_cpu:.2f}", f"{c.user_mem_mb:.0f}", cpu, mem, str(c.waiting))
@@ -423,11 +433,10 @@ async def run_all(
     """Every manager in turn over the same invocations; ``with_trainer``: a local trainer
     service receives the sidecar's trajectories (its learner runs with its defaults)."""
     invocations = schedule(minutes, speedup, seed)
-    echo(
-        f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, {minutes:g} min "
-        f"per manager, {len(invocations)} invocations on {len(SPECS)} functions, seed {seed}; "
-        f"grid {grid_text(grid)}"
-    )
+    # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
+    echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
+    echo(f"  {minutes:g} min per manager: {len(invocations)} invocations on {len(SPECS)} functions")
+    echo(f"  grid: {grid_text(grid)}")
     results: dict[str, dict] = {}
     all_records: dict[str, list[dict]] = {}
     base: list[Record] = []
@@ -453,7 +462,8 @@ async def run_all(
             )
             await asyncio.to_thread(trainer.start)
             state["trainer"] = trainer
-            echo(f"trainer service: {trainer.url} (trajectories in {workdir / 'trainer'})")
+            echo(f"trainer service: {trainer.url}")
+            echo(f"  trajectories in {workdir / 'trainer'}")
 
             async def poll_trainer() -> None:
                 while True:
@@ -643,7 +653,7 @@ def main(args: Any, *, demo: bool = False) -> int:
     if "trainer" in out:
         print(
             f"trainer service: received {out['trainer']['records']} trajectory records from "
-            "the sidecars (its learner starts updating at learner.min_records)"
+            "the sidecars\n  (its learner starts updating at learner.min_records)"
         )
     if getattr(args, "plots", None):
         try:

@@ -1,0 +1,50 @@
+"""Fixtures shared by every test directory: Debian tools some tests need (chromium, promtool).
+
+Like the Docker tests (``tests/sidecar/docker_env.py``), a missing tool is apt-get installed only
+when ``CI`` is set (or ``FAASRM_TOOLS_INSTALL=1``), as root; anywhere else the test skips and
+says what to install. In CI an install that fails fails the test: those tests must run there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+from sidecar import dockerd
+
+_refused: dict[str, str] = {}  # package -> why it could not be installed (asked once a session)
+
+
+def _install_allowed() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("FAASRM_TOOLS_INSTALL") == "1"
+
+
+def need_tool(binary: str, packages: list[str], purpose: str) -> str:
+    """The path of ``binary``, installing Debian ``packages`` when allowed, else pytest.skip."""
+    path = shutil.which(binary)
+    if path:
+        return path
+    key = " ".join(packages)
+    if not _install_allowed():
+        pytest.skip(
+            f"{purpose} skipped: no {binary} here (apt-get install {key}, or set CI=1 or "
+            "FAASRM_TOOLS_INSTALL=1 to let the tests install it)"
+        )
+    if key not in _refused:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            _refused[key] = "installing it needs root and apt-get"
+        elif err := dockerd.apt_install(packages):
+            _refused[key] = err
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"{purpose}: cannot install {key}: {_refused.get(key, 'no ' + binary)}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def debian_tool() -> Callable[[str, list[str], str], str]:
+    """``debian_tool(binary, packages, purpose)``: see ``need_tool``."""
+    return need_tool
