@@ -26,8 +26,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.engine import EngineError, effective
 from sidecar.node import NODE, Node, StartResult
 from sidecar.runtimes.base import UserSize
+from sidecar.units import MB
 
-MB = 2**20
 _START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
 _END_KEYS = {"outcome", "duration_s"}
 

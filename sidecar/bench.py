@@ -38,8 +38,8 @@ from sidecar.config import (
 )
 from sidecar.core.grid import ResourceGrid
 from sidecar.engine import Target
+from sidecar.units import MB
 
-MB = 2**20
 KEYS = (
     "tick_cpu_pct_10",
     "tick_cpu_pct_100",

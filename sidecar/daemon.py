@@ -43,9 +43,9 @@ from sidecar.models import ModelManager
 from sidecar.node import NODE, Node
 from sidecar.sampler import Ticker
 from sidecar.spool import Spool
+from sidecar.units import MB
 
 log = logging.getLogger("faasrm.daemon")
-MB = 2**20
 
 # ------------------------------------------------------------------------------------ logging
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

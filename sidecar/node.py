@@ -38,7 +38,6 @@ from sidecar.sampler import Sampler
 from sidecar.spool import Spool
 
 log = logging.getLogger("faasrm.node")
-MB = 2**20
 TRIPS = ("first", "failure", "rising")
 
 

@@ -54,13 +54,13 @@ from sidecar.core.grid import ResourceGrid
 from sidecar.daemon import Notifier, setup_logging
 from sidecar.engine import OUTCOMES
 from sidecar.spool import RECORD_VERSION, REQUIRED
+from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
 
 log = logging.getLogger("faasrm.trainer")
 disable_created_metrics()
 SCHEMA_VERSION = 1
 """Version of the batch envelope ``{schema_version, node_id, seq, records}``."""
-MB = 2**20
 
 
 # ------------------------------------------------------------------------------------ config

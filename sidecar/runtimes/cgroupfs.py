@@ -21,8 +21,7 @@ from typing import Literal
 from sidecar import cgroups
 from sidecar.config import CgroupfsConfig, ContainerConfig
 from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
-
-MB = 2**20
+from sidecar.units import MB
 
 
 def function_of(path: str) -> str:

@@ -21,8 +21,8 @@ from sidecar.cgroups import (
     shares_to_weight,
     weight_to_shares,
 )
+from sidecar.units import MB as MiB
 
-MiB = 1 << 20
 BUSY = "while True: pass"
 # Prints "ready", then per line on stdin allocates (and touches) that many MiB, printing "ok".
 ALLOC = """
