@@ -37,7 +37,7 @@ class CgroupfsRuntime:
         self.version: Literal[1, 2] = cfg.version or cgroups.detect_version(cfg.root)  # type: ignore[assignment]
         self.host_cores = host_cores
         self.host_mem_bytes = host_mem_bytes
-        self._v2_base = (cgroups._v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
+        self._v2_base = (cgroups.v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
         self._closed = asyncio.Event()
         self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> its directories (joined once)
 
