@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
@@ -38,6 +37,7 @@ from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
 from sidecar.node import NODE, Node
 from sidecar.process import Notifier, setup_logging
+from sidecar.runtimes.base import Runtime
 from sidecar.sampler import Ticker
 from sidecar.spool import Spool
 from sidecar.units import MB
@@ -59,9 +59,9 @@ def host_capacity() -> tuple[float, float]:
     return float(psutil.cpu_count() or os.cpu_count() or 1), psutil.virtual_memory().total / MB
 
 
-def make_runtimes(cfg: Config) -> list[Any]:
+def make_runtimes(cfg: Config) -> list[Runtime]:
     """Runtimes tried in order, most specific first; plain cgroups (the catch-all) last."""
-    runtimes: list[Any] = []
+    runtimes: list[Runtime] = []
     if cfg.docker.enabled:
         from sidecar.runtimes.docker import DockerRuntime
 
@@ -164,47 +164,20 @@ async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _consume_events(app: web.Application, runtime: Any) -> None:
-    """Apply one runtime's pushed changes. Boundaries (Docker unpause/pause) start and end an
-    invocation only when no other source owns the container's current one: an invoker that calls
-    the hook API as well is not double-counted, and a pause ends only what an unpause started."""
+async def _consume_events(app: web.Application, runtime: Runtime) -> None:
+    """Hand one runtime's pushed changes to the node until the stream ends or a reload
+    replaces the runtime (its successor has a consumer of its own)."""
     node = app[NODE]
-    owned: dict[str, str] = {}  # container -> invocation started by this runtime's events
     async for ev in runtime.events():
         if node.runtimes and runtime not in node.runtimes:
-            return  # replaced by a reload: its successor has its own consumer
-        cid = ev.container_id
+            return
         try:
-            if ev.kind == "added" and ev.ref is not None:
-                if cid in node.engine.containers:
-                    continue
-                taken = {
-                    (c.ref.cgroup_version, c.ref.cgroup_path)
-                    for c in node.engine.containers.values()
-                }
-                if (ev.ref.cgroup_version, ev.ref.cgroup_path) in taken:
-                    continue  # listed by another runtime: the next full listing settles it
-                node._runtime_of[cid] = runtime
-                if not node.add(ev.ref):
-                    node._runtime_of.pop(cid, None)
-            elif ev.kind == "removed":
-                owned.pop(cid, None)
-                if cid in node.engine.containers:
-                    node.remove(cid, restore=False)
-            elif ev.kind == "invocation_start":
-                c = node.engine.containers.get(cid)
-                if c is not None and c.active is None:
-                    owned[cid] = node.start(cid).invocation.id
-            elif ev.kind == "invocation_end":
-                c = node.engine.containers.get(cid)
-                inv_id = owned.pop(cid, None)
-                if c is not None and c.active is not None and c.active.id == inv_id:
-                    node.end(inv_id)
+            node.on_runtime_event(runtime, ev)
         except Exception:
             log.exception("runtime event failed", extra={"runtime": runtime.name, "event": ev.kind})
 
 
-def _start_consumers(app: web.Application, runtimes: list[Any]) -> None:
+def _start_consumers(app: web.Application, runtimes: list[Runtime]) -> None:
     tasks = app.get(EVENT_TASKS)
     if tasks is None:  # before _events_ctx: it starts them
         return

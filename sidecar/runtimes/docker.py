@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sidecar.cgroups import DEFAULT_ROOT, shares_to_weight, v2_base
-from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
+from sidecar.runtimes.base import ContainerRef, RuntimeBase, RuntimeEvent, UserSize
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class _Stop:
     """Sentinel the event thread puts on the queue when it ends."""
 
 
-class DockerRuntime:
+class DockerRuntime(RuntimeBase):
     """Discovers OpenWhisk containers through the Docker Engine API; see the module docstring.
 
     ``base_url``: e.g. ``unix:///var/run/docker.sock``; None -> ``docker.from_env()`` (honours
@@ -273,6 +273,7 @@ class DockerRuntime:
         backoff_max_s: float = 5.0,
         client_factory: Callable[[], Any] | None = None,
     ) -> None:
+        super().__init__()
         self.base_url = base_url
         self.namespaces = tuple(namespaces)
         self.cgroup_root = cgroup_root
