@@ -25,7 +25,7 @@ from training.invoker.invoker import Containers, Invocation, Invoker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))  # docker_env's home
 from docker_env import docker_engine  # noqa: E402, F401 (the session's engine fixture)
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.root]  # containers whose cgroups the test writes
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -21,7 +21,7 @@ from docker_env import DockerEngine, busybox_image, client_for, docker_engine  #
 from sidecar_helpers import MB, write_policy
 from test_daemon_e2e import Daemon, _free_port
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.root]  # containers whose cgroups the test writes
 ROOT = "/sys/fs/cgroup"
 BUSY = "while :; do :; done"
 
