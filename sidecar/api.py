@@ -28,10 +28,11 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.engine import EngineError, effective
 from sidecar.node import NODE, Node, StartResult
+from sidecar.process import json_response
 from sidecar.runtimes.base import UserSize
 from sidecar.sampler import HISTORY
+from sidecar.units import MB
 
-MB = 2**20
 _START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
 _END_KEYS = {"outcome", "duration_s"}
 
@@ -40,30 +41,8 @@ class BadRequest(Exception):
     pass
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _dumps(obj: Any) -> str:
-    """Strict JSON: a NaN/inf anywhere becomes null rather than invalid JSON."""
-    try:
-        return json.dumps(obj, default=str, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(obj), default=str, allow_nan=False)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=_dumps)
-
-
 def _error(status: int, reason: str) -> web.Response:
-    return _json({"error": reason}, status)
+    return json_response({"error": reason}, status)
 
 
 async def _body(request: web.Request, allowed: set[str], required: bool = True) -> dict:
@@ -181,7 +160,7 @@ async def start_invocation(request: web.Request) -> web.Response:
         )
     except EngineError as exc:
         return _error(exc.status, str(exc))
-    return _json(_start_response(node, res))
+    return json_response(_start_response(node, res))
 
 
 async def end_invocation(request: web.Request) -> web.Response:
@@ -199,7 +178,7 @@ async def end_invocation(request: web.Request) -> web.Response:
         ended = node.end(inv_id, outcome, duration)
     except EngineError as exc:
         return _error(exc.status, str(exc))
-    return _json(
+    return json_response(
         {
             "invocation": inv_id,
             "outcome": ended.outcome,
@@ -219,7 +198,7 @@ async def healthz(request: web.Request) -> web.Response:
     age = time.monotonic() - node.last_tick_s if node.first_tick_done else None
     ok = age is None or age < max(2.0, 20 * tick)
     body = {"status": "ok" if ok else "stalled", "last_tick_age_s": age}
-    return _json(body, 200 if ok else 503)
+    return json_response(body, 200 if ok else 503)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -233,7 +212,7 @@ async def readyz(request: web.Request) -> web.Response:
         "model_note": node.models.ready_note(),
         "recovered": node.recovered,
     }
-    return _json(body, 200 if ready else 503)
+    return json_response(body, 200 if ready else 503)
 
 
 async def debug_allocations(request: web.Request) -> web.Response:
@@ -246,12 +225,12 @@ async def debug_allocations(request: web.Request) -> web.Response:
     except ValueError:
         return _error(400, "'limit' must be an integer 1..100000")
     entries = node.engine.allocations(q.get("function"), q.get("container"), limit)
-    return _json({"count": len(entries), "allocations": entries})
+    return json_response({"count": len(entries), "allocations": entries})
 
 
 async def debug_containers(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    return _json({"containers": node.containers_view()})
+    return json_response({"containers": node.containers_view()})
 
 
 async def debug_history(request: web.Request) -> web.Response:
@@ -267,7 +246,7 @@ async def debug_history(request: web.Request) -> web.Response:
         return _error(400, f"'limit' must be an integer 1..{HISTORY}")
     wall = time.time() - time.monotonic()
     samples = node.sampler.history(cid, limit)
-    return _json(
+    return json_response(
         {
             "container": cid,
             "t": [round(t + wall, 3) for t, _, _ in samples],
@@ -299,7 +278,7 @@ async def debug_model(request: web.Request) -> web.Response:
     status = node.models.status()
     poller = request.app.get(POLLER)
     status["registry"] = poller.status() if poller is not None else None
-    return _json(status)
+    return json_response(status)
 
 
 async def debug_shipper(request: web.Request) -> web.Response:
@@ -308,7 +287,7 @@ async def debug_shipper(request: web.Request) -> web.Response:
     shipper = request.app.get(SHIPPER)
     body = shipper.status() if shipper is not None else {"enabled": False}
     body["spool"] = request.app[NODE].spool.stats().__dict__
-    return _json(body)
+    return json_response(body)
 
 
 def add_routes(app: web.Application, registry: Any) -> None:

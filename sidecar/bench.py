@@ -42,8 +42,8 @@ from sidecar.config import (
 )
 from sidecar.core.grid import ResourceGrid
 from sidecar.engine import Target
+from sidecar.units import MB
 
-MB = 2**20
 MIXES = {  # key suffix: (containers, share running an invocation)
     "100": (100, 0.1),
     "1000": (1000, 0.1),

@@ -676,8 +676,9 @@ class CgroupV2(Cgroup):
         return plan
 
 
-def _v2_base(root: str) -> str | None:
-    """The unified mount that holds cpu and memory: root (pure v2) or root/unified (hybrid)."""
+def v2_base(root: str) -> str | None:
+    """The unified mount that holds cpu and memory: root (pure v2) or root/unified (hybrid);
+    None on a v1 host. Runtimes and the local invoker place v2 cgroup paths under it."""
     for base in (root, os.path.join(root, "unified")):
         try:
             with open(os.path.join(base, "cgroup.controllers")) as fh:
@@ -691,7 +692,7 @@ def _v2_base(root: str) -> str | None:
 def detect_version(root: str = DEFAULT_ROOT) -> int:
     """2 if cpu and memory are in the unified hierarchy; 1 if they are v1 hierarchies (also in the
     hybrid layout, where v2 is mounted at root/unified without them)."""
-    if _v2_base(root) is not None:
+    if v2_base(root) is not None:
         return 2
     if all(os.path.exists(os.path.join(root, c, "cgroup.procs")) for c in ("cpu", "memory")):
         return 1
@@ -702,7 +703,7 @@ def open_cgroup(rel_path: str, root: str = DEFAULT_ROOT, version: int | None = N
     """Open a container's cgroup by its path relative to the hierarchy (e.g. ``docker/<id>``)."""
     if (version or detect_version(root)) == 1:
         return CgroupV1(rel_path, root)
-    return CgroupV2(os.path.join(_v2_base(root) or root, rel_path.strip("/")))
+    return CgroupV2(os.path.join(v2_base(root) or root, rel_path.strip("/")))
 
 
 def join_in_child(cg: Cgroup) -> Callable[[], None]:
@@ -740,7 +741,7 @@ def remove_v1(rel_path: str, root: str = DEFAULT_ROOT, timeout_s: float = 2.0) -
 
 
 def _v2_base_or_raise(root: str) -> str:
-    base = _v2_base(root)
+    base = v2_base(root)
     if base is None:
         raise CgroupError(f"no unified (v2) hierarchy with cpu and memory under {root}", root)
     return base

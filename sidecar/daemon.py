@@ -22,15 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import socket
-import sys
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
@@ -41,94 +36,13 @@ from sidecar.config import Config, ConfigError
 from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
 from sidecar.node import NODE, Node
+from sidecar.process import Notifier, setup_logging
+from sidecar.runtimes.base import Runtime
 from sidecar.sampler import Ticker
 from sidecar.spool import Spool
+from sidecar.units import MB
 
 log = logging.getLogger("faasrm.daemon")
-MB = 2**20
-
-# ------------------------------------------------------------------------------------ logging
-_STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message",
-    "asctime",
-    "taskName",
-}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-# ------------------------------------------------------------------------------------ sd_notify
-class Notifier:
-    """sd_notify over an AF_UNIX datagram socket ($NOTIFY_SOCKET); a no-op without one."""
-
-    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
-        self.address = address
-        self.watchdog_interval_s = watchdog_usec / 1e6 / 4 if watchdog_usec else None
-        self._last_watchdog = -1e18
-        self.sent: list[str] = []
-
-    @classmethod
-    def from_env(cls) -> Notifier:
-        wd = os.environ.get("WATCHDOG_USEC")
-        wd_pid = os.environ.get("WATCHDOG_PID")
-        usec = (
-            int(wd) if wd and wd.isdigit() and (not wd_pid or wd_pid == str(os.getpid())) else None
-        )
-        return cls(os.environ.get("NOTIFY_SOCKET"), usec)
-
-    def send(self, message: str) -> bool:
-        if not self.address:
-            return False
-        addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                s.sendto(message.encode(), addr)
-        except OSError as exc:
-            log.warning("sd_notify failed", extra={"reason": str(exc)})
-            return False
-        self.sent.append(message.split("\n", 1)[0])
-        del self.sent[:-20]
-        return True
-
-    def ready(self) -> None:
-        self.send(f"READY=1\nSTATUS=managing containers\nMAINPID={os.getpid()}")
-
-    def watchdog(self) -> None:
-        if self.watchdog_interval_s is None:
-            return
-        now = time.monotonic()
-        if now - self._last_watchdog >= self.watchdog_interval_s:
-            self._last_watchdog = now
-            self.send("WATCHDOG=1")
-
-    def stopping(self) -> None:
-        self.send("STOPPING=1")
-
 
 # ------------------------------------------------------------------------------------ app keys
 NOTIFIER = web.AppKey("notifier", Notifier)
@@ -145,9 +59,9 @@ def host_capacity() -> tuple[float, float]:
     return float(psutil.cpu_count() or os.cpu_count() or 1), psutil.virtual_memory().total / MB
 
 
-def make_runtimes(cfg: Config) -> list[Any]:
+def make_runtimes(cfg: Config) -> list[Runtime]:
     """Runtimes tried in order, most specific first; plain cgroups (the catch-all) last."""
-    runtimes: list[Any] = []
+    runtimes: list[Runtime] = []
     if cfg.docker.enabled:
         from sidecar.runtimes.docker import DockerRuntime
 
@@ -251,47 +165,20 @@ async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _consume_events(app: web.Application, runtime: Any) -> None:
-    """Apply one runtime's pushed changes. Boundaries (Docker unpause/pause) start and end an
-    invocation only when no other source owns the container's current one: an invoker that calls
-    the hook API as well is not double-counted, and a pause ends only what an unpause started."""
+async def _consume_events(app: web.Application, runtime: Runtime) -> None:
+    """Hand one runtime's pushed changes to the node until the stream ends or a reload
+    replaces the runtime (its successor has a consumer of its own)."""
     node = app[NODE]
-    owned: dict[str, str] = {}  # container -> invocation started by this runtime's events
     async for ev in runtime.events():
         if node.runtimes and runtime not in node.runtimes:
-            return  # replaced by a reload: its successor has its own consumer
-        cid = ev.container_id
+            return
         try:
-            if ev.kind == "added" and ev.ref is not None:
-                if cid in node.engine.containers:
-                    continue
-                taken = {
-                    (c.ref.cgroup_version, c.ref.cgroup_path)
-                    for c in node.engine.containers.values()
-                }
-                if (ev.ref.cgroup_version, ev.ref.cgroup_path) in taken:
-                    continue  # listed by another runtime: the next full listing settles it
-                node._runtime_of[cid] = runtime
-                if not node.add(ev.ref):
-                    node._runtime_of.pop(cid, None)
-            elif ev.kind == "removed":
-                owned.pop(cid, None)
-                if cid in node.engine.containers:
-                    node.remove(cid, restore=False)
-            elif ev.kind == "invocation_start":
-                c = node.engine.containers.get(cid)
-                if c is not None and c.active is None:
-                    owned[cid] = node.start(cid).invocation.id
-            elif ev.kind == "invocation_end":
-                c = node.engine.containers.get(cid)
-                inv_id = owned.pop(cid, None)
-                if c is not None and c.active is not None and c.active.id == inv_id:
-                    node.end(inv_id)
+            node.on_runtime_event(runtime, ev)
         except Exception:
             log.exception("runtime event failed", extra={"runtime": runtime.name, "event": ev.kind})
 
 
-def _start_consumers(app: web.Application, runtimes: list[Any]) -> None:
+def _start_consumers(app: web.Application, runtimes: list[Runtime]) -> None:
     tasks = app.get(EVENT_TASKS)
     if tasks is None:  # before _events_ctx: it starts them
         return

@@ -64,8 +64,8 @@ from sidecar.core.safeguard import (
 from sidecar.core.stats import FunctionStats
 from sidecar.runtimes.base import ContainerRef, UserSize
 from sidecar.spool import RECORD_VERSION
+from sidecar.units import MB
 
-MB = 2**20
 OUTCOMES = ("success", "failure", "oom", "lost")
 MAX_FUNCTIONS = 10_000
 """Per-function state kept (least recently used functions are forgotten beyond it)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +34,11 @@ from sidecar.engine import (
 )
 from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
-from sidecar.runtimes.base import ContainerRef, UserSize
+from sidecar.runtimes.base import ContainerRef, Runtime, RuntimeEvent, UserSize
 from sidecar.sampler import Sampler
 from sidecar.spool import Spool
 
 log = logging.getLogger("faasrm.node")
-MB = 2**20
 TRIPS = ("first", "failure", "rising")
 
 
@@ -55,7 +55,7 @@ class Node:
         self,
         cfg: Config,
         *,
-        runtimes: list[Any],
+        runtimes: list[Runtime],
         actuator: Actuator,
         models: ModelManager,
         spool: Spool,
@@ -84,7 +84,10 @@ class Node:
             tick_s=cfg.sampler.tick_s,
             trace_size=cfg.debug.trace_size,
         )
-        self._runtime_of: dict[str, Any] = {}
+        self._runtime_of: dict[str, Runtime] = {}
+        """Which runtime claimed each container (it opens the container's cgroup)."""
+        self._owned: dict[str, str] = {}
+        """Container -> the invocation a runtime's boundary events started (only those end it)."""
         self.first_tick_done = False
         self.last_tick_s = math.nan
         self.last_discover_s = -math.inf
@@ -94,12 +97,7 @@ class Node:
         """Callables given every finished invocation's trajectory record (the model poller)."""
 
     def _open(self, ref: ContainerRef) -> cgroups.Cgroup:
-        rt = self._runtime_of.get(ref.id)
-        if rt is not None and hasattr(rt, "open"):
-            return rt.open(ref)
-        if ref.cgroup_version == 1:
-            return cgroups.CgroupV1(ref.cgroup_path, self.cfg.cgroupfs.root)
-        return cgroups.CgroupV2(ref.cgroup_path)
+        return self._runtime_of[ref.id].open(ref)
 
     # ------------------------------------------------------------------------ containers
     def recover(self) -> dict[str, str]:
@@ -112,29 +110,41 @@ class Node:
             )
         return self.recovered
 
+    def _claim(
+        self,
+        runtime: Runtime,
+        ref: ContainerRef,
+        ids: Container[str],
+        places: set[tuple[int, str]],
+    ) -> bool:
+        """First claim wins: a container id in ``ids`` or a cgroup in ``places`` stays with the
+        runtime that listed it first (e.g. ``docker/<id>`` under a cgroupfs parent stays
+        Docker's). On success the cgroup joins ``places`` and ``runtime`` opens it."""
+        if ref.id in ids or ref.cgroup_key in places:
+            return False
+        places.add(ref.cgroup_key)
+        self._runtime_of[ref.id] = runtime
+        return True
+
     def sync_containers(self, full: bool = True) -> None:
         """Re-list every runtime: adopt new containers, restore and forget vanished ones.
 
-        Runtimes are asked in order, most specific first: a cgroup another runtime already
-        listed (e.g. ``docker/<id>`` under a cgroupfs parent) stays with the first. ``full=False``
-        (the periodic safety net) lets a runtime with a cheaper listing (``relist``) use it.
+        Runtimes are asked in order, most specific first, and the first to list a container
+        claims it (``_claim``). ``full=False`` (the periodic safety net) asks each for its
+        cheaper ``relist``.
         """
         seen: dict[str, ContainerRef] = {}
         claimed: set[tuple[int, str]] = set()
         for rt in self.runtimes:
-            lister = None if full else getattr(rt, "relist", None)
             try:
-                refs = (lister or rt.discover)()
+                refs = rt.discover() if full else rt.relist()
             except Exception as exc:
                 log.error("discovery failed", extra={"runtime": rt.name, "reason": str(exc)})
                 self.last_discover_s = time.monotonic()  # retried at the next interval
                 return  # never forget containers because one listing failed
             for ref in refs:
-                where = (ref.cgroup_version, ref.cgroup_path)
-                if ref.id not in seen and where not in claimed:
+                if self._claim(rt, ref, seen, claimed):
                     seen[ref.id] = ref
-                    claimed.add(where)
-                    self._runtime_of[ref.id] = rt
         added = False
         for cid, ref in seen.items():
             if cid not in self.engine.containers:
@@ -202,11 +212,39 @@ class Node:
         result = self.actuator.forget(cid, restore=restore)
         self.sampler.untrack(cid)
         self._runtime_of.pop(cid, None)
+        self._owned.pop(cid, None)
         if restore:
             self.metrics.restores.labels(
                 result.split(":")[0] if result != "unknown" else "gone"
             ).inc()
         log.info("forgot container", extra={"container": cid, "restore": result})
+
+    def on_runtime_event(self, runtime: Runtime, ev: RuntimeEvent) -> None:
+        """Apply one change a runtime pushed.
+
+        ``added`` claims the container unless it is known or its cgroup is another runtime's
+        (the next full listing settles such a conflict). Boundaries (Docker unpause/pause)
+        start and end an invocation only when no other source owns the container's current
+        one: an invoker that calls the hook API as well is not double-counted, and a pause ends
+        only what an unpause started.
+        """
+        cid = ev.container_id
+        if ev.kind == "added" and ev.ref is not None:
+            taken = {c.ref.cgroup_key for c in self.engine.containers.values()}
+            if self._claim(runtime, ev.ref, self.engine.containers, taken) and not self.add(ev.ref):
+                self._runtime_of.pop(cid, None)
+        elif ev.kind == "removed":
+            if cid in self.engine.containers:
+                self.remove(cid, restore=False)
+        elif ev.kind == "invocation_start":
+            c = self.engine.containers.get(cid)
+            if c is not None and c.active is None:
+                self._owned[cid] = self.start(cid).invocation.id
+        elif ev.kind == "invocation_end":
+            c = self.engine.containers.get(cid)
+            inv_id = self._owned.pop(cid, None)
+            if c is not None and c.active is not None and c.active.id == inv_id:
+                self.end(inv_id)
 
     # ------------------------------------------------------------------------ invocations
     def _usage(self, cid: str) -> cgroups.Usage | None:

@@ -52,16 +52,16 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.config import ConfigError, load_tree
 from sidecar.core.features import N_BLOCK, N_CONTEXT
 from sidecar.core.grid import ResourceGrid
-from sidecar.daemon import Notifier, setup_logging
 from sidecar.engine import OUTCOMES
+from sidecar.process import Notifier, json_response, setup_logging
 from sidecar.spool import RECORD_VERSION, REQUIRED
+from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
 
 log = logging.getLogger("faasrm.trainer")
 disable_created_metrics()
 SCHEMA_VERSION = 1
 """Version of the batch envelope ``{schema_version, node_id, seq, records}``."""
-MB = 2**20
 
 
 # ------------------------------------------------------------------------------------ config
@@ -690,7 +690,7 @@ async def get_version_meta(request: web.Request) -> web.Response:
     v = svc.registry.get(n) if n is not None else None
     if v is None:
         return _error(404, f"no model version {request.match_info['version']!r}")
-    return web.json_response(v.meta, dumps=_dumps)
+    return json_response(v.meta)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -756,16 +756,10 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-def _dumps(obj: Any) -> str:
-    from sidecar.api import _dumps as strict
-
-    return strict(obj)
-
-
 async def debug_learner(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     status = svc.learner.status() if svc.learner is not None else {"enabled": False}
-    return web.json_response(status, dumps=_dumps)
+    return json_response(status)
 
 
 # ------------------------------------------------------------------------------------ contexts

@@ -13,33 +13,30 @@ hook API or CPU-activity inference (``[boundaries] infer``) provides them.
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator
 from typing import Literal
 
 from sidecar import cgroups
 from sidecar.config import CgroupfsConfig, ContainerConfig
-from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
-
-MB = 2**20
+from sidecar.runtimes.base import ContainerRef, RuntimeBase, UserSize
+from sidecar.units import MB
 
 
 def function_of(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
 
 
-class CgroupfsRuntime:
+class CgroupfsRuntime(RuntimeBase):
     name = "cgroupfs"
 
     def __init__(self, cfg: CgroupfsConfig, host_cores: float, host_mem_bytes: int) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.root = cfg.root
+        self.cgroup_root = cfg.root
         self.version: Literal[1, 2] = cfg.version or cgroups.detect_version(cfg.root)  # type: ignore[assignment]
         self.host_cores = host_cores
         self.host_mem_bytes = host_mem_bytes
-        self._v2_base = (cgroups._v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
-        self._closed = asyncio.Event()
+        self._v2_base = (cgroups.v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
         self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> its directories (joined once)
 
     # -------------------------------------------------------------------------------- listing
@@ -49,7 +46,7 @@ class CgroupfsRuntime:
         dirs = self._dirs.get(rel)
         if dirs is None:
             if self.version == 1:
-                dirs = tuple(os.path.join(self.root, c, rel) for c in cgroups.V1_CONTROLLERS)
+                dirs = tuple(os.path.join(self.cgroup_root, c, rel) for c in cgroups.V1_CONTROLLERS)
             else:
                 dirs = (os.path.join(self._v2_base, rel),)
             if len(self._dirs) > 100_000:
@@ -63,7 +60,7 @@ class CgroupfsRuntime:
         parent = self.cfg.parent.strip("/")
         if not parent:
             return []
-        base = os.path.join(self.root, "cpu") if self.version == 1 else self._v2_base
+        base = os.path.join(self.cgroup_root, "cpu") if self.version == 1 else self._v2_base
         try:
             names = sorted(e.name for e in os.scandir(os.path.join(base, parent)) if e.is_dir())
         except OSError:
@@ -72,11 +69,6 @@ class CgroupfsRuntime:
 
     def cgroup_path(self, rel: str) -> str:
         return rel if self.version == 1 else os.path.join(self._v2_base, rel)
-
-    def open(self, ref: ContainerRef) -> cgroups.Cgroup:
-        if ref.cgroup_version == 1:
-            return cgroups.CgroupV1(ref.cgroup_path, self.root)
-        return cgroups.CgroupV2(ref.cgroup_path)
 
     def _user(self, rel: str, entry: ContainerConfig | None) -> tuple[UserSize, dict[str, str]]:
         cpu = entry.cpu_cores if entry else self.cfg.default_cpu_cores
@@ -95,7 +87,7 @@ class CgroupfsRuntime:
 
     def _open_rel(self, rel: str) -> cgroups.Cgroup:
         if self.version == 1:
-            return cgroups.CgroupV1(rel, self.root)
+            return cgroups.CgroupV1(rel, self.cgroup_root)
         return cgroups.CgroupV2(os.path.join(self._v2_base, rel))
 
     def relist(self) -> list[ContainerRef]:
@@ -126,12 +118,3 @@ class CgroupfsRuntime:
                 )
             )
         return out
-
-    async def events(self) -> AsyncIterator[RuntimeEvent]:
-        """No event source: waits until closed, yielding nothing."""
-        await self._closed.wait()
-        return
-        yield  # pragma: no cover  (makes this an async generator)
-
-    def close(self) -> None:
-        self._closed.set()

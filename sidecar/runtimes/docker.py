@@ -44,8 +44,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sidecar.cgroups import DEFAULT_ROOT, _v2_base, shares_to_weight
-from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
+from sidecar.cgroups import DEFAULT_ROOT, shares_to_weight, v2_base
+from sidecar.runtimes.base import ContainerRef, RuntimeBase, RuntimeEvent, UserSize
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def cgroup_path(
     rel = cgroup_rel_path(container_id, driver, cgroup_parent)
     if version == 1:
         return rel
-    return os.path.join(_v2_base(root) or root, rel)
+    return os.path.join(v2_base(root) or root, rel)
 
 
 def cgroup_exists(path: str, version: int, root: str = DEFAULT_ROOT) -> bool:
@@ -237,7 +237,7 @@ def parse_proc_cgroup(text: str, version: int, root: str = DEFAULT_ROOT) -> str 
         if version == 1 and "memory" in controllers.split(","):
             return path.strip("/")
         if version == 2 and hier == "0" and controllers == "":
-            return os.path.join(_v2_base(root) or root, path.strip("/"))
+            return os.path.join(v2_base(root) or root, path.strip("/"))
     return None
 
 
@@ -248,7 +248,7 @@ class _Stop:
     """Sentinel the event thread puts on the queue when it ends."""
 
 
-class DockerRuntime:
+class DockerRuntime(RuntimeBase):
     """Discovers OpenWhisk containers through the Docker Engine API; see the module docstring.
 
     ``base_url``: e.g. ``unix:///var/run/docker.sock``; None -> ``docker.from_env()`` (honours
@@ -273,6 +273,7 @@ class DockerRuntime:
         backoff_max_s: float = 5.0,
         client_factory: Callable[[], Any] | None = None,
     ) -> None:
+        super().__init__()
         self.base_url = base_url
         self.namespaces = tuple(namespaces)
         self.cgroup_root = cgroup_root

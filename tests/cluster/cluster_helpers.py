@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
 import time
 from pathlib import Path
-
-import pytest
 
 from training.local_cluster import TOKEN, Cluster
 
 GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
-
-
-def v1_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    for c in ("cpu", "cpuacct", "memory"):
-        if not os.access(f"/sys/fs/cgroup/{c}/cgroup.procs", os.W_OK):
-            return f"no writable cgroup v1 '{c}' hierarchy"
-    return None
-
-
-def require_v1() -> None:
-    reason = v1_unavailable()
-    if reason:
-        pytest.skip(f"one-machine cluster test skipped: {reason}")
 
 
 def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, require_v1, wait_for
+from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, wait_for
 
 from training.local_cluster import Cluster, call
 
-pytestmark = pytest.mark.root
 
-
-def test_trajectories_update_promotion_propagation(tmp_path: Path) -> None:
-    require_v1()
+def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None) -> None:
     cl = Cluster(
         nodes=3,
         workers=2,

@@ -9,8 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-from cluster_helpers import GRID_OV, publish_fresh_agent, require_v1, wait_for
+from cluster_helpers import GRID_OV, publish_fresh_agent, wait_for
 
 from training.local_cluster import TOKEN, Cluster, call
 from training.service import publish
@@ -18,11 +17,8 @@ from training.service import publish
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
 from sidecar_helpers import onnx_policy  # noqa: E402
 
-pytestmark = pytest.mark.root
 
-
-def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> None:
-    require_v1()
+def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_root: None) -> None:
     cl = Cluster(
         nodes=2,
         workers=2,
@@ -86,8 +82,7 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path) -> Non
         cl.stop()
 
 
-def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path) -> None:
-    require_v1()
+def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_root: None) -> None:
     cl = Cluster(
         nodes=3,
         workers=1,

@@ -41,7 +41,6 @@ def test_fit_of_a_saturated_or_flat_curve() -> None:
     assert fit["phi"] == pytest.approx(0.9, abs=0.1) and fit["max_rel_err"] < 0.1
 
 
-@pytest.mark.root
 def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
     parent = f"faasrm-test-curves-{uuid.uuid4().hex[:8]}"
     curve = asyncio.run(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 

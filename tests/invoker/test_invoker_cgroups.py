@@ -1,4 +1,4 @@
-"""The local invoker on real v1 cgroups and worker processes (root; run with -m slow)."""
+"""The local invoker on real v1 cgroups and worker processes (root: ``v1_root``)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ import asyncio
 import os
 import uuid
 
-import pytest
-
 from sidecar import cgroups
 from training.invoker.functions import BY_NAME
 from training.invoker.invoker import Containers, Invocation, Invoker
-
-pytestmark = pytest.mark.root
 
 
 def _exists(parent: str) -> bool:

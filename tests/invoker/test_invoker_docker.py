@@ -17,6 +17,7 @@ import pytest
 
 from sidecar.dockerd import DockerEngine
 from sidecar.runtimes.docker import parse_container_name, user_size
+from sidecar.units import MB
 from training.invoker.docker_container import leftovers
 from training.invoker.functions import BY_NAME
 from training.invoker.invoker import Containers, Invocation, Invoker
@@ -24,9 +25,8 @@ from training.invoker.invoker import Containers, Invocation, Invoker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))  # docker_env's home
 from docker_env import docker_engine  # noqa: E402, F401 (the session's engine fixture)
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.root]  # containers whose cgroups the test writes
 REPO = Path(__file__).resolve().parents[2]
-MB = 1 << 20
 
 
 def test_docker_containers_run_oom_restart_and_cleanup(

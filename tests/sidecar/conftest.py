@@ -1,10 +1,10 @@
-"""Fixtures for sidecar.cgroups: a real v1 cgroup (root only) and a copied v2 file tree."""
+"""Fixtures for sidecar.cgroups: a real v1 cgroup (root only, see ``v1_root`` in
+tests/conftest.py) and a copied v2 file tree."""
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,27 +15,12 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import Box
+from sidecar_helpers import v2_container
 
 from sidecar import cgroups
 
 ROOT = cgroups.DEFAULT_ROOT
 TEST_PARENT = "faasrm-test"
-V2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cgroupfs" / "v2"
-
-
-def v1_unavailable(root: str = ROOT) -> str | None:
-    """Why real v1 cgroup tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    for controller in cgroups.V1_CONTROLLERS:
-        path = os.path.join(root, controller)
-        if not os.path.isfile(os.path.join(path, "cgroup.procs")):
-            return f"no cgroup v1 '{controller}' hierarchy at {path}"
-        if not os.access(path, os.W_OK):
-            return f"{path} is not writable"
-    if not os.path.isfile(os.path.join(root, "cpu", "cpu.cfs_quota_us")):
-        return "the v1 cpu hierarchy has no CFS quota"
-    return None
 
 
 def _kill_all(cg: cgroups.CgroupV1, timeout_s: float = 2.0) -> None:
@@ -56,11 +41,8 @@ def _kill_all(cg: cgroups.CgroupV1, timeout_s: float = 2.0) -> None:
 
 
 @pytest.fixture
-def v1_cgroup() -> Iterator[cgroups.CgroupV1]:
+def v1_cgroup(v1_root: None) -> Iterator[cgroups.CgroupV1]:
     """A fresh cgroup faasrm-test/<uuid> in the v1 cpu, cpuacct and memory hierarchies."""
-    reason = v1_unavailable()
-    if reason:
-        pytest.skip(f"real cgroup v1 test skipped: {reason}")
     rel = f"{TEST_PARENT}/{uuid.uuid4().hex[:12]}"
     try:
         cg = cgroups.create_v1(rel, ROOT)
@@ -132,6 +114,4 @@ def boxes(v1_cgroup: cgroups.CgroupV1) -> Iterator[Callable[[str], Box]]:
 @pytest.fixture
 def v2_tree(tmp_path: Path) -> Path:
     """A writable copy of tests/fixtures/cgroupfs/v2 (one container's v2 cgroup directory)."""
-    dest = tmp_path / "container"
-    shutil.copytree(V2_FIXTURE, dest)
-    return dest
+    return v2_container(tmp_path, "container")

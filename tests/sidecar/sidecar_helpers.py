@@ -15,8 +15,8 @@ from sidecar.core.features import FEATURE_VERSION, FEATURES, N_FEATURES, schema_
 from sidecar.core.grid import ResourceGrid
 from sidecar.runtimes.base import ContainerRef, UserSize
 from sidecar.sampler import Sample
+from sidecar.units import MB
 
-MB = 2**20
 COL = {f.name: i for i, f in enumerate(FEATURES)}
 GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
 V2_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cgroupfs" / "v2"

@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar_helpers import MB, v2_container, write_policy
 
 from sidecar import config
-from sidecar.daemon import Notifier, build_app, reload
+from sidecar.daemon import build_app, reload
 from sidecar.node import NODE
+from sidecar.process import Notifier
 
 pytest.importorskip("onnxruntime")
 

@@ -21,8 +21,8 @@ from sidecar.cgroups import (
     shares_to_weight,
     weight_to_shares,
 )
+from sidecar.units import MB as MiB
 
-MiB = 1 << 20
 BUSY = "while True: pass"
 # Prints "ready", then per line on stdin allocates (and touches) that many MiB, printing "ok".
 ALLOC = """
@@ -366,17 +366,13 @@ def test_detect_version_and_open(tmp_path: Path, v2_tree: Path) -> None:
 
 # --------------------------------------------------------------------------- v1 (real cgroups)
 
-root = pytest.mark.root
 
-
-@root
 def test_v1_fresh_cgroup_has_default_limits(v1_cgroup: CgroupV1) -> None:
     assert v1_cgroup.read_limits() == Limits()
     u = v1_cgroup.read_usage()
     assert u.cpu_usage_s == 0 and u.oom_kills == 0 and u.mem_pressure_some_avg10 is None
 
 
-@root
 def test_v1_detected_and_opened_on_this_host(v1_cgroup: CgroupV1) -> None:
     # Reaching here means cpu/memory are writable v1 hierarchies, which excludes v2 for them.
     assert cgroups.detect_version(v1_cgroup.root) == 1
@@ -385,7 +381,6 @@ def test_v1_detected_and_opened_on_this_host(v1_cgroup: CgroupV1) -> None:
         assert cg.read_limits() == Limits()
 
 
-@root
 def test_v1_busy_process_accumulates_cpu(v1_cgroup: CgroupV1, spawn) -> None:
     proc = spawn(BUSY)
     assert proc.pid in v1_cgroup.pids()
@@ -396,7 +391,6 @@ def test_v1_busy_process_accumulates_cpu(v1_cgroup: CgroupV1, spawn) -> None:
     assert u1.t_s - u0.t_s >= 0.5
 
 
-@root
 def test_v1_quota_limits_cpu_and_throttles(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     spawn(BUSY)
@@ -424,7 +418,6 @@ def test_v1_quota_limits_cpu_and_throttles(v1_cgroup: CgroupV1, spawn) -> None:
     assert u3.cpu_usage_s > u2.cpu_usage_s
 
 
-@root
 def test_v1_writes_only_changed_values(v1_cgroup: CgroupV1) -> None:
     cg = v1_cgroup
     cg.write_limits(Limits(), headroom_bytes=0)  # reads the defaults: nothing to write
@@ -446,7 +439,6 @@ def test_v1_writes_only_changed_values(v1_cgroup: CgroupV1) -> None:
     assert cg.read_limits() == lim  # shares 512 <-> weight 50; page-aligned bytes read back
 
 
-@root
 def test_v1_memory_usage_and_peak_reset(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     proc = _started(spawn(ALLOC))
@@ -461,7 +453,6 @@ def test_v1_memory_usage_and_peak_reset(v1_cgroup: CgroupV1, spawn) -> None:
     assert cg.read_usage().mem_peak_bytes < 50 * MiB
 
 
-@root
 def test_v1_hard_limit_below_usage_is_refused(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     proc = _started(spawn(ALLOC))
@@ -479,7 +470,6 @@ def test_v1_hard_limit_below_usage_is_refused(v1_cgroup: CgroupV1, spawn) -> Non
     assert proc.poll() is None
 
 
-@root
 def test_v1_forced_limit_below_usage_fails_busy(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     proc = _started(spawn(ALLOC))
@@ -491,7 +481,6 @@ def test_v1_forced_limit_below_usage_fails_busy(v1_cgroup: CgroupV1, spawn) -> N
     assert cg.read_limits().mem_limit_bytes is None
 
 
-@root
 def test_v1_limit_below_working_set_oom_kills(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     proc = _started(spawn(ALLOC))
@@ -503,7 +492,6 @@ def test_v1_limit_below_working_set_oom_kills(v1_cgroup: CgroupV1, spawn) -> Non
     assert cg.read_usage().oom_kills >= 1
 
 
-@root
 def test_v1_raises_memsw_before_memory(v1_cgroup: CgroupV1) -> None:
     cg = v1_cgroup
     memsw = Path(cg._p("memory.memsw.limit_in_bytes"))
@@ -518,7 +506,6 @@ def test_v1_raises_memsw_before_memory(v1_cgroup: CgroupV1) -> None:
     assert cg.read_limits().mem_limit_bytes is None
 
 
-@root
 def test_v1_removed_cgroup_is_gone(v1_cgroup: CgroupV1) -> None:
     cg = v1_cgroup
     cg.read_usage()  # fds now kept open
@@ -536,7 +523,6 @@ def test_v1_removed_cgroup_is_gone(v1_cgroup: CgroupV1) -> None:
     cgroups.remove_v1(cg.rel_path, cg.root)  # idempotent
 
 
-@root
 def test_v1_remove_moves_processes_out(v1_cgroup: CgroupV1, spawn) -> None:
     cg = v1_cgroup
     proc = _started(spawn(ALLOC))
@@ -547,7 +533,6 @@ def test_v1_remove_moves_processes_out(v1_cgroup: CgroupV1, spawn) -> None:
     assert str(proc.pid) in Path(parent).read_text().split()
 
 
-@root
 def test_v1_invalid_value_names_file_and_value(v1_cgroup: CgroupV1) -> None:
     with pytest.raises(CgroupIOError, match=r"'abc'.*cpu\.shares.*EINVAL"):
         v1_cgroup._write(v1_cgroup._p("cpu.shares"), "abc")

@@ -21,7 +21,7 @@ from daemon_helpers import Daemon, free_port
 from docker_env import DockerEngine, busybox_image, client_for, docker_engine  # noqa: F401
 from sidecar_helpers import MB, write_policy
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.root]  # containers whose cgroups the test writes
 ROOT = "/sys/fs/cgroup"
 BUSY = "while :; do :; done"
 

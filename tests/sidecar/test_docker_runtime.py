@@ -30,8 +30,8 @@ from sidecar.runtimes.docker import (
     parse_proc_cgroup,
     user_size,
 )
+from sidecar.units import MB as MiB
 
-MiB = 1 << 20
 CID = "f" * 64
 
 

@@ -11,16 +11,17 @@ from pathlib import Path
 from sidecar_helpers import MB
 from test_api import _client, _setup
 
-from sidecar import config
+from sidecar import cgroups, config
 from sidecar.daemon import EVENT_TASKS, _start_consumers, make_runtimes, reload
 from sidecar.node import NODE
-from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
+from sidecar.runtimes.base import ContainerRef, RuntimeBase, RuntimeEvent, UserSize
 
 
-class FakeRuntime:
+class FakeRuntime(RuntimeBase):
     """Lists given refs and pushes events from a queue."""
 
     def __init__(self, name: str, refs: list[ContainerRef]) -> None:
+        super().__init__()
         self.name = name
         self.refs = refs
         self.queue: asyncio.Queue[RuntimeEvent | None] = asyncio.Queue()
@@ -140,6 +141,56 @@ def test_first_runtime_claims_a_cgroup_and_events_own_their_invocations(tmp_path
             assert fake.closed and fake not in node.runtimes
             live = [t for t in app[EVENT_TASKS] if not t.done()]
             assert [t.get_name() for t in live] == ["faasrm-events-cgroupfs"]
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+class Listed(RuntimeBase):
+    """Only what a runtime must give: a name and a full listing; the rest is RuntimeBase's."""
+
+    name = "listed"
+
+    def __init__(self, refs: list[ContainerRef]) -> None:
+        super().__init__()
+        self.refs = refs
+
+    def discover(self) -> list[ContainerRef]:
+        return list(self.refs)
+
+
+def test_runtime_defaults_and_the_periodic_listing_asks_relist(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    thumb = dirs["thumb@1"]
+    plain = Listed([_ref("ctr-thumb", thumb)])
+    assert plain.relist() == plain.discover() and plain.is_paused("ctr-thumb") is None
+    cg = plain.open(plain.refs[0])
+    try:
+        assert isinstance(cg, cgroups.CgroupV2) and cg.paths == (str(thumb),)
+    finally:
+        cg.close()
+
+    async def events_end_on_close() -> list[RuntimeEvent]:
+        asyncio.get_running_loop().call_later(0.01, plain.close)
+        return [ev async for ev in plain.events()]
+
+    assert asyncio.run(events_end_on_close()) == []
+
+    class CheapListing(Listed):
+        def relist(self) -> list[ContainerRef]:
+            return []  # what a missed "removed" event looks like to the safety net
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            node.runtimes.insert(0, CheapListing([_ref("ctr-thumb", thumb)]))
+            node.sync_containers()
+            assert "ctr-thumb" in node.engine.containers
+            node.sync_containers(full=False)
+            assert "ctr-thumb" not in node.engine.containers
+            assert "faasrm/thumb@1" in node.engine.containers  # the catch-all claims it now
         finally:
             await client.close()
 

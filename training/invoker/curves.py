@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from sidecar import cgroups
+from sidecar.units import MB
 from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSpec
 
-MB = 1 << 20
 QUOTAS = (0.25, 0.5, 1.0, 2.0)
 MEM_FACTORS = (1.0, 1.25, 2.0)
 PERIOD_US = 100_000

@@ -34,8 +34,9 @@ from typing import Any
 from sidecar import cgroups
 from sidecar.dockerd import DockerEngine, TarEntry, import_image, rootfs_tarball
 from sidecar.runtimes.docker import cgroup_rel_path
+from sidecar.units import MB
 from training.invoker.functions import DEFAULT_RATIO, FunctionSpec
-from training.invoker.invoker import MB, WORKER_ENV, WorkerContainer
+from training.invoker.invoker import WORKER_ENV, WorkerContainer
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "faasrm-invoker/rootfs:1"

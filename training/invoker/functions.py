@@ -25,7 +25,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MB = 1 << 20
+from sidecar.units import MB
+
 DEFAULT_RATIO = 1.0 / 256.0  # user cores per MB of user memory (1 core per 256 MB)
 
 

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sidecar import cgroups
+from sidecar.units import MB
 from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSpec
 
 if TYPE_CHECKING:
     from sidecar.dockerd import DockerEngine
 
-MB = 1 << 20
 _PR_SET_PDEATHSIG = 1
 # The workers' BLAS/OpenMP pools: 2 threads (this host's cores), not one per core of the machine.
 WORKER_ENV = {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}

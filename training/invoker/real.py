@@ -551,11 +551,11 @@ async def run_all(
 def leftovers(engine: DockerEngine | None = None) -> list[str]:
     """faasrm-real-* cgroups (v1 or v2) and Docker containers of this process still present
     (should be none after a run)."""
-    from sidecar.cgroups import _v2_base
+    from sidecar.cgroups import v2_base
 
     prefix = f"{PARENT_PREFIX}{os.getpid()}-"
     dirs = [Path("/sys/fs/cgroup") / c for c in ("cpu", "cpuacct", "memory")]
-    dirs += [Path(base)] if (base := _v2_base("/sys/fs/cgroup")) else []
+    dirs += [Path(base)] if (base := v2_base("/sys/fs/cgroup")) else []
     out = [str(p) for d in dirs for p in d.glob(f"{prefix}*")]
     if engine is not None:
         from training.invoker.docker_container import leftovers as docker_leftovers
