@@ -42,16 +42,15 @@ import numpy as np
 from sidecar.cgroups import Usage
 from sidecar.config import ActuationConfig, BoundaryConfig
 from sidecar.core.features import (
-    FEATURE_VERSION,
     FEATURES,
     N_FEATURES,
     FeatureEncoder,
     NodeState,
     expand_rows,
-    schema_hash,
 )
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import RuleScorer, Scorer, decide
+from sidecar.core.record import OUTCOMES, Record
 from sidecar.core.reward import RewardConfig, invocation_reward
 from sidecar.core.safeguard import (
     FAILURE,
@@ -63,10 +62,8 @@ from sidecar.core.safeguard import (
 )
 from sidecar.core.stats import FunctionStats
 from sidecar.runtimes.base import ContainerRef, UserSize
-from sidecar.spool import RECORD_VERSION
 
 MB = 2**20
-OUTCOMES = ("success", "failure", "oom", "lost")
 MAX_FUNCTIONS = 10_000
 """Per-function state kept (least recently used functions are forgotten beyond it)."""
 _COL = {f.name: i for i, f in enumerate(FEATURES)}
@@ -210,6 +207,7 @@ class Ended:
     reward: float | None
     rfet: float | None
     record: dict
+    """The trajectory record, packed (``Record.pack``): what the spool stores."""
 
 
 class EngineError(Exception):
@@ -482,42 +480,38 @@ class Engine:
             duration,
             reward,
             rfet,
-            self._record(inv, outcome, duration, reward, baseline),
+            self._record(inv, outcome, duration, reward, baseline).pack(),
         )
 
     def _record(
         self, inv: Invocation, outcome: str, duration: float, reward: float | None, baseline: float
-    ) -> dict[str, Any]:
-        g = self.grid
-        return {
-            "v": RECORD_VERSION,
-            "node": self.node_id,
-            "invocation": inv.id,
-            "function": inv.function,
-            "container": inv.container_id,
-            "time": inv.wall_start_s,
-            "feature_version": FEATURE_VERSION,
-            "schema_hash": schema_hash(),
-            "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
-            "model": inv.model,
-            "context": inv.ctx.tolist(),
-            "cpu_block": inv.cpu_block.tolist(),
-            "mem_block": inv.mem_block.tolist(),
-            "mask": np.packbits(inv.guard.mask).tobytes(),
-            "action": inv.action,
-            "logp": inv.logp,
-            "user": list(inv.user_alloc),
-            "alloc": list(inv.alloc),
-            "reason": inv.guard.reason,
-            "reward": reward,
-            "baseline_s": baseline if baseline == baseline else None,
-            "duration_s": duration,
-            "outcome": outcome,
-            "cpu_peak_cores": inv.cpu_peak_cores,
-            "mem_peak_mb": inv.mem_peak_bytes / MB,
-            "give_backs": sorted(inv.given_back),
-            "inferred": inv.inferred,
-        }
+    ) -> Record:
+        return Record(
+            node=self.node_id,
+            invocation=inv.id,
+            function=inv.function,
+            container=inv.container_id,
+            time=inv.wall_start_s,
+            grid=self.grid,
+            model=inv.model,
+            context=inv.ctx,
+            cpu_block=inv.cpu_block,
+            mem_block=inv.mem_block,
+            mask=inv.guard.mask,
+            action=inv.action,
+            logp=inv.logp,
+            user=inv.user_alloc,
+            alloc=inv.alloc,
+            reason=inv.guard.reason,
+            reward=reward,
+            baseline_s=baseline if baseline == baseline else None,
+            duration_s=duration,
+            outcome=outcome,
+            cpu_peak_cores=inv.cpu_peak_cores,
+            mem_peak_mb=inv.mem_peak_bytes / MB,
+            give_backs=sorted(inv.given_back),
+            inferred=inv.inferred,
+        )
 
     # ------------------------------------------------------------------------ samples
     @staticmethod

@@ -14,6 +14,7 @@ from sidecar.config import ActuationConfig, BoundaryConfig
 from sidecar.core.features import N_FEATURES, FeatureEncoder, NodeState
 from sidecar.core.grid import Alloc
 from sidecar.core.policy import MLPScorer, RuleScorer, decide
+from sidecar.core.record import check_batch
 from sidecar.core.safeguard import SafeguardState, guard
 from sidecar.core.stats import FunctionStats
 from sidecar.engine import (
@@ -132,6 +133,8 @@ def test_second_invocation_harvests_within_the_safeguard_range_and_gets_a_reward
         == inv.guard.mask.tolist()
     )
     assert msgpack.unpackb(encode(rec))["reward"] == pytest.approx(ended.reward)
+    # what the trainer reads: it validates, and counts the reward
+    assert check_batch((msgpack.unpackb(encode(rec), use_list=False),), "n1") == 1
 
 
 def test_engine_decides_like_the_simulators_learned_manager() -> None:
