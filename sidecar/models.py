@@ -30,7 +30,7 @@ import numpy as np
 
 from sidecar.core.features import FEATURE_VERSION, FeatureEncoder, NodeState, schema_hash
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.policy import OnnxScorer, Scorer
+from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from sidecar.core.safeguard import SafeguardState
 from sidecar.core.stats import FunctionStats
 
@@ -200,8 +200,6 @@ def _expected_sha(path: Path, configured: str) -> str | None:
 
 class ModelManager:
     def __init__(self, grid: ResourceGrid, path: str = "", sha256: str = "") -> None:
-        from sidecar.engine import fallback_scorer  # the engine owns the fallback rule
-
         self.grid = grid
         self.configure(path, sha256)
         self._fallback = Loaded(fallback_scorer(), "fallback", "fallback")

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
-from sidecar.core.features import FeatureEncoder
+from sidecar.core.decision import Decision
 from sidecar.core.grid import Alloc
-from sidecar.core.policy import OnnxScorer, Scorer, decide
+from sidecar.core.policy import OnnxScorer, Scorer
 from training.sim.cluster import ClusterSim, Request
 
 
@@ -168,7 +168,8 @@ class Vpa:
 
 
 class Learned(_Stateless):
-    """The score-function policy under the safeguard: features -> scorer -> masked argmax."""
+    """The score-function policy under the safeguard, through the host's decision path
+    (``sidecar.core.decision``): features -> scorer -> masked argmax, or a sample with ``rng``."""
 
     name = "learned"
 
@@ -180,15 +181,21 @@ class Learned(_Stateless):
     def from_onnx(cls, path: str | Path) -> Learned:
         return cls(OnnxScorer(path))
 
-    def reset(self, sim: ClusterSim) -> None:
-        self.encoder = FeatureEncoder(sim.grid)
+    def decision(self, sim: ClusterSim, req: Request) -> Decision:
+        """The whole decision (observation, action, log-probability) for ``req``."""
+        return sim.decider.decide(
+            self.scorer,
+            sim.node_state(),
+            req.stats,
+            req.guard_state,
+            req.user,
+            req.now_s,
+            guard=req.guard,
+            rng=self.rng,
+        )
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        node = sim.node_state()
-        ctx = self.encoder.context(node, req.stats, req.guard_state, req.user, req.now_s)
-        rows = self.encoder.rows(ctx, req.guard_state, req.user)
-        a, _ = decide(self.scorer.scores(rows), req.guard.mask, self.rng)
-        return sim.grid.alloc(a)
+        return sim.grid.alloc(self.decision(sim, req).action)
 
 
 BASELINES: dict[str, type] = {m.name: m for m in (Fixed, Greedy, Ensure, Vpa, Oracle)}

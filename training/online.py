@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from sidecar.core.features import expand_rows
 from sidecar.core.grid import ResourceGrid
-from sidecar.core.policy import OnnxScorer
+from sidecar.core.policy import OnnxScorer, fallback_scorer
 from sidecar.core.record import learnable
 from training.ppo import Agent, load_checkpoint
 
@@ -207,8 +207,6 @@ def gate(
     sim_cache: dict | None = None,
 ) -> dict:
     """The promotion gate's report; ``report['passed']`` says whether to promote."""
-    from sidecar.engine import fallback_scorer
-
     cache = sim_cache if sim_cache is not None else {}
     key = str(current) if current is not None else "fixed"
     if key not in cache:
