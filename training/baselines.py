@@ -1,4 +1,5 @@
-"""Resource managers behind one interface: Fixed, Greedy, ENSURE, VPA-style, Oracle, and Learned.
+"""Resource managers behind one interface: Fixed, Greedy, ENSURE, VPA-style, Oracle, Learned, and
+the daemon's model-free rules.
 
 A manager sees each invocation's request (function, user size, the safeguard's verdict, the
 function's statistics) and returns an allocation; ``observe`` tells it how a finished invocation
@@ -15,7 +16,7 @@ import numpy as np
 
 from sidecar.core.decision import Decision
 from sidecar.core.grid import Alloc
-from sidecar.core.policy import OnnxScorer, Scorer
+from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from training.sim.cluster import ClusterSim, Request
 
 
@@ -196,6 +197,19 @@ class Learned(_Stateless):
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
         return sim.grid.alloc(self.decision(sim, req).action)
+
+
+class Rule(Learned):
+    """A model-free rule of the daemon (``[model] rule``) through the same decision path."""
+
+    def __init__(self, name: str, rule: str) -> None:
+        super().__init__(fallback_scorer(rule))
+        self.name = name
+
+
+RULE_MANAGERS = {"rule": "user", "smallest": "smallest"}
+"""Simulator manager -> the daemon's rule it runs: ``rule`` is the daemon without a model (the
+allowed candidate closest to the user's size), ``smallest`` the fewest resources allowed."""
 
 
 BASELINES: dict[str, type] = {m.name: m for m in (Fixed, Greedy, Ensure, Vpa, Oracle)}
