@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--managers",
         default="fixed,greedy,ensure,vpa,oracle",
-        help="comma-separated: fixed, greedy, ensure, vpa, oracle, learned",
+        help="comma-separated: fixed, greedy, ensure, vpa, oracle, learned, rule, smallest",
     )
     ev.add_argument("--seed", type=int, default=1, help="workload seed (trace and every draw)")
     ev.add_argument("--trace", help="a folder of Azure Functions 2019 trace files to replay")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.core.grid import ResourceGrid
+from sidecar.core.policy import RULES
 from sidecar.core.reward import RewardConfig
 from sidecar.core.safeguard import SafeguardConfig
 
@@ -128,6 +129,10 @@ class ModelConfig:
     """Expected sha256 of the file (empty = take it from <path>.json when present)."""
     max_runtime_failures: int = 3
     """Consecutive non-finite decisions after which the previous model is rolled back."""
+    rule: str = "user"
+    """The model-free rule that decides when no model is loaded or the model fails: ``user`` (the
+    allowed candidate closest to the user's size) or ``smallest`` (the fewest resources the
+    safeguard allows)."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +391,8 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.safeguard, name)
         if not 0 < v <= 1:
             problems.append(f"safeguard.{name} {v} outside (0, 1]")
+    if cfg.model.rule not in RULES:
+        problems.append(f"model.rule {cfg.model.rule!r} is not one of {', '.join(RULES)}")
     if cfg.safeguard.mem_headroom_mb < 0:
         problems.append("safeguard.mem_headroom_mb must be >= 0")
     if not 1000 <= cfg.actuation.cpu_period_us <= 1_000_000:

@@ -97,7 +97,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         int(cfg.safeguard.mem_headroom_mb * MB),
         cfg.actuation.cpu_period_us,
     )
-    models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256)
+    models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256, cfg.model.rule)
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
     cores, mem_mb = host_capacity()
     node = Node(
@@ -289,7 +289,8 @@ def reload(app: web.Application) -> bool:
             _start_consumers(app, runtimes)
     node.sync_containers()  # containers the new config dropped are restored and forgotten
     models = node.models
-    models.configure(new.model.path, new.model.sha256)
+    models.configure(new.model.path, new.model.sha256, new.model.rule)
+    eng.fallback = models.fallback.scorer
     ok = models.load()
     node.metrics.model_loads.labels("ok" if ok else "rejected").inc()
     from sidecar.model_poller import POLLER

@@ -1,11 +1,12 @@
 """Per-invocation decisions on a host: pure logic, no I/O, no asyncio.
 
-The engine decides exactly as the simulator's ``Learned`` manager does (``training/baselines.py``):
-``stats.on_arrival`` -> ``guard`` (with the container's current memory usage for the floor) ->
-``FeatureEncoder`` context + rows -> ``scorer.scores`` -> ``decide`` (argmax) -> allocation; and at
-the end ``SafeguardState.observe`` + ``FunctionStats.on_completion`` with the peaks the sampler
-measured, then the reward. On top it keeps what only a host has: give-back within an invocation,
-OOM kills, inferred boundaries from CPU activity, the allocation trace and trajectory records.
+The engine decides through ``sidecar.core.decision.Decider`` as the simulator's managers do:
+``stats.on_arrival`` -> ``Decider.decide`` (the guard with the container's current memory usage
+and the reported input size, features, scores, argmax; the model-free rule when the model fails)
+-> allocation; and at the end ``SafeguardState.observe`` + ``FunctionStats.on_completion`` with
+the peaks the sampler measured, then the reward. On top it keeps what only a host has: give-back
+within an invocation, OOM kills, inferred boundaries from CPU activity, the allocation trace and
+trajectory records.
 
 Decisions the spec left open, documented here:
 * Targets are per resource: a resource decided at the user's grid point gets the user's *exact*
@@ -41,17 +42,11 @@ import numpy as np
 
 from sidecar.cgroups import Usage
 from sidecar.config import ActuationConfig, BoundaryConfig
-from sidecar.core.features import (
-    FEATURE_VERSION,
-    FEATURES,
-    N_FEATURES,
-    FeatureEncoder,
-    NodeState,
-    expand_rows,
-    schema_hash,
-)
+from sidecar.core.decision import Decider
+from sidecar.core.features import NodeState
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.policy import RuleScorer, Scorer, decide
+from sidecar.core.policy import Scorer, fallback_scorer
+from sidecar.core.record import OUTCOMES, Record
 from sidecar.core.reward import RewardConfig, invocation_reward
 from sidecar.core.safeguard import (
     FAILURE,
@@ -59,22 +54,13 @@ from sidecar.core.safeguard import (
     SafeguardConfig,
     SafeguardState,
     give_back_needed,
-    guard,
 )
 from sidecar.core.stats import FunctionStats
 from sidecar.runtimes.base import ContainerRef, UserSize
-from sidecar.spool import RECORD_VERSION
 from sidecar.units import MB
 
-OUTCOMES = ("success", "failure", "oom", "lost")
 MAX_FUNCTIONS = 10_000
 """Per-function state kept (least recently used functions are forgotten beyond it)."""
-_COL = {f.name: i for i, f in enumerate(FEATURES)}
-
-
-def fallback_scorer() -> RuleScorer:
-    """The rule used when no model is loaded or the model fails: closest to the user's size."""
-    return RuleScorer.user_size(N_FEATURES, _COL["cand_cpu_vs_user"], _COL["cand_mem_vs_user"])
 
 
 class Target(NamedTuple):
@@ -210,6 +196,7 @@ class Ended:
     reward: float | None
     rfet: float | None
     record: dict
+    """The trajectory record, packed (``Record.pack``): what the spool stores."""
 
 
 class EngineError(Exception):
@@ -237,6 +224,7 @@ class Engine:
         host_cores: float,
         host_mem_mb: float,
         scorer: Callable[[], tuple[Scorer, str]],
+        fallback: Scorer | None = None,
         safeguard: SafeguardConfig = SafeguardConfig(),
         reward: RewardConfig = RewardConfig(),
         actuation: ActuationConfig = ActuationConfig(),
@@ -247,19 +235,19 @@ class Engine:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.grid = grid
-        self.encoder = FeatureEncoder(grid)
+        self.decider = Decider(grid, safeguard)
         self.node_id = node_id
         self.host_cores = host_cores
         self.host_mem_mb = host_mem_mb
         self.scorer = scorer
-        self.sg_cfg = safeguard
+        self.fallback = fallback_scorer() if fallback is None else fallback
+        """The model-free rule that decides when the scorer fails (``[model] rule``)."""
         self.reward_cfg = reward
         self.act_cfg = actuation
         self.bounds = boundaries
         self.tick_s = tick_s
         self.clock = clock
         self.wall = wall
-        self.fallback = fallback_scorer()
         self.containers: dict[str, ManagedContainer] = {}
         self.invocations: dict[str, Invocation] = {}
         self.stats: OrderedDict[str, FunctionStats] = OrderedDict()
@@ -269,6 +257,15 @@ class Engine:
         self._prefix = uuid.uuid4().hex[:8]
         self.model_failures = 0
         self.consecutive_model_failures = 0
+
+    @property
+    def sg_cfg(self) -> SafeguardConfig:
+        """The safeguard's configuration, the decider's (a reload replaces it)."""
+        return self.decider.cfg
+
+    @sg_cfg.setter
+    def sg_cfg(self, cfg: SafeguardConfig) -> None:
+        self.decider.cfg = cfg
 
     # ------------------------------------------------------------------------ containers
     def add_container(self, ref: ContainerRef) -> None:
@@ -341,22 +338,25 @@ class Engine:
         stats, gs = self._function(fn)
         stats.on_arrival(now)
         mem_usage = usage.mem_bytes if usage is not None else c.last_mem_bytes
-        g = guard(self.grid, user_alloc, gs, mem_usage / MB, self.sg_cfg, input_size)
-        ctx = self.encoder.context(self.node_state(pending), stats, gs, user_alloc, now)
-        cpu_b, mem_b = self.encoder.blocks(gs, user_alloc)
-        rows = expand_rows(ctx, cpu_b, mem_b)
         scorer, model = self.scorer()
-        fallback = None
-        try:
-            a, logp = decide(scorer.scores(rows), g.mask)
+        d = self.decider.decide(
+            scorer,
+            self.node_state(pending),
+            stats,
+            gs,
+            user_alloc,
+            now,
+            mem_usage_mb=mem_usage / MB,
+            input_size=input_size,
+            fallback=self.fallback,
+        )
+        if d.fallback is None:
             self.consecutive_model_failures = 0
-        except Exception as exc:  # a model must never stop a decision: the user's size wins
-            fallback = f"{type(exc).__name__}: {exc}"
+        else:  # a model must never stop a decision: the rule decided
             self.model_failures += 1
             self.consecutive_model_failures += 1
-            a, logp = decide(self.fallback.scores(rows), g.mask)
             model = "fallback"
-        alloc = self.grid.alloc(a)
+        alloc = self.grid.alloc(d.action)
         target = plan_target(self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg)
         decision_s = time.perf_counter() - t0
         inv = Invocation(
@@ -366,13 +366,13 @@ class Engine:
             user=user,
             user_alloc=user_alloc,
             alloc=alloc,
-            guard=g,
+            guard=d.guard,
             target=target,
-            action=a,
-            logp=logp,
-            ctx=ctx,
-            cpu_block=cpu_b,
-            mem_block=mem_b,
+            action=d.action,
+            logp=d.logp,
+            ctx=d.obs.context,
+            cpu_block=d.obs.cpu,
+            mem_block=d.obs.mem,
             model=model,
             start_s=now,
             wall_start_s=self.wall(),
@@ -382,34 +382,9 @@ class Engine:
             mem_peak_bytes=mem_usage,
             mem_start_bytes=mem_usage,
             input_size=input_size,
-            fallback=fallback,
+            fallback=d.fallback,
         )
-        cores, mem = effective(user, target)
-        inv.trace = {
-            "invocation": inv.id,
-            "function": fn,
-            "container": container_id,
-            "time": inv.wall_start_s,
-            "user": {
-                "cpu_cores": user.cpu_cores,
-                "mem_bytes": user.mem_bytes,
-                "units": list(user_alloc),
-            },
-            "chosen": {"cpu_cores": cores, "mem_bytes": mem, "units": list(alloc)},
-            "kind": _kind(user, cores, mem),
-            "reason": g.reason,
-            "input_size": input_size,
-            "inferred": inferred,
-            "model": model,
-            "fallback": fallback,
-            "decision_us": round(decision_s * 1e6, 1),
-            "give_backs": [],
-            "cpu_peak_cores": None,
-            "mem_peak_bytes": None,
-            "duration_s": None,
-            "rfet": None,
-            "outcome": None,
-        }
+        inv.trace = trace_entry(inv)
         self.trace.append(inv.trace)
         c.active = inv
         self.invocations[inv.id] = inv
@@ -482,42 +457,38 @@ class Engine:
             duration,
             reward,
             rfet,
-            self._record(inv, outcome, duration, reward, baseline),
+            self._record(inv, outcome, duration, reward, baseline).pack(),
         )
 
     def _record(
         self, inv: Invocation, outcome: str, duration: float, reward: float | None, baseline: float
-    ) -> dict[str, Any]:
-        g = self.grid
-        return {
-            "v": RECORD_VERSION,
-            "node": self.node_id,
-            "invocation": inv.id,
-            "function": inv.function,
-            "container": inv.container_id,
-            "time": inv.wall_start_s,
-            "feature_version": FEATURE_VERSION,
-            "schema_hash": schema_hash(),
-            "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
-            "model": inv.model,
-            "context": inv.ctx.tolist(),
-            "cpu_block": inv.cpu_block.tolist(),
-            "mem_block": inv.mem_block.tolist(),
-            "mask": np.packbits(inv.guard.mask).tobytes(),
-            "action": inv.action,
-            "logp": inv.logp,
-            "user": list(inv.user_alloc),
-            "alloc": list(inv.alloc),
-            "reason": inv.guard.reason,
-            "reward": reward,
-            "baseline_s": baseline if baseline == baseline else None,
-            "duration_s": duration,
-            "outcome": outcome,
-            "cpu_peak_cores": inv.cpu_peak_cores,
-            "mem_peak_mb": inv.mem_peak_bytes / MB,
-            "give_backs": sorted(inv.given_back),
-            "inferred": inv.inferred,
-        }
+    ) -> Record:
+        return Record(
+            node=self.node_id,
+            invocation=inv.id,
+            function=inv.function,
+            container=inv.container_id,
+            time=inv.wall_start_s,
+            grid=self.grid,
+            model=inv.model,
+            context=inv.ctx,
+            cpu_block=inv.cpu_block,
+            mem_block=inv.mem_block,
+            mask=inv.guard.mask,
+            action=inv.action,
+            logp=inv.logp,
+            user=inv.user_alloc,
+            alloc=inv.alloc,
+            reason=inv.guard.reason,
+            reward=reward,
+            baseline_s=baseline if baseline == baseline else None,
+            duration_s=duration,
+            outcome=outcome,
+            cpu_peak_cores=inv.cpu_peak_cores,
+            mem_peak_mb=inv.mem_peak_bytes / MB,
+            give_backs=sorted(inv.given_back),
+            inferred=inv.inferred,
+        )
 
     # ------------------------------------------------------------------------ samples
     @staticmethod
@@ -643,6 +614,37 @@ class Engine:
             if len(out) >= limit:
                 break
         return out
+
+
+def trace_entry(inv: Invocation) -> dict:
+    """The allocation-trace entry of a started invocation (``/debug/allocations``); its outcome
+    fields stay None until it ends."""
+    cores, mem = effective(inv.user, inv.target)
+    return {
+        "invocation": inv.id,
+        "function": inv.function,
+        "container": inv.container_id,
+        "time": inv.wall_start_s,
+        "user": {
+            "cpu_cores": inv.user.cpu_cores,
+            "mem_bytes": inv.user.mem_bytes,
+            "units": list(inv.user_alloc),
+        },
+        "chosen": {"cpu_cores": cores, "mem_bytes": mem, "units": list(inv.alloc)},
+        "kind": _kind(inv.user, cores, mem),
+        "reason": inv.guard.reason,
+        "input_size": inv.input_size,
+        "inferred": inv.inferred,
+        "model": inv.model,
+        "fallback": inv.fallback,
+        "decision_us": round(inv.decision_s * 1e6, 1),
+        "give_backs": [],
+        "cpu_peak_cores": None,
+        "mem_peak_bytes": None,
+        "duration_s": None,
+        "rfet": None,
+        "outcome": None,
+    }
 
 
 def _kind(user: UserSize, cores: float, mem: int) -> str:

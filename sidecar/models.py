@@ -10,9 +10,10 @@ A candidate model is swapped in only after every check passed:
 4. on a probe batch of real encoder rows it returns one finite score per row.
 
 On failure the running model stays and the reason is kept (``/debug/model``, logs, metric). With
-no model file at the default path the daemon runs ``RuleScorer.user_size`` (Fixed wherever the
-safeguard allows the user's size) and says so in ``/readyz``. ``rollback()`` returns to the
-previous model (the daemon calls it after repeated non-finite decisions at run time).
+no model file at the default path the daemon runs the model-free rule ``[model] rule``
+(``sidecar.core.policy.RULES``; ``user`` is Fixed wherever the safeguard allows the user's size)
+and says so in ``/readyz``. ``rollback()`` returns to the previous model (the daemon calls it
+after repeated non-finite decisions at run time).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from sidecar.core.features import FEATURE_VERSION, FeatureEncoder, NodeState, schema_hash
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.policy import OnnxScorer, Scorer
+from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from sidecar.core.safeguard import SafeguardState
 from sidecar.core.stats import FunctionStats
 
@@ -199,24 +200,29 @@ def _expected_sha(path: Path, configured: str) -> str | None:
 
 
 class ModelManager:
-    def __init__(self, grid: ResourceGrid, path: str = "", sha256: str = "") -> None:
-        from sidecar.engine import fallback_scorer  # the engine owns the fallback rule
-
+    def __init__(
+        self, grid: ResourceGrid, path: str = "", sha256: str = "", rule: str = "user"
+    ) -> None:
         self.grid = grid
-        self.configure(path, sha256)
-        self._fallback = Loaded(fallback_scorer(), "fallback", "fallback")
-        self.current = self._fallback
+        self.rule = rule
+        self.fallback = Loaded(fallback_scorer(rule), "fallback", "fallback")
+        """The model-free rule, run while no model is loaded (the engine's fallback too)."""
+        self.configure(path, sha256, rule)
+        self.current = self.fallback
         self.previous: Loaded | None = None
         self.last_error: dict | None = None
         self.loads_ok = 0
         self.loads_failed = 0
 
-    def configure(self, path: str, sha256: str) -> None:
-        """Set ``[model] path`` / ``sha256`` (start-up, config reload); an empty path resolves
-        once to the shipped model of this grid (that opens each candidate's metadata)."""
+    def configure(self, path: str, sha256: str, rule: str = "user") -> None:
+        """Set ``[model] path`` / ``sha256`` / ``rule`` (start-up, config reload); an empty path
+        resolves once to the shipped model of this grid (that opens each candidate's metadata)."""
         self.configured_path = path
         self.sha256 = sha256
         self.path = Path(path) if path else default_model_path(self.grid)
+        if rule != self.rule:
+            self.rule = rule
+            self.fallback.scorer = fallback_scorer(rule)  # current or previous when it runs
 
     def get(self) -> tuple[Scorer, str]:
         return self.current.scorer, self.current.id
@@ -226,7 +232,7 @@ class ModelManager:
         one."""
         p = Path(path) if path is not None else self.path
         if not p.exists() and path is None and not self.configured_path:
-            note = f"no model file at {p}: deciding with RuleScorer.user_size"
+            note = f"no model file at {p}: deciding with the {self.rule!r} rule"
             if self.current.source == "fallback":
                 self.current.note = note
             log.warning(note)
@@ -256,7 +262,7 @@ class ModelManager:
 
     def rollback(self, reason: str) -> bool:
         if self.previous is None:
-            target = self._fallback if self.current is not self._fallback else None
+            target = self.fallback if self.current is not self.fallback else None
         else:
             target = self.previous
         if target is None:
@@ -278,6 +284,7 @@ class ModelManager:
             "current": self.current.describe(),
             "previous": self.previous.id if self.previous else None,
             "configured_path": str(self.path),
+            "rule": self.rule,
             "last_error": self.last_error,
             "loads_ok": self.loads_ok,
             "loads_failed": self.loads_failed,
@@ -286,5 +293,5 @@ class ModelManager:
     def ready_note(self) -> str:
         c = self.current
         if c.source == "fallback":
-            return c.note or "fallback: RuleScorer.user_size"
+            return c.note or f"fallback: the {self.rule!r} rule"
         return f"{c.id} from {c.path}"

@@ -77,6 +77,7 @@ class Node:
             host_cores=host_cores,
             host_mem_mb=host_mem_mb,
             scorer=models.get,
+            fallback=models.fallback.scorer,
             safeguard=cfg.safeguard,
             reward=cfg.reward,
             actuation=cfg.actuation,

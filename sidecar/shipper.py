@@ -37,10 +37,10 @@ from typing import Any
 import msgpack
 
 from sidecar.config import ShipperConfig
+from sidecar.core.record import SCHEMA_VERSION
 from sidecar.spool import Spool
 
 log = logging.getLogger("faasrm.shipper")
-SCHEMA_VERSION = 1
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
 
 

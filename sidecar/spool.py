@@ -9,27 +9,7 @@ host's disk is never filled. A torn record at a segment's end is skipped when re
 as ``corrupt``). Records are flushed per append (not fsynced: losing the last records of a crash
 costs training data, never correctness).
 
-Record format, version ``RECORD_VERSION`` (a msgpack map; arrays as lists, the mask packed):
-
-=================  ==============================================================================
-``v``              record version (int)
-``node``           host id; ``invocation``, ``function``, ``container`` (str)
-``time``           wall-clock start, seconds since the epoch (float)
-``feature_version`` / ``schema_hash``  the feature encoding the rows follow
-``grid``           [cpu_unit_cores, cpu_units, mem_unit_mb, mem_units]
-``model``          id of the scorer that decided ("sha256:<12 hex>", "fallback", "rule")
-``context``        context vector (N_CONTEXT floats)
-``cpu_block``      [cpu_units][3] candidate CPU columns; ``mem_block`` [mem_units][3]
-                   (rows = ``sidecar.core.features.expand_rows(context, cpu_block, mem_block)``)
-``mask``           ``numpy.packbits`` of the boolean mask over the grid (bytes)
-``action``         chosen candidate index; ``logp`` its log-probability under the masked softmax
-``user`` / ``alloc``  user's grid point and the decided one, [cpu units, mem units]
-``reason``         the safeguard's verdict, "cpu=<mode>,mem=<mode>"
-``reward``         float, or None when no baseline exists yet (skip it)
-``baseline_s``     baseline duration before this run (None if unknown); ``duration_s``
-``outcome``        success | failure | oom | lost
-``cpu_peak_cores``, ``mem_peak_mb``, ``give_backs`` (resources returned mid-run), ``inferred``
-=================  ==============================================================================
+Records are the maps of ``sidecar.core.record.Record.pack``.
 """
 
 from __future__ import annotations
@@ -42,27 +22,14 @@ from pathlib import Path
 
 import msgpack
 
-RECORD_VERSION = 1
-REQUIRED = (
-    "v",
-    "node",
-    "function",
-    "container",
-    "time",
-    "context",
-    "cpu_block",
-    "mem_block",
-    "mask",
-    "action",
-    "logp",
-    "reward",
-    "duration_s",
-    "outcome",
-)
+from sidecar.core.record import REQUIRED
+
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
 
 
 def encode(record: dict) -> bytes:
+    """A packed record (``Record.pack``) as msgpack bytes; refuses a map lacking a field readers
+    need."""
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise ValueError(f"trajectory record lacks {', '.join(missing)}")

@@ -1,4 +1,5 @@
-"""Resource managers behind one interface: Fixed, Greedy, ENSURE, VPA-style, Oracle, and Learned.
+"""Resource managers behind one interface: Fixed, Greedy, ENSURE, VPA-style, Oracle, Learned, and
+the daemon's model-free rules.
 
 A manager sees each invocation's request (function, user size, the safeguard's verdict, the
 function's statistics) and returns an allocation; ``observe`` tells it how a finished invocation
@@ -13,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from sidecar.core.features import FeatureEncoder
+from sidecar.core.decision import Decision
 from sidecar.core.grid import Alloc
-from sidecar.core.policy import OnnxScorer, Scorer, decide
+from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from training.sim.cluster import ClusterSim, Request
 
 
@@ -168,7 +169,8 @@ class Vpa:
 
 
 class Learned(_Stateless):
-    """The score-function policy under the safeguard: features -> scorer -> masked argmax."""
+    """The score-function policy under the safeguard, through the host's decision path
+    (``sidecar.core.decision``): features -> scorer -> masked argmax, or a sample with ``rng``."""
 
     name = "learned"
 
@@ -180,15 +182,34 @@ class Learned(_Stateless):
     def from_onnx(cls, path: str | Path) -> Learned:
         return cls(OnnxScorer(path))
 
-    def reset(self, sim: ClusterSim) -> None:
-        self.encoder = FeatureEncoder(sim.grid)
+    def decision(self, sim: ClusterSim, req: Request) -> Decision:
+        """The whole decision (observation, action, log-probability) for ``req``."""
+        return sim.decider.decide(
+            self.scorer,
+            sim.node_state(),
+            req.stats,
+            req.guard_state,
+            req.user,
+            req.now_s,
+            guard=req.guard,
+            rng=self.rng,
+        )
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        node = sim.node_state()
-        ctx = self.encoder.context(node, req.stats, req.guard_state, req.user, req.now_s)
-        rows = self.encoder.rows(ctx, req.guard_state, req.user)
-        a, _ = decide(self.scorer.scores(rows), req.guard.mask, self.rng)
-        return sim.grid.alloc(a)
+        return sim.grid.alloc(self.decision(sim, req).action)
+
+
+class Rule(Learned):
+    """A model-free rule of the daemon (``[model] rule``) through the same decision path."""
+
+    def __init__(self, name: str, rule: str) -> None:
+        super().__init__(fallback_scorer(rule))
+        self.name = name
+
+
+RULE_MANAGERS = {"rule": "user", "smallest": "smallest"}
+"""Simulator manager -> the daemon's rule it runs: ``rule`` is the daemon without a model (the
+allowed candidate closest to the user's size), ``smallest`` the fewest resources allowed."""
 
 
 BASELINES: dict[str, type] = {m.name: m for m in (Fixed, Greedy, Ensure, Vpa, Oracle)}

@@ -28,60 +28,68 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from sidecar.core.features import FEATURE_VERSION, N_BLOCK, N_CONTEXT, schema_hash
-from sidecar.core.grid import ResourceGrid
-from sidecar.spool import RECORD_VERSION
+from sidecar.core.features import N_BLOCK, N_CONTEXT
+from sidecar.core.grid import Alloc, ResourceGrid
+from sidecar.core.record import SCHEMA_VERSION, Record
 
 GRID = ResourceGrid(0.25, 8, 64.0, 8)
 
 
-def synthetic_record(node: str, i: int, rng: np.random.Generator) -> dict:
+def synthetic_record(
+    node: str, i: int, rng: np.random.Generator, reward: float | None = -0.1
+) -> dict:
+    """A packed record as a sidecar ships it (on ``GRID``): random features, a mask with a few
+    holes and an allowed action (also the trainer tests' records)."""
     g = GRID
     mask = np.ones(g.n, dtype=bool)
-    mask[rng.integers(0, g.n, 6)] = False
+    mask[rng.integers(0, g.n, 8)] = False
     allowed = np.flatnonzero(mask)
     action = int(allowed[rng.integers(0, len(allowed))])
-    return {
-        "v": RECORD_VERSION,
-        "node": node,
-        "invocation": f"{node}-{i}",
-        "function": f"fn{i % 50}",
-        "container": f"c{i % 8}",
-        "time": 1.7e9 + i,
-        "feature_version": FEATURE_VERSION,
-        "schema_hash": schema_hash(),
-        "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
-        "model": "sha256:0123456789ab",
-        "context": rng.random(N_CONTEXT).astype(np.float32).tolist(),
-        "cpu_block": rng.random((g.cpu_units, N_BLOCK)).astype(np.float32).tolist(),
-        "mem_block": rng.random((g.mem_units, N_BLOCK)).astype(np.float32).tolist(),
-        "mask": np.packbits(mask).tobytes(),
-        "action": action,
-        "logp": float(-np.log(len(allowed))),
-        "user": [4, 4],
-        "alloc": list(g.alloc(action)),
-        "reason": "cpu=free,mem=free",
-        "reward": float(rng.normal(0, 0.3)),
-        "baseline_s": 0.2,
-        "duration_s": 0.21,
-        "outcome": "success",
-        "cpu_peak_cores": 0.4,
-        "mem_peak_mb": 40.0,
-        "give_backs": [],
-        "inferred": False,
-    }
+    return Record(
+        node=node,
+        invocation=f"{node}-inv-{i}",
+        function=f"fn{i % 3}",
+        container=f"c{i % 2}",
+        time=1.7e9 + i,
+        grid=g,
+        model="sha256:000000000000",
+        context=rng.normal(0, 1, N_CONTEXT).round(4),
+        cpu_block=rng.normal(0, 1, (g.cpu_units, N_BLOCK)).round(4),
+        mem_block=rng.normal(0, 1, (g.mem_units, N_BLOCK)).round(4),
+        mask=mask,
+        action=action,
+        logp=float(-np.log(len(allowed))),
+        user=Alloc(4, 4),
+        alloc=g.alloc(action),
+        reason="cpu=harvest,mem=harvest",
+        reward=reward,
+        baseline_s=0.2,
+        duration_s=0.2 + 0.01 * (i % 5),
+        outcome="success",
+        cpu_peak_cores=0.4,
+        mem_peak_mb=40.0,
+        give_backs=[],
+        inferred=False,
+    ).pack()
 
 
 def make_bodies(n_batches: int, per_batch: int, nodes: int = 10) -> list[bytes]:
     rng = np.random.default_rng(0)
-    template = [synthetic_record("node0", i, rng) for i in range(per_batch)]
+    template = [
+        synthetic_record("node0", i, rng, float(rng.normal(0, 0.3))) for i in range(per_batch)
+    ]
     bodies = []
     for b in range(n_batches):
         node = f"node{b % nodes}"
         recs = [dict(r, node=node, invocation=f"{node}-{b}-{i}") for i, r in enumerate(template)]
         bodies.append(
             msgpack.packb(
-                {"schema_version": 1, "node_id": node, "seq": b // nodes, "records": recs},
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "node_id": node,
+                    "seq": b // nodes,
+                    "records": recs,
+                },
                 use_bin_type=True,
             )
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sidecar.core.grid import ResourceGrid
-from training.baselines import BASELINES, Learned, Manager
+from training.baselines import BASELINES, RULE_MANAGERS, Learned, Manager, Rule
 from training.sim.cluster import ClusterSim
 from training.sim.presets import Preset
 from training.sim.workload import Workload
@@ -103,15 +103,18 @@ class Evaluation:
 def make_manager(
     name: str, model: str | Path | None = None, grid: ResourceGrid | None = None
 ) -> Manager:
-    """``learned`` without a ``model``: the shipped model trained for ``grid``."""
+    """``learned`` without a ``model``: the shipped model trained for ``grid``; ``rule`` and
+    ``smallest``: the daemon's model-free rules."""
     if name == "learned":
         from sidecar.models import default_model_path
 
         return Learned.from_onnx(model or default_model_path(grid))
+    if name in RULE_MANAGERS:
+        return Rule(name, RULE_MANAGERS[name])
     try:
         return BASELINES[name]()
     except KeyError:
-        known = ", ".join([*BASELINES, "learned"])
+        known = ", ".join([*BASELINES, *RULE_MANAGERS, "learned"])
         raise ValueError(f"unknown manager {name!r}; choose from {known}") from None
 
 

@@ -45,7 +45,8 @@ import torch.nn as nn
 
 from sidecar.core.features import expand_rows
 from sidecar.core.grid import ResourceGrid
-from sidecar.core.policy import OnnxScorer
+from sidecar.core.policy import OnnxScorer, fallback_scorer
+from sidecar.core.record import learnable
 from training.ppo import Agent, load_checkpoint
 
 log = logging.getLogger("faasrm.learner")
@@ -53,35 +54,18 @@ log = logging.getLogger("faasrm.learner")
 
 # ------------------------------------------------------------------------------------ data
 def records_to_batch(records: list[dict], grid: ResourceGrid) -> dict[str, torch.Tensor] | None:
-    """Learnable records -> ``b_*`` tensors; None if there are none."""
-    n = grid.n
-    keep = [
-        r
-        for r in records
-        if r.get("reward") is not None
-        and math.isfinite(r["reward"])
-        and math.isfinite(r["logp"])
-        and len(r["cpu_block"]) == grid.cpu_units
-        and len(r["mem_block"]) == grid.mem_units
-        and (
-            r.get("grid") is None
-            or list(r["grid"])
-            == [grid.cpu_unit_cores, grid.cpu_units, grid.mem_unit_mb, grid.mem_units]
-        )
-    ]
-    if not keep:
+    """Learnable records (``sidecar.core.record.learnable``) -> ``b_*`` tensors; None if none."""
+    b = learnable(records, grid)
+    if b is None:
         return None
-    masks = np.unpackbits(
-        np.frombuffer(b"".join(r["mask"] for r in keep), np.uint8).reshape(len(keep), -1), axis=1
-    )[:, :n].astype(bool)
     return {
-        "ctx": torch.as_tensor(np.asarray([r["context"] for r in keep], np.float32)),
-        "cpu": torch.as_tensor(np.asarray([r["cpu_block"] for r in keep], np.float32)),
-        "mem": torch.as_tensor(np.asarray([r["mem_block"] for r in keep], np.float32)),
-        "mask": torch.as_tensor(masks),
-        "actions": torch.as_tensor([int(r["action"]) for r in keep], dtype=torch.long),
-        "logprobs": torch.as_tensor([float(r["logp"]) for r in keep], dtype=torch.float32),
-        "rewards": torch.as_tensor([float(r["reward"]) for r in keep], dtype=torch.float32),
+        "ctx": torch.as_tensor(b.context),
+        "cpu": torch.as_tensor(b.cpu),
+        "mem": torch.as_tensor(b.mem),
+        "mask": torch.as_tensor(b.mask),
+        "actions": torch.as_tensor(b.action, dtype=torch.long),
+        "logprobs": torch.as_tensor(b.logp),
+        "rewards": torch.as_tensor(b.reward),
     }
 
 
@@ -223,8 +207,6 @@ def gate(
     sim_cache: dict | None = None,
 ) -> dict:
     """The promotion gate's report; ``report['passed']`` says whether to promote."""
-    from sidecar.engine import fallback_scorer
-
     cache = sim_cache if sim_cache is not None else {}
     key = str(current) if current is not None else "fixed"
     if key not in cache:

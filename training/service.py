@@ -3,11 +3,11 @@
 Endpoints (writes need ``Authorization: Bearer <token>``):
 
 * ``POST /v1/trajectories``: msgpack ``{schema_version, node_id, seq, records: [...]}`` (records
-  as in ``sidecar.spool``). 401 without the token, 413 over ``max_body_bytes``, 400 with a reason
-  when malformed, 422 for an unknown schema or record version. 200 ``{"stored": true}`` once the
-  batch is committed to disk (sqlite, WAL, ``synchronous=FULL``); a batch whose ``(node_id, seq)``
-  was stored before is acknowledged with ``{"stored": false, "duplicate": true}`` and not stored
-  again.
+  as in ``sidecar.core.record``). 401 without the token, 413 over ``max_body_bytes``, 400 with a
+  reason when malformed, 422 for an unknown schema or record version. 200 ``{"stored": true}``
+  once the batch is committed to disk (sqlite, WAL, ``synchronous=FULL``); a batch whose
+  ``(node_id, seq)`` was stored before is acknowledged with ``{"stored": false, "duplicate":
+  true}`` and not stored again.
 * ``GET /v1/models/latest[?wait=S]``: the latest promoted ONNX (``ETag``, ``X-Model-Version``,
   ``X-Model-Sha256``). With ``If-None-Match`` equal to the current ETag it long-polls up to ``S``
   seconds and answers as soon as a newer version is promoted, else 304. 404 while there is none.
@@ -29,10 +29,8 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
-import itertools
 import logging
 import math
-import operator
 import os
 import re
 import signal
@@ -44,24 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.config import ConfigError, load_tree
-from sidecar.core.features import N_BLOCK, N_CONTEXT
 from sidecar.core.grid import ResourceGrid
-from sidecar.engine import OUTCOMES
+from sidecar.core.record import SCHEMA_VERSION, RecordError, check_batch
 from sidecar.process import Notifier, json_response, setup_logging
-from sidecar.spool import RECORD_VERSION, REQUIRED
 from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
 
 log = logging.getLogger("faasrm.trainer")
 disable_created_metrics()
-SCHEMA_VERSION = 1
-"""Version of the batch envelope ``{schema_version, node_id, seq, records}``."""
 
 
 # ------------------------------------------------------------------------------------ config
@@ -271,11 +264,6 @@ class Batch:
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ENVELOPE = {"schema_version", "node_id", "seq", "records"}
-_REQUIRED = frozenset(REQUIRED)
-_NUM = {float, int}
-_OUTCOMES = frozenset(OUTCOMES)
-_TUPLE = {tuple}
-_BLOCK_LEN = {N_BLOCK}
 
 
 def _is_int(x: Any) -> bool:
@@ -285,11 +273,8 @@ def _is_int(x: Any) -> bool:
 def decode_batch(body: bytes, max_records: int) -> Batch:
     """Validate a trajectory batch completely; raises BatchError(400 | 422, reason).
 
-    The body is decoded once (arrays as tuples: cheaper than lists) and checked with C-level
-    iteration: exact element types (``true`` or ``"1.5"`` is not a number here), shapes, and
-    finiteness. First column-wise over the whole batch (``_check_records_fast``, one pass per
-    field, not per record); only if that finds anything wrong does the record-by-record loop run,
-    to name the first offending record and its reason.
+    The body is decoded once (arrays as tuples: cheaper than lists); the envelope is checked
+    here, the records by ``sidecar.core.record.check_batch``.
     """
     if not body:
         raise BatchError(400, "empty body: expected a msgpack map")
@@ -319,190 +304,10 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
         raise BatchError(400, "'records' must be a non-empty array")
     if len(records) > max_records:
         raise BatchError(400, f"{len(records)} records in one batch, at most {max_records}")
-    first = records[0]
-    if (
-        not isinstance(first, dict)
-        or type(first.get("cpu_block")) is not tuple
-        or type(first.get("mem_block")) is not tuple
-    ):
-        raise BatchError(400, "records[0] is not a map with cpu_block and mem_block arrays")
-    cu, mu = len(first["cpu_block"]), len(first["mem_block"])
-    if not 1 <= cu <= 256 or not 1 <= mu <= 256:
-        raise BatchError(400, "cpu_block and mem_block need 1..256 rows")
-    n_cand = cu * mu
-    mask_len = (n_cand + 7) // 8
     try:
-        rewarded = _check_records_fast(records, node, cu, mu, mask_len, n_cand)
-    except Exception:  # anything odd (unhashable, missing key, overflow): the exact loop decides
-        rewarded = None
-    if rewarded is not None:
-        return Batch(node, seq, len(records), rewarded)
-    return _check_records_exact(records, node, seq, cu, mu, mask_len, n_cand)
-
-
-_FIELDS = (
-    "v",
-    "node",
-    "function",
-    "container",
-    "outcome",
-    "time",
-    "duration_s",
-    "logp",
-    "reward",
-    "context",
-    "cpu_block",
-    "mem_block",
-    "action",
-    "mask",
-)
-_get_fields = operator.itemgetter(*_FIELDS)
-if set(_FIELDS) != _REQUIRED:  # the fast check reads exactly the required fields
-    raise ImportError("training.service._FIELDS is out of step with sidecar.spool.REQUIRED")
-_INT = {int}
-_STR = {str}
-_BYTES = {bytes}
-_DICT = {dict}
-_NONE = type(None)
-_flat = itertools.chain.from_iterable
-_ABS_BOUND = 1e300
-
-
-def _check_records_fast(
-    records: tuple, node: str, cu: int, mu: int, mask_len: int, n_cand: int
-) -> int | None:
-    """The records' rewarded count if every record is valid, else None (never a false pass).
-
-    The same predicates as ``_check_records_exact``, evaluated column-wise over the whole batch
-    with C-level iteration (itemgetter, zip, set(map(type, ...)), min/max/sum, numpy for the
-    array values and the action bits) instead of a Python loop per record. It may answer None for
-    a valid batch (e.g. array values beyond 1e300): the exact loop then decides, and it alone
-    words the reasons. ``tests/training/test_fuzz_ingest.py`` checks both agree.
-    """
-    if set(map(type, records)) != _DICT:
-        return None
-    # a missing key raises KeyError here: the exact loop reports it
-    (vs, nodes, fns, cts, outs, ts, ds, lps, rws, ctxs, cpus, mems, acts, masks) = zip(
-        *map(_get_fields, records)
-    )
-    if set(map(type, vs)) != _INT or set(vs) != {RECORD_VERSION}:
-        return None
-    if set(map(type, nodes)) != _STR or set(nodes) != {node}:
-        return None
-    if set(map(type, fns)) != _STR or set(map(type, cts)) != _STR:
-        return None
-    if max(map(len, fns)) > 512 or max(map(len, cts)) > 512:
-        return None
-    if set(map(type, outs)) != _STR or not set(outs) <= _OUTCOMES:
-        return None
-    if not (set(map(type, ts)) | set(map(type, ds)) | set(map(type, lps))) <= _NUM:
-        return None
-    # NaN and infinities make a sum non-finite (min/max alone skip a NaN)
-    if not math.isfinite(sum(ts) + sum(ds) + sum(lps)):
-        return None
-    if min(ds) < 0 or min(ts) < 0 or max(lps) > 1e-6:
-        return None
-    rtypes = set(map(type, rws))
-    if _NONE in rtypes:
-        rtypes.discard(_NONE)
-        rws = [r for r in rws if r is not None]
-    if not rtypes <= _NUM:
-        return None
-    if rws:
-        if not math.isfinite(sum(rws)) or min(rws) < -1e6 or max(rws) > 1e6:
-            return None
-    rewarded = len(rws)
-    if set(map(type, ctxs)) | set(map(type, cpus)) | set(map(type, mems)) != _TUPLE:
-        return None
-    if set(map(len, ctxs)) != {N_CONTEXT} or set(map(len, cpus)) != {cu}:
-        return None
-    if set(map(len, mems)) != {mu}:
-        return None
-    rows = list(_flat(cpus))
-    rows += _flat(mems)
-    if set(map(type, rows)) != _TUPLE or set(map(len, rows)) != _BLOCK_LEN:
-        return None
-    nums = list(_flat(ctxs))
-    nums += _flat(rows)
-    if not set(map(type, nums)) <= _NUM:
-        return None
-    # one bound on every value, vectorised: a NaN fails it (numpy's max propagates NaN), so does
-    # an infinity, and with |x| <= 1e300 no sum the exact loop takes (at most 16 + 512 * N_BLOCK
-    # values a record) can overflow, so huge values cancelling across records hide nothing
-    if not float(np.abs(np.array(nums, dtype=np.float64)).max()) <= _ABS_BOUND:
-        return None
-    if set(map(type, acts)) != _INT or set(map(type, masks)) != _BYTES:
-        return None
-    if set(map(len, masks)) != {mask_len} or min(acts) < 0 or max(acts) >= n_cand:
-        return None
-    a = np.fromiter(acts, dtype=np.int64, count=len(acts))
-    bits = np.frombuffer(b"".join(masks), dtype=np.uint8).reshape(len(masks), mask_len)
-    allowed = (bits[np.arange(len(a)), a >> 3] >> (7 - (a & 7))) & 1
-    if not allowed.all():
-        return None
-    return rewarded
-
-
-def _check_records_exact(
-    records: tuple, node: str, seq: int, cu: int, mu: int, mask_len: int, n_cand: int
-) -> Batch:
-    """Record by record: raises BatchError with the first offending record's reason."""
-    rewarded = 0
-    chain = itertools.chain.from_iterable
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise BatchError(400, f"records[{i}] is not a map")
-        v = rec.get("v")
-        if not _is_int(v):
-            raise BatchError(400, f"records[{i}].v must be an integer")
-        if v != RECORD_VERSION:
-            raise BatchError(422, f"records[{i}]: unknown record version {v}")
-        if not _REQUIRED <= rec.keys():
-            raise BatchError(400, f"records[{i}] lacks {sorted(_REQUIRED - rec.keys())}")
-        if rec["node"] != node:
-            raise BatchError(400, f"records[{i}].node differs from node_id")
-        fn, ct, out = rec["function"], rec["container"], rec["outcome"]
-        if type(fn) is not str or type(ct) is not str or len(fn) > 512 or len(ct) > 512:
-            raise BatchError(400, f"records[{i}]: function and container must be strings")
-        if type(out) is not str or out not in _OUTCOMES:
-            raise BatchError(400, f"records[{i}].outcome must be one of {', '.join(OUTCOMES)}")
-        t, d, lp = rec["time"], rec["duration_s"], rec["logp"]
-        if type(t) not in _NUM or type(d) not in _NUM or type(lp) not in _NUM:
-            raise BatchError(400, f"records[{i}]: time, duration_s and logp must be numbers")
-        # comparisons are False for NaN, and one sum catches any infinity
-        if not (d >= 0 and lp <= 1e-6 and t >= 0 and math.isfinite(t + d + lp)):
-            raise BatchError(400, f"records[{i}]: time, duration_s >= 0, logp <= 0, all finite")
-        r = rec["reward"]
-        if r is not None:
-            if type(r) not in _NUM or not -1e6 <= r <= 1e6:
-                raise BatchError(400, f"records[{i}].reward must be null or a finite number")
-            rewarded += 1
-        ctx, cpu, mem = rec["context"], rec["cpu_block"], rec["mem_block"]
-        if not (type(ctx) is tuple and type(cpu) is tuple and type(mem) is tuple):
-            raise BatchError(400, f"records[{i}]: context, cpu_block and mem_block must be arrays")
-        if len(ctx) != N_CONTEXT or len(cpu) != cu or len(mem) != mu:
-            raise BatchError(
-                400, f"records[{i}]: context needs {N_CONTEXT} numbers, blocks {cu} and {mu} rows"
-            )
-        rows = set(map(type, cpu))
-        rows.update(map(type, mem))
-        if rows != _TUPLE or set(map(len, cpu)) | set(map(len, mem)) != _BLOCK_LEN:
-            raise BatchError(400, f"records[{i}]: block rows must be arrays of {N_BLOCK} numbers")
-        types = set(map(type, ctx))
-        types.update(map(type, chain(cpu)))
-        types.update(map(type, chain(mem)))
-        if not types <= _NUM:
-            raise BatchError(400, f"records[{i}]: context and blocks must hold numbers only")
-        total = sum(ctx) + sum(map(sum, cpu)) + sum(map(sum, mem))
-        if not math.isfinite(total):
-            raise BatchError(400, f"records[{i}]: context or blocks hold a non-finite number")
-        a, mask = rec["action"], rec["mask"]
-        if not _is_int(a) or type(mask) is not bytes:
-            raise BatchError(400, f"records[{i}]: action must be an integer, mask bytes")
-        if len(mask) != mask_len:
-            raise BatchError(400, f"records[{i}].mask has {len(mask)} bytes, expected {mask_len}")
-        if not 0 <= a < n_cand or not (mask[a >> 3] >> (7 - (a & 7))) & 1:
-            raise BatchError(400, f"records[{i}].action {a} is not an allowed candidate")
+        rewarded = check_batch(records, node)
+    except RecordError as exc:
+        raise BatchError(422 if exc.unknown_version else 400, exc.reason) from None
     return Batch(node, seq, len(records), rewarded)
 
 

@@ -2,7 +2,8 @@
 
 One small network scores every candidate row; masked scores go through a softmax into one
 categorical action, so the network does not grow with the action space. The scorer is pluggable:
-numpy MLP weights (simulator, tests), an ONNX session (the daemon), or a fixed rule.
+numpy MLP weights (simulator, tests), an ONNX session (the daemon), or a fixed rule (``RULES``:
+what the daemon runs without a working model, and the simulator's model-free managers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from sidecar.core.features import FEATURES
 
 ONNX_INPUT = "rows"
 ONNX_OUTPUT = "scores"
@@ -90,25 +93,38 @@ class OnnxScorer:
 
 
 class RuleScorer:
-    """A fixed linear rule over feature columns; e.g. prefer the user's size.
-
-    Lets the daemon run with no model at all: ``RuleScorer.user_size()`` reproduces Fixed
-    wherever the safeguard allows the user's size.
-    """
+    """A fixed linear rule over feature columns (``absolute``: over their absolute values)."""
 
     def __init__(self, weights: np.ndarray, absolute: bool = False) -> None:
         self.weights = np.asarray(weights, dtype=np.float32)
         self.absolute = absolute
 
-    @classmethod
-    def user_size(cls, n_features: int, cpu_vs_user: int, mem_vs_user: int) -> RuleScorer:
-        w = np.zeros(n_features, dtype=np.float32)
-        w[cpu_vs_user] = w[mem_vs_user] = -1.0
-        return cls(w, absolute=True)
-
     def scores(self, rows: np.ndarray) -> np.ndarray:
         x = np.abs(rows) if self.absolute else rows
         return x @ self.weights
+
+
+RULES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "user": (("cand_cpu_vs_user", "cand_mem_vs_user"), True),
+    "smallest": (("cand_cpu", "cand_mem"), False),
+}
+"""The model-free rules: columns scored -1 each, and whether over their absolute values.
+
+``user``: the allowed candidate closest to the user's size (-(|log2 cpu/user| + |log2 mem/user|)),
+so Fixed wherever the safeguard allows the user's size. ``smallest``: the fewest resources
+(-(cpu/max + mem/max)); the safeguard's mask is a box, so that is its (cpu_lo, mem_lo) corner.
+"""
+
+
+def fallback_scorer(rule: str = "user") -> RuleScorer:
+    """The model-free rule ``rule`` (a ``RULES`` name) as a scorer: what the daemon decides with
+    when no model is loaded or the model fails."""
+    try:
+        columns, absolute = RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}") from None
+    w = np.array([-1.0 if f.name in columns else 0.0 for f in FEATURES], dtype=np.float32)
+    return RuleScorer(w, absolute)
 
 
 def masked_log_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -6,12 +6,14 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sidecar_helpers import MB, v2_container, write_policy
 
 from sidecar import config
+from sidecar.core.grid import Alloc
 from sidecar.daemon import build_app, reload
 from sidecar.node import NODE
 from sidecar.process import Notifier
@@ -443,3 +445,46 @@ def test_the_daemon_never_imports_torch_or_training() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_model_free_rule_decides_without_a_model_and_follows_a_reload(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)
+    text = cfg_path.read_text().replace(f'path = "{cfg.model.path}"', 'path = "/nonexistent.onnx"')
+    cfg_path.write_text(text + 'rule = "smallest"\n')
+    cfg = config.load(cfg_path)
+
+    async def decide(client: TestClient, node) -> Any:
+        r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+        body = await r.json()
+        inv = node.engine.invocations[body["invocation"]]
+        await client.post(f"/v1/invocations/{inv.id}/end")
+        return inv
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        node = app[NODE]
+        try:
+            ready = await (await client.get("/readyz")).json()
+            assert ready["model"] == "fallback" and "'smallest' rule" in ready["model_note"]
+            assert (await (await client.get("/debug/model")).json())["rule"] == "smallest"
+            await decide(client, node)  # the first run is at the user's size (safeguard)
+            inv = await decide(client, node)
+            g = inv.guard
+            assert inv.model == "fallback" and inv.alloc == Alloc(g.cpu_lo, g.mem_lo)
+            assert inv.alloc != inv.user_alloc  # it harvests
+            cfg_path.write_text(cfg_path.read_text().replace('"smallest"', '"user"'))
+            assert reload(app) is True
+            ready = await (await client.get("/readyz")).json()
+            assert "'user' rule" in ready["model_note"]
+            assert node.engine.fallback is node.models.fallback.scorer
+            inv = await decide(client, node)
+            g, u = inv.guard, inv.user_alloc
+            closest = Alloc(
+                min(max(u.cpu, g.cpu_lo), g.cpu_hi), min(max(u.mem, g.mem_lo), g.mem_hi)
+            )
+            assert inv.alloc == closest
+        finally:
+            await client.close()
+
+    run(main())

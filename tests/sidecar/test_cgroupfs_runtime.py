@@ -12,7 +12,8 @@ from sidecar_helpers import MB, v2_container
 from sidecar import cgroups
 from sidecar.config import BoundaryConfig, CgroupfsConfig, ContainerConfig
 from sidecar.core.grid import ResourceGrid
-from sidecar.engine import Engine, InferredEnd, InferredStart, fallback_scorer
+from sidecar.core.policy import fallback_scorer
+from sidecar.engine import Engine, InferredEnd, InferredStart
 from sidecar.runtimes.cgroupfs import CgroupfsRuntime, function_of
 from sidecar.sampler import Sampler, Ticker
 

@@ -25,7 +25,7 @@ def test_defaults_and_core_configs() -> None:
 def test_example_config_loads() -> None:
     cfg = config.load(EXAMPLE)
     assert cfg.grid.cpu_unit_cores == 0.25 and cfg.grid.max_cores == 2.0
-    assert cfg.cgroupfs.parent == "faasrm"
+    assert cfg.cgroupfs.parent == "faasrm" and cfg.model.rule == "user"
     (c,) = cfg.cgroupfs.containers
     assert (c.path, c.function, c.cpu_cores, c.mem_mb) == (
         "faasrm/thumbnail@1",
@@ -62,6 +62,7 @@ def test_example_config_loads() -> None:
         ("log_level = 'loud'", "log_level"),
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
+        ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:

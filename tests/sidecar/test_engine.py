@@ -11,11 +11,10 @@ from sidecar_helpers import GRID, MB, ref, sample
 
 from sidecar.cgroups import Usage
 from sidecar.config import ActuationConfig, BoundaryConfig
-from sidecar.core.features import N_FEATURES, FeatureEncoder, NodeState
+from sidecar.core.features import N_FEATURES, expand_rows
 from sidecar.core.grid import Alloc
-from sidecar.core.policy import MLPScorer, RuleScorer, decide
-from sidecar.core.safeguard import SafeguardState, guard
-from sidecar.core.stats import FunctionStats
+from sidecar.core.policy import MLPScorer, RuleScorer, fallback_scorer, masked_log_softmax
+from sidecar.core.record import check_batch
 from sidecar.engine import (
     USER_TARGET,
     Busy,
@@ -29,11 +28,13 @@ from sidecar.engine import (
     UnknownContainer,
     UnknownInvocation,
     effective,
-    fallback_scorer,
     plan_target,
 )
 from sidecar.runtimes.base import UserSize
 from sidecar.spool import encode
+from training.baselines import Learned
+from training.sim.cluster import ClusterConfig, ClusterSim
+from training.sim.workload import Workload
 
 
 class Clock:
@@ -56,13 +57,13 @@ class NanScorer:
         return np.full(len(rows), np.nan, np.float32)
 
 
-def make_engine(scorer=None, clock=None, **kw) -> Engine:
+def make_engine(scorer=None, clock=None, host_cores=2.0, host_mem_mb=4096.0, **kw) -> Engine:
     sc = scorer or HarvestScorer()
     return Engine(
         GRID,
         node_id="n1",
-        host_cores=2.0,
-        host_mem_mb=4096.0,
+        host_cores=host_cores,
+        host_mem_mb=host_mem_mb,
         scorer=lambda: (sc, "test"),
         clock=clock or Clock(),
         wall=lambda: 1e9,
@@ -132,34 +133,73 @@ def test_second_invocation_harvests_within_the_safeguard_range_and_gets_a_reward
         == inv.guard.mask.tolist()
     )
     assert msgpack.unpackb(encode(rec))["reward"] == pytest.approx(ended.reward)
+    # what the trainer reads: it validates, and counts the reward
+    assert check_batch((msgpack.unpackb(encode(rec), use_list=False),), "n1") == 1
 
 
-def test_engine_decides_like_the_simulators_learned_manager() -> None:
-    """Same inputs through the core functions by hand (training/baselines.Learned) -> same
-    action."""
-    clock = Clock()
-    mlp = MLPScorer.random(N_FEATURES, seed=3)
-    eng = make_engine(scorer=mlp, clock=clock)
+def _sequential_workload(n: int, parallelism: float) -> Workload:
+    """One function (user size 1 core, 256 MB), invocations 100 s apart: each ends before the
+    next arrives, so the simulator's node is as idle at every decision as the engine's host. An
+    occasional large working set OOM-kills a harvested run."""
+    rng = np.random.default_rng(0)
+    return Workload(
+        n_functions=1,
+        user_cpu=np.array([4]),
+        user_mem=np.array([4]),
+        parallelism=np.array([parallelism]),
+        cpu_frac=np.array([0.8]),
+        mem_pressure=np.zeros(1),
+        worker_mb=np.zeros(1),
+        arrival_s=np.arange(n) * 100.0,
+        fn=np.zeros(n, dtype=np.int64),
+        duration_s=rng.uniform(0.2, 3.0, n),
+        working_set_mb=rng.choice([30.0, 45.0, 60.0, 100.0, 200.0], n),  # whole MB: exact bytes
+        noise=np.ones(n),
+        cold_start_s=np.full(n, 0.5),
+    )
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "scorer", "kind"),
+    [
+        (0.3, MLPScorer.random(N_FEATURES, seed=3), "harvested"),
+        (1.5, MLPScorer.random(N_FEATURES, seed=2), "accelerated"),
+        (0.3, fallback_scorer("smallest"), "oom"),
+    ],
+)
+def test_engine_decides_like_the_simulators_learned_manager(parallelism, scorer, kind) -> None:
+    """The simulator runs a workload under ``Learned``; the engine replays the same arrivals and
+    outcomes (peaks, OOM kills, durations). Same choice and probabilities at every decision."""
+    sim = ClusterSim(_sequential_workload(40, parallelism), ClusterConfig(1, 2.0, 2048.0), GRID)
+    learned = Learned(scorer)
+    learned.reset(sim)
+    eng = make_engine(scorer=scorer, host_cores=sim.total_cores, host_mem_mb=sim.total_mem)
     eng.add_container(ref(cpu=1.0, mem_mb=256))
-    stats, gs = FunctionStats(), SafeguardState()
-    enc = FeatureEncoder(GRID)
-    user = GRID.nearest(1.0, 256)
-    for i, (peak, mem) in enumerate([(0.2, 30.0), (0.9, 200.0), (0.1, 20.0), (0.4, 60.0)]):
-        inv = eng.start("fn@1", usage=usage(0, 12.0))
-        # by hand
-        stats.on_arrival(clock.t)
-        g = guard(GRID, user, gs, 12.0, eng.sg_cfg)
-        node = NodeState(2.0, 4096.0, 2.0, 4096.0, 0)
-        ctx = enc.context(node, stats, gs, user, clock.t)
-        a, logp = decide(mlp.scores(enc.rows(ctx, gs, user)), g.mask)
-        assert inv.action == a and inv.logp == pytest.approx(logp), i
-        np.testing.assert_array_equal(inv.ctx, ctx)
-        clock.t += 1.0
-        eng.end(inv.id, usage=usage(peak, mem, mem))
-        alloc = GRID.alloc(a)
-        gs.observe(g, alloc, peak, mem, False)
-        stats.on_completion(clock.t, 1.0, peak, mem, at_user_size=alloc == user)
-        clock.t += 1.0
+    log, running, seen = sim.log, None, set()
+    while (req := sim.next_request()) is not None:
+        if running is not None:  # the simulator has finished it: the engine ends it alike
+            inv, i = running
+            end = inv.start_s + log.cold_s[i] + log.exec_s[i]
+            cpu_s = log.cpu_peak[i] * (end - inv.start_s)
+            u = Usage(0.0, cpu_s, 0, 0.0, 0, int(log.mem_peak[i] * MB), 0, None)
+            outcome = "oom" if log.failed[i] else "success"
+            seen.add(outcome)
+            eng.end(inv.id, outcome, duration_s=log.exec_s[i], usage=u, now_s=end)
+        d = learned.decision(sim, req)
+        inv = eng.start("fn@1", usage=usage(0.0, 0.0), now_s=req.now_s)
+        assert inv.action == d.action and inv.logp == pytest.approx(d.logp, abs=1e-9), req.inv
+        np.testing.assert_array_equal(inv.guard.mask, d.guard.mask)
+        np.testing.assert_allclose(inv.ctx, d.obs.context, rtol=1e-6)
+        rows = expand_rows(inv.ctx, inv.cpu_block, inv.mem_block)
+        np.testing.assert_allclose(
+            np.exp(masked_log_softmax(scorer.scores(rows), inv.guard.mask)),
+            np.exp(masked_log_softmax(scorer.scores(d.obs.rows()), d.guard.mask)),
+            atol=1e-6,
+        )
+        seen.add(inv.trace["kind"])
+        sim.apply(learned.decide(sim, req))
+        running = inv, req.inv
+    assert {"user", kind} <= seen  # safeguard runs, and the path this case is about
 
 
 def test_node_state_counts_running_allocations_only() -> None:
@@ -365,3 +405,14 @@ def test_fallback_scorer_is_the_user_size_rule() -> None:
     eng.add_container(ref(cpu=1.0, mem_mb=256))
     assert eng.start("fn@1").alloc == GRID.nearest(1.0, 256)
     assert not math.isnan(eng.invocations[next(iter(eng.invocations))].logp)
+
+
+def test_a_failing_model_falls_back_to_the_configured_rule() -> None:
+    clock = Clock()
+    eng = make_engine(scorer=NanScorer(), clock=clock, fallback=fallback_scorer("smallest"))
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    g = inv.guard
+    assert inv.model == "fallback" and inv.trace["fallback"] == inv.fallback is not None
+    assert inv.alloc == Alloc(g.cpu_lo, g.mem_lo) != GRID.nearest(2.0, 512)

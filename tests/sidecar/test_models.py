@@ -12,6 +12,7 @@ import pytest
 from sidecar_helpers import GRID, onnx_policy, write_policy
 
 from sidecar.core.grid import ResourceGrid
+from sidecar.core.policy import fallback_scorer
 from sidecar.models import ModelManager, ModelRejected, default_model_path, probe_rows, validate
 
 pytest.importorskip("onnxruntime")
@@ -53,6 +54,19 @@ def test_no_model_file_falls_back_to_the_user_size_rule(tmp_path: Path, monkeypa
     assert mm.current.source == "fallback" and "no model file" in mm.ready_note()
     scorer, model_id = mm.get()
     assert model_id == "fallback" and scorer.scores(probe_rows(GRID)[0]).shape == (GRID.n,)
+
+
+def test_the_configured_rule_runs_without_a_model_and_is_named(tmp_path: Path) -> None:
+    mm = ModelManager(GRID, str(tmp_path / "missing.onnx"), rule="smallest")
+    assert mm.load() is False and mm.current is mm.fallback
+    rows = probe_rows(GRID)[0]
+    np.testing.assert_array_equal(
+        mm.get()[0].scores(rows), fallback_scorer("smallest").scores(rows)
+    )
+    assert mm.status()["rule"] == "smallest" and "'smallest' rule" in mm.ready_note()
+    mm.configure(str(tmp_path / "missing.onnx"), "", "user")  # a reload switches the rule
+    np.testing.assert_array_equal(mm.get()[0].scores(rows), fallback_scorer("user").scores(rows))
+    assert mm.status()["rule"] == "user" and "'user' rule" in mm.ready_note()
 
 
 def test_a_valid_model_is_swapped_in_and_identified(tmp_path: Path) -> None:

@@ -10,23 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sidecar.core.features import FEATURES, N_FEATURES, FeatureEncoder, NodeState, expand_rows
+from sidecar.core.features import N_FEATURES, FeatureEncoder, NodeState, expand_rows
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import (
     ONNX_INPUT,
     ONNX_OUTPUT,
+    RULES,
     MLPScorer,
     OnnxScorer,
     RuleScorer,
     decide,
+    fallback_scorer,
     masked_log_softmax,
     sample_batch,
 )
 from sidecar.core.safeguard import SafeguardState, guard
 from sidecar.core.stats import FunctionStats
-
-COL = {f.name: i for i, f in enumerate(FEATURES)}
-
 
 # --------------------------------------------------------------------------------------------
 # strategies
@@ -311,10 +310,6 @@ def test_mlp_scores_blocks_equal_scores_of_rows(cu, cn, mu, mn, seed, data) -> N
     )
 
 
-def _user_size_rule() -> RuleScorer:
-    return RuleScorer.user_size(N_FEATURES, COL["cand_cpu_vs_user"], COL["cand_mem_vs_user"])
-
-
 @settings(max_examples=100, deadline=None)
 @given(
     st.sampled_from([0.25, 0.5, 1.0]),
@@ -328,7 +323,7 @@ def test_rule_scorer_user_size_picks_the_users_candidate(cu, cn, mu, mn, data) -
     user = Alloc(data.draw(st.integers(1, cn)), data.draw(st.integers(1, mn)))
     rows = _encoder_rows(g, user)
     mask = data.draw(hnp.arrays(np.bool_, g.n))
-    rule = _user_size_rule()
+    rule = fallback_scorer("user")
     s = rule.scores(rows)
     assert s.shape == (g.n,)
     mask[g.index(user)] = True
@@ -355,7 +350,36 @@ def test_rule_scorer_reproduces_fixed_under_the_safeguard() -> None:
     gd = guard(g, user, gs)
     assert gd.mask.sum() > 1  # harvesting: the user's size is one option among several
     rows = _encoder_rows(g, user, gs)
-    assert g.alloc(decide(_user_size_rule().scores(rows), gd.mask)[0]) == user
+    assert g.alloc(decide(fallback_scorer("user").scores(rows), gd.mask)[0]) == user
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 10),
+    st.integers(1, 10),
+    st.data(),
+)
+def test_smallest_rule_picks_the_lower_corner_of_the_safeguards_box(cn, mn, data) -> None:
+    g = ResourceGrid(cpu_unit_cores=0.25, cpu_units=cn, mem_unit_mb=64.0, mem_units=mn)
+    user = Alloc(data.draw(st.integers(1, cn)), data.draw(st.integers(1, mn)))
+    cpu_lo = data.draw(st.integers(1, cn))
+    mem_lo = data.draw(st.integers(1, mn))
+    cpu_hi = data.draw(st.integers(cpu_lo, cn))
+    mem_hi = data.draw(st.integers(mem_lo, mn))
+    gs = SafeguardState(
+        recent_cpu_peak_cores=data.draw(st.floats(0, 4)),
+        recent_mem_peak_mb=data.draw(st.floats(0, 1000)),
+    )
+    mask = g.range_mask(cpu_lo, cpu_hi, mem_lo, mem_hi)
+    a, logp = decide(fallback_scorer("smallest").scores(_encoder_rows(g, user, gs)), mask)
+    assert g.alloc(a) == Alloc(cpu_lo, mem_lo) and logp <= 0.0
+
+
+def test_rules_are_named_and_an_unknown_one_is_refused() -> None:
+    assert set(RULES) == {"user", "smallest"}
+    assert all(isinstance(fallback_scorer(r), RuleScorer) for r in RULES)
+    with pytest.raises(ValueError, match="unknown rule 'largest'"):
+        fallback_scorer("largest")
 
 
 def test_rule_scorer_linear() -> None:

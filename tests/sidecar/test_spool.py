@@ -7,7 +7,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from sidecar.spool import RECORD_VERSION, REQUIRED, Spool, encode
+from sidecar.core.record import RECORD_VERSION, REQUIRED
+from sidecar.spool import Spool, encode
 
 
 def rec(i: int, pad: int = 0) -> dict:

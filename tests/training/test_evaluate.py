@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from training.evaluate import JSON_KEYS, evaluate, render_table
+from sidecar.core.grid import Alloc
+from training.evaluate import JSON_KEYS, evaluate, make_manager, render_table
+from training.sim.cluster import ClusterSim
 from training.sim.presets import get_preset
 
 MANAGERS = ["fixed", "greedy", "ensure", "vpa", "oracle"]
@@ -171,3 +173,40 @@ def test_bench_sim_json_has_the_named_key(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["decisions_per_s"] > 0
     assert np.isfinite(figures["ratio_vs_fixed"])
+
+
+def _closest_to_user(req) -> Alloc:
+    g = req.guard
+    return Alloc(
+        min(max(req.user.cpu, g.cpu_lo), g.cpu_hi), min(max(req.user.mem, g.mem_lo), g.mem_hi)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("rule", _closest_to_user),
+        ("smallest", lambda req: Alloc(req.guard.cpu_lo, req.guard.mem_lo)),
+    ],
+)
+def test_the_daemons_rules_decide_through_the_shared_path(name, expected):
+    p = get_preset("small")
+    sim = ClusterSim(p.build(2), p.cluster, p.grid)
+    mgr = make_manager(name)
+    assert mgr.name == name
+    mgr.reset(sim)
+    n = 0
+    while (req := sim.next_request()) is not None:
+        alloc = mgr.decide(sim, req)
+        assert alloc == expected(req), (req.inv, req.guard.reason)
+        sim.apply(alloc)
+        n += 1
+    assert n == sim.wl.n_invocations
+
+
+def test_the_daemons_rules_as_managers_in_the_evaluation():
+    res = evaluate(get_preset("small"), ["rule", "smallest"], seed=2, progress=False).results
+    # rule: the user's size wherever the safeguard allows it, so never below it, never an OOM
+    assert res["rule"]["harvested_frac"] == 0.0 and res["rule"]["failures"] == 0
+    # smallest: whatever the safeguard lets it harvest, and pays for it with OOM kills
+    assert res["smallest"]["harvested_frac"] > 0.2 and res["smallest"]["failures"] > 0

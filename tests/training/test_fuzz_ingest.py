@@ -198,12 +198,13 @@ EDGE = {
 def _outcome(body: bytes, exact: bool):
     from unittest import mock
 
+    from sidecar.core import record as record_mod
     from training import service
 
     ctx = (
-        mock.patch.object(service, "_check_records_fast", return_value=None)
+        mock.patch.object(record_mod, "_check_fast", return_value=None)
         if exact
-        else mock.patch.object(service, "_check_records_fast", service._check_records_fast)
+        else mock.patch.object(record_mod, "_check_fast", record_mod._check_fast)
     )
     with ctx:
         try:

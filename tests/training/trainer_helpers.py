@@ -15,12 +15,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from sidecar.core.features import FEATURE_VERSION, N_BLOCK, N_CONTEXT, schema_hash
-from sidecar.core.grid import ResourceGrid
-from sidecar.spool import RECORD_VERSION
+from sidecar.core.record import SCHEMA_VERSION
+from training.bench_trainer import GRID, synthetic_record
 
 TOKEN = "test-token"
-GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
 
 
 def free_port() -> int:
@@ -30,44 +28,10 @@ def free_port() -> int:
 
 
 def record(node: str = "n1", i: int = 0, reward: float | None = -0.1, rng=None) -> dict:
-    rng = rng or np.random.default_rng(i)
-    g = GRID
-    mask = np.ones(g.n, dtype=bool)
-    mask[rng.integers(0, g.n, 8)] = False
-    allowed = np.flatnonzero(mask)
-    action = int(allowed[rng.integers(0, len(allowed))])
-    return {
-        "v": RECORD_VERSION,
-        "node": node,
-        "invocation": f"{node}-inv-{i}",
-        "function": f"fn{i % 3}",
-        "container": f"c{i % 2}",
-        "time": 1_700_000_000.0 + i,
-        "feature_version": FEATURE_VERSION,
-        "schema_hash": schema_hash(),
-        "grid": [g.cpu_unit_cores, g.cpu_units, g.mem_unit_mb, g.mem_units],
-        "model": "sha256:000000000000",
-        "context": rng.normal(0, 1, N_CONTEXT).round(4).tolist(),
-        "cpu_block": rng.normal(0, 1, (g.cpu_units, N_BLOCK)).round(4).tolist(),
-        "mem_block": rng.normal(0, 1, (g.mem_units, N_BLOCK)).round(4).tolist(),
-        "mask": np.packbits(mask).tobytes(),
-        "action": action,
-        "logp": float(-np.log(len(allowed))),
-        "user": [4, 4],
-        "alloc": list(g.alloc(action)),
-        "reason": "cpu=free,mem=free",
-        "reward": reward,
-        "baseline_s": 0.2,
-        "duration_s": 0.2 + 0.01 * (i % 5),
-        "outcome": "success",
-        "cpu_peak_cores": 0.4,
-        "mem_peak_mb": 40.0,
-        "give_backs": [],
-        "inferred": False,
-    }
+    return synthetic_record(node, i, rng or np.random.default_rng(i), reward)
 
 
-def batch(node: str, seq: int, records: list[dict], schema_version: int = 1) -> bytes:
+def batch(node: str, seq: int, records: list[dict], schema_version: int = SCHEMA_VERSION) -> bytes:
     return msgpack.packb(
         {"schema_version": schema_version, "node_id": node, "seq": seq, "records": records},
         use_bin_type=True,

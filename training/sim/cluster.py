@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sidecar.core.decision import Decider
 from sidecar.core.features import NodeState
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.reward import RewardConfig, invocation_reward
-from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState, guard
+from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState
 from sidecar.core.stats import FunctionStats
 from training.sim.workload import Workload
 
@@ -212,7 +213,9 @@ class ClusterSim:
         self.wl = workload
         self.cluster = cluster
         self.grid = grid
-        self.safeguard_cfg = safeguard
+        self.decider = Decider(grid, safeguard)
+        """The decision path the host runs: the guard for every request, the rest for the
+        managers and the env that score candidates."""
         self.reward_cfg = reward
         if cluster.mem_mb < grid.max_mb or cluster.cores * cluster.cpu_overcommit < grid.max_cores:
             raise ValueError("a server must be able to hold the grid's largest allocation")
@@ -340,7 +343,7 @@ class ClusterSim:
                 st.on_arrival(self.now)
                 gs = self.guards[fn]
                 user = self._user[fn]
-                g = guard(self.grid, user, gs, 0.0, self.safeguard_cfg)
+                g = self.decider.guard(user, gs)  # the simulator reports no usage or input size
                 self._request = Request(na, fn, user, self.now, g, st, gs)
                 return self._request
             if not events:

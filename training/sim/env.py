@@ -1,7 +1,8 @@
 """Gymnasium wrapper: one step per invocation decision.
 
-Observation: ``context`` (node + function features, also the critic's input), the candidate
-blocks ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
+Observation: ``sidecar.core.decision.Observation`` as a dict, what the host's decision path
+scores: ``context`` (node + function features, also the critic's input), the candidate blocks
+``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
 normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
 allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small.
 Action: a candidate index. The step reward is the sum of the rewards of invocations whose outcome
@@ -18,7 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from sidecar.core.features import N_BLOCK, N_CONTEXT, FeatureEncoder
+from sidecar.core.features import N_BLOCK, N_CONTEXT
 from sidecar.core.reward import RewardConfig
 from sidecar.core.safeguard import SafeguardConfig
 from training.sim.cluster import ClusterSim, Request
@@ -52,7 +53,6 @@ class ClusterEnv(gym.Env):
         self.fixed_seed = fixed_seed
         self.max_decisions = max_decisions
         self._decisions = 0
-        self.encoder = FeatureEncoder(self.grid)
         n = self.grid.n
         self.observation_space = gym.spaces.Dict(
             {
@@ -69,10 +69,10 @@ class ClusterEnv(gym.Env):
     def _obs(self, req: Request) -> dict[str, np.ndarray]:
         sim = self.sim
         assert sim is not None
-        node = sim.node_state()
-        ctx = self.encoder.context(node, req.stats, req.guard_state, req.user, req.now_s)
-        cpu, mem = self.encoder.blocks(req.guard_state, req.user)
-        return {"context": ctx, "cpu": cpu, "mem": mem, "mask": req.guard.mask}
+        obs = sim.decider.observe(
+            req.guard, sim.node_state(), req.stats, req.guard_state, req.user, req.now_s
+        )
+        return obs._asdict()
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
