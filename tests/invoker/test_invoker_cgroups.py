@@ -101,19 +101,20 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
 
 
 def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: None) -> None:
-    from training.invoker.managers import Alloc, Vpa
+    from sidecar.core.grid import ResourceGrid
+    from training.baselines import Vpa
 
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     spec = BY_NAME["sleepy"]  # 512 MB / 2 cores user, ~0 cores and little memory used
     containers = Containers(parent, [spec])
     invs = [Invocation(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
-    mgr = Vpa()
+    mgr = Vpa(ResourceGrid())  # 1 core x 8, 64 MB x 8
     after: dict = {}
 
     async def main() -> list:
         try:
             await containers.start(warm=False)
-            records = await Invoker(containers, manager=mgr).replay(invs)
+            records = await Invoker(containers, rule=mgr).replay(invs)
             lim = containers[spec.name].cg.read_limits()
             after["limits"] = (lim.cpu_quota_cores, lim.mem_limit_bytes)
             return records
@@ -128,5 +129,6 @@ def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: Non
     assert all(0 <= c < 0.5 for c in mgr.cpu[spec.name])  # measured: sleepy barely uses CPU
     assert all(0 < m < 512 for m in mgr.mem[spec.name]), mgr.mem
     assert after["limits"] == (2.0, 512 * 2**20)  # the user's size after the replay
-    assert mgr.decide(spec.name, Alloc(2.0, 512)) == Alloc(records[4].cpu_cores, records[4].mem_mb)
+    cpu, mem = mgr.decide(spec.name)
+    assert (cpu * 1.0, mem * 64.0) == (records[4].cpu_cores, records[4].mem_mb)
     assert not _exists(parent)

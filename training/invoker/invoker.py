@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSp
 
 if TYPE_CHECKING:
     from sidecar.dockerd import DockerEngine
+    from training.baselines import BaselineRule
 
 MB = 1 << 20
 _PR_SET_PDEATHSIG = 1
@@ -115,7 +116,7 @@ class WorkerContainer(abc.ABC):
     """What both container kinds share: the user's size, one invocation at a time, and the
     worker's JSON-line protocol (``training/invoker/worker.py``) on the container's stdin/stdout.
 
-    ``cg`` is the container's cgroup while it runs: the local managers write their allocations
+    ``cg`` is the container's cgroup while it runs: the baseline rules write their allocations
     there (``Invoker._managed_run``), as the sidecar does, whatever started the container."""
 
     def __init__(self, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
@@ -346,16 +347,19 @@ class Invoker:
         self,
         containers: Containers,
         sidecar_url: str | None = None,
-        manager: Any = None,
+        rule: BaselineRule | None = None,
+        baselines: dict[str, float] | None = None,
         headroom_mb: float = 16.0,
     ) -> None:
-        """``manager``: a ``training.invoker.managers.RealManager`` the invoker applies itself
-        (no sidecar): its allocation is written before each invocation (memory never below
-        current usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size
-        restored after it; the manager observes the measured CPU/memory peak and time."""
+        """``rule``: a baseline rule (``training.baselines``) the invoker applies itself (no
+        sidecar): its allocation is written before each invocation (memory never below current
+        usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size restored
+        after it; the rule observes the measured CPU/memory peak and time, and ``baselines[fn]``
+        as the function's time at the user's size (ENSURE's reference: the Fixed run's mean)."""
         self.containers = containers
         self.sidecar_url = sidecar_url
-        self.manager = manager
+        self.rule = rule
+        self.baselines = baselines or {}
         self.headroom_bytes = int(headroom_mb * MB)
         self.progress = Progress()
 
@@ -414,7 +418,7 @@ class Invoker:
                         rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
                     else:
                         rec.error = f"hook start: {start}"
-                if self.manager is not None:
+                if self.rule is not None:
                     err = await self._managed_run(c, inv, rec)
                 else:
                     rec.exec_s, rec.outcome, err = await c.run(inv.size)
@@ -438,24 +442,26 @@ class Invoker:
         return rec
 
     async def _managed_run(self, c: WorkerContainer, inv: Invocation, rec: Record) -> str | None:
-        """Apply the manager's allocation, run, measure, restore the user's size, observe."""
-        from training.invoker.managers import Alloc, Observation, kind
+        """Apply the rule's allocation, run, measure, restore the user's size, observe."""
+        from training.baselines import Run
 
-        assert c.cg is not None
-        user = Alloc(c.user_cpu, c.user_mem_mb)
-        want = self.manager.decide(c.name, user)
-        cpu, mem_mb, err = want.cpu_cores, want.mem_mb, None
+        assert c.cg is not None and self.rule is not None
+        g = self.rule.grid
+        want_cpu, want_mem = self.rule.decide(c.name)
+        cpu = c.user_cpu if want_cpu is None else g.cores(want_cpu)
+        mem_mb = c.user_mem_mb if want_mem is None else g.mb(want_mem)
+        err = None
         try:
             c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
         except (ValueError, cgroups.CgroupError) as exc:  # memory refused: keep the user's
-            mem_mb, err = user.mem_mb, f"limit refused: {exc}"
+            mem_mb, err = c.user_mem_mb, f"limit refused: {exc}"
             try:
                 c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
             except (ValueError, cgroups.CgroupError) as exc2:
                 cpu, err = c.user_cpu, f"limits refused: {exc2}"
                 c.cg.read_limits()
-        given = Alloc(cpu, mem_mb)
-        rec.cpu_cores, rec.mem_mb, rec.kind = cpu, mem_mb, kind(user, given)
+        rec.cpu_cores, rec.mem_mb = cpu, mem_mb
+        rec.kind = kind(c.user_cpu, c.user_mem_mb, cpu, mem_mb)
         try:
             c.cg.reset_peak()
         except cgroups.CgroupError:
@@ -471,18 +477,30 @@ class Invoker:
                 c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
             except cgroups.CgroupError:
                 c.cg.read_limits()  # retried through the diff at the next invocation
-        self.manager.observe(
+        self.rule.observe(
             c.name,
-            user,
-            Observation(
-                given=given,
+            Run(
+                cpu_cores=cpu,  # what the container actually had
+                mem_mb=mem_mb,
                 cpu_peak_cores=max(0.0, u1.cpu_usage_s - u0.cpu_usage_s) / wall,
                 mem_peak_mb=max(u1.mem_peak_bytes, u1.mem_bytes) / MB,
                 exec_s=rec.exec_s,
-                outcome=rec.outcome,
+                baseline_s=self.baselines.get(c.name, math.nan),
+                failed=rec.outcome != "success",
+                oom=rec.outcome == "oom",
             ),
         )
         return run_err or err
+
+
+def kind(user_cpu: float, user_mem_mb: float, cpu: float, mem_mb: float) -> str:
+    """harvested (less of some resource, more of none), accelerated (more of some), or user:
+    the sidecar's classification (``sidecar.engine``'s allocation kind)."""
+    more = cpu > user_cpu + 1e-9 or mem_mb > user_mem_mb + 1e-9
+    less = cpu < user_cpu - 1e-9 or mem_mb < user_mem_mb - 1e-9
+    if more:
+        return "accelerated"
+    return "harvested" if less else "user"
 
 
 def container_limits(cpu_cores: float, mem_mb: float, period_us: int = 100_000) -> cgroups.Limits:

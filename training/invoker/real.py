@@ -5,10 +5,10 @@ Each manager replays the same trace slice (``invoker.schedule``: the bundled Azu
 (cgroups ``faasrm-real-<pid>-<manager>/<function>``, one worker each):
 
 * ``fixed``: no sidecar, every container stays at its user's size;
-* ``greedy``, ``ensure``, ``vpa``: no sidecar; the invoker applies the manager itself
-  (``training.invoker.managers``, the rules of ``training/baselines.py``) before each
-  invocation from what it measured of the function's previous invocations, and restores the
-  user's size after it (ENSURE's baseline is the function's mean time in the ``fixed`` run);
+* ``greedy``, ``ensure``, ``vpa``: no sidecar; the invoker applies the rule itself (the
+  simulator's rules, ``training.baselines.RULES``) before each invocation from what it measured
+  of the function's previous invocations, and restores the user's size after it (ENSURE's
+  baseline is the function's mean time in the ``fixed`` run);
 * ``learned``: a real ``faasrm sidecar run`` subprocess managing those cgroups with the shipped
   model, called through its hook API at every invocation's start and end.
 
@@ -50,7 +50,7 @@ import numpy as np
 from sidecar.core.grid import ResourceGrid
 from sidecar.dockerd import DockerEngine
 from sidecar.models import model_grid
-from training.invoker import managers as local
+from training.baselines import RULES
 from training.invoker.functions import SPECS
 from training.invoker.invoker import (
     Containers,
@@ -311,9 +311,9 @@ async def run_manager(
     state.update(manager=manager, containers=containers, sidecar=None, invoker=None)
     try:
         await containers.start()
-        applied = None
-        if manager in local.LOCAL_MANAGERS:
-            applied = local.make(manager, local.Grid(**dataclasses.asdict(grid)), baselines)
+        rule = None
+        if manager in RULES:
+            rule = RULES[manager](grid)
         elif not manager.startswith("fixed"):
             sidecar = Sidecar(
                 parent,
@@ -331,7 +331,9 @@ async def run_manager(
                 f"{sidecar.url}/debug/allocations"
             )
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
-        invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
+        invoker = Invoker(
+            containers, sidecar.url if sidecar else None, rule=rule, baselines=baselines
+        )
         state["invoker"] = invoker
         records = await invoker.replay(invocations)
         ooms = sum(c.oom_kills() for c in containers.values())
@@ -471,7 +473,7 @@ async def run_all(
 
             refresher = asyncio.create_task(refresh())
         for m in managers:
-            if m in local.LOCAL_MANAGERS:
+            if m in RULES:
                 (live_ctx.console.print if live_ctx else echo)(
                     f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}"
                 )
