@@ -148,7 +148,7 @@ def _trainer_publish(args: argparse.Namespace) -> int:
 
 
 def _cluster_up(args: argparse.Namespace) -> int:
-    from training.local_cluster import main as cluster_main
+    from training.testbed import main as cluster_main
 
     return cluster_main(args)
 

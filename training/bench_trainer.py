@@ -116,7 +116,7 @@ async def _post_all(url: str, token: str, bodies: list[bytes], concurrency: int 
 
 def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[str, float]:
     from sidecar.config import ShipperConfig
-    from training.local_cluster import TOKEN, Trainer, free_port
+    from training.testbed import TOKEN, Trainer, free_port
 
     per_batch = per_batch or ShipperConfig().batch_records  # what a sidecar really posts
     bodies = make_bodies(n_batches, per_batch)
@@ -140,9 +140,9 @@ def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, 
     import torch
 
     from training.export import export
-    from training.local_cluster import TOKEN, Cluster
     from training.ppo import Agent
     from training.service import publish
+    from training.testbed import TOKEN, Cluster
 
     def model(seed: int) -> tuple[Path, bytes]:
         torch.manual_seed(seed)

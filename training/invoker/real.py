@@ -60,8 +60,8 @@ from training.invoker.invoker import (
     record_dicts,
     schedule,
 )
-from training.local_cluster import TOKEN as TRAINER_TOKEN
-from training.local_cluster import Trainer, free_port
+from training.testbed import TOKEN as TRAINER_TOKEN
+from training.testbed import Trainer, free_port
 
 MANAGERS = ("fixed", "greedy", "ensure", "vpa", "learned")
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.local_cluster import TOKEN, Cluster
+from training.testbed import TOKEN, Cluster
 
 GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
 

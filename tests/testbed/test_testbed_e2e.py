@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, require_v1, wait_for
+from testbed_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, require_v1, wait_for
 
-from training.local_cluster import Cluster, call
+from training.testbed import Cluster, call
 
 pytestmark = pytest.mark.root
 

@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from cluster_helpers import GRID_OV, publish_fresh_agent, require_v1, wait_for
+from testbed_helpers import GRID_OV, publish_fresh_agent, require_v1, wait_for
 
-from training.local_cluster import TOKEN, Cluster, call
 from training.service import publish
+from training.testbed import TOKEN, Cluster, call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
 from sidecar_helpers import onnx_policy  # noqa: E402
