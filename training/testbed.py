@@ -1,37 +1,35 @@
-"""``faasrm cluster up``: one trainer and N sidecars on this machine, over 127.0.0.1.
+"""``faasrm testbed up``: one trainer and N sidecars on this machine, over 127.0.0.1.
 
-Each node is a real ``faasrm sidecar run`` process managing its own cgroup v1 subtree
-``faasrm-cluster-<id>/node<i>/fn<j>`` (a unique parent per cluster), each child holding a real
-worker process. A driver thread per worker plays the invoker: ``POST /v1/invocations``, tell the
-worker to burn some CPU, ``POST /v1/invocations/{id}/end`` with the measured duration. The
-sidecars spool trajectory records and ship them to the trainer, which learns, gates and promotes;
-every sidecar long-polls the registry and hot-swaps the new model.
+Each node is a real ``faasrm sidecar run`` process (``training.processes.SidecarProcess``)
+managing its own cgroup v1 subtree ``faasrm-testbed-<id>/node<i>/fn<j>`` (a unique parent per
+testbed), each child holding a real worker process. A driver thread per worker plays the
+invoker: ``POST /v1/invocations``, tell the worker to burn some CPU, ``POST
+/v1/invocations/{id}/end`` with the measured duration. The sidecars spool trajectory records and
+ship them to the trainer, which learns, gates and promotes; every sidecar long-polls the registry
+and hot-swaps the new model.
 
-``Cluster`` is also the fixture of the end-to-end and fault tests, and of ``faasrm bench trainer``.
-Everything it starts is stopped and every cgroup it made is removed by ``stop()`` (also on
-Ctrl-C). Needs root and writable cgroup v1 hierarchies.
+``Testbed`` is also the fixture of the end-to-end and fault tests, and of ``faasrm bench
+trainer``. Everything it starts is stopped and every cgroup it made is removed by ``stop()``
+(also on Ctrl-C). Needs root and writable cgroup v1 hierarchies.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-TOKEN = "cluster-local-token"
+from training.processes import SidecarProcess, TrainerProcess, call, free_port
+
+GRID = {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8}
+"""Every node's grid (and the trainer's): a quarter core suits this 2-core machine."""
 WORKER = r"""
 import sys
 print("up", flush=True)
@@ -43,99 +41,6 @@ for line in sys.stdin:
             x += i * i
         print("done", flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url,
-        data=data,
-        method="POST" if data is not None else "GET",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if call(url, timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready after {timeout_s}s: {log.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen | None, sig: int) -> None:
-    """Signal a child and reap it; SIGKILL if it has not exited within 30 s."""
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class Trainer:
-    def __init__(self, workdir: Path, port: int, overrides: dict[str, Any]) -> None:
-        self.dir = workdir
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.overrides = overrides
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / "trainer.log"
-
-    def start(self, wait: bool = True) -> None:
-        sets = []
-        for k, v in self.overrides.items():
-            sets += ["--set", f"{k}={_toml(v)}"]
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sidecar",
-                    "trainer",
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.dir / "data"),
-                    *sets,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env={**os.environ, "FAASRM_TRAINER_TOKEN": TOKEN},
-            )
-        if wait:
-            self.wait()
-
-    def wait(self) -> None:
-        assert self.proc is not None
-        _wait_http(self.url + "/healthz", self.proc, self.log)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
 
 
 class Worker:
@@ -174,107 +79,11 @@ class Worker:
         self.cg.close()
 
 
-class Node:
-    def __init__(
-        self,
-        i: int,
-        workdir: Path,
-        parent: str,
-        trainer_url: str,
-        port: int,
-        extra: dict[str, dict[str, Any]],
-    ) -> None:
-        self.i = i
-        self.id = f"node{i}"
-        self.dir = workdir / self.id
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.parent = f"{parent}/{self.id}"
-        self.log = self.dir / "sidecar.log"
-        self.proc: subprocess.Popen | None = None
-        self.workers: list[Worker] = []
-        sections: dict[str, dict[str, Any]] = {
-            "server": {"port": port},
-            "grid": {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8},
-            "sampler": {"tick_s": 0.1, "discover_every_s": 1.0},
-            "actuation": {"state_file": str(self.dir / "state.json")},
-            "spool": {
-                "dir": str(self.dir / "spool"),
-                "max_bytes": 64 * 2**20,
-                "segment_bytes": 256 * 1024,
-            },
-            "cgroupfs": {
-                "version": 1,
-                "parent": self.parent,
-                "default_cpu_cores": 0.5,
-                "default_mem_mb": 256.0,
-            },
-            "shipper": {
-                "enabled": True,
-                "url": trainer_url,
-                "token": TOKEN,
-                "state_file": str(self.dir / "shipper.json"),
-                "batch_records": 500,
-                "interval_s": 0.2,
-                "backoff_initial_s": 0.1,
-                "backoff_max_s": 2.0,
-            },
-            "model_poller": {
-                "enabled": True,
-                "dir": str(self.dir / "models"),
-                "wait_s": 20.0,
-                "backoff_initial_s": 0.1,
-                "backoff_max_s": 2.0,
-            },
-        }
-        for sec, kv in extra.items():
-            sections.setdefault(sec, {}).update(kv)
-        lines = [f"node_id = {json.dumps(self.id)}", "log_level = 'info'"]
-        for sec, kv in sections.items():
-            lines.append(f"[{sec}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in kv.items()]
-        self.config = self.dir / "sidecar.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+class Testbed:
+    """One trainer and N sidecars with their workers and driver threads (see the module)."""
 
-    def start(self, wait: bool = True) -> None:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        if wait:
-            self.wait()
+    __test__ = False  # not a pytest test class, despite its name
 
-    def wait(self) -> None:
-        assert self.proc is not None
-        _wait_http(self.url + "/readyz", self.proc, self.log)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
-
-    def model(self) -> dict:
-        st, body = call(self.url + "/debug/model", timeout=5)
-        return body if st == 200 else {}
-
-    def active_version(self) -> int | None:
-        try:
-            reg = self.model().get("registry") or {}
-        except OSError:
-            return None
-        return reg.get("active_version")
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
-class Cluster:
     def __init__(
         self,
         nodes: int = 10,
@@ -286,25 +95,16 @@ class Cluster:
         burn: int = 150_000,
         seed: int = 0,
     ) -> None:
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="faasrm-cluster-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="faasrm-testbed-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.parent = f"faasrm-cluster-{uuid.uuid4().hex[:8]}"
-        self.trainer = Trainer(
+        self.parent = f"faasrm-testbed-{uuid.uuid4().hex[:8]}"
+        self.trainer = TrainerProcess(
             self.workdir,
             free_port(),
             {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0, **(trainer_overrides or {})},
         )
-        self.nodes = [
-            Node(
-                i,
-                self.workdir,
-                self.parent,
-                self.trainer.url,
-                free_port(),
-                sidecar_overrides or {},
-            )
-            for i in range(nodes)
-        ]
+        self.nodes = [self._node(i, sidecar_overrides or {}) for i in range(nodes)]
+        self.workers: dict[str, list[Worker]] = {n.id: [] for n in self.nodes}
         self.n_workers = workers
         self.rate = rate_per_worker
         self.burn_n = burn
@@ -317,14 +117,51 @@ class Cluster:
         self._threads: list[threading.Thread] = []
         self.driver_errors = 0
 
+    def _node(self, i: int, extra: dict[str, dict[str, Any]]) -> SidecarProcess:
+        node_id = f"node{i}"
+        d = self.workdir / node_id
+        sections: dict[str, dict[str, Any]] = {
+            "grid": GRID,
+            "sampler": {"tick_s": 0.1, "discover_every_s": 1.0},
+            "spool": {"max_bytes": 64 * 2**20, "segment_bytes": 256 * 1024},
+            "cgroupfs": {
+                "version": 1,
+                "parent": self.node_parent(node_id),
+                "default_cpu_cores": 0.5,
+                "default_mem_mb": 256.0,
+            },
+            "shipper": self.trainer.shipper(
+                d / "shipper.json",
+                batch_records=500,
+                interval_s=0.2,
+                backoff_initial_s=0.1,
+                backoff_max_s=2.0,
+            ),
+            "model_poller": {
+                "enabled": True,
+                "dir": str(d / "models"),
+                "wait_s": 20.0,
+                "backoff_initial_s": 0.1,
+                "backoff_max_s": 2.0,
+            },
+        }
+        for sec, kv in extra.items():
+            sections[sec] = {**sections.get(sec, {}), **kv}
+        return SidecarProcess(d, sections, node_id=node_id)
+
+    def node_parent(self, node_id: str) -> str:
+        """The cgroup under which a node's workers live (its sidecar's cgroupfs parent)."""
+        return f"{self.parent}/{node_id}"
+
     # ------------------------------------------------------------------------ lifecycle
-    def start(self, drive: bool = True) -> Cluster:
+    def start(self, drive: bool = True) -> Testbed:
         try:
             from sidecar import cgroups
 
             for n in self.nodes:
-                cgroups.create_v1(n.parent).close()
-                n.workers = [Worker(f"{n.parent}/fn{j}") for j in range(self.n_workers)]
+                parent = self.node_parent(n.id)
+                cgroups.create_v1(parent).close()
+                self.workers[n.id] = [Worker(f"{parent}/fn{j}") for j in range(self.n_workers)]
             self.trainer.start(wait=False)
             for n in self.nodes:
                 n.start(wait=False)
@@ -340,12 +177,12 @@ class Cluster:
 
     def drive(self) -> None:
         for n in self.nodes:
-            for w in n.workers:
+            for w in self.workers[n.id]:
                 t = threading.Thread(target=self._drive, args=(n, w), daemon=True)
                 t.start()
                 self._threads.append(t)
 
-    def _drive(self, node: Node, worker: Worker) -> None:
+    def _drive(self, node: SidecarProcess, worker: Worker) -> None:
         rng = random.Random(self.rng.random())
         while not self._stop.is_set():
             if self._pause.is_set():
@@ -363,7 +200,7 @@ class Cluster:
                     self._busy -= 1
             self._stop.wait(rng.expovariate(self.rate))
 
-    def _one(self, node: Node, worker: Worker, rng: random.Random) -> None:
+    def _one(self, node: SidecarProcess, worker: Worker, rng: random.Random) -> None:
         st, body = call(
             node.url + "/v1/invocations",
             {"container": worker.rel, "function": worker.function},
@@ -411,16 +248,16 @@ class Cluster:
         for n in self.nodes:
             n.stop()
         for n in self.nodes:
-            for w in n.workers:
+            for w in self.workers[n.id]:
                 w.close()
         self.trainer.stop()
         for n in self.nodes:
-            for w in n.workers:
+            for w in self.workers[n.id]:
                 cgroups.remove_v1(w.rel)
-            cgroups.remove_v1(n.parent)
+            cgroups.remove_v1(self.node_parent(n.id))
         cgroups.remove_v1(self.parent)
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Testbed:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -441,11 +278,7 @@ class Cluster:
             st.close()
 
     def stored_count(self) -> int:
-        try:
-            st, body = call(self.trainer.url + "/healthz", timeout=5)
-        except OSError:
-            return -1
-        return body.get("records", -1) if st == 200 else -1
+        return self.trainer.records()
 
     def versions(self) -> dict[str, int | None]:
         return {n.id: n.active_version() for n in self.nodes}
@@ -465,30 +298,30 @@ class Cluster:
 
 
 def main(args: Any) -> int:
-    # a demo cluster learns fast: small updates often (a real trainer waits for more data)
-    cl = Cluster(
+    # a testbed learns fast: small updates often (a real trainer waits for more data)
+    tb = Testbed(
         args.nodes,
         args.workers,
         args.dir,
         rate_per_worker=args.rate,
         trainer_overrides={"learner.interval_s": 5.0, "learner.min_records": 100},
     )
-    print(f"starting 1 trainer + {args.nodes} sidecars in {cl.workdir} (cgroups under {cl.parent})")
-    cl.start()
-    print(f"trainer {cl.trainer.url}; nodes " + ", ".join(n.url for n in cl.nodes))
+    print(f"starting 1 trainer + {args.nodes} sidecars in {tb.workdir} (cgroups under {tb.parent})")
+    tb.start()
+    print(f"trainer {tb.trainer.url}; nodes " + ", ".join(n.url for n in tb.nodes))
     t0 = time.monotonic()
     try:
         while not args.duration or time.monotonic() - t0 < args.duration:
             time.sleep(5)
-            _, models = call(cl.trainer.url + "/v1/models")
+            _, models = call(tb.trainer.url + "/v1/models")
             print(
-                f"{time.monotonic() - t0:6.0f}s  produced {len(cl.produced_ids())}  stored "
-                f"{cl.stored_count()}  latest v{models.get('latest')}  nodes {cl.versions()}",
+                f"{time.monotonic() - t0:6.0f}s  produced {len(tb.produced_ids())}  stored "
+                f"{tb.stored_count()}  latest v{models.get('latest')}  nodes {tb.versions()}",
                 flush=True,
             )
     except KeyboardInterrupt:
         pass
     finally:
-        cl.stop()
+        tb.stop()
         print("stopped; cgroups removed")
     return 0

@@ -1,4 +1,4 @@
-"""Shared bits of the one-machine cluster tests (real processes, real cgroup v1)."""
+"""Shared bits of the testbed tests: one machine, real processes, real cgroup v1."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training.testbed import TOKEN, Cluster
+from training.processes import TOKEN
+from training.testbed import Testbed
 
 GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
 
@@ -26,10 +27,10 @@ def v1_unavailable() -> str | None:
 def require_v1() -> None:
     reason = v1_unavailable()
     if reason:
-        pytest.skip(f"one-machine cluster test skipped: {reason}")
+        pytest.skip(f"testbed test skipped: {reason}")
 
 
-def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:
+def publish_fresh_agent(testbed: Testbed, tmp: Path, seed: int = 0) -> int:
     import torch
 
     from sidecar.core.grid import ResourceGrid
@@ -43,7 +44,7 @@ def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:
     export(agent, path, args={"preset": "sample"}, grid=ResourceGrid(0.25, 8, 64.0, 8))
     buf = io.BytesIO()
     torch.save({"agent": agent.state_dict()}, buf)
-    return publish(cluster.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
+    return publish(testbed.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
 
 
 def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
