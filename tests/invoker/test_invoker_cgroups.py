@@ -10,7 +10,7 @@ import pytest
 
 from sidecar import cgroups
 from training.invoker.functions import BY_NAME
-from training.invoker.invoker import Containers, Invocation, Invoker
+from training.invoker.invoker import Arrival, Containers, Invoker
 
 pytestmark = pytest.mark.root
 
@@ -27,7 +27,7 @@ def test_two_containers_replay_then_cleanup(v1_root: None) -> None:
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs)
     invs = [
-        Invocation(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
+        Arrival(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
         for i in range(20)
     ]  # ~10 s, both containers busy
     seen: dict = {}
@@ -89,7 +89,7 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
         try:
             await containers.start(warm=False)
             return await Invoker(containers).replay(
-                [Invocation(0, 0.0, "memhog", 200.0), Invocation(1, 0.1, "memhog", 20.0)]
+                [Arrival(0, 0.0, "memhog", 200.0), Arrival(1, 0.1, "memhog", 20.0)]
             )
         finally:
             await containers.stop()
@@ -107,7 +107,7 @@ def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: Non
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     spec = BY_NAME["sleepy"]  # 512 MB / 2 cores user, ~0 cores and little memory used
     containers = Containers(parent, [spec])
-    invs = [Invocation(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
+    invs = [Arrival(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
     mgr = Vpa(ResourceGrid())  # 1 core x 8, 64 MB x 8
     after: dict = {}
 

@@ -42,7 +42,9 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THRE
 
 
 @dataclass(frozen=True)
-class Invocation:
+class Arrival:
+    """One invocation of the replayed schedule (the sidecar's own ``Invocation`` is another)."""
+
     idx: int
     t_s: float  # arrival, seconds after the replay starts
     container: str  # container name (== function name here)
@@ -50,7 +52,9 @@ class Invocation:
 
 
 @dataclass
-class Record:
+class Measurement:
+    """What the invoker measured of one arrival: times, outcome and the allocation it ran at."""
+
     idx: int
     function: str
     size: float
@@ -71,7 +75,7 @@ def schedule(
     speedup: float = 15.0,
     seed: int = 0,
     functions: list[FunctionSpec] | None = None,
-) -> list[Invocation]:
+) -> list[Arrival]:
     """The bundled Azure sample's arrivals, ``speedup`` trace minutes per real minute.
 
     Trace function i is played by ``functions[i % len(functions)]``; each invocation's input is
@@ -94,7 +98,7 @@ def schedule(
     out = []
     for i, (t, f) in enumerate(zip(all_t, all_f, strict=True)):
         spec = functions[int(f) % len(functions)]
-        out.append(Invocation(i, float(t), spec.name, float(spec.input_size(u[i]))))
+        out.append(Arrival(i, float(t), spec.name, float(spec.input_size(u[i]))))
     return out
 
 
@@ -337,7 +341,7 @@ class Progress:
     done: int = 0
     running: int = 0
     failures: int = 0
-    records: list[Record] = field(default_factory=list)
+    records: list[Measurement] = field(default_factory=list)
 
 
 class Invoker:
@@ -363,7 +367,7 @@ class Invoker:
         self.headroom_bytes = int(headroom_mb * MB)
         self.progress = Progress()
 
-    async def replay(self, invocations: list[Invocation]) -> list[Record]:
+    async def replay(self, invocations: list[Arrival]) -> list[Measurement]:
         import aiohttp
 
         self.progress = Progress(total=len(invocations))
@@ -386,10 +390,12 @@ class Invoker:
         except Exception as exc:  # noqa: BLE001 (a sidecar problem must not stop the replay)
             return {"error": repr(exc)}
 
-    async def _one(self, inv: Invocation, t0: float, http) -> Record:
+    async def _one(self, inv: Arrival, t0: float, http) -> Measurement:
         c = self.containers[inv.container]
         await asyncio.sleep(max(0.0, t0 + inv.t_s - time.monotonic()))
-        rec = Record(inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu, mem_mb=c.user_mem_mb)
+        rec = Measurement(
+            inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu, mem_mb=c.user_mem_mb
+        )
         arrived = time.monotonic()
         c.waiting += 1
         async with c.lock:
@@ -441,7 +447,7 @@ class Invoker:
         self.progress.records.append(rec)
         return rec
 
-    async def _managed_run(self, c: WorkerContainer, inv: Invocation, rec: Record) -> str | None:
+    async def _managed_run(self, c: WorkerContainer, inv: Arrival, rec: Measurement) -> str | None:
         """Apply the rule's allocation, run, measure, restore the user's size, observe."""
         from training.baselines import Run
 
@@ -513,7 +519,7 @@ def container_limits(cpu_cores: float, mem_mb: float, period_us: int = 100_000) 
     )
 
 
-def record_dicts(records: list[Record]) -> list[dict]:
+def record_dicts(records: list[Measurement]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
@@ -521,9 +527,9 @@ __all__ = [
     "BY_NAME",
     "Container",
     "Containers",
-    "Invocation",
+    "Arrival",
     "Invoker",
-    "Record",
+    "Measurement",
     "WorkerContainer",
     "schedule",
 ]

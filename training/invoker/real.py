@@ -53,7 +53,7 @@ from training.invoker.functions import SPECS
 from training.invoker.invoker import (
     Containers,
     Invoker,
-    Record,
+    Measurement,
     record_dicts,
     schedule,
 )
@@ -116,7 +116,7 @@ def _rfet_stats(rfet: np.ndarray) -> dict[str, float]:
 
 
 def summarize(
-    records: list[Record], base: list[Record], oom_kills: int, give_backs: int
+    records: list[Measurement], base: list[Measurement], oom_kills: int, give_backs: int
 ) -> dict[str, Any]:
     median = medians(base)
     base_exec = {r.idx: r.exec_s for r in base if r.outcome == "success"}
@@ -151,7 +151,7 @@ def summarize(
     }
 
 
-def means(records: list[Record]) -> dict[str, float]:
+def means(records: list[Measurement]) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for r in records:
         if r.outcome == "success":
@@ -159,7 +159,7 @@ def means(records: list[Record]) -> dict[str, float]:
     return {f: float(np.mean(v)) for f, v in by.items()}
 
 
-def medians(records: list[Record]) -> dict[str, float]:
+def medians(records: list[Measurement]) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for r in records:
         if r.outcome == "success":
@@ -206,7 +206,7 @@ async def run_manager(
     trainer: TrainerProcess | None = None,
     baselines: dict[str, float] | None = None,
     engine: DockerEngine | None = None,
-) -> tuple[list[Record], int, int]:
+) -> tuple[list[Measurement], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
     ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
@@ -328,7 +328,7 @@ async def run_all(
     )
     results: dict[str, dict] = {}
     all_records: dict[str, list[dict]] = {}
-    base: list[Record] = []
+    base: list[Measurement] = []
     state: dict = {}
     started = time.monotonic()
     live_ctx = None
