@@ -40,6 +40,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,20 +152,23 @@ def summarize(
     }
 
 
-def means(records: list[Measurement]) -> dict[str, float]:
+def _per_function(
+    records: list[Measurement], reduce: Callable[[list[float]], Any]
+) -> dict[str, float]:
+    """``reduce`` of each function's successful execution times."""
     by: dict[str, list[float]] = {}
     for r in records:
         if r.outcome == "success":
             by.setdefault(r.function, []).append(r.exec_s)
-    return {f: float(np.mean(v)) for f, v in by.items()}
+    return {f: float(reduce(v)) for f, v in by.items()}
+
+
+def means(records: list[Measurement]) -> dict[str, float]:
+    return _per_function(records, np.mean)
 
 
 def medians(records: list[Measurement]) -> dict[str, float]:
-    by: dict[str, list[float]] = {}
-    for r in records:
-        if r.outcome == "success":
-            by.setdefault(r.function, []).append(r.exec_s)
-    return {f: float(np.median(v)) for f, v in by.items()}
+    return _per_function(records, np.median)
 
 
 COLUMNS = [
