@@ -2,7 +2,9 @@
 
 A manager sees each invocation's request (function, user size, the safeguard's verdict, the
 function's statistics) and returns an allocation; ``observe`` tells it how a finished invocation
-went. The simulator and the evaluation drive every manager the same way.
+went. The simulator and the evaluation drive every manager the same way. Greedy, ENSURE and VPA
+are ``BaselineRule``s: the one implementation of each, driven here by ``SimulatedRule`` and on
+real functions by the local invoker (``training.invoker.invoker.Invoker``).
 """
 
 from __future__ import annotations
