@@ -147,10 +147,10 @@ def _trainer_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_up(args: argparse.Namespace) -> int:
-    from training.local_cluster import main as cluster_main
+def _testbed_up(args: argparse.Namespace) -> int:
+    from training.testbed import main as testbed_main
 
-    return cluster_main(args)
+    return testbed_main(args)
 
 
 def _bench_real(args: argparse.Namespace) -> int:
@@ -321,16 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--token", help="the bearer token (else $FAASRM_TRAINER_TOKEN)")
     tp.set_defaults(func=_trainer_publish)
 
-    cl = sub.add_parser("cluster", help="a whole cluster on this machine").add_subparsers(
-        dest="cluster_command", required=True
-    )
-    cu = cl.add_parser("up", help="one trainer + N sidecars on 127.0.0.1, real cgroups and workers")
+    tb = sub.add_parser(
+        "testbed", help="a trainer and N sidecars with real workers on this machine"
+    ).add_subparsers(dest="testbed_command", required=True)
+    cu = tb.add_parser("up", help="one trainer + N sidecars on 127.0.0.1, real cgroups and workers")
     cu.add_argument("--nodes", type=int, default=10)
     cu.add_argument("--workers", type=int, default=2, help="worker processes (containers) per node")
     cu.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: until Ctrl-C)")
     cu.add_argument("--dir", help="working directory (default: a new temporary one)")
     cu.add_argument("--rate", type=float, default=2.0, help="invocations per second per worker")
-    cu.set_defaults(func=_cluster_up)
+    cu.set_defaults(func=_testbed_up)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures").add_subparsers(
         dest="bench_command", required=True

@@ -3,19 +3,24 @@ the daemon's model-free rules.
 
 A manager sees each invocation's request (function, user size, the safeguard's verdict, the
 function's statistics) and returns an allocation; ``observe`` tells it how a finished invocation
-went. The simulator and the evaluation drive every manager the same way.
+went. The simulator and the evaluation drive every manager the same way. Greedy, ENSURE and VPA
+are ``BaselineRule``s: the one implementation of each, driven here by ``SimulatedRule`` and on
+real functions by the local invoker (``training.invoker.invoker.Invoker``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable, Hashable
+from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from sidecar.core.decision import Decision
-from sidecar.core.grid import Alloc
+from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from training.sim.cluster import ClusterSim, Request
 
@@ -59,11 +64,54 @@ class Oracle(_Stateless):
         return sim.oracle_alloc(req.inv)
 
 
-def _peaks(sim: ClusterSim, inv: int) -> tuple[float, float, float, float]:
-    """(cpu peak, mem peak, cpu given, mem given) of a finished invocation, in cores and MB."""
-    res = sim.log
-    g = sim.grid
-    return res.cpu_peak[inv], res.mem_peak[inv], g.cores(res.cpu[inv]), g.mb(res.mem[inv])
+class Run(NamedTuple):
+    """A finished invocation as the baseline rules see it, in cores and MB.
+
+    The simulator adapts its log to it (``SimulatedRule``), the real invoker its measurements
+    (``training.invoker.invoker.Invoker``). The allocation it ran with need not lie on the grid:
+    on the real invoker a user's size may be off it (0.5 core on a 1-core grid).
+    """
+
+    cpu_cores: float
+    mem_mb: float
+    cpu_peak_cores: float
+    mem_peak_mb: float
+    exec_s: float
+    baseline_s: float
+    """The function's execution time at the user's size (ENSURE's reference); NaN: not known."""
+    failed: bool
+    oom: bool
+    """The kernel killed it for memory (a failure too)."""
+
+
+Target = tuple[int | None, int | None]
+"""A rule's allocation in grid units (CPU, memory); None keeps the user's size of that resource."""
+USER: Target = (None, None)
+
+
+_EPS = 1e-9
+"""How near a grid point a size counts as on it (as in ``ResourceGrid``'s ceilings)."""
+
+
+def _up(x: float, unit: float, n: int) -> int:
+    """Units of the grid point strictly above ``x`` (x need not lie on the grid), in [1, n]."""
+    return min(n, max(1, math.floor(x / unit + _EPS) + 1))
+
+
+def _down(x: float, unit: float, n: int) -> int:
+    """Units of the grid point strictly below ``x``, in [1, n]."""
+    return min(n, max(1, math.ceil(x / unit - _EPS) - 1))
+
+
+class BaselineRule(Protocol):
+    """Greedy, ENSURE and VPA: per-function rules from a function's finished runs."""
+
+    name: str
+    grid: ResourceGrid
+
+    def decide(self, fn: Hashable) -> Target: ...
+
+    def observe(self, fn: Hashable, run: Run) -> None: ...
 
 
 class Greedy:
@@ -76,31 +124,33 @@ class Greedy:
     name = "greedy"
     threshold = 0.9
 
-    def reset(self, sim: ClusterSim) -> None:
-        self.alloc: dict[int, Alloc] = {}
+    def __init__(self, grid: ResourceGrid) -> None:
+        self.grid = grid
+        self.alloc: dict[Hashable, Alloc] = {}
 
-    def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        return self.alloc.get(req.fn, req.user)
+    def decide(self, fn: Hashable) -> Target:
+        return self.alloc.get(fn, USER)
 
-    def observe(self, sim: ClusterSim, inv: int) -> None:
-        g = sim.grid
-        fn = sim.log.fn[inv]
-        if sim.log.failed[inv]:
-            self.alloc[fn] = sim.user_alloc(fn)
+    def observe(self, fn: Hashable, run: Run) -> None:
+        if run.failed:
+            self.alloc.pop(fn, None)
             return
-        cpu_peak, mem_peak, cpu, mem = _peaks(sim, inv)
-        c, m = sim.log.cpu[inv], sim.log.mem[inv]
-        c = c + 1 if cpu_peak >= self.threshold * cpu else c - 1
-        m = m + 1 if mem_peak >= self.threshold * mem else m - 1
-        self.alloc[fn] = Alloc(min(g.cpu_units, max(1, c)), min(g.mem_units, max(1, m)))
+        g = self.grid
+        cpu_step = _up if run.cpu_peak_cores >= self.threshold * run.cpu_cores else _down
+        mem_step = _up if run.mem_peak_mb >= self.threshold * run.mem_mb else _down
+        self.alloc[fn] = Alloc(
+            cpu_step(run.cpu_cores, g.cpu_unit_cores, g.cpu_units),
+            mem_step(run.mem_mb, g.mem_unit_mb, g.mem_units),
+        )
 
 
 class Ensure:
     """ENSURE (Suresh et al., ACSOS 2020): CPU only; adds a core when it detects a slowdown.
 
-    A run slower than ``1 + slack`` times the function's baseline (its mean at the user's size)
-    adds one CPU unit; ``calm_runs`` runs in a row within the baseline with idle CPU reclaim one.
-    Memory stays at the user's size. (The reference code never added CPU; that bug is fixed.)
+    A run slower than ``1 + slack`` times the function's baseline (its time at the user's size:
+    ``Run.baseline_s``) adds one CPU unit; ``calm_runs`` runs in a row within the baseline with
+    idle CPU reclaim one. Memory stays at the user's size; failed runs and runs without a
+    baseline change nothing. (The reference code never added CPU; that bug is fixed.)
     """
 
     name = "ensure"
@@ -108,64 +158,101 @@ class Ensure:
     calm_runs = 3
     idle_util = 0.7
 
-    def reset(self, sim: ClusterSim) -> None:
-        self.cpu: dict[int, int] = {}
-        self.calm: dict[int, int] = {}
+    def __init__(self, grid: ResourceGrid) -> None:
+        self.grid = grid
+        self.cpu: dict[Hashable, int] = {}
+        self.calm: dict[Hashable, int] = {}
 
-    def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        return Alloc(self.cpu.get(req.fn, req.user.cpu), req.user.mem)
+    def decide(self, fn: Hashable) -> Target:
+        return self.cpu.get(fn), None
 
-    def observe(self, sim: ClusterSim, inv: int) -> None:
-        g = sim.grid
-        res = sim.log
-        fn = res.fn[inv]
-        base = sim.stats[fn].baseline_duration_s
-        c = res.cpu[inv]
-        if not base == base:  # no user-size run measured yet
+    def observe(self, fn: Hashable, run: Run) -> None:
+        base = run.baseline_s
+        if run.failed or not base == base:  # NaN: no user-size run measured yet
             return
-        cpu_peak, _, cpu, _ = _peaks(sim, inv)
-        if res.exec_s[inv] > (1 + self.slack) * base:
-            self.cpu[fn] = min(g.cpu_units, c + 1)
+        g = self.grid
+        c = run.cpu_cores
+        if run.exec_s > (1 + self.slack) * base:
+            self.cpu[fn] = _up(c, g.cpu_unit_cores, g.cpu_units)
             self.calm[fn] = 0
-        elif cpu_peak < self.idle_util * cpu:
+        elif run.cpu_peak_cores < self.idle_util * c:
             self.calm[fn] = self.calm.get(fn, 0) + 1
             if self.calm[fn] >= self.calm_runs:
-                self.cpu[fn] = max(1, c - 1)
+                self.cpu[fn] = _down(c, g.cpu_unit_cores, g.cpu_units)
                 self.calm[fn] = 0
 
 
 class Vpa:
     """Kubernetes VPA-style: a percentile of recent usage plus a safety margin, per resource.
 
-    CPU target = 90th percentile of recent peaks, memory = the recent maximum, both x 1.15; an
-    OOM kill records 1.2x the limit as usage (as VPA does). User size until ``min_samples`` runs.
+    CPU target = 90th percentile of recent peaks, memory = the recent maximum, both x 1.15 and
+    rounded up to grid units; an OOM kill records 1.2x the limit as usage (as VPA does). The
+    user's size until ``min_samples`` runs.
     """
 
     name = "vpa"
     window = 20
     min_samples = 3
     margin = 1.15
+    oom_bump = 1.2
+
+    def __init__(self, grid: ResourceGrid) -> None:
+        self.grid = grid
+        self.cpu: dict[Hashable, deque[float]] = {}
+        self.mem: dict[Hashable, deque[float]] = {}
+
+    def decide(self, fn: Hashable) -> Target:
+        cpu = self.cpu.get(fn)
+        if cpu is None or len(cpu) < self.min_samples:
+            return USER
+        g = self.grid
+        c = g.cpu_units_ceil(float(np.percentile(cpu, 90)) * self.margin)
+        m = g.mem_units_ceil(max(self.mem[fn]) * self.margin)
+        return min(g.cpu_units, max(1, c)), min(g.mem_units, max(1, m))
+
+    def observe(self, fn: Hashable, run: Run) -> None:
+        mem_peak = self.oom_bump * run.mem_mb if run.oom else run.mem_peak_mb
+        self.cpu.setdefault(fn, deque(maxlen=self.window)).append(run.cpu_peak_cores)
+        self.mem.setdefault(fn, deque(maxlen=self.window)).append(mem_peak)
+
+
+BASELINE_RULES: dict[str, type[BaselineRule]] = {r.name: r for r in (Greedy, Ensure, Vpa)}
+
+
+class SimulatedRule:
+    """A baseline rule as a simulator manager: ``ClusterSim``'s log adapted to ``Run``.
+
+    The simulator's only failure is an OOM kill; ENSURE's baseline is the function's
+    ``FunctionStats.baseline_duration_s``.
+    """
+
+    def __init__(self, rule: type[BaselineRule]) -> None:
+        self.rule_type = rule
+        self.name = rule.name
 
     def reset(self, sim: ClusterSim) -> None:
-        self.cpu: dict[int, deque[float]] = {}
-        self.mem: dict[int, deque[float]] = {}
+        self.rule = self.rule_type(sim.grid)
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        cpu = self.cpu.get(req.fn)
-        if cpu is None or len(cpu) < self.min_samples:
-            return req.user
-        g = sim.grid
-        c = g.cpu_units_ceil(float(np.percentile(cpu, 90)) * self.margin)
-        m = g.mem_units_ceil(max(self.mem[req.fn]) * self.margin)
-        return Alloc(min(g.cpu_units, max(1, c)), min(g.mem_units, max(1, m)))
+        cpu, mem = self.rule.decide(req.fn)
+        user = req.user
+        return Alloc(user.cpu if cpu is None else cpu, user.mem if mem is None else mem)
 
     def observe(self, sim: ClusterSim, inv: int) -> None:
-        fn = sim.log.fn[inv]
-        cpu_peak, mem_peak, _, mem = _peaks(sim, inv)
-        if sim.log.failed[inv]:
-            mem_peak = 1.2 * mem
-        self.cpu.setdefault(fn, deque(maxlen=self.window)).append(cpu_peak)
-        self.mem.setdefault(fn, deque(maxlen=self.window)).append(mem_peak)
+        log, g = sim.log, sim.grid
+        fn = log.fn[inv]
+        failed = log.failed[inv]
+        run = Run(
+            g.cores(log.cpu[inv]),
+            g.mb(log.mem[inv]),
+            log.cpu_peak[inv],
+            log.mem_peak[inv],
+            log.exec_s[inv],
+            sim.stats[fn].baseline_duration_s,
+            failed,
+            failed,
+        )
+        self.rule.observe(fn, run)
 
 
 class Learned(_Stateless):
@@ -212,4 +299,8 @@ RULE_MANAGERS = {"rule": "user", "smallest": "smallest"}
 allowed candidate closest to the user's size), ``smallest`` the fewest resources allowed."""
 
 
-BASELINES: dict[str, type] = {m.name: m for m in (Fixed, Greedy, Ensure, Vpa, Oracle)}
+BASELINES: dict[str, Callable[[], Manager]] = {
+    "fixed": Fixed,
+    **{name: partial(SimulatedRule, rule) for name, rule in BASELINE_RULES.items()},
+    "oracle": Oracle,
+}

@@ -124,12 +124,14 @@ async def _post_all(url: str, token: str, bodies: list[bytes], concurrency: int 
 
 def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[str, float]:
     from sidecar.config import ShipperConfig
-    from training.local_cluster import TOKEN, Trainer, free_port
+    from training.processes import TOKEN, TrainerProcess, free_port
 
     per_batch = per_batch or ShipperConfig().batch_records  # what a sidecar really posts
     bodies = make_bodies(n_batches, per_batch)
     baseline = decode_baseline(bodies, per_batch)
-    tr = Trainer(workdir, free_port(), {"learner.enabled": False, "max_body_bytes": 64 * 2**20})
+    tr = TrainerProcess(
+        workdir, free_port(), {"learner.enabled": False, "max_body_bytes": 64 * 2**20}
+    )
     tr.start()
     try:
         asyncio.run(_post_all(tr.url + "/v1/trajectories", TOKEN, bodies[:2]))  # warm-up
@@ -148,9 +150,10 @@ def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, 
     import torch
 
     from training.export import export
-    from training.local_cluster import TOKEN, Cluster
     from training.ppo import Agent
+    from training.processes import TOKEN
     from training.service import publish
+    from training.testbed import Testbed
 
     def model(seed: int) -> tuple[Path, bytes]:
         torch.manual_seed(seed)
@@ -161,24 +164,24 @@ def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, 
         torch.save({"agent": agent.state_dict()}, buf)
         return p, buf.getvalue()
 
-    cl = Cluster(
+    tb = Testbed(
         nodes=nodes,
         workers=1,
-        workdir=workdir / "cluster",
+        workdir=workdir / "testbed",
         trainer_overrides={"learner.enabled": False},
     )
     all_s, first_s = [], []
     try:
-        cl.start(drive=False)
+        tb.start(drive=False)
         p, ck = model(0)
-        cl.wait_all_on(publish(cl.trainer.url, TOKEN, p, checkpoint=ck)["version"], 60)
+        tb.wait_all_on(publish(tb.trainer.url, TOKEN, p, checkpoint=ck)["version"], 60)
         for r in range(repeats):
             p, ck = model(r + 1)
             time.sleep(0.5)  # every node back in its long-poll
             t0 = time.monotonic()
-            v = publish(cl.trainer.url, TOKEN, p, checkpoint=ck)["version"]
+            v = publish(tb.trainer.url, TOKEN, p, checkpoint=ck)["version"]
             first = None
-            pending = list(cl.nodes)
+            pending = list(tb.nodes)
             while pending:
                 pending = [n for n in pending if n.active_version() != v]
                 if first is None and len(pending) < nodes:
@@ -188,7 +191,7 @@ def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, 
             all_s.append(time.monotonic() - t0)
             first_s.append(first if first is not None else all_s[-1])
     finally:
-        cl.stop()
+        tb.stop()
     return {
         "propagation_s": statistics.median(all_s),
         "baseline_first_node_s": statistics.median(first_s),

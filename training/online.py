@@ -6,13 +6,11 @@ One update (``Learner.step``, on a worker thread):
    (records with ``reward`` None: safeguard first runs, lost invocations, are skipped);
 2. start from the latest promoted version's agent checkpoint (else ``init_checkpoint``, else a
    fresh ``Agent`` when the registry is empty);
-3. PPO epochs with ``training.ppo.Agent`` and the same clipped surrogate, clipped value loss,
-   entropy bonus and grad-norm clip as ``training/ppo.py`` (which has no reusable update
-   function: its loss lives inline in ``train()``; the phase below mirrors it line by line, under
-   the same names). Each real decision is a one-step episode: its reward is the outcome of the
-   invocation it sized, so the return is the reward and the advantage ``reward - V(context)``;
-   the old log-probability is the one the node recorded (importance ratio against the policy the
-   node actually ran);
+3. PPO epochs with ``training.ppo.Agent`` and offline PPO's loss (``training.ppo.ppo_loss``:
+   clipped surrogate, clipped value loss, entropy bonus) and grad-norm clip. Each real decision
+   is a one-step episode: its reward is the outcome of the invocation it sized, so the return is
+   the reward and the advantage ``reward - V(context)``; the old log-probability is the one the
+   node recorded (importance ratio against the policy the node actually ran);
 4. export the candidate with ``training.export.export`` on the nodes' grid;
 5. the promotion gate, both must pass:
    * simulator: ``training.evaluate.evaluate`` on ``gate.preset`` with the fixed ``gate.seed``
@@ -47,7 +45,7 @@ from sidecar.core.features import expand_rows
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import OnnxScorer, fallback_scorer
 from sidecar.core.record import learnable
-from training.ppo import Agent, load_checkpoint
+from training.ppo import Agent, PPOLoss, load_checkpoint, ppo_loss
 
 log = logging.getLogger("faasrm.learner")
 
@@ -86,7 +84,8 @@ def ppo_update(
     minibatch_size = max(1, batch_size // cfg.num_minibatches)
     b_inds = np.arange(batch_size)
     clipfracs: list[float] = []
-    pg_loss = v_loss = entropy_loss = approx_kl = old_approx_kl = torch.zeros(())
+    zero = torch.zeros(())
+    out = PPOLoss(zero, zero, zero, zero, zero, zero, 0.0)  # no minibatch (update_epochs 0)
     for _epoch in range(cfg.update_epochs):
         rng.shuffle(b_inds)
         for start in range(0, batch_size, minibatch_size):
@@ -94,46 +93,32 @@ def ppo_update(
             _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                 b_ctx[mb_inds], b_cpu[mb_inds], b_mem[mb_inds], b_mask[mb_inds], b_actions[mb_inds]
             )
-            logratio = newlogprob - b_logprobs[mb_inds]
-            ratio = logratio.exp()
-            with torch.no_grad():
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((ratio - 1) - logratio).mean()
-                clipfracs += [((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item()]
-
-            mb_advantages = b_advantages[mb_inds]
-            if len(mb_inds) > 1:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (
-                    mb_advantages.std() + 1e-8
-                )
-
-            # policy loss
-            pg_loss1 = -mb_advantages * ratio
-            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef)
-            pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-            # value loss (clipped, as in ppo.py)
-            newvalue = newvalue.view(-1)
-            v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-            v_clipped = b_values[mb_inds] + torch.clamp(
-                newvalue - b_values[mb_inds], -cfg.clip_coef, cfg.clip_coef
+            out = ppo_loss(
+                newlogprob,
+                entropy,
+                newvalue,
+                b_logprobs[mb_inds],
+                b_advantages[mb_inds],
+                b_returns[mb_inds],
+                b_values[mb_inds],
+                clip_coef=cfg.clip_coef,
+                clip_vloss=True,
+                norm_adv=len(mb_inds) > 1,  # one record has no spread to normalise by
+                ent_coef=cfg.ent_coef,
+                vf_coef=cfg.vf_coef,
             )
-            v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-
-            entropy_loss = entropy.mean()
-            loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
+            clipfracs.append(out.clipfrac)
 
             optimizer.zero_grad()
-            loss.backward()
+            out.loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
     return {
-        "losses/policy_loss": float(pg_loss.item()),
-        "losses/value_loss": float(v_loss.item()),
-        "losses/entropy": float(entropy_loss.item()),
-        "losses/old_approx_kl": float(old_approx_kl.item()),
-        "losses/approx_kl": float(approx_kl.item()),
+        "losses/policy_loss": float(out.pg_loss.item()),
+        "losses/value_loss": float(out.v_loss.item()),
+        "losses/entropy": float(out.entropy_loss.item()),
+        "losses/old_approx_kl": float(out.old_approx_kl.item()),
+        "losses/approx_kl": float(out.approx_kl.item()),
         "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0,
         "charts/mean_reward": float(b["rewards"].mean()),
         "charts/batch_size": batch_size,

@@ -6,11 +6,12 @@ categorical action, so the exported actor is the scorer the sidecar runs. The cr
 MLP over the context vector only.
 
 Credit assignment: the reward of an invocation belongs to the decision that allocated it, not to
-the step at which its outcome became known. The trainer keeps, per env, a map ``inv -> rollout
-step`` and adds each rewarded invocation's reward to that step. The simulator reports an
+the step at which its outcome became known. ``CreditLedger`` keeps, per env, a map ``inv ->
+rollout step`` and adds each rewarded invocation's reward to that step. The simulator reports an
 invocation's reward when it starts (its execution time is known then), so only invocations still
 waiting in the admission queue when a rollout ends lose their reward (a known approximation;
-``charts/dropped_reward_frac`` logs the share).
+``charts/dropped_reward_frac`` logs the share). ``ppo_loss`` is the loss of one minibatch, shared
+with the trainer service's online updates (``training.online``).
 
 Usage: ``python -m training.ppo --preset small --total-timesteps 200000`` (every ``Args`` field is
 a ``--flag``).
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -278,6 +279,96 @@ def _split_infos(infos: dict, num_envs: int) -> tuple[list[tuple | None], list[d
     return credit, episode
 
 
+class CreditLedger:
+    """Credits each invocation's reward to the rollout step that decided it, per env.
+
+    ``decided`` maps this step's invocations to the step; ``credit`` adds the rewards that became
+    known to their deciding step's row of ``rewards``. A reward whose decision is not in the
+    current rollout (an earlier one's, or unknown) or is not finite is dropped and counted. A new
+    episode numbers invocations from 0 again, so it clears its env's map; ``forget_stale`` drops
+    the decisions older than the rollout (their rewards can no longer be credited).
+    """
+
+    def __init__(self, num_envs: int) -> None:
+        self.step_of: list[dict[int, int]] = [{} for _ in range(num_envs)]  # inv -> absolute step
+        self.base = 0  # absolute step of the rollout's row 0
+        self.credited = self.dropped = 0
+
+    def start_rollout(self, base: int) -> None:
+        self.base = base
+        self.credited = self.dropped = 0
+
+    def decided(self, invs: list[int], step: int) -> None:
+        for i, inv in enumerate(invs):
+            self.step_of[i][inv] = self.base + step
+
+    def credit(
+        self, rewards: torch.Tensor, credit: list[tuple | None], episode: list[dict | None]
+    ) -> None:
+        for i, (c, ep) in enumerate(zip(credit, episode)):
+            if c is not None:
+                _, ids, rews, _ = c
+                step_of = self.step_of[i]
+                for inv, r in zip(ids.tolist(), rews.tolist()):
+                    s = step_of.pop(inv, None)
+                    if s is not None and s >= self.base and math.isfinite(r):
+                        rewards[s - self.base, i] += r
+                        self.credited += 1
+                    else:
+                        self.dropped += 1
+            if ep is not None:
+                self.step_of[i].clear()
+
+    def forget_stale(self) -> None:
+        for step_of in self.step_of:
+            for k in [k for k, s in step_of.items() if s < self.base]:
+                del step_of[k]
+
+    @property
+    def dropped_frac(self) -> float:
+        return self.dropped / max(1, self.dropped + self.credited)
+
+
+class RolloutStats:
+    """The episodes and finished invocations of one rollout, for the ``charts/`` and ``sim/``
+    columns of the log."""
+
+    def __init__(self) -> None:
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.episode_rfets: list[float] = []
+        self.rfets: list[float] = []
+
+    def add(self, credit: list[tuple | None], episode: list[dict | None]) -> None:
+        for c, ep in zip(credit, episode):
+            if c is not None:
+                rfet = c[3]
+                self.rfets.extend(np.asarray(rfet)[np.isfinite(rfet)].tolist())
+            if ep is not None:
+                self.returns.append(float(ep["r"]))
+                self.lengths.append(int(ep["l"]))
+                self.episode_rfets.append(float(ep["rfet"]))
+
+    def charts(self) -> dict[str, float]:
+        nan = float("nan")
+        return {
+            "charts/episodic_return": float(np.mean(self.returns)) if self.returns else nan,
+            "charts/episodic_length": float(np.mean(self.lengths)) if self.lengths else nan,
+            "charts/episodes": len(self.returns),
+        }
+
+    def sim(self) -> dict[str, float]:
+        nan = float("nan")
+        ep = self.episode_rfets
+        return {
+            "sim/mean_rfet": float(np.mean(self.rfets)) if self.rfets else nan,
+            "sim/episode_mean_rfet": float(np.nanmean(ep))
+            if ep and not all(map(math.isnan, ep))
+            else nan,
+            "sim/finished": len(self.rfets),
+        }
+
+
 def _rng_state() -> dict:
     return {
         "python": random.getstate(),
@@ -323,6 +414,141 @@ def _to_t(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
+class PPOLoss(NamedTuple):
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    v_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    old_approx_kl: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac: float
+
+
+def ppo_loss(
+    newlogprob: torch.Tensor,
+    entropy: torch.Tensor,
+    newvalue: torch.Tensor,
+    mb_logprobs: torch.Tensor,
+    mb_advantages: torch.Tensor,
+    mb_returns: torch.Tensor,
+    mb_values: torch.Tensor,
+    *,
+    clip_coef: float,
+    clip_vloss: bool,
+    norm_adv: bool,
+    ent_coef: float,
+    vf_coef: float,
+) -> PPOLoss:
+    """CleanRL's PPO loss of one minibatch: clipped surrogate, (optionally clipped) value loss and
+    entropy bonus, with the approx-KL and clip-fraction statistics. ``new*`` come from the
+    current agent, ``mb_*`` from the rollout (old log-probabilities, advantages, returns,
+    values)."""
+    logratio = newlogprob - mb_logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
+
+    if norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+    # policy loss
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # value loss
+    newvalue = newvalue.view(-1)
+    if clip_vloss:
+        v_loss_unclipped = (newvalue - mb_returns) ** 2
+        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -clip_coef, clip_coef)
+        v_loss_clipped = (v_clipped - mb_returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+
+    entropy_loss = entropy.mean()
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * vf_coef
+    return PPOLoss(loss, pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac)
+
+
+class RunLog:
+    """The run's CSV log (one row per iteration, appended to on resume) and progress bar."""
+
+    def __init__(self, path: Path, args: Args, start_iteration: int) -> None:
+        self.new = not path.exists() or not args.resume
+        self.file = open(path, "w" if self.new else "a", newline="")
+        self.writer: csv.DictWriter | None = None
+        self.progress = None
+        if args.progress:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]ppo"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[live]}"),
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=args.num_iterations, completed=start_iteration - 1, live=""
+            )
+
+    def write(self, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            self.writer = csv.DictWriter(self.file, fieldnames=list(metrics))
+            if self.new:
+                self.writer.writeheader()
+        self.writer.writerow(metrics)
+        self.file.flush()
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=metrics["iteration"],
+                live=f"step {metrics['global_step']} R {metrics['charts/mean_step_reward']:.3f} "
+                f"rfet {metrics['sim/mean_rfet']:.3f} ent {metrics['losses/entropy']:.2f}",
+            )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.file.close()
+
+
+def make_envs(args: Args, env_fn: Callable[[int], gym.Env] | None) -> gym.vector.VectorEnv:
+    """``num_envs`` envs, stepped in this process, in subprocesses or in Ray actors."""
+    thunks = [make_env(args, i, env_fn) for i in range(args.num_envs)]
+    autoreset = gym.vector.AutoresetMode.SAME_STEP
+    if args.ray_address:
+        from training.ray_envs import RayVectorEnv
+
+        return RayVectorEnv(thunks, address=args.ray_address, autoreset_mode=autoreset)
+    vec_cls = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    return vec_cls(thunks, autoreset_mode=autoreset)
+
+
+def _agent(args: Args) -> tuple[Agent, torch.optim.Optimizer, int, int]:
+    """(agent, optimizer, first iteration, global step): fresh, from ``init_from``'s actor, or
+    resumed from a checkpoint (with its RNG state)."""
+    agent = Agent()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    if args.init_from and not args.resume:
+        init = load_checkpoint(args.init_from)["agent"]
+        agent.actor.load_state_dict(
+            {k[len("actor.") :]: v for k, v in init.items() if k.startswith("actor.")}
+        )
+    if not args.resume:
+        return agent, optimizer, 1, 0
+    ckpt = load_checkpoint(args.resume)
+    agent.load_state_dict(ckpt["agent"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"])
+    return agent, optimizer, int(ckpt["iteration"]) + 1, int(ckpt["global_step"])
+
+
 def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     """Run PPO; returns the final metrics plus ``csv``, ``checkpoint`` and ``run_dir`` paths.
 
@@ -338,45 +564,23 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     csv_path = run_dir / "metrics.csv"
     ckpt_path = run_dir / "checkpoint.pt"
 
+    # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    agent = Agent()
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
-    start_iteration, global_step = 1, 0
-    if args.init_from and not args.resume:
-        init = load_checkpoint(args.init_from)["agent"]
-        agent.actor.load_state_dict(
-            {k[len("actor.") :]: v for k, v in init.items() if k.startswith("actor.")}
-        )
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iteration = int(ckpt["iteration"]) + 1
-        global_step = int(ckpt["global_step"])
-        _set_rng_state(ckpt["rng"])
+    agent, optimizer, start_iteration, global_step = _agent(args)
 
     # env setup: distinct seeds per env; a resumed run re-seeds so it does not replay workloads.
     # (The envs' own mid-episode state is not checkpointed: a resumed run starts new episodes.)
-    thunks = [make_env(args, i, env_fn) for i in range(args.num_envs)]
-    vec_cls = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    if args.ray_address:
-        from training.ray_envs import RayVectorEnv
-
-        envs = RayVectorEnv(
-            thunks, address=args.ray_address, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-        )
-    else:
-        envs = vec_cls(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = make_envs(args, env_fn)
     assert isinstance(envs.single_action_space, gym.spaces.Discrete), "discrete actions only"
     sp = envs.single_observation_space
     E, T = args.num_envs, args.num_steps
     n_actions = int(envs.single_action_space.n)
 
-    # storage
+    # ALGO Logic: Storage setup
     ctx_b = torch.zeros((T, E) + sp["context"].shape)
     cpu_b = torch.zeros((T, E) + sp["cpu"].shape)
     mem_b = torch.zeros((T, E) + sp["mem"].shape)
@@ -387,46 +591,27 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     dones = torch.zeros((T, E))
     values = torch.zeros((T, E))
 
+    # TRY NOT TO MODIFY: start the game
     start_time = time.time()
     seed0 = args.seed + 100_003 * (start_iteration - 1)
     next_obs, infos = envs.reset(seed=[seed0 + i for i in range(E)])
     next_inv = [int(infos["inv"][i]) for i in range(E)]
     next_done = torch.zeros(E)
-    # inv -> absolute step (iteration-local index is step - rollout_base); per env
-    inv_step: list[dict[int, int]] = [{} for _ in range(E)]
-
-    csv_new = not csv_path.exists() or not args.resume
-    csv_f = open(csv_path, "w" if csv_new else "a", newline="")
-    writer: csv.DictWriter | None = None
+    ledger = CreditLedger(E)
+    log = RunLog(csv_path, args, start_iteration)
     metrics: dict[str, float] = {}
-    progress = None
-    if args.progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(
-            TextColumn("[bold]ppo"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[live]}"),
-        )
-        progress.start()
-        task = progress.add_task(
-            "train", total=args.num_iterations, completed=start_iteration - 1, live=""
-        )
     iteration = start_iteration - 1
     try:
         for iteration in range(start_iteration, args.num_iterations + 1):
-            # -- anneal LR
+            # Annealing the rate if instructed to do so.
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / args.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            # -- rollout
+            # rollout: each reward goes to the step that decided its invocation
             rewards.zero_()
-            base = (iteration - 1) * T  # absolute step of buffer row 0
-            ep_returns, ep_lengths, ep_rfets, fin_rfets = [], [], [], []
-            credited = dropped = 0
+            ledger.start_rollout((iteration - 1) * T)
+            stats = RolloutStats()
             for step in range(T):
                 global_step += E
                 ctx_b[step] = _to_t(next_obs["context"])
@@ -434,8 +619,9 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
                 mem_b[step] = _to_t(next_obs["mem"])
                 mask_b[step] = _to_t(next_obs["mask"], torch.bool)
                 dones[step] = next_done
-                for i in range(E):
-                    inv_step[i][next_inv[i]] = base + step
+                ledger.decided(next_inv, step)
+
+                # ALGO LOGIC: action logic
                 with torch.no_grad():
                     action, logprob, _, value = agent.get_action_and_value(
                         ctx_b[step], cpu_b[step], mem_b[step], mask_b[step]
@@ -444,34 +630,16 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
                 actions[step] = action
                 logprobs[step] = logprob
 
+                # TRY NOT TO MODIFY: execute the game and log data.
                 next_obs, _, term, trunc, infos = envs.step(action.numpy())
-                done = np.logical_or(term, trunc)
-                next_done = torch.as_tensor(done, dtype=torch.float32)
+                next_done = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32)
                 credit, episode = _split_infos(infos, E)
-                for i in range(E):
-                    if credit[i] is not None:
-                        _, ids, rews, rfet = credit[i]
-                        fin_rfets.extend(np.asarray(rfet)[np.isfinite(rfet)].tolist())
-                        for inv, r in zip(ids.tolist(), rews.tolist()):
-                            s = inv_step[i].pop(inv, None)
-                            if s is not None and s >= base and math.isfinite(r):
-                                rewards[s - base, i] += r
-                                credited += 1
-                            else:
-                                dropped += 1
-                    if episode[i] is not None:
-                        ep_returns.append(float(episode[i]["r"]))
-                        ep_lengths.append(int(episode[i]["l"]))
-                        ep_rfets.append(float(episode[i]["rfet"]))
-                        inv_step[i].clear()  # a new episode numbers invocations from 0
-                    next_inv[i] = int(infos["inv"][i])
-                # forget decisions whose rollout is gone (their rewards can no longer be credited)
-            for i in range(E):
-                stale = [k for k, s in inv_step[i].items() if s < base]
-                for k in stale:
-                    del inv_step[i][k]
+                ledger.credit(rewards, credit, episode)
+                stats.add(credit, episode)
+                next_inv = [int(infos["inv"][i]) for i in range(E)]
+            ledger.forget_stale()
 
-            # -- GAE, backwards
+            # bootstrap value if not done
             with torch.no_grad():
                 next_value = agent.get_value(_to_t(next_obs["context"])).reshape(1, -1)
                 advantages = torch.zeros_like(rewards)
@@ -489,7 +657,7 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
                     )
                 returns = advantages + values
 
-            # -- flatten the batch
+            # flatten the batch
             b_ctx = ctx_b.reshape((-1,) + sp["context"].shape)
             b_cpu = cpu_b.reshape((-1,) + sp["cpu"].shape)
             b_mem = mem_b.reshape((-1,) + sp["mem"].shape)
@@ -500,7 +668,7 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
             b_returns = returns.reshape(-1)
             b_values = values.reshape(-1)
 
-            # -- optimise policy and value networks
+            # Optimizing the policy and value network
             b_inds = np.arange(args.batch_size)
             clipfracs = []
             for _epoch in range(args.update_epochs):
@@ -514,97 +682,57 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
                         b_mask[mb_inds],
                         b_actions[mb_inds],
                     )
-                    logratio = newlogprob - b_logprobs[mb_inds]
-                    ratio = logratio.exp()
-                    with torch.no_grad():
-                        old_approx_kl = (-logratio).mean()
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                    mb_advantages = b_advantages[mb_inds]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (
-                            mb_advantages.std() + 1e-8
-                        )
-
-                    # policy loss
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(
-                        ratio, 1 - args.clip_coef, 1 + args.clip_coef
+                    out = ppo_loss(
+                        newlogprob,
+                        entropy,
+                        newvalue,
+                        b_logprobs[mb_inds],
+                        b_advantages[mb_inds],
+                        b_returns[mb_inds],
+                        b_values[mb_inds],
+                        clip_coef=args.clip_coef,
+                        clip_vloss=args.clip_vloss,
+                        norm_adv=args.norm_adv,
+                        ent_coef=args.ent_coef,
+                        vf_coef=args.vf_coef,
                     )
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                    # value loss
-                    newvalue = newvalue.view(-1)
-                    if args.clip_vloss:
-                        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                        v_clipped = b_values[mb_inds] + torch.clamp(
-                            newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                        )
-                        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                    else:
-                        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                    clipfracs.append(out.clipfrac)
 
                     optimizer.zero_grad()
-                    loss.backward()
+                    out.loss.backward()
                     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
 
-                if args.target_kl is not None and approx_kl > args.target_kl:
+                if args.target_kl is not None and out.approx_kl > args.target_kl:
                     break
 
             y_pred, y_true = b_values.numpy(), b_returns.numpy()
             var_y = np.var(y_true)
             explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
-            # -- log
-            nan = float("nan")
+            # TRY NOT TO MODIFY: record rewards for plotting purposes
             metrics = {
                 "iteration": iteration,
                 "global_step": global_step,
                 "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "charts/episodic_return": float(np.mean(ep_returns)) if ep_returns else nan,
-                "charts/episodic_length": float(np.mean(ep_lengths)) if ep_lengths else nan,
-                "charts/episodes": len(ep_returns),
+                **stats.charts(),
                 "charts/mean_step_reward": float(rewards.mean()),
-                "charts/dropped_reward_frac": dropped / max(1, dropped + credited),
+                "charts/dropped_reward_frac": ledger.dropped_frac,
                 "charts/SPS": int((global_step) / max(1e-9, time.time() - start_time)),
-                "losses/value_loss": v_loss.item(),
-                "losses/policy_loss": pg_loss.item(),
-                "losses/entropy": entropy_loss.item(),
-                "losses/old_approx_kl": old_approx_kl.item(),
-                "losses/approx_kl": approx_kl.item(),
+                "losses/value_loss": out.v_loss.item(),
+                "losses/policy_loss": out.pg_loss.item(),
+                "losses/entropy": out.entropy_loss.item(),
+                "losses/old_approx_kl": out.old_approx_kl.item(),
+                "losses/approx_kl": out.approx_kl.item(),
                 "losses/clipfrac": float(np.mean(clipfracs)),
                 "losses/explained_variance": float(explained_var),
-                "sim/mean_rfet": float(np.mean(fin_rfets)) if fin_rfets else nan,
-                "sim/episode_mean_rfet": float(np.nanmean(ep_rfets))
-                if ep_rfets and not all(map(math.isnan, ep_rfets))
-                else nan,
-                "sim/finished": len(fin_rfets),
+                **stats.sim(),
             }
-            if writer is None:
-                writer = csv.DictWriter(csv_f, fieldnames=list(metrics))
-                if csv_new:
-                    writer.writeheader()
-            writer.writerow(metrics)
-            csv_f.flush()
-            if progress is not None:
-                progress.update(
-                    task,
-                    completed=iteration,
-                    live=f"step {global_step} R {metrics['charts/mean_step_reward']:.3f} "
-                    f"rfet {metrics['sim/mean_rfet']:.3f} ent {metrics['losses/entropy']:.2f}",
-                )
+            log.write(metrics)
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 save_checkpoint(ckpt_path, agent, optimizer, iteration, global_step, args)
     finally:
-        if progress is not None:
-            progress.stop()
-        csv_f.close()
+        log.close()
         envs.close()
 
     save_checkpoint(ckpt_path, agent, optimizer, iteration, global_step, args)

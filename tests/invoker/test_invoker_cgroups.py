@@ -8,7 +8,7 @@ import uuid
 
 from sidecar import cgroups
 from training.invoker.functions import BY_NAME
-from training.invoker.invoker import Containers, Invocation, Invoker
+from training.invoker.invoker import Arrival, Containers, Invoker
 
 
 def _exists(parent: str) -> bool:
@@ -23,7 +23,7 @@ def test_two_containers_replay_then_cleanup(v1_root: None) -> None:
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs)
     invs = [
-        Invocation(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
+        Arrival(i, 0.5 * i, specs[i % 2].name, specs[i % 2].input_size((i % 5) / 5))
         for i in range(20)
     ]  # ~10 s, both containers busy
     seen: dict = {}
@@ -85,7 +85,7 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
         try:
             await containers.start(warm=False)
             return await Invoker(containers).replay(
-                [Invocation(0, 0.0, "memhog", 200.0), Invocation(1, 0.1, "memhog", 20.0)]
+                [Arrival(0, 0.0, "memhog", 200.0), Arrival(1, 0.1, "memhog", 20.0)]
             )
         finally:
             await containers.stop()
@@ -97,19 +97,20 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
 
 
 def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: None) -> None:
-    from training.invoker.managers import Alloc, Vpa
+    from sidecar.core.grid import ResourceGrid
+    from training.baselines import Vpa
 
     parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
     spec = BY_NAME["sleepy"]  # 512 MB / 2 cores user, ~0 cores and little memory used
     containers = Containers(parent, [spec])
-    invs = [Invocation(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
-    mgr = Vpa()
+    invs = [Arrival(i, 0.0, spec.name, spec.input_size(0.1)) for i in range(5)]
+    mgr = Vpa(ResourceGrid())  # 1 core x 8, 64 MB x 8
     after: dict = {}
 
     async def main() -> list:
         try:
             await containers.start(warm=False)
-            records = await Invoker(containers, manager=mgr).replay(invs)
+            records = await Invoker(containers, rule=mgr).replay(invs)
             lim = containers[spec.name].cg.read_limits()
             after["limits"] = (lim.cpu_quota_cores, lim.mem_limit_bytes)
             return records
@@ -124,5 +125,6 @@ def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: Non
     assert all(0 <= c < 0.5 for c in mgr.cpu[spec.name])  # measured: sleepy barely uses CPU
     assert all(0 < m < 512 for m in mgr.mem[spec.name]), mgr.mem
     assert after["limits"] == (2.0, 512 * 2**20)  # the user's size after the replay
-    assert mgr.decide(spec.name, Alloc(2.0, 512)) == Alloc(records[4].cpu_cores, records[4].mem_mb)
+    cpu, mem = mgr.decide(spec.name)
+    assert (cpu * 1.0, mem * 64.0) == (records[4].cpu_cores, records[4].mem_mb)
     assert not _exists(parent)

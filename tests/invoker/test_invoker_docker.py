@@ -20,7 +20,7 @@ from sidecar.runtimes.docker import parse_container_name, user_size
 from sidecar.units import MB
 from training.invoker.docker_container import leftovers
 from training.invoker.functions import BY_NAME
-from training.invoker.invoker import Containers, Invocation, Invoker
+from training.invoker.invoker import Arrival, Containers, Invoker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))  # docker_env's home
 from docker_env import docker_engine  # noqa: E402, F401 (the session's engine fixture)
@@ -36,7 +36,7 @@ def test_docker_containers_run_oom_restart_and_cleanup(
     specs = [BY_NAME["pyloop"], BY_NAME["memhog"]]
     containers = Containers(parent, specs, engine=docker_engine)
     invs = [
-        Invocation(i, 0.3 * i, specs[i % 2].name, specs[i % 2].input_size((i % 4) / 4))
+        Arrival(i, 0.3 * i, specs[i % 2].name, specs[i % 2].input_size((i % 4) / 4))
         for i in range(8)
     ]
     seen: dict = {}

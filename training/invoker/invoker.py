@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from training.invoker.functions import BY_NAME, DEFAULT_RATIO, SPECS, FunctionSp
 
 if TYPE_CHECKING:
     from sidecar.dockerd import DockerEngine
+    from training.baselines import BaselineRule
 
 _PR_SET_PDEATHSIG = 1
 # The workers' BLAS/OpenMP pools: 2 threads (this host's cores), not one per core of the machine.
@@ -41,7 +42,9 @@ WORKER_ENV = {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THRE
 
 
 @dataclass(frozen=True)
-class Invocation:
+class Arrival:
+    """One invocation of the replayed schedule (the sidecar's own ``Invocation`` is another)."""
+
     idx: int
     t_s: float  # arrival, seconds after the replay starts
     container: str  # container name (== function name here)
@@ -49,7 +52,9 @@ class Invocation:
 
 
 @dataclass
-class Record:
+class Measurement:
+    """What the invoker measured of one arrival: times, outcome and the allocation it ran at."""
+
     idx: int
     function: str
     size: float
@@ -70,7 +75,7 @@ def schedule(
     speedup: float = 15.0,
     seed: int = 0,
     functions: list[FunctionSpec] | None = None,
-) -> list[Invocation]:
+) -> list[Arrival]:
     """The bundled Azure sample's arrivals, ``speedup`` trace minutes per real minute.
 
     Trace function i is played by ``functions[i % len(functions)]``; each invocation's input is
@@ -93,7 +98,7 @@ def schedule(
     out = []
     for i, (t, f) in enumerate(zip(all_t, all_f, strict=True)):
         spec = functions[int(f) % len(functions)]
-        out.append(Invocation(i, float(t), spec.name, float(spec.input_size(u[i]))))
+        out.append(Arrival(i, float(t), spec.name, float(spec.input_size(u[i]))))
     return out
 
 
@@ -115,7 +120,7 @@ class WorkerContainer(abc.ABC):
     """What both container kinds share: the user's size, one invocation at a time, and the
     worker's JSON-line protocol (``training/invoker/worker.py``) on the container's stdin/stdout.
 
-    ``cg`` is the container's cgroup while it runs: the local managers write their allocations
+    ``cg`` is the container's cgroup while it runs: the baseline rules write their allocations
     there (``Invoker._managed_run``), as the sidecar does, whatever started the container."""
 
     def __init__(self, spec: FunctionSpec, ratio: float = DEFAULT_RATIO) -> None:
@@ -336,7 +341,7 @@ class Progress:
     done: int = 0
     running: int = 0
     failures: int = 0
-    records: list[Record] = field(default_factory=list)
+    records: list[Measurement] = field(default_factory=list)
 
 
 class Invoker:
@@ -346,20 +351,23 @@ class Invoker:
         self,
         containers: Containers,
         sidecar_url: str | None = None,
-        manager: Any = None,
+        rule: BaselineRule | None = None,
+        baselines: dict[str, float] | None = None,
         headroom_mb: float = 16.0,
     ) -> None:
-        """``manager``: a ``training.invoker.managers.RealManager`` the invoker applies itself
-        (no sidecar): its allocation is written before each invocation (memory never below
-        current usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size
-        restored after it; the manager observes the measured CPU/memory peak and time."""
+        """``rule``: a baseline rule (``training.baselines``) the invoker applies itself (no
+        sidecar): its allocation is written before each invocation (memory never below current
+        usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size restored
+        after it; the rule observes the measured CPU/memory peak and time, and ``baselines[fn]``
+        as the function's time at the user's size (ENSURE's reference: the Fixed run's mean)."""
         self.containers = containers
         self.sidecar_url = sidecar_url
-        self.manager = manager
+        self.rule = rule
+        self.baselines = baselines or {}
         self.headroom_bytes = int(headroom_mb * MB)
         self.progress = Progress()
 
-    async def replay(self, invocations: list[Invocation]) -> list[Record]:
+    async def replay(self, invocations: list[Arrival]) -> list[Measurement]:
         import aiohttp
 
         self.progress = Progress(total=len(invocations))
@@ -382,10 +390,12 @@ class Invoker:
         except Exception as exc:  # noqa: BLE001 (a sidecar problem must not stop the replay)
             return {"error": repr(exc)}
 
-    async def _one(self, inv: Invocation, t0: float, http) -> Record:
+    async def _one(self, inv: Arrival, t0: float, http) -> Measurement:
         c = self.containers[inv.container]
         await asyncio.sleep(max(0.0, t0 + inv.t_s - time.monotonic()))
-        rec = Record(inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu, mem_mb=c.user_mem_mb)
+        rec = Measurement(
+            inv.idx, c.name, inv.size, inv.t_s, cpu_cores=c.user_cpu, mem_mb=c.user_mem_mb
+        )
         arrived = time.monotonic()
         c.waiting += 1
         async with c.lock:
@@ -414,7 +424,7 @@ class Invoker:
                         rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
                     else:
                         rec.error = f"hook start: {start}"
-                if self.manager is not None:
+                if self.rule is not None:
                     err = await self._managed_run(c, inv, rec)
                 else:
                     rec.exec_s, rec.outcome, err = await c.run(inv.size)
@@ -437,25 +447,27 @@ class Invoker:
         self.progress.records.append(rec)
         return rec
 
-    async def _managed_run(self, c: WorkerContainer, inv: Invocation, rec: Record) -> str | None:
-        """Apply the manager's allocation, run, measure, restore the user's size, observe."""
-        from training.invoker.managers import Alloc, Observation, kind
+    async def _managed_run(self, c: WorkerContainer, inv: Arrival, rec: Measurement) -> str | None:
+        """Apply the rule's allocation, run, measure, restore the user's size, observe."""
+        from training.baselines import Run
 
-        assert c.cg is not None
-        user = Alloc(c.user_cpu, c.user_mem_mb)
-        want = self.manager.decide(c.name, user)
-        cpu, mem_mb, err = want.cpu_cores, want.mem_mb, None
+        assert c.cg is not None and self.rule is not None
+        g = self.rule.grid
+        want_cpu, want_mem = self.rule.decide(c.name)
+        cpu = c.user_cpu if want_cpu is None else g.cores(want_cpu)
+        mem_mb = c.user_mem_mb if want_mem is None else g.mb(want_mem)
+        err = None
         try:
             c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
         except (ValueError, cgroups.CgroupError) as exc:  # memory refused: keep the user's
-            mem_mb, err = user.mem_mb, f"limit refused: {exc}"
+            mem_mb, err = c.user_mem_mb, f"limit refused: {exc}"
             try:
                 c.cg.write_limits(container_limits(cpu, mem_mb), headroom_bytes=self.headroom_bytes)
             except (ValueError, cgroups.CgroupError) as exc2:
                 cpu, err = c.user_cpu, f"limits refused: {exc2}"
                 c.cg.read_limits()
-        given = Alloc(cpu, mem_mb)
-        rec.cpu_cores, rec.mem_mb, rec.kind = cpu, mem_mb, kind(user, given)
+        rec.cpu_cores, rec.mem_mb = cpu, mem_mb
+        rec.kind = kind(c.user_cpu, c.user_mem_mb, cpu, mem_mb)
         try:
             c.cg.reset_peak()
         except cgroups.CgroupError:
@@ -471,18 +483,30 @@ class Invoker:
                 c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
             except cgroups.CgroupError:
                 c.cg.read_limits()  # retried through the diff at the next invocation
-        self.manager.observe(
+        self.rule.observe(
             c.name,
-            user,
-            Observation(
-                given=given,
+            Run(
+                cpu_cores=cpu,  # what the container actually had
+                mem_mb=mem_mb,
                 cpu_peak_cores=max(0.0, u1.cpu_usage_s - u0.cpu_usage_s) / wall,
                 mem_peak_mb=max(u1.mem_peak_bytes, u1.mem_bytes) / MB,
                 exec_s=rec.exec_s,
-                outcome=rec.outcome,
+                baseline_s=self.baselines.get(c.name, math.nan),
+                failed=rec.outcome != "success",
+                oom=rec.outcome == "oom",
             ),
         )
         return run_err or err
+
+
+def kind(user_cpu: float, user_mem_mb: float, cpu: float, mem_mb: float) -> str:
+    """harvested (less of some resource, more of none), accelerated (more of some), or user:
+    the sidecar's classification (``sidecar.engine``'s allocation kind)."""
+    more = cpu > user_cpu + 1e-9 or mem_mb > user_mem_mb + 1e-9
+    less = cpu < user_cpu - 1e-9 or mem_mb < user_mem_mb - 1e-9
+    if more:
+        return "accelerated"
+    return "harvested" if less else "user"
 
 
 def container_limits(cpu_cores: float, mem_mb: float, period_us: int = 100_000) -> cgroups.Limits:
@@ -495,7 +519,7 @@ def container_limits(cpu_cores: float, mem_mb: float, period_us: int = 100_000) 
     )
 
 
-def record_dicts(records: list[Record]) -> list[dict]:
+def record_dicts(records: list[Measurement]) -> list[dict]:
     return [asdict(r) for r in records]
 
 
@@ -503,9 +527,9 @@ __all__ = [
     "BY_NAME",
     "Container",
     "Containers",
-    "Invocation",
+    "Arrival",
     "Invoker",
-    "Record",
+    "Measurement",
     "WorkerContainer",
     "schedule",
 ]

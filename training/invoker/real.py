@@ -5,10 +5,10 @@ Each manager replays the same trace slice (``invoker.schedule``: the bundled Azu
 (cgroups ``faasrm-real-<pid>-<manager>/<function>``, one worker each):
 
 * ``fixed``: no sidecar, every container stays at its user's size;
-* ``greedy``, ``ensure``, ``vpa``: no sidecar; the invoker applies the manager itself
-  (``training.invoker.managers``, the rules of ``training/baselines.py``) before each
-  invocation from what it measured of the function's previous invocations, and restores the
-  user's size after it (ENSURE's baseline is the function's mean time in the ``fixed`` run);
+* ``greedy``, ``ensure``, ``vpa``: no sidecar; the invoker applies the rule itself (the
+  simulator's rules, ``training.baselines.BASELINE_RULES``) before each invocation from what it
+  measured of the function's previous invocations, and restores the user's size after it (ENSURE's
+  baseline is the function's mean time in the ``fixed`` run);
 * ``learned``: a real ``faasrm sidecar run`` subprocess managing those cgroups with the shipped
   model, called through its hook API at every invocation's start and end.
 
@@ -37,11 +37,10 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +49,16 @@ import numpy as np
 from sidecar.core.grid import ResourceGrid
 from sidecar.dockerd import DockerEngine
 from sidecar.models import model_grid
-from training.invoker import managers as local
+from training.baselines import BASELINE_RULES
 from training.invoker.functions import SPECS
 from training.invoker.invoker import (
     Containers,
     Invoker,
-    Record,
-    child_setup,
+    Measurement,
     record_dicts,
     schedule,
 )
-from training.local_cluster import TOKEN as TRAINER_TOKEN
-from training.local_cluster import Trainer, free_port
+from training.processes import SidecarProcess, TrainerProcess, free_port
 
 MANAGERS = ("fixed", "greedy", "ensure", "vpa", "learned")
 REPO = Path(__file__).resolve().parents[2]
@@ -75,128 +72,37 @@ burst of invocations ran slower in whichever run had the busier start (2-5x for 
 seven invocations in one run), which showed up as a gain for the sidecar runs."""
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class Sidecar:
-    """A ``faasrm sidecar run`` subprocess managing every child cgroup of ``parent``."""
-
-    def __init__(
-        self,
-        parent: str,
-        workdir: Path,
-        model: Path | None,
-        grid: ResourceGrid,
-        trainer: Trainer | None = None,
-        docker: DockerEngine | None = None,
-    ) -> None:
-        """``docker``: manage the invoker's Docker containers through that engine (the
-        sidecar's Docker runtime) instead of the cgroups under ``parent``."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log = workdir / "sidecar.log"
-        model_line = f'path = "{model}"' if model else 'path = "/nonexistent/rule-fallback.onnx"'
-        shipper = (
-            ""
-            if trainer is None
-            else f"""
-[shipper]
-enabled = true
-url = "{trainer.url}"
-token = "{TRAINER_TOKEN}"
-state_file = "{workdir / "shipper.json"}"
-interval_s = 0.5
-"""
-        )
-        containers = (
-            f'[cgroupfs]\nparent = "{parent}"'
-            if docker is None
-            else f'[docker]\nenabled = true\nbase_url = "{docker.base_url or ""}"'
-        )
-        self.config = workdir / "sidecar.toml"
-        self.config.write_text(f"""
-log_level = "warning"
-[server]
-host = "127.0.0.1"
-port = {self.port}
-[grid]  # the model's grid (the daemon refuses a model trained on another)
-cpu_unit_cores = {grid.cpu_unit_cores}
-cpu_units = {grid.cpu_units}
-mem_unit_mb = {grid.mem_unit_mb}
-mem_units = {grid.mem_units}
-{containers}
-[actuation]
-state_file = "{workdir / "state.json"}"
-[spool]
-dir = "{workdir / "spool"}"
-[model]
-{model_line}
-{shipper}""")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60.0) -> dict:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=child_setup(),  # PDEATHSIG: never outlive the invoker
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"sidecar exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
-                )
-            try:
-                status, body = _get(self.url + "/readyz", 2)
-                if status == 200:
-                    return json.loads(body)
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"sidecar not ready: {self.log.read_text()[-2000:]}")
-
-    def metric(self, name: str) -> float:
-        """Sum of every series of a Prometheus counter (0 when absent)."""
-        try:
-            _, body = _get(self.url + "/metrics")
-        except OSError:
-            return 0.0
-        total = 0.0
-        for line in body.decode().splitlines():
-            if line.startswith(name) and (line[len(name)] in " {"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def drain(self, timeout_s: float = 10.0) -> bool:
-        """Wait until the trainer has acknowledged a trajectory record for every finished
-        invocation (the spool would keep the rest on disk, but this sidecar will not restart)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.metric("faasrm_shipper_records_total") >= self.metric(
-                "faasrm_invocations_total"
-            ):
-                return True
-            time.sleep(0.2)
-        return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # restores every container, then exits
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def sidecar_process(
+    parent: str,
+    workdir: Path,
+    model: Path | None,
+    grid: ResourceGrid,
+    trainer: TrainerProcess | None = None,
+    docker: DockerEngine | None = None,
+) -> SidecarProcess:
+    """A sidecar managing every child cgroup of ``parent`` (with ``docker``: the invoker's Docker
+    containers on that engine) on ``grid``; without ``model``, the rule fallback."""
+    containers: dict[str, dict[str, Any]] = (
+        {"cgroupfs": {"parent": parent}}
+        if docker is None
+        else {"docker": {"enabled": True, "base_url": docker.base_url or ""}}
+    )
+    shipper = (
+        {}
+        if trainer is None
+        else {"shipper": trainer.shipper(workdir / "shipper.json", interval_s=0.5)}
+    )
+    return SidecarProcess(
+        workdir,
+        {
+            "grid": dataclasses.asdict(grid),  # the model's (the daemon refuses another)
+            **containers,
+            "model": {"path": str(model or "/nonexistent/rule-fallback.onnx")},
+            **shipper,
+        },
+        log_level="warning",
+        invoker_child=True,
+    )
 
 
 def _rfet_stats(rfet: np.ndarray) -> dict[str, float]:
@@ -211,7 +117,7 @@ def _rfet_stats(rfet: np.ndarray) -> dict[str, float]:
 
 
 def summarize(
-    records: list[Record], base: list[Record], oom_kills: int, give_backs: int
+    records: list[Measurement], base: list[Measurement], oom_kills: int, give_backs: int
 ) -> dict[str, Any]:
     median = medians(base)
     base_exec = {r.idx: r.exec_s for r in base if r.outcome == "success"}
@@ -246,20 +152,23 @@ def summarize(
     }
 
 
-def means(records: list[Record]) -> dict[str, float]:
+def _per_function(
+    records: list[Measurement], reduce: Callable[[list[float]], Any]
+) -> dict[str, float]:
+    """``reduce`` of each function's successful execution times."""
     by: dict[str, list[float]] = {}
     for r in records:
         if r.outcome == "success":
             by.setdefault(r.function, []).append(r.exec_s)
-    return {f: float(np.mean(v)) for f, v in by.items()}
+    return {f: float(reduce(v)) for f, v in by.items()}
 
 
-def medians(records: list[Record]) -> dict[str, float]:
-    by: dict[str, list[float]] = {}
-    for r in records:
-        if r.outcome == "success":
-            by.setdefault(r.function, []).append(r.exec_s)
-    return {f: float(np.median(v)) for f, v in by.items()}
+def means(records: list[Measurement]) -> dict[str, float]:
+    return _per_function(records, np.mean)
+
+
+def medians(records: list[Measurement]) -> dict[str, float]:
+    return _per_function(records, np.median)
 
 
 COLUMNS = [
@@ -298,10 +207,10 @@ async def run_manager(
     workdir: Path,
     state: dict,
     echo=print,
-    trainer: Trainer | None = None,
+    trainer: TrainerProcess | None = None,
     baselines: dict[str, float] | None = None,
     engine: DockerEngine | None = None,
-) -> tuple[list[Record], int, int]:
+) -> tuple[list[Measurement], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
     ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
@@ -311,11 +220,11 @@ async def run_manager(
     state.update(manager=manager, containers=containers, sidecar=None, invoker=None)
     try:
         await containers.start()
-        applied = None
-        if manager in local.LOCAL_MANAGERS:
-            applied = local.make(manager, local.Grid(**dataclasses.asdict(grid)), baselines)
+        rule = None
+        if manager in BASELINE_RULES:
+            rule = BASELINE_RULES[manager](grid)
         elif not manager.startswith("fixed"):
-            sidecar = Sidecar(
+            sidecar = sidecar_process(
                 parent,
                 workdir / manager,
                 model if manager == "learned" else None,
@@ -331,7 +240,9 @@ async def run_manager(
             )
             echo(f"  {sidecar.url}/debug/ (allocations: /debug/allocations)")
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
-        invoker = Invoker(containers, sidecar.url if sidecar else None, manager=applied)
+        invoker = Invoker(
+            containers, sidecar.url if sidecar else None, rule=rule, baselines=baselines
+        )
         state["invoker"] = invoker
         records = await invoker.replay(invocations)
         ooms = sum(c.oom_kills() for c in containers.values())
@@ -406,15 +317,6 @@ def grid_text(grid: ResourceGrid) -> str:
     )
 
 
-def trainer_records(trainer: Trainer) -> int:
-    """Trajectory records the trainer has stored (-1 when it does not answer)."""
-    try:
-        status, body = _get(trainer.url + "/healthz", 2)
-        return int(json.loads(body).get("records", -1)) if status == 200 else -1
-    except (OSError, ValueError):
-        return -1
-
-
 async def run_all(
     managers: list[str],
     minutes: float,
@@ -439,7 +341,7 @@ async def run_all(
     echo(f"  grid: {grid_text(grid)}")
     results: dict[str, dict] = {}
     all_records: dict[str, list[dict]] = {}
-    base: list[Record] = []
+    base: list[Measurement] = []
     state: dict = {}
     started = time.monotonic()
     live_ctx = None
@@ -452,7 +354,7 @@ async def run_all(
         if with_trainer:
             (workdir / "trainer").mkdir(parents=True, exist_ok=True)
             learner = importlib.util.find_spec("torch") is not None  # else: receive only
-            trainer = Trainer(
+            trainer = TrainerProcess(
                 workdir / "trainer",
                 free_port(),
                 {
@@ -467,7 +369,7 @@ async def run_all(
 
             async def poll_trainer() -> None:
                 while True:
-                    state["trainer_records"] = await asyncio.to_thread(trainer_records, trainer)
+                    state["trainer_records"] = await asyncio.to_thread(trainer.records, 2.0)
                     await asyncio.sleep(1.0)
 
             poller = asyncio.create_task(poll_trainer())
@@ -481,7 +383,7 @@ async def run_all(
 
             refresher = asyncio.create_task(refresh())
         for m in managers:
-            if m in local.LOCAL_MANAGERS:
+            if m in BASELINE_RULES:
                 (live_ctx.console.print if live_ctx else echo)(
                     f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}"
                 )
@@ -510,7 +412,7 @@ async def run_all(
             msg = f"{m}: {len(records)} invocations, mean RFET {results[m]['mean_rfet']:.3f}"
             (live_ctx.console.print if live_ctx else echo)(msg)
         if trainer is not None:  # the sidecars have stopped: their shippers flushed or spooled
-            state["trainer_records"] = await asyncio.to_thread(trainer_records, trainer)
+            state["trainer_records"] = await asyncio.to_thread(trainer.records, 2.0)
     finally:
         for task in (refresher, poller):
             if task is not None:

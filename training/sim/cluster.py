@@ -389,86 +389,26 @@ class ClusterSim:
         """Place and start ``inv``; ``only`` >= 0 restricts placement to that server."""
         fn = self._fn[inv]
         res = self.log
-        cfg = self.cluster
         mem_mb = res.mem[inv] * self._mu
         cores = res.cpu[inv] * self._cu
-        user_cores = self._ucores[fn]
-        user_mb = self._umb[fn]
-        ws = self._ws[inv]
-        oom = mem_mb < ws
+        oom = mem_mb < self._ws[inv]
         need_mem, need_cpu = mem_mb, cores
         if oom:  # an OOM-killed run is retried at the user's size: reserve the larger of the two
+            user_mb, user_cores = self._umb[fn], self._ucores[fn]
             if user_mb > need_mem:
                 need_mem = user_mb
             if user_cores > need_cpu:
                 need_cpu = user_cores
-        cap_cpu = self._cap_cpu
-        servers = self.servers
-        # A warm container of this function on a server with room first; else first fit from
-        # the function's home server (OpenWhisk-style), which then starts cold.
-        si = -1
-        warm = self._warm[fn]
-        for wi in list(warm):
-            if only >= 0 and wi != only:
-                continue
-            idle = warm[wi]
-            while idle and self.now - idle[0] > cfg.keep_alive_s:
-                idle.pop(0)
-            if not idle:
-                del warm[wi]
-                continue
-            s = servers[wi]
-            if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
-                si = wi
-                break
-        if si >= 0:
-            idle = warm[si]
-            idle.pop()
-            if not idle:
-                del warm[si]
+        si, warm = self._place(fn, need_mem, need_cpu, only)
+        if si < 0:
+            return False
+        if warm:
             cold = 0.0
         else:
-            n = len(servers)
-            home = fn % n
-            for k in ((only - home) % n,) if only >= 0 else range(n):
-                s = servers[(home + k) % n]
-                if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
-                    si = (home + k) % n
-                    break
-            if si < 0:
-                return False
             cold = self._cold[inv]
             self.cold_starts += 1
-        s = servers[si]
-
-        phi = self._phi[fn]
-        d = self._dur[inv]
-        work = self._work[inv]
-        cpu_s = cfs_cpu_time(work, cores, self._rate[fn], self._period, self._pen[fn])
-        # Its load: the cores it uses on average, CPU share times the mean rate of its CPU part
-        # (a burst within one period's quota runs at its full parallelism, above its quota).
-        own = phi * work / cpu_s if cpu_s > 0.0 else 0.0
-        own_user = phi * self._use_user[inv]
-        kappa = (s.load + own) / cfg.cores
-        if kappa < 1.0:
-            kappa = 1.0
-        kappa_user = (s.load + own_user) / cfg.cores
-        if kappa_user < 1.0:
-            kappa_user = 1.0
-        wait = d * (1.0 - phi)
-        base = wait + kappa_user * self._cpu_user[inv]
-        run = wait + kappa * cpu_s
-        if oom:
-            # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
-            exec_s = OOM_AT * run + self._cold[inv] + base
-            load = own if own > own_user else own_user
-        else:
-            exec_s = run
-            beta = self._beta[fn]
-            if beta:  # memory pressure relative to the user's size (beta is 0 by default)
-                m = 1.0 + beta * _tightness(mem_mb, ws)
-                exec_s *= m / (1.0 + beta * _tightness(user_mb, ws))
-            load = own
+        s = self.servers[si]
+        exec_s, base, load = self._duration(inv, fn, s.load, cores, mem_mb, oom)
         queued = self.now - self._queued_at.pop(inv, self.now)
         res.exec_s[inv] = exec_s
         res.baseline_s[inv] = base
@@ -485,6 +425,71 @@ class ClusterSim:
         self._running[inv] = (si, need_mem, need_cpu, load)
         heapq.heappush(self._events, (self.now + cold + exec_s, inv))
         return True
+
+    def _place(self, fn: int, need_mem: float, need_cpu: float, only: int) -> tuple[int, bool]:
+        """(server, warm): a warm container of ``fn`` on a server with room first (taking it),
+        else first fit from the function's home server (OpenWhisk-style), which then starts
+        cold; server -1 when nothing fits. ``only`` >= 0 restricts it to that server."""
+        cap_cpu = self._cap_cpu
+        servers = self.servers
+        keep_alive = self.cluster.keep_alive_s
+        warm = self._warm[fn]
+        for wi in list(warm):
+            if only >= 0 and wi != only:
+                continue
+            idle = warm[wi]
+            while idle and self.now - idle[0] > keep_alive:
+                idle.pop(0)
+            if not idle:
+                del warm[wi]
+                continue
+            s = servers[wi]
+            if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
+                idle.pop()
+                if not idle:
+                    del warm[wi]
+                return wi, True
+        n = len(servers)
+        home = fn % n
+        for k in ((only - home) % n,) if only >= 0 else range(n):
+            s = servers[(home + k) % n]
+            if s.free_mem >= need_mem and s.cpu_alloc + need_cpu <= cap_cpu:
+                return (home + k) % n, False
+        return -1, False
+
+    def _duration(
+        self, inv: int, fn: int, server_load: float, cores: float, mem_mb: float, oom: bool
+    ) -> tuple[float, float, float]:
+        """(execution time, the same at the user's size, its load on the server) of ``inv`` at
+        ``cores`` / ``mem_mb`` on a server already running ``server_load`` cores: the module's
+        duration model, an OOM kill included (killed part-way, rerun at the user's size)."""
+        phi = self._phi[fn]
+        work = self._work[inv]
+        cpu_s = cfs_cpu_time(work, cores, self._rate[fn], self._period, self._pen[fn])
+        # Its load: the cores it uses on average, CPU share times the mean rate of its CPU part
+        # (a burst within one period's quota runs at its full parallelism, above its quota).
+        own = phi * work / cpu_s if cpu_s > 0.0 else 0.0
+        own_user = phi * self._use_user[inv]
+        server_cores = self.cluster.cores
+        kappa = (server_load + own) / server_cores
+        if kappa < 1.0:
+            kappa = 1.0
+        kappa_user = (server_load + own_user) / server_cores
+        if kappa_user < 1.0:
+            kappa_user = 1.0
+        wait = self._dur[inv] * (1.0 - phi)
+        base = wait + kappa_user * self._cpu_user[inv]
+        run = wait + kappa * cpu_s
+        if oom:
+            # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
+            return OOM_AT * run + self._cold[inv] + base, base, own if own > own_user else own_user
+        exec_s = run
+        beta = self._beta[fn]
+        if beta:  # memory pressure relative to the user's size (beta is 0 by default)
+            ws = self._ws[inv]
+            m = 1.0 + beta * _tightness(mem_mb, ws)
+            exec_s *= m / (1.0 + beta * _tightness(self._umb[fn], ws))
+        return exec_s, base, own
 
     def _finish(self, inv: int) -> None:
         si, need_mem, need_cpu, load = self._running.pop(inv)

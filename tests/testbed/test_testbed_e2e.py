@@ -4,40 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, wait_for
+from testbed_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, wait_for
 
-from training.local_cluster import Cluster, call
+from training.processes import call
+from training.testbed import Testbed
 
 
 def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None) -> None:
-    cl = Cluster(
+    tb = Testbed(
         nodes=3,
         workers=2,
-        workdir=tmp_path / "cluster",
+        workdir=tmp_path / "testbed",
         rate_per_worker=4.0,
         trainer_overrides={**GRID_OV, "learner.interval_s": 0.5, "learner.min_records": 40},
     )
     try:
-        cl.start(drive=False)
-        v1 = publish_fresh_agent(cl, tmp_path)
-        cl.wait_all_on(v1, timeout_s=20)
-        v1_ids = {n.model()["current"]["id"] for n in cl.nodes}
-        cl.drive()
+        tb.start(drive=False)
+        v1 = publish_fresh_agent(tb, tmp_path)
+        tb.wait_all_on(v1, timeout_s=20)
+        v1_ids = {n.model()["current"]["id"] for n in tb.nodes}
+        tb.drive()
         # the learner turns the nodes' trajectories into a gated update, promoted as v2+
         latest = wait_for(
             lambda: (
-                (call(cl.trainer.url + "/v1/models")[1].get("latest") or 0) > v1
-                and call(cl.trainer.url + "/v1/models")[1]["latest"]
+                (call(tb.trainer.url + "/v1/models")[1].get("latest") or 0) > v1
+                and call(tb.trainer.url + "/v1/models")[1]["latest"]
             ),
             60,
             "a promoted update",
         )
-        meta = call(cl.trainer.url + f"/v1/models/{latest}/meta")[1]
+        meta = call(tb.trainer.url + f"/v1/models/{latest}/meta")[1]
         assert meta["source"] == "online" and meta["evaluation"]["passed"]
 
         def all_on_latest():
-            lv = call(cl.trainer.url + "/v1/models")[1]["latest"]
-            vs = cl.versions()
+            lv = call(tb.trainer.url + "/v1/models")[1]["latest"]
+            vs = tb.versions()
             return lv if all(v == lv for v in vs.values()) else None
 
         now = wait_for(all_on_latest, 30, "every node on the latest version")
@@ -45,13 +46,13 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None
         # trajectories from every node reached the trainer
         from training.registry import TrajectoryStore
 
-        st = TrajectoryStore(cl.trainer.dir / "data" / "trajectories.sqlite")
+        st = TrajectoryStore(tb.trainer.dir / "data" / "trajectories.sqlite")
         nodes = {r["node"] for r in st.iter_records()}
         st.close()
         assert nodes == {"node0", "node1", "node2"}
         # the allocation traces show decisions made by a promoted update on every node (the
         # learner keeps promoting, so the exact version may move on while we look)
-        for n in cl.nodes:
+        for n in tb.nodes:
 
             def decided(n=n):
                 _, body = call(n.url + "/debug/allocations?limit=1000")
@@ -59,9 +60,9 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None
 
             entries = wait_for(decided, 30, f"{n.id} deciding with an updated model")
             assert entries[0]["chosen"]["cpu_cores"] > 0
-        metrics = call(cl.trainer.url + "/metrics")[1]
+        metrics = call(tb.trainer.url + "/metrics")[1]
         assert b'faasrm_trainer_updates_total{result="promoted"}' in metrics
     finally:
-        cl.stop()
-    assert cgroup_gone(cl.parent)
-    assert all(n.proc.poll() is not None for n in cl.nodes) and cl.trainer.proc.poll() is not None
+        tb.stop()
+    assert cgroup_gone(tb.parent)
+    assert all(n.proc.poll() is not None for n in tb.nodes) and tb.trainer.proc.poll() is not None

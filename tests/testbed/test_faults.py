@@ -1,4 +1,4 @@
-"""Faults on the one-machine cluster: trainer and sidecar killed mid-stream; bad models refused."""
+"""Faults on the testbed: trainer and sidecar killed mid-stream; bad models refused."""
 
 from __future__ import annotations
 
@@ -9,45 +9,46 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from cluster_helpers import GRID_OV, publish_fresh_agent, wait_for
+from testbed_helpers import GRID_OV, publish_fresh_agent, wait_for
 
-from training.local_cluster import TOKEN, Cluster, call
+from training.processes import TOKEN, call
 from training.service import publish
+from training.testbed import Testbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
 from sidecar_helpers import onnx_policy  # noqa: E402
 
 
 def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_root: None) -> None:
-    cl = Cluster(
+    tb = Testbed(
         nodes=2,
         workers=2,
-        workdir=tmp_path / "cluster",
+        workdir=tmp_path / "testbed",
         rate_per_worker=8.0,
         trainer_overrides={**GRID_OV, "learner.enabled": False},
         sidecar_overrides={"shipper": {"batch_records": 5, "interval_s": 0.05}},
     )
     try:
-        cl.start()
-        wait_for(lambda: cl.stored_count() > 20, 20, "records flowing")
+        tb.start()
+        wait_for(lambda: tb.stored_count() > 20, 20, "records flowing")
         # 1. the trainer dies mid-stream (SIGKILL), comes back on the same port and data
-        cl.trainer.stop(signal.SIGKILL)
+        tb.trainer.stop(signal.SIGKILL)
         time.sleep(1.0)  # the nodes keep producing and retry with backoff
-        cl.trainer.start()
-        wait_for(lambda: cl.stored_count() >= len(cl.produced_ids()) - 10, 20, "catching up")
+        tb.trainer.start()
+        wait_for(lambda: tb.stored_count() >= len(tb.produced_ids()) - 10, 20, "catching up")
         # 2. a sidecar dies mid-batch: its POST is in flight (the trainer is frozen) when killed
-        cl.pause()
-        node = cl.nodes[0]
-        cl.trainer.proc.send_signal(signal.SIGSTOP)
+        tb.pause()
+        node = tb.nodes[0]
+        tb.trainer.proc.send_signal(signal.SIGSTOP)
         try:
             # new records for node0 so it has a batch to ship
-            cl.resume()
+            tb.resume()
             wait_for(
                 lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
                 10,
                 "node0 with a batch in flight",
             )
-            cl.pause()
+            tb.pause()
             wait_for(
                 lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
                 10,
@@ -55,23 +56,23 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_roo
             )
             node.stop(signal.SIGKILL)
         finally:
-            cl.trainer.proc.send_signal(signal.SIGCONT)  # it now stores the dead node's batch
+            tb.trainer.proc.send_signal(signal.SIGCONT)  # it now stores the dead node's batch
         node.start()
-        cl.resume()
+        tb.resume()
         time.sleep(1.5)
-        cl.pause()
-        produced = cl.produced_ids()
+        tb.pause()
+        produced = tb.produced_ids()
         wait_for(
-            lambda: cl.stored_count() == len(produced),
+            lambda: tb.stored_count() == len(produced),
             30,
-            f"{len(produced)} records stored (have {cl.stored_count()})",
+            f"{len(produced)} records stored (have {tb.stored_count()})",
         )
-        stored = cl.stored_ids()
+        stored = tb.stored_ids()
         dup = [k for k, c in Counter(stored).items() if c > 1]
         assert not dup, f"duplicates: {dup[:5]}"
         assert sorted(stored) == sorted(produced)
         assert len(produced) > 50
-        metrics = call(cl.trainer.url + "/metrics")[1].decode()
+        metrics = call(tb.trainer.url + "/metrics")[1].decode()
         dups = next(
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
@@ -79,42 +80,42 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_roo
         )
         assert dups >= 1  # the killed node's in-flight batch was re-sent and stored once
     finally:
-        cl.stop()
+        tb.stop()
 
 
 def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_root: None) -> None:
-    cl = Cluster(
+    tb = Testbed(
         nodes=3,
         workers=1,
-        workdir=tmp_path / "cluster",
+        workdir=tmp_path / "testbed",
         rate_per_worker=4.0,
         trainer_overrides={**GRID_OV, "learner.enabled": False},
     )
     try:
-        cl.start(drive=False)
-        v1 = publish_fresh_agent(cl, tmp_path)
-        cl.wait_all_on(v1, timeout_s=20)
-        good = {n.id: n.model()["current"]["id"] for n in cl.nodes}
-        cl.drive()
+        tb.start(drive=False)
+        v1 = publish_fresh_agent(tb, tmp_path)
+        tb.wait_all_on(v1, timeout_s=20)
+        good = {n.id: n.model()["current"]["id"] for n in tb.nodes}
+        tb.drive()
         bad = {
             "nan": onnx_policy("nan"),
             "corrupt": onnx_policy("harvest")[:200],
             "garbage": b"not an onnx file",
         }
         for kind, data in bad.items():
-            v = publish(cl.trainer.url, TOKEN, data)["version"]
+            v = publish(tb.trainer.url, TOKEN, data)["version"]
 
             def refused(v=v):
-                hist = [n.model()["registry"]["history"] for n in cl.nodes]
+                hist = [n.model()["registry"]["history"] for n in tb.nodes]
                 return all(
                     any(h["version"] == v and h["result"] == "rejected" for h in hh) for hh in hist
                 )
 
             wait_for(refused, 20, f"every node refusing the {kind} model v{v}")
-            assert cl.versions() == {n.id: v1 for n in cl.nodes}
-            assert {n.id: n.model()["current"]["id"] for n in cl.nodes} == good
+            assert tb.versions() == {n.id: v1 for n in tb.nodes}
+            assert {n.id: n.model()["current"]["id"] for n in tb.nodes} == good
         # the old model keeps deciding on every node
-        for n in cl.nodes:
+        for n in tb.nodes:
 
             def decided(n=n):
                 _, body = call(n.url + "/debug/allocations?limit=50")
@@ -122,4 +123,4 @@ def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_roo
 
             wait_for(decided, 20, f"{n.id} deciding with v{v1}")
     finally:
-        cl.stop()
+        tb.stop()

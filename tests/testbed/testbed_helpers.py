@@ -1,4 +1,4 @@
-"""Shared bits of the one-machine cluster tests (real processes, real cgroup v1)."""
+"""Shared bits of the testbed tests: one machine, real processes, real cgroup v1."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import io
 import time
 from pathlib import Path
 
-from training.local_cluster import TOKEN, Cluster
+from training.processes import TOKEN
+from training.testbed import Testbed
 
 GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
 
 
-def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:
+def publish_fresh_agent(testbed: Testbed, tmp: Path, seed: int = 0) -> int:
     import torch
 
     from sidecar.core.grid import ResourceGrid
@@ -25,7 +26,7 @@ def publish_fresh_agent(cluster: Cluster, tmp: Path, seed: int = 0) -> int:
     export(agent, path, args={"preset": "sample"}, grid=ResourceGrid(0.25, 8, 64.0, 8))
     buf = io.BytesIO()
     torch.save({"agent": agent.state_dict()}, buf)
-    return publish(cluster.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
+    return publish(testbed.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
 
 
 def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):

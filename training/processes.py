@@ -1,0 +1,259 @@
+"""Sidecar and trainer-service subprocesses on this machine, and the HTTP helper that talks to them.
+
+``SidecarProcess`` runs ``python -m sidecar sidecar run --config <file>`` on a TOML file written
+from a sections dict (its defaults for the server, actuation state and spool live in its working
+directory; callers add or override any section, e.g. ``cgroupfs``, ``docker``, ``shipper``,
+``model``). ``TrainerProcess`` runs ``faasrm trainer serve`` with ``--set`` overrides. Both wait for
+their readiness endpoint and stop with SIGTERM (SIGKILL after 30 s). Used by ``faasrm bench real``
+/ ``faasrm demo`` (``training.invoker.real``), ``faasrm testbed up`` (``training.testbed``) and
+``faasrm bench trainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+TOKEN = "testbed-local-token"
+"""The bearer token of every local trainer service and of the sidecars shipping to it."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON); (status, parsed JSON, or the raw bytes of any other body)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method="POST" if data is not None else "GET",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> Any:
+    """The body of the first 200 from ``url``; raises with the log's tail if the child exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            status, body = call(url, timeout=2)
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s: {log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen | None, sig: int) -> None:
+    """Signal a child and reap it; SIGKILL if it has not exited within 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def write_toml(path: Path, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    """Top-level keys, then one ``[section]`` table per entry (scalar values only)."""
+    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
+    for sec, kv in sections.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in kv.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class TrainerProcess:
+    """A ``faasrm trainer serve`` subprocess on 127.0.0.1, its data under ``workdir/data``."""
+
+    def __init__(self, workdir: Path, port: int, overrides: dict[str, Any]) -> None:
+        self.dir = workdir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.overrides = overrides
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "trainer.log"
+
+    def start(self, wait: bool = True) -> None:
+        sets = []
+        for k, v in self.overrides.items():
+            sets += ["--set", f"{k}={_toml(v)}"]
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "trainer",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.dir / "data"),
+                    *sets,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env={**os.environ, "FAASRM_TRAINER_TOKEN": TOKEN},
+            )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        assert self.proc is not None
+        _wait_ready(self.url + "/healthz", self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _stop(self.proc, sig)
+
+    def records(self, timeout: float = 5.0) -> int:
+        """Trajectory records the service has stored (-1 when it does not answer)."""
+        try:
+            status, body = call(self.url + "/healthz", timeout=timeout)
+        except OSError:
+            return -1
+        return int(body.get("records", -1)) if status == 200 else -1
+
+    def shipper(self, state_file: Path, **settings: Any) -> dict[str, Any]:
+        """A sidecar's ``[shipper]`` section shipping to this service."""
+        return {
+            "enabled": True,
+            "url": self.url,
+            "token": TOKEN,
+            "state_file": str(state_file),
+            **settings,
+        }
+
+
+class SidecarProcess:
+    """A ``faasrm sidecar run`` subprocess on 127.0.0.1 with its config, state and spool in
+    ``workdir``.
+
+    ``sections`` adds to or overrides the defaults section by section (``{"model": {"path":
+    ..., "rule": "smallest"}}``). ``invoker_child``: die with this process (PDEATHSIG) and in a
+    new session, so Ctrl-C reaches only the caller, which stops the sidecar itself.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        sections: dict[str, dict[str, Any]],
+        *,
+        node_id: str | None = None,
+        log_level: str = "info",
+        invoker_child: bool = False,
+    ) -> None:
+        self.id = node_id
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "sidecar.log"
+        self.invoker_child = invoker_child
+        self.proc: subprocess.Popen | None = None
+        merged: dict[str, dict[str, Any]] = {
+            "server": {"host": "127.0.0.1", "port": self.port},
+            "actuation": {"state_file": str(workdir / "state.json")},
+            "spool": {"dir": str(workdir / "spool")},
+        }
+        for sec, kv in sections.items():
+            merged.setdefault(sec, {}).update(kv)
+        top = {"node_id": node_id} if node_id is not None else {}
+        self.config = workdir / "sidecar.toml"
+        write_toml(self.config, {**top, "log_level": log_level}, merged)
+
+    def start(self, wait: bool = True) -> dict | None:
+        """Start it; with ``wait``, the body of its first ready ``/readyz``."""
+        extra: dict[str, Any] = {}
+        if self.invoker_child:
+            from training.invoker.invoker import child_setup
+
+            extra = {"start_new_session": True, "preexec_fn": child_setup()}
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "sidecar", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                **extra,
+            )
+        return self.wait() if wait else None
+
+    def wait(self) -> dict:
+        assert self.proc is not None
+        return _wait_ready(self.url + "/readyz", self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: the sidecar restores every container's user limits, then exits."""
+        _stop(self.proc, sig)
+
+    def metric(self, name: str) -> float:
+        """Sum of every series of a Prometheus counter (0 when absent or not answering)."""
+        try:
+            status, body = call(self.url + "/metrics", timeout=5)
+        except OSError:
+            return 0.0
+        if status != 200:
+            return 0.0
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the trainer has acknowledged a trajectory record for every finished
+        invocation (the spool would keep the rest on disk, but this sidecar will not restart)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.metric("faasrm_shipper_records_total") >= self.metric(
+                "faasrm_invocations_total"
+            ):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def model(self) -> dict:
+        st, body = call(self.url + "/debug/model", timeout=5)
+        return body if st == 200 else {}
+
+    def active_version(self) -> int | None:
+        try:
+            reg = self.model().get("registry") or {}
+        except OSError:
+            return None
+        return reg.get("active_version")
