@@ -482,7 +482,7 @@ def sim_report(
 ) -> dict:
     """Pooled figures per manager over several seeds (``runs[manager][k]`` = seed k's run; every
     manager ran the same workloads), each with its interval from the bootstrap over seeds and
-    invocations, plus ``pairs``: paired differences of mean RFET between managers."""
+    invocations, and ``vs``: the paired difference of its mean RFET from every other manager's."""
     managers = list(runs)
     sizes = [len(r.exec_s) for r in next(iter(runs.values()))]
     pool = Pool(np.arange(sum(sizes)))
@@ -516,16 +516,15 @@ def sim_report(
             for key in DURATION_CLASSES
         }
         out[m] = row
-    pairs = {}
-    for i, a in enumerate(managers):
-        for b in managers[i + 1 :]:
-            diff = got[f"{a}:mean_rfet"][1] - got[f"{b}:mean_rfet"][1]
-            ci = interval(diff)
-            pairs[f"{a}-{b}"] = {
+    for a in managers:
+        out[a]["vs"] = {}
+        for b in managers:
+            if b == a:
+                continue
+            ci = interval(got[f"{a}:mean_rfet"][1] - got[f"{b}:mean_rfet"][1])
+            out[a]["vs"][b] = {
                 "mean_rfet_diff": got[f"{a}:mean_rfet"][0] - got[f"{b}:mean_rfet"][0],
                 "mean_rfet_diff_ci": ci,
-                "verdict": _side(ci, f"{a} lower", f"{b} lower").replace(
-                    "within", "indistinguishable"
-                ),
+                "verdict": _side(ci, "lower", "higher").replace("within", "indistinguishable"),
             }
-    return {"results": out, "pairs": pairs}
+    return out

@@ -201,14 +201,18 @@ def test_sim_report_pools_seeds_with_intervals_and_paired_differences():
         "learned": [_sim_run(rng, b, 0.85, 0.5) for b in bases],
     }
     rep = evidence.sim_report(runs, resamples=300)
-    res = rep["results"]
+    res = rep
     assert res["learned"]["invocations"] == 900
     lo, hi = res["learned"]["mean_rfet_ci"]
     assert lo <= res["learned"]["mean_rfet"] <= hi < res["rule"]["mean_rfet_ci"][0]
     assert res["learned"]["alloc_cpu_ratio"] == pytest.approx(0.5 * 0.85, rel=0.05)
     assert res["learned"]["alloc_mem_ratio"] == pytest.approx(0.5 * 0.85, rel=0.05)
-    assert rep["pairs"]["rule-learned"]["verdict"] == "learned lower"
-    assert rep["pairs"]["fixed-rule"]["verdict"] == "rule lower"
+    assert res["learned"]["vs"]["rule"]["verdict"] == "lower"
+    assert res["rule"]["vs"]["learned"]["verdict"] == "higher"
+    assert res["rule"]["vs"]["learned"]["mean_rfet_diff"] == pytest.approx(
+        -res["learned"]["vs"]["rule"]["mean_rfet_diff"]
+    )
+    assert res["fixed"]["vs"]["rule"]["verdict"] == "higher"
     for key in ("mean_rfet", "mean_rfet_ci", "p98_rfet", "p98_response_s", "p98_response_s_ci"):
         assert key in res["fixed"]
     assert set(res["fixed"]["by_duration"]) == set(evidence.DURATION_CLASSES)
