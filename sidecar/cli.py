@@ -17,6 +17,8 @@ def _sim_eval(args: argparse.Namespace) -> int:
     from training.sim.presets import get_preset
 
     preset = get_preset(args.preset)
+    if args.seeds:
+        return _sim_eval_seeds(args, preset)
     workload = None
     if args.trace:
         from training.traces import load_azure
@@ -31,6 +33,25 @@ def _sim_eval(args: argparse.Namespace) -> int:
     if args.plots:
         for p in plot_cdfs(ev, args.plots):
             print(f"wrote {p}")
+    return 0
+
+
+def _sim_eval_seeds(args: argparse.Namespace, preset) -> int:
+    from training.evaluate import evaluate_seeds, plot_cdfs, render_seeds_table, write_seeds_json
+
+    if args.trace:
+        raise SystemExit("faasrm sim eval: --seeds draws a workload per seed; --trace takes --seed")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    managers = [m.strip() for m in args.managers.split(",") if m.strip()]
+    ev = evaluate_seeds(preset, managers, seeds, model=args.model)
+    print(render_seeds_table(ev))
+    if args.json:
+        write_seeds_json(ev, args.json)
+        print(f"wrote {args.json}")
+    if args.plots:
+        for one in ev.per_seed:
+            for p in plot_cdfs(one, args.plots):
+                print(f"wrote {p}")
     return 0
 
 
@@ -250,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: fixed, greedy, ensure, vpa, oracle, learned, rule, smallest",
     )
     ev.add_argument("--seed", type=int, default=1, help="workload seed (trace and every draw)")
+    ev.add_argument(
+        "--seeds",
+        help="several workload seeds, e.g. 101,102,103: figures pooled over them with 95%% "
+        "intervals (bootstrap over seeds and invocations), each seed's own figures in per_seed",
+    )
     ev.add_argument("--trace", help="a folder of Azure Functions 2019 trace files to replay")
     ev.add_argument("--model", help="ONNX policy for the 'learned' manager (default: models/)")
     ev.add_argument("--json", help="write the figures as JSON to this path")

@@ -20,6 +20,7 @@ import numpy as np
 
 from sidecar.core.grid import ResourceGrid
 from training.baselines import BASELINES, RULE_MANAGERS, Learned, Manager, Rule
+from training.evidence import SimRun, sim_report
 from training.sim.cluster import ClusterSim
 from training.sim.presets import Preset
 from training.sim.workload import Workload
@@ -58,8 +59,28 @@ def run(sim: ClusterSim, manager: Manager, tick: Callable[[int], None] | None = 
     return time.perf_counter() - t0
 
 
+def sim_run(sim: ClusterSim) -> SimRun:
+    """A finished run's per-invocation arrays, in seconds, cores and MB."""
+    r = sim.results
+    wl, g = sim.wl, sim.grid
+    return SimRun(
+        exec_s=r.exec_s.copy(),
+        baseline_s=r.baseline_s.copy(),
+        response_s=r.queue_s + r.cold_s + r.exec_s,
+        failed=r.failed.copy(),
+        cpu_cores=r.cpu * g.cpu_unit_cores,
+        mem_mb=r.mem * g.mem_unit_mb,
+        user_cores=wl.user_cpu[wl.fn] * g.cpu_unit_cores,
+        user_mb=wl.user_mem[wl.fn] * g.mem_unit_mb,
+    )
+
+
 def metrics(sim: ClusterSim) -> dict[str, float]:
-    """The evaluation figures of a finished run (all invocations)."""
+    """The evaluation figures of a finished run (all invocations).
+
+    ``alloc_cpu_ratio`` / ``alloc_mem_ratio``: the allocated core-seconds and MB-seconds
+    (allocation x execution time, summed) over what the user's sizes would have held for the
+    same invocations' execution times at the user's size (Fixed's, the counterfactual)."""
     r = sim.results
     wl = sim.wl
     rfet = r.exec_s / r.baseline_s
@@ -87,6 +108,9 @@ def metrics(sim: ClusterSim) -> dict[str, float]:
         "mean_queue_s": float(r.queue_s.mean()),
         "p99_queue_s": pct(r.queue_s, 99),
         "mean_reward": float(r.reward.mean()),
+        "gmean_rfet": float(np.exp(np.log(rfet).mean())),
+        "alloc_cpu_ratio": float((r.cpu * r.exec_s).sum() / (user_cpu * r.baseline_s).sum()),
+        "alloc_mem_ratio": float((r.mem * r.exec_s).sum() / (user_mem * r.baseline_s).sum()),
     }
 
 
@@ -98,6 +122,7 @@ class Evaluation:
     rfet: dict[str, np.ndarray]
     exec_s: dict[str, np.ndarray]
     wall_s: dict[str, float]
+    runs: dict[str, SimRun]
 
 
 def make_manager(
@@ -133,6 +158,7 @@ def evaluate(
     rfet: dict[str, np.ndarray] = {}
     exec_s: dict[str, np.ndarray] = {}
     wall: dict[str, float] = {}
+    runs: dict[str, SimRun] = {}
     sim = ClusterSim(wl, preset.cluster, preset.grid)
     from rich.progress import Progress
 
@@ -143,7 +169,73 @@ def evaluate(
             out[name] = metrics(sim)
             rfet[name] = sim.results.exec_s / sim.results.baseline_s
             exec_s[name] = sim.results.exec_s.copy()
-    return Evaluation(preset.name, seed, out, rfet, exec_s, wall)
+            runs[name] = sim_run(sim)
+    return Evaluation(preset.name, seed, out, rfet, exec_s, wall, runs)
+
+
+@dataclass
+class SeedsEvaluation:
+    """Several seeds: the pooled figures with their intervals, and each seed's own evaluation."""
+
+    preset: str
+    seeds: list[int]
+    pooled: dict[str, dict]
+    per_seed: list[Evaluation]
+
+
+def evaluate_seeds(
+    preset: Preset,
+    managers: list[str],
+    seeds: list[int],
+    model: str | Path | None = None,
+    progress: bool = True,
+) -> SeedsEvaluation:
+    """Every manager on each seed's workload, then figures pooled over the seeds with intervals
+    from the bootstrap over seeds and invocations (``training.evidence.sim_report``)."""
+    per_seed = [evaluate(preset, managers, s, model=model, progress=progress) for s in seeds]
+    pooled = sim_report({m: [ev.runs[m] for ev in per_seed] for m in managers})
+    for name, row in pooled.items():
+        row["per_seed"] = {str(ev.seed): ev.results[name] for ev in per_seed}
+    return SeedsEvaluation(preset.name, list(seeds), pooled, per_seed)
+
+
+SEEDS_COLUMNS = (
+    ("mean_rfet", "mean RFET", "{:.4f}", True),
+    ("gmean_rfet", "gmean", "{:.4f}", False),
+    ("p98_rfet", "p98", "{:.3f}", False),
+    ("p98_response_s", "p98 resp s", "{:.1f}", True),
+    ("slowdown_frac_1_2", ">1.2", "{:.2%}", False),
+    ("failures_per_100k", "OOM/100k", "{:.1f}", False),
+    ("alloc_cpu_ratio", "alloc CPU", "{:.3f}", False),
+    ("alloc_mem_ratio", "alloc MB", "{:.3f}", False),
+)
+
+
+def render_seeds_table(ev: SeedsEvaluation) -> str:
+    """Pooled figures, with the 95% interval beside the main ones."""
+    head = ["manager"]
+    for _, h, _, ci in SEEDS_COLUMNS:
+        head += [h, "95% interval"] if ci else [h]
+    rows = []
+    for name, m in ev.pooled.items():
+        row = [name]
+        for k, _, fmt, ci in SEEDS_COLUMNS:
+            row.append(fmt.format(m[k]))
+            if ci:
+                lo, hi = m[k + "_ci"]
+                row.append(f"[{fmt.format(lo)}, {fmt.format(hi)}]")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    n = next(iter(ev.pooled.values()))["invocations"] if ev.pooled else 0
+    seeds = ",".join(map(str, ev.seeds))
+    title = f"preset {ev.preset}, seeds {seeds} pooled, {n} invocations"
+    return "\n".join([title, line(head), *(line(r) for r in rows)])
+
+
+def write_seeds_json(ev: SeedsEvaluation, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(ev.pooled, indent=2, sort_keys=True) + "\n")
 
 
 TABLE_COLUMNS = (
