@@ -202,11 +202,19 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     """Flags of `bench real` and `demo` (training/invoker/real.py; docs/invoker.md)."""
     p.add_argument(
         "--managers",
-        default="fixed,learned",
-        help="comma-separated: fixed (no sidecar; runs first: the RFET baseline), "
-        "fixed2 (Fixed again: the noise floor), greedy, ensure, vpa (applied "
-        "by the invoker), learned (sidecar + shipped model), rule (sidecar "
-        "with its rule fallback policy)",
+        default="fixed,learned" if demo else "fixed,rule,learned",
+        help="comma-separated: fixed (no sidecar: the reference, always included), greedy, "
+        "ensure, vpa (applied by the invoker), rule, smallest (a sidecar without a model: the "
+        "allowed candidate closest to the user's size / the smallest allowed one), learned "
+        "(sidecar + shipped model)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1 if demo else 2,
+        help="rounds: every manager replays the slice once per round, in an order rotated "
+        "each round; with 2 or more, Fixed's later rounds against its earlier ones give the "
+        "noise row",
     )
     p.add_argument(
         "--minutes",

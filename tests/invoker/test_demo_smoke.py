@@ -58,7 +58,8 @@ def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path
     proc = _demo(tmp_path, "--minutes", "0.15")
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
-    assert "mean RFET" in out and "/debug/allocations" in out, out
+    assert "gmean RFET" in out and "/debug/allocations" in out, out
+    assert "One round" in out  # and how far a one-round result can be trusted
     assert (tmp_path / "real_rfet_cdf.png").stat().st_size > 0
     rows = [line.split()[0] for line in out.splitlines() if line.strip()]
     assert "fixed" in rows and "learned" in rows, out
@@ -81,7 +82,9 @@ def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path
         "give_backs",
     ):
         assert key in results["learned"], key
-    assert results["learned"]["invocations"] == results["fixed"]["invocations"] > 0
+    assert results["learned"]["invocations"] > 0 and results["fixed"]["invocations"] > 0
+    assert out_json["noise"] is None and out_json["config"]["repeats"] == 1
+    assert results["learned"]["verdict"] in ("faster", "slower", "indistinguishable")
     assert _leftovers(proc.pid) == ([], [])
 
 

@@ -1,0 +1,74 @@
+"""``faasrm bench real --repeats 2`` end to end on real cgroups: rounds in rotated order, the
+noise row, every figure with its interval, by duration class and by function."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+REPO = Path(__file__).resolve().parents[2]
+STATS = (
+    "invocations", "gmean_rfet", "gmean_rfet_ci", "mean_rfet", "p98_rfet", "p98_rfet_ci",
+    "slowdown_frac_1_2", "slowdown_frac_1_2_ci", "time_weighted_rfet", "p98_duration_s",
+    "p98_response_s", "oom_kills", "failures", "verdict", "alloc_cpu_ratio", "alloc_mem_ratio",
+    "by_duration", "by_function",
+)  # fmt: skip
+
+
+def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
+    v1_root: None, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "bench",
+            "real",
+            "--managers",
+            "fixed,smallest",
+            "--repeats",
+            "2",
+            "--minutes",
+            "0.12",
+            "--json",
+            str(out),
+            "--records",
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "left behind" not in proc.stderr, proc.stderr
+    assert "gmean RFET" in proc.stdout and "noise" in proc.stdout, proc.stdout
+    got = json.loads(out.read_text())
+    assert got["config"]["repeats"] == 2
+    assert got["config"]["order"] == [["fixed", "smallest"], ["smallest", "fixed"]]
+    assert set(got["results"]) == {"fixed", "smallest"}
+    for row in (got["noise"], *got["results"].values()):
+        for key in STATS:
+            assert key in row, key
+        assert set(row["by_duration"]) == {"lt_0.1s", "0.1_1s", "ge_1s"}
+        for c in row["by_duration"].values():
+            if c["invocations"]:
+                assert {"gmean_rfet", "gmean_rfet_ci", "slowdown_frac_1_2"} <= set(c)
+        lo, hi = row["gmean_rfet_ci"]
+        assert lo <= row["gmean_rfet"] <= hi
+    n = got["workload"]["invocations"]
+    assert n > 0 and len(got["records"]["smallest"]) == 2
+    assert all(len(rs) == n for rs in got["records"]["smallest"])
+    # the noise row compares Fixed's second round with its first: one round's worth of pairs
+    assert 0 < got["noise"]["invocations"] <= n
+    assert got["results"]["smallest"]["verdict"] in ("faster", "slower", "indistinguishable")
+    assert got["results"]["fixed"]["verdict"] == "reference"
+    # the model-less sidecar ran its 'smallest' rule: it harvested where the safeguard allowed
+    assert got["results"]["smallest"]["harvested_frac"] > 0
