@@ -1,4 +1,9 @@
-"""The HTTP API on localhost: invocation hooks, health, metrics, debug views.
+"""The HTTP API: invocation hooks, health, metrics, debug views.
+
+Served on the daemon's unix socket (everything) and on TCP (``[server] host:port``): over TCP a
+POST (a hook) gets 403 naming the socket, unless ``[server] tcp_hooks`` is on, and then 401
+without ``Authorization: Bearer <token>`` (``guard_hooks``). Only who can open the socket (root
+and ``socket_group``) or holds the token can resize containers.
 
 * ``POST /v1/invocations`` ``{"function", "container", "user": {"cpu_cores", "mem_mb"},
   "input_size", "pending", "id"}`` (only ``container`` is required) -> 200 with the allocation
@@ -17,9 +22,12 @@ Debug handlers read snapshots and never write cgroups.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import socket
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -41,8 +49,47 @@ class BadRequest(Exception):
     pass
 
 
-def _error(status: int, reason: str) -> web.Response:
-    return json_response({"error": reason}, status)
+@dataclass(frozen=True)
+class HookAccess:
+    socket: str
+    """The unix socket the hooks are served on (named in 403 answers)."""
+    tcp_token: str
+    """Bearer token of hooks over TCP; empty = hooks over TCP are refused."""
+
+
+HOOK_ACCESS = web.AppKey("hook_access", HookAccess)
+
+
+def _error(status: int, reason: str, headers: dict | None = None) -> web.Response:
+    resp = json_response({"error": reason}, status)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def _over_unix(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def guard_hooks(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Reads are open on both listeners; anything else over TCP needs the opt-in and the token."""
+    if request.method in ("GET", "HEAD") or _over_unix(request):
+        return await handler(request)
+    access = request.app[HOOK_ACCESS]
+    if not access.tcp_token:
+        return _error(
+            403,
+            f"hooks are served on the unix socket {access.socket or '(none configured)'} "
+            "(curl --unix-socket PATH http://localhost/v1/invocations ...); over TCP only with "
+            "[server] tcp_hooks = true and a bearer token",
+        )
+    sent = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {access.tcp_token}".encode()):
+        return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
 
 
 async def _body(request: web.Request, allowed: set[str], required: bool = True) -> dict:
