@@ -193,7 +193,11 @@ class Node:
         c = self.engine.containers[ref.id]
         if ref.labels.get("user_from") in ("limits", "mixed") or ref.user == c.ref.user:
             return
-        self.actuator.set_user(ref.id, ref.user)
+        try:
+            self.actuator.set_user(ref.id, ref.user)
+        except ValueError as exc:
+            log.warning("user size refused", extra={"container": ref.id, "reason": str(exc)})
+            return
         self.engine.add_container(ref)
         if c.active is None:
             self.actuator.restore(ref.id)

@@ -435,6 +435,28 @@ def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
     run(main())
 
 
+def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        try:
+            text = cfg_path.read_text().replace(
+                "default_cpu_cores = 2.0", "default_cpu_cores = 0.001"
+            )
+            cfg_path.write_text(text)
+            assert reload(app) is True  # the daemon keeps running, the old size is kept
+            r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            assert r.status == 200 and (await r.json())["applied"]
+            assert (dirs["resize@1"] / "cpu.max").read_text().split()[0] in ("200000", "100000")
+            assert app[NODE].actuator.managed["faasrm/resize@1"].user.cpu_quota_cores == 2.0
+        finally:
+            await client.close()
+
+    run(main())
+
+
 class _NanScorer:
     def scores(self, rows):
         import numpy as np
