@@ -4,7 +4,8 @@ Crash safety: before the actuator first changes a container it writes the state 
 write + fsync + rename) listing every managed container with the user's exact limits. Whatever
 happens afterwards (SIGKILL mid-write included), the next start-up's ``recover()`` writes those
 limits back before anything else runs. The file changes only when the set of managed containers
-or a user's size changes, never per invocation.
+or a user's size changes, never per invocation, and at a clean shutdown, which marks it
+``clean`` once every container is back at its user's limits (nothing for the next start to do).
 
 The memory floor: ``Cgroup.write_limits`` refuses a hard limit below usage + headroom. A refused
 allocation is applied with the user's memory instead (CPU still changes); a refused restore (a
@@ -121,10 +122,11 @@ class Actuator:
         pending. Kept as the limits change, so a tick never scans every container for them."""
 
     # -------------------------------------------------------------------------------- state
-    def _save(self) -> None:
+    def _save(self, clean: bool = False) -> None:
         data = {
             "version": STATE_VERSION,
             "pid": os.getpid(),
+            "clean": clean,
             "containers": {cid: m.to_json() for cid, m in self.managed.items()},
         }
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -143,11 +145,15 @@ class Actuator:
         except OSError:
             pass
 
-    def save(self) -> None:
-        self._save()
+    def save(self, clean: bool = False) -> None:
+        """Write the state file now. ``clean``: every container is back at its user's limits
+        (a clean shutdown), so the next start-up has nothing to restore."""
+        self._save(clean)
 
     @staticmethod
     def read_state(path: str | Path) -> dict[str, Managed]:
+        """The containers a previous run may have left off their user's limits (none after a
+        clean shutdown)."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -156,6 +162,8 @@ class Actuator:
             raise ValueError(f"unreadable state file {path}: {exc}") from None
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ValueError(f"state file {path}: unknown version {data.get('version')!r}")
+        if data.get("clean"):
+            return {}
         out = {}
         for cid, e in data.get("containers", {}).items():
             out[cid] = Managed(
@@ -209,10 +217,12 @@ class Actuator:
         return m
 
     def set_user(self, container_id: str, user: UserSize) -> None:
-        """The hook reported a different user size: persist it before it is ever restored to."""
+        """A hook (or the config) reported the user's size: if it differs from the one saved,
+        persist it before it is ever restored to. ValueError if the kernel would refuse it."""
         m = self.managed[container_id]
         new = user_limits(user, m.user, exact=False)
         if new != m.user:
+            cgroups.check_limits(new)
             m.user = new
             self._save()
 

@@ -1,4 +1,9 @@
-"""The HTTP API on localhost: invocation hooks, health, metrics, debug views.
+"""The HTTP API: invocation hooks, health, metrics, debug views.
+
+Served on the daemon's unix socket (everything) and on TCP (``[server] host:port``): over TCP a
+POST (a hook) gets 403 naming the socket, unless ``[server] tcp_hooks`` is on, and then 401
+without ``Authorization: Bearer <token>`` (``guard_hooks``). Only who can open the socket (root
+and ``socket_group``) or holds the token can resize containers.
 
 * ``POST /v1/invocations`` ``{"function", "container", "user": {"cpu_cores", "mem_mb"},
   "input_size", "pending", "id"}`` (only ``container`` is required) -> 200 with the allocation
@@ -17,9 +22,12 @@ Debug handlers read snapshots and never write cgroups.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import socket
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -35,14 +43,61 @@ from sidecar.units import MB
 
 _START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
 _END_KEYS = {"outcome", "duration_s"}
+MIN_USER_CORES = 0.01
+"""The smallest user CPU: the kernel's smallest CFS quota (1,000 us) in a 100 ms period."""
+MIN_USER_MEM_MB = 4.0
+"""The smallest user memory, unless ``[safeguard] mem_headroom_mb`` is larger (a hard limit is
+never written below usage + headroom)."""
+MAX_PENDING = 1_000_000
+MAX_INPUT_SIZE = 1e15
+MAX_DURATION_S = 86_400.0
 
 
 class BadRequest(Exception):
     pass
 
 
-def _error(status: int, reason: str) -> web.Response:
-    return json_response({"error": reason}, status)
+@dataclass(frozen=True)
+class HookAccess:
+    socket: str
+    """The unix socket the hooks are served on (named in 403 answers)."""
+    tcp_token: str
+    """Bearer token of hooks over TCP; empty = hooks over TCP are refused."""
+
+
+HOOK_ACCESS = web.AppKey("hook_access", HookAccess)
+
+
+def _error(status: int, reason: str, headers: dict | None = None) -> web.Response:
+    resp = json_response({"error": reason}, status)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def _over_unix(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def guard_hooks(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Reads are open on both listeners; anything else over TCP needs the opt-in and the token."""
+    if request.method in ("GET", "HEAD") or _over_unix(request):
+        return await handler(request)
+    access = request.app[HOOK_ACCESS]
+    if not access.tcp_token:
+        return _error(
+            403,
+            f"hooks are served on the unix socket {access.socket or '(none configured)'} "
+            "(curl --unix-socket PATH http://localhost/v1/invocations ...); over TCP only with "
+            "[server] tcp_hooks = true and a bearer token",
+        )
+    sent = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {access.tcp_token}".encode()):
+        return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
 
 
 async def _body(request: web.Request, allowed: set[str], required: bool = True) -> dict:
@@ -55,6 +110,8 @@ async def _body(request: web.Request, allowed: set[str], required: bool = True) 
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     unknown = sorted(set(data) - allowed)
@@ -76,20 +133,33 @@ def _str(data: dict, key: str, required: bool = False) -> str | None:
     return v
 
 
-def _num(data: dict, key: str, lo: float = 0.0, integer: bool = False) -> float | None:
+def _num(
+    data: dict,
+    key: str,
+    lo: float = 0.0,
+    hi: float = math.inf,
+    integer: bool = False,
+    name: str | None = None,
+) -> float | None:
+    """``data[key]`` as a float in lo..hi (None when absent); BadRequest naming ``name``."""
     v = data.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise BadRequest(f"'{key}' must be a finite number")
-    if integer and not float(v).is_integer():
-        raise BadRequest(f"'{key}' must be an integer")
-    if v < lo:
-        raise BadRequest(f"'{key}' must be >= {lo}")
-    return v
+    kind = "an integer" if integer else "a finite number"
+    problem = BadRequest(f"'{name or key}' must be {kind} in {lo:g}..{hi:g}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise problem
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond any float
+        raise problem from None
+    if not (math.isfinite(f) and lo <= f <= hi) or (integer and not f.is_integer()):
+        raise problem
+    return f
 
 
-def _user(data: dict) -> UserSize | None:
+def _user(data: dict, node: Node) -> UserSize | None:
+    """The user's size a hook reports, within what the kernel and this host can take."""
     u = data.get("user")
     if u is None:
         return None
@@ -98,15 +168,14 @@ def _user(data: dict) -> UserSize | None:
     unknown = sorted(set(u) - {"cpu_cores", "mem_mb", "cpu_weight"})
     if unknown:
         raise BadRequest(f"unknown field(s) in 'user': {', '.join(unknown)}")
-    cpu, mem = _num(u, "cpu_cores"), _num(u, "mem_mb")
-    if cpu is None or mem is None or cpu <= 0 or mem <= 0:
-        raise BadRequest("'user' needs positive cpu_cores and mem_mb")
-    if cpu * 1e6 < 1000 or cpu > 1024 or mem > 2**30:
-        raise BadRequest("'user' size out of range")
-    weight = _num(u, "cpu_weight", lo=1, integer=True)
-    if weight is not None and weight > 10000:
-        raise BadRequest("'user.cpu_weight' must be 1..10000")
-    return UserSize(float(cpu), int(mem * MB), int(weight) if weight is not None else 100)
+    floor_mb = max(MIN_USER_MEM_MB, node.cfg.safeguard.mem_headroom_mb)
+    eng = node.engine
+    cpu = _num(u, "cpu_cores", MIN_USER_CORES, eng.host_cores, name="user.cpu_cores")
+    mem = _num(u, "mem_mb", floor_mb, eng.host_mem_mb, name="user.mem_mb")
+    if cpu is None or mem is None:
+        raise BadRequest("'user' needs cpu_cores and mem_mb")
+    weight = _num(u, "cpu_weight", 1, 10_000, integer=True, name="user.cpu_weight")
+    return UserSize(cpu, int(mem * MB), int(weight) if weight is not None else 100)
 
 
 def _start_response(node: Node, res: StartResult) -> dict:
@@ -143,9 +212,9 @@ async def start_invocation(request: web.Request) -> web.Response:
         container = _str(data, "container", required=True)
         function = _str(data, "function")
         inv_id = _str(data, "id")
-        user = _user(data)
-        input_size = _num(data, "input_size")
-        pending = _num(data, "pending", integer=True)
+        user = _user(data, node)
+        input_size = _num(data, "input_size", hi=MAX_INPUT_SIZE)
+        pending = _num(data, "pending", hi=MAX_PENDING, integer=True)
     except BadRequest as exc:
         return _error(400, str(exc))
     assert container is not None
@@ -171,7 +240,7 @@ async def end_invocation(request: web.Request) -> web.Response:
         outcome = _str(data, "outcome") or "success"
         if outcome not in ("success", "failure"):
             raise BadRequest("'outcome' must be 'success' or 'failure'")
-        duration = _num(data, "duration_s")
+        duration = _num(data, "duration_s", hi=MAX_DURATION_S)
     except BadRequest as exc:
         return _error(400, str(exc))
     try:

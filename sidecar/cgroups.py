@@ -176,7 +176,7 @@ def _quota_us(limits: Limits) -> int | None:
     return None if cores is None else round(cores * limits.cpu_period_us)
 
 
-def _validate(limits: Limits) -> None:
+def check_limits(limits: Limits) -> None:
     """Refuse what the kernel would refuse, before any write (a half-applied change is worse)."""
     problems = []
     if not 1000 <= limits.cpu_period_us <= 1_000_000:
@@ -253,7 +253,7 @@ class Cgroup(abc.ABC):
         gets more CPU never runs faster into its old memory wall; lowered memory is written last.
         If a write fails, the limits are re-read before the next diff.
         """
-        _validate(limits)
+        check_limits(limits)
         old = self._last if self._last is not None else self.read_limits()
         new_mem, old_mem = limits.mem_limit_bytes, old.mem_limit_bytes
         changed = new_mem != old_mem

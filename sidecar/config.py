@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
 import tomllib
 import types
@@ -30,13 +31,42 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
 
+MAX_SOCKET_PATH = 107
+"""Longest unix socket path the kernel takes (sun_path holds 108 bytes with the final NUL)."""
+
+
+def read_token(key: str, token_file: str, fallback: str) -> str:
+    """A bearer token: the contents of ``token_file`` when set, else ``fallback``."""
+    if not token_file:
+        return fallback
+    try:
+        return Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}.token_file {token_file}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
+    socket: str = "/run/faasrm/sidecar.sock"
+    """Unix socket serving the whole API, hooks included (mode 0660; its directory is created);
+    empty = none."""
+    socket_group: str = ""
+    """Group owning the socket, whose members (the invoker) may call the hooks; empty = root's.
+    A group that does not exist is a start-up error."""
     host: str = "127.0.0.1"
-    """Listen address of the hook and debug API (localhost by default: the hook is not
-    authenticated)."""
+    """TCP listen address of the read-only endpoints (health, metrics, debug views)."""
     port: int = 9477
-    """Listen port."""
+    """TCP listen port."""
+    tcp_hooks: bool = False
+    """Also accept the hooks (every POST) over TCP, each with ``Authorization: Bearer <token>``;
+    off: a POST over TCP gets 403."""
+    token_file: str = ""
+    """File holding the bearer token of hooks over TCP (else ``token``)."""
+    token: str = ""
+    """The bearer token itself (prefer token_file)."""
+
+    def resolve_token(self) -> str:
+        return read_token("server", self.token_file, self.token)
 
 
 @dataclass(frozen=True)
@@ -172,14 +202,9 @@ class ShipperConfig:
     """Per-request timeout."""
 
     def resolve_token(self) -> str:
-        import os
-
-        if self.token_file:
-            try:
-                return Path(self.token_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"shipper.token_file {self.token_file}: {exc.strerror}") from None
-        return self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+        return read_token(
+            "shipper", self.token_file, self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+        )
 
 
 @dataclass(frozen=True)
@@ -381,6 +406,10 @@ def validate(cfg: Config) -> None:
     problems = []
     if not 1 <= cfg.server.port <= 65535 and cfg.server.port != 0:
         problems.append(f"server.port {cfg.server.port} outside 0..65535")
+    if len(os.fsencode(cfg.server.socket)) > MAX_SOCKET_PATH:
+        problems.append(f"server.socket is longer than {MAX_SOCKET_PATH} bytes (a kernel limit)")
+    if cfg.server.tcp_hooks and not (cfg.server.token_file or cfg.server.token):
+        problems.append("server.tcp_hooks needs server.token_file or server.token")
     if not 0.005 <= cfg.sampler.tick_s <= 10:
         problems.append(f"sampler.tick_s {cfg.sampler.tick_s} outside 0.005..10")
     if cfg.sampler.discover_every_s < cfg.sampler.tick_s:

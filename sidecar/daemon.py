@@ -15,24 +15,31 @@ Start-up, in cleanup-context order (teardown runs in reverse, each only if its s
 5. ``_signals_ctx``: SIGHUP reloads config and model. SIGTERM/SIGINT belong to ``run_app``
    (graceful exit: ``STOPPING=1`` in on_shutdown, then the teardowns above).
 
-Logs are JSON lines on stderr.
+The API is served on a unix socket (``hook_socket``: mode 0660, owned by ``[server]
+socket_group``), the only way to the hooks unless ``[server] tcp_hooks`` lets bearer-token
+holders post over TCP too; the TCP listener on ``[server] host:port`` serves everything else
+(``sidecar.api.guard_hooks``). Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import signal
+import socket
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
 from sidecar import config as config_mod
 from sidecar.actuator import Actuator
-from sidecar.api import add_routes
-from sidecar.config import Config, ConfigError
+from sidecar.api import HOOK_ACCESS, HookAccess, add_routes, guard_hooks
+from sidecar.config import Config, ConfigError, ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
 from sidecar.node import NODE, Node
@@ -326,8 +333,11 @@ def build_app(
     overrides: dict | None = None,
     notifier: Notifier | None = None,
 ) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[guard_hooks])
     app[CONFIG] = cfg
+    app[HOOK_ACCESS] = HookAccess(
+        cfg.server.socket, cfg.server.resolve_token() if cfg.server.tcp_hooks else ""
+    )
     app[CONFIG_SOURCE] = (config_path, overrides or {})
     app[NOTIFIER] = notifier or Notifier.from_env()
     app[METRICS] = Metrics(cfg.debug.max_function_labels)
@@ -342,16 +352,58 @@ def build_app(
     return app
 
 
+def hook_socket(server: ServerConfig) -> socket.socket:
+    """The API's unix socket, bound (not yet listening): mode 0660, group ``socket_group``, in a
+    directory created if needed. ConfigError for a group that does not exist, a path that is not
+    a socket, or a socket another daemon still serves."""
+    gid = -1
+    if server.socket_group:
+        try:
+            gid = grp.getgrnam(server.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(
+                f"server.socket_group {server.socket_group!r}: no such group (create it, e.g. "
+                f'groupadd --system {server.socket_group}, or set "" for root\'s group)'
+            ) from None
+    path = Path(server.socket)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"server.socket {path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(str(path)) == 0:
+                    raise ConfigError(f"server.socket {path} is in use by another process")
+            path.unlink()  # left by a run that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))  # nobody can connect before listen(), which run_app does
+            os.chmod(path, 0o660)
+            os.chown(path, -1, gid)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ConfigError(f"server.socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run(cfg: Config, config_path: str | None = None, overrides: dict | None = None) -> int:
     setup_logging(cfg.log_level)
     app = build_app(cfg, config_path, overrides)
-    web.run_app(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=5.0,
-        handle_signals=True,
-    )
+    unix = hook_socket(cfg.server) if cfg.server.socket else None
+    try:
+        web.run_app(
+            app,
+            host=cfg.server.host,
+            port=cfg.server.port,
+            sock=unix,
+            print=None,
+            access_log=None,
+            shutdown_timeout=5.0,
+            handle_signals=True,
+        )
+    finally:
+        if unix is not None:
+            Path(cfg.server.socket).unlink(missing_ok=True)
     return 0

@@ -418,7 +418,7 @@ class Engine:
                 inv.cpu_peak_cores = max(inv.cpu_peak_cores, avg)
             if c is not None:
                 c.last_mem_bytes = usage.mem_bytes
-        if inv.oom and outcome == "success":
+        if inv.oom and outcome in ("success", "failure"):  # the kernel said why it failed
             outcome = "oom"
         failed = outcome != "success"
         stats, gs = self._function(inv.function)

@@ -11,12 +11,16 @@ The swap runs on the event loop, which also makes every decision: a decision see
 the new one, never a mix. After a swap the poller watches the new model's finished invocations
 (``Node.record_observers``): once ``min_invocations`` have run, if more than
 ``max_slowdown_rate`` of them were slowed down (duration above ``slowdown_rfet`` x baseline) or
-failed, it rolls back to the previous model and never adopts that version again. After
-``watch_invocations`` the model is confirmed. ``/debug/model`` shows the active registry version
-and this history.
+failed, it rolls back to the previous model. Whoever rolls a registry model back (this watch, or
+the daemon after repeated non-finite decisions: ``ModelManager.on_rollback``), the poller never
+adopts that version again. After ``watch_invocations`` the model is confirmed. ``/debug/model``
+shows the active registry version and this history.
 
-The active version is recorded in ``<dir>/active.json``: a restarted daemon reloads it at once,
-and its first poll carries that ETag.
+``<dir>/active.json`` (written atomically after every change) records the registry version the
+node runs, the one it would roll back to, the versions rolled back and the last ETag seen: a
+restarted daemon loads the rollback target and then the active version at once (so a rollback
+after the restart returns to the version that ran before), never takes a rolled-back version
+again, and its first poll carries that ETag.
 """
 
 from __future__ import annotations
@@ -49,50 +53,76 @@ class ModelPoller:
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.etag: str | None = None
-        self.active_version: int | None = None
-        self.active_model_id: str | None = None
+        self.entries: dict[str, dict] = {}
+        """Registry versions this node loaded, by sha256: {version, path, model, sha256}."""
+        self.active: dict | None = None
+        """The entry of the model running now (None: not a registry model)."""
+        self.previous: dict | None = None
+        """The entry of the model a rollback would return to (None: not a registry model)."""
         self.history: collections.deque[dict] = collections.deque(maxlen=50)
-        self.bad_sha: set[str] = set()
+        saved = self._read_state()
+        self.bad_sha: set[str] = {x for x in saved.get("rolled_back_sha256", []) if _is_sha(x)}
+        """Versions rolled back on this node (kept in active.json): never adopted again."""
         self.watch: dict | None = None
         self.polls = 0
         self.last_error: str | None = None
         self._rng = random.Random()
         node.record_observers.append(self.on_record)
+        self.models.on_rollback.append(self._rolled_back)
 
     # ------------------------------------------------------------------------ adopting
-    def restore_active(self, reason: str = "restored after restart") -> None:
-        """Reload the registry model that was active (after a restart, or a SIGHUP reload of
-        the local model file), if it is still valid."""
-        try:
-            a = json.loads((self.dir / "active.json").read_text())
-            version, etag, path = int(a["version"]), str(a["etag"]), Path(a["path"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        if path.exists() and self.models.load(path):
-            self._set_active(version, etag, self.models.current.id)
-            self._event(version, self.models.current.sha256, "loaded", reason)
+    @property
+    def active_version(self) -> int | None:
+        return self.active["version"] if self.active else None
 
-    def _set_active(self, version: int | None, etag: str | None, model_id: str | None) -> None:
-        self.active_version, self.active_model_id = version, model_id
-        if etag is not None:
-            self.etag = etag
+    def _read_state(self) -> dict:
+        try:
+            state = json.loads((self.dir / "active.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def restore_active(self, reason: str = "restored after restart") -> None:
+        """Reload the registry models of ``active.json`` (after a restart, or a SIGHUP reload of
+        the local model file): the rollback target first, then the active version, each if it is
+        still valid and was never rolled back."""
+        saved = self._read_state()
+        if isinstance(saved.get("etag"), str):
+            self.etag = saved["etag"]
+        active = saved if saved.get("version") is not None else None
+        restored = None
+        for entry in (saved.get("previous"), active):
+            try:
+                version, path = int(entry["version"]), Path(entry["path"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if entry.get("sha256") in self.bad_sha or not path.exists():
+                continue
+            if not self.models.load(path):
+                continue
+            cur = self.models.current
+            self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
+            restored = version
+        self._sync()
+        if restored is not None:
+            self._event(restored, self.models.current.sha256, "loaded", reason)
+
+    def _sync(self) -> None:
+        """Record which registry versions the model manager runs and would roll back to."""
+        cur, prev = self.models.current, self.models.previous
+        self.active = self.entries.get(cur.sha256 or "")
+        self.previous = self.entries.get(prev.sha256 or "") if prev is not None else None
         if self.metrics is not None:
-            self.metrics.model_version.set(version or 0)
-            self.metrics.set_policy(self.models.current.id)
+            self.metrics.model_version.set(self.active_version or 0)
+            self.metrics.set_policy(cur.id)
+        state = {
+            **(self.active or {"version": None, "path": None, "model": None, "sha256": None}),
+            "etag": self.etag,
+            "previous": self.previous,
+            "rolled_back_sha256": sorted(self.bad_sha),
+        }
         tmp = self.dir / "active.json.tmp"
-        if version is None:
-            (self.dir / "active.json").unlink(missing_ok=True)
-            return
-        tmp.write_text(
-            json.dumps(
-                {
-                    "version": version,
-                    "etag": self.etag,
-                    "path": str(self._path(version)),
-                    "model": model_id,
-                }
-            )
-        )
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / "active.json")
 
     def _path(self, version: int) -> Path:
@@ -120,7 +150,6 @@ class ModelPoller:
         tmp.write_bytes(data)
         os.replace(tmp, path)
         Path(str(path) + ".json").write_text(json.dumps({"sha256": sha, "version": version}))
-        prev_version, prev_id = self.active_version, self.models.current.id
         ok = self.models.load(path)
         if self.metrics is not None:
             self.metrics.model_loads.labels("ok" if ok else "rejected").inc()
@@ -134,16 +163,10 @@ class ModelPoller:
             )
             path.unlink(missing_ok=True)
             return False
-        self._set_active(version, etag, self.models.current.id)
-        self.watch = {
-            "version": version,
-            "model": self.models.current.id,
-            "sha256": sha,
-            "prev_version": prev_version,
-            "prev_model": prev_id,
-            "n": 0,
-            "slow": 0,
-        }
+        cur = self.models.current
+        self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
+        self._sync()
+        self.watch = {"version": version, "model": cur.id, "sha256": sha, "n": 0, "slow": 0}
         self._event(version, sha, "loaded")
         log.info(
             "registry model active", extra={"version": version, "model": self.models.current.id}
@@ -167,20 +190,28 @@ class ModelPoller:
             self.watch = None
 
     def rollback(self, reason: str) -> bool:
-        w = self.watch
-        if w is None:
-            return False
-        self.watch = None
-        self.bad_sha.add(w["sha256"])
-        if not self.models.rollback(reason):
+        """The watched model slowed invocations down: back to the previous model."""
+        if self.watch is None or not self.models.rollback(reason):
             return False
         if self.metrics is not None:
             self.metrics.model_loads.labels("rollback").inc()
-            self.metrics.model_updates.labels("rolled_back").inc()
-        self._event(w["version"], w["sha256"], "rolled_back", reason)
-        back = w["prev_version"] if self.models.current.id == w["prev_model"] else None
-        self._set_active(back, None, self.models.current.id)
         return True
+
+    def _rolled_back(self, bad: Any, now: Any, reason: str) -> None:
+        """``ModelManager.on_rollback``: whoever rolled it back, a registry version is never
+        taken again, and active.json names what runs now."""
+        self.watch = None
+        entry = self.entries.get(bad.sha256 or "")
+        if entry is not None:
+            self.bad_sha.add(entry["sha256"])
+            self._event(entry["version"], entry["sha256"], "rolled_back", reason)
+            if self.metrics is not None:
+                self.metrics.model_updates.labels("rolled_back").inc()
+            log.error(
+                "registry model rolled back, never taken again",
+                extra={"version": entry["version"], "running": now.id, "reason": reason},
+            )
+        self._sync()
 
     # ------------------------------------------------------------------------ polling
     def backoff_s(self, attempt: int) -> float:
@@ -247,13 +278,23 @@ class ModelPoller:
         return {
             "url": self.url,
             "active_version": self.active_version,
-            "active_model": self.active_model_id,
+            "active_model": self.active["model"] if self.active else None,
+            "previous_version": self.previous["version"] if self.previous else None,
+            "rolled_back_sha256": sorted(self.bad_sha),
             "etag": self.etag,
             "watching": dict(self.watch) if self.watch else None,
             "history": list(self.history),
             "polls": self.polls,
             "last_error": self.last_error,
         }
+
+
+def _entry(version: int, path: Path, model: str, sha256: str | None) -> dict:
+    return {"version": version, "path": str(path), "model": model, "sha256": sha256}
+
+
+def _is_sha(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64
 
 
 POLLER = web.AppKey("model_poller", ModelPoller)

@@ -13,7 +13,8 @@ On failure the running model stays and the reason is kept (``/debug/model``, log
 no model file at the default path the daemon runs the model-free rule ``[model] rule``
 (``sidecar.core.policy.RULES``; ``user`` is Fixed wherever the safeguard allows the user's size)
 and says so in ``/readyz``. ``rollback()`` returns to the previous model (the daemon calls it
-after repeated non-finite decisions at run time).
+after repeated non-finite decisions at run time, the model poller when a new model slows
+invocations down) and tells ``on_rollback`` (the poller, which remembers it on disk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +212,8 @@ class ModelManager:
         self.configure(path, sha256, rule)
         self.current = self.fallback
         self.previous: Loaded | None = None
+        self.on_rollback: list[Callable[[Loaded, Loaded, str], None]] = []
+        """Called with (the model rolled back, the one now running, why) after a rollback."""
         self.last_error: dict | None = None
         self.loads_ok = 0
         self.loads_failed = 0
@@ -276,7 +280,10 @@ class ModelManager:
             "reason": f"rolled back: {reason}",
             "time": time.time(),
         }
+        bad = self.current
         self.current, self.previous = target, None
+        for listener in self.on_rollback:
+            listener(bad, target, reason)
         return True
 
     def status(self) -> dict:

@@ -193,7 +193,11 @@ class Node:
         c = self.engine.containers[ref.id]
         if ref.labels.get("user_from") in ("limits", "mixed") or ref.user == c.ref.user:
             return
-        self.actuator.set_user(ref.id, ref.user)
+        try:
+            self.actuator.set_user(ref.id, ref.user)
+        except ValueError as exc:
+            log.warning("user size refused", extra={"container": ref.id, "reason": str(exc)})
+            return
         self.engine.add_container(ref)
         if c.active is None:
             self.actuator.restore(ref.id)
@@ -270,8 +274,11 @@ class Node:
     ) -> StartResult:
         if container_id not in self.engine.containers:
             raise UnknownContainer(f"unknown container {container_id!r}")
-        if user is not None and user != self.engine.containers[container_id].ref.user:
-            self.actuator.set_user(container_id, user)  # persisted before anything is written
+        if user is not None:  # the actuator compares it with the size it saved
+            try:
+                self.actuator.set_user(container_id, user)  # persisted before any write
+            except ValueError as exc:
+                raise EngineError(f"'user' cannot be written to this container: {exc}") from None
         usage = self._usage(container_id)
         cg = self.sampler.cgroup(container_id)
         if cg is not None:
@@ -484,6 +491,8 @@ class Node:
             except EngineError:
                 pass
         results = self.actuator.restore_all()
+        if all(r in ("restored", "gone") for r in results.values()):
+            self.actuator.save(clean=True)  # a pending restore stays for the next start
         self.sampler.close()
         self.actuator.close()
         self.spool.close()

@@ -45,6 +45,11 @@ if [ "$SKIP_VENV" = no ]; then
 fi
 
 install -d -m 0755 "$DESTDIR/etc/faasrm" "$DESTDIR/etc/systemd/system"
+# the group that may call the sidecar's hooks on /run/faasrm/sidecar.sock ([server] socket_group)
+if [ -z "$DESTDIR" ] && [ "$ROLE" != trainer ] && ! getent group faasrm >/dev/null; then
+    groupadd --system faasrm
+    echo "created the group faasrm (set [server] socket_group = \"faasrm\"; add the invoker to it)"
+fi
 install -d -m 0750 "$DESTDIR/var/lib/faasrm"
 for unit in $UNITS; do
     sed "s#/opt/faasrm/venv/bin/faasrm#$PREFIX/venv/bin/faasrm#" "$SRC/systemd/$unit.service" \

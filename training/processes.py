@@ -4,13 +4,15 @@
 from a sections dict (its defaults for the server, actuation state and spool live in its working
 directory; callers add or override any section, e.g. ``cgroupfs``, ``docker``, ``shipper``,
 ``model``). ``TrainerProcess`` runs ``faasrm trainer serve`` with ``--set`` overrides. Both wait for
-their readiness endpoint and stop with SIGTERM (SIGKILL after 30 s). Used by ``faasrm bench real``
-/ ``faasrm demo`` (``training.invoker.real``), ``faasrm testbed up`` (``training.testbed``) and
-``faasrm bench trainer``.
+their readiness endpoint and stop with SIGTERM (SIGKILL after 30 s). A sidecar's hooks are called on
+its unix socket (``SidecarProcess.call``), the rest of its API over TCP as well. Used by ``faasrm
+bench real`` / ``faasrm demo`` (``training.invoker.real``), ``faasrm testbed up``
+(``training.testbed``) and ``faasrm bench trainer``.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -33,25 +36,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
-    """GET (or POST ``body`` as JSON); (status, parsed JSON, or the raw bytes of any other body)."""
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the sidecar's hook API)."""
+
+    def __init__(self, path: str | Path, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def _parsed(status: int, raw: bytes) -> tuple[int, Any]:
+    try:
+        return status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw
+    except ValueError:
+        return status, raw
+
+
+def call(
+    url: str, body: dict | None = None, timeout: float = 10.0, unix_socket: str | Path = ""
+) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON); (status, parsed JSON, or the raw bytes of any other body).
+    With ``unix_socket``, over that socket (only the path of ``url`` matters then)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url,
-        data=data,
-        method="POST" if data is not None else "GET",
-        headers={"Content-Type": "application/json"},
-    )
+    method = "POST" if data is not None else "GET"
+    headers = {"Content-Type": "application/json"}
+    if unix_socket:
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = UnixHTTPConnection(unix_socket, timeout)
+        try:
+            conn.request(method, target, data, headers)
+            r = conn.getresponse()
+            return _parsed(r.status, r.read())
+        finally:
+            conn.close()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+            return _parsed(r.status, r.read())
     except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw
+        return _parsed(e.code, e.read())
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> Any:
@@ -161,8 +189,8 @@ class TrainerProcess:
 
 
 class SidecarProcess:
-    """A ``faasrm sidecar run`` subprocess on 127.0.0.1 with its config, state and spool in
-    ``workdir``.
+    """A ``faasrm sidecar run`` subprocess with its config, state, spool and API socket in
+    ``workdir`` (the read-only endpoints also on 127.0.0.1).
 
     ``sections`` adds to or overrides the defaults section by section (``{"model": {"path":
     ..., "rule": "smallest"}}``). ``invoker_child``: die with this process (PDEATHSIG) and in a
@@ -183,11 +211,12 @@ class SidecarProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.socket = (workdir / "sidecar.sock").absolute()
         self.log = workdir / "sidecar.log"
         self.invoker_child = invoker_child
         self.proc: subprocess.Popen | None = None
         merged: dict[str, dict[str, Any]] = {
-            "server": {"host": "127.0.0.1", "port": self.port},
+            "server": {"host": "127.0.0.1", "port": self.port, "socket": str(self.socket)},
             "actuation": {"state_file": str(workdir / "state.json")},
             "spool": {"dir": str(workdir / "spool")},
         }
@@ -220,6 +249,11 @@ class SidecarProcess:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: the sidecar restores every container's user limits, then exits."""
         _stop(self.proc, sig)
+
+    def call(self, path: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+        """``call`` on the sidecar's unix socket: the hooks (``POST /v1/invocations``) or any
+        other endpoint."""
+        return call(path, body, timeout, unix_socket=self.socket)
 
     def metric(self, name: str) -> float:
         """Sum of every series of a Prometheus counter (0 when absent or not answering)."""

@@ -1,9 +1,9 @@
 """``faasrm testbed up``: one trainer and N sidecars on this machine, over 127.0.0.1.
 
-Each node is a real ``faasrm sidecar run`` process (``training.processes.SidecarProcess``)
-managing its own cgroup v1 subtree ``faasrm-testbed-<id>/node<i>/fn<j>`` (a unique parent per
-testbed), each child holding a real worker process. A driver thread per worker plays the
-invoker: ``POST /v1/invocations``, tell the worker to burn some CPU, ``POST
+Each node is a real ``faasrm sidecar run`` process (``training.processes.SidecarProcess``) managing
+its own cgroup v1 subtree ``faasrm-testbed-<id>/node<i>/fn<j>`` (a unique parent per testbed), each
+child holding a real worker process. A driver thread per worker plays the invoker: ``POST
+/v1/invocations`` on the node's unix socket, tell the worker to burn some CPU, ``POST
 /v1/invocations/{id}/end`` with the measured duration. The sidecars spool trajectory records and
 ship them to the trainer, which learns, gates and promotes; every sidecar long-polls the registry
 and hot-swaps the new model.
@@ -201,10 +201,8 @@ class Testbed:
             self._stop.wait(rng.expovariate(self.rate))
 
     def _one(self, node: SidecarProcess, worker: Worker, rng: random.Random) -> None:
-        st, body = call(
-            node.url + "/v1/invocations",
-            {"container": worker.rel, "function": worker.function},
-            timeout=5,
+        st, body = node.call(
+            "/v1/invocations", {"container": worker.rel, "function": worker.function}, timeout=5
         )
         if st != 200:
             self.driver_errors += 1
@@ -214,10 +212,8 @@ class Testbed:
         t0 = time.monotonic()
         worker.burn(int(self.burn_n * rng.uniform(0.5, 1.5)))
         dur = time.monotonic() - t0
-        st, _ = call(
-            node.url + f"/v1/invocations/{inv}/end",
-            {"outcome": "success", "duration_s": dur},
-            timeout=5,
+        st, _ = node.call(
+            f"/v1/invocations/{inv}/end", {"outcome": "success", "duration_s": dur}, timeout=5
         )
         if st == 200:
             with self._lock:

@@ -3,18 +3,17 @@ end-to-end tests (``test_daemon_e2e.py``, the debug page's browser test, the mon
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
 
-from sidecar import cgroups
+from sidecar import cgroups, config
+from training.processes import call
 
 ROOT = cgroups.DEFAULT_ROOT
 
@@ -60,8 +59,11 @@ def free_port() -> int:
 
 
 class Daemon:
+    """``faasrm sidecar run --config cfg_path``; ``call`` talks to it on its unix socket."""
+
     def __init__(self, cfg_path: Path, port: int, log: Path, env: dict | None = None) -> None:
         self.port = port
+        self.socket = config.load(cfg_path).server.socket
         self.log = log
         self.started = time.monotonic()
         with open(log, "ab") as err:  # the child keeps its own copy of the fd
@@ -75,16 +77,8 @@ class Daemon:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def call(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url(path), data=data, method="POST" if data is not None else "GET"
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+    def call(self, path: str, body: dict | None = None) -> tuple[int, Any]:
+        return call(path, body, unix_socket=self.socket)
 
     def wait_ready(self, timeout_s: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -97,7 +91,7 @@ class Daemon:
                 status, body = self.call("/readyz")
                 if status == 200:
                     return body
-            except (urllib.error.URLError, ConnectionError, OSError):
+            except OSError:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"daemon not ready: {self.log.read_text()[-3000:]}")
@@ -169,12 +163,16 @@ def write_config(
     model: Path,
     tick_s: float = 0.1,
     extra: tuple[str, ...] = (),
+    server: str = "",
 ) -> Path:
-    """A sidecar config managing ``boxes`` (path -> (function, cores, MB)); ``extra``: more
-    TOML sections."""
+    """A sidecar config managing ``boxes`` (path -> (function, cores, MB)), its API socket in
+    ``tmp_path`` unless ``server`` (more ``[server]`` keys) says otherwise; ``extra``: more TOML
+    sections."""
+    if "socket =" not in server:
+        server += f"\nsocket = '{tmp_path / 'sidecar.sock'}'"
     lines = [
         "log_level = 'info'",
-        f"[server]\nport = {port}",
+        f"[server]\nport = {port}\n{server.strip()}",
         "[grid]\ncpu_unit_cores = 0.25\ncpu_units = 8\nmem_unit_mb = 64.0\nmem_units = 8",
         f"[sampler]\ntick_s = {tick_s}",
         f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'",

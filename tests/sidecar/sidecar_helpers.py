@@ -28,14 +28,16 @@ def onnx_policy(
     """A linear ONNX scorer ``rows @ W (+ b)``.
 
     kinds: ``harvest`` (prefers the smallest candidate: -cand_cpu - cand_mem), ``user`` (prefers
-    the user's size), ``nan`` (every score NaN), ``wrong_shape`` (two scores per row).
+    the user's size), ``nan`` (every score NaN), ``wrong_shape`` (two scores per row),
+    ``nan_when_busy`` (``user``, but NaN for every row once ``pending`` >= 12: it passes the
+    probe checks, which see 3 pending, and fails at run time).
     """
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     cols = 2 if kind == "wrong_shape" else 1
     w = np.zeros((N_FEATURES, cols), np.float32)
-    if kind == "user":
+    if kind in ("user", "nan_when_busy"):
         w[COL["cand_cpu_vs_user"]] = w[COL["cand_mem_vs_user"]] = -1.0
     else:
         w[COL["cand_cpu"]] = w[COL["cand_mem"]] = -1.0
@@ -50,6 +52,20 @@ def onnx_policy(
         helper.make_node("Add", ["mm", "b"], ["z"]),
         helper.make_node("Reshape", ["z", "flat"], ["scores"]),
     ]
+    if kind == "nan_when_busy":  # pending is encoded log1p(x) / 5: 11 -> 0.497, 12 -> 0.513
+        inits += [
+            numpy_helper.from_array(np.array(COL["pending"], dtype=np.int64), "col"),
+            numpy_helper.from_array(np.array(0.505, dtype=np.float32), "busy"),
+            numpy_helper.from_array(np.array(math.nan, dtype=np.float32), "nan"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
+        nodes[-1].output[0] = "base"
+        nodes += [
+            helper.make_node("Gather", ["rows", "col"], ["pending"], axis=1),
+            helper.make_node("Greater", ["pending", "busy"], ["is_busy"]),
+            helper.make_node("Where", ["is_busy", "nan", "zero"], ["poison"]),
+            helper.make_node("Add", ["base", "poison"], ["scores"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "policy",

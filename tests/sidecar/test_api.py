@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from sidecar.node import NODE
 from sidecar.process import Notifier
 
 pytest.importorskip("onnxruntime")
+TOKEN = "hook-token"
 
 
 def _setup(
@@ -32,6 +34,8 @@ def _setup(
     text = f"""
 [server]
 port = 0
+tcp_hooks = true
+token = "{TOKEN}"
 [grid]
 cpu_unit_cores = 0.25
 [sampler]
@@ -59,8 +63,9 @@ def run(coro):
 
 
 async def _client(cfg: config.Config, cfg_path: Path) -> TestClient:
+    """The app on an aiohttp test server (TCP): hooks with the opt-in's bearer token."""
     app = build_app(cfg, str(cfg_path), notifier=Notifier(None))
-    client = TestClient(TestServer(app))
+    client = TestClient(TestServer(app), headers={"Authorization": f"Bearer {TOKEN}"})
     await client.start_server()
     for _ in range(100):
         r = await client.get("/readyz")
@@ -114,6 +119,33 @@ def test_bad_requests_get_400_with_a_reason_and_the_daemon_keeps_running(tmp_pat
             await client.close()
 
     run(main())
+
+
+def test_hooks_over_tcp_need_the_opt_in_and_the_token(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)
+    start = {"container": "faasrm/resize@1"}
+
+    async def main(cfg: config.Config) -> list[tuple[int, str]]:
+        client = await _client(cfg, cfg_path)
+        try:
+            out = []
+            for token in ("", "wrong", TOKEN):
+                r = await client.post(
+                    "/v1/invocations", json=start, headers={"Authorization": f"Bearer {token}"}
+                )
+                out.append((r.status, (await r.json())["error"] or ""))
+            r = await client.get("/readyz", headers={"Authorization": ""})
+            assert r.status == 200  # reads need no token
+            return out
+        finally:
+            await client.close()
+
+    (none, wrong, right) = run(main(cfg))
+    assert none[0] == wrong[0] == 401 and "bearer token" in none[1]
+    assert right == (200, "")
+    closed = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, tcp_hooks=False))
+    status, reason = run(main(closed))[2]  # the opt-in off: even the right token is refused
+    assert status == 403 and cfg.server.socket in reason and "tcp_hooks" in reason
 
 
 def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
@@ -397,6 +429,28 @@ def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
             r = await client.post(f"/v1/invocations/{inv}/end")
             assert r.status == 404
             assert (dirs["thumb@1"] / "cpu.max").read_text().split()[0] == "100000"  # new user size
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path: Path) -> None:
+    cfg, cfg_path, dirs = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        try:
+            text = cfg_path.read_text().replace(
+                "default_cpu_cores = 2.0", "default_cpu_cores = 0.001"
+            )
+            cfg_path.write_text(text)
+            assert reload(app) is True  # the daemon keeps running, the old size is kept
+            r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            assert r.status == 200 and (await r.json())["applied"]
+            assert (dirs["resize@1"] / "cpu.max").read_text().split()[0] in ("200000", "100000")
+            assert app[NODE].actuator.managed["faasrm/resize@1"].user.cpu_quota_cores == 2.0
         finally:
             await client.close()
 

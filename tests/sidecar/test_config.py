@@ -16,6 +16,7 @@ def test_defaults_and_core_configs() -> None:
     cfg = config.load(None)
     assert cfg == Config()
     assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.socket == "/run/faasrm/sidecar.sock" and not cfg.server.tcp_hooks
     assert cfg.grid.n == 64 and cfg.grid.cpu_unit_cores == 1.0
     assert cfg.safeguard.threshold == 0.9
     assert cfg.reward.failure_penalty == 5.0
@@ -63,6 +64,8 @@ def test_example_config_loads() -> None:
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
+        ("[server]\ntcp_hooks = true", "server.tcp_hooks needs server.token_file or server.token"),
+        (f"[server]\nsocket = '/{'s' * 107}'", "server.socket is longer than 107 bytes"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:

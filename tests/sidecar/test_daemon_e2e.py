@@ -271,3 +271,100 @@ def test_sd_notify_and_sigterm_restore(tmp_path: Path, boxes) -> None:
     finally:
         d.stop(signal.SIGKILL)
         sock.close()
+
+
+def _state_user(tmp_path: Path, rel: str) -> tuple[float, int]:
+    user = json.loads((tmp_path / "state.json").read_text())["containers"][rel]["user"]
+    return user["cpu_quota_cores"], user["mem_limit_bytes"]
+
+
+def test_the_latest_user_size_a_hook_reports_is_saved_and_restored(tmp_path: Path, boxes) -> None:
+    """Issue 15.1: a hook that reports the configured size after a different one must be saved
+    too, or ends, SIGTERM and restarts put the container back at the stale size."""
+    a = boxes("u@1")
+    port = free_port()
+    cfg = write_config(
+        tmp_path, port, {a.rel: ("fu", 1.0, 256)}, write_policy(tmp_path / "h.onnx", "harvest")
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        for cores, mb in ((0.5, 128), (1.0, 256), (1.0, 256)):
+            user = {"cpu_cores": cores, "mem_mb": mb}
+            status, s = d.call("/v1/invocations", {"container": a.rel, "user": user})
+            assert status == 200 and s["applied"], s
+            assert _state_user(tmp_path, a.rel) == (cores, mb * MB)  # saved before any write
+            assert d.call(f"/v1/invocations/{s['invocation']}/end", {})[0] == 200
+            assert (a.quota_cores(), a.mem_limit()) == (cores, mb * MB)  # the end restored it
+        status, s = d.call("/v1/invocations", {"container": a.rel})  # held at SIGTERM
+        assert status == 200
+    finally:
+        assert d.stop() == 0
+    assert (a.quota_cores(), a.mem_limit()) == (1.0, 256 * MB)
+    assert _state_user(tmp_path, a.rel) == (1.0, 256 * MB)
+    d2 = Daemon(cfg, port, tmp_path / "daemon2.log")
+    try:
+        d2.wait_ready()
+        assert (a.quota_cores(), a.mem_limit()) == (1.0, 256 * MB)
+        assert _state_user(tmp_path, a.rel) == (1.0, 256 * MB)
+    finally:
+        assert d2.stop() == 0
+
+
+def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> None:
+    """Issue 15.9a: after a SIGTERM that restored every container, the next start has nothing
+    to restore and does not warn about containers left by a previous run (a SIGKILL still
+    leaves them: ``test_sigkill_mid_actuation_then_restart_restores_within_a_second``)."""
+    a = boxes("c@1")
+    port = free_port()
+    cfg = write_config(
+        tmp_path, port, {a.rel: ("fc", 1.0, 256)}, write_policy(tmp_path / "h.onnx", "harvest")
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        _invoke(d, a, "duty 0.3 0.2", "fc")
+        status, s = d.call("/v1/invocations", {"container": a.rel, "function": "fc"})
+        assert status == 200 and s["allocation"]["kind"] == "harvested", s
+    finally:
+        assert d.stop() == 0
+    assert (a.quota_cores(), a.mem_limit()) == (1.0, 256 * MB)
+    d2 = Daemon(cfg, port, tmp_path / "daemon2.log")
+    try:
+        assert d2.wait_ready()["recovered"] == {}
+    finally:
+        assert d2.stop() == 0
+    assert "left by a previous run" not in (tmp_path / "daemon2.log").read_text()
+
+
+def _metric(d: Daemon, line_start: str) -> float:
+    text = urllib.request.urlopen(d.url("/metrics"), timeout=5).read().decode()
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line_start))
+
+
+def test_an_oom_killed_invocation_ended_as_failure_counts_as_oom(tmp_path: Path, boxes) -> None:
+    """Issue 15.9b: the invoker sees its function die and ends it as ``failure``; the sidecar
+    saw the OOM kill, so ``faasrm_invocations_total`` counts it as ``oom``."""
+    a = boxes("oom@1")
+    port = free_port()
+    cfg = write_config(
+        tmp_path, port, {a.rel: ("fo", 1.0, 128)}, write_policy(tmp_path / "h.onnx", "harvest")
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        status, s = d.call("/v1/invocations", {"container": a.rel, "function": "fo"})
+        assert status == 200 and s["allocation"]["kind"] == "user", s  # a first run: 128 MB
+        a.send("mem 400")
+        a.proc.wait(timeout=20)  # the kernel killed it
+        assert a.oom_kills() >= 1
+        deadline = time.monotonic() + 10
+        while _metric(d, "faasrm_oom_kills_total") < 1:  # the sidecar saw it on a tick
+            assert time.monotonic() < deadline, "the OOM kill was not seen"
+            time.sleep(0.05)
+        status, e = d.call(f"/v1/invocations/{s['invocation']}/end", {"outcome": "failure"})
+        assert status == 200 and e["outcome"] == "oom", e
+        assert _metric(d, 'faasrm_invocations_total{outcome="oom"}') == 1.0
+        assert _metric(d, 'faasrm_invocations_total{outcome="failure"}') == 0.0
+    finally:
+        assert d.stop() == 0

@@ -29,7 +29,7 @@ BUSY = "while :; do :; done"
 def _config(tmp_path: Path, port: int, base_url: str | None, model: Path) -> Path:
     lines = [
         "log_level = 'info'",
-        f"[server]\nport = {port}",
+        f"[server]\nport = {port}\nsocket = '{tmp_path / 'sidecar.sock'}'",
         "[grid]\ncpu_unit_cores = 0.25\ncpu_units = 8\nmem_unit_mb = 64.0\nmem_units = 8",
         "[sampler]\ntick_s = 0.1\ndiscover_every_s = 1.0",
         f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from sidecar_helpers import GRID, onnx_policy
+from sidecar_helpers import GRID, onnx_policy, write_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread  # noqa: E402
@@ -88,7 +88,7 @@ def test_adopt_refuse_rollback_restore(tmp_path: Path) -> None:
         assert node2.models.current.id == v1_id and p2.active_version == 1
         assert p2.status()["active_version"] == 1
         # a SIGHUP reload puts the local model back; the daemon then restores the registry's
-        node2.models.rollback("simulated reload of the local file")
+        assert node2.models.load(write_policy(tmp_path / "local.onnx", "nan_when_busy"))
         assert node2.models.current.id != v1_id
         p2.restore_active("kept across SIGHUP")
         assert node2.models.current.id == v1_id and p2.history[-1]["reason"] == "kept across SIGHUP"

@@ -110,7 +110,8 @@ def live_metrics(tmp_path_factory) -> Iterator[dict[str, str]]:
     sidecar_port, trainer_port = free_port(), free_port()
     cfg = tmp / "sidecar.toml"
     cfg.write_text(
-        f"[server]\nport = {sidecar_port}\n[grid]\ncpu_unit_cores = 0.25\n"
+        f"[server]\nport = {sidecar_port}\nsocket = '{tmp / 'sidecar.sock'}'\n"
+        "[grid]\ncpu_unit_cores = 0.25\n"
         f"[actuation]\nstate_file = '{tmp / 'state.json'}'\n[spool]\ndir = '{tmp / 'spool'}'\n"
         f"[model]\npath = '{write_policy(tmp / 'p.onnx')}'\n"
         f"[cgroupfs]\nroot = '{root}'\nversion = 2\nparent = 'faasrm'\n"

@@ -2,9 +2,9 @@
 worker) and the asyncio trace replay.
 
 One container per function, one invocation at a time per container (as an OpenWhisk action
-container): later arrivals wait for it, which is the response time's queueing. For every
-invocation the invoker calls the sidecar's hook (``POST /v1/invocations`` before, ``.../end``
-after) when a sidecar URL is given, runs the function in the container's worker and records
+container): later arrivals wait for it, which is the response time's queueing. For every invocation
+the invoker calls the sidecar's hook (``POST /v1/invocations`` before, ``.../end`` after, on the
+sidecar's unix socket) when one is given, runs the function in the container's worker and records
 execution time (measured inside the worker), response time (arrival to completion) and outcome
 (``success``, ``failure``, ``timeout``, ``oom``: the kernel killed the worker; a dead worker is
 restarted, the invocation is not retried). The caller owns cleanup: ``Containers.stop()`` kills
@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -345,12 +346,13 @@ class Progress:
 
 
 class Invoker:
-    """Replays a schedule over ``containers``, through the sidecar's hooks when ``sidecar_url``."""
+    """Replays a schedule over ``containers``, through the sidecar's hooks (on its unix socket)
+    when ``sidecar_socket``."""
 
     def __init__(
         self,
         containers: Containers,
-        sidecar_url: str | None = None,
+        sidecar_socket: str | Path | None = None,
         rule: BaselineRule | None = None,
         baselines: dict[str, float] | None = None,
         headroom_mb: float = 16.0,
@@ -361,7 +363,7 @@ class Invoker:
         after it; the rule observes the measured CPU/memory peak and time, and ``baselines[fn]``
         as the function's time at the user's size (ENSURE's reference: the Fixed run's mean)."""
         self.containers = containers
-        self.sidecar_url = sidecar_url
+        self.sidecar_socket = sidecar_socket
         self.rule = rule
         self.baselines = baselines or {}
         self.headroom_bytes = int(headroom_mb * MB)
@@ -373,7 +375,9 @@ class Invoker:
         self.progress = Progress(total=len(invocations))
         t0 = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        sock = self.sidecar_socket
+        connector = aiohttp.UnixConnector(str(sock)) if sock else None
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             tasks = [asyncio.create_task(self._one(inv, t0, http)) for inv in invocations]
             try:
                 return list(await asyncio.gather(*tasks))
@@ -384,7 +388,7 @@ class Invoker:
 
     async def _hook(self, http, path: str, body: dict) -> dict | None:
         try:
-            async with http.post(self.sidecar_url + path, json=body) as r:
+            async with http.post("http://localhost" + path, json=body) as r:
                 data = await r.json(content_type=None)
                 return data if r.status == 200 else {"error": data}
         except Exception as exc:  # noqa: BLE001 (a sidecar problem must not stop the replay)
@@ -404,7 +408,7 @@ class Invoker:
             rec.start_s = time.monotonic() - t0
             inv_id = None
             try:
-                if self.sidecar_url:
+                if self.sidecar_socket:
                     start = await self._hook(
                         http,
                         "/v1/invocations",

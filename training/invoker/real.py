@@ -178,7 +178,7 @@ async def run_manager(
             echo(f"  {sidecar.url}/debug/ (allocations: /debug/allocations)")
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
         invoker = Invoker(
-            containers, sidecar.url if sidecar else None, rule=rule, baselines=baselines
+            containers, sidecar.socket if sidecar else None, rule=rule, baselines=baselines
         )
         state["invoker"] = invoker
         records = await invoker.replay(invocations)

@@ -1,0 +1,164 @@
+"""Who may resize containers (issue 15.6): the hooks are served on a unix socket (mode 0660,
+``[server] socket_group``); over TCP only the read-only endpoints answer, unless ``tcp_hooks``
+and a bearer token. A real daemon over a real v1 cgroup, called by root and by an unprivileged
+process (uid 65534, gid 65534)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_helpers import Daemon, free_port, write_config
+from sidecar_helpers import write_policy
+
+pytest.importorskip("onnxruntime")
+
+NOBODY = 65534
+CLIENT = r"""
+import errno, http.client, json, socket, sys
+sock_path, port, body = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+headers = {"Content-Type": "application/json"}
+if len(sys.argv) > 4:
+    headers["Authorization"] = "Bearer " + sys.argv[4]
+out = {}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sock_path)
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    conn.sock = s
+    conn.request("POST", "/v1/invocations", body, headers)
+    r = conn.getresponse()
+    out["unix"] = [r.status, json.loads(r.read())]
+except OSError as exc:
+    out["unix"] = errno.errorcode.get(exc.errno, str(exc))
+for method, path, data in (("POST", "/v1/invocations", body), ("GET", "/healthz", None)):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request(method, path, data, headers)
+    r = c.getresponse()
+    out["tcp_" + method] = [r.status, json.loads(r.read())]
+print(json.dumps(out))
+"""
+
+
+def _drop_privileges() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def as_nobody(socket_path: str, port: int, body: dict, token: str = "") -> dict:
+    """Run the client as uid/gid 65534 with an interpreter that user may execute."""
+    for python in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"):
+        args = [python, "-I", "-c", CLIENT, socket_path, str(port), json.dumps(body)]
+        try:
+            res = subprocess.run(
+                args + ([token] if token else []),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                preexec_fn=_drop_privileges,  # noqa: PLW1509 (no threads in this test)
+            )
+        except (PermissionError, FileNotFoundError):
+            continue  # e.g. a venv under /root: not executable by uid 65534
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    pytest.skip("no python interpreter that uid 65534 may execute")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A directory anyone may traverse (unlike pytest's tmp_path), so that only the socket's
+    own mode decides who can connect."""
+    d = Path(tempfile.mkdtemp(prefix="faasrm-sock-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _daemon(tmp_path: Path, box, sock: Path, server: str = "") -> tuple[Daemon, int]:
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        port,
+        {box.rel: ("fs", 1.0, 256)},
+        write_policy(tmp_path / "h.onnx", "harvest"),
+        server=f"socket = '{sock}'\n{server}",
+    )
+    return Daemon(cfg, port, tmp_path / "daemon.log"), port
+
+
+def _start_end(d: Daemon, rel: str) -> dict:
+    status, s = d.call("/v1/invocations", {"container": rel})
+    assert status == 200, s
+    assert d.call(f"/v1/invocations/{s['invocation']}/end", {})[0] == 200
+    return s
+
+
+def test_only_root_can_call_the_hooks_by_default(tmp_path: Path, boxes, sock_dir: Path) -> None:
+    box = boxes("s@1")
+    sock = sock_dir / "run" / "sidecar.sock"  # its directory is created by the daemon
+    d, port = _daemon(tmp_path, box, sock)
+    try:
+        d.wait_ready()
+        st = sock.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert (st.st_uid, st.st_gid) == (0, 0)
+        quota = box.quota_cores()
+        shrink = {"container": box.rel, "user": {"cpu_cores": 0.01, "mem_mb": 20}}
+        got = as_nobody(str(sock), port, shrink)
+        assert got["unix"] == "EACCES", got
+        status, body = got["tcp_POST"]
+        assert status == 403 and str(sock) in body["error"], got
+        assert got["tcp_GET"][0] == 200, got  # the read-only endpoints stay open on TCP
+        assert box.quota_cores() == quota  # nothing was resized
+        assert _start_end(d, box.rel)["applied"]  # root can, on the socket
+    finally:
+        assert d.stop() == 0
+    assert not sock.exists()  # removed at exit
+
+
+def test_the_socket_group_and_the_tcp_opt_in(tmp_path: Path, boxes, sock_dir: Path) -> None:
+    """The positive control of the test above: uid 65534 in the socket's group can call the
+    hooks; with ``tcp_hooks`` a POST over TCP needs the token."""
+    box = boxes("g@1")
+    sock = sock_dir / "sidecar.sock"
+    group = grp.getgrgid(NOBODY).gr_name
+    server = f"socket_group = '{group}'\ntcp_hooks = true\ntoken = 'tcp-secret'"
+    d, port = _daemon(tmp_path, box, sock, server)
+    try:
+        d.wait_ready()
+        assert sock.stat().st_gid == NOBODY
+        got = as_nobody(str(sock), port, {"container": box.rel})
+        status, started = got["unix"]
+        assert status == 200 and started["applied"], got
+        assert d.call(f"/v1/invocations/{started['invocation']}/end", {})[0] == 200
+        assert got["tcp_POST"][0] == 401, got  # the opt-in without the token
+        got = as_nobody("/nonexistent", port, {"container": box.rel}, token="wrong")
+        assert got["tcp_POST"][0] == 401, got
+        got = as_nobody("/nonexistent", port, {"container": box.rel}, token="tcp-secret")
+        status, started = got["tcp_POST"]
+        assert status == 200, got
+        assert d.call(f"/v1/invocations/{started['invocation']}/end", {})[0] == 200
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_socket_group_that_does_not_exist_is_a_start_up_error(
+    tmp_path: Path, boxes, sock_dir: Path
+) -> None:
+    box = boxes("e@1")
+    sock = sock_dir / "sidecar.sock"
+    d, _ = _daemon(tmp_path, box, sock, "socket_group = 'faasrm-no-such-group'")
+    assert d.proc.wait(timeout=60) == 2
+    err = (tmp_path / "daemon.log").read_text()
+    assert "server.socket_group 'faasrm-no-such-group': no such group" in err, err
+    assert not sock.exists()
