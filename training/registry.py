@@ -8,9 +8,11 @@ by one thread at a time (the service runs it on a single-thread executor).
 
 Model registry (``<data_dir>/models/``): ``<version:06d>/model.onnx`` + ``meta.json``
 (version, sha256, export metadata, evaluation, source, created) and optionally ``agent.pt`` (the
-torch state the online learner continues from). A version directory is written under a temporary
-name, fsynced and renamed, then ``LATEST`` is replaced atomically: a crash leaves either the old
-or the new latest, never a half-written one.
+torch state the online learner continues from). Only models a node can run get in: ``add`` runs
+the nodes' own checks (``sidecar.models.validate``) on the registry's grid first, so the latest
+version is always one a freshly started node accepts. A version directory is written under a
+temporary name, fsynced and renamed, then ``LATEST`` is replaced atomically: a crash leaves
+either the old or the new latest, never a half-written one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from sidecar.core.grid import ResourceGrid
+from sidecar.models import validate
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,8 +151,10 @@ class Version:
 
 
 class Registry:
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, grid: ResourceGrid) -> None:
         self.dir = Path(directory)
+        self.grid = grid
+        """The nodes' grid: every stored model must run on it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         for stale in self.dir.glob(".tmp-*"):
@@ -186,7 +193,9 @@ class Registry:
         checkpoint: bytes | str | Path | None = None,
         source: str = "publish",
     ) -> Version:
-        """Store a new version and make it the latest (durably); returns it."""
+        """Store a new version and make it the latest (durably); returns it. Raises
+        ``sidecar.models.ModelRejected`` (nothing stored) for a model no node could run."""
+        validate(onnx, self.grid, None)
         sha = hashlib.sha256(onnx).hexdigest()
         with self._lock:
             version = max(self.versions(), default=0) + 1

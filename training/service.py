@@ -13,8 +13,10 @@ Endpoints (writes need ``Authorization: Bearer <token>``):
   seconds and answers as soon as a newer version is promoted, else 304. 404 while there is none.
 * ``GET /v1/models`` (versions), ``/v1/models/{version}`` (ONNX), ``/v1/models/{version}/meta``.
 * ``POST /v1/models``: msgpack ``{onnx, metadata?, evaluation?, checkpoint?, sha256?}``: publish a
-  model (offline ``faasrm train`` runs, operators, tests). Integrity only (sha256, size): every
-  node validates a model itself before running it.
+  model (offline ``faasrm train`` runs, operators, tests). The registry runs the nodes' own checks
+  on it (``sidecar.models.validate`` on ``grid``: onnxruntime load, ``rows`` -> ``scores``,
+  feature version and schema hash, grid, finite scores on probe rows): 422 with the reason for a
+  model no node could run, so the latest version is always usable.
 * ``GET /healthz``, ``/metrics`` (``faasrm_trainer_*``), ``/debug/learner``.
 
 The online learner (``training.online``) runs in its own cleanup context on a worker thread.
@@ -49,6 +51,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.config import ConfigError, load_tree
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.record import SCHEMA_VERSION, RecordError, check_batch
+from sidecar.models import ModelRejected
 from sidecar.process import Notifier, json_response, setup_logging
 from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
@@ -320,7 +323,7 @@ class Service:
         self.token = token.encode()
         data = Path(cfg.data_dir)
         self.store = TrajectoryStore(data / "trajectories.sqlite")
-        self.registry = Registry(data / "models")
+        self.registry = Registry(data / "models", cfg.grid)
         self.metrics = TrainerMetrics()
         self.db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasrm-db")
         self.validators: concurrent.futures.ProcessPoolExecutor | None = None
@@ -533,16 +536,20 @@ async def post_model(request: web.Request) -> web.Response:
     if ckpt is not None and not isinstance(ckpt, bytes):
         return _error(400, "'checkpoint' must be bytes")
     loop = asyncio.get_running_loop()
-    v = await loop.run_in_executor(
-        svc.db,
-        lambda: svc.registry.add(
-            obj["onnx"],
-            obj.get("metadata"),
-            obj.get("evaluation"),
-            ckpt,
-            str(obj.get("source") or "publish"),
-        ),
-    )
+    try:
+        v = await loop.run_in_executor(
+            svc.db,
+            lambda: svc.registry.add(
+                obj["onnx"],
+                obj.get("metadata"),
+                obj.get("evaluation"),
+                ckpt,
+                str(obj.get("source") or "publish"),
+            ),
+        )
+    except ModelRejected as exc:
+        log.warning("published model refused", extra={"sha256": sha, "reason": str(exc)})
+        return _error(422, f"no node could run this model: {exc}")
     svc.promoted()
     log.info("model published", extra={"version": v.version, "sha256": v.sha256})
     return web.json_response({"version": v.version, "sha256": v.sha256})

@@ -4,17 +4,24 @@ registry."""
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
-from trainer_helpers import TOKEN, ServerThread, batch, http, js, record
+from trainer_helpers import GRID, TOKEN, ServerThread, batch, http, js, record
 
-from training.registry import Registry, TrajectoryStore
-from training.service import BatchError, decode_batch, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
+from sidecar_helpers import onnx_policy  # noqa: E402
+
+from sidecar.core.grid import ResourceGrid  # noqa: E402
+from sidecar.models import ModelRejected  # noqa: E402
+from training.registry import Registry, TrajectoryStore  # noqa: E402
+from training.service import BatchError, decode_batch, load_config  # noqa: E402
 
 
 @pytest.fixture
@@ -114,22 +121,22 @@ def _publish(server, onnx: bytes, **extra) -> tuple[int, dict]:
 
 
 def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
-    st, _, body = http(server.url + "/v1/models/latest", token=None)
+    one, two = onnx_policy("harvest"), onnx_policy("user")
+    st, _, body = http(server.url + "/v1/models/latest")
     assert st == 404
-    assert _publish(server, b"model-one", token="x")[0] == 200 or True  # extra keys refused below
-    st, out = _publish(server, b"model-one", sha256="0" * 64)
+    st, out = _publish(server, one, token="x")
+    assert st == 400 and "unknown keys" in out["error"]
+    st, out = _publish(server, one, sha256="0" * 64)
     assert st == 400  # sha mismatch
     assert http(server.url + "/v1/models", msgpack.packb({"onnx": b"x"}), token="bad")[0] == 401
-    st, out = _publish(server, b"model-one", evaluation={"mean_rfet": 1.0})
+    st, out = _publish(server, one, evaluation={"mean_rfet": 1.0})
     assert st == 200 and out["version"] == 1
-    st, h, body = http(server.url + "/v1/models/latest", token=None)
-    assert st == 200 and body == b"model-one" and h["X-Model-Version"] == "1"
-    assert h["X-Model-Sha256"] == hashlib.sha256(b"model-one").hexdigest()
+    st, h, body = http(server.url + "/v1/models/latest")
+    assert st == 200 and body == one and h["X-Model-Version"] == "1"
+    assert h["X-Model-Sha256"] == hashlib.sha256(one).hexdigest()
     etag = h["ETag"]
     t0 = time.monotonic()
-    st, h2, _ = http(
-        server.url + "/v1/models/latest?wait=0.3", token=None, headers={"If-None-Match": etag}
-    )
+    st, h2, _ = http(server.url + "/v1/models/latest?wait=0.3", headers={"If-None-Match": etag})
     assert st == 304 and 0.25 <= time.monotonic() - t0 < 3 and h2["ETag"] == etag
     # a long-poll answers as soon as a newer version is promoted
     got: dict = {}
@@ -137,28 +144,55 @@ def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
     def poll() -> None:
         t = time.monotonic()
         got["r"] = http(
-            server.url + "/v1/models/latest?wait=20",
-            token=None,
-            headers={"If-None-Match": etag},
-            timeout=30,
+            server.url + "/v1/models/latest?wait=20", headers={"If-None-Match": etag}, timeout=30
         )
         got["dt"] = time.monotonic() - t
 
     th = threading.Thread(target=poll)
     th.start()
     time.sleep(0.3)
-    assert _publish(server, b"model-two")[1]["version"] == 2
+    assert _publish(server, two)[1]["version"] == 2
     th.join(10)
     st, h3, body = got["r"]
-    assert st == 200 and body == b"model-two" and h3["X-Model-Version"] == "2"
+    assert st == 200 and body == two and h3["X-Model-Version"] == "2"
     assert got["dt"] < 5
-    assert http(server.url + "/v1/models/1", token=None)[2] == b"model-one"
-    meta = js(http(server.url + "/v1/models/1/meta", token=None)[2])
+    assert http(server.url + "/v1/models/1")[2] == one
+    meta = js(http(server.url + "/v1/models/1/meta")[2])
     assert meta["evaluation"] == {"mean_rfet": 1.0} and meta["version"] == 1
-    assert http(server.url + "/v1/models/9", token=None)[0] == 404
-    assert js(http(server.url + "/v1/models", token=None)[2]) == {"latest": 2, "versions": [1, 2]}
+    assert http(server.url + "/v1/models/9")[0] == 404
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": 2, "versions": [1, 2]}
     # the registry survives a restart
-    assert Registry(tmp_path / "data" / "models").latest().version == 2
+    assert Registry(tmp_path / "data" / "models", GRID).latest().version == 2
+
+
+def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> None:
+    """Every version the registry stores passed the nodes' own checks on the trainer's grid, so
+    a node that starts fresh never finds an unusable model as the latest."""
+    other_grid = ResourceGrid(cpu_unit_cores=0.5, cpu_units=4, mem_unit_mb=128.0, mem_units=4)
+    bad = {
+        "corrupt": (onnx_policy("harvest")[:300], "onnxruntime cannot load it"),
+        "random bytes": (random.Random(15).randbytes(4096), "onnxruntime cannot load it"),
+        "wrong shape": (onnx_policy("wrong_shape"), "wrong output shape"),
+        "nan": (onnx_policy("nan"), "non-finite scores"),
+        "other grid": (onnx_policy("harvest", grid=other_grid), "trained for grid"),
+        "no metadata": (onnx_policy("harvest", metadata=False), "feature_version"),
+    }
+    for kind, (data, reason) in bad.items():
+        st, out = _publish(server, data)
+        assert st == 422 and reason in out["error"], (kind, st, out)
+    assert http(server.url + "/v1/models/latest")[0] == 404
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": None, "versions": []}
+    good = onnx_policy("harvest")
+    st, out = _publish(server, good)
+    assert st == 200 and out["version"] == 1
+    assert _publish(server, onnx_policy("nan"))[0] == 422  # refused after a good one too
+    st, h, body = http(server.url + "/v1/models/latest")
+    assert st == 200 and body == good and h["X-Model-Version"] == "1"
+    # the same check guards every other way into the registry (the online learner's)
+    reg = Registry(tmp_path / "other-models", GRID)
+    with pytest.raises(ModelRejected, match="non-finite"):
+        reg.add(onnx_policy("nan"))
+    assert reg.latest() is None and reg.versions() == []
 
 
 def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
