@@ -163,7 +163,7 @@ def _trainer_publish(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip()
     if not token:
         raise ValueError("a token is needed: --token-file, --token or $FAASRM_TRAINER_TOKEN")
-    out = publish(args.url, token, args.onnx, checkpoint=args.checkpoint)
+    out = publish(args.url, token, args.onnx, checkpoint=args.checkpoint, ca_file=args.ca_file)
     print(json.dumps(out))
     return 0
 
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=_trainer_serve)
     tp = tr_s.add_parser("publish", help="publish an exported ONNX policy to the registry")
     tp.add_argument("onnx", help="the .onnx written by faasrm export (its .json is sent too)")
-    tp.add_argument("--url", required=True, help="trainer base URL, e.g. http://trainer:9480")
+    tp.add_argument("--url", required=True, help="trainer base URL, e.g. https://trainer:9480")
+    tp.add_argument("--ca-file", default="", help="CA (PEM) of the trainer's https certificate")
     tp.add_argument("--checkpoint", help="the training checkpoint, so online updates continue it")
     tp.add_argument("--token-file", help="file holding the bearer token")
     tp.add_argument("--token", help="the bearer token (else $FAASRM_TRAINER_TOKEN)")

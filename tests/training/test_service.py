@@ -195,6 +195,28 @@ def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> 
     assert reg.latest() is None and reg.versions() == []
 
 
+def test_every_endpoint_but_health_and_metrics_needs_the_token(server) -> None:
+    """Models and the learner's report are the cluster's data: a GET needs the token too."""
+    assert _publish(server, onnx_policy("harvest"))[0] == 200
+    for path in (
+        "/v1/models",
+        "/v1/models/latest",
+        "/v1/models/latest?wait=5",
+        "/v1/models/1",
+        "/v1/models/1/meta",
+        "/debug/learner",
+    ):
+        for token in (None, "wrong"):
+            st, _, body = http(server.url + path, token=token)
+            assert st == 401 and "bearer token" in js(body)["error"], (path, token, st)
+        assert http(server.url + path)[0] == 200, path
+    for path in ("/healthz", "/metrics"):
+        assert http(server.url + path, token=None)[0] == 200, path
+    # a GET with a wrong token is not a refused batch (the trainer's alert counts writes)
+    metrics = http(server.url + "/metrics", token=None)[2].decode()
+    assert 'faasrm_trainer_rejected_batches_total{reason="unauthorized"} 0.0' in metrics
+
+
 def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
     from sidecar.config import ConfigError
 
