@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--nodes", type=int, default=10, help="sidecars for the propagation figure")
     bt.add_argument("--batches", type=int, default=60, help="ingest batches to post")
     bt.add_argument("--batch-records", type=int, default=1000)
+    bt.add_argument("--flood-batches", type=int, default=8, help="maximum-size batches posted")
+    bt.add_argument("--flood-records", type=int, default=15_000, help="records per flood batch")
     bt.add_argument("--json", help="write the figures as JSON to this path")
     bt.set_defaults(func=_bench_trainer)
     br = bench.add_parser(

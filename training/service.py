@@ -11,7 +11,10 @@ would cross the network in clear.
   reason when malformed, 422 for an unknown schema or record version. 200 ``{"stored": true}``
   once the batch is committed to disk (sqlite, WAL, ``synchronous=FULL``); a batch whose
   ``(node_id, seq)`` was stored before is acknowledged with ``{"stored": false, "duplicate":
-  true}`` and not stored again.
+  true}`` and not stored again. Bodies are decoded and validated in ``ingest_workers`` processes
+  (msgpack holds the GIL for the whole decode, about half a second for 15,000 records: on the
+  loop or in a thread that would stall every other request); a worker that dies is replaced and
+  its batch answered 503 (nothing stored, the node resends it).
 * ``GET /v1/models/latest[?wait=S]``: the latest promoted ONNX (``ETag``, ``X-Model-Version``,
   ``X-Model-Sha256``). With ``If-None-Match`` equal to the current ETag it long-polls up to ``S``
   seconds and answers as soon as a newer version is promoted, else 304. 404 while there is none.
@@ -144,9 +147,10 @@ class TrainerConfig:
     """Largest published model (ONNX + checkpoint)."""
     max_records_per_batch: int = 50_000
     """Most records in one batch."""
-    ingest_workers: int = 0
-    """Processes validating batches in parallel (0: on the event loop; try 2+ on an idle
-    multi-core trainer host: on a busy 2-core machine they only add pickling)."""
+    ingest_workers: int = 1
+    """Processes that decode and validate batches off the event loop (2+ on a trainer host with
+    idle cores; 0 = on the event loop, which then stalls /healthz and the long-polls for as long
+    as a large batch takes)."""
     long_poll_max_s: float = 60.0
     """Upper bound of ?wait= on /v1/models/latest."""
     log_level: str = "info"
@@ -402,18 +406,33 @@ class Service:
         scheme, _, tok = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
 
+    def start_validators(self) -> None:
+        """The ``ingest_workers`` processes (forkserver: they never inherit the loop's threads
+        or sockets); none with 0."""
+        if self.cfg.ingest_workers > 0:
+            import multiprocessing
+
+            self.validators = concurrent.futures.ProcessPoolExecutor(
+                self.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
+            )
+
     async def validate(self, body: bytes) -> Batch:
-        if self.validators is None:
+        """The decoded batch or BatchError; BrokenProcessPool when a worker died meanwhile (the
+        workers are replaced first, so the next batch goes to new ones)."""
+        pool = self.validators
+        if pool is None:
             return decode_batch(body, self.cfg.max_records_per_batch)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self.validators, decode_batch, body, self.cfg.max_records_per_batch
+                pool, decode_batch, body, self.cfg.max_records_per_batch
             )
         except concurrent.futures.process.BrokenProcessPool:
-            log.error("a validator process died; validating in-process from now on")
-            self.validators = None
-            return decode_batch(body, self.cfg.max_records_per_batch)
+            if self.validators is pool:  # the first request to notice replaces them
+                log.error("a validator process died; starting new ones")
+                pool.shutdown(wait=False, cancel_futures=True)
+                self.start_validators()
+            raise
 
     def close(self) -> None:
         if self.validators is not None:
@@ -474,6 +493,8 @@ async def post_trajectories(request: web.Request) -> web.Response:
         m.rejected.labels(exc.label).inc()
         log.info("batch refused", extra={"status": exc.status, "reason": exc.reason})
         return _error(exc.status, exc.reason)
+    except concurrent.futures.process.BrokenProcessPool:  # logged when the workers are replaced
+        return _error(503, "the validator process died (a new one is starting): resend the batch")
     loop = asyncio.get_running_loop()
     try:
         stored = await loop.run_in_executor(
@@ -640,13 +661,8 @@ def _warm() -> int:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICE]
-    if svc.cfg.ingest_workers > 0:
-        import multiprocessing
-
-        # forkserver: workers never inherit the loop's threads or sockets
-        svc.validators = concurrent.futures.ProcessPoolExecutor(
-            svc.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
-        )
+    svc.start_validators()
+    if svc.validators is not None:
         # start them now (imports take a moment) rather than on the first batch
         await asyncio.gather(
             *(

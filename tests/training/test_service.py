@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 from trainer_helpers import GRID, TOKEN, ServerThread, batch, http, js, record
 
@@ -102,6 +103,27 @@ def test_a_batch_the_store_cannot_take_is_a_500_and_an_ingest_error(server, tmp_
     db.commit()
     db.close()
     assert post(server, batch("n1", 0, [record("n1", 0)]))[0] == 200  # the resend is stored
+
+
+def test_healthz_answers_while_a_commit_waits(server, tmp_path) -> None:
+    """/healthz runs on the event loop: its counts must not wait for the store, which can be
+    busy committing a 15 MiB batch (fsync) for a while."""
+    db = sqlite3.connect(tmp_path / "data" / "trajectories.sqlite", isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")  # the trainer's next commit waits (sqlite's 5 s busy timeout)
+    got: dict = {}
+    th = threading.Thread(target=lambda: got.update(r=post(server, batch("n1", 0, [record()]))))
+    th.start()
+    try:
+        time.sleep(0.5)  # the batch is validated and its commit is waiting for the lock
+        st, _, body = http(server.url + "/healthz", token=None, timeout=30)
+        assert st == 200 and js(body)["batches"] == 0
+        assert th.is_alive(), got  # answered while the commit still waited
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+        th.join(30)
+    assert got["r"][0] == 200
+    assert js(http(server.url + "/healthz", token=None)[2])["batches"] == 1
 
 
 def test_decode_batch_rejects_disallowed_action() -> None:
@@ -229,11 +251,41 @@ def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
     assert load_config(None, {"token_file": str(tmp_path / "tok")}).resolve_token() == "secret"
 
 
-def test_validator_processes_give_the_same_answers(tmp_path: Path) -> None:
-    with ServerThread(tmp_path / "data", ingest_workers=1) as srv:
+def test_on_the_loop_validation_gives_the_same_answers(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data", ingest_workers=0) as srv:
         assert post(srv, batch("n1", 0, [record("n1", i) for i in range(5)]))[0] == 200
         assert post(srv, batch("n1", 0, [record("n1", 0)]))[0] == 200  # duplicate
         st, _, body = post(srv, batch("n1", 1, [record("n1", 0)], schema_version=3))
         assert st == 422 and "schema_version" in js(body)["error"]
         assert post(srv, b"\xc1")[0] == 400
         assert js(http(srv.url + "/healthz", token=None)[2])["records"] == 5
+
+
+def _validator_pids() -> list[int]:
+    """The live workers of this process's forkserver (where the validators are forked)."""
+    servers = [
+        p for p in psutil.Process().children() if "multiprocessing.forkserver" in p.cmdline()[-1]
+    ]
+    return sorted(
+        c.pid for s in servers for c in s.children() if c.status() != psutil.STATUS_ZOMBIE
+    )
+
+
+def test_batches_are_validated_off_the_loop_and_a_dead_validator_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """By default a batch is decoded in a worker process: a 15,000-record batch holds the GIL
+    for about half a second inside msgpack, so on the loop (or in a thread) /healthz and the
+    long-polls would wait that long. A worker that dies is replaced; the batch it had is
+    answered 503 (nothing stored: the node resends it), later ones go to the new worker."""
+    with ServerThread(tmp_path / "data") as srv:
+        first = _validator_pids()
+        assert len(first) == 1, first
+        assert post(srv, batch("n1", 0, [record("n1", 0)]))[0] == 200
+        psutil.Process(first[0]).kill()
+        st, _, body = post(srv, batch("n1", 1, [record("n1", 1)]))
+        assert st == 503 and "resend" in js(body)["error"]
+        assert post(srv, batch("n1", 1, [record("n1", 1)]))[0] == 200
+        now = _validator_pids()
+        assert len(now) == 1 and now != first
+        assert js(http(srv.url + "/healthz", token=None)[2])["batches"] == 2
