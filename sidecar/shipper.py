@@ -36,13 +36,16 @@ import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from sidecar.config import ShipperConfig
 from sidecar.core.record import SCHEMA_VERSION
 from sidecar.spool import Spool
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("faasrm.shipper")
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
@@ -57,7 +60,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def trainer_session(ssl_context: ssl.SSLContext | None) -> Any:
+def trainer_session(ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
     """The aiohttp client session of the shipper and the model poller: https verified against
     ``ssl_context`` (None: aiohttp's default, the system's CAs)."""
     import aiohttp
