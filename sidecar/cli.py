@@ -163,7 +163,7 @@ def _trainer_publish(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip()
     if not token:
         raise ValueError("a token is needed: --token-file, --token or $FAASRM_TRAINER_TOKEN")
-    out = publish(args.url, token, args.onnx, checkpoint=args.checkpoint)
+    out = publish(args.url, token, args.onnx, checkpoint=args.checkpoint, ca_file=args.ca_file)
     print(json.dumps(out))
     return 0
 
@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=_trainer_serve)
     tp = tr_s.add_parser("publish", help="publish an exported ONNX policy to the registry")
     tp.add_argument("onnx", help="the .onnx written by faasrm export (its .json is sent too)")
-    tp.add_argument("--url", required=True, help="trainer base URL, e.g. http://trainer:9480")
+    tp.add_argument("--url", required=True, help="trainer base URL, e.g. https://trainer:9480")
+    tp.add_argument("--ca-file", default="", help="CA (PEM) of the trainer's https certificate")
     tp.add_argument("--checkpoint", help="the training checkpoint, so online updates continue it")
     tp.add_argument("--token-file", help="file holding the bearer token")
     tp.add_argument("--token", help="the bearer token (else $FAASRM_TRAINER_TOKEN)")
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--nodes", type=int, default=10, help="sidecars for the propagation figure")
     bt.add_argument("--batches", type=int, default=60, help="ingest batches to post")
     bt.add_argument("--batch-records", type=int, default=1000)
+    bt.add_argument("--flood-batches", type=int, default=8, help="maximum-size batches posted")
+    bt.add_argument("--flood-records", type=int, default=15_000, help="records per flood batch")
     bt.add_argument("--json", help="write the figures as JSON to this path")
     bt.set_defaults(func=_bench_trainer)
     br = bench.add_parser(

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import socket
+import ssl
 import tomllib
 import types
 import typing
@@ -181,11 +182,15 @@ class ShipperConfig:
     enabled: bool = False
     """Ship spooled trajectory records to the trainer service."""
     url: str = ""
-    """Trainer base URL, e.g. http://trainer:9480."""
+    """Trainer base URL, e.g. https://trainer:9480 (http only for a trainer on this host or one
+    that sets allow_plaintext: the token and the records would cross the network in clear)."""
     token_file: str = ""
     """File holding the trainer's bearer token (else ``token``, else $FAASRM_TRAINER_TOKEN)."""
     token: str = ""
     """The bearer token itself (prefer token_file)."""
+    ca_file: str = ""
+    """CA certificate(s), PEM, that the trainer's https certificate must chain to (e.g. the
+    ``ca.crt`` of ``systemd/trainer-tls.sh``); empty = the system's CAs."""
     state_file: str = "/var/lib/faasrm/shipper.json"
     """Acknowledged spool position, next batch seq and the in-flight batch (fsynced)."""
     batch_records: int = 2000
@@ -206,13 +211,26 @@ class ShipperConfig:
             "shipper", self.token_file, self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
         )
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client TLS context for the trainer (https urls): ``ca_file`` or the system's CAs."""
+        return tls_client_context(self.ca_file, "shipper.ca_file")
+
+
+def tls_client_context(ca_file: str, key: str) -> ssl.SSLContext:
+    """A client context that verifies servers against ``ca_file`` (PEM; empty = the system's
+    CAs) and their host names; an unreadable file is a ConfigError naming ``key``."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{key} {ca_file}: {exc}") from None
+
 
 @dataclass(frozen=True)
 class ModelPollerConfig:
     enabled: bool = False
     """Long-poll the trainer's registry for new models and hot-swap them."""
     url: str = ""
-    """Trainer base URL (empty = shipper.url)."""
+    """Trainer base URL (empty = shipper.url); it uses [shipper]'s token and ca_file."""
     dir: str = "/var/lib/faasrm/models"
     """Where downloaded models are kept (the active one is reloaded after a restart)."""
     wait_s: float = 30.0
@@ -454,6 +472,15 @@ def validate(cfg: Config) -> None:
         problems.append("shipper.url must be an http(s) URL when the shipper is enabled")
     if mp.enabled and not (mp.url or sh.url).startswith(("http://", "https://")):
         problems.append("model_poller.url (or shipper.url) must be an http(s) URL")
+    plain = [
+        name
+        for name, on, url in (("shipper", sh.enabled, sh.url), ("model_poller", mp.enabled, mp.url))
+        if on and (url or sh.url).startswith("http://")
+    ]
+    if sh.ca_file and plain:
+        problems.append(
+            f"shipper.ca_file is set but the {' and '.join(plain)} url is http://: use https://"
+        )
     if sh.batch_records < 1 or sh.max_batch_bytes < 4096 or sh.interval_s <= 0:
         problems.append("shipper: batch_records >= 1, max_batch_bytes >= 4096, interval_s > 0")
     for name, sec in (("shipper", sh), ("model_poller", mp)):

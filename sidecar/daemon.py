@@ -239,7 +239,12 @@ async def _poller_ctx(app: web.Application) -> AsyncIterator[None]:
     from sidecar.model_poller import POLLER, ModelPoller
 
     poller = ModelPoller(
-        app[NODE], cfg.model_poller, cfg.model_poller.url or cfg.shipper.url, app[METRICS]
+        app[NODE],
+        cfg.model_poller,
+        cfg.model_poller.url or cfg.shipper.url,
+        app[METRICS],
+        token=cfg.shipper.resolve_token(),
+        ssl_context=cfg.shipper.ssl_context(),
     )
     poller.restore_active()
     app[POLLER] = poller

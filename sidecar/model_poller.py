@@ -20,7 +20,8 @@ shows the active registry version and this history.
 node runs, the one it would roll back to, the versions rolled back and the last ETag seen: a
 restarted daemon loads the rollback target and then the active version at once (so a rollback
 after the restart returns to the version that ran before), never takes a rolled-back version
-again, and its first poll carries that ETag.
+again, and its first poll carries that ETag. Requests carry the trainer's bearer token and verify
+its https certificate like the shipper's (``sidecar.shipper.trainer_session``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -38,18 +40,29 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
-from sidecar.shipper import jittered_backoff
+from sidecar.shipper import bearer, jittered_backoff, trainer_session
 
 log = logging.getLogger("faasrm.model_poller")
 
 
 class ModelPoller:
-    def __init__(self, node: Any, cfg: ModelPollerConfig, url: str, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        node: Any,
+        cfg: ModelPollerConfig,
+        url: str,
+        metrics: Any = None,
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.node = node
         self.models = node.models
         self.cfg = cfg
         self.url = url.rstrip("/")
         self.metrics = metrics
+        self.token = token
+        self.ssl_context = ssl_context
+        """Verifies the trainer's https certificate (None: the system's CAs)."""
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.etag: str | None = None
@@ -223,7 +236,9 @@ class ModelPoller:
         """One long-poll: 'new', 'same', 'none' or 'error'."""
         import aiohttp
 
-        headers = {"If-None-Match": self.etag} if self.etag else {}
+        headers = bearer(self.token)
+        if self.etag:
+            headers["If-None-Match"] = self.etag
         url = f"{self.url}/v1/models/latest?wait={self.cfg.wait_s:g}"
         self.polls += 1
         try:
@@ -249,10 +264,8 @@ class ModelPoller:
         return "new"
 
     async def run(self) -> None:
-        import aiohttp
-
         attempt = 0
-        async with aiohttp.ClientSession() as session:
+        async with trainer_session(self.ssl_context) as session:
             while True:
                 result = await self.poll_once(session)
                 if result == "error":

@@ -20,6 +20,9 @@ a single record the trainer refuses is dropped, counted and logged, so one bad r
 neither stall the node nor take good records with it.
 If the spool dropped the segment a planned batch came from (it was full), the batch is gone: the
 spool counted those records as dropped; shipping resumes at the oldest segment left.
+
+Every request to the trainer (these and the model poller's) carries the bearer token and, for an
+https url, verifies the trainer's certificate against ``[shipper] ca_file`` (``trainer_session``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -40,12 +44,28 @@ from sidecar.config import ShipperConfig
 from sidecar.core.record import SCHEMA_VERSION
 from sidecar.spool import Spool
 
+if TYPE_CHECKING:
+    import aiohttp
+
 log = logging.getLogger("faasrm.shipper")
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
 
 
 def _seg_no(path: Path) -> int:
     return int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The trainer's auth header (none without a token: the trainer then answers 401)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def trainer_session(ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
+    """The aiohttp client session of the shipper and the model poller: https verified against
+    ``ssl_context`` (None: aiohttp's default, the system's CAs)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context or True))
 
 
 def jittered_backoff(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
@@ -257,10 +277,7 @@ class Shipper:
             return "dropped"
         body = self.body(p)
         url = self.cfg.url.rstrip("/") + "/v1/trajectories"
-        headers = {
-            "Authorization": f"Bearer {self.token}",
-            "Content-Type": "application/msgpack",
-        }
+        headers = {**bearer(self.token), "Content-Type": "application/msgpack"}
         import aiohttp
 
         try:
@@ -309,10 +326,8 @@ class Shipper:
         return "retry"
 
     async def run(self) -> None:
-        import aiohttp
-
         attempt = 0
-        async with aiohttp.ClientSession() as session:
+        async with trainer_session(self.cfg.ssl_context()) as session:
             while True:
                 try:
                     result = await self.ship_once(session)

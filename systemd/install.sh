@@ -7,14 +7,18 @@
 #   sudo systemd/install.sh --role trainer --start    # the trainer host
 #
 # Options: --role sidecar|trainer|both (default sidecar), --prefix DIR (default /opt/faasrm),
-#          --start (enable --now the unit(s)), --skip-venv (units and configs only).
+#          --start (enable --now the unit(s)), --skip-venv (units and configs only),
+#          --tls-names SAN (the trainer's certificate names, default "DNS:<fqdn>,DNS:<hostname>").
 # DESTDIR=/some/root installs into a staging tree (no systemctl calls then).
+# A trainer also gets a private CA and a TLS pair in /etc/faasrm/tls (systemd/trainer-tls.sh;
+# existing files are kept): copy /etc/faasrm/tls/ca.crt to the nodes ([shipper] ca_file).
 set -eu
 
 ROLE=sidecar
 PREFIX=/opt/faasrm
 START=no
 SKIP_VENV=no
+TLS_NAMES=""
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 DESTDIR=${DESTDIR:-}
 PYTHON=${PYTHON:-python3}
@@ -25,7 +29,8 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=$2; shift 2 ;;
         --start) START=yes; shift ;;
         --skip-venv) SKIP_VENV=yes; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --tls-names) TLS_NAMES=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -69,6 +74,21 @@ case "$ROLE" in
     trainer) copy_config training/trainer.example.toml trainer.toml ;;
     both) copy_config sidecar/example.toml sidecar.toml
           copy_config training/trainer.example.toml trainer.toml ;;
+esac
+# the trainer's TLS pair (its example config listens on every interface, over https only)
+case "$ROLE" in
+    trainer|both)
+        if [ -z "$TLS_NAMES" ]; then
+            fqdn=$(hostname -f 2>/dev/null || hostname)
+            TLS_NAMES="DNS:$fqdn"
+            [ "$(hostname)" = "$fqdn" ] || TLS_NAMES="$TLS_NAMES,DNS:$(hostname)"
+        fi
+        if command -v openssl >/dev/null; then
+            sh "$SRC/systemd/trainer-tls.sh" "$DESTDIR/etc/faasrm/tls" "$TLS_NAMES"
+        else
+            echo "no openssl here: put the trainer's TLS pair in /etc/faasrm/tls yourself" \
+                "(systemd/trainer-tls.sh on another machine) before starting it"
+        fi ;;
 esac
 
 # monitoring: the Grafana dashboard and the Prometheus alert rules with their unit tests

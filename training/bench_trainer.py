@@ -7,20 +7,28 @@
   until the last 2xx, i.e. every record validated and committed with fsync. Baseline: decoding
   the same bodies with ``msgpack.unpackb`` alone, in this process (the floor of any validating
   ingest).
+* healthz_p99_ms_under_flood: the 99th percentile of ``/healthz`` answer times (one probe every
+  10 ms over a keep-alive connection, from a thread of this process) while 2 clients POST
+  maximum-size batches back to back (``--flood-records`` per batch, 15,000 by default: 14.7 MiB,
+  just under the default ``max_body_bytes``) into a real trainer process with its default ingest
+  settings. A stalled event loop shows here first (target < 50 ms). Baseline: the same probes
+  with no flood.
 * propagation_s: a model is published (promoted) while ``--nodes`` sidecars of a one-machine
   cluster long-poll the registry; time until every node's ``/debug/model`` reports it active
   (downloaded, validated, swapped). Median of 3 promotions. Baseline: the first node to have it.
 
-The JSON file holds exactly ``ingest_transitions_per_s`` and ``propagation_s``.
+The JSON file holds exactly ``KEYS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,8 @@ from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.record import SCHEMA_VERSION, Record
 
 GRID = ResourceGrid(0.25, 8, 64.0, 8)
+KEYS = ("ingest_transitions_per_s", "healthz_p99_ms_under_flood", "propagation_s")
+"""The figures ``--json`` writes."""
 
 
 def synthetic_record(
@@ -146,6 +156,59 @@ def bench_ingest(n_batches: int, per_batch: int | None, workdir: Path) -> dict[s
     }
 
 
+def _probe_healthz(port: int, stop: threading.Event, out: list[float]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        while True:  # at least one probe, however short the work
+            t0 = time.perf_counter()
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            out.append(time.perf_counter() - t0)
+            if stop.wait(0.01):
+                break
+    finally:
+        conn.close()
+
+
+def _healthz_p99_ms(port: int, work: Any) -> tuple[float, int]:
+    """p99 of /healthz answer times (ms) while ``work()`` runs, and how many probes ran."""
+    stop, lat = threading.Event(), []
+    probe = threading.Thread(target=_probe_healthz, args=(port, stop, lat), daemon=True)
+    probe.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        probe.join(30)
+    return float(np.percentile(lat, 99) * 1000), len(lat)
+
+
+def bench_flood(n_batches: int, per_batch: int, workdir: Path) -> dict[str, float]:
+    from training.processes import TOKEN, TrainerProcess, free_port
+
+    bodies = make_bodies(n_batches, per_batch)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tr = TrainerProcess(workdir, free_port(), {"learner.enabled": False})
+    tr.start()
+    try:
+        idle_ms, _ = _healthz_p99_ms(tr.port, lambda: time.sleep(1.0))
+        url = tr.url + "/v1/trajectories"
+        wall: list[float] = []
+        p99_ms, probes = _healthz_p99_ms(
+            tr.port, lambda: wall.append(asyncio.run(_post_all(url, TOKEN, bodies)))
+        )
+    finally:
+        tr.stop()
+    return {
+        "healthz_p99_ms_under_flood": p99_ms,
+        "baseline_healthz_p99_ms_idle": idle_ms,
+        "healthz_probes": probes,
+        "flood_transitions_per_s": n_batches * per_batch / wall[0],
+        "flood_batch_bytes": len(bodies[0]),
+        "flood_batch_records": per_batch,
+    }
+
+
 def bench_propagation(nodes: int, workdir: Path, repeats: int = 3) -> dict[str, float]:
     import torch
 
@@ -211,6 +274,15 @@ def main(args: Any) -> int:
             f"(target >= 50,000/s)",
             flush=True,
         )
+        flood = bench_flood(args.flood_batches, args.flood_records, work / "flood")
+        print(
+            f"/healthz under a flood: p99 {flood['healthz_p99_ms_under_flood']:.1f} ms over "
+            f"{flood['healthz_probes']} probes while {args.flood_batches} batches of "
+            f"{args.flood_records} records ({flood['flood_batch_bytes'] / 2**20:.1f} MiB each) "
+            f"went in at {flood['flood_transitions_per_s']:,.0f} transitions/s vs "
+            f"{flood['baseline_healthz_p99_ms_idle']:.1f} ms idle (target < 50 ms)",
+            flush=True,
+        )
         prop = bench_propagation(args.nodes, work)
         print(
             f"propagation: {prop['propagation_s']:.3f} s from promotion to all {args.nodes} nodes "
@@ -220,6 +292,7 @@ def main(args: Any) -> int:
         )
     figures = {
         "ingest_transitions_per_s": round(ing["ingest_transitions_per_s"], 1),
+        "healthz_p99_ms_under_flood": round(flood["healthz_p99_ms_under_flood"], 2),
         "propagation_s": round(prop["propagation_s"], 4),
     }
     if args.json:

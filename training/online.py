@@ -23,7 +23,8 @@ One update (``Learner.step``, on a worker thread):
      rate by ``real_max_increase`` plus two standard errors of it. The current model's observed real
      slowdown and failure rates are reported beside them.
 6. promote: a new registry version (ONNX, export metadata, the gate report as evaluation, the
-   agent checkpoint), then every long-poll is woken.
+   agent checkpoint), then every long-poll is woken. The registry runs the nodes' model checks
+   first; a candidate they would refuse (NaN scores after a diverged update) is "rejected".
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from sidecar.core.features import expand_rows
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import OnnxScorer, fallback_scorer
 from sidecar.core.record import learnable
+from sidecar.models import ModelRejected
 from training.ppo import Agent, PPOLoss, load_checkpoint, ppo_loss
 
 log = logging.getLogger("faasrm.learner")
@@ -325,9 +327,16 @@ class Learner:
         if report["passed"]:
             buf = io.BytesIO()
             torch.save({"agent": agent.state_dict(), "args": {"online": True}}, buf)
-            v = self.registry.add(cand.read_bytes(), meta, report, buf.getvalue(), source="online")
-            out.update(result="promoted", version=v.version, sha256=v.sha256)
-            log.info("candidate promoted", extra={"version": v.version, "base": source})
+            try:
+                v = self.registry.add(
+                    cand.read_bytes(), meta, report, buf.getvalue(), source="online"
+                )
+            except ModelRejected as exc:
+                out.update(result="rejected", reason=f"the registry refused it: {exc}")
+                log.error("candidate refused by the registry", extra={"reason": str(exc)})
+            else:
+                out.update(result="promoted", version=v.version, sha256=v.sha256)
+                log.info("candidate promoted", extra={"version": v.version, "base": source})
         else:
             out.update(result="rejected")
             log.info("candidate refused by the gate", extra={"gate": report})

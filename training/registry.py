@@ -8,9 +8,11 @@ by one thread at a time (the service runs it on a single-thread executor).
 
 Model registry (``<data_dir>/models/``): ``<version:06d>/model.onnx`` + ``meta.json``
 (version, sha256, export metadata, evaluation, source, created) and optionally ``agent.pt`` (the
-torch state the online learner continues from). A version directory is written under a temporary
-name, fsynced and renamed, then ``LATEST`` is replaced atomically: a crash leaves either the old
-or the new latest, never a half-written one.
+torch state the online learner continues from). Only models a node can run get in: ``add`` runs
+the nodes' own checks (``sidecar.models.validate``) on the registry's grid first, so the latest
+version is always one a freshly started node accepts. A version directory is written under a
+temporary name, fsynced and renamed, then ``LATEST`` is replaced atomically: a crash leaves
+either the old or the new latest, never a half-written one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from sidecar.core.grid import ResourceGrid
+from sidecar.models import validate
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,6 +70,10 @@ class TrajectoryStore:
             " n INTEGER NOT NULL, rewarded INTEGER NOT NULL, received REAL NOT NULL,"
             " body BLOB NOT NULL, UNIQUE(node, seq))"
         )
+        b, n, r = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n), 0), COALESCE(SUM(rewarded), 0) FROM batches"
+        ).fetchone()
+        self._totals = (int(b), int(n), int(r))
 
     def add(self, node: str, seq: int, n: int, rewarded: int, body: bytes) -> bool:
         """Store a batch durably; False if (node, seq) was stored before (nothing written)."""
@@ -74,14 +83,17 @@ class TrajectoryStore:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (node, seq, n, rewarded, time.time(), body),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            b, tn, tr = self._totals
+            self._totals = (b + 1, tn + n, tr + rewarded)
+            return True
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            b, n, r = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n), 0), COALESCE(SUM(rewarded), 0) FROM batches"
-            ).fetchone()
-        return {"batches": int(b), "records": int(n), "rewarded": int(r)}
+        """Stored batches, records and rewarded records, kept in memory (the one writer is this
+        object): /healthz reads them on the event loop and must never wait for a commit."""
+        b, n, r = self._totals
+        return {"batches": b, "records": n, "rewarded": r}
 
     def max_id(self) -> int:
         with self._lock:
@@ -146,8 +158,10 @@ class Version:
 
 
 class Registry:
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, grid: ResourceGrid) -> None:
         self.dir = Path(directory)
+        self.grid = grid
+        """The nodes' grid: every stored model must run on it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         for stale in self.dir.glob(".tmp-*"):
@@ -186,7 +200,9 @@ class Registry:
         checkpoint: bytes | str | Path | None = None,
         source: str = "publish",
     ) -> Version:
-        """Store a new version and make it the latest (durably); returns it."""
+        """Store a new version and make it the latest (durably); returns it. Raises
+        ``sidecar.models.ModelRejected`` (nothing stored) for a model no node could run."""
+        validate(onnx, self.grid, None)
         sha = hashlib.sha256(onnx).hexdigest()
         with self._lock:
             version = max(self.versions(), default=0) + 1

@@ -1,20 +1,29 @@
 """``faasrm trainer serve``: the cluster's trainer service (one per cluster; aiohttp owns it).
 
-Endpoints (writes need ``Authorization: Bearer <token>``):
+Every endpoint but ``/healthz`` and ``/metrics`` needs ``Authorization: Bearer <token>`` (401
+otherwise): trajectories and models are the cluster's data. Off the loopback interface the
+service speaks https (``tls_cert_file``/``tls_key_file``; the nodes verify it with ``[shipper]
+ca_file``); plain http there is refused unless ``allow_plaintext`` says otherwise, since the token
+would cross the network in clear.
 
 * ``POST /v1/trajectories``: msgpack ``{schema_version, node_id, seq, records: [...]}`` (records
   as in ``sidecar.core.record``). 401 without the token, 413 over ``max_body_bytes``, 400 with a
   reason when malformed, 422 for an unknown schema or record version. 200 ``{"stored": true}``
   once the batch is committed to disk (sqlite, WAL, ``synchronous=FULL``); a batch whose
   ``(node_id, seq)`` was stored before is acknowledged with ``{"stored": false, "duplicate":
-  true}`` and not stored again.
+  true}`` and not stored again. Bodies are decoded and validated in ``ingest_workers`` processes
+  (msgpack holds the GIL for the whole decode, about half a second for 15,000 records: on the
+  loop or in a thread that would stall every other request); a worker that dies is replaced and
+  its batch answered 503 (nothing stored, the node resends it).
 * ``GET /v1/models/latest[?wait=S]``: the latest promoted ONNX (``ETag``, ``X-Model-Version``,
   ``X-Model-Sha256``). With ``If-None-Match`` equal to the current ETag it long-polls up to ``S``
   seconds and answers as soon as a newer version is promoted, else 304. 404 while there is none.
 * ``GET /v1/models`` (versions), ``/v1/models/{version}`` (ONNX), ``/v1/models/{version}/meta``.
 * ``POST /v1/models``: msgpack ``{onnx, metadata?, evaluation?, checkpoint?, sha256?}``: publish a
-  model (offline ``faasrm train`` runs, operators, tests). Integrity only (sha256, size): every
-  node validates a model itself before running it.
+  model (offline ``faasrm train`` runs, operators, tests). The registry runs the nodes' own checks
+  on it (``sidecar.models.validate`` on ``grid``: onnxruntime load, ``rows`` -> ``scores``,
+  feature version and schema hash, grid, finite scores on probe rows): 422 with the reason for a
+  model no node could run, so the latest version is always usable.
 * ``GET /healthz``, ``/metrics`` (``faasrm_trainer_*``), ``/debug/learner``.
 
 The online learner (``training.online``) runs in its own cleanup context on a worker thread.
@@ -29,12 +38,14 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
 import re
 import signal
 import sqlite3
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,10 +57,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from sidecar.config import ConfigError, load_tree
+from sidecar.config import ConfigError, load_tree, tls_client_context
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.record import SCHEMA_VERSION, RecordError, check_batch
+from sidecar.models import ModelRejected
 from sidecar.process import Notifier, json_response, setup_logging
+from sidecar.shipper import bearer
 from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
 
@@ -111,11 +124,19 @@ class GateConfig:
 @dataclass(frozen=True)
 class TrainerConfig:
     host: str = "127.0.0.1"
-    """Listen address."""
+    """Listen address (anything but loopback needs TLS, or allow_plaintext)."""
     port: int = 9480
     """Listen port (0 = any free port)."""
+    tls_cert_file: str = ""
+    """PEM certificate (chain) to serve https with (with tls_key_file; empty = plain http)."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    allow_plaintext: bool = False
+    """Serve plain http on a non-loopback host: the token and the trajectories then cross the
+    network unencrypted (a trusted private network only)."""
     token: str = ""
-    """Bearer token for writes (prefer token_file or $FAASRM_TRAINER_TOKEN)."""
+    """Bearer token of every endpoint but /healthz and /metrics (prefer token_file or
+    $FAASRM_TRAINER_TOKEN)."""
     token_file: str = ""
     """File holding the bearer token."""
     data_dir: str = "/var/lib/faasrm-trainer"
@@ -126,9 +147,10 @@ class TrainerConfig:
     """Largest published model (ONNX + checkpoint)."""
     max_records_per_batch: int = 50_000
     """Most records in one batch."""
-    ingest_workers: int = 0
-    """Processes validating batches in parallel (0: on the event loop; try 2+ on an idle
-    multi-core trainer host: on a busy 2-core machine they only add pickling)."""
+    ingest_workers: int = 1
+    """Processes that decode and validate batches off the event loop (2+ on a trainer host with
+    idle cores; 0 = on the event loop, which then stalls /healthz and the long-polls for as long
+    as a large batch takes)."""
     long_poll_max_s: float = 60.0
     """Upper bound of ?wait= on /v1/models/latest."""
     log_level: str = "info"
@@ -145,6 +167,31 @@ class TrainerConfig:
             except OSError as exc:
                 raise ConfigError(f"token_file {self.token_file}: {exc.strerror}") from None
         return self.token or os.environ.get("FAASRM_TRAINER_TOKEN", "")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context from tls_cert_file/tls_key_file; None for plain http."""
+        if not (self.tls_cert_file or self.tls_key_file):
+            return None
+        if not (self.tls_cert_file and self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls_cert_file {self.tls_cert_file} / tls_key_file {self.tls_key_file}: {exc}"
+            ) from None
+        return ctx
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
 
 
 def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfig:
@@ -168,6 +215,17 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
         problems.append(f"grid: {exc}")
     if not cfg.resolve_token():
         problems.append("no token: set token_file, token or $FAASRM_TRAINER_TOKEN")
+    try:
+        tls = cfg.ssl_context() is not None
+    except ConfigError as exc:
+        problems.append(str(exc))
+        tls = True  # refused above already
+    if not tls and not is_loopback(cfg.host) and not cfg.allow_plaintext:
+        problems.append(
+            f"host {cfg.host!r} is not a loopback address and no TLS is configured: set "
+            "tls_cert_file and tls_key_file (the nodes verify them with [shipper] ca_file), or "
+            "allow_plaintext = true to send the token and trajectories unencrypted"
+        )
     if problems:
         raise ConfigError(f"{path or 'config'}: {'; '.join(problems)}")
     return cfg
@@ -320,7 +378,7 @@ class Service:
         self.token = token.encode()
         data = Path(cfg.data_dir)
         self.store = TrajectoryStore(data / "trajectories.sqlite")
-        self.registry = Registry(data / "models")
+        self.registry = Registry(data / "models", cfg.grid)
         self.metrics = TrainerMetrics()
         self.db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasrm-db")
         self.validators: concurrent.futures.ProcessPoolExecutor | None = None
@@ -348,18 +406,33 @@ class Service:
         scheme, _, tok = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
 
+    def start_validators(self) -> None:
+        """The ``ingest_workers`` processes (forkserver: they never inherit the loop's threads
+        or sockets); none with 0."""
+        if self.cfg.ingest_workers > 0:
+            import multiprocessing
+
+            self.validators = concurrent.futures.ProcessPoolExecutor(
+                self.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
+            )
+
     async def validate(self, body: bytes) -> Batch:
-        if self.validators is None:
+        """The decoded batch or BatchError; BrokenProcessPool when a worker died meanwhile (the
+        workers are replaced first, so the next batch goes to new ones)."""
+        pool = self.validators
+        if pool is None:
             return decode_batch(body, self.cfg.max_records_per_batch)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self.validators, decode_batch, body, self.cfg.max_records_per_batch
+                pool, decode_batch, body, self.cfg.max_records_per_batch
             )
         except concurrent.futures.process.BrokenProcessPool:
-            log.error("a validator process died; validating in-process from now on")
-            self.validators = None
-            return decode_batch(body, self.cfg.max_records_per_batch)
+            if self.validators is pool:  # the first request to notice replaces them
+                log.error("a validator process died; starting new ones")
+                pool.shutdown(wait=False, cancel_futures=True)
+                self.start_validators()
+            raise
 
     def close(self) -> None:
         if self.validators is not None:
@@ -392,12 +465,23 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
 
 
 # ------------------------------------------------------------------------------------ handlers
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+"""The only endpoints answered without the token (probes and Prometheus)."""
+
+
+@web.middleware
+async def _require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+    svc = request.app[SERVICE]
+    if request.path not in OPEN_PATHS and not svc.authorized(request):
+        if request.method == "POST":  # a node or a publisher with a wrong token (an alert)
+            svc.metrics.rejected.labels("unauthorized").inc()
+        return _error(401, "missing or wrong bearer token")
+    return await handler(request)
+
+
 async def post_trajectories(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     m = svc.metrics
-    if not svc.authorized(request):
-        m.rejected.labels("unauthorized").inc()
-        return _error(401, "missing or wrong bearer token")
     t0 = time.perf_counter()
     body = await _read_limited(request, svc.cfg.max_body_bytes)
     if body is None:
@@ -409,6 +493,8 @@ async def post_trajectories(request: web.Request) -> web.Response:
         m.rejected.labels(exc.label).inc()
         log.info("batch refused", extra={"status": exc.status, "reason": exc.reason})
         return _error(exc.status, exc.reason)
+    except concurrent.futures.process.BrokenProcessPool:  # logged when the workers are replaced
+        return _error(503, "the validator process died (a new one is starting): resend the batch")
     loop = asyncio.get_running_loop()
     try:
         stored = await loop.run_in_executor(
@@ -508,9 +594,6 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def post_model(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    if not svc.authorized(request):
-        svc.metrics.rejected.labels("unauthorized").inc()
-        return _error(401, "missing or wrong bearer token")
     body = await _read_limited(request, svc.cfg.max_model_bytes)
     if body is None:
         return _error(413, f"model larger than {svc.cfg.max_model_bytes} bytes")
@@ -533,16 +616,20 @@ async def post_model(request: web.Request) -> web.Response:
     if ckpt is not None and not isinstance(ckpt, bytes):
         return _error(400, "'checkpoint' must be bytes")
     loop = asyncio.get_running_loop()
-    v = await loop.run_in_executor(
-        svc.db,
-        lambda: svc.registry.add(
-            obj["onnx"],
-            obj.get("metadata"),
-            obj.get("evaluation"),
-            ckpt,
-            str(obj.get("source") or "publish"),
-        ),
-    )
+    try:
+        v = await loop.run_in_executor(
+            svc.db,
+            lambda: svc.registry.add(
+                obj["onnx"],
+                obj.get("metadata"),
+                obj.get("evaluation"),
+                ckpt,
+                str(obj.get("source") or "publish"),
+            ),
+        )
+    except ModelRejected as exc:
+        log.warning("published model refused", extra={"sha256": sha, "reason": str(exc)})
+        return _error(422, f"no node could run this model: {exc}")
     svc.promoted()
     log.info("model published", extra={"version": v.version, "sha256": v.sha256})
     return web.json_response({"version": v.version, "sha256": v.sha256})
@@ -574,13 +661,8 @@ def _warm() -> int:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICE]
-    if svc.cfg.ingest_workers > 0:
-        import multiprocessing
-
-        # forkserver: workers never inherit the loop's threads or sockets
-        svc.validators = concurrent.futures.ProcessPoolExecutor(
-            svc.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
-        )
+    svc.start_validators()
+    if svc.validators is not None:
         # start them now (imports take a moment) rather than on the first batch
         await asyncio.gather(
             *(
@@ -638,7 +720,10 @@ async def _on_shutdown(app: web.Application) -> None:
 
 
 def build_app(cfg: TrainerConfig, notifier: Notifier | None = None) -> web.Application:
-    app = web.Application(client_max_size=max(cfg.max_body_bytes, cfg.max_model_bytes) + 1)
+    app = web.Application(
+        client_max_size=max(cfg.max_body_bytes, cfg.max_model_bytes) + 1,
+        middlewares=[_require_token],
+    )
     app[SERVICE] = Service(cfg, cfg.resolve_token())
     app[NOTIFIER] = notifier or Notifier.from_env()
     app.cleanup_ctx.append(_service_ctx)
@@ -663,7 +748,8 @@ async def serve(cfg: TrainerConfig, stop: asyncio.Event | None = None) -> None:
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    tls = cfg.ssl_context()
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls)
     await site.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -671,9 +757,15 @@ async def serve(cfg: TrainerConfig, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)  # not in a thread (tests)
     port = runner.addresses[0][1] if runner.addresses else cfg.port
-    app[NOTIFIER].send(f"READY=1\nSTATUS=listening on {cfg.host}:{port}\nMAINPID={os.getpid()}")
+    scheme = "https" if tls else "http"
+    app[NOTIFIER].send(
+        f"READY=1\nSTATUS=listening on {scheme}://{cfg.host}:{port}\nMAINPID={os.getpid()}"
+    )
     app[SERVICE].ready.set()
-    log.info("trainer listening", extra={"host": cfg.host, "port": port, "data_dir": cfg.data_dir})
+    log.info(
+        "trainer listening",
+        extra={"host": cfg.host, "port": port, "scheme": scheme, "data_dir": cfg.data_dir},
+    )
     try:
         await stop.wait()
     finally:
@@ -687,6 +779,41 @@ def run(cfg: TrainerConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------ client
+class TrainerError(ValueError):
+    """The trainer refused a request: its HTTP ``status`` and the reason it gave."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def call_trainer(
+    url: str, token: str, body: bytes | None = None, ca_file: str = "", timeout_s: float = 30.0
+) -> Any:
+    """GET ``url`` (or POST a msgpack ``body``) with the bearer token, an https url verified
+    against ``ca_file`` (empty = the system's CAs); its JSON answer, or TrainerError."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = bearer(token)
+    if body is not None:
+        headers["Content-Type"] = "application/msgpack"
+    req = urllib.request.Request(url, data=body, headers=headers)
+    ctx = tls_client_context(ca_file, "ca_file") if url.startswith("https://") else None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=ctx) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode("utf-8", "replace")
+        try:
+            reason = json.loads(text)["error"]
+        except (ValueError, KeyError, TypeError):
+            reason = text[:500] or exc.reason
+        raise TrainerError(exc.code, reason) from None
+
+
 def publish(
     url: str,
     token: str,
@@ -695,10 +822,11 @@ def publish(
     evaluation: dict | None = None,
     source: str = "publish",
     timeout_s: float = 30.0,
+    ca_file: str = "",
 ) -> dict:
-    """POST an exported model (and its ``<path>.json`` metadata when present) to the registry."""
+    """POST an exported model (and its ``<path>.json`` metadata when present) to the registry;
+    TrainerError (422 with the reason) for a model no node could run."""
     import json
-    import urllib.request
 
     metadata: dict = {}
     if not isinstance(onnx, bytes):
@@ -718,11 +846,4 @@ def publish(
         },
         use_bin_type=True,
     )
-    req = urllib.request.Request(
-        url.rstrip("/") + "/v1/models",
-        data=body,
-        method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"},
-    )
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        return json.loads(r.read())
+    return call_trainer(url.rstrip("/") + "/v1/models", token, body, ca_file, timeout_s)

@@ -26,7 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from training.processes import SidecarProcess, TrainerProcess, call, free_port
+from training.processes import TOKEN, SidecarProcess, TrainerProcess, free_port
+from training.service import call_trainer
 
 GRID = {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8}
 """Every node's grid (and the trainer's): a quarter core suits this 2-core machine."""
@@ -309,7 +310,7 @@ def main(args: Any) -> int:
     try:
         while not args.duration or time.monotonic() - t0 < args.duration:
             time.sleep(5)
-            _, models = call(tb.trainer.url + "/v1/models")
+            models = call_trainer(tb.trainer.url + "/v1/models", TOKEN)
             print(
                 f"{time.monotonic() - t0:6.0f}s  produced {len(tb.produced_ids())}  stored "
                 f"{tb.stored_count()}  latest v{models.get('latest')}  nodes {tb.versions()}",

@@ -156,7 +156,8 @@ _TUPLE = {tuple}
 _NONE = type(None)
 _OUTCOMES = frozenset(OUTCOMES)
 _BLOCK_LEN = {N_BLOCK}
-_ABS_BOUND = 1e300
+F32_MAX = float(np.finfo(np.float32).max)
+"""The largest magnitude the learner's float32 arrays hold (context, blocks, logp)."""
 _REQUIRED = frozenset(REQUIRED)
 _get_required = operator.itemgetter(*REQUIRED)
 _flat = itertools.chain.from_iterable
@@ -171,7 +172,9 @@ def check_batch(records: tuple, node: str) -> int:
     reward. Raises RecordError naming the first offending record.
 
     Exact element types (``true`` or ``"1.5"`` is not a number here), shapes (every record on the
-    first one's grid), finiteness. First column-wise over the whole batch (``_check_fast``, one
+    first one's grid), finiteness, and for what the learner reads as float32 (context, blocks,
+    logp) finiteness in float32: a 1e308 context value, finite here, would be an infinity there
+    and turn a whole update into NaNs. First column-wise over the whole batch (``_check_fast``, one
     pass per field, not per record); only if that finds anything wrong does the record-by-record
     loop run, to name the first offending record and its reason.
     """
@@ -228,7 +231,7 @@ def _check_fast(
     # NaN and infinities make a sum non-finite (min/max alone skip a NaN)
     if not math.isfinite(sum(ts) + sum(ds) + sum(lps)):
         return None
-    if min(ds) < 0 or min(ts) < 0 or max(lps) > 1e-6:
+    if min(ds) < 0 or min(ts) < 0 or max(lps) > 1e-6 or min(lps) < -F32_MAX:
         return None
     rtypes = set(map(type, rws))
     if _NONE in rtypes:
@@ -254,10 +257,9 @@ def _check_fast(
     nums += _flat(rows)
     if not set(map(type, nums)) <= _NUM:
         return None
-    # one bound on every value, vectorised: a NaN fails it (numpy's max propagates NaN), so does
-    # an infinity, and with |x| <= 1e300 no sum the exact loop takes (at most 16 + 512 * N_BLOCK
-    # values a record) can overflow, so huge values cancelling across records hide nothing
-    if not float(np.abs(np.array(nums, dtype=np.float64)).max()) <= _ABS_BOUND:
+    # the float32 bound on every value, vectorised: a NaN fails it (numpy's max propagates NaN),
+    # so does an infinity or a float64 value beyond float32, whatever the other records hold
+    if not float(np.abs(np.array(nums, dtype=np.float64)).max()) <= F32_MAX:
         return None
     if set(map(type, acts)) != _INT or set(map(type, masks)) != _BYTES:
         return None
@@ -296,8 +298,10 @@ def _check_exact(records: tuple, node: str, cu: int, mu: int, mask_len: int, n_c
         if type(t) not in _NUM or type(d) not in _NUM or type(lp) not in _NUM:
             raise RecordError(f"records[{i}]: time, duration_s and logp must be numbers")
         # comparisons are False for NaN, and one sum catches any infinity
-        if not (d >= 0 and lp <= 1e-6 and t >= 0 and math.isfinite(t + d + lp)):
-            raise RecordError(f"records[{i}]: time, duration_s >= 0, logp <= 0, all finite")
+        if not (d >= 0 and -F32_MAX <= lp <= 1e-6 and t >= 0 and math.isfinite(t + d + lp)):
+            raise RecordError(
+                f"records[{i}]: time, duration_s >= 0, logp <= 0, all finite (logp in float32)"
+            )
         r = rec["reward"]
         if r is not None:
             if type(r) not in _NUM or not -1e6 <= r <= 1e6:
@@ -319,9 +323,13 @@ def _check_exact(records: tuple, node: str, cu: int, mu: int, mask_len: int, n_c
         types.update(map(type, chain(mem)))
         if not types <= _NUM:
             raise RecordError(f"records[{i}]: context and blocks must hold numbers only")
+        # a finite sum means no NaN and no infinity; values within float32's range (at most
+        # 16 + 512 * N_BLOCK of them) cannot overflow it, so a non-finite sum is a bad value too
         total = sum(ctx) + sum(map(sum, cpu)) + sum(map(sum, mem))
-        if not math.isfinite(total):
-            raise RecordError(f"records[{i}]: context or blocks hold a non-finite number")
+        if not math.isfinite(total) or max(map(abs, chain((ctx, *cpu, *mem)))) > F32_MAX:
+            raise RecordError(
+                f"records[{i}]: context or blocks hold a number that is not finite in float32"
+            )
         a, mask = rec["action"], rec["mask"]
         if not _is_int(a) or type(mask) is not bytes:
             raise RecordError(f"records[{i}]: action must be an integer, mask bytes")

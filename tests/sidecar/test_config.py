@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 
 from sidecar import config
-from sidecar.config import Config, ConfigError, parse_override
+from sidecar.config import Config, ConfigError, from_dict, parse_override
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "sidecar" / "example.toml"
 
@@ -130,3 +131,25 @@ def test_cli_flags_map_to_config_keys(tmp_path: Path) -> None:
         "actuation.state_file": "s.json",
         "grid.cpu_unit_cores": 0.5,
     }
+
+
+def test_a_trainer_ca_file_needs_https_urls_and_a_readable_file() -> None:
+    sh = {"enabled": True, "url": "http://trainer:9480", "ca_file": "/etc/faasrm/trainer-ca.crt"}
+    with pytest.raises(ConfigError, match="shipper.ca_file is set but the shipper url is http"):
+        from_dict({"shipper": sh})
+    with pytest.raises(ConfigError, match="model_poller url is http"):
+        from_dict(
+            {
+                "shipper": {**sh, "enabled": False, "url": "https://trainer:9480"},
+                "model_poller": {"enabled": True, "url": "http://trainer:9480"},
+            }
+        )
+    cfg = from_dict(
+        {"shipper": {**sh, "url": "https://trainer:9480"}, "model_poller": {"enabled": True}}
+    )
+    with pytest.raises(ConfigError, match="shipper.ca_file /etc/faasrm/trainer-ca.crt"):
+        cfg.shipper.ssl_context()  # named when the daemon builds its clients
+    assert (
+        from_dict({"shipper": {**sh, "ca_file": ""}}).shipper.ssl_context().verify_mode
+        == ssl.CERT_REQUIRED
+    )

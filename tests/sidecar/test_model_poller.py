@@ -15,16 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread  # noqa: E402
 
 from sidecar.config import ModelPollerConfig  # noqa: E402
+from sidecar.core.grid import ResourceGrid  # noqa: E402
 from sidecar.model_poller import ModelPoller  # noqa: E402
 from sidecar.models import ModelManager  # noqa: E402
-from training.service import publish  # noqa: E402
+from training.service import TrainerError, publish  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 
 
 class StubNode:
-    def __init__(self) -> None:
-        self.models = ModelManager(GRID, "/nonexistent/default.onnx")
+    def __init__(self, grid: ResourceGrid = GRID) -> None:
+        self.models = ModelManager(grid, "/nonexistent/default.onnx")
         self.record_observers: list = []
 
 
@@ -39,7 +40,7 @@ def poller(tmp: Path, url: str, node=None, **kw) -> ModelPoller:
         max_slowdown_rate=0.3,
         **kw,
     )
-    return ModelPoller(node or StubNode(), cfg, url)
+    return ModelPoller(node or StubNode(), cfg, url, token=TOKEN)
 
 
 async def poll(p: ModelPoller) -> str:
@@ -62,23 +63,29 @@ def test_adopt_refuse_rollback_restore(tmp_path: Path) -> None:
         v1_id = node.models.current.id
         assert node.models.current.source == "onnx" and p.active_version == 1
         assert asyncio.run(poll(p)) == "same"  # 304 after the wait
-        # a NaN-producing model and a corrupt file are refused; v1 keeps running
-        publish(srv.url, TOKEN, onnx_policy("nan"))
-        assert asyncio.run(poll(p)) == "new"
-        assert node.models.current.id == v1_id and p.active_version == 1
-        assert "non-finite" in p.history[-1]["reason"]
-        publish(srv.url, TOKEN, onnx_policy("harvest")[:300])
-        asyncio.run(poll(p))
-        assert node.models.current.id == v1_id and p.history[-1]["result"] == "rejected"
-        assert asyncio.run(poll(p)) == "same"  # a refused version is not fetched again
-        # v4 is adopted, then rolled back when its live slowdown rate exceeds the bound
+        # a NaN-producing model and a corrupt file never reach the registry
+        for data in (onnx_policy("nan"), onnx_policy("harvest")[:300]):
+            with pytest.raises(TrainerError) as e:
+                publish(srv.url, TOKEN, data)
+            assert e.value.status == 422 and "no node could run" in e.value.reason
+        assert asyncio.run(poll(p)) == "same"
+        # a node refuses what it cannot run itself (here: on another grid), keeps its model
+        # and does not fetch that version again
+        other = StubNode(ResourceGrid(0.5, 4, 128.0, 4))
+        p_other = poller(tmp_path / "other", srv.url, other)
+        assert asyncio.run(poll(p_other)) == "new"
+        assert other.models.current.source == "fallback" and p_other.active_version is None
+        assert p_other.history[-1]["result"] == "rejected"
+        assert "trained for grid" in p_other.history[-1]["reason"]
+        assert asyncio.run(poll(p_other)) == "same"
+        # v2 is adopted, then rolled back when its live slowdown rate exceeds the bound
         publish(srv.url, TOKEN, onnx_policy("user"))
         asyncio.run(poll(p))
-        v4_id = node.models.current.id
-        assert v4_id != v1_id and p.active_version == 4
+        v2_id = node.models.current.id
+        assert v2_id != v1_id and p.active_version == 2
         for slow in (True, False, True, True, False):
             for obs in node.record_observers:
-                obs(rec(v4_id, slow))
+                obs(rec(v2_id, slow))
         assert node.models.current.id == v1_id and p.active_version == 1
         assert [h["result"] for h in p.history][-2:] == ["loaded", "rolled_back"]
         # after a restart the active registry version is reloaded at once

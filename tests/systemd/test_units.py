@@ -1,23 +1,31 @@
 """systemd units: ``systemd-analyze verify`` clean; install.sh stages them; the trainer's
-sd_notify."""
+sd_notify.
+
+``verify`` refuses a unit whose ExecStart does not exist, and ``/opt/faasrm/venv`` exists only
+where install.sh ran: the test verifies copies whose ExecStart is a real executable that runs
+this interpreter's faasrm. Where ``systemd-analyze`` is missing, CI installs Debian's ``systemd``
+(``tests/conftest.py``'s ``need_tool``); elsewhere the test skips and says so.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ("faasrm-sidecar", "faasrm-trainer")
-FAASRM = Path(sys.executable).parent / "faasrm"
+INSTALLED = "/opt/faasrm/venv/bin/faasrm"
 
 
 def _verify(tmp_path: Path, text_by_unit: dict[str, str]) -> subprocess.CompletedProcess:
@@ -32,18 +40,17 @@ def _verify(tmp_path: Path, text_by_unit: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.fixture
-def units(tmp_path: Path) -> dict[str, str]:
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed on this machine")
-    if not FAASRM.exists():
-        pytest.skip(f"no faasrm console script at {FAASRM} (pip install -e . first)")
-    # verify needs ExecStart to exist: point it at this venv's faasrm
-    return {
-        u: (REPO / "systemd" / f"{u}.service")
-        .read_text()
-        .replace("/opt/faasrm/venv/bin/faasrm", str(FAASRM))
-        for u in UNITS
-    }
+def units(tmp_path: Path, debian_tool: Callable[..., str]) -> dict[str, str]:
+    """The units as verify sees them after install.sh: ExecStart at an executable faasrm."""
+    debian_tool("systemd-analyze", ["systemd"], "systemd unit check")
+    exe = tmp_path / "bin" / "faasrm"
+    exe.parent.mkdir()
+    exe.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m sidecar "$@"\n')
+    exe.chmod(0o755)
+    texts = {u: (REPO / "systemd" / f"{u}.service").read_text() for u in UNITS}
+    for text in texts.values():
+        assert f"ExecStart={INSTALLED} " in text  # the path install.sh rewrites
+    return {u: text.replace(INSTALLED, str(exe)) for u, text in texts.items()}
 
 
 def test_units_verify_without_warnings(tmp_path: Path, units: dict[str, str]) -> None:
@@ -69,7 +76,10 @@ def test_verify_output_is_checked(tmp_path: Path, units: dict[str, str]) -> None
     assert res.returncode == 0 and "Failed to parse" in res.stderr and "soon" in res.stderr
 
 
-def test_install_sh_stages_units_and_configs(tmp_path: Path) -> None:
+def test_install_sh_stages_units_and_configs(
+    tmp_path: Path, debian_tool: Callable[..., str]
+) -> None:
+    openssl = debian_tool("openssl", ["openssl"], "install.sh's TLS pair")
     dest = tmp_path / "root"
     res = subprocess.run(
         [
@@ -80,6 +90,8 @@ def test_install_sh_stages_units_and_configs(tmp_path: Path) -> None:
             "--skip-venv",
             "--prefix",
             "/opt/faasrm-test",
+            "--tls-names",
+            "DNS:trainer.test,IP:10.0.0.5",
         ],
         env={**os.environ, "DESTDIR": str(dest)},
         capture_output=True,
@@ -97,6 +109,30 @@ def test_install_sh_stages_units_and_configs(tmp_path: Path) -> None:
     share = dest / "opt/faasrm-test/share/faasrm"
     for name in ("grafana-dashboard.json", "alerts.yml", "alerts_test.yml"):
         assert (share / name).read_bytes() == (REPO / "systemd/monitoring" / name).read_bytes()
+    # the trainer's TLS pair, signed by a private CA the nodes get, keys readable by root only
+    tls = dest / "etc/faasrm/tls"
+    assert {p.name for p in tls.iterdir()} == {"ca.crt", "ca.key", "trainer.crt", "trainer.key"}
+    assert all((tls / k).stat().st_mode & 0o077 == 0 for k in ("ca.key", "trainer.key"))
+    check = [openssl, "verify", "-CAfile", str(tls / "ca.crt"), str(tls / "trainer.crt")]
+    assert subprocess.run(check, capture_output=True, text=True).stdout.strip().endswith(": OK")
+    names = subprocess.run(
+        [openssl, "x509", "-in", str(tls / "trainer.crt"), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "DNS:trainer.test" in names and "IP Address:10.0.0.5" in names
+    unit = (dest / "etc/systemd/system/faasrm-trainer.service").read_text()
+    assert "LoadCredential=trainer.key:/etc/faasrm/tls/trainer.key" in unit
+    # run again: the pair is kept, not replaced
+    before = (tls / "trainer.crt").read_bytes()
+    subprocess.run(
+        ["sh", str(REPO / "systemd" / "install.sh"), "--role", "trainer", "--skip-venv"],
+        env={**os.environ, "DESTDIR": str(dest)},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert (tls / "trainer.crt").read_bytes() == before
 
 
 def test_trainer_sends_ready_watchdog_stopping(tmp_path: Path) -> None:

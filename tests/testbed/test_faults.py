@@ -9,10 +9,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from testbed_helpers import GRID_OV, publish_fresh_agent, wait_for
 
 from training.processes import TOKEN, call
-from training.service import publish
+from training.service import TrainerError, publish
 from training.testbed import Testbed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
@@ -83,7 +84,9 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_roo
         tb.stop()
 
 
-def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_root: None) -> None:
+def test_bad_models_are_refused_by_the_registry_and_every_node_keeps_its_own(
+    tmp_path: Path, v1_root: None
+) -> None:
     tb = Testbed(
         nodes=3,
         workers=1,
@@ -103,18 +106,10 @@ def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_roo
             "garbage": b"not an onnx file",
         }
         for kind, data in bad.items():
-            v = publish(tb.trainer.url, TOKEN, data)["version"]
-
-            def refused(v=v):
-                hist = [n.model()["registry"]["history"] for n in tb.nodes]
-                return all(
-                    any(h["version"] == v and h["result"] == "rejected" for h in hh) for hh in hist
-                )
-
-            wait_for(refused, 20, f"every node refusing the {kind} model v{v}")
-            assert tb.versions() == {n.id: v1 for n in tb.nodes}
-            assert {n.id: n.model()["current"]["id"] for n in tb.nodes} == good
-        # the old model keeps deciding on every node
+            with pytest.raises(TrainerError) as e:
+                publish(tb.trainer.url, TOKEN, data)
+            assert e.value.status == 422, kind
+        # nothing new to long-poll for: every node keeps v1, which keeps deciding
         for n in tb.nodes:
 
             def decided(n=n):
@@ -122,5 +117,7 @@ def test_corrupt_and_nan_models_are_refused_by_every_node(tmp_path: Path, v1_roo
                 return [e for e in body["allocations"] if e.get("model") == good[n.id]]
 
             wait_for(decided, 20, f"{n.id} deciding with v{v1}")
+        assert tb.versions() == {n.id: v1 for n in tb.nodes}
+        assert {n.id: n.model()["current"]["id"] for n in tb.nodes} == good
     finally:
         tb.stop()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from testbed_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, wait_for
 
-from training.processes import call
+from training.processes import TOKEN, call
+from training.service import call_trainer
 from training.testbed import Testbed
 
 
@@ -27,17 +28,17 @@ def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None
         # the learner turns the nodes' trajectories into a gated update, promoted as v2+
         latest = wait_for(
             lambda: (
-                (call(tb.trainer.url + "/v1/models")[1].get("latest") or 0) > v1
-                and call(tb.trainer.url + "/v1/models")[1]["latest"]
+                (call_trainer(tb.trainer.url + "/v1/models", TOKEN).get("latest") or 0) > v1
+                and call_trainer(tb.trainer.url + "/v1/models", TOKEN)["latest"]
             ),
             60,
             "a promoted update",
         )
-        meta = call(tb.trainer.url + f"/v1/models/{latest}/meta")[1]
+        meta = call_trainer(tb.trainer.url + f"/v1/models/{latest}/meta", TOKEN)
         assert meta["source"] == "online" and meta["evaluation"]["passed"]
 
         def all_on_latest():
-            lv = call(tb.trainer.url + "/v1/models")[1]["latest"]
+            lv = call_trainer(tb.trainer.url + "/v1/models", TOKEN)["latest"]
             vs = tb.versions()
             return lv if all(v == lv for v in vs.values()) else None
 

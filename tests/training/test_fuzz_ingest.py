@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,12 +33,21 @@ BAD = {
         [{"a": 1}] * 16,
         [True] * 16,
         [2**80] * 16,
+        [1e308] * 16,  # finite in float64, infinite in the learner's float32
+        [0.0] * 15 + [-3.5e38],
     ],
-    "cpu_block": [None, [[1.0, 2.0]] * 8, [[1.0, 2.0, 3.0]] * 3 + [[1.0]], "x", [[None] * 3] * 8],
-    "mem_block": [[], [[math.inf] * 3] * 8, 7],
+    "cpu_block": [
+        None,
+        [[1.0, 2.0]] * 8,
+        [[1.0, 2.0, 3.0]] * 3 + [[1.0]],
+        "x",
+        [[None] * 3] * 8,
+        [[-1e300, 0.0, 0.0]] * 8,
+    ],
+    "mem_block": [[], [[math.inf] * 3] * 8, 7, [[0.0, 0.0, 1e39]] * 8],
     "mask": [None, b"", b"\x00" * 8, "ffff", b"\xff" * 9, [1, 2]],
     "action": [None, -1, 64, 1.0, "3", True],
-    "logp": [None, 0.5, math.nan, "x"],
+    "logp": [None, 0.5, math.nan, "x", -1e39],
     "reward": ["x", math.inf, math.nan, 1e9, [1.0]],
     "duration_s": [None, -1.0, math.inf],
     "outcome": [None, "exploded", 1],
@@ -246,3 +256,37 @@ def test_fast_check_never_hides_a_per_record_overflow() -> None:
     body = batch("n1", 0, [a, b])
     assert _outcome(body, exact=True)[:2] == ("err", 400)
     assert _outcome(body, exact=False) == _outcome(body, exact=True)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("context", [1e308] + [0.0] * 15),
+        ("context", [0.0] * 15 + [-F32_MAX * 1.0001]),
+        ("cpu_block", [[0.0, 3.5e38, 0.0]] + [[0.0] * 3] * 7),
+        ("mem_block", [[0.0] * 3] * 7 + [[0.0, 0.0, -1e39]]),
+        ("logp", -1e39),
+    ],
+)
+def test_values_beyond_float32_are_refused_on_both_paths(field: str, value) -> None:
+    """The learner trains in float32: a value finite in float64 but infinite there (a 1e308
+    context value) would turn its batch into NaNs, so neither the fast check nor the exact loop
+    may let it in."""
+    rec = record("n1", 1)
+    rec[field] = value
+    body = batch("n1", 0, [record("n1", 0), rec])
+    fast, exact = _outcome(body, exact=False), _outcome(body, exact=True)
+    assert fast == exact and exact[:2] == ("err", 400), (fast, exact)
+    assert "records[1]" in exact[2] and "float32" in exact[2]
+
+
+def test_the_float32_range_itself_is_accepted_on_both_paths() -> None:
+    rec = record("n1", 0)
+    rec["context"] = [F32_MAX, -F32_MAX] * 8
+    rec["cpu_block"] = [[F32_MAX, -F32_MAX, 0.0]] * 8
+    rec["logp"] = -F32_MAX
+    body = batch("n1", 0, [rec])
+    assert _outcome(body, exact=False) == _outcome(body, exact=True) == ("ok", "n1", 0, 1, 1)

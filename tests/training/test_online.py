@@ -111,25 +111,24 @@ def test_online_loop_promotes_a_gated_update(tmp_path: Path) -> None:
     }
     with ServerThread(tmp_path / "data", **ov) as srv:
         v1 = _publish_fresh_agent(srv.url, tmp_path)
-        st, h, _ = http(srv.url + "/v1/models/latest", token=None)
+        st, h, _ = http(srv.url + "/v1/models/latest")
         etag = h["ETag"]
         recs = [record("n1", i, reward=None if i % 10 == 0 else -0.05 * (i % 7)) for i in range(60)]
         assert http(srv.url + "/v1/trajectories", batch("n1", 0, recs))[0] == 200
         st, h, body = http(
             srv.url + "/v1/models/latest?wait=60",
-            token=None,
             headers={"If-None-Match": etag},
             timeout=90,
         )
         assert st == 200 and int(h["X-Model-Version"]) == v1["version"] + 1
-        meta = js(http(srv.url + f"/v1/models/{h['X-Model-Version']}/meta", token=None)[2])
+        meta = js(http(srv.url + f"/v1/models/{h['X-Model-Version']}/meta")[2])
         assert meta["source"] == "online" and meta["evaluation"]["passed"] is True
         assert meta["evaluation"]["sim"]["preset"] == "sample"
         assert meta["metadata"]["sha256"] == meta["sha256"]
-        learner = js(http(srv.url + "/debug/learner", token=None)[2])
+        learner = js(http(srv.url + "/debug/learner")[2])
         assert learner["last"]["result"] == "promoted"
         assert learner["last"]["losses"]["charts/batch_size"] == 54  # the 6 unrewarded skipped
-        metrics = http(srv.url + "/metrics", token=None)[2].decode()
+        metrics = http(srv.url + "/metrics")[2].decode()
         assert 'faasrm_trainer_updates_total{result="promoted"} 1.0' in metrics
         assert "faasrm_trainer_model_version 2.0" in metrics
 
@@ -151,9 +150,9 @@ def test_online_loop_keeps_the_model_when_the_gate_fails(tmp_path: Path) -> None
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            last = js(http(srv.url + "/debug/learner", token=None)[2]).get("last")
+            last = js(http(srv.url + "/debug/learner")[2]).get("last")
             if last:
                 break
             time.sleep(0.1)
         assert last["result"] == "rejected" and last["gate"]["sim"]["passed"] is False
-        assert js(http(srv.url + "/v1/models", token=None)[2])["latest"] == 1
+        assert js(http(srv.url + "/v1/models")[2])["latest"] == 1

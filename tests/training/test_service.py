@@ -4,17 +4,25 @@ registry."""
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
-from trainer_helpers import TOKEN, ServerThread, batch, http, js, record
+from trainer_helpers import GRID, TOKEN, ServerThread, batch, http, js, record
 
-from training.registry import Registry, TrajectoryStore
-from training.service import BatchError, decode_batch, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
+from sidecar_helpers import onnx_policy  # noqa: E402
+
+from sidecar.core.grid import ResourceGrid  # noqa: E402
+from sidecar.models import ModelRejected  # noqa: E402
+from training.registry import Registry, TrajectoryStore  # noqa: E402
+from training.service import BatchError, decode_batch, load_config  # noqa: E402
 
 
 @pytest.fixture
@@ -97,6 +105,27 @@ def test_a_batch_the_store_cannot_take_is_a_500_and_an_ingest_error(server, tmp_
     assert post(server, batch("n1", 0, [record("n1", 0)]))[0] == 200  # the resend is stored
 
 
+def test_healthz_answers_while_a_commit_waits(server, tmp_path) -> None:
+    """/healthz runs on the event loop: its counts must not wait for the store, which can be
+    busy committing a 15 MiB batch (fsync) for a while."""
+    db = sqlite3.connect(tmp_path / "data" / "trajectories.sqlite", isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")  # the trainer's next commit waits (sqlite's 5 s busy timeout)
+    got: dict = {}
+    th = threading.Thread(target=lambda: got.update(r=post(server, batch("n1", 0, [record()]))))
+    th.start()
+    try:
+        time.sleep(0.5)  # the batch is validated and its commit is waiting for the lock
+        st, _, body = http(server.url + "/healthz", token=None, timeout=30)
+        assert st == 200 and js(body)["batches"] == 0
+        assert th.is_alive(), got  # answered while the commit still waited
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+        th.join(30)
+    assert got["r"][0] == 200
+    assert js(http(server.url + "/healthz", token=None)[2])["batches"] == 1
+
+
 def test_decode_batch_rejects_disallowed_action() -> None:
     rec = record("n1", 0)
     mask = bytearray(rec["mask"])
@@ -114,22 +143,22 @@ def _publish(server, onnx: bytes, **extra) -> tuple[int, dict]:
 
 
 def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
-    st, _, body = http(server.url + "/v1/models/latest", token=None)
+    one, two = onnx_policy("harvest"), onnx_policy("user")
+    st, _, body = http(server.url + "/v1/models/latest")
     assert st == 404
-    assert _publish(server, b"model-one", token="x")[0] == 200 or True  # extra keys refused below
-    st, out = _publish(server, b"model-one", sha256="0" * 64)
+    st, out = _publish(server, one, token="x")
+    assert st == 400 and "unknown keys" in out["error"]
+    st, out = _publish(server, one, sha256="0" * 64)
     assert st == 400  # sha mismatch
     assert http(server.url + "/v1/models", msgpack.packb({"onnx": b"x"}), token="bad")[0] == 401
-    st, out = _publish(server, b"model-one", evaluation={"mean_rfet": 1.0})
+    st, out = _publish(server, one, evaluation={"mean_rfet": 1.0})
     assert st == 200 and out["version"] == 1
-    st, h, body = http(server.url + "/v1/models/latest", token=None)
-    assert st == 200 and body == b"model-one" and h["X-Model-Version"] == "1"
-    assert h["X-Model-Sha256"] == hashlib.sha256(b"model-one").hexdigest()
+    st, h, body = http(server.url + "/v1/models/latest")
+    assert st == 200 and body == one and h["X-Model-Version"] == "1"
+    assert h["X-Model-Sha256"] == hashlib.sha256(one).hexdigest()
     etag = h["ETag"]
     t0 = time.monotonic()
-    st, h2, _ = http(
-        server.url + "/v1/models/latest?wait=0.3", token=None, headers={"If-None-Match": etag}
-    )
+    st, h2, _ = http(server.url + "/v1/models/latest?wait=0.3", headers={"If-None-Match": etag})
     assert st == 304 and 0.25 <= time.monotonic() - t0 < 3 and h2["ETag"] == etag
     # a long-poll answers as soon as a newer version is promoted
     got: dict = {}
@@ -137,28 +166,77 @@ def test_registry_etag_and_long_poll(server, tmp_path: Path) -> None:
     def poll() -> None:
         t = time.monotonic()
         got["r"] = http(
-            server.url + "/v1/models/latest?wait=20",
-            token=None,
-            headers={"If-None-Match": etag},
-            timeout=30,
+            server.url + "/v1/models/latest?wait=20", headers={"If-None-Match": etag}, timeout=30
         )
         got["dt"] = time.monotonic() - t
 
     th = threading.Thread(target=poll)
     th.start()
     time.sleep(0.3)
-    assert _publish(server, b"model-two")[1]["version"] == 2
+    assert _publish(server, two)[1]["version"] == 2
     th.join(10)
     st, h3, body = got["r"]
-    assert st == 200 and body == b"model-two" and h3["X-Model-Version"] == "2"
+    assert st == 200 and body == two and h3["X-Model-Version"] == "2"
     assert got["dt"] < 5
-    assert http(server.url + "/v1/models/1", token=None)[2] == b"model-one"
-    meta = js(http(server.url + "/v1/models/1/meta", token=None)[2])
+    assert http(server.url + "/v1/models/1")[2] == one
+    meta = js(http(server.url + "/v1/models/1/meta")[2])
     assert meta["evaluation"] == {"mean_rfet": 1.0} and meta["version"] == 1
-    assert http(server.url + "/v1/models/9", token=None)[0] == 404
-    assert js(http(server.url + "/v1/models", token=None)[2]) == {"latest": 2, "versions": [1, 2]}
+    assert http(server.url + "/v1/models/9")[0] == 404
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": 2, "versions": [1, 2]}
     # the registry survives a restart
-    assert Registry(tmp_path / "data" / "models").latest().version == 2
+    assert Registry(tmp_path / "data" / "models", GRID).latest().version == 2
+
+
+def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> None:
+    """Every version the registry stores passed the nodes' own checks on the trainer's grid, so
+    a node that starts fresh never finds an unusable model as the latest."""
+    other_grid = ResourceGrid(cpu_unit_cores=0.5, cpu_units=4, mem_unit_mb=128.0, mem_units=4)
+    bad = {
+        "corrupt": (onnx_policy("harvest")[:300], "onnxruntime cannot load it"),
+        "random bytes": (random.Random(15).randbytes(4096), "onnxruntime cannot load it"),
+        "wrong shape": (onnx_policy("wrong_shape"), "wrong output shape"),
+        "nan": (onnx_policy("nan"), "non-finite scores"),
+        "other grid": (onnx_policy("harvest", grid=other_grid), "trained for grid"),
+        "no metadata": (onnx_policy("harvest", metadata=False), "feature_version"),
+    }
+    for kind, (data, reason) in bad.items():
+        st, out = _publish(server, data)
+        assert st == 422 and reason in out["error"], (kind, st, out)
+    assert http(server.url + "/v1/models/latest")[0] == 404
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": None, "versions": []}
+    good = onnx_policy("harvest")
+    st, out = _publish(server, good)
+    assert st == 200 and out["version"] == 1
+    assert _publish(server, onnx_policy("nan"))[0] == 422  # refused after a good one too
+    st, h, body = http(server.url + "/v1/models/latest")
+    assert st == 200 and body == good and h["X-Model-Version"] == "1"
+    # the same check guards every other way into the registry (the online learner's)
+    reg = Registry(tmp_path / "other-models", GRID)
+    with pytest.raises(ModelRejected, match="non-finite"):
+        reg.add(onnx_policy("nan"))
+    assert reg.latest() is None and reg.versions() == []
+
+
+def test_every_endpoint_but_health_and_metrics_needs_the_token(server) -> None:
+    """Models and the learner's report are the cluster's data: a GET needs the token too."""
+    assert _publish(server, onnx_policy("harvest"))[0] == 200
+    for path in (
+        "/v1/models",
+        "/v1/models/latest",
+        "/v1/models/latest?wait=5",
+        "/v1/models/1",
+        "/v1/models/1/meta",
+        "/debug/learner",
+    ):
+        for token in (None, "wrong"):
+            st, _, body = http(server.url + path, token=token)
+            assert st == 401 and "bearer token" in js(body)["error"], (path, token, st)
+        assert http(server.url + path)[0] == 200, path
+    for path in ("/healthz", "/metrics"):
+        assert http(server.url + path, token=None)[0] == 200, path
+    # a GET with a wrong token is not a refused batch (the trainer's alert counts writes)
+    metrics = http(server.url + "/metrics", token=None)[2].decode()
+    assert 'faasrm_trainer_rejected_batches_total{reason="unauthorized"} 0.0' in metrics
 
 
 def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
@@ -173,11 +251,41 @@ def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
     assert load_config(None, {"token_file": str(tmp_path / "tok")}).resolve_token() == "secret"
 
 
-def test_validator_processes_give_the_same_answers(tmp_path: Path) -> None:
-    with ServerThread(tmp_path / "data", ingest_workers=1) as srv:
+def test_on_the_loop_validation_gives_the_same_answers(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data", ingest_workers=0) as srv:
         assert post(srv, batch("n1", 0, [record("n1", i) for i in range(5)]))[0] == 200
         assert post(srv, batch("n1", 0, [record("n1", 0)]))[0] == 200  # duplicate
         st, _, body = post(srv, batch("n1", 1, [record("n1", 0)], schema_version=3))
         assert st == 422 and "schema_version" in js(body)["error"]
         assert post(srv, b"\xc1")[0] == 400
         assert js(http(srv.url + "/healthz", token=None)[2])["records"] == 5
+
+
+def _validator_pids() -> list[int]:
+    """The live workers of this process's forkserver (where the validators are forked)."""
+    servers = [
+        p for p in psutil.Process().children() if "multiprocessing.forkserver" in p.cmdline()[-1]
+    ]
+    return sorted(
+        c.pid for s in servers for c in s.children() if c.status() != psutil.STATUS_ZOMBIE
+    )
+
+
+def test_batches_are_validated_off_the_loop_and_a_dead_validator_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """By default a batch is decoded in a worker process: a 15,000-record batch holds the GIL
+    for about half a second inside msgpack, so on the loop (or in a thread) /healthz and the
+    long-polls would wait that long. A worker that dies is replaced; the batch it had is
+    answered 503 (nothing stored: the node resends it), later ones go to the new worker."""
+    with ServerThread(tmp_path / "data") as srv:
+        first = _validator_pids()
+        assert len(first) == 1, first
+        assert post(srv, batch("n1", 0, [record("n1", 0)]))[0] == 200
+        psutil.Process(first[0]).kill()
+        st, _, body = post(srv, batch("n1", 1, [record("n1", 1)]))
+        assert st == 503 and "resend" in js(body)["error"]
+        assert post(srv, batch("n1", 1, [record("n1", 1)]))[0] == 200
+        now = _validator_pids()
+        assert len(now) == 1 and now != first
+        assert js(http(srv.url + "/healthz", token=None)[2])["batches"] == 2

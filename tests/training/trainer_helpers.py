@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -45,13 +46,14 @@ def http(
     headers: dict | None = None,
     timeout: float = 10.0,
     method: str | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict, bytes]:
     h = dict(headers or {})
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, headers=h, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -62,9 +64,12 @@ def js(body: bytes) -> Any:
 
 
 class ServerThread:
-    """``training.service.serve`` on its own event loop in a thread (port chosen here)."""
+    """``training.service.serve`` on its own event loop in a thread (port chosen here); https
+    when the overrides name a certificate, ``context`` then verifying it."""
 
-    def __init__(self, data_dir: Path, **overrides: Any) -> None:
+    def __init__(
+        self, data_dir: Path, context: ssl.SSLContext | None = None, **overrides: Any
+    ) -> None:
         from training.service import load_config
 
         self.port = int(overrides.pop("port", 0)) or free_port()
@@ -78,7 +83,8 @@ class ServerThread:
         }
         ov.update(overrides)
         self.cfg = load_config(None, ov)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.context = context
+        self.url = f"{'https' if self.cfg.tls_cert_file else 'http'}://127.0.0.1:{self.port}"
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
@@ -102,7 +108,10 @@ class ServerThread:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                if http(self.url + "/healthz", token=None, timeout=1)[0] == 200:
+                if (
+                    http(self.url + "/healthz", None, None, timeout=1, context=self.context)[0]
+                    == 200
+                ):
                     return self
             except OSError:
                 pass
