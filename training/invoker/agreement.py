@@ -7,9 +7,10 @@ same managers. The simulated workload is built from measurements, not drawn
 
 * an invocation's duration at the user's size is its real reference time (the geometric mean of
   its Fixed executions), without noise, so the simulator starts from what was measured;
-* a function's CPU share phi and parallelism p are those for which the simulator's own duration
-  model (``ClusterSim``, CFS staircase included) reproduces its measured CPU curve from
-  ``faasrm bench curves`` (time at 0.25 / 0.5 / 1 / 2 cores): ``fit_cpu_sim``;
+* a function's CPU share phi is ``faasrm bench curves``' fit of its measured CPU curve (time at
+  0.25 / 0.5 / 1 / 2 cores); its parallelism p is fitted again with that phi, through the
+  simulator's own duration model (``ClusterSim``, CFS staircase included: ``fit_cpu_sim``),
+  since the curves' linear model takes a burst that fits one period's quota for fewer threads;
 * an invocation's working set is the curves' working-set fit at its input (the idle worker plus
   a power law of the input), at most the user's memory (the user's size held every Fixed run);
   the warm worker's idle memory is the one measured; no memory-pressure slowdown, no cold
@@ -65,8 +66,7 @@ QUEUED_S = 0.05
 FIT_GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
 """The grid of the CPU fit: every quota of ``bench curves`` (0.25 to 2 cores) lies on it."""
 FIT_P = np.geomspace(0.05, 8.0, 48)
-FIT_PHI = np.linspace(0.0, 1.0, 21)
-"""The first pass of the fit; the second searches a 10x finer grid around its best point."""
+"""The first pass of the fit of p; the second searches a 10x finer grid around its best point."""
 
 
 # ------------------------------------------------------------------------------ the CPU fit
@@ -126,33 +126,33 @@ def simulated_curves(
 
 
 def fit_cpu_sim(
-    quotas: Sequence[float], times_s: Sequence[float], user_cores: float, host_cores: float
+    quotas: Sequence[float],
+    times_s: Sequence[float],
+    user_cores: float,
+    phi: float,
+    host_cores: float,
 ) -> dict:
-    """phi in [0, 1] and p in [0.05, 8] for which the simulator reproduces a measured CPU curve.
+    """The parallelism p in [0.05, 8] with which the simulator, given the CPU share ``phi``,
+    reproduces a measured CPU curve.
 
-    Anchored at the measured time at the user's size (so it runs the trace's time there, as
-    every simulated invocation does); least squares on relative error over a (phi, p) grid,
-    then once more on a finer grid around the best point."""
+    Anchored at the measured time at the user's size (the simulator runs every invocation for
+    its reference time there); least squares on relative error over a log grid of p, then once
+    more on a 10x finer one around the best point."""
     q = [float(x) for x in quotas]
     t = np.asarray(times_s, dtype=float)
     anchor = int(np.argmin([abs(x - user_cores) for x in q]))
     user = q[anchor]
-    cands = [(f, p) for f in FIT_PHI for p in FIT_P]
+    ps = [float(x) for x in FIT_P]
+    step = float(FIT_P[1] / FIT_P[0])
     for _ in range(2):
-        sim_t = simulated_curves(q, user, float(t[anchor]), cands, host_cores)
-        sse = (((sim_t - t) / t) ** 2).sum(axis=1)
-        best = int(np.argmin(sse))
-        phi, p = cands[best]
-        step = float(FIT_P[1] / FIT_P[0])
-        cands = [
-            (float(np.clip(f, 0.0, 1.0)), float(np.clip(p * step**e, FIT_P[0], FIT_P[-1])))
-            for f in phi + np.linspace(-0.05, 0.05, 11)
-            for e in np.linspace(-1.0, 1.0, 11)
-        ]
-    fitted = sim_t[best]
+        sim_t = simulated_curves(q, user, float(t[anchor]), [(phi, x) for x in ps], host_cores)
+        best = int(np.argmin((((sim_t - t) / t) ** 2).sum(axis=1)))
+        p = ps[best]
+        fitted = sim_t[best]
+        ps = [float(np.clip(p * step**e, FIT_P[0], FIT_P[-1])) for e in np.linspace(-1, 1, 11)]
     return {
         "phi": float(phi),
-        "p": float(p),
+        "p": p,
         "anchor_cores": user,
         "fitted_s": [float(x) for x in fitted],
         "max_rel_err": float(np.max(np.abs(fitted - t) / t)),
@@ -167,8 +167,8 @@ class FunctionModel:
     name: str
     user_cpu_cores: float
     user_mem_mb: float
-    cpu_frac: float  # phi, from fit_cpu_sim
-    parallelism: float  # p, from fit_cpu_sim
+    cpu_frac: float  # phi, bench curves' fit
+    parallelism: float  # p, fit_cpu_sim
     worker_mb: float  # the warm worker's idle memory
     working_set: dict  # bench curves' ws_fit (idle worker included)
     cpu_fit: dict
@@ -189,7 +189,11 @@ def function_models(curves: dict, users: dict[str, dict]) -> dict[str, FunctionM
         c = by_name[name]
         if not c.get("ws_fit"):
             raise ValueError(f"{name}: the curves have no working-set fit (an older bench curves)")
-        fit = fit_cpu_sim(c["quotas"], c["cpu_times_s"], c["user_cpu"], curves["cpus"])
+        if not c.get("fit"):
+            raise ValueError(f"{name}: the curves have no CPU fit (a 1-core point is needed)")
+        fit = fit_cpu_sim(
+            c["quotas"], c["cpu_times_s"], c["user_cpu"], c["fit"]["phi"], curves["cpus"]
+        )
         out[name] = FunctionModel(
             name,
             float(user["user_cpu_cores"]),
