@@ -67,7 +67,7 @@ def fake_curves() -> dict:
                 "ws_fit": {"idle_mb": float(idle), "a_mb": a, "b": b, "ref_size": mid},
             }
         )
-    return {"cpus": 2, "period_us": 100_000, "functions": functions}
+    return {"cpus": 2, "period_us": 100_000, "load_avg": [0.4, 0.6], "functions": functions}
 
 
 def fake_real(minutes: float = 0.5, managers=("fixed", "rule", "vpa")) -> dict:
@@ -234,6 +234,10 @@ def test_the_report_puts_sim_beside_real_and_names_what_is_missing() -> None:
     json.dumps(rep)  # the JSON it writes
     text = table(rep)
     assert "missing" in text and "pyloop" in text and "rule" in text
+    assert "warning" not in text
+    # curves measured on a busy host are flagged
+    busy = {**fake_curves(), "load_avg": [0.5, 3.0]}
+    assert "load average of up to 3.0 on 2 cores" in table(agreement(real, busy, host=HOST))
 
 
 def test_a_real_run_without_records_or_of_another_slice_is_refused() -> None:

@@ -63,6 +63,9 @@ REAL_KEYS = (
 """What the real block copies from ``bench real``'s STATS of a manager."""
 QUEUED_S = 0.05
 """A real invocation that started this much after its arrival waited for its container."""
+BUSY_LOAD = 0.5
+"""Curves measured at a load average above this share of the host's cores are flagged: every
+function then gets a share of a core and looks like it cannot use more (p ~ 0.5)."""
 FIT_GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
 """The grid of the CPU fit: every quota of ``bench curves`` (0.25 to 2 cores) lies on it."""
 FIT_P = np.geomspace(0.05, 8.0, 48)
@@ -410,7 +413,7 @@ def agreement(
             "model": str(model) if model else None,
             "cores_per_mb": cfg.get("cores_per_mb"),
             "host": {"cores": host[0], "mem_mb": host[1]},
-            "curves": {"cpus": curves.get("cpus"), "period_us": curves.get("period_us")},
+            "curves": {k: curves.get(k) for k in ("cpus", "period_us", "load_avg")},
         },
         "functions": {
             n: {**asdict(m), "invocations": int((wl.fn == i).sum())}
@@ -479,6 +482,14 @@ def table(rep: dict) -> str:
     sl = c["slice"]
     mae = rep["mean_abs_error_gmean_rfet"]
     noise = rep["noise"]
+    load, cpus = c["curves"].get("load_avg"), c["curves"].get("cpus")
+    busy = (
+        f"\n\nwarning: bench curves ran at a load average of up to {max(load):.1f} on {cpus} "
+        "cores: the fitted functions describe that load more than themselves; measure the "
+        "curves on a quiet host"
+        if load and cpus and max(load) > BUSY_LOAD * cpus
+        else ""
+    )
     return (
         f"slice: {sl['minutes']:g} min at {sl['speedup']:g}x, seed {sl['seed']}, "
         f"{c['invocations']} invocations; real: {c['repeats']} round(s)\n"
@@ -492,6 +503,7 @@ def table(rep: dict) -> str:
             else f"; the real noise row: {_ci(noise, 'gmean_rfet')}, "
             f"{noise['slowdown_frac_1_2']:.1%} above 1.2"
         )
+        + busy
     )
 
 

@@ -343,13 +343,16 @@ def render_table(curves: list[Curve]) -> str:
     return "\n".join([fmt(head), *(fmt(r) for r in rows)])
 
 
-def to_json(curves: list[Curve], elapsed_s: float) -> dict:
+def to_json(curves: list[Curve], elapsed_s: float, load_avg: list[float]) -> dict:
+    """``load_avg``: the host's 1-minute load average before and after: curves measured on a
+    busy host describe the other work more than the functions (each gets a share of a core)."""
     return {
         "period_us": PERIOD_US,
         "quotas": list(QUOTAS),
         "mem_factors": list(MEM_FACTORS),
         "elapsed_s": elapsed_s,
         "cpus": os.cpu_count(),
+        "load_avg": load_avg,
         "model": "t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p))",
         "working_set_model": "peak(size) = idle_mb + a_mb * (size / ref_size) ** b",
         "functions": [asdict(c) for c in curves],
@@ -360,21 +363,22 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise ValueError("bench curves needs root (it creates v1 cgroups)")
     names = [n.strip() for n in (args.functions or "").split(",") if n.strip()] or None
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
     curves = asyncio.run(
         measure_all(
             names, args.repeats, progress=lambda cv: print(f"  {cv.function}: done", flush=True)
         )
     )
-    elapsed = time.monotonic() - t0
+    elapsed, load = time.monotonic() - t0, [load0, os.getloadavg()[0]]
     print(render_table(curves))
     print(
         f"({elapsed:.0f} s; CFS period {PERIOD_US // 1000} ms; median of {args.repeats}; "
         "fit err = max relative error of the fitted simulator CPU model; lo/hi input pk = the "
         "peak at both ends of the input range; ws b = exponent of the working set's growth)"
     )
+    print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(to_json(curves, elapsed), indent=2))
+        Path(args.json).write_text(json.dumps(to_json(curves, elapsed, load), indent=2))
         print(f"wrote {args.json}")
     return 0
