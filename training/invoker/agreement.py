@@ -39,7 +39,7 @@ import numpy as np
 from sidecar.core.grid import Alloc, ResourceGrid
 from training.evaluate import make_manager, run, sim_run
 from training.evidence import reference_times, sim_report
-from training.invoker.curves import working_set_mb
+from training.invoker.curves import QUOTAS, working_set_mb
 from training.invoker.invoker import Arrival, Measurement, kind, schedule
 from training.sim.cluster import ClusterConfig, ClusterSim, Request
 from training.sim.workload import Workload
@@ -66,7 +66,7 @@ QUEUED_S = 0.05
 BUSY_LOAD = 0.5
 """Curves measured at a load average above this share of the host's cores are flagged: every
 function then gets a share of a core and looks like it cannot use more (p ~ 0.5)."""
-FIT_GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+FIT_GRID = ResourceGrid(cpu_unit_cores=QUOTAS[0], cpu_units=round(QUOTAS[-1] / QUOTAS[0]))
 """The grid of the CPU fit: every quota of ``bench curves`` (0.25 to 2 cores) lies on it."""
 FIT_P = np.geomspace(0.05, 8.0, 48)
 """The first pass of the fit of p; the second searches a 10x finer grid around its best point."""
@@ -103,7 +103,9 @@ def simulated_curves(
     g = FIT_GRID
     units = [g.cpu_units_ceil(q) for q in (*quotas, user_cores)]
     if any(abs(g.cores(u) - q) > 1e-9 for u, q in zip(units, (*quotas, user_cores))):
-        raise ValueError(f"quotas {list(quotas)} and {user_cores} must be multiples of 0.25 core")
+        raise ValueError(
+            f"quotas {list(quotas)} and {user_cores} must be multiples of {g.cpu_unit_cores} core"
+        )
     k, nq = len(candidates), len(quotas)
     phi, p = (np.array(x, dtype=float) for x in zip(*candidates))
     n = k * nq
