@@ -186,6 +186,12 @@ def _bench_curves(args: argparse.Namespace) -> int:
     return curves_main(args)
 
 
+def _bench_agreement(args: argparse.Namespace) -> int:
+    from training.invoker.agreement import main as agreement_main
+
+    return agreement_main(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from training.invoker.real import main as real_main
 
@@ -411,6 +417,57 @@ def build_parser() -> argparse.ArgumentParser:
     bcu.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
     bcu.add_argument("--json", help="write the curves and fits as JSON to this path")
     bcu.set_defaults(func=_bench_curves)
+    bag = bench.add_parser(
+        "agreement",
+        help="the simulator against a real run: same slice, functions and managers, side by side",
+        description="Replays a real run's trace slice in the simulator, with each real "
+        "function's duration and working set fitted from bench curves, and prints per manager "
+        "the simulated and real geometric-mean RFET, share above 1.2, harvested and "
+        "accelerated shares and their differences (docs/agreement.md). Without --real it runs "
+        "bench real first (one round by default, to keep it short: a --repeats 2 run of "
+        "'faasrm bench real --records --json PATH' passed as --real is the better input); "
+        "without --curves it runs bench curves (about a minute). Needs root for either.",
+    )
+    bag.add_argument(
+        "--real",
+        help="a 'faasrm bench real --records --json' output: its slice, grid, model and "
+        "records (default: run bench real now)",
+    )
+    bag.add_argument(
+        "--curves", help="a 'faasrm bench curves --json' output (default: run bench curves now)"
+    )
+    bag.add_argument(
+        "--managers",
+        help="comma-separated managers to simulate (and, without --real, to run for real); "
+        "default: the real run's, or fixed,rule,smallest,learned",
+    )
+    bag.add_argument("--minutes", type=float, default=2.0, help="without --real: minutes a manager")
+    bag.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="without --real: rounds of bench real (1 keeps it short; 2 gives the noise row "
+        "and intervals that cover run-to-run noise)",
+    )
+    bag.add_argument("--seed", type=int, default=0, help="without --real: the slice's seed")
+    bag.add_argument(
+        "--speedup", type=float, default=15.0, help="without --real: trace minutes a minute"
+    )
+    bag.add_argument(
+        "--cores-per-mb",
+        type=float,
+        default=1.0 / 256.0,
+        help="without --real: user CPU per MB of user memory",
+    )
+    bag.add_argument(
+        "--model", help="ONNX policy for 'learned' (default: the real run's, models/invoker.onnx)"
+    )
+    bag.add_argument(
+        "--json",
+        help="write the report here; a real run or curves measured by this command go beside "
+        "it (PATH without .json + .real.json / .curves.json)",
+    )
+    bag.set_defaults(func=_bench_agreement)
     dm = sub.add_parser(
         "demo", help="local invoker + real functions under Fixed, then the sidecar's learned policy"
     )

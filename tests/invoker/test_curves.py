@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from sidecar import cgroups
-from training.invoker.curves import QUOTAS, fit_cpu, measure, model, render_table
+from training.invoker.curves import (
+    QUOTAS,
+    fit_cpu,
+    fit_working_set,
+    measure,
+    model,
+    render_table,
+    working_set_mb,
+)
 from training.invoker.functions import BY_NAME
 
 
@@ -50,6 +58,7 @@ def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
             quotas=(0.25, 1.0),
             mem_factors=(),
             below_peak=False,
+            size_range=False,
             repeats=3,
             parent=parent,
         )
@@ -60,6 +69,53 @@ def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
     assert curve.throttled[0] > 0
     assert curve.fit is not None and curve.fit["phi"] > 0.8
     assert "pyloop" in render_table([curve])
+    assert not any(
+        os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
+        for c in cgroups.V1_CONTROLLERS
+    )
+
+
+@pytest.mark.parametrize("b", [1.0, 2.0])
+def test_working_set_fit_recovers_a_power_law(b: float) -> None:
+    sizes = [40.0, 120.0, 360.0]
+    peaks = [20.0 + 30.0 * (s / 120.0) ** b for s in sizes]
+    fit = fit_working_set(sizes, peaks, 20.0, 120.0)
+    assert fit["b"] == pytest.approx(b) and fit["a_mb"] == pytest.approx(30.0)
+    assert fit["max_abs_err_mb"] < 1e-6
+    assert working_set_mb(fit, 240.0) == pytest.approx(20.0 + 30.0 * 2.0**b)
+
+
+def test_working_set_fit_of_no_growth_is_the_idle_worker_plus_a_constant() -> None:
+    # within a MB of the idle worker (allocator noise): no growth with the input
+    fit = fit_working_set([1500.0, 2500.0, 12000.0], [8.2, 8.5, 8.4], 8.0, 2500.0)
+    assert fit["b"] == 0.0 and fit["a_mb"] == pytest.approx(0.5)
+    assert working_set_mb(fit, 1e6) == pytest.approx(8.5)
+    # one point grows (a cached input): still a constant, the largest growth
+    fit = fit_working_set([2.0, 3.0, 12.0], [80.0, 80.5, 95.0], 80.0, 3.0)
+    assert fit["b"] == 0.0 and working_set_mb(fit, 2.0) == pytest.approx(95.0)
+
+
+def test_memhogs_working_set_grows_with_its_input(v1_root: None) -> None:
+    parent = f"faasrm-test-curves-{uuid.uuid4().hex[:8]}"
+    curve = asyncio.run(
+        measure(
+            BY_NAME["memhog"],
+            120,
+            quotas=(1.0,),
+            mem_factors=(),
+            below_peak=False,
+            repeats=1,
+            parent=parent,
+        )
+    )
+    spec = BY_NAME["memhog"]
+    assert curve.ws_sizes == [spec.lo, 120, spec.hi]
+    lo, mid, hi = curve.ws_peaks_mb
+    assert lo < mid < hi
+    # a bytearray of N MB: the peak grows by about the input's difference
+    assert hi - lo == pytest.approx(spec.hi - spec.lo, rel=0.15)
+    assert curve.ws_fit is not None and 0.7 < curve.ws_fit["b"] < 1.3
+    assert curve.ws_fit["max_abs_err_mb"] < 30
     assert not any(
         os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
         for c in cgroups.V1_CONTROLLERS

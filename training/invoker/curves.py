@@ -8,7 +8,10 @@ For each real function (one fixed mid-size input, ``CURVE_SIZES``), in one real 
 * memory curve: the container's peak memory use at the user's size (``memory.max_usage_in_bytes``,
   worker included), then the median time at 1.0x / 1.25x / 2x that peak, CPU at the user's
   quota; finally one run with the limit half-way between the idle worker and the peak, which
-  should be OOM-killed (recorded; a timeout kills the worker, nothing hangs).
+  should be OOM-killed (recorded; a timeout kills the worker, nothing hangs);
+* working set against input: the peak also at the low and high end of the function's input
+  range, fitted as the idle worker plus a power law of the input (``fit_working_set``), which is
+  what ``faasrm bench agreement`` gives each simulated invocation.
 
 The simulator's CPU model (``training/sim/cluster.py``, no contention, memory ample) is then
 fitted to each CPU curve by least squares on relative error over phi in [0, 1] and parallelism
@@ -96,6 +99,40 @@ def fit_cpu(quotas, times, t1: float | None = None) -> dict:
     }
 
 
+WS_FLOOR_MB = 1.0
+"""A peak less than this above the idle worker counts as no growth (page and allocator noise)."""
+
+
+def fit_working_set(sizes, peaks_mb, idle_mb: float, ref_size: float) -> dict:
+    """The container's peak memory against the input: ``idle + a * (size / ref_size) ** b``.
+
+    Least squares of log(peak - idle) on log(size) over the points that grow more than
+    ``WS_FLOOR_MB`` above the idle worker, ``b`` clipped to [0, 3] (1: memory that grows with the
+    input, as memhog; 2: with its square, as an n x n matrix); with fewer than two such points
+    the growth is the constant ``a`` = the largest one (b = 0). Returns the parameters, the fitted
+    peaks and the largest error in MB.
+    """
+    s = np.asarray(sizes, dtype=float)
+    inc = np.asarray(peaks_mb, dtype=float) - idle_mb
+    grows = inc > WS_FLOOR_MB
+    if grows.sum() >= 2:
+        x, y = np.log(s[grows] / ref_size), np.log(inc[grows])
+        b = float(np.clip(np.polyfit(x, y, 1)[0], 0.0, 3.0)) if np.ptp(x) > 0 else 0.0
+        a = float(np.exp(np.mean(y - b * x)))
+    else:
+        a, b = float(max(0.0, inc.max(initial=0.0))), 0.0
+    fit = {"idle_mb": float(idle_mb), "a_mb": a, "b": b, "ref_size": float(ref_size)}
+    fitted = [working_set_mb(fit, x) for x in s]
+    fit["fitted_mb"] = fitted
+    fit["max_abs_err_mb"] = float(np.max(np.abs(np.asarray(fitted) - inc - idle_mb)))
+    return fit
+
+
+def working_set_mb(fit: dict, size: float) -> float:
+    """The fitted peak memory (MB, idle worker included) of one invocation with input ``size``."""
+    return fit["idle_mb"] + fit["a_mb"] * (size / fit["ref_size"]) ** fit["b"]
+
+
 # ----------------------------------------------------------------------- real measurements
 
 
@@ -118,6 +155,9 @@ class Curve:
     below_peak_mb: float | None = None
     below_peak_outcome: str | None = None  # oom / success / failure / timeout / refused
     fit: dict | None = None
+    ws_sizes: list[float] = field(default_factory=list)  # inputs: low end, ``size``, high end
+    ws_peaks_mb: list[float] = field(default_factory=list)  # the container's peak at each
+    ws_fit: dict | None = None  # ``fit_working_set``
 
 
 def _v1_file(rel: str, controller: str, name: str) -> str:
@@ -145,11 +185,13 @@ async def measure(
     mem_factors=MEM_FACTORS,
     repeats: int = 3,
     below_peak: bool = True,
+    size_range: bool = True,
     ratio: float = DEFAULT_RATIO,
     timeout_s: float = 30.0,
     parent: str | None = None,
 ) -> Curve:
-    """The CPU and memory curves of one function in one fresh container (removed afterwards)."""
+    """The CPU and memory curves of one function in one fresh container (removed afterwards);
+    ``size_range``: also the peak at both ends of its input range, and the working-set fit."""
     from training.invoker.invoker import Container, container_limits, remove_parent
 
     size = float(CURVE_SIZES[spec.name] if size is None else size)
@@ -163,6 +205,16 @@ async def measure(
         c.cg.write_limits(
             container_limits(cpu, mem_bytes / MB, PERIOD_US), headroom_bytes=0, force=True
         )
+
+    async def peak_bytes(at: float) -> int:
+        """The container's high-water mark over 2 runs at input ``at`` (reset first)."""
+        with open(_v1_file(c.rel, "memory", "memory.max_usage_in_bytes"), "w") as f:
+            f.write("0")
+        peaks = []
+        for _ in range(2):
+            await c.run(at, timeout_s)
+            peaks.append(_read_int(c.rel, "memory", "memory.max_usage_in_bytes"))
+        return max(peaks)
 
     try:
         await c.start()
@@ -179,16 +231,10 @@ async def measure(
             curve.cpu_runs_s.append(runs)
             curve.cpu_times_s.append(statistics.median(runs))
             curve.throttled.append(_nr_throttled(c.rel) - thr0)
-        if mem_factors or below_peak:
+        if mem_factors or below_peak or size_range:
             set_limits(c.user_cpu, user_mem)
             curve.idle_mb = _read_int(c.rel, "memory", "memory.usage_in_bytes") / MB
-            with open(_v1_file(c.rel, "memory", "memory.max_usage_in_bytes"), "w") as f:
-                f.write("0")  # reset the high-water mark
-            peaks = []
-            for _ in range(2):
-                await c.run(size, timeout_s)
-                peaks.append(_read_int(c.rel, "memory", "memory.max_usage_in_bytes"))
-            peak = max(peaks)
+            peak = await peak_bytes(size)
             curve.peak_mb = peak / MB
             for k in mem_factors:
                 limit = int(peak * k)
@@ -203,6 +249,17 @@ async def measure(
                 curve.mem_limits_mb.append(limit / MB)
                 curve.mem_outcomes.append(outcomes)
                 curve.mem_times_s.append(statistics.median(runs) if len(runs) == repeats else None)
+            if size_range:  # after the memory curve: a large input may leave the worker bigger
+                set_limits(c.user_cpu, user_mem)
+                ends = {spec.lo: 0.0, spec.hi: 0.0}
+                for at in ends:
+                    ends[at] = await peak_bytes(at) / MB
+                points = sorted({**ends, size: curve.peak_mb}.items())
+                curve.ws_sizes = [x for x, _ in points]
+                curve.ws_peaks_mb = [y for _, y in points]
+                curve.ws_fit = fit_working_set(
+                    curve.ws_sizes, curve.ws_peaks_mb, curve.idle_mb, size
+                )
             if below_peak:  # last: the worker may die here and is not restarted
                 set_limits(c.user_cpu, user_mem)
                 idle = _read_int(c.rel, "memory", "memory.usage_in_bytes")
@@ -250,7 +307,7 @@ def render_table(curves: list[Curve]) -> str:
         ["function", "size", "user"]
         + [f"{x:g}c ms" for x in q]
         + ["phi", "p", "fit err"]
-        + ["peak MB"]
+        + ["peak MB", "lo/hi input pk MB", "ws b"]
         + [f"{x:g}xpk ms" for x in k]
         + ["OOM<peak"]
     )
@@ -258,6 +315,8 @@ def render_table(curves: list[Curve]) -> str:
     for cv in curves:
         f = cv.fit or {}
         oom = {"oom": "yes", None: "-"}.get(cv.below_peak_outcome, f"no ({cv.below_peak_outcome})")
+        ends = f"{cv.ws_peaks_mb[0]:.0f}/{cv.ws_peaks_mb[-1]:.0f}" if cv.ws_peaks_mb else "-"
+        ws_b = f"{cv.ws_fit['b']:.2f}" if cv.ws_fit else "-"
         rows.append(
             [cv.function, f"{cv.size:g}", f"{cv.user_cpu:g}c/{cv.user_mem_mb:g}M"]
             + [_ms(t) for t in cv.cpu_times_s]
@@ -266,7 +325,7 @@ def render_table(curves: list[Curve]) -> str:
                 f"{f.get('p', float('nan')):.2f}",
                 f"{100 * f.get('max_rel_err', float('nan')):.0f}%",
             ]
-            + [f"{cv.peak_mb:.0f}"]
+            + [f"{cv.peak_mb:.0f}", ends, ws_b]
             + [
                 _ms(t) if t is not None else "/".join(o[:3] for o in outs)
                 for t, outs in zip(cv.mem_times_s, cv.mem_outcomes, strict=True)
@@ -284,14 +343,18 @@ def render_table(curves: list[Curve]) -> str:
     return "\n".join([fmt(head), *(fmt(r) for r in rows)])
 
 
-def to_json(curves: list[Curve], elapsed_s: float) -> dict:
+def to_json(curves: list[Curve], elapsed_s: float, load_avg: list[float]) -> dict:
+    """``load_avg``: the host's 1-minute load average before and after: curves measured on a
+    busy host describe the other work more than the functions (each gets a share of a core)."""
     return {
         "period_us": PERIOD_US,
         "quotas": list(QUOTAS),
         "mem_factors": list(MEM_FACTORS),
         "elapsed_s": elapsed_s,
         "cpus": os.cpu_count(),
+        "load_avg": load_avg,
         "model": "t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p))",
+        "working_set_model": "peak(size) = idle_mb + a_mb * (size / ref_size) ** b",
         "functions": [asdict(c) for c in curves],
     }
 
@@ -300,20 +363,22 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise ValueError("bench curves needs root (it creates v1 cgroups)")
     names = [n.strip() for n in (args.functions or "").split(",") if n.strip()] or None
-    t0 = time.monotonic()
+    t0, load0 = time.monotonic(), os.getloadavg()[0]
     curves = asyncio.run(
         measure_all(
             names, args.repeats, progress=lambda cv: print(f"  {cv.function}: done", flush=True)
         )
     )
-    elapsed = time.monotonic() - t0
+    elapsed, load = time.monotonic() - t0, [load0, os.getloadavg()[0]]
     print(render_table(curves))
     print(
         f"({elapsed:.0f} s; CFS period {PERIOD_US // 1000} ms; median of {args.repeats}; "
-        "fit err = max relative error of the fitted simulator CPU model)"
+        "fit err = max relative error of the fitted simulator CPU model; lo/hi input pk = the "
+        "peak at both ends of the input range; ws b = exponent of the working set's growth)"
     )
+    print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(to_json(curves, elapsed), indent=2))
+        Path(args.json).write_text(json.dumps(to_json(curves, elapsed, load), indent=2))
         print(f"wrote {args.json}")
     return 0
