@@ -204,6 +204,12 @@ def _bench_trainer(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_faults(args: argparse.Namespace) -> int:
+    from training.faults import main as faults_main
+
+    return faults_main(args)
+
+
 def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     """Flags of `bench real` and `demo` (training/invoker/real.py; docs/invoker.md)."""
     p.add_argument(
@@ -405,6 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--flood-records", type=int, default=15_000, help="records per flood batch")
     bt.add_argument("--json", help="write the figures as JSON to this path")
     bt.set_defaults(func=_bench_trainer)
+    bf = bench.add_parser(
+        "faults",
+        help="issue 15's faults end to end on a one-machine testbed (root, cgroup v1)",
+        description="Kills a sidecar mid-invocation, stops and kills the trainer, posts "
+        "malformed hooks and trajectories, publishes bad models and one that fails at run "
+        "time, then restarts; prints what it found against the targets (docs/faults.md). "
+        "Exit code 1 when a target is missed.",
+    )
+    bf.add_argument("--kill-tries", type=int, default=5, help="SIGKILLs of a sidecar")
+    bf.add_argument("--outage-s", type=float, default=20.0, help="seconds the trainer is down")
+    bf.add_argument("--hook-posts", type=int, default=300, help="malformed hook posts")
+    bf.add_argument(
+        "--trajectory-posts", type=int, default=300, help="malformed trajectory batches"
+    )
+    bf.add_argument("--seed", type=int, default=0, help="drivers, bodies and random models")
+    bf.add_argument("--json", help="write the figures and each scenario's detail as JSON")
+    bf.set_defaults(func=_bench_faults)
     br = bench.add_parser(
         "real", help="real functions on a local invoker (real cgroups): managers in turn, RFET"
     )

@@ -18,25 +18,11 @@ from collections.abc import Callable
 
 import pytest
 
-from sidecar import cgroups, dockerd
+from sidecar import dockerd
+from training.processes import v1_unavailable
 
 ROOT_FIXTURE = "v1_root"
 _refused: dict[str, str] = {}  # package -> why it could not be installed (asked once a session)
-
-
-def v1_unavailable(root: str = cgroups.DEFAULT_ROOT) -> str | None:
-    """Why real v1 cgroup tests cannot run here, or None if they can."""
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    for controller in cgroups.V1_CONTROLLERS:
-        path = os.path.join(root, controller)
-        if not os.path.isfile(os.path.join(path, "cgroup.procs")):
-            return f"no cgroup v1 '{controller}' hierarchy at {path}"
-        if not os.access(path, os.W_OK):
-            return f"{path} is not writable"
-    if not os.path.isfile(os.path.join(root, "cpu", "cpu.cfs_quota_us")):
-        return "the v1 cpu hierarchy has no CFS quota"
-    return None
 
 
 @pytest.fixture

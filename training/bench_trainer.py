@@ -83,6 +83,16 @@ def synthetic_record(
     ).pack()
 
 
+def pack_batch(
+    node: str, seq: int, records: list[dict], schema_version: int = SCHEMA_VERSION
+) -> bytes:
+    """A ``POST /v1/trajectories`` body as a sidecar's shipper sends it."""
+    return msgpack.packb(
+        {"schema_version": schema_version, "node_id": node, "seq": seq, "records": records},
+        use_bin_type=True,
+    )
+
+
 def make_bodies(n_batches: int, per_batch: int, nodes: int = 10) -> list[bytes]:
     rng = np.random.default_rng(0)
     template = [
@@ -92,17 +102,7 @@ def make_bodies(n_batches: int, per_batch: int, nodes: int = 10) -> list[bytes]:
     for b in range(n_batches):
         node = f"node{b % nodes}"
         recs = [dict(r, node=node, invocation=f"{node}-{b}-{i}") for i, r in enumerate(template)]
-        bodies.append(
-            msgpack.packb(
-                {
-                    "schema_version": SCHEMA_VERSION,
-                    "node_id": node,
-                    "seq": b // nodes,
-                    "records": recs,
-                },
-                use_bin_type=True,
-            )
-        )
+        bodies.append(pack_batch(node, b // nodes, recs))
     return bodies
 
 

@@ -7,7 +7,8 @@ directory; callers add or override any section, e.g. ``cgroupfs``, ``docker``, `
 their readiness endpoint and stop with SIGTERM (SIGKILL after 30 s). A sidecar's hooks are called on
 its unix socket (``SidecarProcess.call``), the rest of its API over TCP as well. Used by ``faasrm
 bench real`` / ``faasrm demo`` (``training.invoker.real``), ``faasrm testbed up``
-(``training.testbed``) and ``faasrm bench trainer``.
+(``training.testbed``), ``faasrm bench trainer`` and ``faasrm bench faults``;
+``v1_unavailable`` says why real v1 cgroups cannot be made here (they and the tests need them).
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ from typing import Any
 
 TOKEN = "testbed-local-token"
 """The bearer token of every local trainer service and of the sidecars shipping to it."""
+
+
+def v1_unavailable(root: str = "") -> str | None:
+    """Why this process cannot make real v1 cgroups (the testbed's, the tests'), or None."""
+    from sidecar import cgroups
+
+    root = root or cgroups.DEFAULT_ROOT
+    if os.geteuid() != 0:
+        return "needs root to create cgroups"
+    for controller in cgroups.V1_CONTROLLERS:
+        path = os.path.join(root, controller)
+        if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+            return f"no cgroup v1 '{controller}' hierarchy at {path}"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+    if not os.path.isfile(os.path.join(root, "cpu", "cpu.cfs_quota_us")):
+        return "the v1 cpu hierarchy has no CFS quota"
+    return None
 
 
 def free_port() -> int:
@@ -56,6 +75,20 @@ def _parsed(status: int, raw: bytes) -> tuple[int, Any]:
         return status, raw
 
 
+def unix_request(
+    sock: str | Path, method: str, target: str, body: bytes | None = None, timeout: float = 10.0
+) -> tuple[int, Any]:
+    """One request with a raw JSON ``body`` on a unix socket: (status, parsed JSON, or the raw
+    bytes of any other body); OSError when it cannot connect or the answer breaks off."""
+    conn = UnixHTTPConnection(sock, timeout)
+    try:
+        conn.request(method, target, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return _parsed(r.status, r.read())
+    finally:
+        conn.close()
+
+
 def call(
     url: str, body: dict | None = None, timeout: float = 10.0, unix_socket: str | Path = ""
 ) -> tuple[int, Any]:
@@ -67,13 +100,7 @@ def call(
     if unix_socket:
         parts = urllib.parse.urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = UnixHTTPConnection(unix_socket, timeout)
-        try:
-            conn.request(method, target, data, headers)
-            r = conn.getresponse()
-            return _parsed(r.status, r.read())
-        finally:
-            conn.close()
+        return unix_request(unix_socket, method, target, data, timeout)
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

@@ -8,9 +8,10 @@ child holding a real worker process. A driver thread per worker plays the invoke
 ship them to the trainer, which learns, gates and promotes; every sidecar long-polls the registry
 and hot-swaps the new model.
 
-``Testbed`` is also the fixture of the end-to-end and fault tests, and of ``faasrm bench
-trainer``. Everything it starts is stopped and every cgroup it made is removed by ``stop()``
-(also on Ctrl-C). Needs root and writable cgroup v1 hierarchies.
+``Testbed`` is also the fixture of the end-to-end and fault tests, of ``faasrm bench trainer``
+and of ``faasrm bench faults`` (``invoke`` is one invocation as a driver makes it). Everything
+it starts is stopped and every cgroup it made is removed by ``stop()`` (also on Ctrl-C). Needs
+root and writable cgroup v1 hierarchies.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from training.processes import TOKEN, SidecarProcess, TrainerProcess, free_port
 from training.service import call_trainer
 
 GRID = {"cpu_unit_cores": 0.25, "cpu_units": 8, "mem_unit_mb": 64.0, "mem_units": 8}
 """Every node's grid (and the trainer's): a quarter core suits this 2-core machine."""
+USER_CPU_CORES, USER_MEM_MB = 0.5, 256.0
+"""Every worker's user size (its sidecar's ``cgroupfs.default_*``)."""
 WORKER = r"""
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the testbed stops us
 print("up", flush=True)
 for line in sys.stdin:
     cmd, *a = line.split()
@@ -63,9 +69,17 @@ class Worker:
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
 
     def burn(self, n: int) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.start_burn(n)
+        self.wait_burn()
+
+    def start_burn(self, n: int) -> None:
+        """Tell the worker to run ``n`` loop iterations; ``wait_burn`` waits for them."""
+        assert self.proc.stdin is not None
         self.proc.stdin.write(f"burn {n}\n")
         self.proc.stdin.flush()
+
+    def wait_burn(self) -> None:
+        assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "done"
 
     def close(self) -> None:
@@ -78,6 +92,41 @@ class Worker:
             except OSError:
                 pass
         self.cg.close()
+
+
+def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
+    """The first truthy ``pred()``, polled every ``poll_s``; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def invoke(
+    node: SidecarProcess, worker: Worker, burn: int, **start: Any
+) -> tuple[dict, dict] | None:
+    """One invocation as an invoker makes it: the start hook (``start``: more of its fields, e.g.
+    ``pending``), ``burn`` loop iterations in the worker, the end hook with the measured
+    duration. The start's and the end's answers, or None when either hook refused."""
+    st, started = node.call(
+        "/v1/invocations",
+        {"container": worker.rel, "function": worker.function, **start},
+        timeout=5,
+    )
+    if st != 200:
+        return None
+    t0 = time.monotonic()
+    worker.burn(burn)
+    dur = time.monotonic() - t0
+    st, ended = node.call(
+        f"/v1/invocations/{quote(started['invocation'], safe='')}/end",
+        {"outcome": "success", "duration_s": dur},
+        timeout=5,
+    )
+    return (started, ended) if st == 200 else None
 
 
 class Testbed:
@@ -128,8 +177,8 @@ class Testbed:
             "cgroupfs": {
                 "version": 1,
                 "parent": self.node_parent(node_id),
-                "default_cpu_cores": 0.5,
-                "default_mem_mb": 256.0,
+                "default_cpu_cores": USER_CPU_CORES,
+                "default_mem_mb": USER_MEM_MB,
             },
             "shipper": self.trainer.shipper(
                 d / "shipper.json",
@@ -202,25 +251,13 @@ class Testbed:
             self._stop.wait(rng.expovariate(self.rate))
 
     def _one(self, node: SidecarProcess, worker: Worker, rng: random.Random) -> None:
-        st, body = node.call(
-            "/v1/invocations", {"container": worker.rel, "function": worker.function}, timeout=5
-        )
-        if st != 200:
+        done = invoke(node, worker, int(self.burn_n * rng.uniform(0.5, 1.5)))
+        if done is None:
             self.driver_errors += 1
             time.sleep(0.2)
             return
-        inv = body["invocation"]
-        t0 = time.monotonic()
-        worker.burn(int(self.burn_n * rng.uniform(0.5, 1.5)))
-        dur = time.monotonic() - t0
-        st, _ = node.call(
-            f"/v1/invocations/{inv}/end", {"outcome": "success", "duration_s": dur}, timeout=5
-        )
-        if st == 200:
-            with self._lock:
-                self.produced[node.id].append(inv)
-        else:
-            self.driver_errors += 1
+        with self._lock:
+            self.produced[node.id].append(done[0]["invocation"])
 
     def pause(self, timeout_s: float = 10.0) -> None:
         """Stop starting invocations and wait until none is running."""

@@ -31,7 +31,8 @@ from sidecar.daemon import build_app, hook_socket
 from sidecar.node import NODE
 from sidecar.process import Notifier
 from sidecar.units import MB
-from training.processes import UnixHTTPConnection
+from training.faults import bad_end_bodies, bad_start_bodies, bad_user_sizes
+from training.processes import unix_request
 
 pytest.importorskip("onnxruntime")
 
@@ -80,16 +81,10 @@ def request(
     method: str, path: str, sock: str, body: bytes | None = None, timeout: float = 30
 ) -> tuple[int, Any]:
     """One request on the unix socket; (status, JSON body), (0, reason) if it cannot connect."""
-    conn = UnixHTTPConnection(sock, timeout)
     try:
-        conn.request(method, path, body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        raw = r.read()
+        return unix_request(sock, method, path, body, timeout)
     except OSError as exc:
         return 0, str(exc)
-    finally:
-        conn.close()
-    return r.status, json.loads(raw) if raw[:1] == b"{" else raw
 
 
 class Server:
@@ -163,15 +158,7 @@ def _limits(rel: str) -> tuple[float, int]:
 # ------------------------------------------------------------------------------ regressions
 def test_sizes_the_kernel_or_the_host_cannot_take_get_400(server: Server) -> None:
     cid = server.containers[0]
-    host_cores = server.thread.app[NODE].engine.host_cores
-    for user, reason in [
-        ({"cpu_cores": 0.001, "mem_mb": 256}, "cpu_cores"),  # under the kernel's 1,000 us quota
-        ({"cpu_cores": 1.0, "mem_mb": 1e-6}, "mem_mb"),
-        ({"cpu_cores": 1.0, "mem_mb": 8}, "mem_mb"),  # under the 16 MB memory floor
-        ({"cpu_cores": 1024, "mem_mb": 256}, "cpu_cores"),
-        ({"cpu_cores": host_cores + 0.5, "mem_mb": 256}, "cpu_cores"),
-        ({"cpu_cores": 1.0, "mem_mb": 2**30}, "mem_mb"),  # 1 PiB: more than the host has
-    ]:
+    for user, reason in bad_user_sizes(server.thread.app[NODE].engine.host_cores):
         body = json.dumps({"container": cid, "user": user}).encode()
         status, answer = server.post("/v1/invocations", body)
         assert status == 400 and reason in answer["error"], (user, answer)
@@ -187,29 +174,15 @@ def test_sizes_the_kernel_or_the_host_cannot_take_get_400(server: Server) -> Non
         assert _limits(cid) == (user["cpu_cores"], user["mem_mb"] * MB)
 
 
-HUGE = "9" * 401  # an integer no float can hold
-
-
 def test_deep_nesting_and_huge_integers_get_400(server: Server) -> None:
     cid = server.containers[1]
-    starts = [
-        b"[" * 100_000 + b"]" * 100_000,
-        b'{"container": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        f'{{"container": "{cid}", "user": {{"cpu_cores": {HUGE}, "mem_mb": 256}}}}'.encode(),
-        f'{{"container": "{cid}", "user": {{"cpu_cores": 1, "mem_mb": {HUGE}}}}}'.encode(),
-        f'{{"container": "{cid}", "input_size": {HUGE}}}'.encode(),
-        f'{{"container": "{cid}", "pending": {HUGE}}}'.encode(),
-        f'{{"container": "{cid}", "pending": -{HUGE}}}'.encode(),
-        f'{{"container": "{cid}", "input_size": 1e300}}'.encode(),
-        f'{{"container": "{cid}", "pending": 1e300}}'.encode(),
-    ]
-    for body in starts:
+    for body in bad_start_bodies(cid):
         status, answer = server.post("/v1/invocations", body)
         assert status == 400, (body[:80], status, answer)
         server.check(status, answer)
     status, s = server.post("/v1/invocations", json.dumps({"container": cid}).encode())
     assert status == 200
-    for body in (f'{{"duration_s": {HUGE}}}'.encode(), b'{"duration_s": 1e300}'):
+    for body in bad_end_bodies():
         status, answer = server.post(f"/v1/invocations/{s['invocation']}/end", body)
         assert status == 400, (body[:80], status, answer)
     status, answer = server.post(f"/v1/invocations/{s['invocation']}/end", b"{}")

@@ -10,11 +10,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from testbed_helpers import GRID_OV, publish_fresh_agent, wait_for
+from testbed_helpers import GRID_OV, publish_fresh_agent
 
 from training.processes import TOKEN, call
 from training.service import TrainerError, publish
-from training.testbed import Testbed
+from training.testbed import Testbed, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
 from sidecar_helpers import onnx_policy  # noqa: E402

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from testbed_helpers import GRID_OV, cgroup_gone, publish_fresh_agent, wait_for
+from testbed_helpers import GRID_OV, cgroup_gone, publish_fresh_agent
 
 from training.processes import TOKEN, call
 from training.service import call_trainer
-from training.testbed import Testbed
+from training.testbed import Testbed, wait_for
 
 
 def test_trajectories_update_promotion_propagation(tmp_path: Path, v1_root: None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 from training.processes import TOKEN
@@ -27,16 +26,6 @@ def publish_fresh_agent(testbed: Testbed, tmp: Path, seed: int = 0) -> int:
     buf = io.BytesIO()
     torch.save({"agent": agent.state_dict()}, buf)
     return publish(testbed.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
-
-
-def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cgroup_gone(parent: str) -> bool:

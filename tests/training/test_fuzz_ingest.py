@@ -1,9 +1,7 @@
-"""Fuzz POST /v1/trajectories: malformed, truncated and hostile msgpack -> only 4xx, no crash,
-nothing stored."""
+"""Fuzz POST /v1/trajectories: malformed, truncated and hostile msgpack (the bad values and
+structures ``faasrm bench faults`` posts) -> only 4xx, no crash, nothing stored."""
 
 from __future__ import annotations
-
-import math
 
 import msgpack
 import numpy as np
@@ -12,51 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trainer_helpers import ServerThread, batch, http, js, record
 
+from training.faults import BAD_ENVELOPE_VALUES as ENVELOPE_BAD
+from training.faults import BAD_RECORD_VALUES as BAD
+from training.faults import hostile_batches
+
 VALID = batch("n1", 0, [record("n1", i) for i in range(3)])
 REC = record("n1", 0)
-
-# values that are wrong for each field (type, range or content)
-BAD = {
-    "v": [None, "1", 1.5, -1, 2**70 - 1 if False else 99],
-    "node": [None, 5, "other", b"n1"],
-    "function": [None, 3, b"x", "f" * 600],
-    "container": [None, [], {}],
-    "time": [None, "now", math.inf, math.nan],
-    "context": [
-        None,
-        [],
-        "abc",
-        [1.0] * 3,
-        [[1.0]] * 16,
-        [math.nan] * 16,
-        ["x"] * 16,
-        [{"a": 1}] * 16,
-        [True] * 16,
-        [2**80] * 16,
-        [1e308] * 16,  # finite in float64, infinite in the learner's float32
-        [0.0] * 15 + [-3.5e38],
-    ],
-    "cpu_block": [
-        None,
-        [[1.0, 2.0]] * 8,
-        [[1.0, 2.0, 3.0]] * 3 + [[1.0]],
-        "x",
-        [[None] * 3] * 8,
-        [[-1e300, 0.0, 0.0]] * 8,
-    ],
-    "mem_block": [[], [[math.inf] * 3] * 8, 7, [[0.0, 0.0, 1e39]] * 8],
-    "mask": [None, b"", b"\x00" * 8, "ffff", b"\xff" * 9, [1, 2]],
-    "action": [None, -1, 64, 1.0, "3", True],
-    "logp": [None, 0.5, math.nan, "x", -1e39],
-    "reward": ["x", math.inf, math.nan, 1e9, [1.0]],
-    "duration_s": [None, -1.0, math.inf],
-    "outcome": [None, "exploded", 1],
-}
-ENVELOPE_BAD = {
-    "node_id": [None, "", "a b", "x" * 200, 5, "../etc"],
-    "seq": [None, -1, 2**64, 1.5, "1", True],
-    "records": [None, [], {}, "x", [None], [1, 2], [[]]],
-}
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +109,7 @@ def test_bad_envelope(server, field: str, pick: int, extra: bool) -> None:
     _check(server, body)
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G elements, no data
-        b"\xdf\xff\xff\xff\xff",  # map32 claiming 4G pairs
-        b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # str32 claiming 4 GB
-        b"\x91" * 100_000 + b"\xc0",  # 100,000 nested arrays
-        msgpack.packb(msgpack.ExtType(5, b"boom")),
-        msgpack.packb(
-            {"schema_version": 1, "node_id": "n1", "seq": 0, "records": [msgpack.ExtType(1, b"x")]}
-        ),
-        VALID + b"\x00",  # trailing garbage
-        msgpack.packb({1: 2}),  # non-string map keys
-    ],
-)
+@pytest.mark.parametrize("body", hostile_batches(VALID))
 def test_hostile_structures(server, body: bytes) -> None:
     _check(server, body)
 

@@ -13,13 +13,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from sidecar.core.record import SCHEMA_VERSION
-from training.bench_trainer import GRID, synthetic_record
+from training.bench_trainer import GRID, pack_batch, synthetic_record
 
 TOKEN = "test-token"
+batch = pack_batch  # the tests' name for a trajectory batch body
 
 
 def free_port() -> int:
@@ -30,13 +29,6 @@ def free_port() -> int:
 
 def record(node: str = "n1", i: int = 0, reward: float | None = -0.1, rng=None) -> dict:
     return synthetic_record(node, i, rng or np.random.default_rng(i), reward)
-
-
-def batch(node: str, seq: int, records: list[dict], schema_version: int = SCHEMA_VERSION) -> bytes:
-    return msgpack.packb(
-        {"schema_version": schema_version, "node_id": node, "seq": seq, "records": records},
-        use_bin_type=True,
-    )
 
 
 def http(
