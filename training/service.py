@@ -407,13 +407,16 @@ class Service:
         return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
 
     def start_validators(self) -> None:
-        """The ``ingest_workers`` processes (forkserver: they never inherit the loop's threads
-        or sockets); none with 0."""
+        """The ``ingest_workers`` processes; none with 0. Spawned (they never inherit the loop's
+        threads or sockets) as the trainer's own children that die with it: a SIGKILLed trainer
+        must not leave validators (or a forkserver) behind."""
         if self.cfg.ingest_workers > 0:
             import multiprocessing
 
             self.validators = concurrent.futures.ProcessPoolExecutor(
-                self.cfg.ingest_workers, mp_context=multiprocessing.get_context("forkserver")
+                self.cfg.ingest_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with_parent,
             )
 
     async def validate(self, body: bytes) -> Batch:
@@ -657,6 +660,13 @@ async def debug_learner(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------------------------ contexts
 def _warm() -> int:
     return os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a validator process: SIGKILL when the trainer dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:

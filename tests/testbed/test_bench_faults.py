@@ -50,6 +50,8 @@ def test_every_target_is_met_and_everything_is_removed(
     # the trainer faults happened while records flowed, and every one arrived once
     assert sc["trainer_outage"]["finished_during_outage"] > 0
     assert sc["trainer_sigkill"]["batches_in_flight_at_kill"]
+    # nothing the trainer started outlives its SIGKILL (its validators die with it)
+    assert report["processes_outliving_sigkill"]["trainer"] == 0
     for check in (sc["trainer_outage"]["records"], sc["end"]["records"]):
         assert check["lost"] == check["duplicated"] == 0 and check["sqlite_integrity"] == "ok"
     assert sc["end"]["records"]["finished"] > 50

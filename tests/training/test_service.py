@@ -262,12 +262,11 @@ def test_on_the_loop_validation_gives_the_same_answers(tmp_path: Path) -> None:
 
 
 def _validator_pids() -> list[int]:
-    """The live workers of this process's forkserver (where the validators are forked)."""
-    servers = [
-        p for p in psutil.Process().children() if "multiprocessing.forkserver" in p.cmdline()[-1]
-    ]
+    """The live validator processes: this process's spawned multiprocessing children."""
     return sorted(
-        c.pid for s in servers for c in s.children() if c.status() != psutil.STATUS_ZOMBIE
+        p.pid
+        for p in psutil.Process().children()
+        if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
     )
 
 
