@@ -136,8 +136,14 @@ def test_a_newer_record_version_is_told_apart_from_a_malformed_one() -> None:
         ({"outcome": "exploded"}, "records[0].outcome must be one of success, failure, oom, lost"),
         ({"duration_s": -1.0}, "records[0]: time, duration_s >= 0, logp <= 0, all finite"),
         ({"reward": math.inf}, "records[0].reward must be null or a finite number"),
-        ({"context": [1.0] * 3}, "records[0]: context needs 16 numbers, blocks 8 and 8 rows"),
-        ({"context": [math.nan] * 16}, "records[0]: context or blocks hold a non-finite number"),
+        (
+            {"context": [1.0] * 3},
+            f"records[0]: context needs {N_CONTEXT} numbers, blocks 8 and 8 rows",
+        ),
+        (
+            {"context": [math.nan] * N_CONTEXT},
+            "records[0]: context or blocks hold a non-finite number",
+        ),
         ({"action": 0}, "records[0].action 0 is not an allowed candidate"),
         ({"mask": b"\xff"}, "records[0].mask has 1 bytes, expected 8"),
     ],

@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trainer_helpers import ServerThread, batch, http, js, record
 
+from sidecar.core.features import N_CONTEXT
+
 VALID = batch("n1", 0, [record("n1", i) for i in range(3)])
 REC = record("n1", 0)
 
@@ -26,12 +28,12 @@ BAD = {
         [],
         "abc",
         [1.0] * 3,
-        [[1.0]] * 16,
-        [math.nan] * 16,
-        ["x"] * 16,
-        [{"a": 1}] * 16,
-        [True] * 16,
-        [2**80] * 16,
+        [[1.0]] * N_CONTEXT,
+        [math.nan] * N_CONTEXT,
+        ["x"] * N_CONTEXT,
+        [{"a": 1}] * N_CONTEXT,
+        [True] * N_CONTEXT,
+        [2**80] * N_CONTEXT,
     ],
     "cpu_block": [None, [[1.0, 2.0]] * 8, [[1.0, 2.0, 3.0]] * 3 + [[1.0]], "x", [[None] * 3] * 8],
     "mem_block": [[], [[math.inf] * 3] * 8, 7],
@@ -175,13 +177,13 @@ EDGE = {
     "duration_s": [0, 1e308, True],
     "logp": [-1e308, 1e-6, 2e-6, -1, True],
     "context": [
-        [1e308] * 16,
-        [1e308, -1e308] * 8,
-        [1] * 16,
-        [1.0] * 15 + [True],
-        [2**63] * 16,
-        [-(2**63)] * 16,
-        [1e300] * 16,
+        [1e308] * N_CONTEXT,
+        [1e308, -1e308] * (N_CONTEXT // 2),
+        [1] * N_CONTEXT,
+        [1.0] * (N_CONTEXT - 1) + [True],
+        [2**63] * N_CONTEXT,
+        [-(2**63)] * N_CONTEXT,
+        [1e300] * N_CONTEXT,
     ],
     "cpu_block": [
         [[1e308, 1e308, -1e308]] * 8,
