@@ -279,6 +279,7 @@ class Learned(_Stateless):
             req.user,
             req.now_s,
             guard=req.guard,
+            input_size=req.input_size,
             rng=self.rng,
         )
 
