@@ -254,10 +254,11 @@ def guard(
             grid.mem_units,
             cfg.threshold,
         )
-    burst = min(user.cpu, grid.cpu_units_ceil(state.burst_cores))
-    if burst > cpu_lo:
-        cpu_lo = burst
-        cpu_hi = max(cpu_hi, burst)
+    if state.burst_cores > (cpu_lo - 1) * grid.cpu_unit_cores:  # may need more units
+        burst = min(user.cpu, grid.cpu_units_ceil(state.burst_cores))
+        if burst > cpu_lo:
+            cpu_lo = burst
+            cpu_hi = max(cpu_hi, burst)
     if input_size is not None and state.input_growth_mb > 0.0:
         growth = state.input_growth_mb
         if input_size > state.input_max:

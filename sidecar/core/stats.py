@@ -84,8 +84,9 @@ class FunctionStats:
                 )
             self.last_safeguard_s = now_s
         if input_size is not None and input_size > 0.0:
-            self.inputs += 1
-            self.mean_log_input = _ewma(self.mean_log_input, math.log(input_size), self.inputs)
+            self.inputs = k = self.inputs + 1
+            a = EWMA_ALPHA if k * EWMA_ALPHA >= 1.0 else 1.0 / k
+            self.mean_log_input += a * (math.log(input_size) - self.mean_log_input)
 
     def input_vs_history(self, input_size: float | None) -> float:
         """log2 of ``input_size`` over the geometric mean of the inputs seen; NaN when either is

@@ -59,7 +59,7 @@ import numpy as np
 from sidecar.core.decision import Decider
 from sidecar.core.features import NodeState
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.reward import RewardConfig, held_ratio, invocation_reward
+from sidecar.core.reward import RewardConfig, invocation_reward
 from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState
 from sidecar.core.stats import FunctionStats
 from training.sim.workload import Workload
@@ -538,12 +538,15 @@ class ClusterSim:
         res.cold_s[inv] = cold
         res.failed[inv] = oom = kill >= 0.0
         # Resource-seconds held: the chosen size until a kill or a give-back, the user's after.
-        tick = self._tick
-        cpu_until = kill * run if oom else (tick if cpu_back else exec_s)
-        mem_until = kill * run if oom else (mem_back if mem_back >= 0.0 else exec_s)
-        res.cpu_held[inv] = _held(cores, user_cores, cpu_until, exec_s)
-        res.mem_held[inv] = _held(mem_mb, user_mb, mem_until, exec_s)
-        res.give_backs[inv] = 0 if oom else int(cpu_back) + (mem_back >= 0.0)
+        if oom or cpu_back or mem_back >= 0.0:
+            cpu_until = kill * run if oom else (self._tick if cpu_back else exec_s)
+            mem_until = kill * run if oom else (mem_back if mem_back >= 0.0 else exec_s)
+            res.cpu_held[inv] = _held(cores, user_cores, cpu_until, exec_s)
+            res.mem_held[inv] = _held(mem_mb, user_mb, mem_until, exec_s)
+            res.give_backs[inv] = 0 if oom else int(cpu_back) + (mem_back >= 0.0)
+        else:
+            res.cpu_held[inv] = cores * exec_s
+            res.mem_held[inv] = mem_mb * exec_s
         res.cpu_s[inv] = self._work[inv]
         # What the node's samples would show: the quota it ran at (the user's after a give-back).
         quota = user_cores if cpu_back else cores
@@ -700,8 +703,8 @@ class ClusterSim:
             res.cold_s[inv],
             failed,
             self.reward_cfg,
-            cpu_held=held_ratio(res.cpu_held[inv], user_cores, base),
-            mem_held=held_ratio(res.mem_held[inv], user_mb, base),
+            cpu_held=res.cpu_held[inv] / (user_cores * base),  # held_ratio(); base > 0
+            mem_held=res.mem_held[inv] / (user_mb * base),
             caused_queue_s=caused,
         )
         self.rewarded.append(inv)
