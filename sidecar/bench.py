@@ -306,8 +306,22 @@ def _raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
 
 
+def _shipped_model() -> str:
+    """The shipped model when this host would load it, else "" (a model from another feature
+    schema is refused until it is retrained: the bench then scores with a random one)."""
+    from sidecar.models import ModelRejected, default_model_path, validate
+
+    path = default_model_path()
+    if not path.exists():
+        return ""
+    try:
+        validate(path.read_bytes(), _grid_for(str(path)), None)
+    except ModelRejected:
+        return ""
+    return str(path)
+
+
 def run(args: argparse.Namespace) -> dict:
-    from sidecar.models import default_model_path
 
     parent = f"faasrm-bench-{uuid.uuid4().hex[:8]}"
     n_max = max(n for n, _ in MIXES.values())
@@ -316,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     tick, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="faasrm-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        model = args.model or (str(default_model_path()) if default_model_path().exists() else "")
+        model = args.model or _shipped_model()
         model_desc = model
         if not model:
             try:

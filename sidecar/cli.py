@@ -13,7 +13,20 @@ from pathlib import Path
 
 
 def _sim_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, plot_cdfs, render_table, write_json
+    from sidecar.models import ModelRejected
+
+    try:
+        return _sim_eval_checked(args)
+    except ModelRejected as exc:
+        raise SystemExit(
+            f"faasrm sim eval: the 'learned' model {args.model or '(shipped default)'} cannot "
+            f"be used: {exc}. Train and export a model on this code's features (faasrm train, "
+            "faasrm export) and pass it with --model."
+        ) from None
+
+
+def _sim_eval_checked(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, plot_cdfs, plot_front, render_table, write_json
     from training.sim.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -33,11 +46,19 @@ def _sim_eval(args: argparse.Namespace) -> int:
     if args.plots:
         for p in plot_cdfs(ev, args.plots):
             print(f"wrote {p}")
+        title = f"{ev.preset} preset, seed {ev.seed}"
+        print(f"wrote {plot_front(ev.results, args.plots, title, f'{ev.preset}_seed{ev.seed}')}")
     return 0
 
 
 def _sim_eval_seeds(args: argparse.Namespace, preset) -> int:
-    from training.evaluate import evaluate_seeds, plot_cdfs, render_seeds_table, write_seeds_json
+    from training.evaluate import (
+        evaluate_seeds,
+        plot_cdfs,
+        plot_front,
+        render_seeds_table,
+        write_seeds_json,
+    )
 
     if args.trace:
         raise SystemExit("faasrm sim eval: --seeds draws a workload per seed; --trace takes --seed")
@@ -52,6 +73,33 @@ def _sim_eval_seeds(args: argparse.Namespace, preset) -> int:
         for one in ev.per_seed:
             for p in plot_cdfs(one, args.plots):
                 print(f"wrote {p}")
+        label = "seeds" + "-".join(map(str, seeds))
+        title = f"{ev.preset} preset, seeds {','.join(map(str, seeds))} (95% intervals)"
+        print(f"wrote {plot_front(ev.pooled, args.plots, title, f'{ev.preset}_{label}')}")
+    return 0
+
+
+def _sim_capacity(args: argparse.Namespace) -> int:
+    from sidecar.models import ModelRejected
+    from training.evaluate import evaluate_capacity, render_capacity
+    from training.sim.presets import get_preset
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    managers = [m.strip() for m in args.managers.split(",") if m.strip()]
+    try:
+        report = evaluate_capacity(get_preset(args.preset), managers, seeds, loads, args.model)
+    except ModelRejected as exc:
+        raise SystemExit(
+            f"faasrm sim capacity: the 'learned' model cannot be used: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise SystemExit(f"faasrm sim capacity: {exc}") from None
+    print(render_capacity(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -299,8 +347,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trace", help="a folder of Azure Functions 2019 trace files to replay")
     ev.add_argument("--model", help="ONNX policy for the 'learned' manager (default: models/)")
     ev.add_argument("--json", help="write the figures as JSON to this path")
-    ev.add_argument("--plots", help="write RFET and execution-time CDF plots (PNG) to this folder")
+    ev.add_argument(
+        "--plots",
+        help="write RFET and execution-time CDF plots and the front of mean RFET against "
+        "alloc_mem_ratio (with intervals under --seeds) as PNG files to this folder",
+    )
     ev.set_defaults(func=_sim_eval)
+    cap = sim.add_parser(
+        "capacity",
+        help="p98 response time per manager as the arrival rate grows; each manager's capacity",
+    )
+    cap.add_argument("--preset", default="paper", help="simulation preset (paper, small, sample)")
+    cap.add_argument(
+        "--managers",
+        default="fixed,rule,smallest,oracle",
+        help="comma-separated, as for sim eval (fixed, the reference, is always run)",
+    )
+    cap.add_argument("--seeds", default="101,102,103", help="workload seeds, pooled with intervals")
+    cap.add_argument(
+        "--loads",
+        default="1.0,1.25,1.5,1.75,2.0",
+        help="arrival-rate multiples (the same invocations, arriving that much faster); must "
+        "include 1.0. capacity = the highest load whose p98 response time, and every lower "
+        "load's, stays within 1.5x Fixed's at 1.0",
+    )
+    cap.add_argument("--model", help="ONNX policy for the 'learned' manager (default: models/)")
+    cap.add_argument("--json", help="write the figures as JSON to this path")
+    cap.set_defaults(func=_sim_capacity)
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(
         dest="trace_command", required=True

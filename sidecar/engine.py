@@ -14,10 +14,13 @@ Decisions the spec left open, documented here:
   rounded on a safeguard run or a restore.
 * Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies); v2 keeps
   ``memory.max`` at the user's size and harvests with ``memory.high`` (throttles, never kills).
-* Reward: ``invocation_reward(duration, baseline before this run)``; with no baseline yet (the
-  first safeguard run, or failures before any), the reward is ``None`` and the record says so: the
-  trainer skips it (there is nothing to compare with). A ``lost`` run (daemon shutdown, container
-  removed mid-run) also gets ``None``: its end is not the policy's doing.
+* Reward: ``invocation_reward(duration, baseline before this run)`` with the core- and
+  MB-seconds the invocation held (its allocation until each give-back, the user's size after:
+  ``held_seconds``) relative to the user's size; a node has no admission queue, so no queueing
+  caused to others. With no baseline yet (the first safeguard run, or failures before any), the
+  reward is ``None`` and the record says so: the trainer skips it (there is nothing to compare
+  with). A ``lost`` run (daemon shutdown, container removed mid-run) also gets ``None``: its end
+  is not the policy's doing.
 * After an invocation ends the container returns to the user's size (``restore_on_end``), so an
   idle container never sits harvested while nobody watches its demand.
 * Node state: free = capacity - allocations of running invocations (as the simulator counts it);
@@ -47,7 +50,7 @@ from sidecar.core.features import NodeState
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import Scorer, fallback_scorer
 from sidecar.core.record import OUTCOMES, Record
-from sidecar.core.reward import RewardConfig, invocation_reward
+from sidecar.core.reward import RewardConfig, held_ratio, invocation_reward
 from sidecar.core.safeguard import (
     FAILURE,
     Guard,
@@ -409,13 +412,14 @@ class Engine:
             c.active = None
         now = self.clock() if now_s is None else now_s
         duration = max(0.0, now - inv.start_s) if duration_s is None else duration_s
+        cpu_s = 0.0  # its CPU work, when the usage at both ends is known (the burst rule)
         if usage is not None:
             self._observe_usage(inv, usage.mem_bytes, usage.mem_peak_bytes)
             window = now - inv.start_s
             if inv.cpu_s_at_start == inv.cpu_s_at_start and window > 0:
                 # short invocations see no full sampling window: their mean rate is the peak
-                avg = (usage.cpu_usage_s - inv.cpu_s_at_start) / window
-                inv.cpu_peak_cores = max(inv.cpu_peak_cores, avg)
+                cpu_s = max(0.0, usage.cpu_usage_s - inv.cpu_s_at_start)
+                inv.cpu_peak_cores = max(inv.cpu_peak_cores, cpu_s / window)
             if c is not None:
                 c.last_mem_bytes = usage.mem_bytes
         if inv.oom and outcome in ("success", "failure"):  # the kernel said why it failed
@@ -424,6 +428,7 @@ class Engine:
         stats, gs = self._function(inv.function)
         baseline = stats.baseline_duration_s
         mem_peak_mb = inv.mem_peak_bytes / MB
+        user_mb = inv.user.mem_bytes / MB
         gs.observe(
             inv.guard,
             inv.alloc,
@@ -432,16 +437,33 @@ class Engine:
             failed,
             inv.input_size,
             inv.mem_start_bytes / MB,
+            cpu_s,
+            duration,
+            self.act_cfg.cpu_period_us / 1e6,
+            user_mb,
         )
         at_user = inv.alloc == inv.user_alloc and not failed
-        stats.on_completion(now, duration, inv.cpu_peak_cores, mem_peak_mb, at_user_size=at_user)
+        stats.on_completion(
+            now,
+            duration,
+            inv.cpu_peak_cores,
+            mem_peak_mb,
+            at_user_size=at_user,
+            input_size=inv.input_size,
+        )
         # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with
         known = baseline == baseline and baseline > 0 and outcome != "lost"
-        reward = (
-            invocation_reward(duration, baseline, failed=failed, cfg=self.reward_cfg)
-            if known
-            else None
-        )
+        reward = None
+        if known:
+            core_s, mb_s = held_seconds(inv.trace, inv.user, duration)
+            reward = invocation_reward(
+                duration,
+                baseline,
+                failed=failed,
+                cfg=self.reward_cfg,
+                cpu_held=held_ratio(core_s, inv.user.cpu_cores, baseline),
+                mem_held=held_ratio(mb_s, user_mb, baseline),
+            )
         rfet = duration / baseline if known else None
         inv.trace.update(
             cpu_peak_cores=round(inv.cpu_peak_cores, 4),
@@ -645,6 +667,22 @@ def trace_entry(inv: Invocation) -> dict:
         "rfet": None,
         "outcome": None,
     }
+
+
+def held_seconds(entry: dict, user: UserSize, duration_s: float) -> tuple[float, float]:
+    """(core-seconds, MB-seconds) an invocation held over ``duration_s``: its allocation-trace
+    entry's chosen size until each resource's give-back, the user's size after."""
+    cores, mem_mb = entry["chosen"]["cpu_cores"], entry["chosen"]["mem_bytes"] / MB
+    cpu_until = mem_until = duration_s
+    for gb in entry["give_backs"]:
+        at = min(duration_s, gb["after_s"])
+        if "cpu" in gb["resources"]:
+            cpu_until = min(cpu_until, at)
+        if "memory" in gb["resources"]:
+            mem_until = min(mem_until, at)
+    core_s = cores * cpu_until + user.cpu_cores * (duration_s - cpu_until)
+    mb_s = mem_mb * mem_until + user.mem_bytes / MB * (duration_s - mem_until)
+    return core_s, mb_s
 
 
 def _kind(user: UserSize, cores: float, mem: int) -> str:

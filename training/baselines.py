@@ -21,7 +21,7 @@ import numpy as np
 
 from sidecar.core.decision import Decision
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
+from sidecar.core.policy import Scorer, fallback_scorer
 from training.sim.cluster import ClusterSim, Request
 
 
@@ -266,8 +266,14 @@ class Learned(_Stateless):
         self.rng = rng
 
     @classmethod
-    def from_onnx(cls, path: str | Path) -> Learned:
-        return cls(OnnxScorer(path))
+    def from_onnx(cls, path: str | Path, grid: ResourceGrid) -> Learned:
+        """The model at ``path`` after the checks a host runs before loading one
+        (``sidecar.models.validate``: its feature schema and grid must be this code's and
+        ``grid``); raises ``sidecar.models.ModelRejected`` with the reason otherwise."""
+        from sidecar.models import validate
+
+        scorer, _ = validate(Path(path).read_bytes(), grid, None)
+        return cls(scorer)
 
     def decision(self, sim: ClusterSim, req: Request) -> Decision:
         """The whole decision (observation, action, log-probability) for ``req``."""
@@ -279,6 +285,7 @@ class Learned(_Stateless):
             req.user,
             req.now_s,
             guard=req.guard,
+            input_size=req.input_size,
             rng=self.rng,
         )
 

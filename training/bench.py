@@ -23,10 +23,11 @@ def bench_sim(
     """Decisions/s of ``n_envs`` Gymnasium envs in lockstep, a 32/16 tanh MLP scoring every
     candidate of every pending decision in one batched call (as a vectorised rollout runs).
 
-    The MLP is the shipped policy's weights (``model``, default ``models/``), or, when
-    there is none, random weights in numpy (these over-allocate, so the simulated cluster runs
-    saturated: a slower, pessimistic regime). Baseline for the ratio: the same loop with the
-    user's size chosen (no features, no policy). One core: BLAS threads pinned to 1.
+    The MLP is the shipped policy's weights (``model``, default ``models/``), or, when there is
+    none or a host would refuse it, random weights in numpy (these over-allocate, so the
+    simulated cluster runs saturated: a slower, pessimistic regime). Baseline for the ratio: the
+    same loop with the user's size chosen (no features, no policy). One core: BLAS threads
+    pinned to 1.
     """
     import gymnasium as gym
 
@@ -44,14 +45,19 @@ def bench_sim(
         for i in range(n_envs)
     ]
     path = Path(model) if model else default_model_path(p.grid)
+    score = MLPScorer.random(N_FEATURES, (32, 16), seed=seed).scores_blocks
+    policy = "random-mlp"
     if path.exists():
+        from sidecar.models import ModelRejected, validate
         from training.export import mlp_from_onnx
 
-        score = mlp_from_onnx(path).scores_blocks
-        policy = f"{path.name} (weights in numpy)"
-    else:
-        score = MLPScorer.random(N_FEATURES, (32, 16), seed=seed).scores_blocks
-        policy = "random-mlp"
+        try:
+            validate(path.read_bytes(), p.grid, None)
+        except ModelRejected as exc:  # another feature schema or grid: it would score garbage
+            policy = f"random-mlp ({path.name} refused: {exc})"
+        else:
+            score = mlp_from_onnx(path).scores_blocks
+            policy = f"{path.name} (weights in numpy)"
     rng = np.random.default_rng(seed)
     obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     n = 0

@@ -60,7 +60,8 @@ def run(sim: ClusterSim, manager: Manager, tick: Callable[[int], None] | None = 
 
 
 def sim_run(sim: ClusterSim) -> SimRun:
-    """A finished run's per-invocation arrays, in seconds, cores and MB."""
+    """A finished run's per-invocation arrays, in seconds, cores and MB; the allocation is the
+    time-averaged one (core- and MB-seconds held over the execution time: give-backs included)."""
     r = sim.results
     wl, g = sim.wl, sim.grid
     return SimRun(
@@ -68,8 +69,8 @@ def sim_run(sim: ClusterSim) -> SimRun:
         baseline_s=r.baseline_s.copy(),
         response_s=r.queue_s + r.cold_s + r.exec_s,
         failed=r.failed.copy(),
-        cpu_cores=r.cpu * g.cpu_unit_cores,
-        mem_mb=r.mem * g.mem_unit_mb,
+        cpu_cores=r.cpu_held / r.exec_s,
+        mem_mb=r.mem_held / r.exec_s,
         user_cores=wl.user_cpu[wl.fn] * g.cpu_unit_cores,
         user_mb=wl.user_mem[wl.fn] * g.mem_unit_mb,
     )
@@ -78,15 +79,18 @@ def sim_run(sim: ClusterSim) -> SimRun:
 def metrics(sim: ClusterSim) -> dict[str, float]:
     """The evaluation figures of a finished run (all invocations).
 
-    ``alloc_cpu_ratio`` / ``alloc_mem_ratio``: the allocated core-seconds and MB-seconds
-    (allocation x execution time, summed) over what the user's sizes would have held for the
-    same invocations' execution times at the user's size (Fixed's, the counterfactual)."""
+    ``alloc_cpu_ratio`` / ``alloc_mem_ratio``: the core-seconds and MB-seconds held (allocation
+    x execution time, give-backs included, summed) over what the user's sizes would have held
+    for the same invocations' execution times at the user's size (Fixed's, the counterfactual).
+    ``give_back_frac``: the share of invocations that gave a resource back mid-run."""
     r = sim.results
-    wl = sim.wl
+    wl, g = sim.wl, sim.grid
     rfet = r.exec_s / r.baseline_s
     response = r.queue_s + r.cold_s + r.exec_s
     user_cpu = wl.user_cpu[wl.fn]
     user_mem = wl.user_mem[wl.fn]
+    user_cores = user_cpu * g.cpu_unit_cores
+    user_mb = user_mem * g.mem_unit_mb
     pct = lambda x, q: float(np.percentile(x, q))  # noqa: E731
     return {
         "invocations": int(len(rfet)),
@@ -109,8 +113,10 @@ def metrics(sim: ClusterSim) -> dict[str, float]:
         "p99_queue_s": pct(r.queue_s, 99),
         "mean_reward": float(r.reward.mean()),
         "gmean_rfet": float(np.exp(np.log(rfet).mean())),
-        "alloc_cpu_ratio": float((r.cpu * r.exec_s).sum() / (user_cpu * r.baseline_s).sum()),
-        "alloc_mem_ratio": float((r.mem * r.exec_s).sum() / (user_mem * r.baseline_s).sum()),
+        "alloc_cpu_ratio": float(r.cpu_held.sum() / (user_cores * r.baseline_s).sum()),
+        "alloc_mem_ratio": float(r.mem_held.sum() / (user_mb * r.baseline_s).sum()),
+        "give_backs": int(r.give_backs.sum()),
+        "give_back_frac": float(np.mean(r.give_backs > 0)),
     }
 
 
@@ -129,11 +135,13 @@ def make_manager(
     name: str, model: str | Path | None = None, grid: ResourceGrid | None = None
 ) -> Manager:
     """``learned`` without a ``model``: the shipped model trained for ``grid``; ``rule`` and
-    ``smallest``: the daemon's model-free rules."""
+    ``smallest``: the daemon's model-free rules. A model a host would refuse (another feature
+    schema or grid) raises ``sidecar.models.ModelRejected``."""
     if name == "learned":
         from sidecar.models import default_model_path
 
-        return Learned.from_onnx(model or default_model_path(grid))
+        grid = grid or ResourceGrid()
+        return Learned.from_onnx(model or default_model_path(grid), grid)
     if name in RULE_MANAGERS:
         return Rule(name, RULE_MANAGERS[name])
     try:
@@ -304,3 +312,158 @@ def plot_cdfs(ev: Evaluation, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def plot_front(results: dict[str, dict], out_dir: str | Path, title: str, stem: str) -> Path:
+    """Mean RFET against ``alloc_mem_ratio`` per manager (what users feel against what their
+    allocations hold), with the 95% intervals as error bars when the figures have them
+    (``--seeds``), as one PNG file ``<stem>_front.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, m in results.items():
+        x, y = m["alloc_mem_ratio"], m["mean_rfet"]
+        err = {}
+        for axis, key, v in (("xerr", "alloc_mem_ratio_ci", x), ("yerr", "mean_rfet_ci", y)):
+            if key in m:
+                lo, hi = m[key]
+                err[axis] = [[max(0.0, v - lo)], [max(0.0, hi - v)]]
+        ax.errorbar([x], [y], fmt="o", capsize=3, label=name, **err)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("alloc_mem_ratio (MB-seconds held / the user's sizes')")
+    ax.set_ylabel("mean RFET")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{stem}_front.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- capacity
+CAPACITY_SLACK = 1.5
+"""A manager holds a load while its p98 response time stays within this multiple of Fixed's at
+load 1.0 (issue 13: where harvesting must pay)."""
+CAPACITY_FIGURES = (
+    "p98_response_s",
+    "mean_rfet",
+    "alloc_cpu_ratio",
+    "alloc_mem_ratio",
+)
+
+
+def capacity_of(p98: dict[float, float], reference: float, slack: float = CAPACITY_SLACK) -> float:
+    """The highest load such that it and every lower load evaluated kept p98 response time
+    within ``slack`` x ``reference``; 0.0 when even the lowest did not."""
+    held = 0.0
+    for load in sorted(p98):
+        if not p98[load] <= slack * reference:
+            break
+        held = load
+    return held
+
+
+def evaluate_capacity(
+    preset: Preset,
+    managers: list[str],
+    seeds: list[int],
+    loads: list[float],
+    model: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Every manager at every load on each seed's workload, arrivals compressed by the load
+    (``Workload.scaled``: the same invocations, so loads stay paired), figures pooled over the
+    seeds with their intervals (``evaluate_seeds``' method), and each manager's ``capacity``
+    (``capacity_of``) against Fixed's p98 response time at load 1.0, pooled and per seed.
+
+    ``fixed`` is evaluated whether named or not (it is the reference); ``loads`` must hold 1.0.
+    Runs load by load, so only one load's per-invocation arrays are in memory at a time."""
+    loads = sorted(set(loads))
+    if 1.0 not in loads:
+        raise ValueError("the loads must include 1.0: Fixed's p98 response time there is the bar")
+    managers = ["fixed", *(m for m in managers if m != "fixed")]
+    workloads = {s: preset.build(s) for s in seeds}
+    out: dict = {m: {"loads": {}} for m in managers}
+    for load in loads:
+        per_seed = [
+            evaluate(preset, managers, s, model, workloads[s].scaled(load), progress) for s in seeds
+        ]
+        pooled = sim_report({m: [ev.runs[m] for ev in per_seed] for m in managers})
+        for m in managers:
+            row = {k: pooled[m][k] for k in ("invocations", "failures", "failures_per_100k")}
+            for k in CAPACITY_FIGURES:
+                row[k], row[k + "_ci"] = pooled[m][k], pooled[m][k + "_ci"]
+            row["per_seed"] = {
+                str(ev.seed): {k: ev.results[m][k] for k in (*CAPACITY_FIGURES, "failures")}
+                for ev in per_seed
+            }
+            out[m]["loads"][load] = row
+    ref = out["fixed"]["loads"][1.0]
+    reference = {
+        "pooled": ref["p98_response_s"],
+        "per_seed": {s: r["p98_response_s"] for s, r in ref["per_seed"].items()},
+    }
+    for res in out.values():
+        rows = res["loads"]
+        res["capacity"] = capacity_of(
+            {x: r["p98_response_s"] for x, r in rows.items()}, reference["pooled"]
+        )
+        res["capacity_per_seed"] = {
+            s: capacity_of({x: r["per_seed"][s]["p98_response_s"] for x, r in rows.items()}, ref_s)
+            for s, ref_s in reference["per_seed"].items()
+        }
+        res["loads"] = {f"{x:g}": r for x, r in rows.items()}
+    return {
+        "config": {
+            "preset": preset.name,
+            "seeds": list(seeds),
+            "loads": loads,
+            "managers": managers,
+            "slack": CAPACITY_SLACK,
+        },
+        "reference_p98_response_s": reference,
+        "results": out,
+    }
+
+
+def render_capacity(report: dict) -> str:
+    """Per manager and load: p98 response time and mean RFET with their intervals, OOM kills;
+    then each manager's capacity, pooled and per seed."""
+    cfg = report["config"]
+    head = ["manager", "load", "p98 resp s", "95% interval", "mean RFET", "95% interval", "OOM"]
+    rows = []
+    for m, res in report["results"].items():
+        for load, r in res["loads"].items():
+            lo, hi = r["p98_response_s_ci"]
+            rlo, rhi = r["mean_rfet_ci"]
+            rows.append(
+                [
+                    m,
+                    load,
+                    f"{r['p98_response_s']:.1f}",
+                    f"[{lo:.1f}, {hi:.1f}]",
+                    f"{r['mean_rfet']:.4f}",
+                    f"[{rlo:.4f}, {rhi:.4f}]",
+                    str(r["failures"]),
+                ]
+            )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    ref = report["reference_p98_response_s"]["pooled"]
+    seeds = ",".join(map(str, cfg["seeds"]))
+    lines = [f"preset {cfg['preset']}, seeds {seeds} pooled", line(head), *map(line, rows)]
+    lines.append(
+        f"capacity: the highest load held within {cfg['slack']:g}x Fixed's p98 response time "
+        f"at load 1.0 ({ref:.1f} s), pooled (per seed)"
+    )
+    for m, res in report["results"].items():
+        per = ", ".join(f"{s}: {c:g}" for s, c in res["capacity_per_seed"].items())
+        lines.append(f"  {m:>8}  {res['capacity']:g}  ({per})")
+    return "\n".join(lines)

@@ -64,6 +64,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from sidecar.core.features import N_CONTEXT
 from sidecar.core.grid import ResourceGrid
 from sidecar.units import MB
 from training.bench_trainer import pack_batch, synthetic_record
@@ -259,14 +260,14 @@ BAD_RECORD_VALUES: dict[str, list[Any]] = {
         [],
         "abc",
         [1.0] * 3,
-        [[1.0]] * 16,
-        [math.nan] * 16,
-        ["x"] * 16,
-        [{"a": 1}] * 16,
-        [True] * 16,
-        [2**80] * 16,
-        [1e308] * 16,  # finite in float64, infinite in the learner's float32
-        [0.0] * 15 + [-3.5e38],
+        [[1.0]] * N_CONTEXT,
+        [math.nan] * N_CONTEXT,
+        ["x"] * N_CONTEXT,
+        [{"a": 1}] * N_CONTEXT,
+        [True] * N_CONTEXT,
+        [2**80] * N_CONTEXT,
+        [1e308] * N_CONTEXT,  # finite in float64, infinite in the learner's float32
+        [0.0] * (N_CONTEXT - 1) + [-3.5e38],
     ],
     "cpu_block": [
         None,

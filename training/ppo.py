@@ -8,10 +8,12 @@ MLP over the context vector only.
 Credit assignment: the reward of an invocation belongs to the decision that allocated it, not to
 the step at which its outcome became known. ``CreditLedger`` keeps, per env, a map ``inv ->
 rollout step`` and adds each rewarded invocation's reward to that step. The simulator reports an
-invocation's reward when it starts (its execution time is known then), so only invocations still
-waiting in the admission queue when a rollout ends lose their reward (a known approximation;
-``charts/dropped_reward_frac`` logs the share). ``ppo_loss`` is the loss of one minibatch, shared
-with the trainer service's online updates (``training.online``).
+invocation's reward when it finishes (it includes the queueing it caused others while it ran);
+an episode of ``episode_decisions`` drains at its end, so a rollout of whole episodes loses none.
+With whole traces as episodes, invocations still running or queued when a rollout ends lose their
+reward (a known approximation; ``charts/dropped_reward_frac`` logs the share). ``ppo_loss`` is
+the loss of one minibatch, shared with the trainer service's online updates
+(``training.online``).
 
 Usage: ``python -m training.ppo --preset small --total-timesteps 200000`` (every ``Args`` field is
 a ``--flag``).

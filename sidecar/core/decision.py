@@ -73,8 +73,9 @@ class Decider:
         state: SafeguardState,
         user: Alloc,
         now_s: float,
+        input_size: float | None = None,
     ) -> Observation:
-        ctx = self.encoder.context(node, stats, state, user, now_s)
+        ctx = self.encoder.context(node, stats, state, user, now_s, input_size)
         cpu, mem = self.encoder.blocks(state, user)
         return Observation(ctx, cpu, mem, guard.mask)
 
@@ -97,11 +98,12 @@ class Decider:
 
         ``guard``: a verdict the caller already has from ``guard`` (the simulator computes one for
         every manager); else it is computed here from ``mem_usage_mb`` and ``input_size``.
+        ``input_size`` also feeds the features (the input relative to the function's history).
         Without ``fallback`` a failing scorer's exception propagates.
         """
         if guard is None:
             guard = self.guard(user, state, mem_usage_mb, input_size)
-        obs = self.observe(guard, node, stats, state, user, now_s)
+        obs = self.observe(guard, node, stats, state, user, now_s, input_size)
         rows = obs.rows()
         try:
             a, logp = policy.decide(scorer.scores(rows), guard.mask, rng)

@@ -23,7 +23,9 @@ from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.safeguard import SafeguardState
 from sidecar.core.stats import FunctionStats
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
+"""2: the invocation's input size relative to the function's history (``input_vs_history``,
+``input_known``)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ CONTEXT_FEATURES: tuple[Feature, ...] = (
     Feature("since_safeguard", "s", "log1p(x) / 10; 1 when never"),
     Feature("history", "invocations", "min(completions, 20) / 20"),
     Feature("slowdown", "ratio", "mean duration / baseline duration - 1, clipped to [-1, 3]"),
+    Feature(
+        "input_vs_history",
+        "ratio",
+        "log2(input / geometric mean of the function's past inputs) / 4, clipped to [-1, 1]; "
+        "0 when unknown",
+    ),
+    Feature("input_known", "flag", "1 when the input and the function's input history are known"),
 )
 CANDIDATE_FEATURES: tuple[Feature, ...] = (
     # CPU columns first, then the same three for memory (the encoder fills them as two blocks).
@@ -117,8 +126,11 @@ class FeatureEncoder:
         guard_state: SafeguardState,
         user: Alloc,
         now_s: float,
+        input_size: float | None = None,
     ) -> np.ndarray:
-        """The node + function features (also the critic's input), shape (N_CONTEXT,)."""
+        """The node + function features (also the critic's input), shape (N_CONTEXT,).
+
+        ``input_size``: this invocation's input, where the invoker reports one."""
         g = self.grid
         user_cores = user.cpu * g.cpu_unit_cores
         user_mb = user.mem * g.mem_unit_mb
@@ -132,6 +144,8 @@ class FeatureEncoder:
         free_cpu = node.free_cores / node.total_cores
         free_mem = node.free_mem_mb / node.total_mem_mb
         slowdown = mean_d / base_d - 1.0 if known_base else 0.0
+        rel = stats.input_vs_history(input_size) / 4.0  # NaN when unknown
+        known_input = rel == rel
         return np.array(
             (
                 math.log1p(node.pending) / 5.0,
@@ -150,6 +164,8 @@ class FeatureEncoder:
                 math.log1p(since) / 10.0 if since == since else 1.0,
                 (20 if stats.completions > 20 else stats.completions) / 20.0,
                 -1.0 if slowdown < -1.0 else (3.0 if slowdown > 3.0 else slowdown),
+                (-1.0 if rel < -1.0 else (1.0 if rel > 1.0 else rel)) if known_input else 0.0,
+                1.0 if known_input else 0.0,
             ),
             dtype=np.float32,
         )

@@ -17,13 +17,39 @@ reference we add the memory floor: a hard memory limit is never chosen below the
 current usage plus a headroom, because the kernel would OOM-kill it on the spot. The floor wins
 over every other rule, the user's size included: safety first.
 
-And, where the invoker reports each invocation's input size, the input floor: a function's
-memory often grows with its input, and a harvested limit sized by the last peak OOM-kills the
-next, larger input faster than any 100 ms give-back can react (measured: a 250 MB allocation in
-~100 ms). The safeguard keeps the largest memory growth per input unit seen (peak minus the
-usage at start, per unit of input) and never harvests below the current usage plus that growth
-for this input plus the headroom (capped at the user's size: beyond it the user's own setting
-would fail too).
+Three more floors keep what the reference forgets, each a decayed maximum (``remember``: the
+old value shrinks by ``DECAY`` per invocation of the function, half-life ``HALF_LIFE``
+invocations, then the new observation raises it), which is O(1) per update and forgets a
+function's old behaviour gradually, as Kubernetes' VPA does with its decaying peak histogram:
+
+* **Memory peaks nobody announces.** A function may allocate several times its usual memory
+  in some calls without a larger input (measured: a compression function's every 20th call,
+  ~8x). Freyr's recent peak forgets such a spike as soon as a RISING pin resets it, and the
+  next harvested spike is OOM-killed. The harvest floor is therefore the larger of the recent
+  peak and the remembered peak (``mem_peak_memory_mb``). A failed run needed more than it was
+  given and at most the user's size (which it would have had), so the remembered peak jumps
+  to the user's size: an OOM-killed run's measured peak is only its limit, and remembering
+  that would let the next spike be killed again, one unit higher each time. With a
+  100-invocation half-life a spike every k-th call is remembered at >= 2^(-k/100) of its size
+  (0.87 at k = 20), and the one unit of margin above it covers the rest for spikes up to ~7
+  units.
+* **Short bursts are left alone.** A CFS quota is a budget per period: CPU work that fits one
+  period's quota runs at full speed, work beyond it waits for the next period (measured: a
+  2-thread BLAS burst takes 13 / 49 / 105 ms at 1 / 0.5 / 0.25 core). An invocation shorter
+  than one period, or a multi-threaded burst whose rate the 100 ms samples under-read, loses a
+  whole period when harvested below its CPU work per period, and gains nothing from being
+  harvested. ``burst_cores`` remembers each invocation's CPU work per period over the period,
+  ``cpu_s / max(period, duration)`` cores, and CPU is never harvested below it (capped at the
+  user's size: the rule harvests less, it never accelerates).
+* **The input floor**, where the invoker reports each invocation's input size: a function's
+  memory often grows with its input, and a harvested limit sized by the last peak OOM-kills
+  the next, larger input faster than any 100 ms give-back can react (measured: a 250 MB
+  allocation in ~100 ms). The safeguard remembers the largest memory growth (peak minus the
+  usage at start) and the largest input, and never harvests below the current usage plus that
+  growth, scaled up by how much larger this input is than the largest, plus the headroom
+  (capped at the user's size: beyond it the user's own setting would fail too). For a growth
+  a + b x with a >= 0 this is a bound that does not blow up for a function with a fixed part
+  a, as a growth per input unit would for its smallest inputs (docs/duration-model.md).
 """
 
 from __future__ import annotations
@@ -43,6 +69,24 @@ HARVEST = "harvest"
 ACCELERATE = "accelerate"
 MODES = (FIRST, FAILURE, RISING, HARVEST, ACCELERATE)
 """Why a resource got its range; a bounded set, so it is safe as a metric label."""
+HALF_LIFE = 100.0
+"""Invocations of a function over which a remembered peak, burst or input growth halves."""
+DECAY = 0.5 ** (1.0 / HALF_LIFE)
+CFS_PERIOD_S = 0.1
+"""The kernel's default CFS period (``cpu.cfs_period_us`` 100000): the burst rule's period when
+the caller does not name its own."""
+
+
+def remember(memory: float, value: float) -> float:
+    """A decayed maximum: ``memory`` shrunk by one invocation's ``DECAY``, raised to ``value``."""
+    memory *= DECAY
+    return value if value > memory else memory
+
+
+def burst_cores(cpu_s: float, duration_s: float, period_s: float) -> float:
+    """Cores a CFS quota must give an invocation for its CPU work in one period to fit it: all of
+    its work when it ran within one period, its work per period otherwise."""
+    return cpu_s / (duration_s if duration_s > period_s else period_s)
 
 
 @dataclass(frozen=True)
@@ -68,8 +112,15 @@ class SafeguardState:
     recent_cpu_peak_cores: float = 0.0
     recent_mem_peak_mb: float = 0.0
     failures: int = 0
-    mem_mb_per_input: float = 0.0
-    """Largest memory growth per unit of input seen (MB); 0 until inputs are reported."""
+    mem_peak_memory_mb: float = 0.0
+    """Remembered memory peak (decayed maximum, ``remember``), MB."""
+    burst_cores: float = 0.0
+    """Remembered CPU work per CFS period over the period (decayed maximum), cores."""
+    input_growth_mb: float = 0.0
+    """Remembered memory growth within an invocation (decayed maximum of peak minus the usage at
+    start) of the invocations that reported an input, MB; 0 until inputs are reported."""
+    input_max: float = 0.0
+    """Remembered input size (decayed maximum) of those invocations."""
 
     def observe(
         self,
@@ -80,13 +131,23 @@ class SafeguardState:
         failed: bool,
         input_size: float | None = None,
         mem_start_mb: float = 0.0,
+        cpu_s: float = 0.0,
+        duration_s: float = 0.0,
+        period_s: float = CFS_PERIOD_S,
+        user_mem_mb: float = 0.0,
     ) -> None:
-        """Record the end of an invocation that was decided under ``guard`` and ran at ``alloc``
-        (``input_size`` and the usage at its start, when known, feed the input floor)."""
+        """Record the end of an invocation that was decided under ``guard`` and ran at ``alloc``.
+
+        ``input_size`` and the usage at its start (when known) feed the input floor; its CPU
+        work ``cpu_s`` (core-seconds) and ``duration_s`` under a CFS period ``period_s`` the
+        burst rule; a failed run's memory need is remembered as the user's ``user_mem_mb``. An
+        OOM-killed run's peak counts for the input growth: it is a lower bound of its need."""
+        need = mem_peak_mb if not failed or mem_peak_mb > user_mem_mb else user_mem_mb
+        self.mem_peak_memory_mb = remember(self.mem_peak_memory_mb, need)
         if input_size is not None and input_size > 0.0:
-            growth = max(0.0, mem_peak_mb - mem_start_mb) / input_size
-            if growth > self.mem_mb_per_input:  # an OOM-killed run's peak counts too: a bound
-                self.mem_mb_per_input = growth
+            growth = mem_peak_mb - mem_start_mb
+            self.input_growth_mb = remember(self.input_growth_mb, growth if growth > 0.0 else 0.0)
+            self.input_max = remember(self.input_max, input_size)
         if failed:
             self.failures += 1
             self.calibrate = FAILURE
@@ -99,6 +160,7 @@ class SafeguardState:
             self.recent_mem_peak_mb = mem_peak_mb
         else:
             self.recent_mem_peak_mb = max(self.recent_mem_peak_mb, mem_peak_mb)
+        self.burst_cores = remember(self.burst_cores, burst_cores(cpu_s, duration_s, period_s))
         self.last_alloc = alloc
         self.last_cpu_peak_cores = cpu_peak_cores
         self.last_mem_peak_mb = mem_peak_mb
@@ -165,6 +227,9 @@ def guard(
     ``mem_usage_mb`` is the container's current memory usage (0 for a new container);
     ``input_size`` the invocation's input, when the invoker reports it (the input floor).
     """
+    mem_peak = state.recent_mem_peak_mb
+    if state.mem_peak_memory_mb > mem_peak:
+        mem_peak = state.mem_peak_memory_mb
     if state.calibrate is not None or state.last_alloc is None:
         mode = state.calibrate or FIRST
         cpu_lo = cpu_hi = user.cpu
@@ -184,13 +249,21 @@ def guard(
             user.mem,
             state.last_mem_peak_mb,
             state.last_alloc.mem,
-            state.recent_mem_peak_mb,
+            mem_peak,
             grid.mem_unit_mb,
             grid.mem_units,
             cfg.threshold,
         )
-    if input_size is not None and state.mem_mb_per_input > 0.0:
-        need_mb = mem_usage_mb + state.mem_mb_per_input * input_size + cfg.mem_headroom_mb
+    if state.burst_cores > (cpu_lo - 1) * grid.cpu_unit_cores:  # may need more units
+        burst = min(user.cpu, grid.cpu_units_ceil(state.burst_cores))
+        if burst > cpu_lo:
+            cpu_lo = burst
+            cpu_hi = max(cpu_hi, burst)
+    if input_size is not None and state.input_growth_mb > 0.0:
+        growth = state.input_growth_mb
+        if input_size > state.input_max:
+            growth *= input_size / state.input_max
+        need_mb = mem_usage_mb + growth + cfg.mem_headroom_mb
         need = min(user.mem, grid.mem_units_ceil(need_mb))
         if need > mem_lo:
             mem_lo = need

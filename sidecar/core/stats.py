@@ -39,6 +39,11 @@ class FunctionStats:
     ran."""
     baseline_runs: int = 0
     last_safeguard_s: float = math.nan
+    inputs: int = 0
+    """Completed invocations that reported an input size."""
+    mean_log_input: float = 0.0
+    """EWMA of the natural log of the reported input sizes (their geometric mean, in log space):
+    the reference an invocation's input is compared with (``input_vs_history``)."""
 
     def on_arrival(self, now_s: float) -> None:
         if self.arrivals > 0:
@@ -56,8 +61,11 @@ class FunctionStats:
         cpu_peak_cores: float,
         mem_peak_mb: float,
         at_user_size: bool,
+        input_size: float | None = None,
     ) -> None:
-        """Record a finished invocation; a run at the user's size (re)calibrates the baseline."""
+        """Record a finished invocation; a run at the user's size (re)calibrates the baseline.
+
+        ``input_size`` (when the invoker reports one; > 0) joins the input history."""
         self.completions += 1
         n = self.completions
         a = EWMA_ALPHA if n * EWMA_ALPHA >= 1.0 else 1.0 / n  # _ewma's weight, inlined: hot path
@@ -75,6 +83,17 @@ class FunctionStats:
                     self.baseline_duration_s, duration_s, self.baseline_runs
                 )
             self.last_safeguard_s = now_s
+        if input_size is not None and input_size > 0.0:
+            self.inputs = k = self.inputs + 1
+            a = EWMA_ALPHA if k * EWMA_ALPHA >= 1.0 else 1.0 / k
+            self.mean_log_input += a * (math.log(input_size) - self.mean_log_input)
+
+    def input_vs_history(self, input_size: float | None) -> float:
+        """log2 of ``input_size`` over the geometric mean of the inputs seen; NaN when either is
+        unknown."""
+        if input_size is None or not input_size > 0.0 or self.inputs == 0:
+            return math.nan
+        return (math.log(input_size) - self.mean_log_input) / math.log(2.0)
 
     def rate_per_s(self) -> float:
         """Invocation rate implied by the mean inter-arrival time (0 when unknown)."""

@@ -11,10 +11,11 @@ from sidecar_helpers import GRID, MB, ref, sample
 
 from sidecar.cgroups import Usage
 from sidecar.config import ActuationConfig, BoundaryConfig
-from sidecar.core.features import N_FEATURES, expand_rows
+from sidecar.core.features import FEATURES, N_FEATURES, expand_rows
 from sidecar.core.grid import Alloc
 from sidecar.core.policy import MLPScorer, RuleScorer, fallback_scorer, masked_log_softmax
 from sidecar.core.record import check_batch
+from sidecar.core.reward import invocation_reward
 from sidecar.engine import (
     USER_TARGET,
     Busy,
@@ -28,6 +29,7 @@ from sidecar.engine import (
     UnknownContainer,
     UnknownInvocation,
     effective,
+    held_seconds,
     plan_target,
 )
 from sidecar.runtimes.base import UserSize
@@ -45,11 +47,14 @@ class Clock:
         return self.t
 
 
+COL = {f.name: i for i, f in enumerate(FEATURES)}
+
+
 class HarvestScorer:
     """Prefers the smallest candidate (what a harvesting model would do)."""
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
-        return -(rows[:, 16] + rows[:, 19])  # cand_cpu, cand_mem
+        return -(rows[:, COL["cand_cpu"]] + rows[:, COL["cand_mem"]])
 
 
 class NanScorer:
@@ -156,6 +161,8 @@ def _sequential_workload(n: int, parallelism: float) -> Workload:
         working_set_mb=rng.choice([30.0, 45.0, 60.0, 100.0, 200.0], n),  # whole MB: exact bytes
         noise=np.ones(n),
         cold_start_s=np.full(n, 0.5),
+        input_size=rng.uniform(10.0, 100.0, n),
+        spike=np.zeros(n, dtype=bool),
     )
 
 
@@ -168,8 +175,9 @@ def _sequential_workload(n: int, parallelism: float) -> Workload:
     ],
 )
 def test_engine_decides_like_the_simulators_learned_manager(parallelism, scorer, kind) -> None:
-    """The simulator runs a workload under ``Learned``; the engine replays the same arrivals and
-    outcomes (peaks, OOM kills, durations). Same choice and probabilities at every decision."""
+    """The simulator runs a workload under ``Learned``; the engine replays the same arrivals,
+    inputs and outcomes (a sample at the peak, the CPU work, OOM kills, durations). Same choice
+    and probabilities at every decision."""
     sim = ClusterSim(_sequential_workload(40, parallelism), ClusterConfig(1, 2.0, 2048.0), GRID)
     learned = Learned(scorer)
     learned.reset(sim)
@@ -180,13 +188,13 @@ def test_engine_decides_like_the_simulators_learned_manager(parallelism, scorer,
         if running is not None:  # the simulator has finished it: the engine ends it alike
             inv, i = running
             end = inv.start_s + log.cold_s[i] + log.exec_s[i]
-            cpu_s = log.cpu_peak[i] * (end - inv.start_s)
-            u = Usage(0.0, cpu_s, 0, 0.0, 0, int(log.mem_peak[i] * MB), 0, None)
+            eng.on_sample(sample("fn@1", inv.start_s + 0.1, cpu=log.cpu_peak[i], mem_mb=0.0))
+            u = Usage(0.0, log.cpu_s[i], 0, 0.0, 0, int(log.mem_peak[i] * MB), 0, None)
             outcome = "oom" if log.failed[i] else "success"
             seen.add(outcome)
             eng.end(inv.id, outcome, duration_s=log.exec_s[i], usage=u, now_s=end)
         d = learned.decision(sim, req)
-        inv = eng.start("fn@1", usage=usage(0.0, 0.0), now_s=req.now_s)
+        inv = eng.start("fn@1", usage=usage(0.0, 0.0), input_size=req.input_size, now_s=req.now_s)
         assert inv.action == d.action and inv.logp == pytest.approx(d.logp, abs=1e-9), req.inv
         np.testing.assert_array_equal(inv.guard.mask, d.guard.mask)
         np.testing.assert_allclose(inv.ctx, d.obs.context, rtol=1e-6)
@@ -416,3 +424,37 @@ def test_a_failing_model_falls_back_to_the_configured_rule() -> None:
     g = inv.guard
     assert inv.model == "fallback" and inv.trace["fallback"] == inv.fallback is not None
     assert inv.alloc == Alloc(g.cpu_lo, g.mem_lo) != GRID.nearest(2.0, 512)
+
+
+def test_the_reward_counts_what_the_invocation_held_until_each_give_back() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40, dur=1.0)  # baseline 1 s at the user's size
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert (inv.target.cpu_cores, inv.target.mem_limit_bytes) == (0.75, 128 * MB)
+    clock.t += 0.5
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.7, mem_mb=50))  # CPU back at 0.5 s
+    assert gb.resources == ("cpu",)
+    clock.t += 0.5
+    ended = eng.end(inv.id, usage=usage(0.5, 50, 60))
+    core_s, mb_s = held_seconds(inv.trace, inv.user, 1.0)
+    assert core_s == pytest.approx(0.75 * 0.5 + 2.0 * 0.5)
+    assert mb_s == pytest.approx(128.0 * 1.0)
+    held_cpu, held_mem = core_s / (2.0 * 1.0), mb_s / (512.0 * 1.0)
+    assert ended.reward == pytest.approx(
+        invocation_reward(1.0, 1.0, cpu_held=held_cpu, mem_held=held_mem)
+    )
+    assert ended.reward > 0.0  # the same speed on less: a bonus
+
+
+def test_the_engine_feeds_the_burst_rule_the_cpu_work_it_measured() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=1.0, mem_mb=256))
+    inv = eng.start("fn@1", usage=usage(10.0, 40))  # cpuacct at 10 s when it starts
+    clock.t += 0.04
+    eng.end(inv.id, usage=usage(10.08, 40, 45))  # 80 ms of CPU in 40 ms: a 2-thread burst
+    gs = eng.guards["fn"]
+    assert gs.burst_cores == pytest.approx(0.08 / 0.1)  # its whole work within one 100 ms period
+    assert gs.mem_peak_memory_mb == pytest.approx(45.0)

@@ -316,3 +316,24 @@ def test_finite_for_any_plausible_input(scene) -> None:
     assert 0.0 <= ctx[COL["history"]] <= 1.0
     for name in ("cand_cpu", "cand_mem"):
         assert 0.0 < rows[:, COL[name]].min() and rows[:, COL[name]].max() == pytest.approx(1.0)
+
+
+def test_the_input_columns_compare_the_input_with_the_functions_history() -> None:
+    enc = FeatureEncoder(G)
+    stats, gs = _populated()
+    # no input reported (or no history): unknown, 0 / 0
+    ctx = enc.context(NODE, stats, gs, USER, 30.0)
+    assert ctx[COL["input_vs_history"]] == 0.0 and ctx[COL["input_known"]] == 0.0
+    ctx = enc.context(NODE, stats, gs, USER, 30.0, input_size=50.0)
+    assert ctx[COL["input_vs_history"]] == 0.0 and ctx[COL["input_known"]] == 0.0
+    for _ in range(3):
+        stats.on_completion(31.0, 0.5, 0.6, 90.0, at_user_size=False, input_size=50.0)
+    for x, want in ((50.0, 0.0), (200.0, 2.0 / 4), (12.5, -2.0 / 4), (1e6, 1.0), (1e-6, -1.0)):
+        ctx = enc.context(NODE, stats, gs, USER, 30.0, input_size=x)
+        assert ctx[COL["input_vs_history"]] == pytest.approx(want, abs=1e-6), x
+        assert ctx[COL["input_known"]] == 1.0
+    # the input changes the context only: the candidate blocks are the same
+    rows = enc.rows(ctx, gs, USER)
+    np.testing.assert_array_equal(
+        rows[:, C:], enc.rows(enc.context(NODE, stats, gs, USER, 30.0), gs, USER)[:, C:]
+    )

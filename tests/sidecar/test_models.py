@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sidecar_helpers import GRID, onnx_policy, write_policy
 
+from sidecar.core.features import FEATURE_VERSION
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import fallback_scorer
 from sidecar.models import ModelManager, ModelRejected, default_model_path, probe_rows, validate
@@ -24,25 +25,53 @@ def test_default_model_path_is_in_the_repository() -> None:
     assert (p.parent.parent / "sidecar" / "models.py").exists()
 
 
-@pytest.mark.parametrize(
-    "grid, shipped",
-    [
-        (ResourceGrid(1.0, 8, 64.0, 8), "default.onnx"),  # 8-core invokers
-        (ResourceGrid(0.25, 8, 64.0, 8), "invoker.onnx"),  # 2-core hosts (sidecar/example.toml)
-    ],
-)
+SHIPPED = [
+    (ResourceGrid(1.0, 8, 64.0, 8), "default.onnx"),  # 8-core invokers
+    (ResourceGrid(0.25, 8, 64.0, 8), "invoker.onnx"),  # 2-core hosts (sidecar/example.toml)
+]
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path, monkeypatch) -> Path:
+    """A models/ folder like the shipped one, with each grid's model on this code's schema."""
+    for grid, name in SHIPPED:
+        write_policy(tmp_path / name, grid=grid)
+    monkeypatch.setattr("sidecar.models.MODELS_DIR", tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("grid, shipped", SHIPPED)
 def test_an_empty_model_path_loads_the_shipped_model_of_the_configured_grid(
-    grid: ResourceGrid, shipped: str
+    models_dir: Path, grid: ResourceGrid, shipped: str
 ) -> None:
     mm = ModelManager(grid)
-    assert mm.path.name == shipped
+    assert mm.path == models_dir / shipped
     assert mm.load() and mm.current.source == "onnx", mm.last_error
     assert json.loads(mm.current.metadata["grid"]) == dataclasses.asdict(grid)
 
 
-def test_a_grid_no_shipped_model_fits_names_default_and_is_refused_with_the_reason() -> None:
+@pytest.mark.parametrize("grid, shipped", SHIPPED)
+def test_the_shipped_models_load_or_are_refused_for_their_feature_schema(
+    grid: ResourceGrid, shipped: str
+) -> None:
+    """The real models/: each is found for its grid, and loads when it was trained on this
+    code's feature schema; a model from an older schema is refused with that reason (the rule
+    runs instead) until it is retrained."""
+    mm = ModelManager(grid)
+    assert mm.path.name == shipped and mm.path.parent.name == "models"
+    meta = json.loads(Path(str(mm.path) + ".json").read_text())
+    if meta["feature_version"] == str(FEATURE_VERSION):
+        assert mm.load() and mm.current.source == "onnx", mm.last_error
+    else:
+        assert mm.load() is False and mm.current.source == "fallback"
+        assert "feature_version" in mm.last_error["reason"]
+
+
+def test_a_grid_no_shipped_model_fits_names_default_and_is_refused_with_the_reason(
+    models_dir: Path,
+) -> None:
     mm = ModelManager(ResourceGrid(0.5, 4, 128.0, 4))
-    assert mm.path.name == "default.onnx"
+    assert mm.path == models_dir / "default.onnx"
     assert mm.load() is False and mm.current.source == "fallback"
     assert "trained for grid" in mm.last_error["reason"]
 
@@ -75,7 +104,7 @@ def test_a_valid_model_is_swapped_in_and_identified(tmp_path: Path) -> None:
     assert mm.load()
     sha = hashlib.sha256(p.read_bytes()).hexdigest()
     assert mm.current.id == f"sha256:{sha[:12]}" and mm.current.source == "onnx"
-    assert mm.current.metadata["feature_version"] == "1"
+    assert mm.current.metadata["feature_version"] == str(FEATURE_VERSION)
     rows = probe_rows(GRID)[0]
     scores = mm.get()[0].scores(rows)
     assert int(np.argmax(scores)) == 0  # prefers the smallest candidate

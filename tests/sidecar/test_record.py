@@ -139,13 +139,16 @@ def test_a_newer_record_version_is_told_apart_from_a_malformed_one() -> None:
             "records[0]: time, duration_s >= 0, logp <= 0, all finite (logp in float32)",
         ),
         ({"reward": math.inf}, "records[0].reward must be null or a finite number"),
-        ({"context": [1.0] * 3}, "records[0]: context needs 16 numbers, blocks 8 and 8 rows"),
         (
-            {"context": [math.nan] * 16},
+            {"context": [1.0] * 3},
+            f"records[0]: context needs {N_CONTEXT} numbers, blocks 8 and 8 rows",
+        ),
+        (
+            {"context": [math.nan] * N_CONTEXT},
             "records[0]: context or blocks hold a number that is not finite in float32",
         ),
         (
-            {"context": [1e308] + [0.0] * 15},
+            {"context": [1e308] + [0.0] * (N_CONTEXT - 1)},
             "records[0]: context or blocks hold a number that is not finite in float32",
         ),
         ({"action": 0}, "records[0].action 0 is not an allowed candidate"),

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.core.reward import RewardConfig, invocation_reward
+from sidecar.core.reward import RewardConfig, held_ratio, invocation_reward
 
 CFG = RewardConfig()
 
@@ -103,3 +103,54 @@ def test_nan_inputs_never_earn_the_best_reward(exec_s: float, base: float) -> No
     except ValueError:
         return
     assert r < 0
+
+
+# ------------------------------------------------------------------- efficiency and scarcity
+@given(base=st.floats(1e-2, 1e4), cpu=st.floats(0.05, 8.0), mem=st.floats(0.05, 8.0))
+def test_efficiency_is_zero_at_the_users_size_a_bonus_below_and_a_cost_above(
+    base: float, cpu: float, mem: float
+) -> None:
+    assert invocation_reward(base, base, cpu_held=1.0, mem_held=1.0) == pytest.approx(0.0)
+    r = invocation_reward(base, base, cpu_held=cpu, mem_held=mem)
+    expect = -CFG.efficiency_weight * 0.5 * ((cpu - 1.0) + (mem - 1.0))
+    assert r == pytest.approx(min(1.0, expect), abs=1e-12)
+    if cpu <= 1.0 and mem <= 1.0:
+        assert r >= 0.0  # holding less than the user's size is never charged
+    if cpu >= 1.0 and mem >= 1.0:
+        assert r <= 0.0
+
+
+def test_efficiency_examples_and_its_weight() -> None:
+    # half of both resources at the same speed: as good as running 10% faster
+    assert invocation_reward(1.0, 1.0, cpu_held=0.5, mem_held=0.5) == pytest.approx(0.1)
+    assert invocation_reward(0.9, 1.0) == pytest.approx(0.1)
+    # twice the cores for no speed-up
+    assert invocation_reward(1.0, 1.0, cpu_held=2.0) == pytest.approx(-0.1)
+    off = RewardConfig(efficiency_weight=0.0)
+    assert invocation_reward(1.0, 1.0, cfg=off, cpu_held=0.1, mem_held=0.1) == 0.0
+
+
+def test_a_failed_run_earns_no_efficiency_bonus() -> None:
+    # a run killed early held little; its work is done again, so the failure is its whole cost
+    killed = invocation_reward(0.1, 1.0, failed=True, cpu_held=0.05, mem_held=0.05)
+    assert killed == pytest.approx((1.0 - 0.1) - CFG.failure_penalty)
+
+
+@given(base=st.floats(1e-2, 100.0), caused=st.floats(-100.0, 100.0))
+def test_caused_queueing_is_charged_like_own_waiting_and_credited_when_negative(
+    base: float, caused: float
+) -> None:
+    r = invocation_reward(base, base, caused_queue_s=caused)
+    own = invocation_reward(base, base, queue_s=caused) if caused >= 0 else None
+    expect = -CFG.delay_weight * caused / max(base, CFG.delay_floor_s)
+    assert r == pytest.approx(max(-CFG.clip, min(1.0, expect)), abs=1e-9)
+    if own is not None:
+        assert r == pytest.approx(own)
+    if caused < 0:
+        assert r > 0.0
+
+
+def test_held_ratio() -> None:
+    assert held_ratio(4.0, 2.0, 2.0) == 1.0  # the user's 2 cores for its 2 s baseline
+    assert held_ratio(1.0, 2.0, 2.0) == 0.25
+    assert held_ratio(3.0, 0.0, 2.0) == 1.0  # unknown reference: neutral

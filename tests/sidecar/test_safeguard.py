@@ -1,4 +1,5 @@
-"""The safeguard (Freyr's rules + the memory floor): property tests and worked examples.
+"""The safeguard (Freyr's rules, the memory floor, the remembered peaks, the burst rule and the
+input floor): property tests and worked examples.
 
 The property tests drive a SafeguardState through random sequences of decisions and completions
 (with several invocations in flight, failures, peaks at and around the 0.9 thresholds) on random
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.safeguard import (
     ACCELERATE,
+    DECAY,
     FAILURE,
     FIRST,
     HARVEST,
@@ -26,8 +28,10 @@ from sidecar.core.safeguard import (
     Guard,
     SafeguardConfig,
     SafeguardState,
+    burst_cores,
     give_back_needed,
     guard,
+    remember,
 )
 
 CFG = SafeguardConfig()
@@ -89,6 +93,7 @@ def check_guard(
 ) -> None:
     """Every rule, restated independently, for one verdict computed from ``st_``."""
     cu, mu = g.cpu_unit_cores, g.mem_unit_mb
+    mem_peak = max(st_.recent_mem_peak_mb, st_.mem_peak_memory_mb)  # the remembered peak too
     # ---- structure: ranges on the grid, mask non-empty and exactly the product of the ranges
     assert 1 <= gd.cpu_lo <= gd.cpu_hi <= g.cpu_units
     assert 1 <= gd.mem_lo <= gd.mem_hi <= g.mem_units
@@ -134,16 +139,17 @@ def check_guard(
         cpu = _expected_rule(
             user.cpu, st_.last_cpu_peak_cores, la.cpu, st_.recent_cpu_peak_cores, cu, g.cpu_units
         )
-        mem = _expected_rule(
-            user.mem, st_.last_mem_peak_mb, la.mem, st_.recent_mem_peak_mb, mu, g.mem_units
-        )
+        mem = _expected_rule(user.mem, st_.last_mem_peak_mb, la.mem, mem_peak, mu, g.mem_units)
         assert gd.cpu_mode == cpu[0]
         assert gd.mem_mode == mem[0]
 
-    # cpu: exactly the rule
+    # cpu: the rule, then raised to the burst's CPU work per period (never above the user's size)
     _, need, cap, hi = cpu
-    _check_lo(gd.cpu_lo, need, cap, cu)
-    assert gd.cpu_hi == hi
+    burst = min(st_.burst_cores, user.cpu * cu)
+    need = max(min(need, cap * cu), burst)
+    _check_lo(gd.cpu_lo, need, max(cap, user.cpu), cu)
+    assert gd.cpu_hi == max(hi, gd.cpu_lo)
+    assert gd.cpu_lo * cu >= burst - _tol(cu)
     # mem: the rule, then raised to the floor
     _, need, cap, hi = mem
     need = max(min(need, cap * mu), min(need_mb, g.max_mb))
@@ -171,7 +177,7 @@ def check_guard(
             user.mem,
             mu,
             g.mem_units,
-            st_.recent_mem_peak_mb,
+            mem_peak,
         ),
     ):
         bound = recent + unit
@@ -184,6 +190,8 @@ def check_guard(
                     assert allowed_units == [u_units]
             for x in below:
                 assert x * unit >= bound - _tol(unit), (res, x, bound)
+                if res == "cpu":
+                    assert x * unit >= st_.burst_cores - _tol(unit), (x, st_.burst_cores)
             assert hi_ == u_units or (res == "mem" and hi_ == lo_ > u_units)
         elif mode_ == ACCELERATE:
             assert hi_ == top
@@ -205,15 +213,29 @@ def check_observe(
     cpu_pk: float,
     mem_pk: float,
     failed: bool,
+    burst: float = 0.0,
+    user_mb: float = 0.0,
 ) -> None:
+    """``burst``: the invocation's CPU work per period over the period (cores); ``user_mb``: the
+    user's memory size."""
+    # the remembered peak: decayed, then raised to this peak (to the user's size if it failed)
+    need = max(mem_pk, user_mb) if failed else mem_pk
+    assert after.mem_peak_memory_mb == max(before.mem_peak_memory_mb * DECAY, need)
+    assert after.mem_peak_memory_mb >= mem_pk
     if failed:
         assert after.calibrate == FAILURE
         assert after.failures == before.failures + 1
         assert (
-            dataclasses.replace(after, calibrate=before.calibrate, failures=before.failures)
+            dataclasses.replace(
+                after,
+                calibrate=before.calibrate,
+                failures=before.failures,
+                mem_peak_memory_mb=before.mem_peak_memory_mb,
+            )
             == before
         )
         return
+    assert after.burst_cores == max(before.burst_cores * DECAY, burst)
     assert after.failures == before.failures
     assert after.last_alloc == alloc
     assert after.last_cpu_peak_cores == cpu_pk and after.last_mem_peak_mb == mem_pk
@@ -318,9 +340,15 @@ def test_random_histories_obey_every_rule(data, gu, cfg) -> None:
             cpu_pk = data.draw(peak(g.cpu_unit_cores, a.cpu, user.cpu), label="cpu peak")
             mem_pk = data.draw(peak(g.mem_unit_mb, a.mem, user.mem), label="mem peak")
             failed = data.draw(st.integers(0, 5), label="fail") == 0
+            duration = data.draw(st.sampled_from([0.0, 0.01, 0.1, 0.5, 5.0]), label="duration")
+            cpu_s = data.draw(st.floats(0.0, 2.0), label="cpu work") * max(duration, 0.1) * cpu_pk
             before = dataclasses.replace(state)
-            state.observe(gd, a, cpu_pk, mem_pk, failed)
-            check_observe(before, state, gd, a, cpu_pk, mem_pk, failed)
+            user_mb = user.mem * g.mem_unit_mb
+            state.observe(
+                gd, a, cpu_pk, mem_pk, failed, cpu_s=cpu_s, duration_s=duration, user_mem_mb=user_mb
+            )
+            burst = burst_cores(cpu_s, duration, 0.1)
+            check_observe(before, state, gd, a, cpu_pk, mem_pk, failed, burst, user_mb)
 
 
 @settings(max_examples=200, deadline=None)
@@ -338,6 +366,11 @@ def test_arbitrary_states_obey_every_rule(data, gu, cfg) -> None:
         st.one_of(st.just(0.0), peak(g.mem_unit_mb, la.mem, user.mem))
     )
     s = _state(la, cpu_last, mem_last, cpu_recent, mem_recent)
+    # remembered peaks and bursts: none, below, at or above the recent ones
+    s.mem_peak_memory_mb = data.draw(
+        st.one_of(st.just(0.0), peak(g.mem_unit_mb, la.mem, 2 * user.mem))
+    )
+    s.burst_cores = data.draw(st.one_of(st.just(0.0), peak(g.cpu_unit_cores, la.cpu, user.cpu)))
     usage = mem_usage(data.draw, g, user)
     gd = guard(g, user, s, usage, cfg)
     check_guard(g, user, s, usage, cfg, gd)
@@ -719,11 +752,11 @@ def test_example_input_floor_a_larger_input_keeps_the_memory_it_will_need() -> N
     s = SafeguardState()
     gd = guard(G1, user, s, mem_usage_mb=10.0, input_size=50.0)  # first run: user's size
     s.observe(gd, user, 1.0, mem_peak_mb=62.0, failed=False, input_size=50.0, mem_start_mb=10.0)
-    assert s.mem_mb_per_input == pytest.approx(52.0 / 50.0)
+    assert (s.input_growth_mb, s.input_max) == (52.0, 50.0)
     # the peak rule alone would harvest down to ceil((62 + 64) / 64) = 2 units (128 MB) ...
     assert guard(G1, user, s, mem_usage_mb=10.0).mem_lo == 2
-    # ... which a 250-unit input (~270 MB) would blow: the input floor keeps
-    # ceil((10 + 1.04 x 250 + 16) / 64) = 5 units (320 MB)
+    # ... which a 250-unit input (~270 MB) would blow: the input floor scales the growth by
+    # 250 / 50 and keeps ceil((10 + 52 x 5 + 16) / 64) = 5 units (320 MB)
     gd = guard(G1, user, s, mem_usage_mb=10.0, input_size=250.0)
     assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (5, 8, HARVEST)
     assert all(a.mem >= 5 for a in _allowed(G1, gd))
@@ -732,20 +765,116 @@ def test_example_input_floor_a_larger_input_keeps_the_memory_it_will_need() -> N
     assert guard(G1, user, s, mem_usage_mb=10.0, input_size=5000.0).mem_lo == 8
 
 
-def test_input_floor_ignores_what_does_not_grow_and_keeps_the_largest_growth() -> None:
+def test_input_floor_of_a_function_with_a_fixed_part_does_not_pin_large_inputs() -> None:
+    # growth 100 MB + 0.1 MB per unit: the smallest input (10) has the largest growth per unit
+    # (10.1 MB), which would pin an input of 100 at ceil((20 + 1010 + 16) / 64) = 8 units. The
+    # largest growth seen, scaled by how far the input exceeds the largest input, keeps what it
+    # needs (110 MB) and no more.
+    user = Alloc(2, 8)
+    s = _state(user, cpu_last=1.0, mem_last=130.0)
+    gd = guard(G1, user, s, mem_usage_mb=20.0)
+    for x in (10.0, 100.0):
+        s.observe(gd, user, 1.0, 20.0 + 100.0 + 0.1 * x, False, input_size=x, mem_start_mb=20.0)
+    assert s.input_growth_mb == pytest.approx(110.0)
+    assert s.input_max == pytest.approx(100.0)
+    gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=100.0)
+    # the peak rule's ceil((130 + 64) / 64) = 4 units; the input floor needs only 146 MB
+    assert gd.mem_lo == guard(G1, user, s, mem_usage_mb=20.0).mem_lo == 4
+    gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=400.0)  # beyond anything seen
+    assert gd.mem_lo == math.ceil((20.0 + 110.0 * 4 + 16.0) / 64.0)  # 476 MB: 8 units
+    # a true growth 100 + 0.1 x never exceeds the floor's growth for any larger input
+    for x in (100.0, 150.0, 400.0, 1e4):
+        assert 100.0 + 0.1 * x <= 110.0 * max(1.0, x / s.input_max) + 1e-9
+
+
+def test_input_floor_ignores_what_does_not_grow_and_remembers_the_largest_growth() -> None:
     user = Alloc(2, 8)
     s = _state(user, cpu_last=1.0, mem_last=20.0)
     gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=1000.0)
     s.observe(gd, user, 1.0, 20.0, False, input_size=1000.0, mem_start_mb=20.0)  # flat
-    assert s.mem_mb_per_input == 0.0
+    assert s.input_growth_mb == 0.0
     # nothing added to the peak rule's ceil((20 + 64) / 64) = 2 units
     assert guard(G1, user, s, mem_usage_mb=20.0, input_size=9000.0).mem_lo == 2
     s.observe(gd, user, 1.0, 120.0, False, input_size=100.0, mem_start_mb=20.0)
     s.observe(gd, user, 1.0, 60.0, False, input_size=100.0, mem_start_mb=20.0)
-    assert s.mem_mb_per_input == pytest.approx(1.0)  # the largest growth seen, not the last
+    assert s.input_growth_mb == pytest.approx(100.0 * DECAY)  # the largest, decayed once
     # an OOM-killed run's peak is a lower bound on its need: it counts too
-    s.observe(gd, Alloc(2, 2), 1.0, 128.0, True, input_size=50.0, mem_start_mb=20.0)
-    assert s.mem_mb_per_input == pytest.approx(108.0 / 50.0)
+    s.observe(gd, Alloc(2, 2), 1.0, 200.0, True, input_size=50.0, mem_start_mb=20.0)
+    assert s.input_growth_mb == pytest.approx(180.0)
+
+
+# --------------------------------------------------------------------------------------------
+# remembered peaks and bursts
+
+
+def test_remember_is_a_decayed_maximum_with_the_documented_half_life() -> None:
+    m = remember(0.0, 100.0)
+    assert m == 100.0
+    for _ in range(100):
+        m = remember(m, 10.0)
+    assert m == pytest.approx(50.0)  # one half-life later
+    assert remember(m, 80.0) == 80.0  # a new, larger value wins at once
+    for _ in range(1000):
+        m = remember(m, 10.0)
+    assert m == pytest.approx(10.0)  # and the memory sinks to what is seen now
+
+
+def _spiky_function_ooms(forget: bool) -> tuple[int, int]:
+    """(OOM kills, lowest memory units allowed after the first spike) over 200 calls of the
+    compression function: 30 MB usually, ~8x (240 MB) in every 20th call; user 256 MB on 32 MB
+    units, decided by the policy that harvests the most memory it may. ``forget``: Freyr's rule
+    alone (the remembered peak wiped after every call)."""
+    g = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=32.0, mem_units=8)
+    user = Alloc(4, 8)
+    s = SafeguardState()
+    kills, lowest = 0, g.mem_units
+    for call in range(1, 201):
+        gd = guard(g, user, s, mem_usage_mb=0.0)
+        a = Alloc(user.cpu, gd.mem_lo)
+        need = 240.0 if call % 20 == 0 else 30.0
+        oom = a.mem * g.mem_unit_mb < need
+        kills += oom
+        s.observe(gd, a, 0.5, min(need, a.mem * g.mem_unit_mb), oom, user_mem_mb=256.0)
+        if forget:
+            s.mem_peak_memory_mb = 0.0
+        if call > 20:
+            lowest = min(lowest, gd.mem_lo)
+    return kills, lowest
+
+
+def test_a_spike_every_20th_call_is_not_forgotten_after_a_reset() -> None:
+    kills, lowest = _spiky_function_ooms(forget=False)
+    assert kills == 1  # only the first spike, never seen before
+    assert lowest * 32.0 >= 240.0
+    # Freyr's recent peak alone is reset by the pinned run after each kill: every spike is killed
+    kills, lowest = _spiky_function_ooms(forget=True)
+    assert kills == 10 and lowest * 32.0 < 240.0
+
+
+def test_example_a_burst_is_not_harvested_below_its_work_per_period() -> None:
+    # matmul-like: 80 ms of CPU work on 2 threads in 40 ms, user 1 core on 0.25-core units. The
+    # 100 ms samples read 0.8 cores (80 ms in one window): the peak rule alone allows 0.8 + 0.25
+    # -> 5 units, which fits; if a window read only 0.4 it would allow 3 units (0.75 core), and
+    # 80 ms of work would wait for a second period. The burst rule keeps ceil(0.8 / 0.25) = 4.
+    g = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+    user = Alloc(4, 4)
+    s = SafeguardState()
+    gd = guard(g, user, s)
+    s.observe(gd, user, 0.4, 100.0, False, cpu_s=0.08, duration_s=0.04, period_s=0.1)
+    assert s.burst_cores == pytest.approx(0.8)
+    s.recent_cpu_peak_cores = s.last_cpu_peak_cores = 0.4  # as the windows under-read it
+    gd = guard(g, user, s)
+    assert gd.cpu_mode == HARVEST and (gd.cpu_lo, gd.cpu_hi) == (4, 4)
+    # a long run's work per period is its mean rate: no more than its peak asks already
+    assert burst_cores(2.0, 5.0, 0.1) == pytest.approx(0.4)
+    # work that fits a quarter of a period leaves room to harvest
+    s = SafeguardState()
+    s.observe(guard(g, user, s), user, 0.4, 100.0, False, cpu_s=0.02, duration_s=0.01)
+    s.recent_cpu_peak_cores = s.last_cpu_peak_cores = 0.1
+    assert guard(g, user, s).cpu_lo == 2  # the peak rule's ceil((0.1 + 0.25) / 0.25)
+    # the rule never raises CPU above the user's size
+    s.burst_cores = 5.0
+    assert guard(g, user, s).cpu_lo == user.cpu
 
 
 @settings(max_examples=150, deadline=None)
@@ -758,11 +887,12 @@ def test_input_floor_only_raises_memory_and_never_above_the_user_size(data, gu, 
         data.draw(peak(g.cpu_unit_cores, la.cpu, user.cpu)),
         data.draw(peak(g.mem_unit_mb, la.mem, user.mem)),
     )
-    s.mem_mb_per_input = data.draw(st.floats(0.0, 10.0))
+    s.input_growth_mb = data.draw(st.floats(0.0, 2.0 * g.max_mb))
+    s.input_max = data.draw(st.floats(1e-3, 1e4))
     usage = data.draw(st.floats(0.0, 2.0 * g.max_mb))
     size = data.draw(st.floats(0.0, 1e4))
     gd = guard(g, user, s, usage, cfg, input_size=size)
-    need = usage + s.mem_mb_per_input * size + cfg.mem_headroom_mb
+    need = usage + s.input_growth_mb * max(1.0, size / s.input_max) + cfg.mem_headroom_mb
     assert gd.mask.any()
     assert all(a.mem >= min(user.mem, g.mem_units_ceil(need)) for a in _allowed(g, gd))
     base = guard(g, user, s, usage, cfg)  # the same decision without the input

@@ -159,3 +159,22 @@ def test_state_is_constant_size_and_means_are_bounded(events) -> None:
         assert min(cpus) - 1e-9 <= s.mean_cpu_peak_cores <= max(cpus) + 1e-9
         assert s.baseline_runs == sum(e[4] for e in events)
         assert math.isnan(s.baseline_duration_s) == (s.baseline_runs == 0)
+
+
+def test_input_history_is_a_geometric_mean_and_inputs_compare_to_it() -> None:
+    s = FunctionStats()
+    assert math.isnan(s.input_vs_history(100.0))  # no history yet
+    for x in (10.0, 1000.0):
+        s.on_completion(1.0, 0.5, 0.1, 10.0, at_user_size=False, input_size=x)
+    assert s.inputs == 2 and math.exp(s.mean_log_input) == pytest.approx(100.0)
+    assert s.input_vs_history(100.0) == pytest.approx(0.0, abs=1e-12)
+    assert s.input_vs_history(400.0) == pytest.approx(2.0)  # log2 of 4x
+    assert math.isnan(s.input_vs_history(None)) and math.isnan(s.input_vs_history(0.0))
+    # no input reported, or a non-positive one: the history is unchanged
+    s.on_completion(2.0, 0.5, 0.1, 10.0, at_user_size=False)
+    s.on_completion(3.0, 0.5, 0.1, 10.0, at_user_size=False, input_size=-1.0)
+    assert s.inputs == 2 and s.completions == 4
+    # then it follows a step change like every other mean (EWMA)
+    for _ in range(60):
+        s.on_completion(4.0, 0.5, 0.1, 10.0, at_user_size=False, input_size=5.0)
+    assert math.exp(s.mean_log_input) == pytest.approx(5.0, rel=1e-3)

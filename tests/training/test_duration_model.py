@@ -18,7 +18,8 @@ from training.sim.presets import get_preset
 from training.sim.workload import Workload
 
 GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
-HOST = ClusterConfig(servers=1, cores=2.0, mem_mb=4096.0, cpu_overcommit=4.0)
+HOST = ClusterConfig(servers=1, cores=2.0, mem_mb=4096.0, cpu_overcommit=4.0, give_back=False)
+"""Static limits, as the curves were measured (no sidecar gave anything back)."""
 QUOTAS = (0.25, 0.5, 1.0, 2.0)
 
 
@@ -40,6 +41,8 @@ def _one_function(
         working_set_mb=np.full(n, ws_mb),
         noise=np.ones(n),
         cold_start_s=np.full(n, 0.5),
+        input_size=np.ones(n),
+        spike=np.zeros(n, dtype=bool),
     )
 
 

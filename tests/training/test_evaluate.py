@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sidecar.core.grid import Alloc
-from training.evaluate import JSON_KEYS, evaluate, make_manager, render_table
+from training.evaluate import (
+    JSON_KEYS,
+    capacity_of,
+    evaluate,
+    evaluate_capacity,
+    make_manager,
+    render_table,
+)
 from training.sim.cluster import ClusterSim
 from training.sim.presets import get_preset
 
@@ -87,7 +95,11 @@ def test_cli_sim_eval_writes_json_and_plots(tmp_path):
     assert set(JSON_KEYS) <= set(data["oracle"])
     assert data["oracle"]["mean_rfet"] < data["fixed"]["mean_rfet"]
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["sample_seed1_exec_cdf.png", "sample_seed1_rfet_cdf.png"]
+    assert pngs == [
+        "sample_seed1_exec_cdf.png",
+        "sample_seed1_front.png",
+        "sample_seed1_rfet_cdf.png",
+    ]
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
@@ -210,3 +222,84 @@ def test_the_daemons_rules_as_managers_in_the_evaluation():
     assert res["rule"]["harvested_frac"] == 0.0 and res["rule"]["failures"] == 0
     # smallest: whatever the safeguard lets it harvest, and pays for it with OOM kills
     assert res["smallest"]["harvested_frac"] > 0.2 and res["smallest"]["failures"] > 0
+
+
+# ------------------------------------------------------------------------------------ capacity
+def test_capacity_is_the_highest_load_held_with_every_lower_one():
+    p98 = {1.0: 10.0, 1.25: 14.0, 1.5: 16.0, 1.75: 12.0, 2.0: 40.0}
+    assert capacity_of(p98, 10.0) == 1.25  # 1.5 breaks 15 s; 1.75 recovering does not count
+    assert capacity_of(p98, 20.0) == 1.75
+    assert capacity_of(p98, 5.0) == 0.0  # not even the base load
+    assert capacity_of({1.0: float("nan")}, 10.0) == 0.0
+
+
+def test_capacity_runs_every_manager_at_every_load_on_paired_invocations():
+    rep = evaluate_capacity(
+        get_preset("sample"), ["oracle"], [1, 2], [2.0, 1.0, 4.0], progress=False
+    )
+    assert rep["config"]["loads"] == [1.0, 2.0, 4.0] and rep["config"]["managers"][0] == "fixed"
+    res = rep["results"]
+    assert set(res) == {"fixed", "oracle"}
+    n = res["fixed"]["loads"]["1"]["invocations"]
+    for m in res.values():
+        assert list(m["loads"]) == ["1", "2", "4"]
+        for row in m["loads"].values():
+            assert row["invocations"] == n  # the same invocations at every load
+            lo, hi = row["p98_response_s_ci"]
+            assert lo <= row["p98_response_s"] <= hi
+            assert set(row["per_seed"]) == {"1", "2"}
+        assert m["capacity"] in (0.0, 1.0, 2.0, 4.0)
+        assert set(m["capacity_per_seed"]) == {"1", "2"}
+    fixed = res["fixed"]["loads"]
+    assert fixed["1"]["mean_rfet"] == pytest.approx(1.0)
+    # arrivals twice and four times as fast: the response time's tail can only grow
+    assert fixed["4"]["p98_response_s"] >= fixed["1"]["p98_response_s"]
+    ref = rep["reference_p98_response_s"]
+    assert ref["pooled"] == fixed["1"]["p98_response_s"]
+    assert res["fixed"]["capacity"] >= 1.0  # Fixed holds its own base load
+    with pytest.raises(ValueError, match="1.0"):
+        evaluate_capacity(get_preset("sample"), ["fixed"], [1], [1.5, 2.0], progress=False)
+
+
+def test_cli_sim_capacity_writes_json(tmp_path):
+    out = tmp_path / "cap.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "sim",
+        "capacity",
+        "--preset",
+        "sample",
+        "--seeds",
+        "1",
+        "--managers",
+        "rule",
+        "--loads",
+        "1.0,1.5",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "capacity" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"fixed", "rule"}
+    assert set(data["results"]["rule"]["loads"]) == {"1", "1.5"}
+
+
+def test_cli_sim_eval_refuses_a_model_from_another_feature_schema(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
+    from sidecar_helpers import onnx_policy
+
+    model = onnx.load_from_string(onnx_policy("harvest", grid=get_preset("sample").grid))
+    onnx.helper.set_model_props(model, {"feature_version": "1", "schema_hash": "0" * 16})
+    old = tmp_path / "old.onnx"
+    old.write_bytes(model.SerializeToString())
+    cmd = [sys.executable, "-m", "sidecar", "sim", "eval", "--preset", "sample"]
+    cmd += ["--managers", "fixed,learned", "--model", str(old)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "feature_version '1'" in proc.stderr and "Train and export" in proc.stderr
+    assert "Traceback" not in proc.stderr

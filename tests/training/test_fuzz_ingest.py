@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trainer_helpers import ServerThread, batch, http, js, record
 
+from sidecar.core.features import N_CONTEXT
 from training.faults import BAD_ENVELOPE_VALUES as ENVELOPE_BAD
 from training.faults import BAD_RECORD_VALUES as BAD
 from training.faults import hostile_batches
@@ -130,13 +131,13 @@ EDGE = {
     "duration_s": [0, 1e308, True],
     "logp": [-1e308, 1e-6, 2e-6, -1, True],
     "context": [
-        [1e308] * 16,
-        [1e308, -1e308] * 8,
-        [1] * 16,
-        [1.0] * 15 + [True],
-        [2**63] * 16,
-        [-(2**63)] * 16,
-        [1e300] * 16,
+        [1e308] * N_CONTEXT,
+        [1e308, -1e308] * (N_CONTEXT // 2),
+        [1] * N_CONTEXT,
+        [1.0] * (N_CONTEXT - 1) + [True],
+        [2**63] * N_CONTEXT,
+        [-(2**63)] * N_CONTEXT,
+        [1e300] * N_CONTEXT,
     ],
     "cpu_block": [
         [[1e308, 1e308, -1e308]] * 8,

@@ -82,7 +82,11 @@ def test_gate_refuses_a_candidate_worse_on_real_data(tmp_path: Path) -> None:
     harvest = tmp_path / "harvest.onnx"
     harvest.write_bytes(onnx_policy("harvest"))
     recs = [_real_record(i) for i in range(50)]
-    rep = gate(harvest, None, recs, GRID, GateConfig())  # vs the rule fallback (user size)
+    # vs the rule fallback (user size). The simulator bound is loose: the sample preset's spiky
+    # functions cost a policy that always harvests two OOM kills there, and the real-data check
+    # is what this test is about.
+    loose = GateConfig(max_rfet_ratio=1.5, max_failure_increase=5)
+    rep = gate(harvest, None, recs, GRID, loose)
     assert rep["sim"]["passed"] and not rep["real"]["passed"] and not rep["passed"]
     assert rep["real"]["candidate"]["pred_failure_rate"] == 1.0
     assert rep["real"]["current"]["pred_failure_rate"] == 0.0

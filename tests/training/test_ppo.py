@@ -209,3 +209,49 @@ def test_train_on_cluster_env_smoke(tmp_path: Path, preset: str) -> None:
     } <= keys
     assert 0.0 < float(rows[-1]["sim/mean_rfet"]) < 10.0
     assert Path(out["checkpoint"]).exists()
+
+
+def test_rewards_known_at_the_end_of_invocations_are_all_credited(tmp_path: Path) -> None:
+    """The simulator rewards an invocation when it finishes (with the queueing it caused): with
+    episodes of num_steps decisions that drain at their end, every reward reaches its decision
+    within the rollout (the ledger drops none)."""
+    out = train(
+        Args(
+            preset="small",
+            total_timesteps=2 * 128 * 2,
+            num_envs=2,
+            num_steps=128,
+            episode_decisions=128,
+            out_dir=str(tmp_path),
+            progress=False,
+        )
+    )
+    rows = _read_csv(out["csv"])
+    assert len(rows) == 2
+    assert all(float(r["charts/dropped_reward_frac"]) == 0.0 for r in rows)
+    assert all(float(r["charts/episodes"]) == 2 for r in rows)
+
+
+def test_the_ledger_credits_every_simulated_reward_once_to_its_decision() -> None:
+    from training.ppo import CreditInfo, CreditLedger
+    from training.sim.env import ClusterEnv
+
+    n = 150
+    env = CreditInfo(ClusterEnv(preset="small", max_decisions=n))
+    obs, info = env.reset(seed=5)
+    ledger = CreditLedger(1)
+    ledger.start_rollout(0)
+    rewards = torch.zeros(n, 1)
+    decided = {}
+    for step in range(n):
+        ledger.decided([info["inv"]], step)
+        decided[info["inv"]] = step
+        obs, _, term, _, info = env.step(int(np.flatnonzero(obs["mask"])[-1]))
+        ledger.credit(rewards, [info["credit"]], [info.get("episode")])
+        if term:
+            break
+    assert term and step == n - 1
+    log = env.unwrapped.sim.log
+    assert ledger.credited == n and ledger.dropped == 0
+    for inv, s in decided.items():  # each decision's row holds its own invocation's reward
+        assert float(rewards[s, 0]) == pytest.approx(log.reward[inv], rel=1e-6, abs=1e-6)

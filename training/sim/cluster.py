@@ -21,10 +21,30 @@ kappa(c) = max(1, load / cores) is CPU contention on the server from everything 
 invocation's own use included (phi times the mean rate W / S of its CPU part: a burst runs above
 its quota). M is the memory-pressure factor (1 + beta when memory is tight, 1 with 25% room above
 the working set; beta is 0 by default: measured runs are not slowed above their peak). The working
-set includes the warm worker's idle memory. Below it the invocation is OOM-killed part-way and
-retried at the user's size (counted as a failure). Queued invocations do not progress; memory is
+set includes the warm worker's idle memory. Queued invocations do not progress; memory is
 reserved at admission, CPU may be over-committed up to ``cpu_overcommit`` and then shows up as
 contention. The constants are measured on real functions: docs/duration-model.md.
+
+The node's give-back (its 100 ms tick raises a harvested resource to the user's size) is modelled
+from the node's rules, one ``tick_s`` at a time:
+
+* CPU: a harvested invocation that its quota throttles (or whose rate reaches the give-back
+  threshold of its quota) runs the first tick at the harvested quota, staircase included, and
+  the rest at the user's (``_cpu_time``).
+* Memory grows linearly from the worker's idle memory at start to the working set at
+  ``MEM_PEAK_AT`` of the run. A working set above a harvested limit is saved when the limit is
+  reached at least one tick after usage crossed the give-back threshold of it (the sample that
+  sees it comes within a tick; the worst phase is assumed), else the run is OOM-killed where it
+  reaches the limit and retried at the user's size (a failure). A spike's extra memory is
+  allocated at once (``Workload.spike``): no give-back saves it.
+
+A run that will give back reserves the user's size at admission, as an OOM retry does: the tick it
+runs harvested is not worth an event. ``Log.give_backs`` counts the resources given back and
+``cpu_held`` / ``mem_held`` the core- and MB-seconds held, give-backs included. The reward
+(``sidecar.core.reward``) is known when an invocation finishes: it includes the admission queue's
+waiting while it ran, attributed to the running invocations in proportion to what they hold above
+(or below: a credit) the user's size, per MB and per core of everything held (``_advance``
+integrates the queue's length over the memory and the cores held, O(1) per event).
 """
 
 from __future__ import annotations
@@ -46,8 +66,10 @@ from training.sim.workload import Workload
 
 MEM_ROOM = 0.25
 """Memory above the working set (as a share of it) beyond which pressure no longer slows a run."""
-OOM_AT = 0.5
-"""An OOM-killed run dies this far into its execution (memory grows as it runs)."""
+MEM_PEAK_AT = 0.5
+"""Share of its run at which an invocation's memory reaches its working set, growing linearly from
+the worker's idle memory (a spike: allocated at once at that point). A limit below the working
+set is reached, and the run OOM-killed, at most this far into it."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,12 @@ class ClusterConfig:
     stalled together lose extra time. Measured at a 100 ms period from 2-thread zlib and BLAS
     (zlibmt 496 ms at 0.25 core vs ~430 ms by the plain staircase; docs/duration-model.md); it
     grows at shorter periods (/work/shared/reference/platform.md)."""
+    tick_s: float = 0.1
+    """The sidecar's sampling tick: a give-back takes effect at most this long after the usage
+    that calls for it, and a burst shorter than a tick shows the samples its work over the tick."""
+    give_back: bool = True
+    """Model the node's give-back (module docstring). Off: limits stay as decided for the whole
+    run, as in the measured curves of docs/duration-model.md."""
 
 
 @dataclass(slots=True)
@@ -84,6 +112,8 @@ class Request:
     guard: Guard
     stats: FunctionStats
     guard_state: SafeguardState
+    input_size: float
+    """What the invoker reports (``Workload.input_size``): the input floor and the features."""
 
 
 _FIELDS = (
@@ -98,6 +128,11 @@ _FIELDS = (
     "mem_peak",
     "reward",
     "done",
+    "give_backs",
+    "cpu_held",
+    "mem_held",
+    "caused_s",
+    "cpu_s",
 )
 
 
@@ -105,7 +140,11 @@ class Log:
     """Per-invocation outcomes while the run goes on: plain lists, written on the hot path.
 
     Managers read single entries from here (``sim.log.exec_s[inv]``); whole-run analysis uses
-    the numpy snapshot ``sim.results``. NaN / 0 until an invocation has started or finished.
+    the numpy snapshot ``sim.results``. NaN / 0 until an invocation has started or finished
+    (``reward`` and ``caused_s``: finished). ``give_backs``: resources given back (0-2);
+    ``cpu_held`` / ``mem_held``: core- / MB-seconds held over its execution time; ``caused_s``:
+    the queue's waiting attributed to it (negative: a credit); ``cpu_s``: its CPU work in
+    core-seconds (what a node's ``cpuacct`` counts).
     """
 
     __slots__ = ("fn", *_FIELDS)
@@ -116,10 +155,23 @@ class Log:
         self.fn: list[int] = wl.fn.tolist()
         self.cpu = [0] * n
         self.mem = [0] * n
-        for name in ("exec_s", "baseline_s", "queue_s", "cold_s", "cpu_peak", "mem_peak", "reward"):
+        for name in (
+            "exec_s",
+            "baseline_s",
+            "queue_s",
+            "cold_s",
+            "cpu_peak",
+            "mem_peak",
+            "reward",
+            "cpu_held",
+            "mem_held",
+            "caused_s",
+            "cpu_s",
+        ):
             setattr(self, name, [nan] * n)
         self.failed = [False] * n
         self.done = [False] * n
+        self.give_backs = [0] * n
 
 
 @dataclass(frozen=True)
@@ -138,6 +190,11 @@ class Results:
     mem_peak: np.ndarray
     reward: np.ndarray
     done: np.ndarray = field(repr=False)
+    give_backs: np.ndarray = field(repr=False)
+    cpu_held: np.ndarray = field(repr=False)
+    mem_held: np.ndarray = field(repr=False)
+    caused_s: np.ndarray = field(repr=False)
+    cpu_s: np.ndarray = field(repr=False)
 
     @classmethod
     def of(cls, log: Log) -> Results:
@@ -160,6 +217,19 @@ def cfs_cpu_time(work: float, cores: float, rate: float, period: float, penalty:
     if k <= 0:
         return work / rate
     return k * period * penalty + (work - k * budget) / rate
+
+
+def cfs_work_within(time: float, cores: float, rate: float, period: float, penalty: float) -> float:
+    """The CPU work (core-seconds) ``cfs_cpu_time``'s staircase does in its first ``time`` seconds
+    (for a run that lasts longer): whole throttled periods of ``period * penalty`` each do one
+    period's quota, the partial one runs at ``rate`` until its quota is spent."""
+    if rate <= cores:
+        return time * rate
+    step = period * penalty
+    k = math.floor(time / step)
+    budget = cores * period
+    last = (time - k * step) * rate
+    return k * budget + (last if last < budget else budget)
 
 
 def cfs_work(
@@ -188,6 +258,14 @@ def _tightness(mem_mb: float, ws: float) -> float:
     """0 with MEM_ROOM or more above the working set, rising linearly to 1 at the working set."""
     t = 1.0 - (mem_mb - ws) / (MEM_ROOM * ws)
     return 0.0 if t < 0.0 else (1.0 if t > 1.0 else t)
+
+
+def _held(alloc: float, user: float, until: float, total: float) -> float:
+    """Resource-seconds of ``alloc`` held for ``until`` seconds of ``total``, the user's size
+    after."""
+    if until >= total:
+        return alloc * total
+    return alloc * until + user * (total - until)
 
 
 class _Server:
@@ -230,6 +308,12 @@ class ClusterSim:
         self._beta = workload.mem_pressure.tolist()
         self._ucpu = workload.user_cpu.tolist()
         self._umem = workload.user_mem.tolist()
+        self._input = workload.input_size.tolist()
+        self._spike = workload.spike.tolist()
+        self._worker = workload.worker_mb.tolist()
+        self._tick = cluster.tick_s
+        self._give_back = cluster.give_back
+        self._gb_thr = safeguard.give_back_threshold
         # CFS: per function the burst rate (its threads, at most a server's cores) and the cost of
         # a throttled period; per invocation its CPU work, its CPU time at the user's size and
         # the cores it uses on average meanwhile (its share of the server's load).
@@ -267,7 +351,11 @@ class ClusterSim:
         self.total_cores = c.cores * c.servers
         self.total_mem = c.mem_mb * c.servers
         self.used_mem = 0.0
+        self.used_cpu = 0.0
         self.used_load = 0.0
+        # The queue's length integrated over time, per MB and per core held (``_advance``).
+        self._acc_mem = 0.0
+        self._acc_cpu = 0.0
         self.stats = [FunctionStats() for _ in range(self.wl.n_functions)]
         self.guards = [SafeguardState() for _ in range(self.wl.n_functions)]
         self.log = Log(self.wl)
@@ -278,18 +366,16 @@ class ClusterSim:
         self._events: list[tuple[float, int]] = []  # (finish time, invocation)
         self._queue: deque[int] = deque()
         self._queued_at: dict[int, float] = {}
-        self._running: dict[
-            int, tuple[int, float, float, float]
-        ] = {}  # inv -> server, mem, cpu, load
+        # inv -> server, mem and cpu reserved, load, warm start, the queue accumulators at start
+        self._running: dict[int, tuple[int, float, float, float, bool, float, float]] = {}
         self._guard_of: dict[int, Guard] = {}
         self._request: Request | None = None
         self.finished: list[int] = []
         """Invocations finished since the caller last cleared this list (managers observe them)."""
         self.rewarded: list[int] = []
-        """Invocations whose outcome (and so reward) became known since the caller last cleared
-        this list. The simulator knows an invocation's execution time when it starts, so its
-        reward is available then, not minutes later at its end: a learner credits it to the
-        decision at once instead of losing it past the end of a rollout."""
+        """Invocations whose reward became known since the caller last cleared this list: at
+        their end, when the queueing they caused others is known too (a learner credits each to
+        its decision by invocation id; an episode drains at its end, so none is lost)."""
 
     @property
     def results(self) -> Results:
@@ -330,26 +416,32 @@ class ClusterSim:
 
     # ------------------------------------------------------------ decisions
     def next_request(self) -> Request | None:
-        """Advance the clock to the next arrival needing a decision; None when the trace is done."""
+        """Advance the clock to the next arrival needing a decision; None when the trace is done.
+
+        The guard gets the invocation's input and the memory its container holds at start, as a
+        node's hook reports them: the warm worker's idle memory when the function has a warm
+        container now, 0 for a new one."""
         arr = self._arr
         events = self._events
         while True:
             na = self._next_arrival
             if na < len(arr) and (not events or arr[na] <= events[0][0]):
-                self.now = arr[na]
+                self._advance(arr[na])
                 self._next_arrival = na + 1
                 fn = self._fn[na]
                 st = self.stats[fn]
                 st.on_arrival(self.now)
                 gs = self.guards[fn]
                 user = self._user[fn]
-                g = self.decider.guard(user, gs)  # the simulator reports no usage or input size
-                self._request = Request(na, fn, user, self.now, g, st, gs)
+                size = self._input[na]
+                usage = self._worker[fn] if self._has_warm(fn) else 0.0
+                g = self.decider.guard(user, gs, usage, size)
+                self._request = Request(na, fn, user, self.now, g, st, gs, size)
                 return self._request
             if not events:
                 return None
             t, inv = heapq.heappop(events)
-            self.now = t
+            self._advance(t)
             self._finish(inv)
 
     def apply(self, alloc: Alloc) -> None:
@@ -381,24 +473,55 @@ class ClusterSim:
                     raise RuntimeError("an invocation fits no empty server")
                 continue
             t, inv = heapq.heappop(self._events)
-            self.now = t
+            self._advance(t)
             self._finish(inv)
 
     # ------------------------------------------------------------- internals
+    def _advance(self, t: float) -> None:
+        """Move the clock to ``t``, first adding the queue's waiting since the last move, per MB
+        and per core held, to the accumulators the caused-queueing charge reads (``_finish``)."""
+        q = len(self._queue)
+        if q:
+            dt = t - self.now
+            if self.used_mem > 0.0:
+                self._acc_mem += q * dt / self.used_mem
+            if self.used_cpu > 0.0:
+                self._acc_cpu += q * dt / self.used_cpu
+        self.now = t
+
+    def _has_warm(self, fn: int) -> bool:
+        """Whether ``fn`` has an idle warm container now (on any server)."""
+        keep_alive = self.cluster.keep_alive_s
+        for idle in self._warm[fn].values():
+            if idle and self.now - idle[-1] <= keep_alive:
+                return True
+        return False
+
     def _try_start(self, inv: int, only: int = -1) -> bool:
         """Place and start ``inv``; ``only`` >= 0 restricts placement to that server."""
         fn = self._fn[inv]
         res = self.log
         mem_mb = res.mem[inv] * self._mu
         cores = res.cpu[inv] * self._cu
-        oom = mem_mb < self._ws[inv]
+        user_mb, user_cores = self._umb[fn], self._ucores[fn]
+        cpu_s, cpu_back = self._cpu_time(inv, fn, cores)
+        ws = self._ws[inv]
+        kill = mem_back = -1.0  # share of the run at the OOM kill; seconds to the memory give-back
+        if mem_mb < ws:
+            mem_back = self._mem_give_back(inv, fn, mem_mb, cpu_s)
+            if mem_back < 0.0:
+                w = self._worker[fn]
+                kill = MEM_PEAK_AT
+                if not self._spike[inv]:
+                    grown = (mem_mb - w) / (ws - w) if ws > w else 0.0
+                    kill *= grown if grown > 0.0 else 0.0
+        # An OOM-killed run is retried at the user's size and a give-back raises a resource to
+        # it: reserve the larger of the two.
         need_mem, need_cpu = mem_mb, cores
-        if oom:  # an OOM-killed run is retried at the user's size: reserve the larger of the two
-            user_mb, user_cores = self._umb[fn], self._ucores[fn]
-            if user_mb > need_mem:
-                need_mem = user_mb
-            if user_cores > need_cpu:
-                need_cpu = user_cores
+        if (kill >= 0.0 or mem_back >= 0.0) and user_mb > need_mem:
+            need_mem = user_mb
+        if (kill >= 0.0 or cpu_back) and user_cores > need_cpu:
+            need_cpu = user_cores
         si, warm = self._place(fn, need_mem, need_cpu, only)
         if si < 0:
             return False
@@ -408,23 +531,84 @@ class ClusterSim:
             cold = self._cold[inv]
             self.cold_starts += 1
         s = self.servers[si]
-        exec_s, base, load = self._duration(inv, fn, s.load, cores, mem_mb, oom)
-        queued = self.now - self._queued_at.pop(inv, self.now)
+        exec_s, base, load, run = self._duration(inv, fn, s.load, cpu_s, mem_mb, kill)
         res.exec_s[inv] = exec_s
         res.baseline_s[inv] = base
-        res.queue_s[inv] = queued
+        res.queue_s[inv] = self.now - self._queued_at.pop(inv, self.now)
         res.cold_s[inv] = cold
-        res.failed[inv] = oom
-        res.reward[inv] = invocation_reward(exec_s, base, queued, cold, oom, self.reward_cfg)
-        self.rewarded.append(inv)
+        res.failed[inv] = oom = kill >= 0.0
+        # Resource-seconds held: the chosen size until a kill or a give-back, the user's after.
+        if oom or cpu_back or mem_back >= 0.0:
+            cpu_until = kill * run if oom else (self._tick if cpu_back else exec_s)
+            mem_until = kill * run if oom else (mem_back if mem_back >= 0.0 else exec_s)
+            res.cpu_held[inv] = _held(cores, user_cores, cpu_until, exec_s)
+            res.mem_held[inv] = _held(mem_mb, user_mb, mem_until, exec_s)
+            res.give_backs[inv] = 0 if oom else int(cpu_back) + (mem_back >= 0.0)
+        else:
+            res.cpu_held[inv] = cores * exec_s
+            res.mem_held[inv] = mem_mb * exec_s
+        res.cpu_s[inv] = self._work[inv]
+        # What the node's samples would show: the quota it ran at (the user's after a give-back).
+        quota = user_cores if cpu_back else cores
+        res.cpu_peak[inv] = self._cpu_peak(inv, fn, quota, run)
+        res.mem_peak[inv] = mem_mb if oom else ws  # killed at its limit
         s.free_mem -= need_mem
         s.cpu_alloc += need_cpu
         s.load += load
         self.used_mem += need_mem
+        self.used_cpu += need_cpu
         self.used_load += load
-        self._running[inv] = (si, need_mem, need_cpu, load)
+        self._running[inv] = (si, need_mem, need_cpu, load, warm, self._acc_mem, self._acc_cpu)
         heapq.heappush(self._events, (self.now + cold + exec_s, inv))
         return True
+
+    def _cpu_time(self, inv: int, fn: int, cores: float) -> tuple[float, bool]:
+        """(CPU time in isolation, whether the CPU was given back) of ``inv`` at ``cores``.
+
+        A harvested run that its quota throttles runs the first tick at it and the rest at the
+        user's quota; one whose rate reaches the give-back threshold of its quota for longer than
+        a tick is given the user's size back too (its time is unchanged: nothing throttled it).
+        """
+        work, rate, pen, period = self._work[inv], self._rate[fn], self._pen[fn], self._period
+        cpu_s = cfs_cpu_time(work, cores, rate, period, pen)
+        user_cores = self._ucores[fn]
+        tick = self._tick
+        if cores >= user_cores or cpu_s <= tick or not self._give_back:
+            return cpu_s, False
+        if rate > cores and work > cores * period:  # throttled
+            done = cfs_work_within(tick, cores, rate, period, pen)
+            return tick + cfs_cpu_time(work - done, user_cores, rate, period, pen), True
+        return cpu_s, rate >= self._gb_thr * cores
+
+    def _mem_give_back(self, inv: int, fn: int, limit: float, cpu_s: float) -> float:
+        """Seconds into the run at which a memory give-back saves ``inv`` from its harvested
+        ``limit`` (below its working set), or -1 when it is OOM-killed (module docstring; times
+        from its run in isolation)."""
+        user_mb = self._umb[fn]
+        if self._spike[inv] or limit >= user_mb or not self._give_back:
+            return -1.0
+        w, ws = self._worker[fn], self._ws[inv]
+        ramp = MEM_PEAK_AT * (self._dur[inv] * (1.0 - self._phi[fn]) + cpu_s)
+        if ramp <= 0.0 or ws <= w:
+            return -1.0
+        per_mb = ramp / (ws - w)  # seconds per MB of growth
+        warn = (self._gb_thr * limit - w) * per_mb
+        back = (warn if warn > 0.0 else 0.0) + self._tick
+        return back if (limit - w) * per_mb >= back else -1.0
+
+    def _cpu_peak(self, inv: int, fn: int, quota: float, run: float) -> float:
+        """The CPU peak a node's samples report for ``inv`` at ``quota`` cores in a ``run`` of that
+        many seconds: its quota when throttled, else its rate while its CPU part fills a tick;
+        the work of a shorter burst over the tick, or over the whole invocation when that is
+        shorter still (the node's end-of-invocation average)."""
+        work, rate = self._work[inv], self._rate[fn]
+        if rate > quota and work > quota * self._period:
+            return quota
+        tick = self._tick
+        span = work / rate if rate > 0.0 else 0.0
+        if span < tick:
+            span = tick if run > tick else run
+        return work / span if span > 0.0 else 0.0
 
     def _place(self, fn: int, need_mem: float, need_cpu: float, only: int) -> tuple[int, bool]:
         """(server, warm): a warm container of ``fn`` on a server with room first (taking it),
@@ -458,14 +642,14 @@ class ClusterSim:
         return -1, False
 
     def _duration(
-        self, inv: int, fn: int, server_load: float, cores: float, mem_mb: float, oom: bool
-    ) -> tuple[float, float, float]:
-        """(execution time, the same at the user's size, its load on the server) of ``inv`` at
-        ``cores`` / ``mem_mb`` on a server already running ``server_load`` cores: the module's
-        duration model, an OOM kill included (killed part-way, rerun at the user's size)."""
+        self, inv: int, fn: int, server_load: float, cpu_s: float, mem_mb: float, kill: float
+    ) -> tuple[float, float, float, float]:
+        """(execution time, the same at the user's size, its load on the server, its run at the
+        chosen size) of ``inv`` with CPU time ``cpu_s`` in isolation and ``mem_mb`` on a server
+        already running ``server_load`` cores: the module's duration model. ``kill`` >= 0: it is
+        OOM-killed that share into its run, then reruns at the user's size from a cold start."""
         phi = self._phi[fn]
         work = self._work[inv]
-        cpu_s = cfs_cpu_time(work, cores, self._rate[fn], self._period, self._pen[fn])
         # Its load: the cores it uses on average, CPU share times the mean rate of its CPU part
         # (a burst within one period's quota runs at its full parallelism, above its quota).
         own = phi * work / cpu_s if cpu_s > 0.0 else 0.0
@@ -480,44 +664,71 @@ class ClusterSim:
         wait = self._dur[inv] * (1.0 - phi)
         base = wait + kappa_user * self._cpu_user[inv]
         run = wait + kappa * cpu_s
-        if oom:
-            # Dies part-way at the chosen size, then reruns at the user's size from a cold start.
-            return OOM_AT * run + self._cold[inv] + base, base, own if own > own_user else own_user
+        if kill >= 0.0:
+            load = own if own > own_user else own_user
+            return kill * run + self._cold[inv] + base, base, load, run
         exec_s = run
         beta = self._beta[fn]
         if beta:  # memory pressure relative to the user's size (beta is 0 by default)
             ws = self._ws[inv]
             m = 1.0 + beta * _tightness(mem_mb, ws)
             exec_s *= m / (1.0 + beta * _tightness(self._umb[fn], ws))
-        return exec_s, base, own
+        return exec_s, base, own, run
 
     def _finish(self, inv: int) -> None:
-        si, need_mem, need_cpu, load = self._running.pop(inv)
+        si, need_mem, need_cpu, load, warm, acc_mem, acc_cpu = self._running.pop(inv)
         s = self.servers[si]
         s.free_mem += need_mem
         s.cpu_alloc -= need_cpu
         s.load -= load
         self.used_mem -= need_mem
+        self.used_cpu -= need_cpu
         self.used_load -= load
         fn = self._fn[inv]
         self._warm[fn].setdefault(si, []).append(self.now)
 
         res = self.log
+        user_mb, user_cores = self._umb[fn], self._ucores[fn]
+        # The queue's waiting while it ran, attributed by what it held above the user's size.
+        caused = 0.5 * (
+            (need_mem - user_mb) * (self._acc_mem - acc_mem)
+            + (need_cpu - user_cores) * (self._acc_cpu - acc_cpu)
+        )
+        res.caused_s[inv] = caused
+        exec_s, base, failed = res.exec_s[inv], res.baseline_s[inv], res.failed[inv]
+        res.reward[inv] = invocation_reward(
+            exec_s,
+            base,
+            res.queue_s[inv],
+            res.cold_s[inv],
+            failed,
+            self.reward_cfg,
+            cpu_held=res.cpu_held[inv] / (user_cores * base),  # held_ratio(); base > 0
+            mem_held=res.mem_held[inv] / (user_mb * base),
+            caused_queue_s=caused,
+        )
+        self.rewarded.append(inv)
         cpu, mem = res.cpu[inv], res.mem[inv]
-        failed = res.failed[inv]
-        exec_s = res.exec_s[inv]
-        cpu_peak = cpu * self._cu
-        if self._par[fn] < cpu_peak:
-            cpu_peak = self._par[fn]
-        mem_peak = mem * self._mu
-        if self._ws[inv] < mem_peak:
-            mem_peak = self._ws[inv]
-        res.cpu_peak[inv] = cpu_peak
-        res.mem_peak[inv] = mem_peak
+        cpu_peak, mem_peak = res.cpu_peak[inv], res.mem_peak[inv]
+        size = self._input[inv]
         gd = self._guard_of.pop(inv)
-        self.guards[fn].observe(gd, Alloc(cpu, mem), cpu_peak, mem_peak, failed)
+        self.guards[fn].observe(
+            gd,
+            Alloc(cpu, mem),
+            cpu_peak,
+            mem_peak,
+            failed,
+            size,
+            self._worker[fn] if warm else 0.0,
+            res.cpu_s[inv],
+            exec_s,
+            self._period,
+            user_mb,
+        )
         at_user = cpu == self._ucpu[fn] and mem == self._umem[fn] and not failed
-        self.stats[fn].on_completion(self.now, exec_s, cpu_peak, mem_peak, at_user_size=at_user)
+        self.stats[fn].on_completion(
+            self.now, exec_s, cpu_peak, mem_peak, at_user_size=at_user, input_size=size
+        )
         res.done[inv] = True
         self.finished.append(inv)
         self._drain_queue(si)

@@ -5,11 +5,12 @@ scores: ``context`` (node + function features, also the critic's input), the can
 ``cpu`` and ``mem`` (``sidecar.core.features.expand_rows`` turns the three into the one
 normalised row per candidate that the score function reads) and ``mask`` (the safeguard's
 allowed candidates). Carrying blocks instead of 64 rows keeps a step cheap and rollouts small.
-Action: a candidate index. The step reward is the sum of the rewards of invocations whose outcome
-became known since the previous decision (the simulator knows it when an invocation starts);
-``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs in ``info["rfet"]``; plain lists)
-name them, so a trainer can credit each reward to the decision that caused it (``info["inv"]``
-of that step).
+Action: a candidate index. The step reward is the sum of the rewards of invocations that finished
+since the previous decision (an invocation's reward includes the queueing it caused others while
+it ran, so it is known at its end); ``info["rewarded"]`` / ``info["rewards"]`` (and their RFETs
+in ``info["rfet"]``; plain lists) name them, so a trainer can credit each reward to the decision
+that caused it (``info["inv"]`` of that step). An episode that ends (``max_decisions`` or the
+end of the trace) drains: every admitted invocation finishes and is rewarded by its last step.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ class ClusterEnv(gym.Env):
         sim = self.sim
         assert sim is not None
         obs = sim.decider.observe(
-            req.guard, sim.node_state(), req.stats, req.guard_state, req.user, req.now_s
+            req.guard,
+            sim.node_state(),
+            req.stats,
+            req.guard_state,
+            req.user,
+            req.now_s,
+            req.input_size,
         )
         return obs._asdict()
 

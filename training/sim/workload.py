@@ -18,11 +18,18 @@ resources. Per function we draw:
 Per invocation (input-dependent): one quantile ``q`` drives both the duration draw (the trace's
 percentile curve) and the working set (the worker's idle memory plus the trace's memory curve),
 so big inputs are slow and memory-hungry together; plus run-to-run noise and a cold-start draw.
+The invocation's ``input_size`` (what an invoker reports, in units of the function's own: bytes,
+rows, pixels) follows the same ``q``: log-uniform between a function's smallest and largest
+input, as the local invoker's real functions draw theirs, times log-normal noise, so it predicts
+duration and memory well but not exactly. Some functions (``spike_share``) spike: every k-th
+call's own memory is several times its usual one with no larger input, as a real compression
+function's every 20th call allocates ~8x (docs/duration-model.md). Inputs and spikes have their
+own random stream: every other draw of a seed is unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +63,25 @@ class WorkloadConfig:
     """The warm worker's idle memory is drawn log-uniformly in [min, max] per function and added
     to every invocation's working set: 8 MB (bare Python worker) to ~80 MB (numpy and a cached
     16 MB input), measured on the real functions' containers (docs/duration-model.md)."""
+    input_span_min: float = 2.5
+    input_span_max: float = 12.0
+    """A function's largest input over its smallest is drawn log-uniformly in [min, max]: the
+    local invoker's ten real functions span 2.8x (matmul) to 12x (compress, sleepy)."""
+    input_noise_sd: float = 0.25
+    """Log-normal noise on the input size: inputs of one size differ in content (how well they
+    compress, how many edges a graph has), so the input predicts duration and memory imperfectly
+    (rank correlation ~0.9 for a 6x span)."""
+    spike_share: float = 0.05
+    """Share of functions whose memory spikes in some calls without a larger input (one of the
+    invoker's ten real functions does; a modest share of a population)."""
+    spike_every_min: int = 10
+    spike_every_max: int = 40
+    """A spiky function spikes every k-th call, k uniform in [min, max] (the real one: 20)."""
+    spike_factor_min: float = 4.0
+    spike_factor_max: float = 8.0
+    """A spike multiplies the call's own memory (working set minus the worker's idle memory) by a
+    factor log-uniform in [min, max] (the real one: ~8x), at most up to the user's size (the user
+    sized the function to survive its spikes)."""
 
 
 @dataclass
@@ -77,10 +103,19 @@ class Workload:
     working_set_mb: np.ndarray  # the worker's idle memory included
     noise: np.ndarray
     cold_start_s: np.ndarray
+    input_size: np.ndarray  # what the invoker reports, in the function's own units
+    spike: np.ndarray  # bool: this call's memory spikes (allocated at once, not grown)
 
     @property
     def n_invocations(self) -> int:
         return len(self.arrival_s)
+
+    def scaled(self, load: float) -> Workload:
+        """The same invocations arriving ``load`` times as fast (arrival times divided by it), so
+        runs at different loads stay paired invocation by invocation."""
+        if not load > 0.0:
+            raise ValueError(f"load must be positive, got {load}")
+        return replace(self, arrival_s=self.arrival_s / load)
 
     def provisioning(self, grid: ResourceGrid) -> dict[str, float]:
         """Share of functions over-/under-provisioned per resource (peak vs 0.9 x user size)."""
@@ -122,6 +157,19 @@ def build_workload(
             np.log(cfg.worker_idle_mb_min), np.log(cfg.worker_idle_mb_max), nf
         )
     )
+    # Inputs and spikes, on a stream of their own too.
+    rng_in = np.random.default_rng([seed, 2])
+    input_lo = np.exp(rng_in.uniform(0.0, np.log(1e5), nf))
+    input_span = np.exp(rng_in.uniform(np.log(cfg.input_span_min), np.log(cfg.input_span_max), nf))
+    noise_in = np.exp(rng_in.normal(0.0, cfg.input_noise_sd, n))
+    input_size = input_lo[fn] * input_span[fn] ** q * noise_in
+    spiky = rng_in.random(nf) < cfg.spike_share
+    spike_every = rng_in.integers(cfg.spike_every_min, cfg.spike_every_max + 1, nf)
+    spike_phase = rng_in.integers(0, spike_every)
+    spike_factor = np.exp(
+        rng_in.uniform(np.log(cfg.spike_factor_min), np.log(cfg.spike_factor_max), nf)
+    )
+    spike = np.zeros(n, dtype=bool)
     for f, tf in enumerate(trace.functions):
         idx = order[bounds[f] : bounds[f + 1]]
         mem_pct = tf.memory_pct_mb
@@ -144,6 +192,14 @@ def build_workload(
                 _interp_curve(qi, DURATION_PCTS, curve), cfg.max_duration_s
             )
             working_set[idx] = _interp_curve(qi, MEMORY_PCTS, mem_pct)
+            if spiky[f]:
+                hit = idx[(np.arange(len(idx)) + spike_phase[f]) % spike_every[f] == 0]
+                own = working_set[hit] - worker_mb[f]
+                user_mb = user_mem[f] * grid.mem_unit_mb
+                working_set[hit] = np.maximum(
+                    working_set[hit], np.minimum(worker_mb[f] + own * spike_factor[f], user_mb)
+                )
+                spike[hit] = True
     duration_s = np.maximum(duration_s, 1e-3)
 
     # CPU follows memory: the user's cores are proportional to the user's memory units.
@@ -175,4 +231,6 @@ def build_workload(
         working_set_mb=working_set,
         noise=noise,
         cold_start_s=cold,
+        input_size=input_size,
+        spike=spike,
     )
