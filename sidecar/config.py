@@ -89,6 +89,10 @@ class ActuationConfig:
     """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
     harvest_memory: bool = True
     """Lower memory below the user's size (v2: memory.high; v1: the hard limit, above the floor)."""
+    throttle_target: float = 0.5
+    """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
+    this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /
+    nr_periods, read every tick for harvested quotas); 1 = off (docs/sidecar.md)."""
     restore_on_end: bool = True
     """Return a container to its user's size when its invocation ends (the safe default)."""
     state_file: str = "/var/lib/faasrm/state.json"
@@ -448,6 +452,8 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.actuation.state_file:
         problems.append("actuation.state_file must be set")
+    if not 0 <= cfg.actuation.throttle_target <= 1:
+        problems.append(f"actuation.throttle_target {cfg.actuation.throttle_target} outside [0, 1]")
     if cfg.boundaries.busy_cores <= 0 or cfg.boundaries.idle_ticks < 1:
         problems.append("boundaries.busy_cores must be > 0 and boundaries.idle_ticks >= 1")
     if cfg.docker.cores_per_share < 0:

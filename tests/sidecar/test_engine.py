@@ -242,6 +242,71 @@ def test_give_back_cpu_and_memory_once_each() -> None:
     assert nxt.guard.reason == "cpu=rising,mem=rising" and nxt.target == USER_TARGET
 
 
+def _counters(s, periods: int, throttled: int):
+    """A sample (or usage) with cumulative CFS counters, as a watched container's tick reads."""
+    return s._replace(nr_periods=periods, nr_throttled=throttled)
+
+
+def test_throttle_give_back_raises_a_harvested_quota_in_one_step() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 100, 5))
+    assert inv.cpu_harvested and inv.target.cpu_cores == 0.75
+    clock.t += 0.1
+    quiet = sample("fn@1", clock.t, cpu=0.3, mem_mb=50)
+    assert eng.on_sample(_counters(quiet, 101, 5)) == []  # a period, not throttled
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 101, 5)) == []  # no period ended: no verdict
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 103, 6)) == []  # 1 of 2: not more than the 0.5 target
+    clock.t += 0.1
+    # both periods since the last look were throttled, though the window's mean (0.3 core) is
+    # far from the 0.75-core quota: a burst that hits the quota between samples
+    (gb,) = eng.on_sample(_counters(quiet, 105, 8))
+    assert gb.resources == ("cpu",) and gb.reasons == ("throttled",)
+    assert gb.target.cpu_cores is None and gb.target.mem_limit_bytes == 128 * MB
+    assert not inv.cpu_harvested
+    (entry,) = inv.trace["give_backs"]
+    assert entry["reason"] == "throttled" and entry["throttled_share"] == 1.0
+    assert entry["new_cpu_cores"] == 2.0 and entry["new_mem_bytes"] == 128 * MB  # the user's CPU
+    assert entry["tick"] == 4 and entry["resources"] == ["cpu"]
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 107, 10)) == []  # given back once
+    ended = eng.end(inv.id, usage=_counters(usage(0.5, 50, 60), 110, 10))
+    assert ended.invocation.trace["throttled_share"] == 0.5  # 5 of the invocation's 10 periods
+    assert ended.record["give_backs"] == ["cpu"]
+
+
+def test_throttle_and_usage_give_backs_in_one_tick_and_the_target_bounds() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 0, 0))
+    clock.t += 0.1
+    (gb,) = eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.75, mem_mb=120), 1, 1))
+    # CPU over the target and at its quota: the throttle reason wins; memory by its usage
+    assert gb.resources == ("cpu", "memory") and gb.reasons == ("throttled", "usage")
+    assert gb.target == USER_TARGET
+    assert [(g["resources"], g["reason"]) for g in inv.trace["give_backs"]] == [
+        (["cpu"], "throttled"),
+        (["memory"], "usage"),
+    ]
+    eng.end(inv.id, usage=usage(0.1, 40, 45))
+    # throttle_target = 1 switches the throttle rule off; the usage rule still gives CPU back
+    eng.act_cfg = ActuationConfig(throttle_target=1.0)
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)  # the last run's peaks pinned it ("rising")
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 0, 0))
+    assert inv.cpu_harvested
+    clock.t += 0.1
+    assert eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.3, mem_mb=50), 4, 4)) == []
+    clock.t += 0.1
+    (gb,) = eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.7, mem_mb=50), 8, 8))
+    assert gb.reasons == ("usage",) and inv.trace["give_backs"][0]["throttled_share"] == 1.0
+
+
 def test_no_give_back_for_user_sized_or_accelerated_runs() -> None:
     clock = Clock()
     eng = make_engine(clock=clock)
