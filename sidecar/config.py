@@ -32,6 +32,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
 
+V1_MEMORY_HARVEST = ("hard", "soft")
+"""The values of ``[actuation] v1_memory_harvest``."""
+
 MAX_SOCKET_PATH = 107
 """Longest unix socket path the kernel takes (sun_path holds 108 bytes with the final NUL)."""
 
@@ -88,7 +91,12 @@ class ActuationConfig:
     scale_weight: bool = True
     """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
     harvest_memory: bool = True
-    """Lower memory below the user's size (v2: memory.high; v1: the hard limit, above the floor)."""
+    """Lower memory below the user's size (v2: memory.high; v1: see v1_memory_harvest)."""
+    v1_memory_harvest: str = "hard"
+    """How cgroup v1 harvests memory: ``hard`` lowers memory.limit_in_bytes (above the floor: an
+    invocation that outgrows it is OOM-killed unless a give-back comes first); ``soft`` keeps the
+    hard limit at the user's size and lowers memory.soft_limit_in_bytes, which the kernel enforces
+    only under host-wide memory pressure (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
     throttle_target: float = 0.5
     """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
     this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /
@@ -452,6 +460,11 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.actuation.state_file:
         problems.append("actuation.state_file must be set")
+    if cfg.actuation.v1_memory_harvest not in V1_MEMORY_HARVEST:
+        problems.append(
+            f"actuation.v1_memory_harvest {cfg.actuation.v1_memory_harvest!r} is not one of "
+            f"{', '.join(V1_MEMORY_HARVEST)}"
+        )
     if not 0 <= cfg.actuation.throttle_target <= 1:
         problems.append(f"actuation.throttle_target {cfg.actuation.throttle_target} outside [0, 1]")
     if cfg.boundaries.busy_cores <= 0 or cfg.boundaries.idle_ticks < 1:

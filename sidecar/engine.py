@@ -12,8 +12,10 @@ Decisions the spec left open, documented here:
 * Targets are per resource: a resource decided at the user's grid point gets the user's *exact*
   value (``None`` in ``Target`` = "the user's own limit"), so a user size off the grid is never
   rounded on a safeguard run or a restore.
-* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies); v2 keeps
-  ``memory.max`` at the user's size and harvests with ``memory.high`` (throttles, never kills).
+* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies), or with
+  ``[actuation] v1_memory_harvest = "soft"`` keeps it at the user's size and harvests with
+  ``memory.soft_limit_in_bytes``; v2 keeps ``memory.max`` at the user's size and harvests with
+  ``memory.high`` (throttles, never kills).
 * Give-backs: within an invocation a harvested resource returns to the user's size at once, for
   one of two reasons: ``usage`` (the window's mean usage reached ``give_back_threshold`` of the
   allocation) or, for CPU, ``throttled`` (more than ``[actuation] throttle_target`` of the CFS
@@ -110,8 +112,8 @@ def plan_target(
             if cgroup_version == 2:
                 mem_high = chosen
         elif chosen < user.mem_bytes and cfg.harvest_memory:
-            if cgroup_version == 2:
-                mem_high = chosen  # memory.max stays at the user's size: throttle, never kill
+            if cgroup_version == 2 or cfg.v1_memory_harvest == "soft":
+                mem_high = chosen  # the hard limit stays at the user's size: never a kill
             else:
                 mem_limit = chosen
     return Target(cpu_cores, cpu_weight, mem_limit, mem_high)

@@ -65,6 +65,11 @@ def test_example_config_loads() -> None:
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
+        (
+            "[actuation]\nv1_memory_harvest = 'both'",
+            "actuation.v1_memory_harvest 'both' is not one of hard, soft",
+        ),
+        ("[actuation]\nthrottle_target = 1.5", "actuation.throttle_target 1.5 outside [0, 1]"),
         ("[server]\ntcp_hooks = true", "server.tcp_hooks needs server.token_file or server.token"),
         (f"[server]\nsocket = '/{'s' * 107}'", "server.socket is longer than 107 bytes"),
     ],

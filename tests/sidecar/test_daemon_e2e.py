@@ -414,3 +414,46 @@ def test_a_throttled_harvest_gets_the_users_quota_back_within_a_tick_or_two(
         assert _metric(d, "faasrm_invocation_throttled_ratio_count") == 1.0  # the first: none
     finally:
         assert d.stop() == 0
+
+
+def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
+    tmp_path: Path, boxes
+) -> None:
+    """``v1_memory_harvest = "soft"``: the harvest is memory.soft_limit_in_bytes, the hard limit
+    stays the user's, so a spike past the harvest (here at once, faster than any give-back) is
+    not killed; the usage give-back then lifts the soft limit."""
+    m = boxes("spike@1")
+    port = free_port()
+    model = write_policy(tmp_path / "harvest.onnx", "harvest")
+    cfg = write_config(
+        tmp_path,
+        port,
+        {m.rel: ("spike", 1.0, 512)},
+        model,
+        actuation="v1_memory_harvest = 'soft'",
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        _invoke(d, m, "mem 20", "spike")  # its usual run, at the user's size
+        m.send("free")
+        m.wait_done()
+        status, s = d.call("/v1/invocations", {"container": m.rel, "function": "spike"})
+        assert status == 200 and s["allocation"]["kind"] == "harvested", s
+        soft = s["allocation"]["mem_bytes"]
+        assert soft < 256 * MB
+        assert m.mem_limit() == 512 * MB  # the hard limit stays the user's
+        assert int(m.file("memory", "memory.soft_limit_in_bytes")) == soft
+        m.send("mem 300")  # far past the harvest, in a fraction of a tick
+        m.wait_done()
+        status, e = d.call(f"/v1/invocations/{s['invocation']}/end", {"outcome": "success"})
+        assert status == 200 and e["outcome"] == "success" and "memory" in e["give_backs"], e
+        assert e["mem_peak_bytes"] >= 300 * MB
+        assert m.oom_kills() == 0 and m.proc.poll() is None
+        assert int(m.file("memory", "memory.soft_limit_in_bytes")) > 512 * MB  # restored: none
+        _, allocs = d.call(f"/debug/allocations?container={m.rel}&limit=1")
+        # (touching 300 MB may also take CPU back, by usage or throttling)
+        (gb,) = [g for g in allocs["allocations"][0]["give_backs"] if "memory" in g["resources"]]
+        assert gb["reason"] == "usage" and gb["mem_bytes"] >= 0.9 * soft, gb
+    finally:
+        assert d.stop() == 0

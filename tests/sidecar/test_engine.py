@@ -403,6 +403,10 @@ def test_plan_target_v1_v2_and_no_memory_harvest() -> None:
     assert effective(user, t2) == (0.5, 128 * MB)
     t3 = plan_target(GRID, UserSize(0.5, 128 * MB), GRID.nearest(0.5, 128), Alloc(4, 4), 2, act)
     assert t3 == Target(1.0, 200, 256 * MB, 256 * MB)
+    soft = ActuationConfig(v1_memory_harvest="soft")
+    t4 = plan_target(GRID, user, ua, Alloc(2, 2), 1, soft)
+    assert t4 == Target(0.5, 50, None, 128 * MB)  # v1 soft: the hard limit stays the user's
+    assert effective(user, t4) == (0.5, 128 * MB)
     no_mem = ActuationConfig(harvest_memory=False, scale_weight=False)
     assert plan_target(GRID, user, ua, Alloc(2, 2), 1, no_mem) == Target(0.5, None, None, None)
     assert plan_target(GRID, user, ua, ua, 1, act) == USER_TARGET
