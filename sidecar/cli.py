@@ -407,8 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     bcu = bench.add_parser(
         "curves", help="real functions' time vs CPU quota / memory limit, fitted to the sim model"
     )
-    bcu.add_argument("--functions", help="comma-separated subset (default: all ten)")
+    bcu.add_argument("--functions", help="comma-separated subset (default: all)")
     bcu.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
+    bcu.add_argument(
+        "--periods",
+        help="comma-separated CFS periods in ms (e.g. 50,100,200,1000): instead of the curves, "
+        "the time at every period x quota (default function: matmul)",
+    )
+    bcu.add_argument("--quotas", help="with --periods: comma-separated cores (0.25,0.5,1)")
+    bcu.add_argument("--sizes", help="with --periods: inputs, e.g. matmul=400 (default: curves')")
     bcu.add_argument("--json", help="write the curves and fits as JSON to this path")
     bcu.set_defaults(func=_bench_curves)
     dm = sub.add_parser(
