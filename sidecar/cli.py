@@ -230,6 +230,14 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
     p.add_argument(
+        "--sidecar-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting for every sidecar manager (repeatable; as 'faasrm sidecar run --set'), "
+        "e.g. actuation.v1_memory_harvest=soft",
+    )
+    p.add_argument(
         "--cores-per-mb",
         type=float,
         default=1.0 / 256.0,
