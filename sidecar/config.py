@@ -85,9 +85,22 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class HarvestPeriod:
+    function: str
+    """Function name, as the hooks or the runtime name it."""
+    cpu_period_us: int
+    """CFS period written with this function's harvested quotas (1000..1000000)."""
+
+
+@dataclass(frozen=True)
 class ActuationConfig:
     cpu_period_us: int = 100_000
     """CFS period written with every quota (the period is part of the actuation)."""
+    harvest_periods: list[HarvestPeriod] = field(default_factory=list)
+    """Per-function CFS periods for harvested quotas ([[actuation.harvest_periods]] tables): a
+    burst of up to quota x period CPU-seconds then runs unthrottled, so a function whose short
+    multi-threaded bursts a 100 ms period throttles at a harvested quota can keep its speed
+    (docs/duration-model.md, "CFS period per function")."""
     scale_weight: bool = True
     """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
     harvest_memory: bool = True
@@ -105,6 +118,13 @@ class ActuationConfig:
     """Return a container to its user's size when its invocation ends (the safe default)."""
     state_file: str = "/var/lib/faasrm/state.json"
     """Crash-safety state: managed containers and their user limits (atomic write-rename)."""
+
+    def harvest_period_us(self, function: str) -> int | None:
+        """The CFS period of ``function``'s harvested quotas; None = ``cpu_period_us``."""
+        for hp in self.harvest_periods:
+            if hp.function == function:
+                return hp.cpu_period_us
+        return None
 
 
 @dataclass(frozen=True)
@@ -458,6 +478,14 @@ def validate(cfg: Config) -> None:
         problems.append(
             f"actuation.cpu_period_us {cfg.actuation.cpu_period_us} outside 1000..1000000"
         )
+    named = set()
+    for i, hp in enumerate(cfg.actuation.harvest_periods):
+        key = f"actuation.harvest_periods[{i}]"
+        if not hp.function or hp.function in named:
+            problems.append(f"{key}.function must be set, once per function")
+        named.add(hp.function)
+        if not 1000 <= hp.cpu_period_us <= 1_000_000:
+            problems.append(f"{key}.cpu_period_us {hp.cpu_period_us} outside 1000..1000000")
     if not cfg.actuation.state_file:
         problems.append("actuation.state_file must be set")
     if cfg.actuation.v1_memory_harvest not in V1_MEMORY_HARVEST:

@@ -79,6 +79,8 @@ class Target(NamedTuple):
     cpu_weight: int | None = None
     mem_limit_bytes: int | None = None
     mem_high_bytes: int | None = None
+    cpu_period_us: int | None = None
+    """With ``cpu_cores``: its CFS period; None = ``[actuation] cpu_period_us``."""
 
     @property
     def is_user(self) -> bool:
@@ -98,13 +100,17 @@ def plan_target(
     alloc: Alloc,
     cgroup_version: int,
     cfg: ActuationConfig,
+    function: str = "",
 ) -> Target:
-    """Physical limits for a decided allocation (pure)."""
-    cpu_cores = cpu_weight = mem_limit = mem_high = None
+    """Physical limits for a decided allocation (pure); a harvested quota of a ``function`` with
+    an ``[[actuation.harvest_periods]]`` entry gets that CFS period."""
+    cpu_cores = cpu_weight = mem_limit = mem_high = period = None
     if alloc.cpu != user_alloc.cpu:
         cpu_cores = grid.cores(alloc.cpu)
         if cfg.scale_weight:
             cpu_weight = max(1, min(10_000, round(user.cpu_weight * cpu_cores / user.cpu_cores)))
+        if cpu_cores < user.cpu_cores:
+            period = cfg.harvest_period_us(function)
     if alloc.mem != user_alloc.mem:
         chosen = int(grid.mb(alloc.mem) * MB)
         if chosen > user.mem_bytes:
@@ -116,7 +122,7 @@ def plan_target(
                 mem_high = chosen  # the hard limit stays at the user's size: never a kill
             else:
                 mem_limit = chosen
-    return Target(cpu_cores, cpu_weight, mem_limit, mem_high)
+    return Target(cpu_cores, cpu_weight, mem_limit, mem_high, period)
 
 
 def effective(user: UserSize, target: Target) -> tuple[float, int]:
@@ -384,7 +390,9 @@ class Engine:
             self.consecutive_model_failures += 1
             model = "fallback"
         alloc = self.grid.alloc(d.action)
-        target = plan_target(self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg)
+        target = plan_target(
+            self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg, fn
+        )
         decision_s = time.perf_counter() - t0
         inv = Invocation(
             id=invocation_id or f"{self._prefix}-{next(self._seq)}",
@@ -588,7 +596,7 @@ class Engine:
         if not reasons:
             return None
         if "cpu" in reasons:
-            t = t._replace(cpu_cores=None, cpu_weight=None)
+            t = t._replace(cpu_cores=None, cpu_weight=None, cpu_period_us=None)
         if "memory" in reasons:
             t = t._replace(mem_limit_bytes=None, mem_high_bytes=None)
         inv.given_back.update(reasons)

@@ -539,6 +539,7 @@ class Node:
                     if lim is None
                     else {
                         "cpu_cores": lim.cpu_quota_cores,
+                        "cpu_period_us": lim.cpu_period_us,
                         "cpu_weight": lim.cpu_weight,
                         "mem_bytes": lim.mem_limit_bytes,
                         "mem_high_bytes": lim.mem_high_bytes,

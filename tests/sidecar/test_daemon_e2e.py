@@ -416,6 +416,34 @@ def test_a_throttled_harvest_gets_the_users_quota_back_within_a_tick_or_two(
         assert d.stop() == 0
 
 
+def test_a_harvest_period_comes_with_the_harvested_quota_only(tmp_path: Path, boxes) -> None:
+    """``[[actuation.harvest_periods]]``: a harvested quota of that function is written with its
+    CFS period; the user's size, and a give-back, bring back the user's own period."""
+    b = boxes("burst@1")
+    port = free_port()
+    model = write_policy(tmp_path / "harvest.onnx", "harvest")
+    periods = "[[actuation.harvest_periods]]\nfunction = 'burst'\ncpu_period_us = 200000"
+    cfg = write_config(tmp_path, port, {b.rel: ("burst", 1.0, 256)}, model, extra=(periods,))
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+
+    def period() -> int:
+        return int(b.file("cpu", "cpu.cfs_period_us"))
+
+    try:
+        d.wait_ready()
+        status, first = d.call("/v1/invocations", {"container": b.rel, "function": "burst"})
+        assert status == 200 and first["allocation"]["kind"] == "user"
+        assert period() == 100_000  # the user's
+        d.call(f"/v1/invocations/{first['invocation']}/end", {})
+        status, second = d.call("/v1/invocations", {"container": b.rel, "function": "burst"})
+        assert status == 200 and second["allocation"]["kind"] == "harvested", second
+        assert period() == 200_000 and b.quota_cores() == second["allocation"]["cpu_cores"]
+        d.call(f"/v1/invocations/{second['invocation']}/end", {})
+        assert period() == 100_000 and b.quota_cores() == 1.0
+    finally:
+        assert d.stop() == 0
+
+
 def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
     tmp_path: Path, boxes
 ) -> None:

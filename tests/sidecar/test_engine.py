@@ -10,7 +10,7 @@ import pytest
 from sidecar_helpers import GRID, MB, ref, sample
 
 from sidecar.cgroups import Usage
-from sidecar.config import ActuationConfig, BoundaryConfig
+from sidecar.config import ActuationConfig, BoundaryConfig, HarvestPeriod
 from sidecar.core.features import N_FEATURES, expand_rows
 from sidecar.core.grid import Alloc
 from sidecar.core.policy import MLPScorer, RuleScorer, fallback_scorer, masked_log_softmax
@@ -403,6 +403,12 @@ def test_plan_target_v1_v2_and_no_memory_harvest() -> None:
     assert effective(user, t2) == (0.5, 128 * MB)
     t3 = plan_target(GRID, UserSize(0.5, 128 * MB), GRID.nearest(0.5, 128), Alloc(4, 4), 2, act)
     assert t3 == Target(1.0, 200, 256 * MB, 256 * MB)
+    periods = ActuationConfig(harvest_periods=[HarvestPeriod("burst", 200_000)])
+    assert plan_target(GRID, user, ua, Alloc(2, 8), 1, periods, "burst").cpu_period_us == 200_000
+    assert plan_target(GRID, user, ua, Alloc(2, 8), 1, periods, "other").cpu_period_us is None
+    under = UserSize(0.5, 512 * MB)
+    accel = plan_target(GRID, under, GRID.nearest(0.5, 512), Alloc(4, 8), 1, periods, "burst")
+    assert accel.cpu_cores == 1.0 and accel.cpu_period_us is None  # only harvested quotas
     soft = ActuationConfig(v1_memory_harvest="soft")
     t4 = plan_target(GRID, user, ua, Alloc(2, 2), 1, soft)
     assert t4 == Target(0.5, 50, None, 128 * MB)  # v1 soft: the hard limit stays the user's
