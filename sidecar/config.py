@@ -110,10 +110,12 @@ class ActuationConfig:
     invocation that outgrows it is OOM-killed unless a give-back comes first); ``soft`` keeps the
     hard limit at the user's size and lowers memory.soft_limit_in_bytes, which the kernel enforces
     only under host-wide memory pressure (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
-    throttle_target: float = 0.5
+    throttle_target: float = 0.25
     """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
     this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /
-    nr_periods, read every tick for harvested quotas); 1 = off (docs/sidecar.md)."""
+    nr_periods, read every tick for harvested quotas); 1 = off. With the default 100 ms period a
+    tick holds one period, so any value below 1 acts on the first throttled one; 0.25 was chosen
+    with 20 ms periods (docs/sidecar.md, "Two-timescale control")."""
     restore_on_end: bool = True
     """Return a container to its user's size when its invocation ends (the safe default)."""
     state_file: str = "/var/lib/faasrm/state.json"

@@ -260,11 +260,11 @@ def test_throttle_give_back_raises_a_harvested_quota_in_one_step() -> None:
     clock.t += 0.1
     assert eng.on_sample(_counters(quiet, 101, 5)) == []  # no period ended: no verdict
     clock.t += 0.1
-    assert eng.on_sample(_counters(quiet, 103, 6)) == []  # 1 of 2: not more than the 0.5 target
+    assert eng.on_sample(_counters(quiet, 106, 6)) == []  # 1 of 5: not more than the 0.25 target
     clock.t += 0.1
     # both periods since the last look were throttled, though the window's mean (0.3 core) is
     # far from the 0.75-core quota: a burst that hits the quota between samples
-    (gb,) = eng.on_sample(_counters(quiet, 105, 8))
+    (gb,) = eng.on_sample(_counters(quiet, 108, 8))
     assert gb.resources == ("cpu",) and gb.reasons == ("throttled",)
     assert gb.target.cpu_cores is None and gb.target.mem_limit_bytes == 128 * MB
     assert not inv.cpu_harvested
@@ -273,7 +273,7 @@ def test_throttle_give_back_raises_a_harvested_quota_in_one_step() -> None:
     assert entry["new_cpu_cores"] == 2.0 and entry["new_mem_bytes"] == 128 * MB  # the user's CPU
     assert entry["tick"] == 4 and entry["resources"] == ["cpu"]
     clock.t += 0.1
-    assert eng.on_sample(_counters(quiet, 107, 10)) == []  # given back once
+    assert eng.on_sample(_counters(quiet, 110, 10)) == []  # given back once
     ended = eng.end(inv.id, usage=_counters(usage(0.5, 50, 60), 110, 10))
     assert ended.invocation.trace["throttled_share"] == 0.5  # 5 of the invocation's 10 periods
     assert ended.record["give_backs"] == ["cpu"]
