@@ -75,8 +75,11 @@ def user_limits(user: UserSize, original: Limits, exact: bool) -> Limits:
 
 
 def target_limits(user: Limits, target: Target, period_us: int) -> Limits:
-    """Limits for a target (``None`` fields take the user's value)."""
+    """Limits for a target (``None`` fields take the user's value; a changed quota comes with
+    the target's period, else ``period_us``)."""
     cpu_changed = target.cpu_cores is not None
+    if cpu_changed:
+        period_us = target.cpu_period_us or period_us
     return Limits(
         cpu_quota_cores=target.cpu_cores if cpu_changed else user.cpu_quota_cores,
         cpu_period_us=period_us if cpu_changed else user.cpu_period_us,

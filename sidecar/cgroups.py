@@ -9,10 +9,11 @@ This is the only module of the daemon that touches cgroupfs. Why it looks the wa
   lists are read rarely, with a fresh open each time.
 * The per-tick read is the budget's hot path (1% of a core for 100 containers at 10 Hz): paths
   are joined once, the two numbers read every tick (CPU and memory usage) are parsed with a bare
-  ``int()`` of the bytes, key/value files with one ``split()``; ``read_usage(oom=, slow=)`` lets
-  the caller skip the slowly-changing files, and on v1 ``oom_eventfd`` has the kernel signal an
-  OOM instead of the counter being polled. Anything unusual falls back to the careful parser,
-  which names the file and the problem.
+  ``int()`` of the bytes, key/value files with one ``split()``; ``read_usage(oom=, slow=,
+  throttling=)`` lets the caller skip the slowly-changing files (and on v1 the CFS throttling
+  counters, a file of their own, unless a harvested quota is watched), and on v1 ``oom_eventfd``
+  has the kernel signal an OOM instead of the counter being polled. Anything unusual falls back
+  to the careful parser, which names the file and the problem.
 * A container can exit at any moment. Every OS error meaning "the cgroup is gone" (ENOENT of the
   directory, ENODEV on a kept fd whose cgroup was removed, ESRCH) becomes ``CgroupGone`` so the
   caller can forget the container instead of crashing; any other failure is ``CgroupIOError``.
@@ -55,6 +56,7 @@ class Usage(NamedTuple):
     mem_peak_bytes: int  # max usage since the last reset_peak(); -1 if the kernel has no peak
     oom_kills: int  # cumulative
     mem_pressure_some_avg10: float | None  # v2 PSI only (None on v1 or without PSI)
+    nr_periods: int = 0  # CFS periods in which the cgroup ran with a quota (cumulative)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +217,13 @@ class Cgroup(abc.ABC):
         """The cgroup directories (three on v1, one on v2)."""
 
     @abc.abstractmethod
-    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
+    def read_usage(self, oom: bool = True, slow: bool = True, throttling: bool = False) -> Usage:
         """Read the counters. CPU and memory usage are always read; ``oom=False`` reuses the OOM
         counter of the last read and ``slow=False`` the slowly-changing rest: the memory peak
         (raised to the current usage), PSI and, on v1 (where it is a file of its own), the
-        throttling counters. That saves a pread and a parse per file (the sampler reads them every
-        Nth tick). After ``reset_peak`` and on the first read everything is read."""
+        throttling counters, unless ``throttling`` (the throttle loop watches this container).
+        That saves a pread and a parse per file (the sampler reads them every Nth tick). After
+        ``reset_peak`` and on the first read everything is read."""
 
     @abc.abstractmethod
     def reset_peak(self) -> None:
@@ -396,7 +399,7 @@ class CgroupV1(Cgroup):
         self.root = root
         self._efd: int | None = None  # OOM notification eventfd (oom_eventfd)
         self._fast: tuple[int, int] | None = None  # kept fds of cpuacct.usage, usage_in_bytes
-        self._throttled = (0, 0)  # nr_throttled, throttled_time (ns) as last read
+        self._throttled = (0, 0, 0)  # nr_periods, nr_throttled, throttled_time (ns) as last read
         self._files = tuple(
             self._p(name)
             for name in (
@@ -416,7 +419,7 @@ class CgroupV1(Cgroup):
         """The file's prefix ("cpu", "cpuacct", "memory") names its hierarchy."""
         return os.path.join(self.root, name.split(".", 1)[0], self.rel_path, name)
 
-    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
+    def read_usage(self, oom: bool = True, slow: bool = True, throttling: bool = False) -> Usage:
         t = _monotonic()
         fast = self._fast
         if fast is not None:  # the per-tick path: two preads on kept fds, no helper calls
@@ -425,42 +428,54 @@ class CgroupV1(Cgroup):
             except (OSError, ValueError):  # a closed fd, the cgroup gone: the careful way
                 fast = None
             else:
-                if not (oom or slow) and (peak := self._peak_seen) is not None:
-                    nr, ns = self._throttled
+                if not (oom or slow or throttling) and (peak := self._peak_seen) is not None:
+                    periods, nr, ns = self._throttled
                     return Usage(
                         t, cpu_ns / 1e9, nr, ns / 1e9, mem, peak if peak > mem else mem,
-                        self._oom, None,
+                        self._oom, None, periods,
                     )  # fmt: skip
         raw, (f_cpu, f_stat, f_mem, f_peak, f_oom) = self._raw, self._files
         if fast is None:
             cpu_ns, mem = _int(raw(f_cpu), f_cpu), _int(raw(f_mem), f_mem)
             self._fast = (self._fds[f_cpu], self._fds[f_mem])
-        if slow or self._peak_seen is None:
+        first = self._peak_seen is None
+        if slow or first:
             self._peak_seen = max_usage = _int(raw(f_peak), f_peak)
+        else:
+            max_usage = self._peak_seen if self._peak_seen > mem else mem
+        if slow or first or throttling:
             toks = (data := raw(f_stat)).split()  # nr_periods N nr_throttled N throttled_time N
             if len(toks) >= 6 and toks[2] == b"nr_throttled" and toks[4] == b"throttled_time":
                 try:
-                    self._throttled = int(toks[3]), int(toks[5])
+                    self._throttled = int(toks[1]), int(toks[3]), int(toks[5])
                 except ValueError:
                     self._throttled = self._v1_stat(f_stat, data)
             else:
                 self._throttled = self._v1_stat(f_stat, data)
-        else:
-            max_usage = self._peak_seen if self._peak_seen > mem else mem
         if oom or self._oom is None:
             toks = (data := raw(f_oom)).split()  # oom_kill_disable 0 under_oom 0 oom_kill N
             if len(toks) == 6 and toks[4] == b"oom_kill" and toks[5].isdigit():
                 self._oom = int(toks[5])
             else:
                 (self._oom,) = self._keyed_fast(f_oom, data, b"oom_kill")
-        nr_throttled, throttled_ns = self._throttled
+        periods, nr_throttled, throttled_ns = self._throttled
         return Usage(
-            t, cpu_ns / 1e9, nr_throttled, throttled_ns / 1e9, mem, max_usage, self._oom, None
+            t,
+            cpu_ns / 1e9,
+            nr_throttled,
+            throttled_ns / 1e9,
+            mem,
+            max_usage,
+            self._oom,
+            None,
+            periods,
         )
 
-    def _v1_stat(self, path: str, data: bytes) -> tuple[int, int]:
-        nr, ns = self._keyed_fast(path, data, b"nr_throttled", b"throttled_time")
-        return nr, ns
+    def _v1_stat(self, path: str, data: bytes) -> tuple[int, int, int]:
+        periods, nr, ns = self._keyed_fast(
+            path, data, b"nr_periods", b"nr_throttled", b"throttled_time"
+        )
+        return periods, nr, ns
 
     def oom_eventfd(self) -> int | None:
         """An eventfd the kernel signals on every OOM in this cgroup (and on its removal).
@@ -566,21 +581,22 @@ class CgroupV2(Cgroup):
     def _p(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def read_usage(self, oom: bool = True, slow: bool = True) -> Usage:
+    def read_usage(self, oom: bool = True, slow: bool = True, throttling: bool = False) -> Usage:
         t = time.monotonic()
         raw, (f_stat, f_mem, f_events, f_psi) = self._raw, self._files
-        toks = (data := raw(f_stat)).split()
+        toks = (data := raw(f_stat)).split()  # usage and throttling alike: one file on v2
         if not len(toks) & 1 and toks[:1] == [b"usage_usec"] and toks[1].isdigit():
             stat = dict(zip(toks[::2], toks[1::2]))
             try:
                 # Without the cpu controller cpu.stat has only usage: nothing was throttled.
                 usage_us = int(toks[1])
+                periods = int(stat.get(b"nr_periods", 0))
                 nr_throttled = int(stat.get(b"nr_throttled", 0))
                 throttled_us = int(stat.get(b"throttled_usec", 0))
             except ValueError:
-                usage_us, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
+                usage_us, periods, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
         else:
-            usage_us, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
+            usage_us, periods, nr_throttled, throttled_us = self._stat_slow(f_stat, data)
         mem = _int(raw(f_mem), f_mem)
         if oom or self._oom is None:
             (self._oom,) = self._keyed_fast(f_events, raw(f_events), b"oom_kill")
@@ -593,12 +609,25 @@ class CgroupV2(Cgroup):
                 self._sw_peak = max(self._sw_peak, mem)
             mem_peak = -1 if self._peak_seen < 0 else max(self._peak_seen, mem)
         return Usage(
-            t, usage_us / 1e6, nr_throttled, throttled_us / 1e6, mem, mem_peak, self._oom, self._psi
+            t,
+            usage_us / 1e6,
+            nr_throttled,
+            throttled_us / 1e6,
+            mem,
+            mem_peak,
+            self._oom,
+            self._psi,
+            periods,
         )
 
-    def _stat_slow(self, path: str, data: bytes) -> tuple[int, int, int]:
+    def _stat_slow(self, path: str, data: bytes) -> tuple[int, int, int, int]:
         stat = self._keyed("cpu.stat", "usage_usec", data=data)
-        return stat["usage_usec"], stat.get("nr_throttled", 0), stat.get("throttled_usec", 0)
+        return (
+            stat["usage_usec"],
+            stat.get("nr_periods", 0),
+            stat.get("nr_throttled", 0),
+            stat.get("throttled_usec", 0),
+        )
 
     def _peak_text(self) -> str | None:
         """memory.peak, kept open read-write when the kernel allows it.

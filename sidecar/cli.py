@@ -290,6 +290,14 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
     p.add_argument(
+        "--sidecar-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting for every sidecar manager (repeatable; as 'faasrm sidecar run --set'), "
+        "e.g. actuation.v1_memory_harvest=soft",
+    )
+    p.add_argument(
         "--cores-per-mb",
         type=float,
         default=1.0 / 256.0,
@@ -509,8 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     bcu = bench.add_parser(
         "curves", help="real functions' time vs CPU quota / memory limit, fitted to the sim model"
     )
-    bcu.add_argument("--functions", help="comma-separated subset (default: all ten)")
+    bcu.add_argument("--functions", help="comma-separated subset (default: all)")
     bcu.add_argument("--repeats", type=int, default=3, help="runs per point (median)")
+    bcu.add_argument(
+        "--periods",
+        help="comma-separated CFS periods in ms (e.g. 50,100,200,1000): instead of the curves, "
+        "the time at every period x quota (default function: matmul)",
+    )
+    bcu.add_argument("--quotas", help="with --periods: comma-separated cores (0.25,0.5,1)")
+    bcu.add_argument("--sizes", help="with --periods: inputs, e.g. matmul=400 (default: curves')")
     bcu.add_argument("--json", help="write the curves and fits as JSON to this path")
     bcu.set_defaults(func=_bench_curves)
     bag = bench.add_parser(

@@ -32,6 +32,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
 
+V1_MEMORY_HARVEST = ("hard", "soft")
+"""The values of ``[actuation] v1_memory_harvest``."""
+
 MAX_SOCKET_PATH = 107
 """Longest unix socket path the kernel takes (sun_path holds 108 bytes with the final NUL)."""
 
@@ -82,17 +85,48 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class HarvestPeriod:
+    function: str
+    """Function name, as the hooks or the runtime name it."""
+    cpu_period_us: int
+    """CFS period written with this function's harvested quotas (1000..1000000)."""
+
+
+@dataclass(frozen=True)
 class ActuationConfig:
     cpu_period_us: int = 100_000
     """CFS period written with every quota (the period is part of the actuation)."""
+    harvest_periods: list[HarvestPeriod] = field(default_factory=list)
+    """Per-function CFS periods for harvested quotas ([[actuation.harvest_periods]] tables): a
+    burst of up to quota x period CPU-seconds then runs unthrottled, so a function whose short
+    multi-threaded bursts a 100 ms period throttles at a harvested quota can keep its speed
+    (docs/duration-model.md, "CFS period per function")."""
     scale_weight: bool = True
     """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
     harvest_memory: bool = True
-    """Lower memory below the user's size (v2: memory.high; v1: the hard limit, above the floor)."""
+    """Lower memory below the user's size (v2: memory.high; v1: see v1_memory_harvest)."""
+    v1_memory_harvest: str = "hard"
+    """How cgroup v1 harvests memory: ``hard`` lowers memory.limit_in_bytes (above the floor: an
+    invocation that outgrows it is OOM-killed unless a give-back comes first); ``soft`` keeps the
+    hard limit at the user's size and lowers memory.soft_limit_in_bytes, which the kernel enforces
+    only under host-wide memory pressure (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
+    throttle_target: float = 0.25
+    """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
+    this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /
+    nr_periods, read every tick for harvested quotas); 1 = off. With the default 100 ms period a
+    tick holds one period, so any value below 1 acts on the first throttled one; 0.25 was chosen
+    with 20 ms periods (docs/sidecar.md, "Two-timescale control")."""
     restore_on_end: bool = True
     """Return a container to its user's size when its invocation ends (the safe default)."""
     state_file: str = "/var/lib/faasrm/state.json"
     """Crash-safety state: managed containers and their user limits (atomic write-rename)."""
+
+    def harvest_period_us(self, function: str) -> int | None:
+        """The CFS period of ``function``'s harvested quotas; None = ``cpu_period_us``."""
+        for hp in self.harvest_periods:
+            if hp.function == function:
+                return hp.cpu_period_us
+        return None
 
 
 @dataclass(frozen=True)
@@ -446,8 +480,23 @@ def validate(cfg: Config) -> None:
         problems.append(
             f"actuation.cpu_period_us {cfg.actuation.cpu_period_us} outside 1000..1000000"
         )
+    named = set()
+    for i, hp in enumerate(cfg.actuation.harvest_periods):
+        key = f"actuation.harvest_periods[{i}]"
+        if not hp.function or hp.function in named:
+            problems.append(f"{key}.function must be set, once per function")
+        named.add(hp.function)
+        if not 1000 <= hp.cpu_period_us <= 1_000_000:
+            problems.append(f"{key}.cpu_period_us {hp.cpu_period_us} outside 1000..1000000")
     if not cfg.actuation.state_file:
         problems.append("actuation.state_file must be set")
+    if cfg.actuation.v1_memory_harvest not in V1_MEMORY_HARVEST:
+        problems.append(
+            f"actuation.v1_memory_harvest {cfg.actuation.v1_memory_harvest!r} is not one of "
+            f"{', '.join(V1_MEMORY_HARVEST)}"
+        )
+    if not 0 <= cfg.actuation.throttle_target <= 1:
+        problems.append(f"actuation.throttle_target {cfg.actuation.throttle_target} outside [0, 1]")
     if cfg.boundaries.busy_cores <= 0 or cfg.boundaries.idle_ticks < 1:
         problems.append("boundaries.busy_cores must be > 0 and boundaries.idle_ticks >= 1")
     if cfg.docker.cores_per_share < 0:

@@ -12,8 +12,17 @@ Decisions the spec left open, documented here:
 * Targets are per resource: a resource decided at the user's grid point gets the user's *exact*
   value (``None`` in ``Target`` = "the user's own limit"), so a user size off the grid is never
   rounded on a safeguard run or a restore.
-* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies); v2 keeps
-  ``memory.max`` at the user's size and harvests with ``memory.high`` (throttles, never kills).
+* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies), or with
+  ``[actuation] v1_memory_harvest = "soft"`` keeps it at the user's size and harvests with
+  ``memory.soft_limit_in_bytes``; v2 keeps ``memory.max`` at the user's size and harvests with
+  ``memory.high`` (throttles, never kills).
+* Give-backs: within an invocation a harvested resource returns to the user's size at once, for
+  one of two reasons: ``usage`` (the window's mean usage reached ``give_back_threshold`` of the
+  allocation) or, for CPU, ``throttled`` (more than ``[actuation] throttle_target`` of the CFS
+  periods since the last look were throttled: the fast half of two-timescale control, the
+  policy's per-invocation decision being the slow half). One step, all the way to the user's
+  size, as Autothrottle undoes a cut on its next tick: an invocation lasts a few ticks, and a
+  half step would cost another throttled tick of it.
 * Reward: ``invocation_reward(duration, baseline before this run)`` with the core- and
   MB-seconds the invocation held (its allocation until each give-back, the user's size after:
   ``held_seconds``) relative to the user's size; a node has no admission queue, so no queueing
@@ -73,6 +82,8 @@ class Target(NamedTuple):
     cpu_weight: int | None = None
     mem_limit_bytes: int | None = None
     mem_high_bytes: int | None = None
+    cpu_period_us: int | None = None
+    """With ``cpu_cores``: its CFS period; None = ``[actuation] cpu_period_us``."""
 
     @property
     def is_user(self) -> bool:
@@ -80,6 +91,9 @@ class Target(NamedTuple):
 
 
 USER_TARGET = Target()
+USAGE = "usage"
+THROTTLED = "throttled"
+"""Why a give-back happened (``GiveBack.reasons``, the trace's ``give_backs[].reason``)."""
 
 
 def plan_target(
@@ -89,13 +103,17 @@ def plan_target(
     alloc: Alloc,
     cgroup_version: int,
     cfg: ActuationConfig,
+    function: str = "",
 ) -> Target:
-    """Physical limits for a decided allocation (pure)."""
-    cpu_cores = cpu_weight = mem_limit = mem_high = None
+    """Physical limits for a decided allocation (pure); a harvested quota of a ``function`` with
+    an ``[[actuation.harvest_periods]]`` entry gets that CFS period."""
+    cpu_cores = cpu_weight = mem_limit = mem_high = period = None
     if alloc.cpu != user_alloc.cpu:
         cpu_cores = grid.cores(alloc.cpu)
         if cfg.scale_weight:
             cpu_weight = max(1, min(10_000, round(user.cpu_weight * cpu_cores / user.cpu_cores)))
+        if cpu_cores < user.cpu_cores:
+            period = cfg.harvest_period_us(function)
     if alloc.mem != user_alloc.mem:
         chosen = int(grid.mb(alloc.mem) * MB)
         if chosen > user.mem_bytes:
@@ -103,11 +121,11 @@ def plan_target(
             if cgroup_version == 2:
                 mem_high = chosen
         elif chosen < user.mem_bytes and cfg.harvest_memory:
-            if cgroup_version == 2:
-                mem_high = chosen  # memory.max stays at the user's size: throttle, never kill
+            if cgroup_version == 2 or cfg.v1_memory_harvest == "soft":
+                mem_high = chosen  # the hard limit stays at the user's size: never a kill
             else:
                 mem_limit = chosen
-    return Target(cpu_cores, cpu_weight, mem_limit, mem_high)
+    return Target(cpu_cores, cpu_weight, mem_limit, mem_high, period)
 
 
 def effective(user: UserSize, target: Target) -> tuple[float, int]:
@@ -148,9 +166,22 @@ class Invocation:
     input_size: float | None = None
     """As the invoker reported it: with the usage at start it feeds the safeguard's input floor."""
     oom: bool = False
+    throttle_start: tuple[int, int] | None = None
+    """(cpu.stat nr_periods, nr_throttled) at the start, when read then."""
+    throttle_mark: tuple[int, int] | None = None
+    """The same counters where the throttle give-back last looked."""
+    samples: int = 0
+    """Ticks that sampled its container so far (a give-back's trace entry names its tick)."""
     given_back: set[str] = field(default_factory=set)
     fallback: str | None = None
     trace: dict = field(default_factory=dict)
+
+    @property
+    def cpu_harvested(self) -> bool:
+        """Its CPU quota is below the user's and not given back: the throttle give-back watches
+        it (the sampler reads its throttling counters every tick)."""
+        cores = self.target.cpu_cores
+        return cores is not None and cores < self.user.cpu_cores
 
 
 @dataclass
@@ -170,6 +201,8 @@ class GiveBack(NamedTuple):
     invocation_id: str
     resources: tuple[str, ...]
     target: Target
+    reasons: tuple[str, ...]
+    """USAGE or THROTTLED, one per resource."""
 
 
 class InferredStart(NamedTuple):
@@ -360,7 +393,9 @@ class Engine:
             self.consecutive_model_failures += 1
             model = "fallback"
         alloc = self.grid.alloc(d.action)
-        target = plan_target(self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg)
+        target = plan_target(
+            self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg, fn
+        )
         decision_s = time.perf_counter() - t0
         inv = Invocation(
             id=invocation_id or f"{self._prefix}-{next(self._seq)}",
@@ -386,7 +421,9 @@ class Engine:
             mem_start_bytes=mem_usage,
             input_size=input_size,
             fallback=d.fallback,
+            throttle_start=None if usage is None else (usage.nr_periods, usage.nr_throttled),
         )
+        inv.throttle_mark = inv.throttle_start
         inv.trace = trace_entry(inv)
         self.trace.append(inv.trace)
         c.active = inv
@@ -468,6 +505,7 @@ class Engine:
         inv.trace.update(
             cpu_peak_cores=round(inv.cpu_peak_cores, 4),
             mem_peak_bytes=inv.mem_peak_bytes,
+            throttled_share=_share(inv.throttle_start, usage),
             duration_s=round(duration, 6),
             rfet=None if rfet is None else round(rfet, 4),
             outcome=outcome,
@@ -548,53 +586,74 @@ class Engine:
                 gs.calibrate = FAILURE
             effects.append(OomKill(c.ref.id, s.oom_delta, inv.id if inv else None))
         if inv is not None:
+            inv.samples += 1
             self._observe_usage(inv, s.mem_bytes, s.mem_peak_bytes)
             # only windows inside the invocation: one that began before it dilutes the peak
             if rate == rate and s.t_s - s.window_s >= inv.start_s - 0.1 * self.tick_s:
                 inv.cpu_peak_cores = max(inv.cpu_peak_cores, rate)
-            gb = self._give_back(inv, rate, s.mem_bytes)
+            gb = self._give_back(inv, rate, s)
             if gb is not None:
                 effects.append(gb)
         if self.bounds.infer and not c.hooked and rate == rate:
             effects.extend(self._infer(c, s, rate))
 
-    def _give_back(self, inv: Invocation, rate: float, mem_bytes: int) -> GiveBack | None:
+    def _give_back(self, inv: Invocation, rate: float, s: Any) -> GiveBack | None:
+        """The give-back rules (see the module docstring) on one sample of ``inv``'s container."""
         t, user, cfg = inv.target, inv.user, self.sg_cfg
         if t.cpu_cores is None and t.mem_limit_bytes is None and t.mem_high_bytes is None:
             return None  # at the user's size: nothing was harvested, nothing to give back
-        raise_cpu = (
-            "cpu" not in inv.given_back
-            and t.cpu_cores is not None
-            and rate == rate
-            and give_back_needed(rate, t.cpu_cores, user.cpu_cores, cfg)
-        )
+        reasons: dict[str, str] = {}
+        share = None
+        if inv.cpu_harvested:
+            share = self._throttled_share(inv, s)
+            if share is not None and share > self.act_cfg.throttle_target:
+                reasons["cpu"] = THROTTLED
+            elif rate == rate and give_back_needed(rate, t.cpu_cores, user.cpu_cores, cfg):
+                reasons["cpu"] = USAGE
         _, mem_alloc = effective(user, t)
-        raise_mem = "memory" not in inv.given_back and give_back_needed(
-            mem_bytes, mem_alloc, user.mem_bytes, cfg
-        )
-        if not (raise_cpu or raise_mem):
+        if "memory" not in inv.given_back and give_back_needed(
+            s.mem_bytes, mem_alloc, user.mem_bytes, cfg
+        ):
+            reasons["memory"] = USAGE
+        if not reasons:
             return None
-        resources = []
-        if raise_cpu and t.cpu_cores < user.cpu_cores:
-            t = t._replace(cpu_cores=None, cpu_weight=None)
-            resources.append("cpu")
-        if raise_mem:
+        if "cpu" in reasons:
+            t = t._replace(cpu_cores=None, cpu_weight=None, cpu_period_us=None)
+        if "memory" in reasons:
             t = t._replace(mem_limit_bytes=None, mem_high_bytes=None)
-            resources.append("memory")
-        if not resources:
-            return None
-        inv.given_back.update(resources)
+        inv.given_back.update(reasons)
         inv.target = t
-        inv.trace["give_backs"].append(
-            {
-                "resources": resources,
-                "after_s": round(self.clock() - inv.start_s, 4),
-                "t_monotonic": self.clock(),
-                "cpu_cores": None if rate != rate else round(rate, 4),
-                "mem_bytes": mem_bytes,
-            }
-        )
-        return GiveBack(inv.container_id, inv.id, tuple(resources), t)
+        cores, mem = effective(user, t)
+        now = self.clock()
+        for why in (THROTTLED, USAGE):  # one trace entry per reason
+            resources = [r for r, w in reasons.items() if w == why]
+            if resources:
+                inv.trace["give_backs"].append(
+                    {
+                        "resources": resources,
+                        "reason": why,
+                        "after_s": round(now - inv.start_s, 4),
+                        "t_monotonic": now,
+                        "tick": inv.samples,
+                        "cpu_cores": None if rate != rate else round(rate, 4),
+                        "mem_bytes": s.mem_bytes,
+                        "throttled_share": None if share is None else round(share, 4),
+                        "new_cpu_cores": cores,
+                        "new_mem_bytes": mem,
+                    }
+                )
+        return GiveBack(inv.container_id, inv.id, tuple(reasons), t, tuple(reasons.values()))
+
+    @staticmethod
+    def _throttled_share(inv: Invocation, s: Any) -> float | None:
+        """Throttled share of the CFS periods since the last look (None: no period ended since,
+        or the counters were not read); the sample's counters become the next look's start."""
+        mark, now = inv.throttle_mark, (s.nr_periods, s.nr_throttled)
+        periods = now[0] - mark[0] if mark is not None else -1
+        if periods == 0:
+            return None
+        inv.throttle_mark = now
+        return (now[1] - mark[1]) / periods if periods > 0 else None
 
     def _infer(self, c: ManagedContainer, s: Any, rate: float) -> list[Effect]:
         busy = rate >= self.bounds.busy_cores
@@ -638,6 +697,13 @@ class Engine:
         return out
 
 
+def _share(start: tuple[int, int] | None, end: Usage | None) -> float | None:
+    """Throttled share of the CFS periods between a start's counters and an end's read."""
+    if start is None or end is None or end.nr_periods <= start[0]:
+        return None
+    return round((end.nr_throttled - start[1]) / (end.nr_periods - start[0]), 4)
+
+
 def trace_entry(inv: Invocation) -> dict:
     """The allocation-trace entry of a started invocation (``/debug/allocations``); its outcome
     fields stay None until it ends."""
@@ -663,6 +729,7 @@ def trace_entry(inv: Invocation) -> dict:
         "give_backs": [],
         "cpu_peak_cores": None,
         "mem_peak_bytes": None,
+        "throttled_share": None,
         "duration_s": None,
         "rfet": None,
         "outcome": None,

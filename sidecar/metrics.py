@@ -80,6 +80,19 @@ class Metrics:
         )
         for res in ("cpu", "memory"):
             self.give_backs.labels(res)
+        self.throttle_raises = Counter(
+            "faasrm_throttle_raises_total",
+            "Harvested CPU quotas returned to the user's size because the container was throttled "
+            "in more than [actuation] throttle_target of a tick's CFS periods (also counted in "
+            "faasrm_give_backs_total)",
+            registry=r,
+        )
+        self.throttled_ratio = Histogram(
+            "faasrm_invocation_throttled_ratio",
+            "Share of an invocation's CFS periods in which its container was throttled",
+            buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0),
+            registry=r,
+        )
         self.oom_kills = Counter(
             "faasrm_oom_kills_total", "OOM kills seen in managed containers", registry=r
         )

@@ -21,6 +21,7 @@ from sidecar import cgroups
 from sidecar.actuator import Actuator
 from sidecar.config import Config
 from sidecar.engine import (
+    THROTTLED,
     USER_TARGET,
     Engine,
     EngineError,
@@ -381,6 +382,8 @@ class Node:
         ended = self.engine.end(invocation_id, outcome, duration_s=duration_s, usage=usage)
         inv = ended.invocation
         self.metrics.invocations.labels(ended.outcome).inc()
+        if (share := inv.trace["throttled_share"]) is not None:
+            self.metrics.throttled_ratio.observe(share)
         try:
             self.spool.append(ended.record)
         except (OSError, ValueError) as exc:
@@ -419,7 +422,7 @@ class Node:
         now = time.monotonic()
         if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
             self.sync_containers(full=False)
-        res = self.sampler.tick(self._hot())
+        res = self.sampler.tick(self._hot(), self._watched())
         m = self.metrics
         m.samples.inc(len(res.samples))
         for cid in res.gone:
@@ -448,18 +451,29 @@ class Node:
             hot.update(cid for cid, c in self.engine.containers.items() if not c.hooked)
         return hot
 
+    def _watched(self) -> set[str]:
+        """The containers whose throttling counters are read every tick: those running an
+        invocation with a harvested CPU quota (the throttle give-back)."""
+        return {inv.container_id for inv in self.engine.invocations.values() if inv.cpu_harvested}
+
     def _effect(self, effect: Any) -> None:
         m = self.metrics
         if isinstance(effect, GiveBack):
             inv = self.engine.invocations.get(effect.invocation_id)
             if inv is None:
                 return
-            for r in effect.resources:
+            for r, why in zip(effect.resources, effect.reasons, strict=True):
                 m.give_backs.labels(r).inc()
+                if why == THROTTLED:
+                    m.throttle_raises.inc()
             self._apply(inv, effect.target)
             log.info(
                 "gave back",
-                extra={"container": effect.container_id, "resources": list(effect.resources)},
+                extra={
+                    "container": effect.container_id,
+                    "resources": list(effect.resources),
+                    "reasons": list(effect.reasons),
+                },
             )
         elif isinstance(effect, OomKill):
             m.oom_kills.inc(effect.kills)
@@ -502,7 +516,7 @@ class Node:
         """Every container for ``/debug/containers`` (and the page): user size, the limits in
         place (as last written or read), the latest usage (``t`` in Unix seconds), what runs."""
         out = []
-        hot = self._hot()
+        hot, watched = self._hot(), self._watched()
         wall = time.time() - time.monotonic()
         for cid, c in self.engine.containers.items():
             last = self.sampler.last(cid)
@@ -525,6 +539,7 @@ class Node:
                     if lim is None
                     else {
                         "cpu_cores": lim.cpu_quota_cores,
+                        "cpu_period_us": lim.cpu_period_us,
                         "cpu_weight": lim.cpu_weight,
                         "mem_bytes": lim.mem_limit_bytes,
                         "mem_high_bytes": lim.mem_high_bytes,
@@ -535,6 +550,7 @@ class Node:
                     "invocation": c.active.id if c.active else None,
                     "kind": c.active.trace["kind"] if c.active else None,
                     "every_tick": cid in hot,
+                    "throttle_watched": cid in watched,
                     "hooked": c.hooked,
                     "restore_pending": bool(man and man.restore_pending),
                     "last_sample": None
@@ -543,6 +559,7 @@ class Node:
                         "cpu_usage_s": last.cpu_usage_s,
                         "mem_bytes": last.mem_bytes,
                         "oom_kills": last.oom_kills,
+                        "nr_periods": last.nr_periods,
                         "nr_throttled": last.nr_throttled,
                     },
                 }

@@ -16,8 +16,11 @@ yet). The OOM counter: on v1 the kernel signals an eventfd on every OOM in the c
 container is read, OOM counter included, on that tick and the next, hot or not; without an
 eventfd (v2) a hot container's counter is read every tick. The memory peak, PSI and v1
 throttling counters are read on the slow ticks (in between the peak is the last one read, raised
-to the current usage). An invocation's start and end read the container in full at once (the
-node, through ``cgroup``), without moving its window.
+to the current usage), except that the throttling counters of the *watched* containers
+(``tick(watch=...)``: those holding a harvested CPU quota, for the throttle give-back) are read
+every tick: one more pread of ``cpu.stat`` on v1, none on v2 (usage is in the same file). An
+invocation's start and end read the container in full at once (the node, through ``cgroup``),
+without moving its window.
 
 Each container keeps its last ``HISTORY`` samples (time, CPU cores, memory bytes) in a fixed ring
 of doubles for the debug page's timeline: 7 KB per container, no allocation per sample.
@@ -60,6 +63,10 @@ class Sample(NamedTuple):
     oom_delta: int
     throttled_delta: int
     mem_pressure: float | None
+    nr_periods: int = 0
+    """CFS periods with a quota (cumulative; current on a slow tick and for watched containers)."""
+    nr_throttled: int = 0
+    """Of those, the throttled ones (cumulative, as fresh as nr_periods)."""
 
 
 @dataclass(slots=True)
@@ -164,9 +171,10 @@ class Sampler:
             out.append((h[i], h[i + 1], int(h[i + 2])))
         return out
 
-    def tick(self, hot: Container[str] | None = None) -> TickResult:
+    def tick(self, hot: Container[str] | None = None, watch: Container[str] = ()) -> TickResult:
         """Sample the containers this tick reads (see the module docstring); ``hot``: the
-        containers read every tick (None = all)."""
+        containers read every tick (None = all); ``watch``: those of them whose throttling
+        counters are read every tick too."""
         out = TickResult()
         if self._by_efd:
             self._notified()
@@ -184,11 +192,11 @@ class Sampler:
             else:
                 continue  # idle at its user's size: read on its slow tick
             try:
-                u = t.cg.read_usage(oom, slow)
+                u = t.cg.read_usage(oom, slow, cid in watch)
                 prev, t.last = t.last, u
                 if prev is None:  # the first sample: no window yet (this loop is the hot path)
                     t.record(u[0], nan, u[4])
-                    append(Sample(cid, u[0], nan, nan, u[4], u[5], u[6], 0, 0, u[7]))
+                    append(Sample(cid, u[0], nan, nan, u[4], u[5], u[6], 0, 0, u[7], u[8], u[2]))
                     continue
                 dt = u[0] - prev[0]
                 rate = (u[1] - prev[1]) / dt if dt > 0 else nan
@@ -207,6 +215,8 @@ class Sampler:
                         d_oom if d_oom > 0 else 0,
                         d_thr if d_thr > 0 else 0,
                         u[7],
+                        u[8],
+                        u[2],
                     )  # fmt: skip
                 )
             except cgroups.CgroupGone:

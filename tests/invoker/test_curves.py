@@ -116,6 +116,31 @@ def test_memhogs_working_set_grows_with_its_input(v1_root: None) -> None:
     assert hi - lo == pytest.approx(spec.hi - spec.lo, rel=0.15)
     assert curve.ws_fit is not None and 0.7 < curve.ws_fit["b"] < 1.3
     assert curve.ws_fit["max_abs_err_mb"] < 30
+
+
+def test_period_sweep_measures_every_period_and_quota(v1_root: None) -> None:
+    from training.invoker.curves import measure_periods, render_periods
+
+    parent = f"faasrm-test-curves-{uuid.uuid4().hex[:8]}"
+    sweep = asyncio.run(
+        measure_periods(
+            BY_NAME["pyloop"],
+            1000,
+            periods_us=(10_000, 100_000),
+            quotas=(0.25, 2.0),
+            repeats=2,
+            parent=parent,
+        )
+    )
+    assert sweep.periods_us == [10_000, 100_000] and sweep.quotas == [0.25, 2.0]
+    assert [len(row) for row in sweep.times_s] == [2, 2]
+    assert all(len(runs) == 2 for row in sweep.runs_s for runs in row)
+    # ~70 ms of single-threaded work: a quarter core is throttled at either period, 2 cores never
+    assert all(row[0] > 0 and row[1] == 0 for row in sweep.throttled), sweep.throttled
+    assert all(row[0] > 1.5 * row[1] for row in sweep.times_s), sweep.times_s
+    assert 0 < sweep.cpu_s and 0 < sweep.unlimited_s < sweep.times_s[0][0]
+    text = render_periods([sweep])
+    assert "pyloop" in text and "10" in text.splitlines()[2]
     assert not any(
         os.path.exists(os.path.join(cgroups.DEFAULT_ROOT, c, parent))
         for c in cgroups.V1_CONTROLLERS

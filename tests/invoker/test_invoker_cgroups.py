@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import uuid
+from dataclasses import replace
 
 from sidecar import cgroups
 from training.invoker.functions import BY_NAME
@@ -128,3 +130,47 @@ def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: Non
     cpu, mem = mgr.decide(spec.name)
     assert (cpu * 1.0, mem * 64.0) == (records[4].cpu_cores, records[4].mem_mb)
     assert not _exists(parent)
+
+
+def test_spiky_fits_the_users_size_and_is_killed_by_a_harvest_from_its_usual_peak(
+    v1_root: None,
+) -> None:
+    """spiky (issue 13.7): a call whose input spikes runs at the user's 256 MB; the same call
+    under a hard limit sized as a harvest from its usual peak (recent peak + one 64 MB unit)
+    is OOM-killed; its usual calls fit that limit."""
+    from sidecar.units import MB
+    from training.invoker.functions import SPIKE_MB, spikes
+
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    containers = Containers(parent, [BY_NAME["spiky"]])
+    usual, spiking = 3.0, 2.0
+    assert not spikes(usual) and spikes(spiking)
+
+    def max_usage(c) -> int:
+        path = os.path.join(cgroups.DEFAULT_ROOT, "memory", c.rel, "memory.max_usage_in_bytes")
+        with open(path) as f:
+            return int(f.read())
+
+    async def main() -> tuple:
+        try:
+            await containers.start()
+            c = containers["spiky"]
+            first = await c.run(usual)
+            usual_peak = max_usage(c)
+            at_user = await c.run(spiking)
+            spike_peak = max_usage(c)
+            harvest = math.ceil(usual_peak / (64 * MB) + 1) * 64 * MB  # the safeguard's least
+            c.cg.write_limits(
+                replace(c.user_limits, mem_limit_bytes=harvest), headroom_bytes=0, force=True
+            )
+            still = await c.run(usual)
+            killed = await c.run(spiking)
+            return first, usual_peak, at_user, spike_peak, harvest, still, killed, c.oom_kills()
+        finally:
+            await containers.stop()
+
+    first, usual_peak, at_user, spike_peak, harvest, still, killed, ooms = asyncio.run(main())
+    assert first[1] == at_user[1] == still[1] == "success", (first, at_user, still)
+    assert usual_peak < 64 * MB and harvest == 128 * MB  # ~25 MB worker and call, 2 units
+    assert harvest <= SPIKE_MB * MB < spike_peak < 256 * MB - 16 * MB  # ~5x its usual peak
+    assert killed[1] == "oom" and ooms == 1, killed

@@ -164,10 +164,11 @@ def write_config(
     tick_s: float = 0.1,
     extra: tuple[str, ...] = (),
     server: str = "",
+    actuation: str = "",
 ) -> Path:
     """A sidecar config managing ``boxes`` (path -> (function, cores, MB)), its API socket in
     ``tmp_path`` unless ``server`` (more ``[server]`` keys) says otherwise; ``extra``: more TOML
-    sections."""
+    sections; ``actuation``: more ``[actuation]`` keys."""
     if "socket =" not in server:
         server += f"\nsocket = '{tmp_path / 'sidecar.sock'}'"
     lines = [
@@ -175,7 +176,7 @@ def write_config(
         f"[server]\nport = {port}\n{server.strip()}",
         "[grid]\ncpu_unit_cores = 0.25\ncpu_units = 8\nmem_unit_mb = 64.0\nmem_units = 8",
         f"[sampler]\ntick_s = {tick_s}",
-        f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'",
+        f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'\n{actuation.strip()}",
         f"[spool]\ndir = '{tmp_path / 'spool'}'",
         f"[model]\npath = '{model}'",
         *extra,

@@ -31,7 +31,11 @@ def test_target_limits_take_user_values_for_none() -> None:
     assert target_limits(user, USER_TARGET, 100_000) == user  # exact, period included
     got = target_limits(user, Target(0.5, 40, 128 * MB, None), 100_000)
     assert got == Limits(0.5, 100_000, 40, 128 * MB, None)
-    got2 = target_limits(user, Target(None, None, None, 96 * MB), 100_000)
+    assert target_limits(user, Target(0.5, 40, None, None, 200_000), 100_000).cpu_period_us == (
+        200_000
+    )  # a harvest period travels with its quota
+    got2 = target_limits(user, Target(None, None, None, 96 * MB, 200_000), 100_000)
+    assert got2.cpu_period_us == user.cpu_period_us  # and only with it
     assert got2 == Limits(1.3, 50_000, 100, 300 * MB, 96 * MB)
 
 

@@ -266,6 +266,7 @@ def test_what_is_sampled_every_tick_and_the_page_endpoints(tmp_path: Path) -> No
             (c,) = [c for c in cont["containers"] if c["id"] == "faasrm/resize@1"]
             assert c["limits"] == {
                 "cpu_cores": 2.0,
+                "cpu_period_us": 100_000,
                 "cpu_weight": 100,
                 "mem_bytes": 512 * MB,
                 "mem_high_bytes": None,
@@ -279,6 +280,11 @@ def test_what_is_sampled_every_tick_and_the_page_endpoints(tmp_path: Path) -> No
             assert _every_tick(await call(client, "/debug/containers")) == set()
             b = await call(client, "/v1/invocations", start)
             assert b["allocation"]["kind"] == "harvested", b
+            # its harvested quota is watched: cpu.stat's throttling counters read every tick too
+            watched = await call(client, "/debug/containers")
+            assert {c["id"] for c in watched["containers"] if c["throttle_watched"]} == {
+                "faasrm/resize@1"
+            }
             (d / "memory.peak").write_text("90000000\n")  # what the kernel shows after a reset
             assert b["allocation"]["mem_bytes"] < 512 * MB
             # an OOM kill under the harvested allocation, and one in the idle container
@@ -298,6 +304,7 @@ def test_what_is_sampled_every_tick_and_the_page_endpoints(tmp_path: Path) -> No
             cont = await call(client, "/debug/containers")
             assert _every_tick(cont) == {"faasrm/resize@1"}
             (c,) = [c for c in cont["containers"] if c["id"] == "faasrm/resize@1"]
+            assert not c["throttle_watched"]  # no invocation: no throttle give-back to feed
             quota, period = (d / "cpu.max").read_text().split()
             assert c["limits"]["cpu_cores"] == int(quota) / int(period) < 2.0
             # the timeline's samples (a hot container gets one per tick)

@@ -100,7 +100,7 @@ def test_v2_read_usage_parses_fixture(v2_tree: Path) -> None:
         u = cg.read_usage()
     assert before <= u.t_s <= time.monotonic()
     assert u.cpu_usage_s == pytest.approx(8.123456)
-    assert u.nr_throttled == 212
+    assert (u.nr_periods, u.nr_throttled) == (1875, 212)
     assert u.throttled_s == pytest.approx(4.321987)
     assert u.mem_bytes == 84_279_296
     assert u.mem_peak_bytes == 127_926_272
@@ -292,6 +292,7 @@ def test_v2_without_cpu_controller_or_psi(v2_tree: Path) -> None:
     u = CgroupV2(str(v2_tree)).read_usage()
     assert u.cpu_usage_s == pytest.approx(0.5)
     assert (u.nr_throttled, u.throttled_s, u.mem_pressure_some_avg10) == (0, 0.0, None)
+    assert u.nr_periods == 0
 
 
 def test_v2_absent_peak_reads_minus_one(v2_tree: Path) -> None:
@@ -416,6 +417,22 @@ def test_v1_quota_limits_cpu_and_throttles(v1_cgroup: CgroupV1, spawn) -> None:
     u3 = cg.read_usage()
     assert u3.nr_throttled == u2.nr_throttled  # unlimited: never throttled again
     assert u3.cpu_usage_s > u2.cpu_usage_s
+
+
+def test_v1_throttling_counters_on_request_between_slow_reads(v1_cgroup: CgroupV1, spawn) -> None:
+    """A fast read reuses the throttling counters of the last full one unless ``throttling``
+    asks for cpu.stat (the throttle give-back reads it every tick for harvested quotas)."""
+    cg = v1_cgroup
+    spawn(BUSY)
+    cg.write_limits(Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
+    full = cg.read_usage()
+    time.sleep(0.3)  # ~30 periods of 10 ms, every one throttled
+    stale = cg.read_usage(oom=False, slow=False)
+    assert (stale.nr_periods, stale.nr_throttled) == (full.nr_periods, full.nr_throttled)
+    fresh = cg.read_usage(oom=False, slow=False, throttling=True)
+    assert fresh.nr_periods >= full.nr_periods + 10
+    assert fresh.nr_throttled - full.nr_throttled >= 0.5 * (fresh.nr_periods - full.nr_periods)
+    assert fresh.mem_peak_bytes >= fresh.mem_bytes  # the peak is still the slow read's
 
 
 def test_v1_writes_only_changed_values(v1_cgroup: CgroupV1) -> None:

@@ -65,6 +65,20 @@ def test_example_config_loads() -> None:
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
+        (
+            "[actuation]\nv1_memory_harvest = 'both'",
+            "actuation.v1_memory_harvest 'both' is not one of hard, soft",
+        ),
+        ("[actuation]\nthrottle_target = 1.5", "actuation.throttle_target 1.5 outside [0, 1]"),
+        (
+            "[[actuation.harvest_periods]]\nfunction = 'f'\ncpu_period_us = 100",
+            "actuation.harvest_periods[0].cpu_period_us 100 outside 1000..1000000",
+        ),
+        (
+            "[[actuation.harvest_periods]]\nfunction = 'f'\ncpu_period_us = 200000\n"
+            "[[actuation.harvest_periods]]\nfunction = 'f'\ncpu_period_us = 500000",
+            "actuation.harvest_periods[1].function must be set, once per function",
+        ),
         ("[server]\ntcp_hooks = true", "server.tcp_hooks needs server.token_file or server.token"),
         (f"[server]\nsocket = '/{'s' * 107}'", "server.socket is longer than 107 bytes"),
     ],

@@ -10,7 +10,7 @@ import pytest
 from sidecar_helpers import GRID, MB, ref, sample
 
 from sidecar.cgroups import Usage
-from sidecar.config import ActuationConfig, BoundaryConfig
+from sidecar.config import ActuationConfig, BoundaryConfig, HarvestPeriod
 from sidecar.core.features import FEATURES, N_FEATURES, expand_rows
 from sidecar.core.grid import Alloc
 from sidecar.core.policy import MLPScorer, RuleScorer, fallback_scorer, masked_log_softmax
@@ -250,6 +250,71 @@ def test_give_back_cpu_and_memory_once_each() -> None:
     assert nxt.guard.reason == "cpu=rising,mem=rising" and nxt.target == USER_TARGET
 
 
+def _counters(s, periods: int, throttled: int):
+    """A sample (or usage) with cumulative CFS counters, as a watched container's tick reads."""
+    return s._replace(nr_periods=periods, nr_throttled=throttled)
+
+
+def test_throttle_give_back_raises_a_harvested_quota_in_one_step() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 100, 5))
+    assert inv.cpu_harvested and inv.target.cpu_cores == 0.75
+    clock.t += 0.1
+    quiet = sample("fn@1", clock.t, cpu=0.3, mem_mb=50)
+    assert eng.on_sample(_counters(quiet, 101, 5)) == []  # a period, not throttled
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 101, 5)) == []  # no period ended: no verdict
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 106, 6)) == []  # 1 of 5: not more than the 0.25 target
+    clock.t += 0.1
+    # both periods since the last look were throttled, though the window's mean (0.3 core) is
+    # far from the 0.75-core quota: a burst that hits the quota between samples
+    (gb,) = eng.on_sample(_counters(quiet, 108, 8))
+    assert gb.resources == ("cpu",) and gb.reasons == ("throttled",)
+    assert gb.target.cpu_cores is None and gb.target.mem_limit_bytes == 128 * MB
+    assert not inv.cpu_harvested
+    (entry,) = inv.trace["give_backs"]
+    assert entry["reason"] == "throttled" and entry["throttled_share"] == 1.0
+    assert entry["new_cpu_cores"] == 2.0 and entry["new_mem_bytes"] == 128 * MB  # the user's CPU
+    assert entry["tick"] == 4 and entry["resources"] == ["cpu"]
+    clock.t += 0.1
+    assert eng.on_sample(_counters(quiet, 110, 10)) == []  # given back once
+    ended = eng.end(inv.id, usage=_counters(usage(0.5, 50, 60), 110, 10))
+    assert ended.invocation.trace["throttled_share"] == 0.5  # 5 of the invocation's 10 periods
+    assert ended.record["give_backs"] == ["cpu"]
+
+
+def test_throttle_and_usage_give_backs_in_one_tick_and_the_target_bounds() -> None:
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 0, 0))
+    clock.t += 0.1
+    (gb,) = eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.75, mem_mb=120), 1, 1))
+    # CPU over the target and at its quota: the throttle reason wins; memory by its usage
+    assert gb.resources == ("cpu", "memory") and gb.reasons == ("throttled", "usage")
+    assert gb.target == USER_TARGET
+    assert [(g["resources"], g["reason"]) for g in inv.trace["give_backs"]] == [
+        (["cpu"], "throttled"),
+        (["memory"], "usage"),
+    ]
+    eng.end(inv.id, usage=usage(0.1, 40, 45))
+    # throttle_target = 1 switches the throttle rule off; the usage rule still gives CPU back
+    eng.act_cfg = ActuationConfig(throttle_target=1.0)
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)  # the last run's peaks pinned it ("rising")
+    inv = eng.start("fn@1", usage=_counters(usage(0, 40), 0, 0))
+    assert inv.cpu_harvested
+    clock.t += 0.1
+    assert eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.3, mem_mb=50), 4, 4)) == []
+    clock.t += 0.1
+    (gb,) = eng.on_sample(_counters(sample("fn@1", clock.t, cpu=0.7, mem_mb=50), 8, 8))
+    assert gb.reasons == ("usage",) and inv.trace["give_backs"][0]["throttled_share"] == 1.0
+
+
 def test_no_give_back_for_user_sized_or_accelerated_runs() -> None:
     clock = Clock()
     eng = make_engine(clock=clock)
@@ -346,6 +411,16 @@ def test_plan_target_v1_v2_and_no_memory_harvest() -> None:
     assert effective(user, t2) == (0.5, 128 * MB)
     t3 = plan_target(GRID, UserSize(0.5, 128 * MB), GRID.nearest(0.5, 128), Alloc(4, 4), 2, act)
     assert t3 == Target(1.0, 200, 256 * MB, 256 * MB)
+    periods = ActuationConfig(harvest_periods=[HarvestPeriod("burst", 200_000)])
+    assert plan_target(GRID, user, ua, Alloc(2, 8), 1, periods, "burst").cpu_period_us == 200_000
+    assert plan_target(GRID, user, ua, Alloc(2, 8), 1, periods, "other").cpu_period_us is None
+    under = UserSize(0.5, 512 * MB)
+    accel = plan_target(GRID, under, GRID.nearest(0.5, 512), Alloc(4, 8), 1, periods, "burst")
+    assert accel.cpu_cores == 1.0 and accel.cpu_period_us is None  # only harvested quotas
+    soft = ActuationConfig(v1_memory_harvest="soft")
+    t4 = plan_target(GRID, user, ua, Alloc(2, 2), 1, soft)
+    assert t4 == Target(0.5, 50, None, 128 * MB)  # v1 soft: the hard limit stays the user's
+    assert effective(user, t4) == (0.5, 128 * MB)
     no_mem = ActuationConfig(harvest_memory=False, scale_weight=False)
     assert plan_target(GRID, user, ua, Alloc(2, 2), 1, no_mem) == Target(0.5, None, None, None)
     assert plan_target(GRID, user, ua, ua, 1, act) == USER_TARGET

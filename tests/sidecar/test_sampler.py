@@ -39,6 +39,7 @@ def test_windows_rates_and_deltas_on_v2_trees(tmp_path: Path) -> None:
     dt = second.t_s - first.t_s
     assert second.cpu_cores == pytest.approx(1.0 / dt, rel=1e-6)
     assert second.oom_delta == 2 and second.throttled_delta == 3
+    assert (second.nr_periods, second.nr_throttled) == (1875, 215)  # v2: cpu.stat every read
     s.close()
 
 
@@ -220,4 +221,25 @@ def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> 
     moved = [i for i, x in enumerate(xs) if x.throttled_delta > 0]
     assert moved and all(i % 3 == 0 for i in moved)
     assert all(x.mem_peak_bytes >= x.mem_bytes for x in xs)
+    s.close()
+
+
+def test_real_v1_watched_throttling_moves_every_tick(v1_cgroup, spawn) -> None:
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=3)
+    cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
+    cg.write_limits(cgroups.Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
+    spawn("while True: pass")
+
+    async def ticks(n: int) -> list:
+        t, out = Ticker(0.05), []
+        for _ in range(n):
+            await t.wait()
+            out.extend(s.tick(hot={"c"}, watch={"c"}).samples)
+        return out
+
+    xs = asyncio.run(ticks(7))
+    # watched: cpu.stat on every tick, ~5 periods of 10 ms per 50 ms tick, all throttled
+    periods = [b.nr_periods - a.nr_periods for a, b in zip(xs, xs[1:], strict=False)]
+    assert all(p > 0 for p in periods), periods
+    assert sum(x.throttled_delta > 0 for x in xs[1:]) >= 5
     s.close()

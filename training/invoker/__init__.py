@@ -1,6 +1,6 @@
 """A local invoker with real serverless functions (issue 7): real cgroups, real worker processes.
 
-``functions``  ten real functions with an input-size parameter and their users' sizes
+``functions``  eleven real functions with an input-size parameter and their users' sizes
 ``worker``     the long-lived worker process a container holds (one JSON line per invocation)
 ``invoker``    containers (v1 cgroup + worker) and the asyncio trace replay, with sidecar hooks
 ``real``       ``faasrm bench real`` and ``faasrm demo``: managers in turn, RFET table, JSON,

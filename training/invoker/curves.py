@@ -20,13 +20,16 @@ p in [0.05, 8]::
     t(c) = t1 * ((1 - phi) + phi * min(1, p) / min(c, p)),   t1 = measured time at 1 core
 
 ``faasrm bench curves --json PATH`` prints the table and writes the JSON; docs/duration-model.md
-has one run and what it means for the simulator. Needs root and writable v1 cgroups.
+has one run and what it means for the simulator. ``--periods`` measures instead the CPU time at
+every CFS period x quota (``measure_periods``: does a per-function period help short bursts?).
+Needs root and writable v1 cgroups.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -54,6 +57,7 @@ CURVE_SIZES = {  # ~0.1-0.25 s at one core on this host: the whole run stays nea
     "memhog": 120,
     "sleepy": 200,
     "phased": 50,
+    "spiky": 3,  # an input that does not spike (spiky's peak curve is its usual one)
 }
 
 
@@ -281,6 +285,82 @@ async def measure(
     return curve
 
 
+@dataclass
+class PeriodSweep:
+    """One function's CPU time at every CFS period x quota (memory at the user's size)."""
+
+    function: str
+    size: float
+    quotas: list[float]
+    periods_us: list[int]
+    times_s: list[list[float]] = field(default_factory=list)  # [period][quota] medians
+    runs_s: list[list[list[float]]] = field(default_factory=list)
+    throttled: list[list[int]] = field(default_factory=list)  # nr_throttled during the runs
+    unlimited_s: float = 0.0  # median time without a quota: the burst's own wall time
+    cpu_s: float = 0.0  # median CPU time of one run (cpuacct): the burst's work
+
+
+async def measure_periods(
+    spec: FunctionSpec,
+    size: float | None = None,
+    *,
+    periods_us=(50_000, PERIOD_US, 200_000),
+    quotas=(0.25, 0.5, 1.0),
+    repeats: int = 5,
+    ratio: float = DEFAULT_RATIO,
+    timeout_s: float = 30.0,
+    parent: str | None = None,
+) -> PeriodSweep:
+    """The median time of ``spec`` at every CFS period x quota, in one fresh container.
+
+    The points are visited in ``repeats`` rounds, each over every (period, quota) and one run
+    without a quota, so a drift of a busy host spreads over all points instead of biasing the
+    last ones. Each run starts wherever the period happens to be, as a real invocation does.
+    """
+    from training.invoker.invoker import Container, container_limits, remove_parent
+
+    size = float(CURVE_SIZES[spec.name] if size is None else size)
+    parent = parent or f"faasrm-curves-{os.getpid()}"
+    c = Container(parent, spec, ratio)
+    sweep = PeriodSweep(spec.name, size, list(quotas), list(periods_us))
+    runs = {(p, q): [] for p in periods_us for q in quotas}
+    throttled = dict.fromkeys(runs, 0)
+    free: list[float] = []
+    cpu: list[float] = []
+    try:
+        await c.start()
+        assert c.cg is not None
+        await c.run(size, timeout_s)  # warm-up, unrecorded
+        for _ in range(repeats):
+            for point in [*runs, None]:
+                p, q = point if point is not None else (PERIOD_US, None)
+                limits = container_limits(c.user_cpu, spec.mem_mb, p)
+                c.cg.write_limits(
+                    dataclasses.replace(limits, cpu_quota_cores=q), headroom_bytes=0, force=True
+                )
+                thr0, cpu0 = _nr_throttled(c.rel), c.cg.read_usage().cpu_usage_s
+                exec_s, outcome, err = await c.run(size, timeout_s)
+                if outcome != "success":
+                    raise RuntimeError(f"{spec.name} at {q} cores, period {p} us: {outcome} {err}")
+                if point is None:
+                    free.append(exec_s)
+                    cpu.append(c.cg.read_usage().cpu_usage_s - cpu0)
+                else:
+                    runs[point].append(exec_s)
+                    throttled[point] += _nr_throttled(c.rel) - thr0
+    finally:
+        try:
+            await c.stop()
+        finally:
+            remove_parent(parent)
+    for p in periods_us:
+        sweep.runs_s.append([runs[p, q] for q in quotas])
+        sweep.times_s.append([statistics.median(runs[p, q]) for q in quotas])
+        sweep.throttled.append([throttled[p, q] for q in quotas])
+    sweep.unlimited_s, sweep.cpu_s = statistics.median(free), statistics.median(cpu)
+    return sweep
+
+
 async def measure_all(
     names: list[str] | None = None, repeats: int = 3, progress=None
 ) -> list[Curve]:
@@ -343,6 +423,26 @@ def render_table(curves: list[Curve]) -> str:
     return "\n".join([fmt(head), *(fmt(r) for r in rows)])
 
 
+def render_periods(sweeps: list[PeriodSweep]) -> str:
+    """One row per function x period: median ms at each quota, throttled periods in brackets."""
+    lines = []
+    for sw in sweeps:
+        lines.append(
+            f"{sw.function} (input {sw.size:g}): {1000 * sw.cpu_s:.0f} ms of CPU in "
+            f"{1000 * sw.unlimited_s:.0f} ms without a quota"
+        )
+        head = ["period ms"] + [f"{q:g}c ms [thr]" for q in sw.quotas]
+        rows = [
+            [f"{p / 1000:g}"] + [f"{_ms(t)} [{n}]" for t, n in zip(ts, thr, strict=True)]
+            for p, ts, thr in zip(sw.periods_us, sw.times_s, sw.throttled, strict=True)
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines += [
+            "  ".join(x.rjust(w) for x, w in zip(r, widths, strict=True)) for r in [head, *rows]
+        ]
+    return "\n".join(lines)
+
+
 def to_json(curves: list[Curve], elapsed_s: float, load_avg: list[float]) -> dict:
     """``load_avg``: the host's 1-minute load average before and after: curves measured on a
     busy host describe the other work more than the functions (each gets a share of a core)."""
@@ -363,6 +463,8 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise ValueError("bench curves needs root (it creates v1 cgroups)")
     names = [n.strip() for n in (args.functions or "").split(",") if n.strip()] or None
+    if args.periods:
+        return _main_periods(args, names or ["matmul"])
     t0, load0 = time.monotonic(), os.getloadavg()[0]
     curves = asyncio.run(
         measure_all(
@@ -380,5 +482,42 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(to_json(curves, elapsed, load), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _main_periods(args: argparse.Namespace, names: list[str]) -> int:
+    """``bench curves --periods``: the period sweep of each function (default matmul)."""
+    sizes = dict(kv.split("=", 1) for kv in (args.sizes or "").split(",") if kv.strip())
+    periods = [round(ms * 1000) for ms in _floats(args.periods)]
+    quotas = _floats(args.quotas) if args.quotas else [0.25, 0.5, 1.0]
+    t0 = time.monotonic()
+
+    async def sweep_all() -> list[PeriodSweep]:
+        out = []
+        for name in names:
+            size = float(sizes[name]) if name in sizes else None
+            out.append(
+                await measure_periods(
+                    BY_NAME[name], size, periods_us=periods, quotas=quotas, repeats=args.repeats
+                )
+            )
+        return out
+
+    sweeps = asyncio.run(sweep_all())
+    elapsed = time.monotonic() - t0
+    print(render_periods(sweeps))
+    print(
+        f"({elapsed:.0f} s; median of {args.repeats} runs per point, visited in rounds; [thr] = "
+        f"throttled periods over those runs; load average {os.getloadavg()[0]:.1f})"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        data = {"elapsed_s": elapsed, "cpus": os.cpu_count(), "sweeps": [asdict(x) for x in sweeps]}
+        Path(args.json).write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -7,7 +7,8 @@ CPU follows memory (``cpu_cores = mem_mb * ratio``, OpenWhisk-style, ratio confi
 Users' sizes are chosen so that, at the default ratio of 1 core per 256 MB, some functions are
 under-provisioned (pyloop at 0.5 core needs 1; matmul / zlib_threads at 1 core use 2) and some
 over-provisioned (image, graph, memhog, sleepy at 2 cores use at most 1; sleepy uses ~none),
-memory mostly over-provisioned, and memhog / phased have working sets that grow with the input.
+memory mostly over-provisioned, and memhog / phased have working sets that grow with the input,
+while spiky's jumps inside one call in five, whatever its input's size.
 Heavy imports (numpy, Pillow) happen inside the functions: a worker imports only what it runs.
 """
 
@@ -19,6 +20,7 @@ import html
 import lzma
 import random
 import string
+import struct
 import threading
 import time
 import zlib
@@ -74,6 +76,8 @@ def warm(name: str) -> None:
     if name in ("zlibmt", "compress"):
         for seed in (1, 2, 3):
             _payload(1, seed)
+    elif name == "spiky":
+        _records()
     elif name == "matmul":
         import numpy  # noqa: F401
     elif name == "image":
@@ -195,6 +199,50 @@ def phased(size: float) -> int:
     return s + memhog(size)
 
 
+_RECORDS: list[bytes] = []
+SPIKE_ONE_IN = 5
+"""spiky: one input in this many (by its content, not its size) expands inside the call."""
+SPIKE_MB = 128
+"""spiky: what such a call allocates on top of its usual ~15 MB (~9x; its container's peak
+~28 -> ~140 MB, measured: below the user's 256 MB, above a 128 MB harvest from the usual peak)."""
+
+
+def _records() -> bytes:
+    """1 MB of log-like text (512-word vocabulary), built once per worker; no numpy, so the
+    worker stays small (~15 MB) and a harvest sized from spiky's usual peak is a real cut."""
+    if not _RECORDS:
+        rng = random.Random(7)
+        words = [
+            "".join(rng.choices(string.ascii_lowercase, k=3 + i % 5)).encode() for i in range(512)
+        ]
+        _RECORDS.append(b" ".join(rng.choices(words, k=MB // 5))[:MB])
+    return _RECORDS[0]
+
+
+def spikes(size: float) -> bool:
+    """Whether spiky's input ``size`` is one of the inputs whose call expands (a property of its
+    content, modelled by a hash of the value: the same inputs spike under every manager, and no
+    larger input announces it)."""
+    return zlib.crc32(struct.pack("<d", size)) % SPIKE_ONE_IN == 0
+
+
+def spiky(size: float) -> int:
+    """Compression whose memory spikes inside some calls without a larger input: zlib (level 6)
+    of ``size`` MB of log records held in memory; for one input in ``SPIKE_ONE_IN``, after
+    compressing, the call also expands the batch into a ``SPIKE_MB`` buffer (touched, scanned),
+    as a parser does for the odd record that must be materialised whole."""
+    base = _records()
+    whole, rest = divmod(int(size * MB), MB)
+    data = b"".join([base] * whole + [base[:rest]])  # the request's payload, one allocation
+    out = len(zlib.compress(data, 6))
+    if spikes(size):
+        buf = bytearray(SPIKE_MB * MB)
+        buf[:: 1 << 12] = b"\x01" * (len(buf) >> 12)  # touch every page: resident, not lazy
+        out += buf.count(1)
+        del buf
+    return out
+
+
 @dataclass(frozen=True)
 class FunctionSpec:
     name: str
@@ -220,6 +268,7 @@ SPECS: list[FunctionSpec] = [
     FunctionSpec("memhog", memhog, 40, 360, 512, "working set 40-360 MB (user 2 cores: over)"),
     FunctionSpec("sleepy", sleepy, 100, 1200, 512, "mostly waiting (user 2 cores: over)"),
     FunctionSpec("phased", phased, 30, 200, 256, "CPU phase then 30-200 MB (user 1 core)"),
+    FunctionSpec("spiky", spiky, 1, 8, 256, "1 core; 1 call in 5 takes +128 MB (user 1: fits)"),
 ]
 BY_NAME = {s.name: s for s in SPECS}
 

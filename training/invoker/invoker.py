@@ -79,9 +79,11 @@ def schedule(
 ) -> list[Arrival]:
     """The bundled Azure sample's arrivals, ``speedup`` trace minutes per real minute.
 
-    Trace function i is played by ``functions[i % len(functions)]``; each invocation's input is
-    drawn log-uniformly in the function's range from ``seed`` (the same for every manager). Longer
-    slices than the 60-minute sample wrap around it.
+    Trace function i is played by ``functions[i % len(functions)]``; with more functions than
+    the trace has, function k also plays trace function ``k % n`` (n trace functions), the two
+    taking its invocations in turn. Each invocation's input is drawn log-uniformly in the
+    function's range from ``seed`` (the same for every manager). Longer slices than the 60-minute
+    sample wrap around it.
     """
     from training.traces import sample_trace
 
@@ -96,9 +98,14 @@ def schedule(
     keep = all_t < horizon
     all_t, all_f = all_t[keep] / speedup, all_f[keep]
     u = np.random.default_rng(seed + 1).random(all_t.size)
+    n, m = len(trace.functions), len(functions)
+    players = [[functions[k % m] for k in range(i, max(n, m), n)] for i in range(n)]
+    turns = [0] * n
     out = []
     for i, (t, f) in enumerate(zip(all_t, all_f, strict=True)):
-        spec = functions[int(f) % len(functions)]
+        group = players[int(f)]
+        spec = group[turns[int(f)] % len(group)]
+        turns[int(f)] += 1
         out.append(Arrival(i, float(t), spec.name, float(spec.input_size(u[i]))))
     return out
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.config import parse_override
 from sidecar.core.grid import ResourceGrid
 from sidecar.dockerd import DockerEngine
 from sidecar.models import model_grid
@@ -86,9 +87,11 @@ def sidecar_process(
     trainer: TrainerProcess | None = None,
     docker: DockerEngine | None = None,
     rule: str = "user",
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> SidecarProcess:
     """A sidecar managing every child cgroup of ``parent`` (with ``docker``: the invoker's Docker
-    containers on that engine) on ``grid``; without ``model``, the model-free ``rule``."""
+    containers on that engine) on ``grid``; without ``model``, the model-free ``rule``;
+    ``settings``: more config, section by section (``bench real --sidecar-set``)."""
     containers: dict[str, dict[str, Any]] = (
         {"cgroupfs": {"parent": parent}}
         if docker is None
@@ -99,14 +102,17 @@ def sidecar_process(
         if trainer is None
         else {"shipper": trainer.shipper(workdir / "shipper.json", interval_s=0.5)}
     )
+    sections: dict[str, dict[str, Any]] = {
+        "grid": dataclasses.asdict(grid),  # the model's (the daemon refuses another)
+        **containers,
+        "model": {"path": str(model or "/nonexistent/rule-fallback.onnx"), "rule": rule},
+        **shipper,
+    }
+    for sec, kv in (settings or {}).items():
+        sections[sec] = {**sections.get(sec, {}), **kv}
     return SidecarProcess(
         workdir,
-        {
-            "grid": dataclasses.asdict(grid),  # the model's (the daemon refuses another)
-            **containers,
-            "model": {"path": str(model or "/nonexistent/rule-fallback.onnx"), "rule": rule},
-            **shipper,
-        },
+        sections,
         log_level="warning",
         invoker_child=True,
     )
@@ -145,6 +151,7 @@ async def run_manager(
     baselines: dict[str, float] | None = None,
     engine: DockerEngine | None = None,
     round_index: int = 0,
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[Measurement], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
@@ -168,6 +175,7 @@ async def run_manager(
                 trainer,
                 docker=engine,
                 rule=SIDECAR_RULES.get(manager, "user"),
+                settings=settings,
             )
             ready = await asyncio.to_thread(sidecar.start)
             state.update(sidecar=sidecar, ready=ready)
@@ -311,10 +319,11 @@ async def run_all(
     with_trainer: bool = False,
     echo=print,
     engine: DockerEngine | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``repeats`` rounds of every manager over the same invocations, in rotated order;
     ``with_trainer``: a local trainer service receives the sidecar's trajectories (its learner
-    runs with its defaults)."""
+    runs with its defaults); ``settings``: more config for every sidecar."""
     invocations = schedule(minutes, speedup, seed)
     # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
@@ -385,6 +394,7 @@ async def run_all(
                     trainer=trainer,
                     engine=engine,
                     round_index=r,
+                    settings=settings,
                 )
                 measured[m].append(records)
                 oom_kills[m] += ooms
@@ -428,6 +438,7 @@ async def run_all(
             "cores_per_mb": ratio,
             "model": str(model) if model else None,
             "grid": dataclasses.asdict(grid),
+            "sidecar_settings": settings or {},
             "resamples": evidence.RESAMPLES,
             "bootstrap_seed": evidence.SEED,
         },
@@ -564,6 +575,13 @@ def main(args: Any, *, demo: bool = False) -> int:
     if "fixed" in managers:
         managers.remove("fixed")
     managers.insert(0, "fixed")  # the reference; it runs first in the first round
+    settings: dict[str, dict[str, Any]] = {}
+    for text in args.sidecar_set:
+        key, value = parse_override(text)
+        sec, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"--sidecar-set {text!r}: expected SECTION.KEY=VALUE")
+        settings.setdefault(sec, {})[name] = value
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if "learned" in managers and not model.is_file():
         raise FileNotFoundError(f"model {model} not found")
@@ -609,6 +627,7 @@ def main(args: Any, *, demo: bool = False) -> int:
                 with_trainer=demo,
                 echo=lambda m: print(m, flush=True),
                 engine=engine,
+                settings=settings,
             )
 
     try:
