@@ -124,8 +124,12 @@ def simulated_curves(
         working_set_mb=np.ones(n),
         noise=np.ones(n),
         cold_start_s=np.zeros(n),
+        input_size=np.ones(n),
+        spike=np.zeros(n, dtype=bool),
     )
-    sim = ClusterSim(wl, ClusterConfig(servers=1, cores=host_cores, mem_mb=g.max_mb), g)
+    # static limits, as bench curves measures them (no give-back)
+    cfg = ClusterConfig(servers=1, cores=host_cores, mem_mb=g.max_mb, give_back=False)
+    sim = ClusterSim(wl, cfg, g)
     run(sim, _Given([Alloc(units[j % nq], 1) for j in range(n)]))
     return sim.results.exec_s.reshape(k, nq)
 
@@ -249,6 +253,9 @@ def fitted_workload(
         working_set_mb=np.minimum(ws, user_mb[fn]),
         noise=np.ones(n),
         cold_start_s=np.zeros(n),
+        input_size=np.array([a.size for a in arrivals], dtype=float),
+        # the working-set fit knows no unannounced spike: a real one shows as an OOM kill there
+        spike=np.zeros(n, dtype=bool),
     )
 
 
@@ -541,7 +548,7 @@ def main(args: argparse.Namespace) -> int:
             args.curves,
             Path(stem + ".curves.json"),
             lambda out: curves_cmd.main(
-                argparse.Namespace(functions=None, repeats=3, json=str(out))
+                argparse.Namespace(functions=None, repeats=3, json=str(out), periods=None)
             ),
         )
         real = _measured(
@@ -560,6 +567,7 @@ def main(args: argparse.Namespace) -> int:
                     plots=None,
                     records=True,
                     runtime="cgroup",
+                    sidecar_set=[],
                 )
             ),
         )
