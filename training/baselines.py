@@ -255,15 +255,51 @@ class SimulatedRule:
         self.rule.observe(fn, run)
 
 
+RULE_MANAGERS = {"rule": "user", "smallest": "smallest"}
+"""Simulator manager -> the daemon's rule it runs: ``rule`` is the daemon without a model (the
+allowed candidate closest to the user's size), ``smallest`` the fewest resources allowed."""
+
+
+class Choices:
+    """Per invocation: how many candidates the safeguard allowed, and whether the policy's choice
+    differs from what each model-free rule would have chosen in the same state (the question
+    whether learning learned anything a rule does not do)."""
+
+    def __init__(self, n: int) -> None:
+        self.options = np.zeros(n, dtype=np.int64)
+        self.differs = {name: np.zeros(n, dtype=bool) for name in RULE_MANAGERS}
+        self._rules = {name: fallback_scorer(rule) for name, rule in RULE_MANAGERS.items()}
+
+    def record(self, inv: int, d: Decision) -> None:
+        mask = d.obs.mask
+        self.options[inv] = int(mask.sum())
+        if self.options[inv] > 1:
+            rows = d.obs.rows()
+            for name, scorer in self._rules.items():
+                s = np.where(mask, scorer.scores(rows), -np.inf)
+                self.differs[name][inv] = int(np.argmax(s)) != d.action
+
+
 class Learned(_Stateless):
     """The score-function policy under the safeguard, through the host's decision path
-    (``sidecar.core.decision``): features -> scorer -> masked argmax, or a sample with ``rng``."""
+    (``sidecar.core.decision``): features -> scorer -> masked argmax, or a sample with ``rng``.
+    ``choices`` (after ``reset`` with ``track_choices``) compares each choice with the rules'."""
 
     name = "learned"
 
-    def __init__(self, scorer: Scorer, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        rng: np.random.Generator | None = None,
+        track_choices: bool = False,
+    ) -> None:
         self.scorer = scorer
         self.rng = rng
+        self.track_choices = track_choices
+        self.choices: Choices | None = None
+
+    def reset(self, sim: ClusterSim) -> None:
+        self.choices = Choices(sim.wl.n_invocations) if self.track_choices else None
 
     @classmethod
     def from_onnx(cls, path: str | Path, grid: ResourceGrid) -> Learned:
@@ -290,7 +326,10 @@ class Learned(_Stateless):
         )
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
-        return sim.grid.alloc(self.decision(sim, req).action)
+        d = self.decision(sim, req)
+        if self.choices is not None:
+            self.choices.record(req.inv, d)
+        return sim.grid.alloc(d.action)
 
 
 class Rule(Learned):
@@ -299,11 +338,6 @@ class Rule(Learned):
     def __init__(self, name: str, rule: str) -> None:
         super().__init__(fallback_scorer(rule))
         self.name = name
-
-
-RULE_MANAGERS = {"rule": "user", "smallest": "smallest"}
-"""Simulator manager -> the daemon's rule it runs: ``rule`` is the daemon without a model (the
-allowed candidate closest to the user's size), ``smallest`` the fewest resources allowed."""
 
 
 BASELINES: dict[str, Callable[[], Manager]] = {

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sidecar.core.grid import ResourceGrid
-from training.baselines import BASELINES, RULE_MANAGERS, Learned, Manager, Rule
+from training.baselines import BASELINES, RULE_MANAGERS, Choices, Learned, Manager, Rule
 from training.evidence import SimRun, sim_report
 from training.sim.cluster import ClusterSim
 from training.sim.presets import Preset
@@ -129,6 +129,8 @@ class Evaluation:
     exec_s: dict[str, np.ndarray]
     wall_s: dict[str, float]
     runs: dict[str, SimRun]
+    choices: dict[str, Choices] = field(default_factory=dict)
+    """The learned policy's choices beside the rules' (``Choices``), when it ran."""
 
 
 def make_manager(
@@ -162,11 +164,15 @@ def evaluate(
     """Run each manager on the identical workload (same trace, draws and seed)."""
     wl = workload or preset.build(seed)
     built = [make_manager(m, model, preset.grid) for m in managers]
+    for mgr in built:
+        if isinstance(mgr, Learned) and mgr.name == "learned":
+            mgr.track_choices = True
     out: dict[str, dict[str, float]] = {}
     rfet: dict[str, np.ndarray] = {}
     exec_s: dict[str, np.ndarray] = {}
     wall: dict[str, float] = {}
     runs: dict[str, SimRun] = {}
+    choices: dict[str, Choices] = {}
     sim = ClusterSim(wl, preset.cluster, preset.grid)
     from rich.progress import Progress
 
@@ -178,7 +184,9 @@ def evaluate(
             rfet[name] = sim.results.exec_s / sim.results.baseline_s
             exec_s[name] = sim.results.exec_s.copy()
             runs[name] = sim_run(sim)
-    return Evaluation(preset.name, seed, out, rfet, exec_s, wall, runs)
+            if isinstance(mgr, Learned) and mgr.choices is not None:
+                choices[name] = mgr.choices
+    return Evaluation(preset.name, seed, out, rfet, exec_s, wall, runs, choices)
 
 
 @dataclass
@@ -201,7 +209,10 @@ def evaluate_seeds(
     """Every manager on each seed's workload, then figures pooled over the seeds with intervals
     from the bootstrap over seeds and invocations (``training.evidence.sim_report``)."""
     per_seed = [evaluate(preset, managers, s, model=model, progress=progress) for s in seeds]
-    pooled = sim_report({m: [ev.runs[m] for ev in per_seed] for m in managers})
+    pooled = sim_report(
+        {m: [ev.runs[m] for ev in per_seed] for m in managers},
+        choices={m: [ev.choices[m] for ev in per_seed] for m in per_seed[0].choices},
+    )
     for name, row in pooled.items():
         row["per_seed"] = {str(ev.seed): ev.results[name] for ev in per_seed}
     return SeedsEvaluation(preset.name, list(seeds), pooled, per_seed)
@@ -238,7 +249,32 @@ def render_seeds_table(ev: SeedsEvaluation) -> str:
     n = next(iter(ev.pooled.values()))["invocations"] if ev.pooled else 0
     seeds = ",".join(map(str, ev.seeds))
     title = f"preset {ev.preset}, seeds {seeds} pooled, {n} invocations"
-    return "\n".join([title, line(head), *(line(r) for r in rows)])
+    return "\n".join([title, line(head), *(line(r) for r in rows), *render_choices(ev.pooled)])
+
+
+def render_choices(pooled: dict[str, dict]) -> list[str]:
+    """One line per learned manager and rule: how often it chose unlike the rule, and what those
+    choices did to mean RFET and to MB-seconds against the rule's own run of them."""
+    out = []
+    for name, row in pooled.items():
+        ch = row.get("choices")
+        if not ch:
+            continue
+        out.append(
+            f"{name}: a choice in {ch['with_choice']['value']:.1%} of decisions (the safeguard "
+            "allowed more than one candidate)"
+        )
+        for rule in RULE_MANAGERS:
+            text = f"  unlike {rule} in {ch[f'{rule}/differs']['value']:.1%} of decisions"
+            if f"{rule}/mean_rfet_diff" in ch:
+                d, r = ch[f"{rule}/mean_rfet_diff"], ch[f"{rule}/mem_held_ratio"]
+                text += (
+                    f"; on those, mean RFET minus {rule}'s {d['value']:+.4f} "
+                    f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], MB-seconds x{r['value']:.3f} "
+                    f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+                )
+            out.append(text)
+    return out
 
 
 def write_seeds_json(ev: SeedsEvaluation, path: str | Path) -> None:
@@ -395,7 +431,10 @@ def evaluate_capacity(
         per_seed = [
             evaluate(preset, managers, s, model, workloads[s].scaled(load), progress) for s in seeds
         ]
-        pooled = sim_report({m: [ev.runs[m] for ev in per_seed] for m in managers})
+        pooled = sim_report(
+            {m: [ev.runs[m] for ev in per_seed] for m in managers},
+            choices={m: [ev.choices[m] for ev in per_seed] for m in per_seed[0].choices},
+        )
         for m in managers:
             row = {k: pooled[m][k] for k in ("invocations", "failures", "failures_per_100k")}
             for k in CAPACITY_FIGURES:

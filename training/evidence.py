@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -471,18 +472,70 @@ def _sim_figures(figs: Figures, prefix: str, run: SimRun, pool: Pool, classes: n
         )
 
 
+@dataclass(frozen=True)
+class _Choices:
+    options: np.ndarray
+    differs: dict[str, np.ndarray]
+
+
+def _cat_choices(logs: Sequence[ChoiceLog]) -> ChoiceLog:
+    names = list(logs[0].differs)
+    return _Choices(
+        np.concatenate([x.options for x in logs]),
+        {n: np.concatenate([x.differs[n] for x in logs]) for n in names},
+    )
+
+
 def _cat(runs: Sequence[SimRun]) -> SimRun:
     return SimRun(
         *(np.concatenate([getattr(r, f) for r in runs]) for f in SimRun.__dataclass_fields__)
     )
 
 
+class ChoiceLog(Protocol):
+    """Per invocation of one run: allowed candidates, and whether the choice differs from each
+    named rule's in the same state (``training.baselines.Choices``)."""
+
+    options: np.ndarray
+    differs: dict[str, np.ndarray]
+
+
+def _choice_figures(
+    figs: Figures,
+    prefix: str,
+    run: SimRun,
+    log: ChoiceLog,
+    rules: dict[str, SimRun],
+    pool: Pool,
+) -> None:
+    """How often ``run``'s policy had a choice and chose unlike each rule, and, on those
+    invocations, its mean RFET and MB-seconds against the rule's own run of them (paired)."""
+    nan = math.nan
+    figs.add(f"{prefix}choices/with_choice", pool.mean((log.options > 1).astype(float)))
+    rfet = run.exec_s / run.baseline_s
+    for name, differs in log.differs.items():
+        figs.add(f"{prefix}choices/{name}/differs", pool.mean(differs.astype(float)))
+        other = rules.get(name)
+        if other is None:
+            continue
+        d = np.where(differs, rfet - other.exec_s / other.baseline_s, nan)
+        figs.add(f"{prefix}choices/{name}/mean_rfet_diff", pool.mean(d))
+        mb_s = np.where(differs, run.mem_mb * run.exec_s, nan)
+        other_mb_s = np.where(differs, other.mem_mb * other.exec_s, nan)
+        figs.add(f"{prefix}choices/{name}/mem_held_ratio", pool.ratio(mb_s, other_mb_s))
+
+
 def sim_report(
-    runs: dict[str, Sequence[SimRun]], resamples: int = RESAMPLES, seed: int = SEED
+    runs: dict[str, Sequence[SimRun]],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    choices: dict[str, Sequence[ChoiceLog]] | None = None,
 ) -> dict:
     """Pooled figures per manager over several seeds (``runs[manager][k]`` = seed k's run; every
     manager ran the same workloads), each with its interval from the bootstrap over seeds and
-    invocations, and ``vs``: the paired difference of its mean RFET from every other manager's."""
+    invocations, and ``vs``: the paired difference of its mean RFET from every other manager's.
+    ``choices[manager][k]``: seed k's ``ChoiceLog`` of a learned manager, reported under
+    ``choices`` (against each rule's own run when that rule ran too)."""
     managers = list(runs)
     sizes = [len(r.exec_s) for r in next(iter(runs.values()))]
     pool = Pool(np.arange(sum(sizes)))
@@ -494,6 +547,9 @@ def sim_report(
     pooled = {m: _cat(rs) for m, rs in runs.items()}
     for m, run in pooled.items():
         _sim_figures(figs, f"{m}:", run, pool, classes)
+    logs = {m: _cat_choices(ls) for m, ls in (choices or {}).items()}
+    for m, log in logs.items():
+        _choice_figures(figs, f"{m}:", pooled[m], log, pooled, pool)
     got = figs.run(Bootstrap(sizes, resamples, seed), len(base))
     out: dict = {}
     for m, run in pooled.items():
@@ -515,6 +571,12 @@ def sim_report(
             }
             for key in DURATION_CLASSES
         }
+        if m in logs:
+            row["choices"] = {
+                key[len(f"{m}:choices/") :]: {"value": point, "ci": interval(res)}
+                for key, (point, res) in got.items()
+                if key.startswith(f"{m}:choices/")
+            }
         out[m] = row
     for a in managers:
         out[a]["vs"] = {}

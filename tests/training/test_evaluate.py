@@ -16,9 +16,12 @@ from training.evaluate import (
     capacity_of,
     evaluate,
     evaluate_capacity,
+    evaluate_seeds,
     make_manager,
+    render_seeds_table,
     render_table,
 )
+from training.linear_policies import onnx_policy
 from training.sim.cluster import ClusterSim
 from training.sim.presets import get_preset
 
@@ -303,3 +306,25 @@ def test_cli_sim_eval_refuses_a_model_from_another_feature_schema(tmp_path):
     assert proc.returncode != 0
     assert "feature_version '1'" in proc.stderr and "Train and export" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_learned_policys_choices_are_compared_with_each_rule(tmp_path: Path) -> None:
+    """A policy that scores like ``smallest`` never chooses unlike it; it chooses unlike ``rule``
+    where harvesting is allowed, and those choices are paired with ``rule``'s own run."""
+    p = get_preset("sample")
+    model = tmp_path / "harvest.onnx"
+    model.write_bytes(onnx_policy("harvest", grid=p.grid))
+    ev = evaluate_seeds(p, ["rule", "smallest", "learned"], [1, 2], model=model, progress=False)
+    ch = ev.pooled["learned"]["choices"]
+    assert 0.0 < ch["with_choice"]["value"] <= 1.0
+    assert ch["smallest/differs"]["value"] == 0.0
+    assert 0.0 < ch["rule/differs"]["value"] <= ch["with_choice"]["value"]
+    # less memory than rule on the invocations where it chose unlike rule
+    r = ch["rule/mem_held_ratio"]
+    assert r["ci"][0] <= r["value"] <= r["ci"][1] and r["value"] < 1.0
+    d = ch["rule/mean_rfet_diff"]
+    assert d["ci"][0] <= d["value"] <= d["ci"][1]
+    # the same figures as the learned run against smallest's (identical choices, same workload)
+    assert ev.pooled["learned"]["mean_rfet"] == ev.pooled["smallest"]["mean_rfet"]
+    assert "choices" not in ev.pooled["rule"] and "choices" not in ev.pooled["smallest"]
+    assert "unlike rule in" in render_seeds_table(ev)
