@@ -195,9 +195,9 @@ def test_fast_check_agrees_with_the_exact_loop(muts, n: int) -> None:
 def test_fast_check_never_hides_a_per_record_overflow() -> None:
     # record 0's arrays sum past the float range (the loop refuses it); record 1 cancels it out
     a, b = record("n1", 0), record("n1", 1)
-    a["context"] = [1e308] + [0.0] * 15
+    a["context"] = [1e308] + [0.0] * (N_CONTEXT - 1)
     a["cpu_block"] = [[1e308, 0.0, 0.0]] + [[0.0] * 3] * 7
-    b["context"] = [-1e308] + [0.0] * 15
+    b["context"] = [-1e308] + [0.0] * (N_CONTEXT - 1)
     b["cpu_block"] = [[-1e308, 0.0, 0.0]] + [[0.0] * 3] * 7
     body = batch("n1", 0, [a, b])
     assert _outcome(body, exact=True)[:2] == ("err", 400)
@@ -210,8 +210,8 @@ F32_MAX = float(np.finfo(np.float32).max)
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("context", [1e308] + [0.0] * 15),
-        ("context", [0.0] * 15 + [-F32_MAX * 1.0001]),
+        ("context", [1e308] + [0.0] * (N_CONTEXT - 1)),
+        ("context", [0.0] * (N_CONTEXT - 1) + [-F32_MAX * 1.0001]),
         ("cpu_block", [[0.0, 3.5e38, 0.0]] + [[0.0] * 3] * 7),
         ("mem_block", [[0.0] * 3] * 7 + [[0.0, 0.0, -1e39]]),
         ("logp", -1e39),
@@ -231,7 +231,7 @@ def test_values_beyond_float32_are_refused_on_both_paths(field: str, value) -> N
 
 def test_the_float32_range_itself_is_accepted_on_both_paths() -> None:
     rec = record("n1", 0)
-    rec["context"] = [F32_MAX, -F32_MAX] * 8
+    rec["context"] = [F32_MAX, -F32_MAX] * (N_CONTEXT // 2)
     rec["cpu_block"] = [[F32_MAX, -F32_MAX, 0.0]] * 8
     rec["logp"] = -F32_MAX
     body = batch("n1", 0, [rec])
