@@ -69,13 +69,15 @@ model model-invoker: $(VENV)/.dev
 	$(BIN)/$(TRAIN_CMD) && \
 	echo $$(( $$(date +%s) - start )) > $(RUN)/wall_s
 	$(BIN)/faasrm export $(RUN)/checkpoint.pt models/$(NAME).onnx
-	for seed in 101 102; do \
-		$(BIN)/faasrm sim eval --preset $(PRESET) --seed $$seed \
-			--managers fixed,greedy,ensure,vpa,oracle,learned --model models/$(NAME).onnx \
-			--json $(RUN)/$(PRESET)_seed$$seed.json || exit 1; \
-	done
+	EVAL="--preset $(PRESET) --managers fixed,rule,smallest,vpa,oracle,learned --model models/$(NAME).onnx"; \
+	$(BIN)/faasrm sim eval $$EVAL --seeds 101,102,103 --json $(RUN)/$(PRESET)_seeds101-103.json && \
+	$(BIN)/faasrm sim eval $$EVAL --seeds 1 --json $(RUN)/$(PRESET)_seed1.json
+	$(BIN)/faasrm sim capacity --preset $(PRESET) --seeds 101,102,103 \
+		--managers fixed,rule,smallest,oracle,learned --model models/$(NAME).onnx \
+		--json $(RUN)/$(PRESET)_capacity.json
 	$(BIN)/python -m training.card --run $(RUN) --model models/$(NAME).onnx --preset $(PRESET) \
-		--eval $(RUN)/$(PRESET)_seed101.json $(RUN)/$(PRESET)_seed102.json \
+		--eval $(RUN)/$(PRESET)_seeds101-103.json $(RUN)/$(PRESET)_seed1.json \
+		--capacity $(RUN)/$(PRESET)_capacity.json \
 		--wall-s $$(cat $(RUN)/wall_s) --notes $(NOTES) --card $(CARD) \
 		--command "make $@  # python -m training.pretrain $(BC_ARGS), then $(TRAIN_CMD), then faasrm export $(RUN)/checkpoint.pt models/$(NAME).onnx"
 

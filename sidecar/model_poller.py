@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
-from sidecar.shipper import bearer, jittered_backoff, trainer_session
+from sidecar.shipper import bearer, jittered_backoff, log_retry, trainer_session
 
 log = logging.getLogger("faasrm.model_poller")
 
@@ -271,15 +271,7 @@ class ModelPoller:
                 if result == "error":
                     delay = self.backoff_s(attempt)
                     attempt += 1
-                    if attempt == 1 or attempt % 10 == 0:
-                        log.warning(
-                            "model poll failed",
-                            extra={
-                                "reason": self.last_error,
-                                "attempt": attempt,
-                                "delay_s": round(delay, 3),
-                            },
-                        )
+                    log_retry(log, "model poll failed", self.last_error, attempt, delay)
                     await asyncio.sleep(delay)
                     continue
                 attempt = 0

@@ -75,6 +75,16 @@ def jittered_backoff(attempt: int, initial_s: float, max_s: float, rng: random.R
     return rng.uniform(cap / 2, cap)
 
 
+def log_retry(
+    logger: logging.Logger, message: str, reason: str | None, attempt: int, delay_s: float
+) -> None:
+    """Warn on the first failure and every tenth after it: a long outage must not flood the log."""
+    if attempt == 1 or attempt % 10 == 0:
+        logger.warning(
+            message, extra={"reason": reason, "attempt": attempt, "delay_s": round(delay_s, 3)}
+        )
+
+
 @dataclass
 class Pending:
     seq: int
@@ -340,15 +350,7 @@ class Shipper:
                     delay = self.backoff_s(attempt)
                     attempt += 1
                     self._failing(attempt)
-                    if attempt == 1 or attempt % 10 == 0:
-                        log.warning(
-                            "shipping failed, retrying",
-                            extra={
-                                "reason": self.last_error,
-                                "attempt": attempt,
-                                "delay_s": round(delay, 3),
-                            },
-                        )
+                    log_retry(log, "shipping failed, retrying", self.last_error, attempt, delay)
                     await asyncio.sleep(delay)
                     continue
                 if attempt:

@@ -1,9 +1,11 @@
 """The model card: how the shipped policy was trained and how it scored, next to the ONNX file.
 
-``python -m training.card --run RUN_DIR --model models/default.onnx --eval A.json [B.json ...]
---command "..."`` writes the card (``--card``, default ``models/MODEL_CARD.md``) and adds
-``training`` and ``evaluation`` sections to the model's ``<model>.json`` metadata (its sha256
-stays the ONNX file's).
+``python -m training.card --run RUN_DIR --model models/default.onnx --eval SEEDS.json
+[OTHER.json ...] [--capacity CAP.json] --command "..."`` writes the card (``--card``, default
+``models/MODEL_CARD.md``) and adds ``training`` and ``evaluation`` sections to the model's
+``<model>.json`` metadata (its sha256 stays the ONNX file's). ``--eval`` files are
+``faasrm sim eval --seeds ... --json`` outputs (figures pooled over seeds, with intervals);
+``--capacity`` a ``faasrm sim capacity --json`` output.
 """
 
 from __future__ import annotations
@@ -13,42 +15,76 @@ import csv
 import json
 from pathlib import Path
 
-COLUMNS = (
-    ("mean_rfet", "mean RFET", "{:.3f}"),
-    ("p98_rfet", "p98 RFET", "{:.3f}"),
-    ("p98_duration_s", "p98 exec s", "{:.1f}"),
-    ("p98_response_s", "p98 resp s", "{:.1f}"),
-    ("harvested_frac", "harvested", "{:.1%}"),
-    ("accelerated_frac", "accelerated", "{:.1%}"),
-    ("slowdown_frac_1_2", "RFET>1.2", "{:.2%}"),
-    ("failures", "OOM", "{:d}"),
-)
+from training.evaluate import SEEDS_COLUMNS as COLUMNS
+from training.evaluate import render_choices
+
+ORDER = ("fixed", "rule", "smallest", "greedy", "ensure", "vpa", "oracle", "learned")
+RIVALS = ("rule", "smallest", "oracle", "vpa", "fixed")
 
 
-ORDER = ("fixed", "greedy", "ensure", "vpa", "oracle", "learned")
+def _cell(m: dict, key: str, fmt: str, ci: bool) -> str:
+    text = fmt.format(m[key])
+    if ci and key + "_ci" in m:
+        lo, hi = m[key + "_ci"]
+        text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    return text
 
 
-def _table(results: dict[str, dict]) -> list[str]:
-    head = "| manager | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+def _table(pooled: dict[str, dict]) -> list[str]:
+    head = "| manager | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
     rule = "|---" * (len(COLUMNS) + 1) + "|"
+    order = sorted(pooled, key=lambda n: (ORDER + (n,)).index(n))
     rows = [
-        f"| {name} | " + " | ".join(fmt.format(m[k]) for k, _, fmt in COLUMNS) + " |"
-        for name, m in sorted(results.items(), key=lambda kv: (ORDER + (kv[0],)).index(kv[0]))
+        f"| {n} | " + " | ".join(_cell(pooled[n], *c[::2], c[3]) for c in COLUMNS) + " |"
+        for n in order
     ]
     return [head, rule, *rows]
 
 
-def oracle_gain_share(results: dict[str, dict]) -> float:
-    """Share of the Oracle's mean-RFET gain over Fixed that the learned policy achieves."""
-    fixed, oracle, learned = (results[k]["mean_rfet"] for k in ("fixed", "oracle", "learned"))
-    return (fixed - learned) / (fixed - oracle) if fixed > oracle else float("nan")
+def _versus(pooled: dict[str, dict]) -> list[str]:
+    """The learned policy's mean RFET minus each rival's, paired over the same invocations."""
+    vs = pooled.get("learned", {}).get("vs", {})
+    out = []
+    for rival in (r for r in RIVALS if r in vs):
+        d = vs[rival]
+        lo, hi = d["mean_rfet_diff_ci"]
+        out.append(
+            f"- learned - {rival}: {d['mean_rfet_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+            f"({d['verdict']})"
+        )
+    return out
+
+
+def _capacity(report: dict) -> list[str]:
+    cfg = report["config"]
+    ref = report["reference_p98_response_s"]["pooled"]
+    loads = [f"{x:g}" for x in cfg["loads"]]
+    lines = [
+        f"`faasrm sim capacity`, seeds {', '.join(map(str, cfg['seeds']))} pooled: p98 response "
+        "time (s) with its 95% interval at each load (arrivals compressed by the load), and each "
+        f"manager's capacity, the highest load held within {cfg['slack']:g}x Fixed's p98 "
+        f"response at load 1 ({ref:.1f} s).",
+        "",
+        "| manager | " + " | ".join(f"load {x}" for x in loads) + " | capacity (per seed) |",
+        "|---" * (len(loads) + 2) + "|",
+    ]
+    for m, res in report["results"].items():
+        cells = []
+        for x in loads:
+            r = res["loads"][x]
+            lo, hi = r["p98_response_s_ci"]
+            cells.append(f"{r['p98_response_s']:.1f} [{lo:.1f}, {hi:.1f}]")
+        per = ", ".join(f"{c:g}" for c in res["capacity_per_seed"].values())
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {res['capacity']:g} ({per}) |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="training run dir (metrics.csv, checkpoint.pt)")
     p.add_argument("--model", required=True, help="the exported .onnx")
-    p.add_argument("--eval", nargs="+", required=True, help="faasrm sim eval --json outputs")
+    p.add_argument("--eval", nargs="+", required=True, help="faasrm sim eval --seeds --json files")
+    p.add_argument("--capacity", help="a faasrm sim capacity --json output")
     p.add_argument("--command", required=True, help="the commands that produced the model")
     p.add_argument("--wall-s", type=float, required=True, help="training wall time, seconds")
     p.add_argument("--notes", help="a Markdown file of findings appended to the card")
@@ -61,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     meta_path = Path(a.model + ".json")
     meta = json.loads(meta_path.read_text())
     evals = {Path(e).stem: json.loads(Path(e).read_text()) for e in a.eval}
+    capacity = json.loads(Path(a.capacity).read_text()) if a.capacity else None
     training = {
         "command": a.command,
         "wall_time_s": round(a.wall_s),
@@ -69,7 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         "final_train_mean_rfet": float(last.get("sim/mean_rfet", "nan")),
     }
     meta["training"] = training
-    meta["evaluation"] = evals
+    meta["evaluation"] = {
+        name: {m: {k: v for k, v in row.items() if k != "per_seed"} for m, row in pooled.items()}
+        for name, pooled in evals.items()
+    }
+    if capacity is not None:
+        meta["capacity"] = {m: r["capacity"] for m, r in capacity["results"].items()}
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     lines = [
@@ -90,17 +132,24 @@ def main(argv: list[str] | None = None) -> None:
         "ranges (training/pretrain.py). Training workloads use random seeds drawn per episode; the "
         "evaluation seeds below were never used in training.",
         "",
-        f"## How it scored (simulator, `{a.preset}` preset, same seeds for every manager)",
+        f"## How it scored (simulator, `{a.preset}` preset, every manager on the same workloads)",
+        "",
+        "Figures pooled over the seeds named, with 95% intervals from the bootstrap over seeds and "
+        "invocations (`training/evidence.py`); `rule` and `smallest` are the daemon's model-free "
+        "rules (the allowed candidate closest to the user's size; the fewest resources allowed), "
+        "the bar a learned policy must clear.",
         "",
     ]
-    for name, results in evals.items():
-        lines += [f"### {name}", "", *_table(results), ""]
-        if {"fixed", "oracle", "learned"} <= set(results):
-            lines.append(
-                f"Learned achieves {oracle_gain_share(results):.0%} of the Oracle's mean-RFET "
-                "gain over Fixed."
-            )
-            lines.append("")
+    for name, pooled in evals.items():
+        lines += [f"### {name}", "", *_table(pooled), ""]
+        versus = _versus(pooled)
+        if versus:
+            lines += ["Mean RFET, paired differences (negative: learned faster):", "", *versus, ""]
+        choices = render_choices(pooled)
+        if choices:
+            lines += ["```", *choices, "```", ""]
+    if capacity is not None:
+        lines += ["## Capacity", "", *_capacity(capacity), ""]
     if a.notes:
         lines += ["## Notes", "", Path(a.notes).read_text().strip(), ""]
     out = Path(a.card) if a.card else Path(a.model).parent / "MODEL_CARD.md"
