@@ -547,16 +547,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def load_tree(cls: Any, path: str | Path | None, overrides: dict[str, Any] | None = None) -> Any:
+def load_tree(
+    cls: Any,
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    removed: dict[str, str] | None = None,
+) -> Any:
     """Strictly build any dataclass tree ``cls`` from a TOML file plus dotted overrides.
 
     The same rules as ``load`` (unknown keys, wrong types and non-finite numbers are errors naming
-    the key); used by the trainer's config, which has its own schema.
+    the key); used by the trainer's config, which has its own schema. ``removed`` maps a dotted
+    key that no longer exists to what replaced it: an old file that sets one is refused with that
+    message instead of the generic unknown-key one.
     """
     data = _read_toml(path)
     data = _deep_copy(data)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+    for dotted, replacement in (removed or {}).items():
+        *tables, name = dotted.split(".")
+        node: Any = data
+        for t in tables:
+            node = node.get(t) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            raise ConfigError(f"{path or 'config'}: {dotted} was removed: {replacement}")
     try:
         return _build(cls, data)
     except ConfigError as exc:

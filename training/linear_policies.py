@@ -1,9 +1,10 @@
-"""Tiny linear ONNX scorers whose behaviour is known in advance.
+"""Tiny linear ONNX scorers whose behaviour is known in advance, and an ``Agent`` with one.
 
 They are what the tests load, swap and publish, and what ``faasrm bench faults`` publishes as bad
 models: each is ``rows @ W (+ b)`` over the feature schema of ``sidecar.core.features``, stamped
 with its feature version, schema hash and (optionally) grid like an export, so a node validates
-it exactly as it validates a trained policy.
+it exactly as it validates a trained policy. ``largest_agent`` is the ``largest`` rule as a
+``training.ppo.Agent``: a checkpoint the online learner can start from.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sidecar.core.features import FEATURE_VERSION, FEATURES, N_FEATURES, schema_hash
 from sidecar.core.grid import ResourceGrid
 
-KINDS = ("harvest", "user", "nan", "wrong_shape", "nan_when_busy")
+if TYPE_CHECKING:
+    from training.ppo import Agent
+
+KINDS = ("harvest", "user", "largest", "fast_small", "nan", "wrong_shape", "nan_when_busy")
 COL = {f.name: i for i, f in enumerate(FEATURES)}
 
 
@@ -25,10 +30,11 @@ def onnx_policy(kind: str, grid: ResourceGrid | None, metadata: bool = True) -> 
     """A linear ONNX scorer for ``grid`` (None: no grid in its metadata).
 
     kinds: ``harvest`` (prefers the smallest candidate: -cand_cpu - cand_mem), ``user`` (prefers
-    the user's size), ``nan`` (every score NaN), ``wrong_shape`` (two scores per row),
-    ``nan_when_busy`` (``user``, but NaN for every row once ``pending`` >= 12: it passes the
-    probe checks, which see 3 pending, and fails at run time). ``metadata=False``: no feature
-    version, schema hash or grid at all.
+    the user's size), ``largest`` (the largest: cand_cpu + cand_mem), ``fast_small`` (the most
+    CPU with the least memory: cand_cpu - cand_mem), ``nan`` (every score NaN), ``wrong_shape``
+    (two scores per row), ``nan_when_busy`` (``user``, but NaN for every row once ``pending``
+    >= 12: it passes the probe checks, which see 3 pending, and fails at run time).
+    ``metadata=False``: no feature version, schema hash or grid at all.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -39,6 +45,9 @@ def onnx_policy(kind: str, grid: ResourceGrid | None, metadata: bool = True) -> 
     w = np.zeros((N_FEATURES, cols), np.float32)
     if kind in ("user", "nan_when_busy"):
         w[COL["cand_cpu_vs_user"]] = w[COL["cand_mem_vs_user"]] = -1.0
+    elif kind in ("largest", "fast_small"):
+        w[COL["cand_cpu"]] = 1.0
+        w[COL["cand_mem"]] = 1.0 if kind == "largest" else -1.0
     else:
         w[COL["cand_cpu"]] = w[COL["cand_mem"]] = -1.0
     b = np.full((cols,), math.nan if kind == "nan" else 0.0, np.float32)
@@ -82,3 +91,23 @@ def onnx_policy(kind: str, grid: ResourceGrid | None, metadata: bool = True) -> 
         helper.set_model_props(model, meta)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def largest_agent() -> Agent:
+    """A ``training.ppo.Agent`` whose actor ranks candidates as ``largest`` does: one path of
+    its tanh layers carries cand_cpu + cand_mem (kept in tanh's steep part), the rest is zero, so
+    the score rises with the candidate's size. Its critic is the usual initialisation."""
+    import torch
+
+    from training.ppo import Agent
+
+    agent = Agent()
+    first, second, out = (m for m in agent.actor if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        for layer in (first, second, out):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first.weight[0, COL["cand_cpu"]] = first.weight[0, COL["cand_mem"]] = 0.5
+        second.weight[0, 0] = 1.0
+        out.weight[0, 0] = 20.0
+    return agent

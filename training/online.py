@@ -12,10 +12,14 @@ One update (``Learner.step``, on a worker thread):
    the reward and the advantage ``reward - V(context)``; the old log-probability is the one the
    node recorded (importance ratio against the policy the node actually ran);
 4. export the candidate with ``training.export.export`` on the nodes' grid;
-5. the promotion gate, both must pass:
-   * simulator: ``training.evaluate.evaluate`` on ``gate.preset`` with the fixed ``gate.seed``
-     (held out: never used for training), candidate vs the current model (or Fixed when there is
-     none): mean RFET, share of RFET > 1.2, OOM failures, within the configured tolerances;
+5. the promotion gate, both must pass (a ratchet: only a better model replaces the running one):
+   * simulator (``sim_gate``): ``training.evaluate.evaluate`` on ``gate.preset`` with the fixed
+     ``gate.seed`` (held out: never used for training), the candidate against the running model
+     (none: nothing extra) and both model-free rules (``rule``, ``smallest``) on the same
+     invocations; the candidate's mean RFET must beat each of them by more than ``min_gain`` at
+     the upper bound of the 95% paired bootstrap interval, with no more OOM failures than the
+     fewest of theirs (plus ``max_failure_increase``) and no larger share of RFET > 1.2 than the
+     running model's;
    * recent real data: replay the newest ``gate.real_window`` real decisions through the
      candidate and the current model (greedy, under each record's safeguard mask) and compare the
      predicted slowdown rate (allocated cores below the measured CPU peak / ``slowdown_rfet``) and
@@ -25,12 +29,16 @@ One update (``Learner.step``, on a worker thread):
 6. promote: a new registry version (ONNX, export metadata, the gate report as evaluation, the
    agent checkpoint), then every long-poll is woken. The registry runs the nodes' model checks
    first; a candidate they would refuse (NaN scores after a diverged update) is "rejected".
+
+Every decision, promoted or refused, keeps its gate report and reason in ``Learner.history``
+(``/debug/learner``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import io
 import logging
 import math
@@ -47,6 +55,8 @@ from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import OnnxScorer, fallback_scorer
 from sidecar.core.record import learnable
 from sidecar.models import ModelRejected
+from training.baselines import RULE_MANAGERS
+from training.evidence import SimRun, sim_report
 from training.ppo import Agent, PPOLoss, load_checkpoint, ppo_loss
 
 log = logging.getLogger("faasrm.learner")
@@ -173,16 +183,128 @@ def observed_rates(records: list[dict], model: str | None, slowdown_rfet: float)
     }
 
 
-def sim_figures(grid: ResourceGrid, preset: str, seed: int, model: str | Path | None) -> dict:
+NAMES = {"running": "the running model", "rule": "rule", "smallest": "smallest"}
+"""What the gate compares the candidate with, as its reasons name them."""
+SimKey = tuple[str, int, str]
+"""A cached simulator run: (preset, seed, rule name or the model's sha256)."""
+
+
+def _sim_runs(
+    grid: ResourceGrid, cfg: Any, managers: list[str], model: Path | None = None
+) -> dict[str, SimRun]:
     from training.evaluate import evaluate
     from training.sim.presets import get_preset
 
-    p = get_preset(preset, grid=grid)
-    name = "learned" if model is not None else "fixed"
-    ev = evaluate(p, [name], seed, model=model, progress=False)
-    m = ev.results[name]
-    keys = ("mean_rfet", "p98_rfet", "slowdown_frac_1_2", "failures", "invocations")
-    return {k: m[k] for k in keys}
+    p = get_preset(cfg.preset, grid=grid)
+    return evaluate(p, managers, cfg.seed, model=model, progress=False).runs
+
+
+def sim_gate(
+    candidate: Path, current: Path | None, grid: ResourceGrid, cfg: Any, cache: dict
+) -> dict:
+    """The simulator half of the gate: the candidate, the running model (none: nothing extra)
+    and both rules on the same held-out workload, compared per invocation (paired bootstrap,
+    ``training.evidence.sim_report``). It passes only if the candidate's mean RFET beats each of
+    them by more than ``cfg.min_gain`` at the 95% interval's upper bound, its OOM failures are
+    at most the fewest of theirs plus ``cfg.max_failure_increase``, and its share of RFET > 1.2
+    is no higher than the running model's. ``cache`` keeps the others' runs (``SimKey``) from one
+    update to the next, so only the candidate is simulated anew."""
+    wanted: dict[str, SimKey] = {m: (cfg.preset, cfg.seed, m) for m in RULE_MANAGERS}
+    running_sha = None
+    if current is not None:
+        running_sha = hashlib.sha256(current.read_bytes()).hexdigest()
+        wanted = {"running": (cfg.preset, cfg.seed, running_sha), **wanted}
+    missing_rules = [m for m in RULE_MANAGERS if wanted[m] not in cache]
+    if missing_rules:
+        for m, r in _sim_runs(grid, cfg, missing_rules).items():
+            cache[wanted[m]] = r
+    if current is not None and wanted["running"] not in cache:
+        cache[wanted["running"]] = _sim_runs(grid, cfg, ["learned"], current)["learned"]
+    for stale in set(cache) - set(wanted.values()):  # a replaced running model, another preset
+        del cache[stale]
+    runs = {"candidate": _sim_runs(grid, cfg, ["learned"], candidate)["learned"]}
+    runs.update({m: cache[k] for m, k in wanted.items()})
+    rows = sim_report({m: [r] for m, r in runs.items()})
+    cand = rows["candidate"]
+    others = [m for m in runs if m != "candidate"]
+    reasons = []
+    vs = {}
+    for m in others:
+        d = cand["vs"][m]
+        lo, hi = d["mean_rfet_diff_ci"]
+        ok = bool(hi < -cfg.min_gain)  # NaN (no interval) fails
+        vs[m] = {"mean_rfet_diff": d["mean_rfet_diff"], "mean_rfet_diff_ci": [lo, hi], "passed": ok}
+        if not ok:
+            reasons.append(
+                f"mean RFET does not beat {NAMES[m]}'s by more than {cfg.min_gain:g}: "
+                f"candidate - {m} = {d['mean_rfet_diff']:+.5f}, 95% interval "
+                f"[{lo:+.5f}, {hi:+.5f}]"
+            )
+    fewest = min(others, key=lambda m: rows[m]["failures"])
+    allowed = rows[fewest]["failures"] + cfg.max_failure_increase
+    if cand["failures"] > allowed:
+        reasons.append(
+            f"{cand['failures']} OOM failures, more than {NAMES[fewest]}'s "
+            f"{rows[fewest]['failures']} + {cfg.max_failure_increase}"
+        )
+    if "running" in rows and cand["slowdown_frac_1_2"] > rows["running"]["slowdown_frac_1_2"]:
+        reasons.append(
+            f"share of RFET > 1.2 {cand['slowdown_frac_1_2']:.3%} above the running model's "
+            f"{rows['running']['slowdown_frac_1_2']:.3%}"
+        )
+    figures = ("mean_rfet", "mean_rfet_ci", "slowdown_frac_1_2", "failures")
+    return {
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "invocations": cand["invocations"],
+        "running_sha256": running_sha,
+        "min_gain": cfg.min_gain,
+        "max_failures": allowed,
+        "managers": {m: {k: row[k] for k in figures} for m, row in rows.items()},
+        "vs": vs,
+        "passed": not reasons,
+        "reasons": reasons,
+    }
+
+
+def real_gate(
+    candidate: Path, current: Path | None, records: list[dict], grid: ResourceGrid, cfg: Any
+) -> dict:
+    """The real-data half of the gate: the newest ``cfg.real_window`` real decisions on this grid
+    replayed through the candidate and the running model (none: the daemon's fallback rule); the
+    candidate's predicted slowdown and failure rates may exceed the running model's by
+    ``cfg.real_max_increase`` plus two standard errors."""
+    real = [
+        r
+        for r in records
+        if len(r["cpu_block"]) == grid.cpu_units and len(r["mem_block"]) == grid.mem_units
+    ][-cfg.real_window :]
+    if not real:
+        return {"records": 0, "passed": True, "reasons": [], "note": "no real records on this grid"}
+    cur_scorer = OnnxScorer(current.read_bytes()) if current is not None else fallback_scorer()
+    cand_r = real_rates(OnnxScorer(candidate.read_bytes()), real, grid, cfg.slowdown_rfet)
+    cur_r = real_rates(cur_scorer, real, grid, cfg.slowdown_rfet)
+    n = len(real)
+
+    def allowed(p: float) -> float:
+        # tolerance + two standard errors of the current rate: a few records that flip on a
+        # small sample are noise, not a regression
+        return p + cfg.real_max_increase + 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
+
+    reasons = [
+        f"predicted {what} rate on {n} recent real records {cand_r[k]:.3%}, above the allowed "
+        f"{allowed(cur_r[k]):.3%}"
+        for what, k in (("slowdown", "pred_slowdown_rate"), ("failure", "pred_failure_rate"))
+        if cand_r[k] > allowed(cur_r[k])
+    ]
+    return {
+        "records": n,
+        "candidate": cand_r,
+        "current": cur_r,
+        "observed": observed_rates(real, None, cfg.slowdown_rfet),
+        "passed": not reasons,
+        "reasons": reasons,
+    }
 
 
 def gate(
@@ -193,61 +315,28 @@ def gate(
     cfg: Any,
     sim_cache: dict | None = None,
 ) -> dict:
-    """The promotion gate's report; ``report['passed']`` says whether to promote."""
-    cache = sim_cache if sim_cache is not None else {}
-    key = str(current) if current is not None else "fixed"
-    if key not in cache:
-        cache[key] = sim_figures(grid, cfg.preset, cfg.seed, current)
-    cur_sim = cache[key]
-    cand_sim = sim_figures(grid, cfg.preset, cfg.seed, candidate)
-    sim_ok = (
-        cand_sim["mean_rfet"] <= cur_sim["mean_rfet"] * cfg.max_rfet_ratio
-        and cand_sim["slowdown_frac_1_2"]
-        <= cur_sim["slowdown_frac_1_2"] + cfg.max_slowdown_increase
-        and cand_sim["failures"] <= cur_sim["failures"] + cfg.max_failure_increase
-    )
-    report: dict[str, Any] = {
-        "sim": {
-            "preset": cfg.preset,
-            "seed": cfg.seed,
-            "candidate": cand_sim,
-            "current": cur_sim,
-            "passed": sim_ok,
-        },
+    """The promotion gate's report; ``report['passed']`` says whether to promote and
+    ``report['reason']`` why (every failed check, or whom the candidate beat)."""
+    sim = sim_gate(candidate, current, grid, cfg, sim_cache if sim_cache is not None else {})
+    real = real_gate(candidate, current, records, grid, cfg)
+    passed = bool(sim["passed"] and real["passed"])
+    beaten = ", ".join(NAMES[m] for m in sim["vs"])
+    return {
+        "sim": sim,
+        "real": real,
+        "passed": passed,
+        "reason": f"beats {beaten} in the simulator; no worse on recent real records"
+        if passed
+        else "; ".join(sim["reasons"] + real["reasons"]),
     }
-    real = [
-        r
-        for r in records
-        if len(r["cpu_block"]) == grid.cpu_units and len(r["mem_block"]) == grid.mem_units
-    ][-cfg.real_window :]
-    if real:
-        cur_scorer = OnnxScorer(current.read_bytes()) if current is not None else fallback_scorer()
-        cand_r = real_rates(OnnxScorer(candidate.read_bytes()), real, grid, cfg.slowdown_rfet)
-        cur_r = real_rates(cur_scorer, real, grid, cfg.slowdown_rfet)
-        n = len(real)
-
-        def allowed(p: float) -> float:
-            # tolerance + two standard errors of the current rate: a few records that flip on a
-            # small sample are noise, not a regression
-            return p + cfg.real_max_increase + 2.0 * math.sqrt(max(p * (1 - p), 1.0 / n) / n)
-
-        real_ok = cand_r["pred_slowdown_rate"] <= allowed(cur_r["pred_slowdown_rate"]) and cand_r[
-            "pred_failure_rate"
-        ] <= allowed(cur_r["pred_failure_rate"])
-        report["real"] = {
-            "records": len(real),
-            "candidate": cand_r,
-            "current": cur_r,
-            "observed": observed_rates(real, None, cfg.slowdown_rfet),
-            "passed": real_ok,
-        }
-    else:
-        report["real"] = {"records": 0, "passed": True, "note": "no real records on this grid"}
-    report["passed"] = bool(sim_ok and report["real"]["passed"])
-    return report
 
 
 # ------------------------------------------------------------------------------------ learner
+HISTORY_LEN = 100
+"""Updates kept in ``/debug/learner``'s history, each gate decision with its figures."""
+HISTORY_KEYS = ("update", "time", "result", "version", "reason", "duration_s", "gate")
+
+
 class Learner:
     def __init__(self, cfg: Any, store: Any, registry: Any, metrics: Any) -> None:
         self.cfg = cfg
@@ -335,10 +424,12 @@ class Learner:
                 out.update(result="rejected", reason=f"the registry refused it: {exc}")
                 log.error("candidate refused by the registry", extra={"reason": str(exc)})
             else:
-                out.update(result="promoted", version=v.version, sha256=v.sha256)
-                log.info("candidate promoted", extra={"version": v.version, "base": source})
+                out.update(
+                    result="promoted", version=v.version, sha256=v.sha256, reason=report["reason"]
+                )
+                log.info("candidate promoted", extra={"version": v.version, "gate": report})
         else:
-            out.update(result="rejected")
+            out.update(result="rejected", reason=report["reason"])
             log.info("candidate refused by the gate", extra={"gate": report})
         cand.unlink(missing_ok=True)
         Path(str(cand) + ".json").unlink(missing_ok=True)
@@ -349,8 +440,8 @@ class Learner:
         self.metrics.updates.labels(out["result"]).inc()
         self.metrics.update_duration.observe(out["duration_s"])
         self.last = out
-        self.history.append({k: out.get(k) for k in ("update", "result", "version", "duration_s")})
-        del self.history[:-100]
+        self.history.append({k: out.get(k) for k in HISTORY_KEYS})
+        del self.history[:-HISTORY_LEN]
         return out
 
     def status(self) -> dict:

@@ -107,12 +107,13 @@ class GateConfig:
     """Simulator preset of the held-out evaluation (sample or small: fast)."""
     seed: int = 12345
     """Fixed workload seed of the held-out evaluation (never used for training)."""
-    max_rfet_ratio: float = 1.02
-    """Candidate mean RFET may be at most this times the current model's."""
-    max_slowdown_increase: float = 0.01
-    """Candidate share of invocations with RFET > 1.2 may exceed the current's by this much."""
+    min_gain: float = 0.0
+    """The candidate's mean RFET must beat the running model's, ``rule``'s and ``smallest``'s
+    by more than this: the upper bound of the 95% paired interval of each difference (candidate
+    minus other) must lie below -min_gain (0: wholly below zero). Never negative: a ratchet."""
     max_failure_increase: int = 0
-    """Extra OOM failures allowed in the simulator evaluation."""
+    """OOM failures the candidate may have beyond the fewest of the running model, rule and
+    smallest in the simulator evaluation."""
     real_window: int = 2048
     """Recent real records the real-data check replays."""
     real_max_increase: float = 0.01
@@ -194,8 +195,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+REMOVED_KEYS = {
+    "gate.max_rfet_ratio": "the gate promotes only a candidate whose mean RFET beats the running "
+    "model's, rule's and smallest's, with a 95% paired interval; set gate.min_gain instead "
+    "(0.0: any gain the interval shows)",
+    "gate.max_slowdown_increase": "the candidate's share of RFET > 1.2 in the simulator may not "
+    "exceed the running model's; delete the key",
+}
+"""Keys an older trainer.toml may still set, and what replaced them."""
+
+
 def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfig:
-    cfg = load_tree(TrainerConfig, path, overrides)
+    cfg = load_tree(TrainerConfig, path, overrides, REMOVED_KEYS)
     problems = []
     if not 0 <= cfg.port <= 65535:
         problems.append(f"port {cfg.port} outside 0..65535")
@@ -207,6 +218,11 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
         problems.append("learner.interval_s must be > 0 and learner.min_records >= 1")
     if cfg.gate.preset not in ("sample", "small", "paper"):
         problems.append(f"gate.preset {cfg.gate.preset!r} is not sample, small or paper")
+    if cfg.gate.min_gain < 0:
+        problems.append(
+            "gate.min_gain must be >= 0 (below 0 the gate would promote a candidate worse than "
+            "the running model)"
+        )
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
     try:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from sidecar.core.grid import ResourceGrid
 from training.processes import TOKEN
 from training.testbed import Testbed
 
-GRID_OV = {"grid.cpu_unit_cores": 0.25, "grid.mem_unit_mb": 64.0}
+GRID = ResourceGrid(0.25, 8, 64.0, 8)
+GRID_OV = {"grid.cpu_unit_cores": GRID.cpu_unit_cores, "grid.mem_unit_mb": GRID.mem_unit_mb}
 
 
 def publish_fresh_agent(testbed: Testbed, tmp: Path, seed: int = 0) -> int:
     import torch
 
-    from sidecar.core.grid import ResourceGrid
     from training.export import export
     from training.ppo import Agent
     from training.service import publish
@@ -22,7 +23,7 @@ def publish_fresh_agent(testbed: Testbed, tmp: Path, seed: int = 0) -> int:
     torch.manual_seed(seed)
     agent = Agent()
     path = tmp / f"agent{seed}.onnx"
-    export(agent, path, args={"preset": "sample"}, grid=ResourceGrid(0.25, 8, 64.0, 8))
+    export(agent, path, args={"preset": "sample"}, grid=GRID)
     buf = io.BytesIO()
     torch.save({"agent": agent.state_dict()}, buf)
     return publish(testbed.trainer.url, TOKEN, path, checkpoint=buf.getvalue())["version"]
