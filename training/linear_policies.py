@@ -29,12 +29,12 @@ COL = {f.name: i for i, f in enumerate(FEATURES)}
 def onnx_policy(kind: str, grid: ResourceGrid | None, metadata: bool = True) -> bytes:
     """A linear ONNX scorer for ``grid`` (None: no grid in its metadata).
 
-    kinds: ``harvest`` (prefers the smallest candidate: -cand_cpu - cand_mem), ``user`` (prefers
-    the user's size), ``largest`` (the largest: cand_cpu + cand_mem), ``fast_small`` (the most
-    CPU with the least memory: cand_cpu - cand_mem), ``nan`` (every score NaN), ``wrong_shape``
-    (two scores per row), ``nan_when_busy`` (``user``, but NaN for every row once ``pending``
-    >= 12: it passes the probe checks, which see 3 pending, and fails at run time).
-    ``metadata=False``: no feature version, schema hash or grid at all.
+    kinds: ``harvest`` (prefers the smallest candidate: -cand_cpu - cand_mem), ``user`` (the
+    daemon's ``rule``: the candidate closest to the user's size), ``largest`` (the largest:
+    cand_cpu + cand_mem), ``fast_small`` (the most CPU with the least memory: cand_cpu -
+    cand_mem), ``nan`` (every score NaN), ``wrong_shape`` (two scores per row),
+    ``nan_when_busy`` (``user``, but NaN for every row once ``pending`` >= 12: it passes the
+    probe checks, which see 3 pending, and fails at run time).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -56,8 +56,11 @@ def onnx_policy(kind: str, grid: ResourceGrid | None, metadata: bool = True) -> 
         numpy_helper.from_array(b, "b"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat"),
     ]
+    # ``user`` scores -(|log2 cpu/user| + |log2 mem/user|), as the daemon's ``rule`` does
+    closest = kind in ("user", "nan_when_busy")
     nodes = [
-        helper.make_node("MatMul", ["rows", "W"], ["mm"]),
+        *([helper.make_node("Abs", ["rows"], ["abs_rows"])] if closest else []),
+        helper.make_node("MatMul", ["abs_rows" if closest else "rows", "W"], ["mm"]),
         helper.make_node("Add", ["mm", "b"], ["z"]),
         helper.make_node("Reshape", ["z", "flat"], ["scores"]),
     ]

@@ -328,3 +328,12 @@ def test_the_learned_policys_choices_are_compared_with_each_rule(tmp_path: Path)
     assert ev.pooled["learned"]["mean_rfet"] == ev.pooled["smallest"]["mean_rfet"]
     assert "choices" not in ev.pooled["rule"] and "choices" not in ev.pooled["smallest"]
     assert "unlike rule in" in render_seeds_table(ev)
+
+
+def test_the_user_linear_policy_scores_as_the_daemons_rule() -> None:
+    from sidecar.core.features import N_FEATURES
+    from sidecar.core.policy import OnnxScorer, fallback_scorer
+
+    rows = np.random.default_rng(0).normal(size=(64, N_FEATURES)).astype(np.float32)
+    got = OnnxScorer(onnx_policy("user", None)).scores(rows)
+    assert np.allclose(got, fallback_scorer("user").scores(rows), atol=1e-5)
