@@ -266,7 +266,7 @@ def render_choices(pooled: dict[str, dict]) -> list[str]:
         )
         for rule in RULE_MANAGERS:
             text = f"  unlike {rule} in {ch[f'{rule}/differs']['value']:.1%} of decisions"
-            if f"{rule}/mean_rfet_diff" in ch:
+            if f"{rule}/mean_rfet_diff" in ch and ch[f"{rule}/differs"]["value"] > 0:
                 d, r = ch[f"{rule}/mean_rfet_diff"], ch[f"{rule}/mem_held_ratio"]
                 text += (
                     f"; on those, mean RFET minus {rule}'s {d['value']:+.4f} "
