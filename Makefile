@@ -47,16 +47,19 @@ bench: $(VENV)/.dev
 	$(BIN)/faasrm bench sim --json out/bench_sim.json
 
 # Reproduces a shipped policy and its card: `make model` = models/default.onnx (paper preset,
-# 8-core invokers, ~15 min on 2 cores); `make model-invoker` = models/invoker.onnx (invoker
-# preset, 2-core hosts like the demo's, a few minutes).
+# 8-core invokers: ~26 min of training and ~60 min of evaluation on 2 cores, capacity on one
+# seed); `make model-invoker` = models/invoker.onnx (invoker preset, 2-core hosts like the
+# demo's: ~28 min of training, ~4 min of evaluation).
 model: NAME := default
 model: PRESET := paper
 model: CARD := models/MODEL_CARD.md
 model: NOTES := models/NOTES.md
+model: CAP_SEEDS := 101
 model-invoker: NAME := invoker
 model-invoker: PRESET := invoker
 model-invoker: CARD := models/INVOKER_CARD.md
 model-invoker: NOTES := models/INVOKER_NOTES.md
+model-invoker: CAP_SEEDS := 101,102,103
 RUN = runs/$(NAME)
 BC_ARGS = --preset $(PRESET) --episodes 6 --decisions 4096 --out $(RUN)/bc.pt
 TRAIN_CMD = faasrm train --preset $(PRESET) --episode-decisions 4096 --num-steps 4096 \
@@ -72,7 +75,7 @@ model model-invoker: $(VENV)/.dev
 	EVAL="--preset $(PRESET) --managers fixed,rule,smallest,vpa,oracle,learned --model models/$(NAME).onnx"; \
 	$(BIN)/faasrm sim eval $$EVAL --seeds 101,102,103 --json $(RUN)/$(PRESET)_seeds101-103.json && \
 	$(BIN)/faasrm sim eval $$EVAL --seeds 1 --json $(RUN)/$(PRESET)_seed1.json
-	$(BIN)/faasrm sim capacity --preset $(PRESET) --seeds 101,102,103 \
+	$(BIN)/faasrm sim capacity --preset $(PRESET) --seeds $(CAP_SEEDS) \
 		--managers fixed,rule,smallest,oracle,learned --model models/$(NAME).onnx \
 		--json $(RUN)/$(PRESET)_capacity.json
 	$(BIN)/python -m training.card --run $(RUN) --model models/$(NAME).onnx --preset $(PRESET) \
