@@ -272,8 +272,9 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         "--repeats",
         type=int,
         default=1 if demo else 2,
-        help="rounds: every manager replays the slice once per round, in an order rotated "
-        "each round; with 2 or more, Fixed's later rounds against its earlier ones give the "
+        help="rounds: every manager replays the slice once per round, the order reversed every "
+        "other round and rotated every two (a steady drift hits every manager alike); with 2 "
+        "or more, Fixed's later rounds against its earlier ones give the "
         "noise row",
     )
     p.add_argument(

@@ -1,7 +1,7 @@
 """Figures that separate signal from noise: paired bootstrap statistics of resource managers.
 
 Real replays (``faasrm bench real --repeats R``) run every manager over the same N invocations
-in each of R rounds, in an order rotated from round to round (``round_order``). An invocation's
+in each of R rounds, in an order that changes from round to round (``round_order``). An invocation's
 reference time is the geometric mean of its Fixed executions (``reference_times``); RFET =
 execution time / reference. The **noise** row is Fixed measured the same way: each Fixed round
 after the first against the geometric mean of the rounds before it (needs R >= 2). A run is
@@ -45,10 +45,14 @@ _CHUNK_ELEMENTS = 4_000_000
 
 
 def round_order(managers: Sequence[str], round_index: int) -> list[str]:
-    """The order in which the managers replay in a round: rotated by one each round, so that a
-    drift on the host (warming caches, a noisy neighbour) hits every manager alike."""
-    k = round_index % len(managers) if managers else 0
-    return [*managers[k:], *managers[:k]]
+    """The order in which the managers replay in a round, so that a drift on the host (warming
+    caches, a noisy neighbour) hits every manager alike: round 2k is the order rotated by k,
+    round 2k + 1 the same reversed. Every two rounds give every manager the same mean position
+    (a steady drift cancels; a plain rotation would put the last manager last in both of two
+    rounds), and 2 x len(managers) rounds put each one in every position equally often."""
+    k = (round_index // 2) % len(managers) if managers else 0
+    order = [*managers[k:], *managers[:k]]
+    return order[::-1] if round_index % 2 else order
 
 
 def duration_class(ref_s: float) -> str | None:

@@ -154,14 +154,20 @@ def test_weighted_quantile_matches_numpy_inverted_cdf_and_repeats():
     assert pool.quantile(x, 1.0)(w)[0] == np.sort(x)[-2]
 
 
-def test_round_order_rotates_every_manager_through_every_position():
-    ms = ["fixed", "rule", "learned"]
-    orders = [evidence.round_order(ms, r) for r in range(3)]
-    assert orders[0] == ms
-    assert orders[1] == ["rule", "learned", "fixed"]
-    for pos in range(3):
-        assert sorted(o[pos] for o in orders) == sorted(ms)
-    assert evidence.round_order(ms, 3) == ms
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_round_order_balances_a_steady_drift(n: int) -> None:
+    ms = ["fixed", "rule", "smallest", "learned"][:n]
+    orders = [evidence.round_order(ms, r) for r in range(2 * n)]
+    assert orders[0] == ms and orders[1] == ms[::-1]
+    assert all(sorted(o) == sorted(ms) for o in orders)
+    # every two rounds: the same mean position for every manager (a linear drift cancels)
+    for r in range(0, 2 * n, 2):
+        pos = {m: orders[r].index(m) + orders[r + 1].index(m) for m in ms}
+        assert len(set(pos.values())) == 1, (r, pos)
+    # over 2n rounds every manager takes every position equally often
+    for m in ms:
+        assert sorted(o.index(m) for o in orders) == sorted(list(range(n)) * 2)
+    assert evidence.round_order(ms, 2 * n) == ms
 
 
 def test_duration_classes_and_verdicts():

@@ -3,7 +3,7 @@
 Every manager replays the same trace slice (``invoker.schedule``: the bundled Azure sample,
 ``speedup`` trace minutes per real minute, inputs drawn from ``seed``) over fresh containers
 (cgroups ``faasrm-real-<pid>-<manager>-r<round>/<function>``, one worker each), in ``repeats``
-rounds; within a round the managers run one after another in an order rotated from round to
+rounds; within a round the managers run one after another, in an order reversed every other
 round (``training.evidence.round_order``), so a drift of the host hits every manager alike:
 
 * ``fixed``: no sidecar, every container stays at its user's size (the reference);
@@ -321,14 +321,14 @@ async def run_all(
     engine: DockerEngine | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``repeats`` rounds of every manager over the same invocations, in rotated order;
+    """``repeats`` rounds of every manager over the same invocations (``round_order``);
     ``with_trainer``: a local trainer service receives the sidecar's trajectories (its learner
     runs with its defaults); ``settings``: more config for every sidecar."""
     invocations = schedule(minutes, speedup, seed)
     # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
     echo(f"  {minutes:g} min per manager: {len(invocations)} invocations on {len(SPECS)} functions")
-    echo(f"  grid: {grid_text(grid)}; {repeats} round(s), order rotated each round")
+    echo(f"  grid: {grid_text(grid)}; {repeats} round(s), order reversed every other round")
     measured: dict[str, list[list[Measurement]]] = {m: [] for m in managers}
     oom_kills = dict.fromkeys(managers, 0)
     give_backs = dict.fromkeys(managers, 0)
