@@ -203,7 +203,8 @@ def test_real_v1_oom_kill_is_seen_within_a_tick_through_the_eventfd(v1_cgroup, s
     s.close()
 
 
-def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> None:
+def _throttled_busy_ticks(v1_cgroup, spawn, watch: set[str]) -> tuple[Sampler, list]:
+    """A busy loop at 0.1 core in 10 ms periods, sampled hot for 7 ticks of 50 ms."""
     s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=3)
     cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
     cg.write_limits(cgroups.Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
@@ -213,10 +214,14 @@ def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> 
         t, out = Ticker(0.05), []
         for _ in range(n):
             await t.wait()
-            out.extend(s.tick(hot={"c"}).samples)
+            out.extend(s.tick(hot={"c"}, watch=watch).samples)
         return out
 
-    xs = asyncio.run(ticks(7))
+    return s, asyncio.run(ticks(7))
+
+
+def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> None:
+    s, xs = _throttled_busy_ticks(v1_cgroup, spawn, watch=set())
     # throttling moves only on the slow ticks (every 3rd), and then by the whole interval's count
     moved = [i for i, x in enumerate(xs) if x.throttled_delta > 0]
     assert moved and all(i % 3 == 0 for i in moved)
@@ -225,19 +230,7 @@ def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> 
 
 
 def test_real_v1_watched_throttling_moves_every_tick(v1_cgroup, spawn) -> None:
-    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=3)
-    cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
-    cg.write_limits(cgroups.Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
-    spawn("while True: pass")
-
-    async def ticks(n: int) -> list:
-        t, out = Ticker(0.05), []
-        for _ in range(n):
-            await t.wait()
-            out.extend(s.tick(hot={"c"}, watch={"c"}).samples)
-        return out
-
-    xs = asyncio.run(ticks(7))
+    s, xs = _throttled_busy_ticks(v1_cgroup, spawn, watch={"c"})
     # watched: cpu.stat on every tick, ~5 periods of 10 ms per 50 ms tick, all throttled
     periods = [b.nr_periods - a.nr_periods for a, b in zip(xs, xs[1:], strict=False)]
     assert all(p > 0 for p in periods), periods

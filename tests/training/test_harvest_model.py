@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sim_helpers import run_allocs
 
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.reward import RewardConfig, held_ratio, invocation_reward
@@ -65,12 +66,7 @@ def _workload(
 
 
 def _run(wl: Workload, allocs: list[Alloc], cluster: ClusterConfig = HOST) -> ClusterSim:
-    sim = ClusterSim(wl, cluster, GRID)
-    for alloc in allocs:
-        assert sim.next_request() is not None
-        sim.apply(alloc)
-    sim.run_to_end()
-    return sim
+    return run_allocs(wl, allocs, cluster, GRID)
 
 
 # ------------------------------------------------------------------------------------ workload
