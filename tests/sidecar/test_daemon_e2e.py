@@ -75,7 +75,9 @@ def test_harvest_accelerate_give_back_no_oom(tmp_path: Path, boxes, v1_cgroup) -
         over.rel: ("over", 2.0, 512),
         under.rel: ("under", 0.5, 256),
         jump.rel: ("jump", 2.0, 512),
-        mem.rel: ("mem", 1.0, 512),
+        # two cores for one single-threaded worker: touching 100 MB of pages can keep it busy for
+        # a whole 100 ms window on a loaded host; a peak at its quota would (rightly) accelerate it
+        mem.rel: ("mem", 2.0, 512),
     }
     port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
