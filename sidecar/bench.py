@@ -5,8 +5,8 @@
   CPU time per tick as % of one core, for three mixes: 100 and 1,000 containers with 10% of them
   running an invocation (an invoker host: most warm containers are idle at any moment), and 100
   all running one. Baseline, per mix: open/read/close of the same files on the same schedule (a
-  running container's CPU and memory usage every tick, the rest of its files every
-  ``slow_every`` ticks; an idle container's five files every ``slow_every`` ticks).
+  running container's CPU and memory usage every tick, its peak and throttling every
+  ``slow_every`` ticks; an idle container's CPU and memory usage every ``slow_every`` ticks).
 * decision latency: ``Engine.start`` (stats, safeguard, features, inference, argmax), p50/p99.
   Baseline: the scorer's inference alone on the same rows.
 * actuation latency: ``Actuator.apply`` of a harvest allocation (CPU quota + shares + memory
@@ -193,11 +193,7 @@ def _raw_read_cpu(
             [f"{root}/cpuacct/{rel}/cpuacct.usage", f"{root}/memory/{rel}/memory.usage_in_bytes"]
         )
         slow_files.append(
-            [
-                f"{root}/cpu/{rel}/cpu.stat",
-                f"{root}/memory/{rel}/memory.max_usage_in_bytes",
-                f"{root}/memory/{rel}/memory.oom_control",
-            ]
+            [f"{root}/cpu/{rel}/cpu.stat", f"{root}/memory/{rel}/memory.max_usage_in_bytes"]
         )
     # per tick phase: the files read on it (slow ticks are spread as the sampler spreads them)
     hot = [f for i, files in enumerate(fast_files) if active[i] for f in files]
@@ -207,7 +203,7 @@ def _raw_read_cpu(
             f
             for i in range(len(rels))
             if i % slow_every == phase
-            for f in (slow_files[i] if active[i] else fast_files[i] + slow_files[i])
+            for f in (slow_files[i] if active[i] else fast_files[i])
         ]
         for phase in range(slow_every)
     ]

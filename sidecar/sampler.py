@@ -6,21 +6,25 @@ throttling and OOM-kill deltas. A container whose cgroup vanished is reported in
 unreadable file is an ``errors`` entry for that container only (the others are still sampled).
 
 Cost (budget: 1% of a core for 100 containers at 10 Hz, i.e. 10 us per container per tick, where
-one pread of a cgroup file costs 1-3 us). One rule decides what a tick reads: the *hot*
-containers (``tick(hot=...)``, chosen by the node: running an invocation, holding a decision's
-limits, or with inferred boundaries) have CPU and memory usage read every tick; every container,
-hot or not, is read in full on its *slow tick*, one in ``slow_every``, spread over the ticks; a
-container that is neither hot nor on its slow tick is not read at all (unless it has no sample
-yet). The OOM counter: on v1 the kernel signals an eventfd on every OOM in the cgroup
-(``Cgroup.oom_eventfd``), one ``epoll_wait`` per tick covers every container, and a signalled
-container is read, OOM counter included, on that tick and the next, hot or not; without an
-eventfd (v2) a hot container's counter is read every tick. The memory peak, PSI and v1
-throttling counters are read on the slow ticks (in between the peak is the last one read, raised
-to the current usage), except that the throttling counters of the *watched* containers
-(``tick(watch=...)``: those holding a harvested CPU quota, for the throttle give-back) are read
-every tick: one more pread of ``cpu.stat`` on v1, none on v2 (usage is in the same file). An
-invocation's start and end read the container in full at once (the node, through ``cgroup``),
-without moving its window.
+one pread of a cgroup file costs 1-3 us). A tick reads only the containers due, and looks at no
+other: the *hot* ones (``tick(hot=...)``, chosen by the node: running an invocation, holding a
+decision's limits, or with inferred boundaries) have CPU and memory usage read every tick; every
+container has a *slow tick*, one in ``slow_every``, spread over the ticks (each container is in
+one of ``slow_every`` phase buckets). On its slow tick a hot container is read in full; an idle one
+(at its user's size) has its CPU and memory usage read, about once a second at the defaults, and
+nothing else: its peak, throttling and PSI mean nothing until its next invocation, whose start
+reads it in full. A container with no sample yet is read on the next tick. The OOM counter: on v1
+the kernel signals an eventfd on every OOM in the cgroup (``Cgroup.oom_eventfd``), one
+``epoll_wait`` per tick covers every container, and a signalled container is read, OOM counter
+included, on that tick and the next, hot or not; without an eventfd (v2) the counter is read
+whenever the container is. The memory peak, PSI and v1 throttling counters are read on a hot
+container's slow ticks (in between the peak is the last one read, raised to the current usage),
+except that the throttling counters of the *watched* containers (``tick(watch=...)``: those
+holding a harvested CPU quota, for the throttle give-back) are read every tick: one more pread of
+``cpu.stat`` on v1, none on v2 (usage is in the same file). An invocation's start and end read the
+container in full at once (the node, through ``cgroup``), without moving its window; so idle
+sampling cannot delay a give-back (the container is hot from its start) or an OOM (the eventfd,
+or on v2 a read every tick while hot).
 
 Each container keeps its last ``HISTORY`` samples (time, CPU cores, memory bytes) in a fixed ring
 of doubles for the debug page's timeline: 7 KB per container, no allocation per sample.
@@ -34,7 +38,7 @@ import os
 import select
 import time
 from array import array
-from collections.abc import Callable, Container
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -74,19 +78,13 @@ class _Tracked:
     ref: ContainerRef
     cg: cgroups.Cgroup
     last: cgroups.Usage | None = None
-    slow_in: int = 0  # ticks until the next read of the slowly-changing files
+    phase: int = 0  # its slow tick: ticks with ``ticks % slow_every == phase``
     efd: int | None = None  # OOM eventfd registered with the sampler's epoll
     oom_due: int = 0  # ticks left on which the OOM counter is read (after a notification)
     history: array = field(default_factory=lambda: array("d", bytes(24 * HISTORY)))
     """(t_s, cpu_cores, mem_bytes) triples, a ring; ``at`` is the next slot's first index."""
     at: int = 0
     recorded: int = 0
-
-    def record(self, t_s: float, cpu_cores: float, mem_bytes: int) -> None:
-        h, i = self.history, self.at
-        h[i], h[i + 1], h[i + 2] = t_s, cpu_cores, mem_bytes
-        self.at = i + 3 if i + 3 < 3 * HISTORY else 0
-        self.recorded += 1
 
 
 @dataclass
@@ -103,6 +101,8 @@ class Sampler:
         self._open = open_cgroup
         self.slow_every = max(1, slow_every)
         self._tracked: dict[str, _Tracked] = {}
+        self._phases: list[dict[str, _Tracked]] = [{} for _ in range(self.slow_every)]
+        self._due: dict[str, _Tracked] = {}  # read next tick: never read yet, or OOM-notified
         self._epoll: select.epoll | None = None
         self._by_efd: dict[int, _Tracked] = {}
         self.oom_notifications = 0
@@ -117,7 +117,10 @@ class Sampler:
         if t is not None:
             self._close(t)
         cg = self._open(ref)
-        t = self._tracked[ref.id] = _Tracked(ref, cg, slow_in=len(self._tracked) % self.slow_every)
+        phase = min(range(self.slow_every), key=lambda k: len(self._phases[k]))
+        t = self._tracked[ref.id] = _Tracked(ref, cg, phase=phase)
+        self._phases[phase][ref.id] = t
+        self._due[ref.id] = t
         watch = getattr(cg, "oom_eventfd", None)
         if watch is not None and (efd := watch()) is not None:
             try:
@@ -131,6 +134,8 @@ class Sampler:
         return cg
 
     def _close(self, t: _Tracked) -> None:
+        self._phases[t.phase].pop(t.ref.id, None)
+        self._due.pop(t.ref.id, None)
         if t.efd is not None:
             self._by_efd.pop(t.efd, None)
             if self._epoll is not None:
@@ -171,38 +176,48 @@ class Sampler:
             out.append((h[i], h[i + 1], int(h[i + 2])))
         return out
 
-    def tick(self, hot: Container[str] | None = None, watch: Container[str] = ()) -> TickResult:
-        """Sample the containers this tick reads (see the module docstring); ``hot``: the
+    def tick(self, hot: Collection[str] | None = None, watch: Container[str] = ()) -> TickResult:
+        """Sample the containers due this tick (see the module docstring); ``hot``: the
         containers read every tick (None = all); ``watch``: those of them whose throttling
         counters are read every tick too."""
         out = TickResult()
         if self._by_efd:
             self._notified()
-        every, append, nan = self.slow_every, out.samples.append, math.nan
-        for cid, t in list(self._tracked.items()):
-            slow = t.slow_in <= 0
-            t.slow_in = every - 1 if slow else t.slow_in - 1
+        phase = self.ticks % self.slow_every
+        if hot is None:
+            due: dict[str, _Tracked] = self._tracked
+        else:
+            due = {**self._phases[phase], **self._due}
+            tracked = self._tracked
+            for cid in hot:
+                if (t := tracked.get(cid)) is not None:
+                    due[cid] = t
+        self._due = {}
+        append, nan = out.samples.append, math.nan
+        for cid, t in due.items():
+            busy = hot is None or cid in hot
             if t.oom_due:
                 t.oom_due -= 1
                 oom = True
-            elif slow:
-                oom = True
-            elif hot is None or cid in hot or t.last is None:
-                oom = t.efd is None
+                if t.oom_due:
+                    self._due[cid] = t
             else:
-                continue  # idle at its user's size: read on its slow tick
+                oom = t.efd is None
             try:
-                u = t.cg.read_usage(oom, slow, cid in watch)
+                u = t.cg.read_usage(oom, busy and t.phase == phase, cid in watch)
                 prev, t.last = t.last, u
                 if prev is None:  # the first sample: no window yet (this loop is the hot path)
-                    t.record(u[0], nan, u[4])
-                    append(Sample(cid, u[0], nan, nan, u[4], u[5], u[6], 0, 0, u[7], u[8], u[2]))
-                    continue
-                dt = u[0] - prev[0]
-                rate = (u[1] - prev[1]) / dt if dt > 0 else nan
-                rate = rate if rate > 0.0 else 0.0  # as max(0.0, rate): NaN (dt <= 0) -> 0.0
-                d_oom, d_thr = u[6] - prev[6], u[2] - prev[2]
-                t.record(u[0], rate, u[4])
+                    rate = dt = nan
+                    d_oom = d_thr = 0
+                else:
+                    dt = u[0] - prev[0]
+                    rate = (u[1] - prev[1]) / dt if dt > 0 else nan
+                    rate = rate if rate > 0.0 else 0.0  # as max(0.0, rate): NaN (dt <= 0) -> 0.0
+                    d_oom, d_thr = u[6] - prev[6], u[2] - prev[2]
+                h, i = t.history, t.at  # the history ring
+                h[i], h[i + 1], h[i + 2] = u[0], rate, u[4]
+                t.at = i + 3 if i + 3 < 3 * HISTORY else 0
+                t.recorded += 1
                 append(
                     Sample(
                         cid,
@@ -223,6 +238,8 @@ class Sampler:
                 out.gone.append(cid)
             except cgroups.CgroupError as exc:
                 out.errors[cid] = str(exc)
+                if t.last is None:
+                    self._due[cid] = t  # never read: try again next tick
         self.ticks += 1
         self.last_tick_s = time.monotonic()
         return out
@@ -239,12 +256,15 @@ class Sampler:
                 pass
             if t is not None:
                 t.oom_due = 2
+                self._due[t.ref.id] = t
                 self.oom_notifications += 1
 
     def close(self) -> None:
         for t in self._tracked.values():
             self._close(t)
         self._tracked.clear()
+        self._phases = [{} for _ in range(self.slow_every)]
+        self._due = {}
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None

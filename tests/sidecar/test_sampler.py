@@ -14,9 +14,11 @@ from sidecar import cgroups
 from sidecar.sampler import HISTORY, Sampler, Ticker
 
 
-def _v2_sampler(tmp_path: Path, *names: str) -> tuple[Sampler, dict[str, Path]]:
+def _v2_sampler(
+    tmp_path: Path, *names: str, slow_every: int = 10
+) -> tuple[Sampler, dict[str, Path]]:
     dirs = {n: v2_container(tmp_path, n) for n in names}
-    s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path))
+    s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path), slow_every)
     for n, d in dirs.items():
         s.track(ref(n, version=2, path=str(d)))
     return s, dirs
@@ -125,8 +127,8 @@ def test_ticker_real_lateness_is_small() -> None:
 # ----------------------------------------------------------------- what is read on which tick
 def test_idle_containers_are_read_on_their_slow_tick_only(tmp_path: Path) -> None:
     """v2 (no OOM eventfd): a hot container is read every tick, its OOM counter too; an idle one
-    is read once in ``slow_every`` ticks, in full; the peak between slow reads is the last one
-    raised to the usage."""
+    is read once in ``slow_every`` ticks, usage and OOM counter only (not its peak); a hot one's
+    peak between its slow reads is the last one raised to the usage."""
     dirs = {n: v2_container(tmp_path, n) for n in ("hot", "idle")}  # slow ticks: hot's first
     s = Sampler(lambda r: cgroups.CgroupV2(r.cgroup_path), slow_every=5)
     for n, d in dirs.items():
@@ -138,14 +140,14 @@ def test_idle_containers_are_read_on_their_slow_tick_only(tmp_path: Path) -> Non
         (d / "memory.current").write_text("200000000\n")  # above the peak last read (~122 MiB)
         (d / "memory.peak").write_text("250000000\n")
     seen: dict[str, list[int]] = {"idle": [], "hot": []}
-    peaks = []
+    peaks, idle_peaks = [], []
     for _ in range(10):
         for x in s.tick(hot={"hot"}).samples:
             seen[x.container_id].append(x.oom_delta)
-            if x.container_id == "hot":
-                peaks.append(x.mem_peak_bytes)
+            (peaks if x.container_id == "hot" else idle_peaks).append(x.mem_peak_bytes)
     assert seen["hot"] == [1] + [0] * 9  # at once
-    assert seen["idle"] == [1, 0]  # read twice in 10 ticks, everything on the first
+    assert seen["idle"] == [1, 0]  # read twice in 10 ticks, the OOM counter each time
+    assert idle_peaks == [200_000_000] * 2  # memory.peak (250 MB) not read while idle
     assert all(p >= 200_000_000 for p in peaks)  # never below the current usage
     assert peaks == [200_000_000] * 4 + [250_000_000] * 6  # the kernel's, from the slow tick on
     history = s.history("idle")
@@ -170,8 +172,7 @@ def test_a_new_container_is_read_at_once_and_the_history_ring_wraps(tmp_path: Pa
 
 
 def test_live_none_reads_oom_every_tick(tmp_path: Path) -> None:
-    s, dirs = _v2_sampler(tmp_path, "a")
-    s.slow_every = 100
+    s, dirs = _v2_sampler(tmp_path, "a", slow_every=100)
     s.tick()
     d = dirs["a"]
     events = (d / "memory.events").read_text()
