@@ -191,6 +191,7 @@ def _start_response(node: Node, res: StartResult) -> dict:
             "units": list(inv.alloc),
             "kind": inv.trace["kind"],
         },
+        "allowed": inv.trace["allowed"],
         "user": {
             "cpu_cores": inv.user.cpu_cores,
             "mem_bytes": inv.user.mem_bytes,

@@ -704,6 +704,12 @@ def _share(start: tuple[int, int] | None, end: Usage | None) -> float | None:
     return round((end.nr_throttled - start[1]) / (end.nr_periods - start[0]), 4)
 
 
+def allowed_units(guard: Guard) -> dict[str, list[int]]:
+    """The safeguard's box (grid units, inclusive): what the policy could choose from, so that a
+    trace tells a policy's choice from the safeguard's bounds."""
+    return {"cpu_units": [guard.cpu_lo, guard.cpu_hi], "mem_units": [guard.mem_lo, guard.mem_hi]}
+
+
 def trace_entry(inv: Invocation) -> dict:
     """The allocation-trace entry of a started invocation (``/debug/allocations``); its outcome
     fields stay None until it ends."""
@@ -719,6 +725,7 @@ def trace_entry(inv: Invocation) -> dict:
             "units": list(inv.user_alloc),
         },
         "chosen": {"cpu_cores": cores, "mem_bytes": mem, "units": list(inv.alloc)},
+        "allowed": allowed_units(inv.guard),
         "kind": _kind(inv.user, cores, mem),
         "reason": inv.guard.reason,
         "input_size": inv.input_size,

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from training.invoker.invoker import Measurement
+from training.invoker.real import choice_shares
+
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 STATS = (
@@ -70,5 +73,25 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     assert 0 < got["noise"]["invocations"] <= n
     assert got["results"]["smallest"]["verdict"] in ("faster", "slower", "indistinguishable")
     assert got["results"]["fixed"]["verdict"] == "reference"
-    # the model-less sidecar ran its 'smallest' rule: it harvested where the safeguard allowed
+    # the model-less sidecar ran its 'smallest' rule: it harvested where the safeguard allowed,
+    # and every choice with more than one candidate was the box's smallest corner
     assert got["results"]["smallest"]["harvested_frac"] > 0
+    choices = got["results"]["smallest"]["choices"]
+    assert choices["decisions"] > 0 and choices["at_smallest"] == 1.0, choices
+    assert "choices" not in got["results"]["fixed"] and "choices (decisions" in proc.stdout
+
+
+def test_choice_shares_place_each_choice_in_the_safeguard_box() -> None:
+    def m(units, user, allowed) -> Measurement:
+        return Measurement(0, "f", 1.0, 0.0, units=units, user_units=user, allowed=allowed)
+
+    records = [
+        m((1, 2), (4, 4), (1, 3, 2, 5)),  # smallest corner; the rule's pick is (3, 4)
+        m((3, 4), (4, 4), (1, 3, 2, 5)),  # the rule's pick: user clamped into the box
+        m((2, 2), (2, 2), (1, 3, 2, 5)),  # both: the user's own size is inside, but not (1, 2)
+        m((4, 4), (4, 4), (4, 4, 4, 4)),  # one candidate only: not a choice
+        Measurement(0, "f", 1.0, 0.0),  # no sidecar
+    ]
+    got = choice_shares(records)
+    assert got == {"decisions": 3, "at_smallest": 1 / 3, "at_user_closest": 2 / 3}
+    assert choice_shares(records[3:]) is None

@@ -169,6 +169,8 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
                 and a["allocation"]["kind"] == "user"
             )
             assert a["allocation"]["cpu_cores"] == 2.0
+            pinned = a["user"]["units"]  # a calibrating run: the box is the user's size alone
+            assert a["allowed"] == {"cpu_units": [pinned[0]] * 2, "mem_units": [pinned[1]] * 2}
             busy = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
             assert busy.status == 409
             await asyncio.sleep(0.12)
@@ -190,6 +192,9 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
             )
             b = await r.json()
             assert b["allocation"]["kind"] == "harvested", b
+            box = b["allowed"]
+            assert box["cpu_units"][0] < box["cpu_units"][1]  # a choice, and the smallest taken
+            assert b["allocation"]["units"] == [box["cpu_units"][0], box["mem_units"][0]]
             quota, period = (d / "cpu.max").read_text().split()
             assert int(quota) / int(period) == pytest.approx(b["allocation"]["cpu_cores"])
             assert b["allocation"]["cpu_cores"] < 2.0

@@ -69,6 +69,9 @@ class Measurement:
     mem_mb: float = 0.0
     give_backs: int = 0
     error: str | None = None
+    units: tuple[int, int] | None = None  # the sidecar's choice and its inputs, in grid units:
+    user_units: tuple[int, int] | None = None  # the user's size,
+    allowed: tuple[int, int, int, int] | None = None  # the safeguard's box (cpu lo, hi, mem lo, hi)
 
 
 def schedule(
@@ -433,6 +436,11 @@ class Invoker:
                         rec.kind = alloc.get("kind", "user")
                         rec.cpu_cores = float(alloc.get("cpu_cores", c.user_cpu))
                         rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
+                        box = start.get("allowed") or {}
+                        if "units" in alloc and "cpu_units" in box:
+                            rec.units = tuple(alloc["units"])
+                            rec.user_units = tuple(start["user"]["units"])
+                            rec.allowed = (*box["cpu_units"], *box["mem_units"])
                     else:
                         rec.error = f"hook start: {start}"
                 if self.rule is not None:

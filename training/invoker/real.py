@@ -276,6 +276,27 @@ def replays(records: list[list[Measurement]], n: int, oom_kills: int) -> evidenc
     return evidence.Replays(exec_s, resp, cpu, mem, failed, oom_kills)
 
 
+def choice_shares(records: list[Measurement]) -> dict[str, float] | None:
+    """Where a sidecar's choices fell in the safeguard's box, over the decisions that had more
+    than one candidate: the share at its smallest corner (what ``smallest`` picks) and at the
+    candidate closest to the user's size (what ``rule`` picks; the box makes that a clamp per
+    resource). The real-host twin of the simulator's ``Choices``; None without sidecar records."""
+    n = smallest = user = 0
+    for x in records:
+        if x.units is None or x.allowed is None or x.user_units is None:
+            continue
+        c_lo, c_hi, m_lo, m_hi = x.allowed
+        if c_lo == c_hi and m_lo == m_hi:
+            continue
+        n += 1
+        smallest += x.units == (c_lo, m_lo)
+        closest = (min(max(x.user_units[0], c_lo), c_hi), min(max(x.user_units[1], m_lo), m_hi))
+        user += x.units == closest
+    if n == 0:
+        return None
+    return {"decisions": n, "at_smallest": smallest / n, "at_user_closest": user / n}
+
+
 def report(
     measured: dict[str, list[list[Measurement]]],
     oom_kills: dict[str, int],
@@ -294,6 +315,8 @@ def report(
         row["harvested_frac"] = sum(x.kind == "harvested" for x in flat) / total
         row["accelerated_frac"] = sum(x.kind == "accelerated" for x in flat) / total
         row["give_backs"] = give_backs[m]
+        if (choices := choice_shares(flat)) is not None:
+            row["choices"] = choices
     ref = evidence.reference_times(replays(measured["fixed"], n, 0))
     classes = [evidence.duration_class(x) for x in ref if np.isfinite(x)]
     out["workload"] = {
@@ -501,12 +524,23 @@ def table(out: dict[str, Any]) -> str:
             )
         by.append(line)
     w = out["workload"]
+    picks = [
+        f"{name} {c['at_smallest']:.0%} at the smallest allowed, {c['at_user_closest']:.0%} at "
+        f"the allowed closest to the user's size ({c['decisions']})"
+        for name, st in rows
+        if (c := st.get("choices"))
+    ]
+    choices = (
+        "\n\nchoices (decisions with more than one allowed candidate): " + "; ".join(picks)
+        if picks
+        else ""
+    )
     return (
         _grid_text([head, *body])
         + "\n\nby duration class of the reference execution time (n.s.: the interval holds 1):\n"
         + _grid_text([classes, *by])
         + f"\n\nworkload: {w['invocations']} invocations a round, "
-        f"{w['ge_0.1s_frac']:.0%} of them 0.1 s or longer at the user's size"
+        f"{w['ge_0.1s_frac']:.0%} of them 0.1 s or longer at the user's size" + choices
     )
 
 
