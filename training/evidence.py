@@ -7,7 +7,11 @@ execution time / reference. The **noise** row is Fixed measured the same way: ea
 after the first against the geometric mean of the rounds before it (needs R >= 2). A run is
 never compared with itself; the row is slightly wider than a manager's own noise would be (a
 manager's reference averages R Fixed runs, round r's only r - 1), so "within the noise" errs on
-the side of the noise.
+the side of the noise. The noise row only covers a slot of the host that Fixed ran in: a slow
+spell during another manager's run, or a manager whose own decisions diverge between runs, is
+not in it. So every manager's rounds are also measured against each other the same way
+(``rounds_gmean_ratio``, ``rounds_agree``), and a pair whose managers' rounds disagree is marked
+(``rounds_agree`` False): its interval covers which invocations were drawn, not that.
 
 Simulated runs (``faasrm sim eval --seeds``) have an exact counterfactual (the same invocation at
 the user's size under the same load), so RFET needs no reference run; figures are pooled over
@@ -231,22 +235,25 @@ def reference_times(fixed: Replays) -> np.ndarray:
         return np.exp(np.nanmean(np.log(fixed.ok_exec()), axis=0))
 
 
-def _noise_rows(fixed: Replays) -> tuple[Replays, np.ndarray]:
-    """The noise row: every Fixed round after the first against the geometric mean of the rounds
-    before it (round 2 against round 1 when R = 2), as if it were a manager. Later-against-earlier
-    keeps a drift of the host over time in the row instead of cancelling it out."""
+def _later_vs_earlier(runs: Replays) -> tuple[Replays, np.ndarray]:
+    """Every round after the first against the geometric mean of the rounds before it (round 2
+    against round 1 when R = 2). Fixed's is the noise row; any manager's says whether its rounds
+    agree. Later-against-earlier keeps a drift of the host over time in the figure instead of
+    cancelling it out."""
     later = Replays(
-        fixed.exec_s[1:],
-        fixed.response_s[1:],
-        fixed.cpu_cores[1:],
-        fixed.mem_mb[1:],
-        fixed.failed[1:],
+        runs.exec_s[1:],
+        runs.response_s[1:],
+        runs.cpu_cores[1:],
+        runs.mem_mb[1:],
+        runs.failed[1:],
     )
-    logs = np.log(fixed.ok_exec())
+    logs = np.log(runs.ok_exec())
     refs = []
-    for r in range(1, fixed.rounds):
-        with np.errstate(invalid="ignore"):
-            refs.append(np.exp(np.nanmean(logs[:r], axis=0)))
+    for r in range(1, runs.rounds):
+        ok = np.isfinite(logs[:r])
+        n = ok.sum(axis=0)  # an invocation failed in every earlier round has no reference
+        mean = np.where(ok, logs[:r], 0.0).sum(axis=0) / np.maximum(n, 1)
+        refs.append(np.where(n > 0, np.exp(mean), math.nan))
     return later, np.stack(refs)
 
 
@@ -379,10 +386,16 @@ def real_report(
     figs = Figures()
     noise = fixed.rounds >= 2
     if noise:
-        later, noise_ref = _noise_rows(fixed)
+        later, noise_ref = _later_vs_earlier(fixed)
         _real_figures(figs, "noise:", later, noise_ref, ref_cpu_s, ref_mem_s, classes, fn)
     for name, runs in results.items():
         _real_figures(figs, f"{name}:", runs, ref, ref_cpu_s, ref_mem_s, classes, fn)
+        if runs.rounds >= 2:  # its own rounds against each other: did they agree?
+            own, own_ref = _later_vs_earlier(runs)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_ratio = np.log(own.ok_exec() / own_ref).ravel()
+            pool = Pool(np.tile(np.arange(len(ref)), own.rounds))
+            figs.add(f"{name}:rounds_gmean_ratio", _exp(pool.mean(log_ratio)))
     elements = sum(r.exec_s.size for r in results.values()) * 2
     got = figs.run(Bootstrap([len(ref)], resamples, seed), elements)
     out: dict = {"noise": None, "results": {}, "pairs": {}}
@@ -392,6 +405,10 @@ def real_report(
         row = _row(got, f"{name}:", runs, ref, classes, fn)
         if name == "fixed":
             row["verdict"] = "reference"
+        if f"{name}:rounds_gmean_ratio" in got:
+            point, res = got[f"{name}:rounds_gmean_ratio"]
+            row["rounds_gmean_ratio"], row["rounds_gmean_ratio_ci"] = point, interval(res)
+            row["rounds_agree"] = verdict(row["rounds_gmean_ratio_ci"]) == "indistinguishable"
         if noise:
             diff = got[f"{name}:slowdown_frac_1_2"][1] - got["noise:slowdown_frac_1_2"][1]
             row["slowdown_excess_1_2"] = (
@@ -401,6 +418,10 @@ def real_report(
             row["slowdown_vs_noise"] = _side(row["slowdown_excess_1_2_ci"], "below", "above")
         out["results"][name] = row
     out["pairs"] = _pairs(got, [m for m in results if m != "fixed"])
+    for key, pair in out["pairs"].items():  # a difference between unsteady managers is no finding
+        pair["rounds_agree"] = all(
+            out["results"][m].get("rounds_agree", True) for m in key.split("/")
+        )
     return out
 
 

@@ -73,6 +73,14 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     assert 0 < got["noise"]["invocations"] <= n
     assert got["results"]["smallest"]["verdict"] in ("faster", "slower", "indistinguishable")
     assert got["results"]["fixed"]["verdict"] == "reference"
+    # every manager's rounds against each other; Fixed's is the noise row's figure
+    for row in got["results"].values():
+        lo, hi = row["rounds_gmean_ratio_ci"]
+        assert lo <= row["rounds_gmean_ratio"] <= hi and isinstance(row["rounds_agree"], bool)
+    assert got["results"]["fixed"]["rounds_gmean_ratio"] == pytest.approx(
+        got["noise"]["gmean_rfet"]
+    )
+    assert "later/earlier rounds" in proc.stdout
     # the model-less sidecar ran its 'smallest' rule: it harvested where the safeguard allowed,
     # and every choice with more than one candidate was the box's smallest corner
     assert got["results"]["smallest"]["harvested_frac"] > 0

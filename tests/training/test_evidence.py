@@ -117,12 +117,32 @@ def test_failed_invocations_are_counted_and_left_out_of_rfet():
     assert row["invocations"] == 190
 
 
+def test_a_slow_spell_in_one_managers_round_shows_in_its_rounds_and_marks_its_pairs():
+    """Two managers that are the same policy; the host slows by 30% during the second round of
+    one of them only. The noise row (Fixed's rounds) cannot see it; that manager's own rounds
+    do, and the pair between the two is marked."""
+    run, fns = _world()
+    spelled = run()
+    spelled[1] *= 1.3
+    rep = evidence.real_report(
+        {"fixed": _replays(run()), "a": _replays(run()), "b": _replays(spelled)}, fns, 1000
+    )
+    a, b = rep["results"]["a"], rep["results"]["b"]
+    assert rep["noise"]["verdict"] == "indistinguishable"
+    assert a["rounds_agree"] and a["rounds_gmean_ratio_ci"][0] < 1.0 < a["rounds_gmean_ratio_ci"][1]
+    assert not b["rounds_agree"] and b["rounds_gmean_ratio"] == pytest.approx(1.3, abs=0.05)
+    assert rep["results"]["fixed"]["rounds_agree"]
+    # the spell makes b look slower than a, with an interval that excludes 1: marked, not a finding
+    assert rep["pairs"]["a/b"]["verdict"] == "a faster" and not rep["pairs"]["a/b"]["rounds_agree"]
+
+
 def test_one_round_has_no_noise_row():
     run, fns = _world(rounds=1)
     rep = evidence.real_report({"fixed": _replays(run()), "m": _replays(run(0.5))}, fns, 100)
     assert rep["noise"] is None
     assert rep["results"]["m"]["verdict"] == "faster"
     assert "slowdown_vs_noise" not in rep["results"]["m"]
+    assert "rounds_agree" not in rep["results"]["m"] and rep["pairs"] == {}
 
 
 def test_bootstrap_is_reproducible_and_resamples_invocations():

@@ -484,6 +484,7 @@ def table(out: dict[str, Any]) -> str:
     head = [
         "manager", "gmean RFET [95%]", "verdict", ">1.2 [95%]", "vs noise", "p98 RFET",
         "p98 exec s", "p98 resp s", "alloc CPU", "alloc MB", "fail", "OOM", "n",
+        "later/earlier rounds",
     ]  # fmt: skip
     body = []
     for name, st in rows:
@@ -505,6 +506,10 @@ def table(out: dict[str, Any]) -> str:
                 str(st["failures"]),
                 str(st["oom_kills"]),
                 str(st["invocations"]),
+                "-"
+                if "rounds_gmean_ratio" not in st or name == "noise"
+                else _fmt_ci(st["rounds_gmean_ratio"], st["rounds_gmean_ratio_ci"])
+                + ("" if st["rounds_agree"] else " DISAGREE"),
             ]
         )
     classes = ["manager"] + [f"{c} gmean [95%] (n)" for c in evidence.DURATION_CLASSES]
@@ -530,6 +535,12 @@ def table(out: dict[str, Any]) -> str:
         for name, st in rows
         if (c := st.get("choices"))
     ]
+    pairs = [
+        f"{key} {_fmt_ci(p['gmean_rfet_ratio'], p['gmean_rfet_ratio_ci'])} {p['verdict']}"
+        + ("" if p["rounds_agree"] else " (rounds disagree: not a finding)")
+        for key, p in out.get("pairs", {}).items()
+    ]
+    pair_text = "\n\npairs (ratio of geometric-mean RFET): " + "; ".join(pairs) if pairs else ""
     choices = (
         "\n\nchoices (decisions with more than one allowed candidate): " + "; ".join(picks)
         if picks
@@ -540,7 +551,7 @@ def table(out: dict[str, Any]) -> str:
         + "\n\nby duration class of the reference execution time (n.s.: the interval holds 1):\n"
         + _grid_text([classes, *by])
         + f"\n\nworkload: {w['invocations']} invocations a round, "
-        f"{w['ge_0.1s_frac']:.0%} of them 0.1 s or longer at the user's size" + choices
+        f"{w['ge_0.1s_frac']:.0%} of them 0.1 s or longer at the user's size" + pair_text + choices
     )
 
 
@@ -560,7 +571,9 @@ def trust_note(out: dict[str, Any]) -> str:
             f"{repeats} rounds. Intervals: 95% paired bootstrap over invocations. Noise row: "
             f"Fixed against its own earlier rounds put {n['slowdown_frac_1_2']:.1%} of "
             "invocations above RFET 1.2; a manager's share counts as harm only when it lies "
-            "above that ('vs noise')."
+            "above that ('vs noise'). 'later/earlier rounds': each manager's rounds against "
+            "each other; DISAGREE means the host or the manager changed between its runs, and "
+            "its figures (and its pairs) are not a steady measurement."
         )
     return (
         "One round: the intervals cover only which invocations were drawn, not run-to-run "
