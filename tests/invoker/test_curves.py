@@ -64,8 +64,11 @@ def test_pyloop_slows_down_at_a_quarter_core(v1_root: None) -> None:
         )
     )
     t_quarter, t_one = curve.cpu_times_s
-    # ~0.1 s of pure-Python CPU: at 0.25 core it needs ~4 periods' quota, so >= ~3x slower
-    assert t_quarter > 2.5 * t_one, curve
+    work_quarter, _ = curve.cpu_work_s
+    # pure-Python CPU work: the quota bounds the quarter-core run whatever else the host runs
+    # (a busy host also slows the 1-core run, so their ratio is no test: 2.27 on a loaded CI)
+    assert work_quarter > 0.05 and t_quarter > 0.8 * work_quarter / 0.25, curve
+    assert t_quarter > 1.5 * t_one, curve
     assert curve.throttled[0] > 0
     assert curve.fit is not None and curve.fit["phi"] > 0.8
     assert "pyloop" in render_table([curve])

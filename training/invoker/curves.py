@@ -149,6 +149,7 @@ class Curve:
     quotas: list[float] = field(default_factory=list)
     cpu_times_s: list[float] = field(default_factory=list)  # medians, one per quota
     cpu_runs_s: list[list[float]] = field(default_factory=list)
+    cpu_work_s: list[float] = field(default_factory=list)  # median CPU seconds a run used (cpuacct)
     throttled: list[int] = field(default_factory=list)  # nr_throttled during the repeats
     idle_mb: float = 0.0
     peak_mb: float = 0.0
@@ -225,15 +226,18 @@ async def measure(
         await c.run(size, timeout_s)  # warm-up, unrecorded
         for q in quotas:
             set_limits(q, user_mem)
-            thr0, runs = _nr_throttled(c.rel), []
+            thr0, runs, work = _nr_throttled(c.rel), [], []
             for _ in range(repeats):
+                cpu0 = c.cg.read_usage().cpu_usage_s
                 exec_s, outcome, err = await c.run(size, timeout_s)
                 if outcome != "success":
                     raise RuntimeError(f"{spec.name} at {q} cores: {outcome} {err}")
                 runs.append(exec_s)
+                work.append(c.cg.read_usage().cpu_usage_s - cpu0)
             curve.quotas.append(q)
             curve.cpu_runs_s.append(runs)
             curve.cpu_times_s.append(statistics.median(runs))
+            curve.cpu_work_s.append(statistics.median(work))
             curve.throttled.append(_nr_throttled(c.rel) - thr0)
         if mem_factors or below_peak or size_range:
             set_limits(c.user_cpu, user_mem)
