@@ -393,6 +393,8 @@ def test_a_throttled_harvest_gets_the_users_quota_back_within_a_tick_or_two(
         assert status == 200 and first["allocation"]["kind"] == "user", first
         status, _ = d.call(f"/v1/invocations/{first['invocation']}/end", {})
         assert status == 200
+        # the first run sees a CFS period only if something wakes in the box (a busy CI host)
+        ratios_before = _metric(d, "faasrm_invocation_throttled_ratio_count")
         # it spins from just before the start (so the tick count is the loop's, not how soon this
         # test's process gets to send the work on a busy host); harvested from that first run
         b.send("duty 1.0 1.0")
@@ -413,7 +415,7 @@ def test_a_throttled_harvest_gets_the_users_quota_back_within_a_tick_or_two(
         assert entry["throttled_share"] is not None and entry["throttled_share"] > 0
         assert _metric(d, "faasrm_throttle_raises_total") == 1.0
         assert _metric(d, 'faasrm_give_backs_total{resource="cpu"}') == 1.0
-        assert _metric(d, "faasrm_invocation_throttled_ratio_count") == 1.0  # the first: none
+        assert _metric(d, "faasrm_invocation_throttled_ratio_count") == ratios_before + 1
     finally:
         assert d.stop() == 0
 
