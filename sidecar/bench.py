@@ -1,10 +1,10 @@
 """``faasrm bench sidecar``: the daemon's costs on real cgroups, each beside a baseline.
 
 * tick CPU: the daemon's own ``Node.tick`` (sample the containers the tick reads through kept
-  fds, per-sample peaks/give-back/OOM checks, metrics) at 10 Hz on monotonic deadlines; process
-  CPU time per tick as % of one core, for three mixes: 100 and 1,000 containers with 10% of them
-  running an invocation (an invoker host: most warm containers are idle at any moment), and 100
-  all running one. Each running invocation is a container's second (its first, at the user's
+  fds, per-sample peaks/give-back/OOM checks, metrics) at 10 Hz on the daemon's ``Ticker.run``;
+  process CPU time per tick as % of one core, for three mixes: 100 and 1,000 containers with 10%
+  of them running an invocation (an invoker host: most warm containers are idle at any moment),
+  and 100 all running one. Each running invocation is a container's second (its first, at the user's
   size, calibrates the safeguard), so the tick reads them as on a warm node: harvested ones with
   their throttling watched every tick. Baseline, per mix: open/read/close of the same files on
   the same schedule (a running container's CPU and memory usage every tick, and its throttling
@@ -172,12 +172,9 @@ def _tick_cpu(node, active: list[bool], n_ticks: int) -> tuple[float, dict[str, 
 
     async def loop() -> float:
         ticker = Ticker(node.cfg.sampler.tick_s)
-        node.tick()  # open the fds
-        await ticker.wait()
+        await ticker.run(node.tick, n=1)  # open the fds
         c0 = time.process_time()
-        for _ in range(n_ticks):
-            node.tick()
-            await ticker.wait()
+        await ticker.run(node.tick, n=n_ticks)
         return time.process_time() - c0
 
     cpu = asyncio.run(loop())
@@ -237,11 +234,9 @@ def _raw_read_cpu(
 
     async def loop() -> float:
         ticker = Ticker(tick_s)
-        await ticker.wait()
+        await ticker.run(lambda: None, n=1)
         c0 = time.process_time()
-        for k in range(n_ticks):
-            read(phases[k % slow_every])
-            await ticker.wait()
+        await ticker.run(lambda: read(phases[ticker.k % slow_every]), n=n_ticks)
         return time.process_time() - c0
 
     return asyncio.run(loop()) / n_ticks / tick_s * 100

@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bsc.add_argument("--decisions", type=int, default=5000)
     bsc.add_argument("--actuations", type=int, default=1000)
-    bsc.add_argument("--ticks", type=int, default=50, help="real 100 ms ticks per container count")
+    bsc.add_argument("--ticks", type=int, default=200, help="real 100 ms ticks per mix")
     bsc.add_argument(
         "--model", help="ONNX policy to time (default: models/default.onnx, else a random MLP)"
     )

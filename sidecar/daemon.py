@@ -145,9 +145,10 @@ async def _sample_loop(app: web.Application) -> None:
     notifier = app[NOTIFIER]
     ticker = Ticker(node.cfg.sampler.tick_s)
     ready = False
-    counted = 0  # ticker.overruns grows in wait(): count what it skipped since the last tick
-    while True:
-        await ticker.wait()
+    counted = 0  # ticker.overruns grows between ticks: count what it skipped since the last one
+
+    def tick() -> None:
+        nonlocal ready, counted
         if ticker.overruns > counted:
             node.metrics.tick_overruns.inc(ticker.overruns - counted)
             counted = ticker.overruns
@@ -155,12 +156,14 @@ async def _sample_loop(app: web.Application) -> None:
             node.tick()
         except Exception:  # the loop must survive one bad tick; the logs say what happened
             log.exception("tick failed")
-            continue
+            return
         if not ready:
             ready = True
             notifier.ready()
             log.info("ready")
         notifier.watchdog()
+
+    await ticker.run(tick)
 
 
 async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -192,7 +192,9 @@ class Node:
         container those limits are the decision's, not the user's (the state file keeps the truth).
         """
         c = self.engine.containers[ref.id]
-        if ref.labels.get("user_from") in ("limits", "mixed") or ref.user == c.ref.user:
+        if ref is c.ref or ref.user == c.ref.user:  # the relist's own ref: nothing changed
+            return
+        if ref.labels.get("user_from") in ("limits", "mixed"):
             return
         try:
             self.actuator.set_user(ref.id, ref.user)

@@ -37,24 +37,44 @@ class CgroupfsRuntime(RuntimeBase):
         self.host_cores = host_cores
         self.host_mem_bytes = host_mem_bytes
         self._v2_base = (cgroups.v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
-        self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> its directories (joined once)
+        self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> _dirs_of(rel)
+        self._refs: dict[str, tuple[ContainerConfig | None, ContainerRef]] = {}  # last listing
 
     # -------------------------------------------------------------------------------- listing
-    def _exists(self, rel: str, quick: bool = False) -> bool:
-        """The cgroup's directories exist (``quick``: only the first, for the periodic relist:
-        the sampler notices a half-removed cgroup itself)."""
+    def _dirs_of(self, rel: str) -> tuple[str, ...]:
+        """The cgroup's directories, the last one split into parent and name (joined once)."""
         dirs = self._dirs.get(rel)
         if dirs is None:
             if self.version == 1:
                 dirs = tuple(os.path.join(self.cgroup_root, c, rel) for c in cgroups.V1_CONTROLLERS)
             else:
                 dirs = (os.path.join(self._v2_base, rel),)
+            dirs += os.path.split(dirs[-1])
             if len(self._dirs) > 100_000:
                 self._dirs.clear()
             self._dirs[rel] = dirs
-        if quick:
-            return os.path.isdir(dirs[-1])
-        return all(os.path.isdir(d) for d in dirs)
+        return dirs
+
+    def _exists(self, rel: str) -> bool:
+        """The cgroup's directories exist."""
+        return all(os.path.isdir(d) for d in self._dirs_of(rel)[:-2])
+
+    def _present(self, rels: list[str]) -> set[str]:
+        """Those of ``rels`` whose last directory exists, with one scandir per parent directory
+        instead of a stat per cgroup (the periodic relist: the sampler notices a half-removed
+        cgroup itself)."""
+        by_parent: dict[str, dict[str, str]] = {}
+        for rel in rels:
+            *_, parent, name = self._dirs_of(rel)
+            by_parent.setdefault(parent, {})[name] = rel
+        present: set[str] = set()
+        for parent, group in by_parent.items():
+            try:
+                with os.scandir(parent) as it:
+                    present.update(group[e.name] for e in it if e.name in group and e.is_dir())
+            except OSError:
+                continue
+        return present
 
     def _children(self) -> list[str]:
         parent = self.cfg.parent.strip("/")
@@ -95,19 +115,27 @@ class CgroupfsRuntime(RuntimeBase):
         return self.discover(quick=True)
 
     def discover(self, quick: bool = False) -> list[ContainerRef]:
+        """Every listed cgroup that exists. ``quick`` (the periodic relist) hands back the ref
+        of the last listing for a cgroup listed under the same config entry, without rebuilding
+        it: the relist runs every ``discover_every_s`` and was the tick's largest cost after
+        the reads (docs/sidecar.md, "Sampling cost")."""
         listed = {c.path.strip("/"): c for c in self.cfg.containers}
         rels = list(listed) + [r for r in self._children() if r not in listed]
-        out = []
+        out, known, last = [], {}, self._refs
+        present = self._present(rels) if quick else None
         for rel in rels:
-            if not self._exists(rel, quick):
+            if not (rel in present if present is not None else self._exists(rel)):
                 continue
             entry = listed.get(rel)
-            try:
-                user, labels = self._user(rel, entry)
-            except cgroups.CgroupError:
-                continue  # vanished or unreadable while listing: the next listing retries
-            out.append(
-                ContainerRef(
+            kept = last.get(rel) if quick else None
+            if kept is not None and kept[0] is entry:
+                ref = kept[1]
+            else:
+                try:
+                    user, labels = self._user(rel, entry)
+                except cgroups.CgroupError:
+                    continue  # vanished or unreadable while listing: the next listing retries
+                ref = ContainerRef(
                     id=rel,
                     function=(entry.function if entry and entry.function else function_of(rel)),
                     runtime=self.name,
@@ -116,5 +144,7 @@ class CgroupfsRuntime(RuntimeBase):
                     user=user,
                     labels=labels,
                 )
-            )
+            known[rel] = (entry, ref)
+            out.append(ref)
+        self._refs = known
         return out

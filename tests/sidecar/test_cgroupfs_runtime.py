@@ -3,7 +3,6 @@ cgroups."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -146,23 +145,19 @@ def test_inferred_boundaries_on_a_real_busy_idle_process(v1_cgroup, spawn) -> No
     assert p.stdout.readline().strip() == "go"
     starts, ends = [], []
 
-    async def loop() -> None:
-        ticker = Ticker(0.1)
-        deadline = time.monotonic() + 3.3
-        while time.monotonic() < deadline:
-            await ticker.wait()
-            for e in eng.on_samples(sampler.tick().samples):
-                if isinstance(e, InferredStart):
-                    inv = eng.start(e.container_id, inferred=True, now_s=e.start_s - 0.1)
-                    eng.note_inferred_start(e.container_id, e.start_s)
-                    starts.append(inv.id)
-                elif isinstance(e, InferredEnd):
-                    inv = eng.invocations[e.invocation_id]
-                    ends.append(eng.end(e.invocation_id, duration_s=e.end_s - inv.start_s))
+    def tick() -> None:
+        for e in eng.on_samples(sampler.tick().samples):
+            if isinstance(e, InferredStart):
+                inv = eng.start(e.container_id, inferred=True, now_s=e.start_s - 0.1)
+                eng.note_inferred_start(e.container_id, e.start_s)
+                starts.append(inv.id)
+            elif isinstance(e, InferredEnd):
+                inv = eng.invocations[e.invocation_id]
+                ends.append(eng.end(e.invocation_id, duration_s=e.end_s - inv.start_s))
 
     import asyncio
 
-    asyncio.run(loop())
+    asyncio.run(Ticker(0.1).run(tick, n=33))
     sampler.close()
     assert len(starts) == 3 and len(ends) == 3, (starts, [e.duration_s for e in ends])
     for e in ends:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -70,12 +71,7 @@ def test_real_v1_busy_process_rate(v1_cgroup, spawn) -> None:
     assert p.stdout.readline().strip() == "go"
     s.tick()
 
-    async def wait() -> None:
-        t = Ticker(0.1)
-        for _ in range(4):
-            await t.wait()
-
-    asyncio.run(wait())
+    asyncio.run(Ticker(0.1).run(lambda: None, n=4))
     (x,) = s.tick().samples
     assert 0.5 <= x.cpu_cores <= 1.2  # one busy thread, on a shared 2-core machine
     assert x.mem_bytes > 1 * MB
@@ -113,15 +109,40 @@ def test_ticker_deadlines_do_not_drift_and_skip_when_late() -> None:
     assert t.next_deadline() == pytest.approx(round(d + 0.1, 6))
 
 
-def test_ticker_real_lateness_is_small() -> None:
-    async def run() -> float:
-        t = Ticker(0.02)
-        worst = 0.0
-        for _ in range(10):
-            worst = max(worst, await t.wait())
-        return worst
+def test_ticker_runs_on_its_deadlines_and_hands_errors_back() -> None:
+    t, fired = Ticker(0.02), []
+    asyncio.run(t.run(lambda: fired.append(time.monotonic()), n=10))
+    assert len(fired) == 10 and t.k == 10 + t.overruns
+    assert t.max_late_s < 0.1  # generous: a busy shared machine
+    assert fired[0] >= t.start_s + 0.02 - 1e-3  # not before its deadline
+    assert fired[-1] - t.start_s < 10 * 0.02 + 0.1  # on the grid, not 10 sleeps after the work
 
-    assert asyncio.run(run()) < 0.1  # generous: a busy shared machine
+    def boom() -> None:
+        if len(fired) == 12:
+            raise RuntimeError("bad tick")
+        fired.append(0.0)
+
+    with pytest.raises(RuntimeError, match="bad tick"):
+        asyncio.run(Ticker(0.01).run(boom))
+    assert len(fired) == 12
+
+
+def test_ticker_run_stops_when_cancelled() -> None:
+    """The daemon's cleanup cancels the task awaiting run(): no callback fires after that."""
+    fired: list[float] = []
+
+    async def main() -> int:
+        task = asyncio.create_task(Ticker(0.01).run(lambda: fired.append(1.0)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        n = len(fired)
+        await asyncio.sleep(0.05)
+        return n
+
+    n = asyncio.run(main())
+    assert n >= 3 and len(fired) == n
 
 
 # ----------------------------------------------------------------- what is read on which tick
@@ -211,14 +232,9 @@ def _throttled_busy_ticks(v1_cgroup, spawn, watch: set[str]) -> tuple[Sampler, l
     cg.write_limits(cgroups.Limits(cpu_quota_cores=0.1, cpu_period_us=10_000), headroom_bytes=0)
     spawn("while True: pass")
 
-    async def ticks(n: int) -> list:
-        t, out = Ticker(0.05), []
-        for _ in range(n):
-            await t.wait()
-            out.extend(s.tick(hot={"c"}, watch=watch).samples)
-        return out
-
-    return s, asyncio.run(ticks(7))
+    out: list = []
+    asyncio.run(Ticker(0.05).run(lambda: out.extend(s.tick(hot={"c"}, watch=watch).samples), n=7))
+    return s, out
 
 
 def test_real_v1_throttling_and_peak_follow_the_slow_ticks(v1_cgroup, spawn) -> None:
