@@ -9,7 +9,9 @@
   their throttling watched every tick. Baseline, per mix: open/read/close of the same files on
   the same schedule (a running container's CPU and memory usage every tick, and its throttling
   when watched; its peak and throttling every ``slow_every`` ticks; an idle container's CPU and
-  memory usage every ``slow_every`` ticks).
+  memory usage every ``slow_every`` ticks), alternating with the tick in ``BLOCKS`` blocks on one
+  ticker so that a slow spell of the host weighs on both. One node at a time, its cgroups alone
+  under their parent, as on a host of that many containers.
 * decision latency: ``Engine.start`` (stats, safeguard, features, inference, argmax), p50/p99.
   Baseline: the scorer's inference alone on the same rows.
 * actuation latency: ``Actuator.apply`` of a harvest allocation (CPU quota + shares + memory
@@ -158,10 +160,17 @@ def _active(n: int, share: float) -> list[bool]:
     return [i % k == 0 for i in range(n)]
 
 
-def _tick_cpu(node, active: list[bool], n_ticks: int) -> tuple[float, dict[str, int], list[bool]]:
-    """Process CPU per tick over n_ticks real 100 ms ticks, as % of one core; what the running
-    invocations were (their allocation kinds, and how many had their throttling watched every
-    tick); and which containers were watched."""
+BLOCKS = 4
+"""The tick and its baseline alternate in this many blocks: a slow spell of the host hits both."""
+
+
+def _tick_cpu(
+    node, rels: list[str], active: list[bool], n_ticks: int
+) -> tuple[float, float, dict[str, int]]:
+    """Process CPU per tick over n_ticks real 100 ms ticks, as % of one core, of the daemon's
+    tick and of its baseline (``_raw_files``), in alternating blocks on one ticker; and what the
+    running invocations were (their allocation kinds, and how many had their throttling watched
+    every tick)."""
     from sidecar.sampler import Ticker
 
     for cid, busy in zip(list(node.engine.containers), active):
@@ -169,40 +178,43 @@ def _tick_cpu(node, active: list[bool], n_ticks: int) -> tuple[float, dict[str, 
             first = node.start(cid)
             node.end(first.invocation.id, duration_s=0.2)
             node.start(cid)
-
-    async def loop() -> float:
-        ticker = Ticker(node.cfg.sampler.tick_s)
-        await ticker.run(node.tick, n=1)  # open the fds
-        c0 = time.process_time()
-        await ticker.run(node.tick, n=n_ticks)
-        return time.process_time() - c0
-
-    cpu = asyncio.run(loop())
     watched = node._watched()
+    is_watched = [cid in watched for cid in node.engine.containers]
+    phases = _raw_files(rels, active, is_watched, node.cfg.sampler.slow_every)
+    per_block = max(1, n_ticks // BLOCKS)
+    ticker = Ticker(node.cfg.sampler.tick_s)
+
+    def raw_read() -> None:
+        for f in phases[ticker.k % len(phases)]:
+            fd = os.open(f, os.O_RDONLY)
+            os.read(fd, 4096)
+            os.close(fd)
+
+    async def loop() -> tuple[float, float]:
+        await ticker.run(node.tick, n=1)  # open the fds
+        cpu = [0.0, 0.0]
+        for _ in range(BLOCKS):
+            for i, fn in enumerate((node.tick, raw_read)):
+                c0 = time.process_time()
+                await ticker.run(fn, n=per_block)
+                cpu[i] += time.process_time() - c0
+        return cpu[0], cpu[1]
+
+    tick_cpu, raw_cpu = asyncio.run(loop())
     running: dict[str, int] = {"watched": len(watched)}
     for inv in node.engine.invocations.values():
         running[inv.trace["kind"]] = running.get(inv.trace["kind"], 0) + 1
     for inv in list(node.engine.invocations):
         node.end(inv)
-    return (
-        cpu / n_ticks / node.cfg.sampler.tick_s * 100,
-        running,
-        [cid in watched for cid in node.engine.containers],
-    )
+    per_tick = 100 / (per_block * BLOCKS) / node.cfg.sampler.tick_s
+    return tick_cpu * per_tick, raw_cpu * per_tick, running
 
 
-def _raw_read_cpu(
-    rels: list[str],
-    active: list[bool],
-    watched: list[bool],
-    n_ticks: int,
-    slow_every: int,
-    tick_s: float = 0.1,
-) -> float:
-    """The baseline: the files the daemon reads in this mix, on its schedule, each with
-    open/read/close."""
-    from sidecar.sampler import Ticker
-
+def _raw_files(
+    rels: list[str], active: list[bool], watched: list[bool], slow_every: int
+) -> list[list[str]]:
+    """The baseline: per tick phase, the files the daemon reads in this mix on its schedule (slow
+    ticks spread as the sampler spreads them), each to be read with open/read/close."""
     root = cgroups.DEFAULT_ROOT
     fast_files, slow_files = [], []  # per container
     for rel in rels:
@@ -212,10 +224,9 @@ def _raw_read_cpu(
         slow_files.append(
             [f"{root}/cpu/{rel}/cpu.stat", f"{root}/memory/{rel}/memory.max_usage_in_bytes"]
         )
-    # per tick phase: the files read on it (slow ticks are spread as the sampler spreads them)
     hot = [f for i, files in enumerate(fast_files) if active[i] for f in files]
     hot += [slow_files[i][0] for i in range(len(rels)) if watched[i]]  # cpu.stat every tick
-    phases = [
+    return [
         hot
         + [
             f
@@ -225,21 +236,6 @@ def _raw_read_cpu(
         ]
         for phase in range(slow_every)
     ]
-
-    def read(files: list[str]) -> None:
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            os.read(fd, 4096)
-            os.close(fd)
-
-    async def loop() -> float:
-        ticker = Ticker(tick_s)
-        await ticker.run(lambda: None, n=1)
-        c0 = time.process_time()
-        await ticker.run(lambda: read(phases[ticker.k % slow_every]), n=n_ticks)
-        return time.process_time() - c0
-
-    return asyncio.run(loop()) / n_ticks / tick_s * 100
 
 
 def _decisions(node, n: int) -> tuple[list[float], list[float]]:
@@ -333,12 +329,17 @@ def _shipped_model() -> str:
     return str(path)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _rmdir_v1(rel: str) -> None:
+    for c in cgroups.V1_CONTROLLERS:
+        try:
+            os.rmdir(f"{cgroups.DEFAULT_ROOT}/{c}/{rel}")
+        except OSError:
+            pass
 
+
+def run(args: argparse.Namespace) -> dict:
     parent = f"faasrm-bench-{uuid.uuid4().hex[:8]}"
-    n_max = max(n for n, _ in MIXES.values())
-    rels = [f"{parent}/c{i:04d}" for i in range(n_max)]
-    _raise_fd_limit(8 * n_max + 1024)
+    _raise_fd_limit(8 * max(n for n, _ in MIXES.values()) + 1024)
     tick, raw, running = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="faasrm-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -351,26 +352,29 @@ def run(args: argparse.Namespace) -> dict:
             except ImportError:
                 model, model_desc = "", "RuleScorer fallback (no model, no onnx package)"
         try:
-            for rel in rels:
-                cgroups.create_v1(rel)
-            nodes = {n: _node(rels[:n], tmp, model) for n in sorted({n for n, _ in MIXES.values()})}
-            for name, (n, share) in MIXES.items():
-                active = _active(n, share)
-                tick[name], running[name], watched = _tick_cpu(nodes[n], active, args.ticks)
-                slow_every = nodes[n].cfg.sampler.slow_every
-                raw[name] = _raw_read_cpu(rels[:n], active, watched, args.ticks, slow_every)
-            dec, inf = _decisions(nodes[100], args.decisions)
-            act, hook, raw_w = _actuation(nodes[100], args.actuations)
-            for node in nodes.values():
-                node.shutdown()
-        finally:
-            for rel in rels:
-                cgroups.remove_v1(rel)
-            for c in cgroups.V1_CONTROLLERS:
+            # One node at a time, its n cgroups alone under their parent: a host of n containers.
+            for n in sorted({n for n, _ in MIXES.values()}):
+                rels = [f"{parent}/n{n}/c{i:04d}" for i in range(n)]
                 try:
-                    os.rmdir(f"{cgroups.DEFAULT_ROOT}/{c}/{parent}")
-                except OSError:
-                    pass
+                    for rel in rels:
+                        cgroups.create_v1(rel)
+                    node = _node(rels, tmp, model)
+                    for name, (count, share) in MIXES.items():
+                        if count != n:
+                            continue
+                        tick[name], raw[name], running[name] = _tick_cpu(
+                            node, rels, _active(n, share), args.ticks
+                        )
+                    if n == 100:
+                        dec, inf = _decisions(node, args.decisions)
+                        act, hook, raw_w = _actuation(node, args.actuations)
+                    node.shutdown()
+                finally:
+                    for rel in rels:
+                        cgroups.remove_v1(rel)
+                    _rmdir_v1(f"{parent}/n{n}")
+        finally:
+            _rmdir_v1(parent)
     figures = {
         **{f"tick_cpu_pct_{m}": round(v, 3) for m, v in tick.items()},
         **{f"raw_read_cpu_pct_{m}": round(v, 3) for m, v in raw.items()},

@@ -60,9 +60,11 @@ class CgroupfsRuntime(RuntimeBase):
         return all(os.path.isdir(d) for d in self._dirs_of(rel)[:-2])
 
     def _present(self, rels: list[str]) -> set[str]:
-        """Those of ``rels`` whose last directory exists, with one scandir per parent directory
-        instead of a stat per cgroup (the periodic relist: the sampler notices a half-removed
-        cgroup itself)."""
+        """Those of ``rels`` whose last directory exists (the periodic relist: the sampler
+        notices a half-removed cgroup itself). Per parent directory, one scandir where the
+        cgroups asked about are at least a quarter of its subdirectories (a kernfs directory's
+        link count is 2 + its subdirectories), else a stat per cgroup: a listing costs about a
+        sixth of a stat per entry, files included."""
         by_parent: dict[str, dict[str, str]] = {}
         for rel in rels:
             *_, parent, name = self._dirs_of(rel)
@@ -70,8 +72,11 @@ class CgroupfsRuntime(RuntimeBase):
         present: set[str] = set()
         for parent, group in by_parent.items():
             try:
-                with os.scandir(parent) as it:
-                    present.update(group[e.name] for e in it if e.name in group and e.is_dir())
+                if 4 * len(group) >= os.stat(parent).st_nlink - 2:
+                    with os.scandir(parent) as it:
+                        present.update(group[e.name] for e in it if e.name in group and e.is_dir())
+                else:
+                    present.update(r for n, r in group.items() if os.path.isdir(f"{parent}/{n}"))
             except OSError:
                 continue
         return present

@@ -78,6 +78,34 @@ def test_v1_discovery_user_sizes(v1_parent) -> None:
     assert rt3.discover() == []
 
 
+@pytest.mark.parametrize("listed", [2, 16], ids=["stat-each", "one-scandir"])
+def test_v1_relist_keeps_refs_and_sees_cgroups_come_and_go(v1_parent, listed: int) -> None:
+    """The periodic relist hands back the last listing's refs (no rebuild, no limits read) and
+    still sees a cgroup removed or created, whether it stats each cgroup (3 listed among 16
+    siblings) or lists the parent once (17 of 16)."""
+    parent, child = v1_parent
+    for i in range(16):
+        child(f"c{i}")
+    paths = [f"{parent}/c{i}" for i in range(listed)] + [f"{parent}/later"]
+    cfg = CgroupfsConfig(containers=[ContainerConfig(path=p, cpu_cores=1.0) for p in paths])
+    rt = CgroupfsRuntime(cfg, 2.0, 4096 * MB)
+    first = {r.id: r for r in rt.relist()}
+    assert set(first) == set(paths[:-1])
+    again = {r.id: r for r in rt.relist()}
+    assert all(again[k] is first[k] for k in first)
+    cgroups.remove_v1(f"{parent}/c1")
+    child("later")
+    now = {r.id: r for r in rt.relist()}
+    assert set(now) == (set(paths) - {f"{parent}/c1"})
+    assert now[f"{parent}/c0"] is first[f"{parent}/c0"]
+    # a changed config entry is a new ref with its new size; a full discover rebuilds them all
+    cfg.containers[0] = ContainerConfig(path=paths[0], cpu_cores=0.5)
+    changed = {r.id: r for r in rt.relist()}[paths[0]]
+    assert changed is not first[paths[0]] and changed.user.cpu_cores == 0.5
+    full = {r.id: r for r in rt.discover()}
+    assert set(full) == set(now) and full[f"{parent}/later"] is not now[f"{parent}/later"]
+
+
 def test_v2_discovery_on_fixture_trees(tmp_path: Path) -> None:
     parent = tmp_path / "faasrm"
     parent.mkdir()
