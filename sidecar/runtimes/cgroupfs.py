@@ -37,27 +37,27 @@ class CgroupfsRuntime(RuntimeBase):
         self.host_cores = host_cores
         self.host_mem_bytes = host_mem_bytes
         self._v2_base = (cgroups.v2_base(cfg.root) or cfg.root) if self.version == 2 else ""
-        self._dirs: dict[str, tuple[str, ...]] = {}  # rel -> _dirs_of(rel)
+        self._dirs: dict[str, tuple[tuple[str, ...], str, str]] = {}  # rel -> _dirs_of(rel)
         self._refs: dict[str, tuple[ContainerConfig | None, ContainerRef]] = {}  # last listing
 
     # -------------------------------------------------------------------------------- listing
-    def _dirs_of(self, rel: str) -> tuple[str, ...]:
-        """The cgroup's directories, the last one split into parent and name (joined once)."""
-        dirs = self._dirs.get(rel)
-        if dirs is None:
+    def _dirs_of(self, rel: str) -> tuple[tuple[str, ...], str, str]:
+        """The cgroup's directories, and the last one's parent and name (joined once)."""
+        found = self._dirs.get(rel)
+        if found is None:
             if self.version == 1:
                 dirs = tuple(os.path.join(self.cgroup_root, c, rel) for c in cgroups.V1_CONTROLLERS)
             else:
                 dirs = (os.path.join(self._v2_base, rel),)
-            dirs += os.path.split(dirs[-1])
+            found = (dirs, *os.path.split(dirs[-1]))
             if len(self._dirs) > 100_000:
                 self._dirs.clear()
-            self._dirs[rel] = dirs
-        return dirs
+            self._dirs[rel] = found
+        return found
 
     def _exists(self, rel: str) -> bool:
         """The cgroup's directories exist."""
-        return all(os.path.isdir(d) for d in self._dirs_of(rel)[:-2])
+        return all(os.path.isdir(d) for d in self._dirs_of(rel)[0])
 
     def _present(self, rels: list[str]) -> set[str]:
         """Those of ``rels`` whose last directory exists (the periodic relist: the sampler
@@ -67,7 +67,7 @@ class CgroupfsRuntime(RuntimeBase):
         sixth of a stat per entry, files included."""
         by_parent: dict[str, dict[str, str]] = {}
         for rel in rels:
-            *_, parent, name = self._dirs_of(rel)
+            _, parent, name = self._dirs_of(rel)
             by_parent.setdefault(parent, {})[name] = rel
         present: set[str] = set()
         for parent, group in by_parent.items():
