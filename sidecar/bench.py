@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -329,14 +330,6 @@ def _shipped_model() -> str:
     return str(path)
 
 
-def _rmdir_v1(rel: str) -> None:
-    for c in cgroups.V1_CONTROLLERS:
-        try:
-            os.rmdir(f"{cgroups.DEFAULT_ROOT}/{c}/{rel}")
-        except OSError:
-            pass
-
-
 def run(args: argparse.Namespace) -> dict:
     parent = f"faasrm-bench-{uuid.uuid4().hex[:8]}"
     _raise_fd_limit(8 * max(n for n, _ in MIXES.values()) + 1024)
@@ -370,11 +363,11 @@ def run(args: argparse.Namespace) -> dict:
                         act, hook, raw_w = _actuation(node, args.actuations)
                     node.shutdown()
                 finally:
-                    for rel in rels:
+                    for rel in [*rels, f"{parent}/n{n}"]:
                         cgroups.remove_v1(rel)
-                    _rmdir_v1(f"{parent}/n{n}")
         finally:
-            _rmdir_v1(parent)
+            with contextlib.suppress(cgroups.CgroupError):  # an error above is the one to see
+                cgroups.remove_v1(parent)
     figures = {
         **{f"tick_cpu_pct_{m}": round(v, 3) for m, v in tick.items()},
         **{f"raw_read_cpu_pct_{m}": round(v, 3) for m, v in raw.items()},
