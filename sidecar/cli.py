@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--managers",
         default="fixed,greedy,ensure,vpa,oracle",
-        help="comma-separated: fixed, greedy, ensure, vpa, oracle, learned, rule, smallest",
+        help="comma-separated: fixed, greedy, ensure, vpa, oracle, oracle_in_box (the Oracle "
+        "clipped into the safeguard's box), learned, rule, smallest",
     )
     ev.add_argument("--seed", type=int, default=1, help="workload seed (trace and every draw)")
     ev.add_argument(

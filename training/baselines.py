@@ -64,6 +64,20 @@ class Oracle(_Stateless):
         return sim.oracle_alloc(req.inv)
 
 
+class BoxedOracle(_Stateless):
+    """The Oracle's allocation clipped, per resource, into the safeguard's allowed range: what a
+    policy inside the safeguard's box could do at best for each invocation on its own (the
+    fastest run the box allows, with the least it allows for it), so the room a learned policy
+    has over the rules. Also the behaviour-cloning teacher (``training.pretrain``)."""
+
+    name = "oracle_in_box"
+
+    def decide(self, sim: ClusterSim, req: Request) -> Alloc:
+        best = sim.oracle_alloc(req.inv)
+        g = req.guard
+        return Alloc(min(max(best.cpu, g.cpu_lo), g.cpu_hi), min(max(best.mem, g.mem_lo), g.mem_hi))
+
+
 class Run(NamedTuple):
     """A finished invocation as the baseline rules see it, in cores and MB.
 
@@ -344,4 +358,5 @@ BASELINES: dict[str, Callable[[], Manager]] = {
     "fixed": Fixed,
     **{name: partial(SimulatedRule, rule) for name, rule in BASELINE_RULES.items()},
     "oracle": Oracle,
+    "oracle_in_box": BoxedOracle,
 }

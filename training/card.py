@@ -18,7 +18,17 @@ from pathlib import Path
 from training.evaluate import SEEDS_COLUMNS as COLUMNS
 from training.evaluate import render_choices
 
-ORDER = ("fixed", "rule", "smallest", "greedy", "ensure", "vpa", "oracle", "learned")
+ORDER = (
+    "fixed",
+    "rule",
+    "smallest",
+    "greedy",
+    "ensure",
+    "vpa",
+    "oracle_in_box",
+    "oracle",
+    "learned",
+)
 RIVALS = ("rule", "smallest", "oracle", "vpa", "fixed")
 
 

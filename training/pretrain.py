@@ -21,20 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sidecar.core.grid import Alloc
+from training.baselines import BoxedOracle
 from training.ppo import MASKED_LOGIT, Agent, build_rows
 from training.sim.env import ClusterEnv
 
 
 def teacher_action(env: ClusterEnv) -> int:
-    """The Oracle's allocation clipped, per resource, into the safeguard's allowed range."""
+    """The in-box Oracle's choice (``BoxedOracle``) for the env's pending request."""
     sim, req = env.sim, env._req
     assert sim is not None and req is not None
-    best = sim.oracle_alloc(req.inv)
-    g = req.guard
-    cpu = min(max(best.cpu, g.cpu_lo), g.cpu_hi)
-    mem = min(max(best.mem, g.mem_lo), g.mem_hi)
-    return env.grid.index(Alloc(cpu, mem))
+    return env.grid.index(BoxedOracle().decide(sim, req))
 
 
 def collect(preset: str, episodes: int, decisions: int, seed: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ from training.sim.env import ClusterEnv
 
 
 def test_teacher_is_the_oracle_clipped_into_the_safeguard_ranges():
+    """The teacher is ``BoxedOracle`` (manager ``oracle_in_box``): per resource, the Oracle's
+    choice clamped into the guard's range."""
     env = ClusterEnv("sample", fixed_seed=0)
     obs, _ = env.reset(seed=0)
     clipped = 0
@@ -17,6 +19,9 @@ def test_teacher_is_the_oracle_clipped_into_the_safeguard_ranges():
         assert obs["mask"][a]
         best = env.sim.oracle_alloc(env._req.inv)
         chosen = env.grid.alloc(a)
+        g = env._req.guard
+        assert chosen.cpu == min(max(best.cpu, g.cpu_lo), g.cpu_hi)
+        assert chosen.mem == min(max(best.mem, g.mem_lo), g.mem_hi)
         clipped += chosen != best
         obs, _, done, _, _ = env.step(a)
         if done:
