@@ -60,10 +60,12 @@ class Decider:
         state: SafeguardState,
         mem_usage_mb: float = 0.0,
         input_size: float | None = None,
+        pending: int = 0,
     ) -> Guard:
-        """The safeguard's verdict; ``mem_usage_mb`` (the container's usage now: the memory floor)
-        and ``input_size`` (the input floor) where the caller knows them."""
-        return safeguard.guard(self.grid, user, state, mem_usage_mb, self.cfg, input_size)
+        """The safeguard's verdict; ``mem_usage_mb`` (the container's usage now: the memory floor),
+        ``input_size`` (the input floor) and ``pending`` (the invocations waiting for admission)
+        where the caller knows them."""
+        return safeguard.guard(self.grid, user, state, mem_usage_mb, self.cfg, input_size, pending)
 
     def observe(
         self,
@@ -97,12 +99,13 @@ class Decider:
         """guard -> observation -> scores -> masked decision.
 
         ``guard``: a verdict the caller already has from ``guard`` (the simulator computes one for
-        every manager); else it is computed here from ``mem_usage_mb`` and ``input_size``.
+        every manager); else it is computed here from ``mem_usage_mb``, ``input_size`` and the
+        node's ``pending``.
         ``input_size`` also feeds the features (the input relative to the function's history).
         Without ``fallback`` a failing scorer's exception propagates.
         """
         if guard is None:
-            guard = self.guard(user, state, mem_usage_mb, input_size)
+            guard = self.guard(user, state, mem_usage_mb, input_size, node.pending)
         obs = self.observe(guard, node, stats, state, user, now_s, input_size)
         rows = obs.rows()
         try:

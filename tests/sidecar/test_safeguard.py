@@ -16,7 +16,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sidecar.core.decision import Decider
+from sidecar.core.features import NodeState
 from sidecar.core.grid import Alloc, ResourceGrid
+from sidecar.core.policy import fallback_scorer
 from sidecar.core.safeguard import (
     ACCELERATE,
     DECAY,
@@ -33,6 +36,7 @@ from sidecar.core.safeguard import (
     guard,
     remember,
 )
+from sidecar.core.stats import FunctionStats
 
 CFG = SafeguardConfig()
 THR = CFG.threshold
@@ -601,6 +605,39 @@ def test_example_accelerate() -> None:
     s = _state(Alloc(8, 4), cpu_last=7.5, mem_last=10.0)
     gd = guard(G1, USER, s)
     assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode) == (8, 8, ACCELERATE)
+
+
+def test_example_an_acceleration_may_be_declined_while_invocations_wait() -> None:
+    """With ``decline_when_queued``, a waiting invocation opens the accelerate range down to the
+    user's size (and never below it); nothing waiting, or the option off: Freyr's range."""
+    s = _state(Alloc(4, 4), cpu_last=3.8, mem_last=250.0)
+    on = SafeguardConfig(decline_when_queued=True)
+    gd = guard(G1, USER, s, cfg=on, pending=3)
+    assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode) == (4, 8, ACCELERATE)
+    assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (4, 8, ACCELERATE)
+    assert gd.allows(USER) and not gd.allows(Alloc(3, 4))
+    for cfg, pending in ((on, 0), (SafeguardConfig(decline_when_queued=False), 3)):
+        gd = guard(G1, USER, s, cfg=cfg, pending=pending)
+        assert (gd.cpu_lo, gd.mem_lo) == (5, 5) and not gd.allows(USER)
+    # harvest and rising ranges do not depend on the queue
+    s = _state(Alloc(4, 4), cpu_last=1.0, mem_last=250.0)
+    gd = guard(G1, USER, s, cfg=on, pending=3)
+    assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode) == (2, 4, HARVEST)
+
+
+def test_the_decision_path_hands_the_nodes_queue_to_the_guard() -> None:
+    """``Decider.decide`` guards with the node's ``pending``: `smallest` declines the acceleration
+    (takes the user's size) only while invocations wait, and only with the option on."""
+    s = _state(Alloc(4, 4), cpu_last=3.8, mem_last=250.0)
+    smallest = fallback_scorer("smallest")
+    for cfg, pending, want in (
+        (SafeguardConfig(decline_when_queued=True), 2, USER),
+        (SafeguardConfig(decline_when_queued=True), 0, Alloc(5, 5)),
+        (SafeguardConfig(decline_when_queued=False), 2, Alloc(5, 5)),
+    ):
+        node = NodeState(8.0, 512.0, 4.0, 256.0, pending)
+        d = Decider(G1, cfg).decide(smallest, node, FunctionStats(), s, USER, 0.0)
+        assert G1.alloc(d.action) == want, (cfg, pending)
 
 
 def test_example_threshold_boundaries() -> None:

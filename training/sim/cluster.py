@@ -435,7 +435,7 @@ class ClusterSim:
                 user = self._user[fn]
                 size = self._input[na]
                 usage = self._worker[fn] if self._has_warm(fn) else 0.0
-                g = self.decider.guard(user, gs, usage, size)
+                g = self.decider.guard(user, gs, usage, size, len(self._queue))
                 self._request = Request(na, fn, user, self.now, g, st, gs, size)
                 return self._request
             if not events:
