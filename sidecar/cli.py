@@ -10,6 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.sim.presets import Preset
 
 
 def _sim_eval(args: argparse.Namespace) -> int:
@@ -25,11 +29,20 @@ def _sim_eval(args: argparse.Namespace) -> int:
         ) from None
 
 
-def _sim_eval_checked(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, plot_cdfs, plot_front, render_table, write_json
+def _preset(args: argparse.Namespace) -> Preset:
+    """The named preset, with ``--decline-when-queued`` applied to its safeguard."""
+    from sidecar.core.safeguard import SafeguardConfig
     from training.sim.presets import get_preset
 
-    preset = get_preset(args.preset)
+    if args.decline_when_queued:
+        return get_preset(args.preset, safeguard=SafeguardConfig(decline_when_queued=True))
+    return get_preset(args.preset)
+
+
+def _sim_eval_checked(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, plot_cdfs, plot_front, render_table, write_json
+
+    preset = _preset(args)
     if args.seeds:
         return _sim_eval_seeds(args, preset)
     workload = None
@@ -82,13 +95,12 @@ def _sim_eval_seeds(args: argparse.Namespace, preset) -> int:
 def _sim_capacity(args: argparse.Namespace) -> int:
     from sidecar.models import ModelRejected
     from training.evaluate import evaluate_capacity, render_capacity
-    from training.sim.presets import get_preset
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
     managers = [m.strip() for m in args.managers.split(",") if m.strip()]
     try:
-        report = evaluate_capacity(get_preset(args.preset), managers, seeds, loads, args.model)
+        report = evaluate_capacity(_preset(args), managers, seeds, loads, args.model)
     except ModelRejected as exc:
         raise SystemExit(
             f"faasrm sim capacity: the 'learned' model cannot be used: {exc}"
@@ -362,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write RFET and execution-time CDF plots and the front of mean RFET against "
         "alloc_mem_ratio (with intervals under --seeds) as PNG files to this folder",
     )
+    ev.add_argument(
+        "--decline-when-queued",
+        action="store_true",
+        help="decide under safeguard.decline_when_queued (an acceleration may be declined while "
+        "invocations wait for admission; off by default, as on a node)",
+    )
     ev.set_defaults(func=_sim_eval)
     cap = sim.add_parser(
         "capacity",
@@ -383,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--model", help="ONNX policy for the 'learned' manager (default: models/)")
     cap.add_argument("--json", help="write the figures as JSON to this path")
+    cap.add_argument(
+        "--decline-when-queued",
+        action="store_true",
+        help="decide under safeguard.decline_when_queued (an acceleration may be declined while "
+        "invocations wait for admission; off by default, as on a node)",
+    )
     cap.set_defaults(func=_sim_capacity)
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

@@ -173,7 +173,7 @@ def evaluate(
     wall: dict[str, float] = {}
     runs: dict[str, SimRun] = {}
     choices: dict[str, Choices] = {}
-    sim = ClusterSim(wl, preset.cluster, preset.grid)
+    sim = ClusterSim(wl, preset.cluster, preset.grid, preset.safeguard)
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:

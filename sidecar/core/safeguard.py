@@ -99,12 +99,13 @@ class SafeguardConfig:
     give_back_threshold: float = 0.9
     """Within an invocation, usage at this share of a harvested allocation returns the user's
     size."""
-    decline_when_queued: bool = True
+    decline_when_queued: bool = False
     """Under accelerate, also allow the user's size while invocations wait for admission (the
     caller's ``pending`` > 0): an acceleration holds cores and memory a queued invocation could
-    start with, and above the user's size no rule can give them back. On by default: in the
-    simulator it halves the p98 response time of a busy seed and lets the harvesting managers hold
-    1.5x the load instead of 1.25x, for 0.1% of mean RFET at load 1 (docs/learning.md)."""
+    start with. Pays in the simulator, where ``pending`` is the admission queue (a busy seed's
+    p98 response time halves); off by default because a node's hook reports the invoker's
+    backlog, which on the local invoker is the function's own, where an acceleration is what
+    drains it (docs/learning.md, "Declining an acceleration while invocations wait")."""
 
 
 @dataclass

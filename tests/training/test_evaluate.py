@@ -337,3 +337,35 @@ def test_the_user_linear_policy_scores_as_the_daemons_rule() -> None:
     rows = np.random.default_rng(0).normal(size=(64, N_FEATURES)).astype(np.float32)
     got = OnnxScorer(onnx_policy("user", None)).scores(rows)
     assert np.allclose(got, fallback_scorer("user").scores(rows), atol=1e-5)
+
+
+def test_a_presets_safeguard_sees_the_admission_queue() -> None:
+    """With ``decline_when_queued`` on the preset, every accelerate range decided while the
+    simulator's admission queue is not empty also allows the user's size; off, none does."""
+    from sidecar.core.policy import fallback_scorer
+    from sidecar.core.safeguard import ACCELERATE, SafeguardConfig
+    from training.sim.cluster import ClusterSim
+    from training.sim.presets import get_preset
+
+    counts = {}
+    for on in (True, False):
+        preset = get_preset("small", safeguard=SafeguardConfig(decline_when_queued=on))
+        wl = preset.build(3).scaled(3.0)
+        sim = ClusterSim(wl, preset.cluster, preset.grid, preset.safeguard)
+        smallest = fallback_scorer("smallest")
+        opened = closed = 0
+        for _ in range(6000):
+            req = sim.next_request()
+            if req is None:
+                break
+            g, node = req.guard, sim.node_state()
+            if g.cpu_mode == ACCELERATE and node.pending > 0:
+                opened += g.cpu_lo <= req.user.cpu
+                closed += g.cpu_lo > req.user.cpu
+            d = sim.decider.decide(
+                smallest, node, req.stats, req.guard_state, req.user, req.now_s, guard=g
+            )
+            sim.apply(sim.grid.alloc(d.action))
+        counts[on] = (opened, closed)
+    assert counts[True][0] > 0 and counts[True][1] == 0, counts
+    assert counts[False][1] > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from sidecar.core.grid import ResourceGrid
+from sidecar.core.safeguard import SafeguardConfig
 from training.sim.cluster import ClusterConfig
 from training.sim.workload import Workload, WorkloadConfig, build_workload
 from training.traces import Trace, generate, sample_trace
@@ -26,6 +27,8 @@ class Preset:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     sample: bool = False
     """Use the bundled 10-function Azure sample instead of a generated trace."""
+    safeguard: SafeguardConfig = field(default_factory=SafeguardConfig)
+    """The safeguard every evaluation on this preset decides under (the node's default)."""
 
     def trace(self, seed: int) -> Trace:
         if self.sample:
