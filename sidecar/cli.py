@@ -374,12 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write RFET and execution-time CDF plots and the front of mean RFET against "
         "alloc_mem_ratio (with intervals under --seeds) as PNG files to this folder",
     )
-    ev.add_argument(
-        "--decline-when-queued",
-        action="store_true",
-        help="decide under safeguard.decline_when_queued (an acceleration may be declined while "
-        "invocations wait for admission; off by default, as on a node)",
-    )
     ev.set_defaults(func=_sim_eval)
     cap = sim.add_parser(
         "capacity",
@@ -401,13 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--model", help="ONNX policy for the 'learned' manager (default: models/)")
     cap.add_argument("--json", help="write the figures as JSON to this path")
-    cap.add_argument(
-        "--decline-when-queued",
-        action="store_true",
-        help="decide under safeguard.decline_when_queued (an acceleration may be declined while "
-        "invocations wait for admission; off by default, as on a node)",
-    )
     cap.set_defaults(func=_sim_capacity)
+    for cmd in (ev, cap):
+        cmd.add_argument(
+            "--decline-when-queued",
+            action="store_true",
+            help="decide under safeguard.decline_when_queued (an acceleration may be declined "
+            "while invocations wait for admission; off by default, as on a node)",
+        )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(
         dest="trace_command", required=True

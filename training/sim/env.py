@@ -22,7 +22,6 @@ import numpy as np
 
 from sidecar.core.features import N_BLOCK, N_CONTEXT
 from sidecar.core.reward import RewardConfig
-from sidecar.core.safeguard import SafeguardConfig
 from training.sim.cluster import ClusterSim, Request
 from training.sim.presets import Preset, get_preset
 
@@ -36,7 +35,6 @@ class ClusterEnv(gym.Env):
         self,
         preset: str | Preset = "small",
         reward: RewardConfig = RewardConfig(),
-        safeguard: SafeguardConfig = SafeguardConfig(),
         fixed_seed: int | None = None,
         max_decisions: int | None = None,
     ) -> None:
@@ -50,7 +48,6 @@ class ClusterEnv(gym.Env):
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.grid = self.preset.grid
         self.reward_cfg = reward
-        self.safeguard_cfg = safeguard
         self.fixed_seed = fixed_seed
         self.max_decisions = max_decisions
         self._decisions = 0
@@ -92,7 +89,7 @@ class ClusterEnv(gym.Env):
             self.preset.build(wl_seed),
             self.preset.cluster,
             self.grid,
-            self.safeguard_cfg,
+            self.preset.safeguard,
             self.reward_cfg,
         )
         self._decisions = 0
