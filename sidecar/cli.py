@@ -30,12 +30,16 @@ def _sim_eval(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace) -> Preset:
-    """The named preset, with ``--decline-when-queued`` applied to its safeguard."""
+    """The named preset, with ``--decline-when-queued`` and ``--mem-margin-units`` applied to its
+    safeguard."""
     from sidecar.core.safeguard import SafeguardConfig
     from training.sim.presets import get_preset
 
-    if args.decline_when_queued:
-        return get_preset(args.preset, safeguard=SafeguardConfig(decline_when_queued=True))
+    safeguard = SafeguardConfig(
+        decline_when_queued=args.decline_when_queued, mem_margin_units=args.mem_margin_units
+    )
+    if safeguard != SafeguardConfig():
+        return get_preset(args.preset, safeguard=safeguard)
     return get_preset(args.preset)
 
 
@@ -402,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="decide under safeguard.decline_when_queued (an acceleration may be declined "
             "while invocations wait for admission; off by default, as on a node)",
+        )
+        cmd.add_argument(
+            "--mem-margin-units",
+            type=float,
+            default=1.0,
+            help="decide under safeguard.mem_margin_units: memory's lower bound is the recent "
+            "peak plus this many units (default 1, the reference's box, as on a node)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

@@ -476,6 +476,9 @@ def validate(cfg: Config) -> None:
         problems.append(f"model.rule {cfg.model.rule!r} is not one of {', '.join(RULES)}")
     if cfg.safeguard.mem_headroom_mb < 0:
         problems.append("safeguard.mem_headroom_mb must be >= 0")
+    margin = cfg.safeguard.mem_margin_units
+    if not 0 <= margin <= 1:
+        problems.append(f"safeguard.mem_margin_units {margin} outside [0, 1]")
     if not 1000 <= cfg.actuation.cpu_period_us <= 1_000_000:
         problems.append(
             f"actuation.cpu_period_us {cfg.actuation.cpu_period_us} outside 1000..1000000"

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -40,6 +40,9 @@ import torch.nn as nn
 from torch.distributions.categorical import Categorical
 
 from sidecar.core.features import N_CONTEXT, N_FEATURES
+
+if TYPE_CHECKING:
+    from training.sim.presets import Preset
 
 MASKED_LOGIT = -1e9
 """Logit given to masked-out candidates: exp() underflows to exactly 0 in float32, no NaN."""
@@ -51,6 +54,9 @@ class Args:
     """the name of this experiment (used in the output directory name)"""
     preset: str = "small"
     """the simulation preset (training.sim.presets) the envs draw workloads from"""
+    mem_margin_units: float = 1.0
+    """the safeguard's memory margin the envs decide under (SafeguardConfig.mem_margin_units;
+    1 is the reference's box, as on a node)"""
     seed: int = 1
     """seed of the experiment (torch, numpy, python, env i gets seed + i)"""
     torch_deterministic: bool = True
@@ -252,6 +258,16 @@ class CreditInfo(gym.Wrapper):
         return obs, reward, term, trunc, out
 
 
+def train_preset(args: Args) -> Preset:
+    """The preset the envs draw from, deciding under the safeguard ``args`` names."""
+    from sidecar.core.safeguard import SafeguardConfig
+    from training.sim.presets import get_preset
+
+    return get_preset(
+        args.preset, safeguard=SafeguardConfig(mem_margin_units=args.mem_margin_units)
+    )
+
+
 def make_env(
     args: Args, idx: int, env_fn: Callable[[int], gym.Env] | None
 ) -> Callable[[], gym.Env]:
@@ -261,7 +277,7 @@ def make_env(
         else:
             from training.sim.env import ClusterEnv  # each reset draws a new workload
 
-            env = ClusterEnv(preset=args.preset, max_decisions=args.episode_decisions)
+            env = ClusterEnv(preset=train_preset(args), max_decisions=args.episode_decisions)
         return CreditInfo(env)
 
     return thunk

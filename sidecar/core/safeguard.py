@@ -13,6 +13,9 @@ threshold 0.9:
   [recent peak + 1 unit, per-function max]; with ``decline_when_queued``, while invocations
   wait for admission, within [min(that, user setting), per-function max].
 
+For memory the "+ 1 unit" is ``mem_margin_units`` (default 1, the reference's); below 1 the box
+reaches toward the peak itself.
+
 "Recent peak" is the maximum peak since that resource's last safeguard run. On top of the
 reference we add the memory floor: a hard memory limit is never chosen below the container's
 current usage plus a headroom, because the kernel would OOM-kill it on the spot. The floor wins
@@ -99,6 +102,11 @@ class SafeguardConfig:
     give_back_threshold: float = 0.9
     """Within an invocation, usage at this share of a harvested allocation returns the user's
     size."""
+    mem_margin_units: float = 1.0
+    """Memory's lower bound is the remembered peak plus this many grid units (the reference's 1).
+    Below 1 the box reaches toward the peak itself, where only a policy that knows which
+    functions' peaks vary harvests there without OOM kills (docs/learning.md, "A tighter memory
+    box")."""
     decline_when_queued: bool = False
     """Under accelerate, also allow the user's size while invocations wait for admission (the
     caller's ``pending`` > 0): an acceleration holds cores and memory a queued invocation could
@@ -209,14 +217,16 @@ def _range(
     last_alloc: int,
     recent_peak: float,
     unit: float,
+    margin: float,
     top: int,
     thr: float,
     queued: bool,
 ) -> tuple[int, int, str]:
-    """One resource's allowed range in units (peaks and unit in physical quantities); ``queued``:
-    an acceleration may be declined (``SafeguardConfig.decline_when_queued``)."""
+    """One resource's allowed range in units (peaks and unit in physical quantities); ``margin``:
+    units above the recent peak; ``queued``: an acceleration may be declined
+    (``SafeguardConfig.decline_when_queued``)."""
     user_q = user * unit
-    lo = min(top, max(1, math.ceil(recent_peak / unit + 1 - 1e-9)))
+    lo = min(top, max(1, math.ceil(recent_peak / unit + margin - 1e-9)))
     if last_peak <= thr * user_q:
         if last_peak >= thr * last_alloc * unit:
             return user, user, RISING
@@ -255,6 +265,7 @@ def guard(
             state.last_alloc.cpu,
             state.recent_cpu_peak_cores,
             grid.cpu_unit_cores,
+            1.0,
             grid.cpu_units,
             cfg.threshold,
             queued,
@@ -265,6 +276,7 @@ def guard(
             state.last_alloc.mem,
             mem_peak,
             grid.mem_unit_mb,
+            cfg.mem_margin_units,
             grid.mem_units,
             cfg.threshold,
             queued,

@@ -64,6 +64,7 @@ def test_example_config_loads() -> None:
         ("log_level = 'loud'", "log_level"),
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
+        ("[safeguard]\nmem_margin_units = 1.5", "safeguard.mem_margin_units 1.5 outside [0, 1]"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
         (
             "[actuation]\nv1_memory_harvest = 'both'",

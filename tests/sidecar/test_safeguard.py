@@ -73,14 +73,21 @@ def _allowed(g: ResourceGrid, gd: Guard) -> list[Alloc]:
 
 
 def _expected_rule(
-    user: int, last_peak: float, last_alloc: int, recent: float, unit: float, top: int
+    user: int,
+    last_peak: float,
+    last_alloc: int,
+    recent: float,
+    unit: float,
+    top: int,
+    margin: float = 1.0,
 ) -> tuple[str, float, int, int]:
-    """(mode, lower requirement in physical units, cap of the lower bound, upper bound)."""
+    """(mode, lower requirement in physical units, cap of the lower bound, upper bound);
+    ``margin``: units above the recent peak (the reference's 1)."""
     if last_peak > THR * (user * unit):
-        return ACCELERATE, recent + unit, top, top
+        return ACCELERATE, recent + margin * unit, top, top
     if last_peak >= THR * last_alloc * unit:
         return RISING, user * unit, user, user
-    return HARVEST, recent + unit, user, user
+    return HARVEST, recent + margin * unit, user, user
 
 
 def _check_lo(lo: int, need: float, cap: int, unit: float) -> None:
@@ -143,7 +150,15 @@ def check_guard(
         cpu = _expected_rule(
             user.cpu, st_.last_cpu_peak_cores, la.cpu, st_.recent_cpu_peak_cores, cu, g.cpu_units
         )
-        mem = _expected_rule(user.mem, st_.last_mem_peak_mb, la.mem, mem_peak, mu, g.mem_units)
+        mem = _expected_rule(
+            user.mem,
+            st_.last_mem_peak_mb,
+            la.mem,
+            mem_peak,
+            mu,
+            g.mem_units,
+            cfg.mem_margin_units,
+        )
         assert gd.cpu_mode == cpu[0]
         assert gd.mem_mode == mem[0]
 
@@ -162,7 +177,7 @@ def check_guard(
     assert gd.mem_hi == max(hi, gd.mem_lo)
 
     # ---- the brief's statements, literally
-    for res, lo_, hi_, mode_, u_units, unit, top, recent in (
+    for res, lo_, hi_, mode_, u_units, unit, top, recent, margin in (
         (
             "cpu",
             gd.cpu_lo,
@@ -172,6 +187,7 @@ def check_guard(
             cu,
             g.cpu_units,
             st_.recent_cpu_peak_cores,
+            1.0,
         ),
         (
             "mem",
@@ -182,9 +198,10 @@ def check_guard(
             mu,
             g.mem_units,
             mem_peak,
+            cfg.mem_margin_units,
         ),
     ):
-        bound = recent + unit
+        bound = recent + margin * unit
         allowed_units = sorted({getattr(a, res) for a in _allowed(g, gd)})
         if mode_ == HARVEST:
             below = [x for x in allowed_units if x < u_units]
@@ -291,6 +308,7 @@ configs = st.builds(
     SafeguardConfig,
     threshold=st.just(0.9),
     mem_headroom_mb=st.sampled_from([0.0, 16.0, 50.0, 64.0]),
+    mem_margin_units=st.sampled_from([1.0, 1.0, 0.25, 0.0]),
 )
 
 
@@ -623,6 +641,27 @@ def test_example_an_acceleration_may_be_declined_while_invocations_wait() -> Non
     s = _state(Alloc(4, 4), cpu_last=1.0, mem_last=250.0)
     gd = guard(G1, USER, s, cfg=on, pending=3)
     assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode) == (2, 4, HARVEST)
+
+
+def test_example_a_tighter_memory_margin() -> None:
+    """``mem_margin_units`` moves memory's lower bound from the recent peak + 1 unit toward the
+    peak itself, in harvest and accelerate alike; CPU keeps the reference's unit."""
+    s = _state(Alloc(4, 8), cpu_last=1.0, mem_last=100.0)  # harvest both (user 4 cores, 256 MB)
+    for margin, mem_lo in ((1.0, 3), (0.5, 3), (0.25, 2), (0.0, 2)):
+        # ceil(100 / 64 + margin): 2.56 -> 3, 2.06 -> 3, 1.81 -> 2, 1.56 -> 2
+        gd = guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=margin))
+        assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (mem_lo, 4, HARVEST), margin
+        assert (gd.cpu_lo, gd.cpu_hi) == (2, 4), margin
+    # the remembered peak and the floor still bind under a tight margin
+    s.mem_peak_memory_mb = 150.0
+    gd = guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.0))
+    assert gd.mem_lo == 3  # ceil(150 / 64)
+    gd = guard(G1, USER, s, mem_usage_mb=180.0, cfg=SafeguardConfig(mem_margin_units=0.0))
+    assert gd.mem_lo == 4  # ceil((180 + 16) / 64)
+    s = _state(Alloc(4, 4), cpu_last=3.8, mem_last=250.0)  # accelerate
+    gd = guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.25))
+    assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (5, 8, ACCELERATE)  # ceil(3.91 + 0.25)
+    assert gd.cpu_lo == 5
 
 
 def test_the_decision_path_hands_the_nodes_queue_to_the_guard() -> None:

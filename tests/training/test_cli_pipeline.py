@@ -57,3 +57,25 @@ def test_train_export_eval_end_to_end(tmp_path):
     assert results["learned"]["invocations"] == results["fixed"]["invocations"] == 268
     # The safeguard bounds even a barely trained policy: no invocation fails twice as slow.
     assert results["learned"]["p98_rfet"] < 2.0
+
+
+def test_sim_eval_decides_under_the_named_memory_margin(tmp_path):
+    """``--mem-margin-units`` reaches the evaluated safeguard: `smallest` in the tighter box
+    holds fewer MB-seconds than in the reference's."""
+    held = {}
+    for margin in ("1.0", "0.25"):
+        out = tmp_path / f"eval{margin}.json"
+        _faasrm(
+            "sim",
+            "eval",
+            "--preset",
+            "sample",
+            "--managers",
+            "smallest",
+            "--mem-margin-units",
+            margin,
+            "--json",
+            str(out),
+        )
+        held[margin] = json.loads(out.read_text())["smallest"]["alloc_mem_ratio"]
+    assert held["0.25"] < held["1.0"] < 1.0

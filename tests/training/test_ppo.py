@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sidecar.core.features import N_BLOCK, N_CONTEXT, N_FEATURES, expand_rows
-from sidecar.core.policy import MLPScorer
-from training.ppo import Agent, Args, build_rows, load_checkpoint, train
+from sidecar.core.policy import MLPScorer, fallback_scorer
+from training.ppo import Agent, Args, build_rows, load_checkpoint, make_env, train
 
 CU, MU = 4, 2
 
@@ -209,6 +209,30 @@ def test_train_on_cluster_env_smoke(tmp_path: Path, preset: str) -> None:
     } <= keys
     assert 0.0 < float(rows[-1]["sim/mean_rfet"]) < 10.0
     assert Path(out["checkpoint"]).exists()
+
+
+def test_envs_decide_under_the_named_memory_margin() -> None:
+    """``Args.mem_margin_units`` reaches the envs' safeguard: driven by the same actions (the
+    user-size rule, allowed in both boxes), the tight box allows every candidate the reference's
+    allows, and more."""
+    rule = fallback_scorer("user")
+    masks: dict[float, list[np.ndarray]] = {}
+    for margin in (1.0, 0.25):
+        env = make_env(Args(preset="small", mem_margin_units=margin), 0, None)()
+        obs, _ = env.reset(seed=3)
+        masks[margin] = []
+        for _ in range(400):
+            mask = obs["mask"].astype(bool)
+            masks[margin].append(mask)
+            scores = rule.scores(expand_rows(obs["context"], obs["cpu"], obs["mem"]))
+            obs, _, term, trunc, _ = env.step(int(np.argmax(np.where(mask, scores, -np.inf))))
+            assert not (term or trunc)
+    wide = narrow = 0
+    for tight, ref in zip(masks[0.25], masks[1.0], strict=True):
+        assert (tight | ref == tight).all()  # a superset
+        wide += int(tight.sum())
+        narrow += int(ref.sum())
+    assert wide > narrow
 
 
 def test_rewards_known_at_the_end_of_invocations_are_all_credited(tmp_path: Path) -> None:
