@@ -14,7 +14,8 @@ threshold 0.9:
   wait for admission, within [min(that, user setting), per-function max].
 
 For memory the "+ 1 unit" is ``mem_margin_units`` (default 1, the reference's); below 1 the box
-reaches toward the peak itself.
+reaches toward the peak itself, until the function is OOM-killed once: from then on it keeps the
+reference's unit, which is what covers a remembered spike that has decayed (below).
 
 "Recent peak" is the maximum peak since that resource's last safeguard run. On top of the
 reference we add the memory floor: a hard memory limit is never chosen below the container's
@@ -103,10 +104,10 @@ class SafeguardConfig:
     """Within an invocation, usage at this share of a harvested allocation returns the user's
     size."""
     mem_margin_units: float = 1.0
-    """Memory's lower bound is the remembered peak plus this many grid units (the reference's 1).
-    Below 1 the box reaches toward the peak itself, where only a policy that knows which
-    functions' peaks vary harvests there without OOM kills (docs/learning.md, "A tighter memory
-    box")."""
+    """Memory's lower bound is the remembered peak plus this many grid units (the reference's 1),
+    for a function never OOM-killed. Below 1 the box reaches toward the peak itself, where only a
+    policy that knows which functions' peaks vary harvests without OOM kills (docs/learning.md,
+    "A tighter memory box")."""
     decline_when_queued: bool = False
     """Under accelerate, also allow the user's size while invocations wait for admission (the
     caller's ``pending`` > 0): an acceleration holds cores and memory a queued invocation could
@@ -276,7 +277,7 @@ def guard(
             state.last_alloc.mem,
             mem_peak,
             grid.mem_unit_mb,
-            cfg.mem_margin_units,
+            cfg.mem_margin_units if state.failures == 0 else 1.0,
             grid.mem_units,
             cfg.threshold,
             queued,

@@ -157,7 +157,7 @@ def check_guard(
             mem_peak,
             mu,
             g.mem_units,
-            cfg.mem_margin_units,
+            cfg.mem_margin_units if st_.failures == 0 else 1.0,
         )
         assert gd.cpu_mode == cpu[0]
         assert gd.mem_mode == mem[0]
@@ -198,7 +198,7 @@ def check_guard(
             mu,
             g.mem_units,
             mem_peak,
-            cfg.mem_margin_units,
+            cfg.mem_margin_units if st_.failures == 0 else 1.0,
         ),
     ):
         bound = recent + margin * unit
@@ -662,6 +662,10 @@ def test_example_a_tighter_memory_margin() -> None:
     gd = guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.25))
     assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (5, 8, ACCELERATE)  # ceil(3.91 + 0.25)
     assert gd.cpu_lo == 5
+    # a function OOM-killed once keeps the reference's unit: ceil(100 / 64 + 1) = 3
+    s = _state(Alloc(4, 8), cpu_last=1.0, mem_last=100.0)
+    s.failures = 1
+    assert guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.25)).mem_lo == 3
 
 
 def test_the_decision_path_hands_the_nodes_queue_to_the_guard() -> None:
