@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _faasrm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -13,6 +14,12 @@ def _faasrm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
+
+
+def _sim_eval(out: Path, managers: str, *args: str) -> dict:
+    """`faasrm sim eval` on the sample preset; its JSON figures."""
+    _faasrm("sim", "eval", "--preset", "sample", "--managers", managers, *args, "--json", str(out))
+    return json.loads(out.read_text())
 
 
 def test_train_export_eval_end_to_end(tmp_path):
@@ -39,20 +46,7 @@ def test_train_export_eval_end_to_end(tmp_path):
     assert max(json.loads(exported.stdout)["parity_max_err"].values()) < 1e-5
     meta = json.loads((tmp_path / "policy.onnx.json").read_text())
     assert len(meta["sha256"]) == 64
-    out = tmp_path / "eval.json"
-    _faasrm(
-        "sim",
-        "eval",
-        "--preset",
-        "sample",
-        "--managers",
-        "fixed,oracle,learned",
-        "--model",
-        str(model),
-        "--json",
-        str(out),
-    )
-    results = json.loads(out.read_text())
+    results = _sim_eval(tmp_path / "eval.json", "fixed,oracle,learned", "--model", str(model))
     assert set(results) == {"fixed", "oracle", "learned"}
     assert results["learned"]["invocations"] == results["fixed"]["invocations"] == 268
     # The safeguard bounds even a barely trained policy: no invocation fails twice as slow.
@@ -64,18 +58,6 @@ def test_sim_eval_decides_under_the_named_memory_margin(tmp_path):
     holds fewer MB-seconds than in the reference's."""
     held = {}
     for margin in ("1.0", "0.25"):
-        out = tmp_path / f"eval{margin}.json"
-        _faasrm(
-            "sim",
-            "eval",
-            "--preset",
-            "sample",
-            "--managers",
-            "smallest",
-            "--mem-margin-units",
-            margin,
-            "--json",
-            str(out),
-        )
-        held[margin] = json.loads(out.read_text())["smallest"]["alloc_mem_ratio"]
+        res = _sim_eval(tmp_path / f"{margin}.json", "smallest", "--mem-margin-units", margin)
+        held[margin] = res["smallest"]["alloc_mem_ratio"]
     assert held["0.25"] < held["1.0"] < 1.0
