@@ -32,15 +32,17 @@ def _sim_eval(args: argparse.Namespace) -> int:
 def _preset(args: argparse.Namespace) -> Preset:
     """The named preset, with ``--decline-when-queued`` and ``--mem-margin-units`` applied to its
     safeguard."""
-    from sidecar.core.safeguard import SafeguardConfig
+    from dataclasses import replace
+
     from training.sim.presets import get_preset
 
-    safeguard = SafeguardConfig(
-        decline_when_queued=args.decline_when_queued, mem_margin_units=args.mem_margin_units
-    )
-    if safeguard != SafeguardConfig():
-        return get_preset(args.preset, safeguard=safeguard)
-    return get_preset(args.preset)
+    preset = get_preset(args.preset)
+    changes: dict[str, object] = {}
+    if args.decline_when_queued:
+        changes["decline_when_queued"] = True
+    if args.mem_margin_units is not None:
+        changes["mem_margin_units"] = args.mem_margin_units
+    return replace(preset, safeguard=replace(preset.safeguard, **changes)) if changes else preset
 
 
 def _sim_eval_checked(args: argparse.Namespace) -> int:
@@ -410,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--mem-margin-units",
             type=float,
-            default=1.0,
             help="decide under safeguard.mem_margin_units: memory's lower bound is the recent "
-            "peak plus this many units (default 1, the reference's box, as on a node)",
+            "peak plus this many units (default: the preset's, 1, the reference's box, as on a "
+            "node)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

@@ -54,9 +54,9 @@ class Args:
     """the name of this experiment (used in the output directory name)"""
     preset: str = "small"
     """the simulation preset (training.sim.presets) the envs draw workloads from"""
-    mem_margin_units: float = 1.0
+    mem_margin_units: float | None = None
     """the safeguard's memory margin the envs decide under (SafeguardConfig.mem_margin_units;
-    1 is the reference's box, as on a node)"""
+    None: the preset's, the reference's box, as on a node)"""
     seed: int = 1
     """seed of the experiment (torch, numpy, python, env i gets seed + i)"""
     torch_deterministic: bool = True
@@ -259,13 +259,14 @@ class CreditInfo(gym.Wrapper):
 
 
 def train_preset(args: Args) -> Preset:
-    """The preset the envs draw from, deciding under the safeguard ``args`` names."""
-    from sidecar.core.safeguard import SafeguardConfig
+    """The preset the envs draw from, its safeguard's memory margin as ``args`` names it."""
     from training.sim.presets import get_preset
 
-    return get_preset(
-        args.preset, safeguard=SafeguardConfig(mem_margin_units=args.mem_margin_units)
-    )
+    preset = get_preset(args.preset)
+    if args.mem_margin_units is None:
+        return preset
+    safeguard = dataclasses.replace(preset.safeguard, mem_margin_units=args.mem_margin_units)
+    return dataclasses.replace(preset, safeguard=safeguard)
 
 
 def make_env(
