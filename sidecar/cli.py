@@ -32,17 +32,14 @@ def _sim_eval(args: argparse.Namespace) -> int:
 def _preset(args: argparse.Namespace) -> Preset:
     """The named preset, with ``--decline-when-queued`` and ``--mem-margin-units`` applied to its
     safeguard."""
-    from dataclasses import replace
-
     from training.sim.presets import get_preset
 
-    preset = get_preset(args.preset)
     changes: dict[str, object] = {}
     if args.decline_when_queued:
         changes["decline_when_queued"] = True
     if args.mem_margin_units is not None:
         changes["mem_margin_units"] = args.mem_margin_units
-    return replace(preset, safeguard=replace(preset.safeguard, **changes)) if changes else preset
+    return get_preset(args.preset).with_safeguard(**changes)
 
 
 def _sim_eval_checked(args: argparse.Namespace) -> int:

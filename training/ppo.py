@@ -265,8 +265,7 @@ def train_preset(args: Args) -> Preset:
     preset = get_preset(args.preset)
     if args.mem_margin_units is None:
         return preset
-    safeguard = dataclasses.replace(preset.safeguard, mem_margin_units=args.mem_margin_units)
-    return dataclasses.replace(preset, safeguard=safeguard)
+    return preset.with_safeguard(mem_margin_units=args.mem_margin_units)
 
 
 def make_env(

@@ -131,6 +131,15 @@ def test_cluster_rejects_servers_too_small_for_the_grid(small):
         ClusterSim(wl, ClusterConfig(servers=1, cores=1.0, mem_mb=128.0), p.grid)
 
 
+def test_a_preset_changes_one_safeguard_setting_and_keeps_the_others():
+    base = get_preset("small").with_safeguard(decline_when_queued=True)
+    tight = base.with_safeguard(mem_margin_units=0.25)
+    assert tight.safeguard.mem_margin_units == 0.25
+    assert tight.safeguard.decline_when_queued, "a second flag dropped the first"
+    assert replace(tight, safeguard=base.safeguard) == base
+    assert base.with_safeguard() is base
+
+
 def test_gym_env_steps_until_every_invocation_is_rewarded():
     env = gym.make(ENV_ID, preset="sample", fixed_seed=0, disable_env_checker=True)
     obs, info = env.reset(seed=0)

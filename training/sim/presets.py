@@ -30,6 +30,11 @@ class Preset:
     safeguard: SafeguardConfig = field(default_factory=SafeguardConfig)
     """The safeguard every evaluation on this preset decides under (the node's default)."""
 
+    def with_safeguard(self, **changes: object) -> Preset:
+        """This preset deciding under its own safeguard with ``changes`` applied (a CLI flag
+        changes one setting and keeps any other the preset carries)."""
+        return replace(self, safeguard=replace(self.safeguard, **changes)) if changes else self
+
     def trace(self, seed: int) -> Trace:
         if self.sample:
             return sample_trace()
