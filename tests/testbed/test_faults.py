@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from testbed_helpers import GRID_OV, publish_fresh_agent
+from testbed_helpers import GRID_OV, publish_fresh_agent, unread_by_server
 
 from training.processes import TOKEN, call
 from training.service import TrainerError, publish
@@ -50,10 +50,22 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_roo
                 "node0 with a batch in flight",
             )
             tb.pause()
-            wait_for(
+            pending = wait_for(
                 lambda: json.loads((node.dir / "shipper.json").read_text()).get("pending"),
                 10,
                 "node0 with a batch in flight",
+            )
+            # the batch is persisted before it is sent: kill only once the whole POST (at least
+            # the batch's records) waits in the frozen trainer's socket, or the restarted node's
+            # re-send would be the first copy, not a duplicate
+            wait_for(
+                lambda: (
+                    unread_by_server(node.proc.pid, tb.trainer.port)
+                    >= pending["end"] - pending["start"]
+                ),
+                10,
+                "node0's POST in the frozen trainer's socket",
+                poll_s=0.02,
             )
             node.stop(signal.SIGKILL)
         finally:

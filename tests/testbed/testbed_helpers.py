@@ -33,3 +33,23 @@ def cgroup_gone(parent: str) -> bool:
     return not any(
         Path(f"/sys/fs/cgroup/{c}/{parent}").exists() for c in ("cpu", "cpuacct", "memory")
     )
+
+
+def unread_by_server(client_pid: int, server_port: int) -> int:
+    """The most bytes a stopped server on 127.0.0.1:``server_port`` holds unread on one
+    connection from ``client_pid``: what the kernel took off the client's hands (/proc/net/tcp's
+    rx_queue on the server's side)."""
+    import psutil
+
+    ports = {
+        c.laddr.port
+        for c in psutil.Process(client_pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == server_port
+    }
+    most = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(a.split(":")[1], 16) for a in fields[1:3])
+        if local == server_port and remote in ports:
+            most = max(most, int(fields[4].split(":")[1], 16))
+    return most
