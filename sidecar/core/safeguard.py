@@ -108,6 +108,11 @@ class SafeguardConfig:
     for a function never OOM-killed. Below 1 the box reaches toward the peak itself, where only a
     policy that knows which functions' peaks vary harvests without OOM kills (docs/learning.md,
     "A tighter memory box")."""
+    mem_harvest_after: int = 0
+    """Memory is harvested only once the function has run this many invocations (0: from its
+    second, the reference's). A spike every k-th call first shows within a function's first k
+    calls, and only a run at the user's size survives it; once seen, the remembered peak keeps it
+    (docs/learning.md, "Seeing a spike before harvesting")."""
     decline_when_queued: bool = False
     """Under accelerate, also allow the user's size while invocations wait for admission (the
     caller's ``pending`` > 0): an acceleration holds cores and memory a queued invocation could
@@ -138,6 +143,8 @@ class SafeguardState:
     start) of the invocations that reported an input, MB; 0 until inputs are reported."""
     input_max: float = 0.0
     """Remembered input size (decayed maximum) of those invocations."""
+    runs: int = 0
+    """Invocations observed, failed ones included (``SafeguardConfig.mem_harvest_after``)."""
 
     def observe(
         self,
@@ -159,6 +166,7 @@ class SafeguardState:
         work ``cpu_s`` (core-seconds) and ``duration_s`` under a CFS period ``period_s`` the
         burst rule; a failed run's memory need is remembered as the user's ``user_mem_mb``. An
         OOM-killed run's peak counts for the input growth: it is a lower bound of its need."""
+        self.runs += 1
         need = mem_peak_mb if not failed or mem_peak_mb > user_mem_mb else user_mem_mb
         self.mem_peak_memory_mb = remember(self.mem_peak_memory_mb, need)
         if input_size is not None and input_size > 0.0:
@@ -282,6 +290,8 @@ def guard(
             cfg.threshold,
             queued,
         )
+        if mem_mode == HARVEST and state.runs < cfg.mem_harvest_after:
+            mem_lo = user.mem
     if state.burst_cores > (cpu_lo - 1) * grid.cpu_unit_cores:  # may need more units
         burst = min(user.cpu, grid.cpu_units_ceil(state.burst_cores))
         if burst > cpu_lo:

@@ -65,6 +65,8 @@ def test_example_config_loads() -> None:
         ("[grid]\nmem_units = inf", "expected an integer"),
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
         ("[safeguard]\nmem_margin_units = 1.5", "safeguard.mem_margin_units 1.5 outside [0, 1]"),
+        ("[safeguard]\nmem_harvest_after = -1", "safeguard.mem_harvest_after must be >= 0"),
+        ("[safeguard]\nmem_harvest_after = 2.5", "expected an integer"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
         (
             "[actuation]\nv1_memory_harvest = 'both'",

@@ -159,6 +159,8 @@ def check_guard(
             g.mem_units,
             cfg.mem_margin_units if st_.failures == 0 else 1.0,
         )
+        if mem[0] == HARVEST and st_.runs < cfg.mem_harvest_after:  # not harvested yet
+            mem = (HARVEST, user.mem * mu, user.mem, user.mem)
         assert gd.cpu_mode == cpu[0]
         assert gd.mem_mode == mem[0]
 
@@ -205,6 +207,8 @@ def check_guard(
         allowed_units = sorted({getattr(a, res) for a in _allowed(g, gd)})
         if mode_ == HARVEST:
             below = [x for x in allowed_units if x < u_units]
+            if res == "mem" and st_.runs < cfg.mem_harvest_after:
+                assert not below, (allowed_units, st_.runs, cfg.mem_harvest_after)
             if bound > u_units * unit + _tol(unit):
                 assert not below, (res, allowed_units, bound)
                 if res == "cpu" or fits:
@@ -240,6 +244,7 @@ def check_observe(
     """``burst``: the invocation's CPU work per period over the period (cores); ``user_mb``: the
     user's memory size."""
     # the remembered peak: decayed, then raised to this peak (to the user's size if it failed)
+    assert after.runs == before.runs + 1  # failed runs count too
     need = max(mem_pk, user_mb) if failed else mem_pk
     assert after.mem_peak_memory_mb == max(before.mem_peak_memory_mb * DECAY, need)
     assert after.mem_peak_memory_mb >= mem_pk
@@ -252,6 +257,7 @@ def check_observe(
                 calibrate=before.calibrate,
                 failures=before.failures,
                 mem_peak_memory_mb=before.mem_peak_memory_mb,
+                runs=before.runs,
             )
             == before
         )
@@ -309,6 +315,7 @@ configs = st.builds(
     threshold=st.just(0.9),
     mem_headroom_mb=st.sampled_from([0.0, 16.0, 50.0, 64.0]),
     mem_margin_units=st.sampled_from([1.0, 1.0, 0.25, 0.0]),
+    mem_harvest_after=st.sampled_from([0, 0, 3, 40]),
 )
 
 
@@ -393,6 +400,7 @@ def test_arbitrary_states_obey_every_rule(data, gu, cfg) -> None:
         st.one_of(st.just(0.0), peak(g.mem_unit_mb, la.mem, 2 * user.mem))
     )
     s.burst_cores = data.draw(st.one_of(st.just(0.0), peak(g.cpu_unit_cores, la.cpu, user.cpu)))
+    s.runs = data.draw(st.integers(1, 50))
     usage = mem_usage(data.draw, g, user)
     gd = guard(g, user, s, usage, cfg)
     check_guard(g, user, s, usage, cfg, gd)
@@ -666,6 +674,30 @@ def test_example_a_tighter_memory_margin() -> None:
     s = _state(Alloc(4, 8), cpu_last=1.0, mem_last=100.0)
     s.failures = 1
     assert guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.25)).mem_lo == 3
+
+
+def test_example_memory_is_harvested_only_after_a_functions_first_calls() -> None:
+    """A function whose third call spikes to 200 MB (usually 40): harvested from its second call,
+    that spike meets a 128 MB limit; with ``mem_harvest_after = 5`` it runs at the user's 256 MB,
+    and the remembered spike keeps the limit there afterwards."""
+    for after, lo_at_call in ((0, {2: 2, 3: 2}), (5, {2: 4, 3: 4, 4: 4, 5: 4, 6: 4})):
+        cfg = SafeguardConfig(mem_harvest_after=after)
+        s = SafeguardState()
+        for call in range(1, 7):
+            gd = guard(G1, USER, s, cfg=cfg)
+            if call > 1:
+                assert gd.mem_mode == HARVEST, (after, call)
+                assert gd.cpu_lo == 2, (after, call)  # CPU is harvested from the second call
+            if call in lo_at_call:
+                assert gd.mem_lo == lo_at_call[call], (after, call)
+            a = Alloc(gd.cpu_lo, gd.mem_lo)  # `smallest`
+            peak = 200.0 if call == 3 else 40.0
+            killed = peak > a.mem * G1.mem_unit_mb
+            assert killed == (after == 0 and call == 3), (after, call)
+            s.observe(gd, a, 0.1, min(peak, a.mem * 64.0), killed, user_mem_mb=256.0)
+            if killed:
+                break
+        assert s.runs == call
 
 
 def test_the_decision_path_hands_the_nodes_queue_to_the_guard() -> None:

@@ -53,11 +53,12 @@ def test_train_export_eval_end_to_end(tmp_path):
     assert results["learned"]["p98_rfet"] < 2.0
 
 
-def test_sim_eval_decides_under_the_named_memory_margin(tmp_path):
-    """``--mem-margin-units`` reaches the evaluated safeguard: `smallest` in the tighter box
-    holds fewer MB-seconds than in the reference's."""
+def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
+    """``--mem-margin-units`` and ``--mem-harvest-after`` reach the evaluated safeguard:
+    `smallest` in the tighter box holds fewer MB-seconds than in the reference's, and more when
+    memory is harvested only after a function's first calls."""
     held = {}
-    for margin in ("1.0", "0.25"):
-        res = _sim_eval(tmp_path / f"{margin}.json", "smallest", "--mem-margin-units", margin)
-        held[margin] = res["smallest"]["alloc_mem_ratio"]
-    assert held["0.25"] < held["1.0"] < 1.0
+    for flag, value in (("", ""), ("--mem-margin-units", "0.25"), ("--mem-harvest-after", "5")):
+        res = _sim_eval(tmp_path / f"{flag}{value}.json", "smallest", *filter(None, (flag, value)))
+        held[flag] = res["smallest"]["alloc_mem_ratio"]
+    assert held["--mem-margin-units"] < held[""] < held["--mem-harvest-after"] < 1.0
