@@ -15,7 +15,9 @@ threshold 0.9:
 
 For memory the "+ 1 unit" is ``mem_margin_units`` (default 1, the reference's); below 1 the box
 reaches toward the peak itself, until the function is OOM-killed once: from then on it keeps the
-reference's unit, which is what covers a remembered spike that has decayed (below).
+reference's unit, which is what covers a remembered spike that has decayed (below). With
+``mem_harvest_after`` = N memory is harvested only once a function has run N invocations, so a
+spike within its first N calls runs at the user's size and is remembered before any harvest.
 
 "Recent peak" is the maximum peak since that resource's last safeguard run. On top of the
 reference we add the memory floor: a hard memory limit is never chosen below the container's
