@@ -145,18 +145,20 @@ def decide(
     scores among the allowed candidates are refused: a model emitting NaN must never pick an
     allocation.
     """
-    if not mask.any():
-        raise ValueError("the mask allows no candidate")
-    s = np.where(mask, scores.astype(np.float64), 0.0)
-    if not np.isfinite(s).all():
-        raise ValueError("non-finite scores from the policy")
-    s[~mask] = -np.inf
+    # Few numpy calls on the daemon's per-invocation path (each costs a few microseconds): the
+    # precise checks run only when some score is not finite or the max is -inf (no candidate).
+    s = np.where(mask, scores.astype(np.float64), -np.inf)
     m = float(s.max())
+    if m == -math.inf or not np.isfinite(scores).all():
+        if not mask.any():
+            raise ValueError("the mask allows no candidate")
+        if not np.isfinite(scores[mask]).all():
+            raise ValueError("non-finite scores from the policy")
     z = s - m
     e = np.exp(z)
     total = float(e.sum())
     if rng is None:
-        a = int(np.argmax(z))
+        a = int(z.argmax())
     else:
         a = int(np.searchsorted(np.cumsum(e), rng.random() * total, side="right"))
         if a >= len(e) or not mask[a]:  # floating-point edge at the end of the cumsum

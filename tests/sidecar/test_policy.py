@@ -210,6 +210,57 @@ def test_empty_mask_raises() -> None:
         decide(scores, mask, np.random.default_rng(0))
 
 
+def _decide_reference(scores: np.ndarray, mask: np.ndarray, rng=None) -> tuple[int, float]:
+    """``decide`` as written before its checks moved behind one test of all scores (e630e1c)."""
+    if not mask.any():
+        raise ValueError("the mask allows no candidate")
+    s = np.where(mask, scores.astype(np.float64), 0.0)
+    if not np.isfinite(s).all():
+        raise ValueError("non-finite scores from the policy")
+    s[~mask] = -np.inf
+    m = float(s.max())
+    z = s - m
+    e = np.exp(z)
+    total = float(e.sum())
+    if rng is None:
+        a = int(np.argmax(z))
+    else:
+        a = int(np.searchsorted(np.cumsum(e), rng.random() * total, side="right"))
+        if a >= len(e) or not mask[a]:
+            a = int(np.flatnonzero(mask)[-1])
+    return a, float(z[a]) - math.log(total)
+
+
+@st.composite
+def scores_with_non_finite(draw):
+    """Scores and a mask (possibly empty) where some scores may be NaN or infinite."""
+    scores, mask = draw(scores_and_mask())
+    n = len(scores)
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=3)):
+        scores[i] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if draw(st.booleans()) and n < 8:
+        mask[:] = False
+    return scores, mask
+
+
+@settings(max_examples=500, deadline=None)
+@given(scores_with_non_finite(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_decide_equals_its_reference(sm, use_rng: bool, seed: int) -> None:
+    """Same action, the same log-probability bit for bit, and the same refusals as before."""
+    scores, mask = sm
+    rngs = [np.random.default_rng(seed) if use_rng else None for _ in range(2)]
+    try:
+        want = _decide_reference(scores, mask, rngs[0])
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=str(exc)):
+            decide(scores, mask, rngs[1])
+        return
+    got = decide(scores, mask, rngs[1])
+    assert got[0] == want[0]
+    assert math.copysign(1, got[1]) == math.copysign(1, want[1])
+    assert got[1] == want[1] or (math.isnan(got[1]) and math.isnan(want[1]))
+
+
 # --------------------------------------------------------------------------------------------
 # sample_batch (the vectorised twin)
 
