@@ -501,6 +501,29 @@ def test_onnx_scorer_matches_the_mlp(tmp_path) -> None:
     assert decide(from_bytes.scores(rows), mask)[0] == decide(want, mask)[0]
 
 
+def test_onnx_scorer_kept_binding_equals_session_run() -> None:
+    """Rows of a shape seen before run through a kept IO binding: the same scores as
+    ``session.run``, and a returned array is not overwritten by the next call."""
+    pytest.importorskip("onnxruntime")
+    scorer = OnnxScorer(_onnx_mlp(MLPScorer.random(N_FEATURES, hidden=(32, 16), seed=3)))
+    rng = np.random.default_rng(1)
+    kept = []
+    for i in range(20):
+        n = (64, 1, 7)[i % 3]
+        rows = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
+        if i % 4 == 3:  # not contiguous
+            rows = np.asfortranarray(rows)
+        want = scorer.session.run([ONNX_OUTPUT], {ONNX_INPUT: rows})[0].reshape(-1)
+        got = scorer.scores(rows)
+        np.testing.assert_array_equal(got, want)
+        kept.append((got, got.copy()))
+    assert set(scorer._bound) == {(64, N_FEATURES), (1, N_FEATURES), (7, N_FEATURES)}
+    for got, copy in kept:
+        np.testing.assert_array_equal(got, copy)
+    with pytest.raises(Exception):  # float64 rows are refused as before, not cast
+        scorer.scores(rng.normal(size=(64, N_FEATURES)))
+
+
 @pytest.mark.parametrize("names", [("x", ONNX_OUTPUT), (ONNX_INPUT, "y")])
 def test_onnx_scorer_rejects_wrong_names(names) -> None:
     pytest.importorskip("onnxruntime")
