@@ -520,7 +520,7 @@ def test_onnx_scorer_kept_binding_equals_session_run() -> None:
     assert set(scorer._bound) == {(64, N_FEATURES), (1, N_FEATURES), (7, N_FEATURES)}
     for got, copy in kept:
         np.testing.assert_array_equal(got, copy)
-    with pytest.raises(Exception):  # float64 rows are refused as before, not cast
+    with pytest.raises(Exception, match="data type"):  # float64 rows: refused as before, not cast
         scorer.scores(rng.normal(size=(64, N_FEATURES)))
 
 
