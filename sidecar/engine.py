@@ -392,7 +392,7 @@ class Engine:
             self.model_failures += 1
             self.consecutive_model_failures += 1
             model = "fallback"
-        alloc = self.grid.alloc(d.action)
+        alloc = self.grid.allocs[d.action]  # the grid keeps every candidate's Alloc
         target = plan_target(
             self.grid, user, user_alloc, alloc, c.ref.cgroup_version, self.act_cfg, fn
         )

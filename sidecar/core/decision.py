@@ -16,7 +16,14 @@ from typing import NamedTuple
 import numpy as np
 
 from sidecar.core import policy, safeguard
-from sidecar.core.features import FeatureEncoder, NodeState, expand_rows
+from sidecar.core.features import (
+    N_BLOCK,
+    N_CONTEXT,
+    N_FEATURES,
+    FeatureEncoder,
+    NodeState,
+    expand_rows,
+)
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import Scorer
 from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState
@@ -47,12 +54,31 @@ class Decision(NamedTuple):
 
 
 class Decider:
-    """The decision path for one grid; cheap to call per invocation (the encoder caches blocks)."""
+    """The decision path for one grid; cheap to call per invocation (the encoder caches blocks,
+    ``decide`` fills one kept row matrix). One caller at a time: a daemon's event loop, one
+    simulator."""
 
     def __init__(self, grid: ResourceGrid, cfg: SafeguardConfig = SafeguardConfig()) -> None:
         self.grid = grid
         self.cfg = cfg
         self.encoder = FeatureEncoder(grid)
+        self._rows = np.empty((grid.cpu_units, grid.mem_units, N_FEATURES), dtype=np.float32)
+        self._flat = self._rows.reshape(grid.n, N_FEATURES)  # a view of the same memory
+        self._rows_blocks: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _fill_rows(self, ctx: np.ndarray, cpu: np.ndarray, mem: np.ndarray) -> np.ndarray:
+        """``expand_rows(ctx, cpu, mem)`` written into the kept matrix, which the scorer reads
+        before the next decision rewrites it. The candidate columns are rewritten only when the
+        blocks differ from the last ones: the encoder's cached blocks are read-only, so the same
+        arrays hold the same values (and are held here, so their ids are not reused)."""
+        r = self._rows
+        r[..., :N_CONTEXT] = ctx
+        last = self._rows_blocks
+        if last is None or last[0] is not cpu or last[1] is not mem:
+            r[..., N_CONTEXT : N_CONTEXT + N_BLOCK] = cpu[:, None, :]
+            r[..., N_CONTEXT + N_BLOCK :] = mem[None, :, :]
+            self._rows_blocks = (cpu, mem)
+        return self._flat
 
     def guard(
         self,
@@ -105,9 +131,14 @@ class Decider:
         Without ``fallback`` a failing scorer's exception propagates.
         """
         if guard is None:
-            guard = self.guard(user, state, mem_usage_mb, input_size, node.pending)
-        obs = self.observe(guard, node, stats, state, user, now_s, input_size)
-        rows = obs.rows()
+            guard = safeguard.guard(
+                self.grid, user, state, mem_usage_mb, self.cfg, input_size, node.pending
+            )
+        enc = self.encoder
+        ctx = enc.context(node, stats, state, user, now_s, input_size)
+        cpu, mem = enc.blocks(state, user)
+        obs = Observation(ctx, cpu, mem, guard.mask)
+        rows = self._fill_rows(ctx, cpu, mem)
         try:
             a, logp = policy.decide(scorer.scores(rows), guard.mask, rng)
         except Exception as exc:

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import numpy as np
 
 _EPS = 1e-9
+_MAX_SIZES = 4096
+"""User sizes ``ResourceGrid.nearest`` remembers (it starts over beyond them)."""
 
 
 class Alloc(NamedTuple):
@@ -108,9 +110,21 @@ class ResourceGrid:
         """The grid point nearest to a user's setting, clamped to the grid.
 
         A user's size need not be a multiple of the unit; the policy works on the grid, while
-        restoring a container always writes the user's exact original limits.
+        restoring a container always writes the user's exact original limits. Remembered per
+        size: a host asks for the same few sizes on every invocation.
         """
-        # Halves round up (Python's round() would send 2.5 units to 2 but 3.5 to 4).
-        cpu = min(self.cpu_units, max(1, math.floor(cores / self.cpu_unit_cores + 0.5)))
-        mem = min(self.mem_units, max(1, math.floor(mb / self.mem_unit_mb + 0.5)))
-        return Alloc(cpu, mem)
+        key = (cores, mb)
+        alloc = self._nearest.get(key)
+        if alloc is None:
+            # Halves round up (Python's round() would send 2.5 units to 2 but 3.5 to 4).
+            cpu = min(self.cpu_units, max(1, math.floor(cores / self.cpu_unit_cores + 0.5)))
+            mem = min(self.mem_units, max(1, math.floor(mb / self.mem_unit_mb + 0.5)))
+            alloc = Alloc(cpu, mem)
+            if len(self._nearest) >= _MAX_SIZES:
+                self._nearest.clear()
+            self._nearest[key] = alloc
+        return alloc
+
+    @cached_property
+    def _nearest(self) -> dict[tuple[float, float], Alloc]:
+        return {}

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.grid import Alloc, ResourceGrid
@@ -170,3 +170,16 @@ def test_grid_properties_and_conversions() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         g.cpu_units = 3  # type: ignore[misc]
     assert hash(g) == hash(ResourceGrid(0.5, 6, 128.0, 5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(-1.0, 40.0, allow_nan=False), st.floats(-10.0, 5000.0, allow_nan=False), st.data())
+def test_nearest_remembered_equals_computed(cores: float, mb: float, data) -> None:
+    """The remembered grid point of a size is the one computed afresh, also after a reset."""
+    g = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+    fresh = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
+    want = fresh.nearest(cores, mb)
+    for _ in range(data.draw(st.integers(1, 3))):
+        assert g.nearest(cores, mb) == want
+    g._nearest.clear()
+    assert g.nearest(cores, mb) == want

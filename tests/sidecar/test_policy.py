@@ -210,6 +210,57 @@ def test_empty_mask_raises() -> None:
         decide(scores, mask, np.random.default_rng(0))
 
 
+def _decide_reference(scores: np.ndarray, mask: np.ndarray, rng=None) -> tuple[int, float]:
+    """``decide`` as written before its checks moved behind one test of all scores (e630e1c)."""
+    if not mask.any():
+        raise ValueError("the mask allows no candidate")
+    s = np.where(mask, scores.astype(np.float64), 0.0)
+    if not np.isfinite(s).all():
+        raise ValueError("non-finite scores from the policy")
+    s[~mask] = -np.inf
+    m = float(s.max())
+    z = s - m
+    e = np.exp(z)
+    total = float(e.sum())
+    if rng is None:
+        a = int(np.argmax(z))
+    else:
+        a = int(np.searchsorted(np.cumsum(e), rng.random() * total, side="right"))
+        if a >= len(e) or not mask[a]:
+            a = int(np.flatnonzero(mask)[-1])
+    return a, float(z[a]) - math.log(total)
+
+
+@st.composite
+def scores_with_non_finite(draw):
+    """Scores and a mask (possibly empty) where some scores may be NaN or infinite."""
+    scores, mask = draw(scores_and_mask())
+    n = len(scores)
+    for i in draw(st.lists(st.integers(0, n - 1), max_size=3)):
+        scores[i] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if draw(st.booleans()) and n < 8:
+        mask[:] = False
+    return scores, mask
+
+
+@settings(max_examples=500, deadline=None)
+@given(scores_with_non_finite(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_decide_equals_its_reference(sm, use_rng: bool, seed: int) -> None:
+    """Same action, the same log-probability bit for bit, and the same refusals as before."""
+    scores, mask = sm
+    rngs = [np.random.default_rng(seed) if use_rng else None for _ in range(2)]
+    try:
+        want = _decide_reference(scores, mask, rngs[0])
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=str(exc)):
+            decide(scores, mask, rngs[1])
+        return
+    got = decide(scores, mask, rngs[1])
+    assert got[0] == want[0]
+    assert math.copysign(1, got[1]) == math.copysign(1, want[1])
+    assert got[1] == want[1] or (math.isnan(got[1]) and math.isnan(want[1]))
+
+
 # --------------------------------------------------------------------------------------------
 # sample_batch (the vectorised twin)
 
@@ -448,6 +499,29 @@ def test_onnx_scorer_matches_the_mlp(tmp_path) -> None:
     np.testing.assert_allclose(from_bytes.scores(rows2), m.scores(rows2), atol=1e-5, rtol=0)
     mask = np.ones(g.n, dtype=bool)
     assert decide(from_bytes.scores(rows), mask)[0] == decide(want, mask)[0]
+
+
+def test_onnx_scorer_kept_binding_equals_session_run() -> None:
+    """Rows of a shape seen before run through a kept IO binding: the same scores as
+    ``session.run``, and a returned array is not overwritten by the next call."""
+    pytest.importorskip("onnxruntime")
+    scorer = OnnxScorer(_onnx_mlp(MLPScorer.random(N_FEATURES, hidden=(32, 16), seed=3)))
+    rng = np.random.default_rng(1)
+    kept = []
+    for i in range(20):
+        n = (64, 1, 7)[i % 3]
+        rows = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
+        if i % 4 == 3:  # not contiguous
+            rows = np.asfortranarray(rows)
+        want = scorer.session.run([ONNX_OUTPUT], {ONNX_INPUT: rows})[0].reshape(-1)
+        got = scorer.scores(rows)
+        np.testing.assert_array_equal(got, want)
+        kept.append((got, got.copy()))
+    assert set(scorer._bound) == {(64, N_FEATURES), (1, N_FEATURES), (7, N_FEATURES)}
+    for got, copy in kept:
+        np.testing.assert_array_equal(got, copy)
+    with pytest.raises(Exception, match="data type"):  # float64 rows: refused as before, not cast
+        scorer.scores(rng.normal(size=(64, N_FEATURES)))
 
 
 @pytest.mark.parametrize("names", [("x", ONNX_OUTPUT), (ONNX_INPUT, "y")])
