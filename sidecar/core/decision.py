@@ -131,14 +131,9 @@ class Decider:
         Without ``fallback`` a failing scorer's exception propagates.
         """
         if guard is None:
-            guard = safeguard.guard(
-                self.grid, user, state, mem_usage_mb, self.cfg, input_size, node.pending
-            )
-        enc = self.encoder
-        ctx = enc.context(node, stats, state, user, now_s, input_size)
-        cpu, mem = enc.blocks(state, user)
-        obs = Observation(ctx, cpu, mem, guard.mask)
-        rows = self._fill_rows(ctx, cpu, mem)
+            guard = self.guard(user, state, mem_usage_mb, input_size, node.pending)
+        obs = self.observe(guard, node, stats, state, user, now_s, input_size)
+        rows = self._fill_rows(obs.context, obs.cpu, obs.mem)
         try:
             a, logp = policy.decide(scorer.scores(rows), guard.mask, rng)
         except Exception as exc:
