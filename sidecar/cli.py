@@ -30,8 +30,8 @@ def _sim_eval(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace) -> Preset:
-    """The named preset, with ``--decline-when-queued``, ``--mem-margin-units`` and
-    ``--mem-harvest-after`` applied to its safeguard."""
+    """The named preset, with ``--decline-when-queued`` and the ``--mem-*`` flags applied to its
+    safeguard."""
     from training.sim.presets import get_preset
 
     changes: dict[str, object] = {}
@@ -39,6 +39,8 @@ def _preset(args: argparse.Namespace) -> Preset:
         changes["decline_when_queued"] = True
     if args.mem_margin_units is not None:
         changes["mem_margin_units"] = args.mem_margin_units
+    if args.mem_margin_sd is not None:
+        changes["mem_margin_sd"] = args.mem_margin_sd
     if args.mem_harvest_after is not None:
         changes["mem_harvest_after"] = args.mem_harvest_after
     return get_preset(args.preset).with_safeguard(**changes)
@@ -414,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="decide under safeguard.mem_margin_units: memory's lower bound is the recent "
             "peak plus this many units (default: the preset's, 1, the reference's box, as on a "
             "node)",
+        )
+        cmd.add_argument(
+            "--mem-margin-sd",
+            type=float,
+            help="decide under safeguard.mem_margin_sd: memory's margin is at least this many "
+            "standard deviations of the function's peaks (default: the preset's, 0, off)",
         )
         cmd.add_argument(
             "--mem-harvest-after",

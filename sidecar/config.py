@@ -479,6 +479,8 @@ def validate(cfg: Config) -> None:
     margin = cfg.safeguard.mem_margin_units
     if not 0 <= margin <= 1:
         problems.append(f"safeguard.mem_margin_units {margin} outside [0, 1]")
+    if not cfg.safeguard.mem_margin_sd >= 0:
+        problems.append("safeguard.mem_margin_sd must be >= 0")
     if cfg.safeguard.mem_harvest_after < 0:
         problems.append("safeguard.mem_harvest_after must be >= 0")
     if not 1000 <= cfg.actuation.cpu_period_us <= 1_000_000:

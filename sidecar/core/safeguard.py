@@ -110,6 +110,11 @@ class SafeguardConfig:
     for a function never OOM-killed. Below 1 the box reaches toward the peak itself, where only a
     policy that knows which functions' peaks vary harvests without OOM kills (docs/learning.md,
     "A tighter memory box")."""
+    mem_margin_sd: float = 0.0
+    """Memory's margin is at least this many standard deviations of the function's successful
+    peaks (a decayed mean and variance, ``SafeguardState.mem_peak_sd``); 0: off. A function whose
+    working set varies gets room in proportion, a steady one keeps ``mem_margin_units``
+    (docs/learning.md, "A margin from the function's own spread")."""
     mem_harvest_after: int = 0
     """Memory is harvested only once the function has run this many invocations (0: from its
     second, the reference's). A spike every k-th call first shows within a function's first k
@@ -147,6 +152,20 @@ class SafeguardState:
     """Remembered input size (decayed maximum) of those invocations."""
     runs: int = 0
     """Invocations observed, failed ones included (``SafeguardConfig.mem_harvest_after``)."""
+    mem_peak_w: float = 0.0
+    mem_peak_sum: float = 0.0
+    mem_peak_sq: float = 0.0
+    """Decayed weight, sum and sum of squares of the successful runs' memory peaks (MB): their
+    decayed mean and variance, exact from the first run (``mem_peak_sd``)."""
+
+    @property
+    def mem_peak_sd(self) -> float:
+        """Standard deviation of the successful runs' memory peaks, decayed as ``remember``."""
+        if self.mem_peak_w <= 0.0:
+            return 0.0
+        mean = self.mem_peak_sum / self.mem_peak_w
+        var = self.mem_peak_sq / self.mem_peak_w - mean * mean
+        return math.sqrt(var) if var > 0.0 else 0.0
 
     def observe(
         self,
@@ -179,6 +198,9 @@ class SafeguardState:
             self.failures += 1
             self.calibrate = FAILURE
             return
+        self.mem_peak_w = self.mem_peak_w * DECAY + 1.0
+        self.mem_peak_sum = self.mem_peak_sum * DECAY + mem_peak_mb
+        self.mem_peak_sq = self.mem_peak_sq * DECAY + mem_peak_mb * mem_peak_mb
         if guard.cpu_mode in (FIRST, FAILURE, RISING):
             self.recent_cpu_peak_cores = cpu_peak_cores
         else:
@@ -245,6 +267,17 @@ def _range(
     return (min(lo, user) if queued else lo), top, ACCELERATE
 
 
+def _mem_margin(cfg: SafeguardConfig, state: SafeguardState, unit_mb: float) -> float:
+    """Memory's margin above the peak, in units: ``mem_margin_units`` for a function never
+    OOM-killed (one unit after a kill), raised to ``mem_margin_sd`` deviations of its peaks."""
+    margin = cfg.mem_margin_units if state.failures == 0 else 1.0
+    if cfg.mem_margin_sd > 0.0:
+        spread = cfg.mem_margin_sd * state.mem_peak_sd / unit_mb
+        if spread > margin:
+            margin = spread
+    return margin
+
+
 def guard(
     grid: ResourceGrid,
     user: Alloc,
@@ -287,7 +320,7 @@ def guard(
             state.last_alloc.mem,
             mem_peak,
             grid.mem_unit_mb,
-            cfg.mem_margin_units if state.failures == 0 else 1.0,
+            _mem_margin(cfg, state, grid.mem_unit_mb),
             grid.mem_units,
             cfg.threshold,
             queued,

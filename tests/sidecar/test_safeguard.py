@@ -99,6 +99,17 @@ def _check_lo(lo: int, need: float, cap: int, unit: float) -> None:
     assert lo == 1 or (lo - 1) * unit < req + tol, (lo, unit, need, cap)
 
 
+def _mem_margin_units(cfg: SafeguardConfig, st_: SafeguardState, unit: float) -> float:
+    """Memory's margin in units, restated: the configured one (one unit after a kill), at least
+    ``mem_margin_sd`` deviations of the decayed peaks."""
+    margin = cfg.mem_margin_units if st_.failures == 0 else 1.0
+    if cfg.mem_margin_sd and st_.mem_peak_w:
+        mean = st_.mem_peak_sum / st_.mem_peak_w
+        sd = math.sqrt(max(0.0, st_.mem_peak_sq / st_.mem_peak_w - mean**2))
+        margin = max(margin, cfg.mem_margin_sd * sd / unit)
+    return margin
+
+
 def check_guard(
     g: ResourceGrid, user: Alloc, st_: SafeguardState, usage: float, cfg: SafeguardConfig, gd: Guard
 ) -> None:
@@ -157,7 +168,7 @@ def check_guard(
             mem_peak,
             mu,
             g.mem_units,
-            cfg.mem_margin_units if st_.failures == 0 else 1.0,
+            _mem_margin_units(cfg, st_, mu),
         )
         if mem[0] == HARVEST and st_.runs < cfg.mem_harvest_after:  # not harvested yet
             mem = (HARVEST, user.mem * mu, user.mem, user.mem)
@@ -200,7 +211,7 @@ def check_guard(
             mu,
             g.mem_units,
             mem_peak,
-            cfg.mem_margin_units if st_.failures == 0 else 1.0,
+            _mem_margin_units(cfg, st_, mu),
         ),
     ):
         bound = recent + margin * unit
@@ -262,6 +273,10 @@ def check_observe(
             == before
         )
         return
+    # the peaks' decayed weight, sum and sum of squares (their spread) take this peak
+    assert after.mem_peak_w == before.mem_peak_w * DECAY + 1.0
+    assert after.mem_peak_sum == before.mem_peak_sum * DECAY + mem_pk
+    assert after.mem_peak_sq == before.mem_peak_sq * DECAY + mem_pk * mem_pk
     assert after.burst_cores == max(before.burst_cores * DECAY, burst)
     assert after.failures == before.failures
     assert after.last_alloc == alloc
@@ -316,6 +331,7 @@ configs = st.builds(
     mem_headroom_mb=st.sampled_from([0.0, 16.0, 50.0, 64.0]),
     mem_margin_units=st.sampled_from([1.0, 1.0, 0.25, 0.0]),
     mem_harvest_after=st.sampled_from([0, 0, 3, 40]),
+    mem_margin_sd=st.sampled_from([0.0, 0.0, 1.0, 2.5]),
 )
 
 
@@ -401,6 +417,10 @@ def test_arbitrary_states_obey_every_rule(data, gu, cfg) -> None:
     )
     s.burst_cores = data.draw(st.one_of(st.just(0.0), peak(g.cpu_unit_cores, la.cpu, user.cpu)))
     s.runs = data.draw(st.integers(1, 50))
+    for peak_mb in data.draw(st.lists(peak(g.mem_unit_mb, la.mem, user.mem), max_size=6)):
+        s.mem_peak_w = s.mem_peak_w * DECAY + 1.0
+        s.mem_peak_sum = s.mem_peak_sum * DECAY + peak_mb
+        s.mem_peak_sq = s.mem_peak_sq * DECAY + peak_mb * peak_mb
     usage = mem_usage(data.draw, g, user)
     gd = guard(g, user, s, usage, cfg)
     check_guard(g, user, s, usage, cfg, gd)
@@ -698,6 +718,38 @@ def test_example_memory_is_harvested_only_after_a_functions_first_calls() -> Non
             if killed:
                 break
         assert s.runs == call
+
+
+@settings(max_examples=100, deadline=None)
+@given(peaks=st.lists(st.floats(0.0, 4096.0), min_size=1, max_size=300))
+def test_the_peaks_spread_is_their_decayed_standard_deviation(peaks) -> None:
+    """``mem_peak_sd`` is the standard deviation of the successful runs' peaks weighted
+    ``DECAY**age``, as numpy computes it; failed runs do not count."""
+    s = SafeguardState()
+    gd = guard(G1, USER, s)
+    for p in peaks:
+        s.observe(gd, USER, 0.5, p, False, user_mem_mb=256.0)
+        s.observe(gd, USER, 0.5, 9999.0, True, user_mem_mb=256.0)  # a kill: not a peak
+    w = DECAY ** np.arange(len(peaks))[::-1]
+    want = math.sqrt(np.cov(peaks, aweights=w, bias=True)) if len(peaks) > 1 else 0.0
+    assert s.mem_peak_sd == pytest.approx(want, rel=1e-6, abs=1e-3 * (1.0 + max(peaks)))
+
+
+def test_example_a_margin_from_the_functions_spread() -> None:
+    """``mem_margin_sd``: a function whose peaks vary by 40 MB (sd 20) gets 2 x 20 MB above its
+    peak, more than a quarter unit; a steady one keeps the quarter unit."""
+    cfg = SafeguardConfig(mem_margin_units=0.25, mem_margin_sd=2.0)
+    for peaks, mem_lo in (([60.0, 100.0] * 10, 3), ([100.0] * 20, 2)):
+        s = SafeguardState()
+        gd = guard(G1, USER, s, cfg=cfg)
+        for p in peaks:
+            s.observe(gd, Alloc(4, 4), 0.5, p, False, user_mem_mb=256.0)
+            gd = guard(G1, USER, s, cfg=cfg)
+        assert gd.mem_mode == HARVEST
+        # ceil((100 + max(16, 2 x sd)) / 64): sd ~20 -> 140 / 64 -> 3; sd 0 -> 116 / 64 -> 2
+        assert gd.mem_lo == mem_lo, (peaks[:2], s.mem_peak_sd)
+        off = guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=0.25))
+        assert off.mem_lo == 2
 
 
 def test_the_decision_path_hands_the_nodes_queue_to_the_guard() -> None:

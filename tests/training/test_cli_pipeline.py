@@ -54,11 +54,17 @@ def test_train_export_eval_end_to_end(tmp_path):
 
 
 def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
-    """``--mem-margin-units`` and ``--mem-harvest-after`` reach the evaluated safeguard:
-    `smallest` in the tighter box holds fewer MB-seconds than in the reference's, and more when
-    memory is harvested only after a function's first calls."""
+    """The ``--mem-*`` flags reach the evaluated safeguard: `smallest` in the tighter box holds
+    fewer MB-seconds than in the reference's; more when the margin also follows the functions'
+    spread, or when memory is harvested only after a function's first calls."""
     held = {}
-    for flag, value in (("", ""), ("--mem-margin-units", "0.25"), ("--mem-harvest-after", "5")):
-        res = _sim_eval(tmp_path / f"{flag}{value}.json", "smallest", *filter(None, (flag, value)))
-        held[flag] = res["smallest"]["alloc_mem_ratio"]
-    assert held["--mem-margin-units"] < held[""] < held["--mem-harvest-after"] < 1.0
+    for name, flags in (
+        ("reference", ()),
+        ("tight", ("--mem-margin-units", "0.25")),
+        ("tight+spread", ("--mem-margin-units", "0.25", "--mem-margin-sd", "3")),
+        ("after", ("--mem-harvest-after", "5")),
+    ):
+        res = _sim_eval(tmp_path / f"{name}.json", "smallest", *flags)
+        held[name] = res["smallest"]["alloc_mem_ratio"]
+    assert held["tight"] < held["tight+spread"] < 1.0
+    assert held["tight"] < held["reference"] < held["after"] < 1.0
