@@ -17,7 +17,9 @@ For memory the "+ 1 unit" is ``mem_margin_units`` (default 1, the reference's); 
 reaches toward the peak itself, until the function is OOM-killed once: from then on it keeps the
 reference's unit, which is what covers a remembered spike that has decayed (below). With
 ``mem_harvest_after`` = N memory is harvested only once a function has run N invocations, so a
-spike within its first N calls runs at the user's size and is remembered before any harvest.
+spike within its first N calls runs at the user's size and is remembered before any harvest;
+with ``mem_margin_sd`` the margin is at least that many standard deviations of the function's
+peaks, so a function whose working set varies gets room in proportion.
 
 "Recent peak" is the maximum peak since that resource's last safeguard run. On top of the
 reference we add the memory floor: a hard memory limit is never chosen below the container's
