@@ -16,14 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sidecar.core import policy, safeguard
-from sidecar.core.features import (
-    N_BLOCK,
-    N_CONTEXT,
-    N_FEATURES,
-    FeatureEncoder,
-    NodeState,
-    expand_rows,
-)
+from sidecar.core.features import N_FEATURES, FeatureEncoder, NodeState, expand_rows
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import Scorer
 from sidecar.core.safeguard import Guard, SafeguardConfig, SafeguardState
@@ -63,7 +56,6 @@ class Decider:
         self.cfg = cfg
         self.encoder = FeatureEncoder(grid)
         self._rows = np.empty((grid.cpu_units, grid.mem_units, N_FEATURES), dtype=np.float32)
-        self._flat = self._rows.reshape(grid.n, N_FEATURES)  # a view of the same memory
         self._rows_blocks: tuple[np.ndarray, np.ndarray] | None = None
 
     def _fill_rows(self, ctx: np.ndarray, cpu: np.ndarray, mem: np.ndarray) -> np.ndarray:
@@ -71,14 +63,10 @@ class Decider:
         before the next decision rewrites it. The candidate columns are rewritten only when the
         blocks differ from the last ones: the encoder's cached blocks are read-only, so the same
         arrays hold the same values (and are held here, so their ids are not reused)."""
-        r = self._rows
-        r[..., :N_CONTEXT] = ctx
         last = self._rows_blocks
-        if last is None or last[0] is not cpu or last[1] is not mem:
-            r[..., N_CONTEXT : N_CONTEXT + N_BLOCK] = cpu[:, None, :]
-            r[..., N_CONTEXT + N_BLOCK :] = mem[None, :, :]
-            self._rows_blocks = (cpu, mem)
-        return self._flat
+        fresh = last is None or last[0] is not cpu or last[1] is not mem
+        self._rows_blocks = (cpu, mem)
+        return expand_rows(ctx, cpu, mem, out=self._rows, blocks=fresh)
 
     def guard(
         self,

@@ -204,16 +204,27 @@ class FeatureEncoder:
         return expand_rows(ctx, *self.blocks(guard_state, user))
 
 
-def expand_rows(ctx: np.ndarray, cpu: np.ndarray, mem: np.ndarray) -> np.ndarray:
+def expand_rows(
+    ctx: np.ndarray,
+    cpu: np.ndarray,
+    mem: np.ndarray,
+    out: np.ndarray | None = None,
+    blocks: bool = True,
+) -> np.ndarray:
     """Context (..., C) + blocks (..., cu, K), (..., mu, K) -> rows (..., cu * mu, N_FEATURES).
 
-    Works on single observations and on batches (leading dimensions), in numpy.
+    Works on single observations and on batches (leading dimensions), in numpy. ``out``: a
+    float32 (..., cu, mu, N_FEATURES) array to write into, which a caller deciding again and again
+    keeps; ``blocks=False`` leaves its candidate columns as the last call wrote them (the same
+    blocks again).
     """
     cu, mu = cpu.shape[-2], mem.shape[-2]
     lead = ctx.shape[:-1]
-    out = np.empty((*lead, cu, mu, N_FEATURES), dtype=np.float32)
+    if out is None:
+        out = np.empty((*lead, cu, mu, N_FEATURES), dtype=np.float32)
     c = N_CONTEXT
     out[..., :c] = ctx[..., None, None, :]
-    out[..., c : c + N_BLOCK] = cpu[..., :, None, :]
-    out[..., c + N_BLOCK :] = mem[..., None, :, :]
+    if blocks:
+        out[..., c : c + N_BLOCK] = cpu[..., :, None, :]
+        out[..., c + N_BLOCK :] = mem[..., None, :, :]
     return out.reshape(*lead, cu * mu, N_FEATURES)
