@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sidecar import cgroups
 from sidecar.cgroups import Limits
+from sidecar.durable import write_atomic
 from sidecar.engine import USER_TARGET, Target
 from sidecar.runtimes.base import ContainerRef, UserSize
 
@@ -132,21 +133,7 @@ class Actuator:
             "clean": clean,
             "containers": {cid: m.to_json() for cid, m in self.managed.items()},
         }
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_file)
-        try:
-            dfd = os.open(self.state_file.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        write_atomic(self.state_file, json.dumps(data, sort_keys=True).encode())
 
     def save(self, clean: bool = False) -> None:
         """Write the state file now. ``clean``: every container is back at its user's limits

@@ -30,7 +30,6 @@ import asyncio
 import collections
 import json
 import logging
-import os
 import random
 import ssl
 import time
@@ -40,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
+from sidecar.durable import write_atomic
 from sidecar.shipper import bearer, jittered_backoff, log_retry, trainer_session
 
 log = logging.getLogger("faasrm.model_poller")
@@ -134,9 +134,7 @@ class ModelPoller:
             "previous": self.previous,
             "rolled_back_sha256": sorted(self.bad_sha),
         }
-        tmp = self.dir / "active.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.dir / "active.json")
+        write_atomic(self.dir / "active.json", json.dumps(state).encode())
 
     def _path(self, version: int) -> Path:
         return self.dir / f"v{version:06d}.onnx"
@@ -159,9 +157,7 @@ class ModelPoller:
             self._event(version, sha, "rejected", "rolled back earlier on this node")
             return False
         path = self._path(version)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         Path(str(path) + ".json").write_text(json.dumps({"sha256": sha, "version": version}))
         ok = self.models.load(path)
         if self.metrics is not None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import ssl
 import time
@@ -42,6 +41,7 @@ import msgpack
 
 from sidecar.config import ShipperConfig
 from sidecar.core.record import SCHEMA_VERSION
+from sidecar.durable import write_atomic
 from sidecar.spool import Spool
 
 if TYPE_CHECKING:
@@ -153,14 +153,7 @@ class Shipper:
             return ShipState()
 
     def _save(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        data = asdict(self.state)
-        with open(tmp, "w") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, json.dumps(asdict(self.state)).encode())
 
     # ------------------------------------------------------------------------ planning
     def _segments(self) -> list[Path]:

@@ -15,7 +15,6 @@ Records are the maps of ``sidecar.core.record.Record.pack``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import msgpack
 
 from sidecar.core.record import REQUIRED
+from sidecar.durable import write_atomic
 
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
 
@@ -72,9 +72,7 @@ class Spool:
             return 0
 
     def _save_dropped(self) -> None:
-        tmp = self._meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dropped": self.dropped}))
-        os.replace(tmp, self._meta)
+        write_atomic(self._meta, json.dumps({"dropped": self.dropped}).encode())
 
     # -------------------------------------------------------------------------------- segments
     def _path(self, seq: int) -> Path:
