@@ -5,9 +5,13 @@ Start-up, in cleanup-context order (teardown runs in reverse, each only if its s
 1. ``_node_ctx``: restore every container left in the state file by a previous run (first, before
    anything slow: a crashed daemon's containers are back at user limits within a second), load
    the model (or the rule fallback), open the spool, discover containers.
-   Teardown: end running invocations as lost, restore every container to its user limits.
+   Teardown: end running invocations as lost, restore every container to its user limits, save
+   the function history.
 2. ``_sampling_ctx``: the 100 ms tick on monotonic deadlines: sample, give-back, OOM, inferred
    boundaries; ``READY=1`` after the first tick, ``WATCHDOG=1`` from inside the loop.
+   ``_history_ctx``: saves what the node learned about each function every ``[actuation]
+   history_save_s`` (``sidecar.history``; read at start-up by ``_node_ctx`` and saved once more
+   after its teardown).
 3. ``_events_ctx``: one task per runtime event stream (Docker pause/unpause, container changes).
 4. ``_shipper_ctx`` (when ``[shipper] enabled``): ships the spool to the trainer
    (``sidecar.shipper``); ``_poller_ctx`` (when ``[model_poller] enabled``): follows the trainer's
@@ -37,6 +41,7 @@ from pathlib import Path
 from aiohttp import web
 
 from sidecar import config as config_mod
+from sidecar import history
 from sidecar.actuator import Actuator
 from sidecar.api import HOOK_ACCESS, HookAccess, add_routes, guard_hooks
 from sidecar.config import Config, ConfigError, ServerConfig
@@ -118,6 +123,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         host_mem_mb=mem_mb,
     )
     node.recover()  # first: a crashed run's containers go back to user limits now
+    node.load_history()
     ok = models.load()
     metrics.model_loads.labels("ok" if ok else "rejected").inc()
     metrics.set_policy(models.current.id)
@@ -138,6 +144,10 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         for rt in node.runtimes:
             rt.close()
         log.info("restored user limits", extra={"containers": results})
+        try:
+            node.save_history()  # after shutdown: runs cut short are remembered as failures
+        except OSError as exc:
+            log.error("function history not saved", extra={"reason": str(exc)})
 
 
 async def _sample_loop(app: web.Application) -> None:
@@ -169,6 +179,28 @@ async def _sample_loop(app: web.Application) -> None:
 async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(_sample_loop(app), name="faasrm-sampler")
     app[SAMPLE_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _history_loop(app: web.Application) -> None:
+    node = app[NODE]
+    while True:
+        await asyncio.sleep(node.cfg.actuation.history_save_s)
+        path = node.cfg.actuation.history_path
+        if path is None:
+            continue
+        data = node.history_snapshot()  # on the loop: one consistent view
+        try:
+            await asyncio.to_thread(history.save, path, data)
+        except OSError as exc:  # a full disk costs history, never the daemon
+            log.error("function history not saved", extra={"reason": str(exc)})
+
+
+async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_history_loop(app), name="faasrm-history")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -268,8 +300,12 @@ def reload(app: web.Application) -> bool:
         log.error("reload refused: bad config, keeping the running one", extra={"reason": str(exc)})
         return False
     old = node.cfg
-    if new.grid != old.grid or new.actuation.state_file != old.actuation.state_file:
-        log.error("reload refused: grid and state_file need a restart")
+    if (
+        new.grid != old.grid
+        or new.actuation.history_path != old.actuation.history_path
+        or (new.actuation.state_file != old.actuation.state_file)
+    ):
+        log.error("reload refused: grid, state_file and history_file need a restart")
         return False
     if (new.server, new.spool, new.shipper, new.model_poller) != (
         old.server,
@@ -351,6 +387,7 @@ def build_app(
     app[METRICS] = Metrics(cfg.debug.max_function_labels)
     app.cleanup_ctx.append(_node_ctx)
     app.cleanup_ctx.append(_sampling_ctx)
+    app.cleanup_ctx.append(_history_ctx)
     app.cleanup_ctx.append(_events_ctx)
     app.cleanup_ctx.append(_shipper_ctx)
     app.cleanup_ctx.append(_poller_ctx)

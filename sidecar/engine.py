@@ -46,7 +46,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -316,14 +316,29 @@ class Engine:
         c = self.containers.pop(container_id, None)
         return c.active if c else None
 
+    def remember(self, functions: Mapping[str, tuple[FunctionStats, SafeguardState]]) -> None:
+        """At start-up: take the per-function state an earlier run kept (``sidecar.history``),
+        least recently used first; a function this run has already seen keeps its own."""
+        mine = list(self.stats)
+        for name, (st, gs) in functions.items():
+            if name not in self.stats:
+                self.stats[name], self.guards[name] = st, gs
+        for name in mine:  # this run's are the most recently used
+            self.stats.move_to_end(name)
+            self.guards.move_to_end(name)
+        self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        while len(self.stats) > MAX_FUNCTIONS:
+            old, _ = self.stats.popitem(last=False)
+            self.guards.pop(old, None)
+
     def _function(self, name: str) -> tuple[FunctionStats, SafeguardState]:
         st = self.stats.get(name)
         if st is None:
             st = self.stats[name] = FunctionStats()
             self.guards[name] = SafeguardState()
-            while len(self.stats) > MAX_FUNCTIONS:
-                old, _ = self.stats.popitem(last=False)
-                self.guards.pop(old, None)
+            self._forget_oldest()
         else:
             self.stats.move_to_end(name)
             self.guards.move_to_end(name)

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar import cgroups
+from sidecar import cgroups, history
 from sidecar.actuator import Actuator
 from sidecar.config import Config
 from sidecar.engine import (
@@ -97,6 +97,32 @@ class Node:
         self._spool_dropped_seen = spool.dropped
         self.record_observers: list[Any] = []
         """Callables given every finished invocation's trajectory record (the model poller)."""
+
+    # ------------------------------------------------------------------------ history
+    def load_history(self) -> int:
+        """Start-up: what an earlier run learned about each function (``sidecar.history``);
+        the number of functions taken."""
+        path = self.cfg.actuation.history_path
+        if path is None:
+            return 0
+        eng = self.engine
+        functions = history.load(path, self.grid, eng.clock() - eng.wall())
+        eng.remember(functions)
+        if functions:
+            log.info(
+                "function history restored", extra={"functions": len(functions), "path": str(path)}
+            )
+        return len(functions)
+
+    def history_snapshot(self) -> dict[str, Any]:
+        eng = self.engine
+        return history.snapshot(eng.stats, eng.guards, self.grid, eng.wall() - eng.clock())
+
+    def save_history(self) -> None:
+        """Write the history now (at shutdown; the daemon's loop writes it off the event loop)."""
+        path = self.cfg.actuation.history_path
+        if path is not None:
+            history.save(path, self.history_snapshot())
 
     def _open(self, ref: ContainerRef) -> cgroups.Cgroup:
         return self._runtime_of[ref.id].open(ref)

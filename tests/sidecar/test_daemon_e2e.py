@@ -339,6 +339,66 @@ def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> Non
     assert "left by a previous run" not in (tmp_path / "daemon2.log").read_text()
 
 
+def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path, boxes) -> None:
+    """``sidecar.history``: a 300 MB spike seen before a SIGKILL still sets the harvested memory
+    floor after the restart (the periodic save); without the file the restarted node forgets it
+    and calibrates again at the user's size."""
+    a = boxes("h@1")
+    spec = {a.rel: ("fh", 2.0, 512)}  # two cores: touching 300 MB may keep one busy
+    port = free_port()
+    model = write_policy(tmp_path / "h.onnx", "harvest")
+    cfg = write_config(tmp_path, port, spec, model, actuation="history_save_s = 1")
+    history_file = tmp_path / "functions.json"
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        spike = _invoke(d, a, "mem 300", "fh")  # the calibration run, at the user's size
+        assert spike["start"]["reason"] == "cpu=first,mem=first"
+        assert spike["end"]["mem_peak_bytes"] >= 300 * MB
+        a.send("free")
+        a.wait_done()
+        small = _invoke(d, a, "mem 20", "fh")
+        a.send("free")
+        a.wait_done()
+        assert small["start"]["allocation"]["units"][1] < 8, small["start"]  # memory harvested
+        floor = small["start"]["allowed"]["mem_units"][0]
+        assert floor * 64 >= 300  # the spike holds memory's floor up (64 MB units)
+        deadline = time.monotonic() + 10
+        while True:  # the periodic save has seen both runs
+            try:
+                saved = json.loads(history_file.read_text())["functions"]["fh"]["guard"]
+                if saved["runs"] == 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "history never saved"
+            time.sleep(0.1)
+    finally:
+        d.stop(signal.SIGKILL)
+    d2 = Daemon(cfg, port, tmp_path / "daemon2.log")
+    try:
+        d2.wait_ready()
+        after = _invoke(d2, a, "mem 20", "fh")
+        a.send("free")
+        a.wait_done()
+    finally:
+        assert d2.stop() == 0
+    assert "function history restored" in (tmp_path / "daemon2.log").read_text()
+    assert after["start"]["allocation"]["units"][1] < 8, after["start"]
+    assert after["start"]["allowed"]["mem_units"][0] == floor
+    assert after["mem_limit"] >= 300 * MB
+    # the control: a node told to forget starts over at the user's size
+    cfg = write_config(tmp_path, port, spec, model, actuation="history_file = ''")
+    d3 = Daemon(cfg, port, tmp_path / "daemon3.log")
+    try:
+        d3.wait_ready()
+        forgot = _invoke(d3, a, "mem 20", "fh")
+    finally:
+        assert d3.stop() == 0
+    assert forgot["start"]["reason"] == "cpu=first,mem=first"
+    assert a.oom_kills() == 0
+
+
 def _metric(d: Daemon, line_start: str) -> float:
     text = urllib.request.urlopen(d.url("/metrics"), timeout=5).read().decode()
     return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line_start))
