@@ -31,7 +31,7 @@ def _sim_eval(args: argparse.Namespace) -> int:
 
 def _preset(args: argparse.Namespace) -> Preset:
     """The named preset, with ``--decline-when-queued`` and the ``--mem-*`` flags applied to its
-    safeguard."""
+    safeguard and ``--restart-every`` to its cluster."""
     from training.sim.presets import get_preset
 
     changes: dict[str, object] = {}
@@ -43,7 +43,10 @@ def _preset(args: argparse.Namespace) -> Preset:
         changes["mem_margin_sd"] = args.mem_margin_sd
     if args.mem_harvest_after is not None:
         changes["mem_harvest_after"] = args.mem_harvest_after
-    return get_preset(args.preset).with_safeguard(**changes)
+    preset = get_preset(args.preset).with_safeguard(**changes)
+    if args.restart_every is not None:
+        preset = preset.with_cluster(restart_every_s=args.restart_every)
+    return preset
 
 
 def _sim_eval_checked(args: argparse.Namespace) -> int:
@@ -428,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             help="decide under safeguard.mem_harvest_after: memory is harvested only once a "
             "function has run this many invocations (default: the preset's, 0, as on a node)",
+        )
+        cmd.add_argument(
+            "--restart-every",
+            type=float,
+            help="every node restarts each this many simulated seconds and forgets what it "
+            "learned about each function, as a node without actuation.history_file does "
+            "(default: never, as a node that keeps its history)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

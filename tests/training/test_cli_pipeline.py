@@ -56,15 +56,19 @@ def test_train_export_eval_end_to_end(tmp_path):
 def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
     """The ``--mem-*`` flags reach the evaluated safeguard: `smallest` in the tighter box holds
     fewer MB-seconds than in the reference's; more when the margin also follows the functions'
-    spread, or when memory is harvested only after a function's first calls."""
+    spread, or when memory is harvested only after a function's first calls; and ``--restart-every``
+    reaches the cluster."""
     held = {}
     for name, flags in (
         ("reference", ()),
         ("tight", ("--mem-margin-units", "0.25")),
         ("tight+spread", ("--mem-margin-units", "0.25", "--mem-margin-sd", "3")),
         ("after", ("--mem-harvest-after", "5")),
+        ("restarts", ("--restart-every", "60")),
     ):
         res = _sim_eval(tmp_path / f"{name}.json", "smallest", *flags)
         held[name] = res["smallest"]["alloc_mem_ratio"]
     assert held["tight"] < held["tight+spread"] < 1.0
     assert held["tight"] < held["reference"] < held["after"] < 1.0
+    # a node that forgets every minute calibrates every function again at the user's size
+    assert held["reference"] < held["restarts"] < 1.0

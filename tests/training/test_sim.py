@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sidecar.core.grid import Alloc
+from sidecar.core.safeguard import FIRST
 from training.baselines import Fixed, Oracle
 from training.evaluate import metrics, run
 from training.sim.cluster import ClusterConfig, ClusterSim
@@ -138,6 +139,35 @@ def test_a_preset_changes_one_safeguard_setting_and_keeps_the_others():
     assert tight.safeguard.decline_when_queued, "a second flag dropped the first"
     assert replace(tight, safeguard=base.safeguard) == base
     assert base.with_safeguard() is base
+
+
+def test_a_restart_without_history_calibrates_every_function_again(small):
+    """``restart_every_s``: after each restart a function's first decision runs at the user's
+    size (the safeguard's FIRST mode), as on a node that forgot it; without restarts only its
+    first ever must."""
+    p, wl = small
+    every = float(wl.arrival_s.max()) / 2.5  # two restarts
+    modes: dict[str, list[tuple[float, int, str]]] = {"kept": [], "forgot": []}
+
+    def record(tag):
+        def decide(sim, r):
+            modes[tag].append((r.now_s, r.fn, r.guard.mem_mode))
+            return r.user
+
+        return decide
+
+    kept = _run(p, wl, record("kept"))
+    forgot = _run(p, wl, record("forgot"), replace(p.cluster, restart_every_s=every))
+    assert (kept.restarts, forgot.restarts) == (0, 2)
+    for tag, epoch_of in (("kept", lambda t: 0), ("forgot", lambda t: int(t // every))):
+        first = set()
+        for now, fn, mode in modes[tag]:
+            key = (fn, epoch_of(now))
+            if key not in first:
+                assert mode == FIRST, (tag, now, fn, mode)
+                first.add(key)
+    calibrations = {tag: sum(m == FIRST for *_, m in v) for tag, v in modes.items()}
+    assert calibrations["forgot"] > calibrations["kept"]
 
 
 def test_gym_env_steps_until_every_invocation_is_rewarded():

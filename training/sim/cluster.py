@@ -99,6 +99,11 @@ class ClusterConfig:
     give_back: bool = True
     """Model the node's give-back (module docstring). Off: limits stay as decided for the whole
     run, as in the measured curves of docs/duration-model.md."""
+    restart_every_s: float = 0.0
+    """Every node restarts each this many seconds and forgets what it learned about every
+    function, as a sidecar without ``[actuation] history_file`` does: each function's statistics
+    and safeguard state start over. 0: never, or a node that keeps its history
+    (docs/sidecar.md, "What a restart remembers")."""
 
 
 @dataclass(slots=True)
@@ -356,8 +361,10 @@ class ClusterSim:
         # The queue's length integrated over time, per MB and per core held (``_advance``).
         self._acc_mem = 0.0
         self._acc_cpu = 0.0
-        self.stats = [FunctionStats() for _ in range(self.wl.n_functions)]
-        self.guards = [SafeguardState() for _ in range(self.wl.n_functions)]
+        self._forget()
+        every = c.restart_every_s
+        self._next_restart = every if every > 0.0 else math.inf
+        self.restarts = 0
         self.log = Log(self.wl)
         # fn -> {server: idle-since times of its warm containers there, oldest first}
         self._warm: list[dict[int, list[float]]] = [{} for _ in range(self.wl.n_functions)]
@@ -376,6 +383,11 @@ class ClusterSim:
         """Invocations whose reward became known since the caller last cleared this list: at
         their end, when the queueing they caused others is known too (a learner credits each to
         its decision by invocation id; an episode drains at its end, so none is lost)."""
+
+    def _forget(self) -> None:
+        """What each function's nodes know about it starts over (a start, or a restart)."""
+        self.stats = [FunctionStats() for _ in range(self.wl.n_functions)]
+        self.guards = [SafeguardState() for _ in range(self.wl.n_functions)]
 
     @property
     def results(self) -> Results:
@@ -426,6 +438,11 @@ class ClusterSim:
         while True:
             na = self._next_arrival
             if na < len(arr) and (not events or arr[na] <= events[0][0]):
+                if arr[na] >= self._next_restart:
+                    while arr[na] >= self._next_restart:
+                        self._next_restart += self.cluster.restart_every_s
+                        self.restarts += 1
+                    self._forget()
                 self._advance(arr[na])
                 self._next_arrival = na + 1
                 fn = self._fn[na]

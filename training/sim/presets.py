@@ -35,6 +35,10 @@ class Preset:
         changes one setting and keeps any other the preset carries)."""
         return replace(self, safeguard=replace(self.safeguard, **changes)) if changes else self
 
+    def with_cluster(self, **changes: object) -> Preset:
+        """This preset on its own cluster with ``changes`` applied (as ``with_safeguard``)."""
+        return replace(self, cluster=replace(self.cluster, **changes)) if changes else self
+
     def trace(self, seed: int) -> Trace:
         if self.sample:
             return sample_trace()
