@@ -41,7 +41,6 @@ from pathlib import Path
 from aiohttp import web
 
 from sidecar import config as config_mod
-from sidecar import history
 from sidecar.actuator import Actuator
 from sidecar.api import HOOK_ACCESS, HookAccess, add_routes, guard_hooks
 from sidecar.config import Config, ConfigError, ServerConfig
@@ -144,10 +143,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         for rt in node.runtimes:
             rt.close()
         log.info("restored user limits", extra={"containers": results})
-        try:
-            node.save_history()  # after shutdown: runs cut short are remembered as failures
-        except OSError as exc:
-            log.error("function history not saved", extra={"reason": str(exc)})
+        node.save_history()  # after shutdown: runs cut short are remembered as failures
 
 
 async def _sample_loop(app: web.Application) -> None:
@@ -189,14 +185,9 @@ async def _history_loop(app: web.Application) -> None:
     node = app[NODE]
     while True:
         await asyncio.sleep(node.cfg.actuation.history_save_s)
-        path = node.cfg.actuation.history_path
-        if path is None:
-            continue
-        data = node.history_snapshot()  # on the loop: one consistent view
-        try:
-            await asyncio.to_thread(history.save, path, data)
-        except OSError as exc:  # a full disk costs history, never the daemon
-            log.error("function history not saved", extra={"reason": str(exc)})
+        if node.cfg.actuation.history_path is not None:
+            data = node.history_snapshot()  # on the loop: one consistent view
+            await asyncio.to_thread(node.save_history, data)
 
 
 async def _history_ctx(app: web.Application) -> AsyncIterator[None]:

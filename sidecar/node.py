@@ -108,6 +108,7 @@ class Node:
         eng = self.engine
         functions = history.load(path, self.grid, eng.clock() - eng.wall())
         eng.remember(functions)
+        self.metrics.history_functions.set(len(functions))
         if functions:
             log.info(
                 "function history restored", extra={"functions": len(functions), "path": str(path)}
@@ -118,11 +119,23 @@ class Node:
         eng = self.engine
         return history.snapshot(eng.stats, eng.guards, self.grid, eng.wall() - eng.clock())
 
-    def save_history(self) -> None:
-        """Write the history now (at shutdown; the daemon's loop writes it off the event loop)."""
+    def save_history(self, data: dict[str, Any] | None = None) -> bool:
+        """Write the history (``data``: a snapshot taken on the event loop, for a save from a
+        worker thread; else taken now). False, logged and counted when it cannot be written: a
+        full disk costs the history, never the daemon."""
         path = self.cfg.actuation.history_path
-        if path is not None:
-            history.save(path, self.history_snapshot())
+        if path is None:
+            return True
+        data = self.history_snapshot() if data is None else data
+        try:
+            history.save(path, data)
+        except OSError as exc:
+            log.error("function history not saved", extra={"path": str(path), "reason": str(exc)})
+            self.metrics.history_saves.labels("error").inc()
+            return False
+        self.metrics.history_saves.labels("ok").inc()
+        self.metrics.history_functions.set(len(data["functions"]))
+        return True
 
     def _open(self, ref: ContainerRef) -> cgroups.Cgroup:
         return self._runtime_of[ref.id].open(ref)

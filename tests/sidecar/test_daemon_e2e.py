@@ -399,6 +399,36 @@ def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path,
     assert a.oom_kills() == 0
 
 
+def test_a_history_that_cannot_be_saved_is_counted_and_costs_nothing_else(
+    tmp_path: Path, boxes
+) -> None:
+    """A history file under a regular file (as a read-only or full disk would): every save fails,
+    is logged and counted for ``FaasrmHistoryNotSaved``, and the node decides and exits as ever."""
+    a = boxes("hs@1")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        port,
+        {a.rel: ("fs", 1.0, 256)},
+        write_policy(tmp_path / "h.onnx", "harvest"),
+        actuation=f"history_save_s = 1\nhistory_file = '{blocker / 'functions.json'}'",
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        deadline = time.monotonic() + 10
+        while _metric(d, 'faasrm_history_saves_total{result="error"}') < 1:
+            assert time.monotonic() < deadline, "no failed save counted"
+            time.sleep(0.2)
+        assert _metric(d, 'faasrm_history_saves_total{result="ok"}') == 0
+        _invoke(d, a, "duty 0.2 0.2", "fs")  # still deciding
+    finally:
+        assert d.stop() == 0
+    assert "function history not saved" in (tmp_path / "daemon.log").read_text()
+
+
 def _metric(d: Daemon, line_start: str) -> float:
     text = urllib.request.urlopen(d.url("/metrics"), timeout=5).read().decode()
     return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line_start))
