@@ -294,7 +294,7 @@ def reload(app: web.Application) -> bool:
     if (
         new.grid != old.grid
         or new.actuation.history_path != old.actuation.history_path
-        or (new.actuation.state_file != old.actuation.state_file)
+        or new.actuation.state_file != old.actuation.state_file
     ):
         log.error("reload refused: grid, state_file and history_file need a restart")
         return False
