@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--restart-every",
             type=float,
             help="every node restarts each this many simulated seconds and forgets what it "
-            "learned about each function, as a node without actuation.history_file does "
-            "(default: never, as a node that keeps its history)",
+            "learned about each function, as a node without actuation.profiles_file does "
+            "(default: never, as a node that keeps its profiles)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

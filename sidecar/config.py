@@ -120,20 +120,20 @@ class ActuationConfig:
     """Return a container to its user's size when its invocation ends (the safe default)."""
     state_file: str = "/var/lib/faasrm/state.json"
     """Crash-safety state: managed containers and their user limits (atomic write-rename)."""
-    history_file: str = "functions.json"
+    profiles_file: str = "profiles.json"
     """What the node learned about each function (the safeguard's remembered peaks, the
     policy's statistics), kept across restarts so a restart forgets no memory spike
-    (``sidecar.history``). A relative path is taken beside ``state_file``; empty = forget on
+    (``sidecar.profiles``). A relative path is taken beside ``state_file``; empty = forget on
     restart, as the reference does."""
-    history_save_s: float = 60.0
-    """Seconds between saves of ``history_file`` (also saved at shutdown); a SIGKILL loses at most
+    profiles_save_s: float = 60.0
+    """Seconds between saves of ``profiles_file`` (also saved at shutdown); a SIGKILL loses at most
     this much of it."""
 
     @property
-    def history_path(self) -> Path | None:
-        if not self.history_file:
+    def profiles_path(self) -> Path | None:
+        if not self.profiles_file:
             return None
-        return Path(self.state_file).parent / self.history_file
+        return Path(self.state_file).parent / self.profiles_file
 
     def harvest_period_us(self, function: str) -> int | None:
         """The CFS period of ``function``'s harvested quotas; None = ``cpu_period_us``."""
@@ -511,8 +511,8 @@ def validate(cfg: Config) -> None:
             problems.append(f"{key}.cpu_period_us {hp.cpu_period_us} outside 1000..1000000")
     if not cfg.actuation.state_file:
         problems.append("actuation.state_file must be set")
-    if not cfg.actuation.history_save_s >= 1:
-        problems.append(f"actuation.history_save_s {cfg.actuation.history_save_s} must be >= 1")
+    if not cfg.actuation.profiles_save_s >= 1:
+        problems.append(f"actuation.profiles_save_s {cfg.actuation.profiles_save_s} must be >= 1")
     if cfg.actuation.v1_memory_harvest not in V1_MEMORY_HARVEST:
         problems.append(
             f"actuation.v1_memory_harvest {cfg.actuation.v1_memory_harvest!r} is not one of "

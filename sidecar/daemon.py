@@ -6,11 +6,11 @@ Start-up, in cleanup-context order (teardown runs in reverse, each only if its s
    anything slow: a crashed daemon's containers are back at user limits within a second), load
    the model (or the rule fallback), open the spool, discover containers.
    Teardown: end running invocations as lost, restore every container to its user limits, save
-   the function history.
+   the function profiles.
 2. ``_sampling_ctx``: the 100 ms tick on monotonic deadlines: sample, give-back, OOM, inferred
    boundaries; ``READY=1`` after the first tick, ``WATCHDOG=1`` from inside the loop.
-   ``_history_ctx``: saves what the node learned about each function every ``[actuation]
-   history_save_s`` (``sidecar.history``; read at start-up by ``_node_ctx`` and saved once more
+   ``_profiles_ctx``: saves what the node learned about each function every ``[actuation]
+   profiles_save_s`` (``sidecar.profiles``; read at start-up by ``_node_ctx`` and saved once more
    after its teardown).
 3. ``_events_ctx``: one task per runtime event stream (Docker pause/unpause, container changes).
 4. ``_shipper_ctx`` (when ``[shipper] enabled``): ships the spool to the trainer
@@ -122,7 +122,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         host_mem_mb=mem_mb,
     )
     node.recover()  # first: a crashed run's containers go back to user limits now
-    node.load_history()
+    node.load_profiles()
     ok = models.load()
     metrics.model_loads.labels("ok" if ok else "rejected").inc()
     metrics.set_policy(models.current.id)
@@ -143,7 +143,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         for rt in node.runtimes:
             rt.close()
         log.info("restored user limits", extra={"containers": results})
-        node.save_history()  # after shutdown: runs cut short are remembered as failures
+        node.save_profiles()  # after shutdown: runs cut short are remembered as failures
 
 
 async def _sample_loop(app: web.Application) -> None:
@@ -181,17 +181,17 @@ async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _history_loop(app: web.Application) -> None:
+async def _profiles_loop(app: web.Application) -> None:
     node = app[NODE]
     while True:
-        await asyncio.sleep(node.cfg.actuation.history_save_s)
-        if node.cfg.actuation.history_path is not None:
-            data = node.history_snapshot()  # on the loop: one consistent view
-            await asyncio.to_thread(node.save_history, data)
+        await asyncio.sleep(node.cfg.actuation.profiles_save_s)
+        if node.cfg.actuation.profiles_path is not None:
+            data = node.profiles_snapshot()  # on the loop: one consistent view
+            await asyncio.to_thread(node.save_profiles, data)
 
 
-async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_history_loop(app), name="faasrm-history")
+async def _profiles_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_profiles_loop(app), name="faasrm-profiles")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -293,10 +293,10 @@ def reload(app: web.Application) -> bool:
     old = node.cfg
     if (
         new.grid != old.grid
-        or new.actuation.history_path != old.actuation.history_path
+        or new.actuation.profiles_path != old.actuation.profiles_path
         or new.actuation.state_file != old.actuation.state_file
     ):
-        log.error("reload refused: grid, state_file and history_file need a restart")
+        log.error("reload refused: grid, state_file and profiles_file need a restart")
         return False
     if (new.server, new.spool, new.shipper, new.model_poller) != (
         old.server,
@@ -378,7 +378,7 @@ def build_app(
     app[METRICS] = Metrics(cfg.debug.max_function_labels)
     app.cleanup_ctx.append(_node_ctx)
     app.cleanup_ctx.append(_sampling_ctx)
-    app.cleanup_ctx.append(_history_ctx)
+    app.cleanup_ctx.append(_profiles_ctx)
     app.cleanup_ctx.append(_events_ctx)
     app.cleanup_ctx.append(_shipper_ctx)
     app.cleanup_ctx.append(_poller_ctx)

@@ -317,7 +317,7 @@ class Engine:
         return c.active if c else None
 
     def remember(self, functions: Mapping[str, tuple[FunctionStats, SafeguardState]]) -> None:
-        """At start-up: take the per-function state an earlier run kept (``sidecar.history``),
+        """At start-up: take the per-function state an earlier run kept (``sidecar.profiles``),
         least recently used first; a function this run has already seen keeps its own."""
         mine = list(self.stats)
         for name, (st, gs) in functions.items():

@@ -146,17 +146,17 @@ class Metrics:
             registry=r,
         )
         self.spool_bytes = Gauge("faasrm_spool_bytes", "Bytes in the trajectory spool", registry=r)
-        self.history_saves = Counter(
-            "faasrm_history_saves_total",
-            "Saves of what the node learned about each function (actuation.history_file)",
+        self.profile_saves = Counter(
+            "faasrm_profile_saves_total",
+            "Saves of what the node learned about each function (actuation.profiles_file)",
             ["result"],
             registry=r,
         )
         for out in ("ok", "error"):
-            self.history_saves.labels(out)
-        self.history_functions = Gauge(
-            "faasrm_history_functions",
-            "Functions in the history file, as last restored or saved",
+            self.profile_saves.labels(out)
+        self.profiled_functions = Gauge(
+            "faasrm_profiled_functions",
+            "Functions in the profiles file, as last restored or saved",
             registry=r,
         )
         self.shipped_records = Counter(

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar import cgroups, history
+from sidecar import cgroups, profiles
 from sidecar.actuator import Actuator
 from sidecar.config import Config
 from sidecar.engine import (
@@ -98,43 +98,43 @@ class Node:
         self.record_observers: list[Any] = []
         """Callables given every finished invocation's trajectory record (the model poller)."""
 
-    # ------------------------------------------------------------------------ history
-    def load_history(self) -> int:
-        """Start-up: what an earlier run learned about each function (``sidecar.history``);
+    # ------------------------------------------------------------------------ profiles
+    def load_profiles(self) -> int:
+        """Start-up: what an earlier run learned about each function (``sidecar.profiles``);
         the number of functions taken."""
-        path = self.cfg.actuation.history_path
+        path = self.cfg.actuation.profiles_path
         if path is None:
             return 0
         eng = self.engine
-        functions = history.load(path, self.grid, eng.clock() - eng.wall())
+        functions = profiles.load(path, self.grid, eng.clock() - eng.wall())
         eng.remember(functions)
-        self.metrics.history_functions.set(len(functions))
+        self.metrics.profiled_functions.set(len(functions))
         if functions:
             log.info(
-                "function history restored", extra={"functions": len(functions), "path": str(path)}
+                "function profiles restored", extra={"functions": len(functions), "path": str(path)}
             )
         return len(functions)
 
-    def history_snapshot(self) -> dict[str, Any]:
+    def profiles_snapshot(self) -> dict[str, Any]:
         eng = self.engine
-        return history.snapshot(eng.stats, eng.guards, self.grid, eng.wall() - eng.clock())
+        return profiles.snapshot(eng.stats, eng.guards, self.grid, eng.wall() - eng.clock())
 
-    def save_history(self, data: dict[str, Any] | None = None) -> bool:
-        """Write the history (``data``: a snapshot taken on the event loop, for a save from a
+    def save_profiles(self, data: dict[str, Any] | None = None) -> bool:
+        """Write the profiles (``data``: a snapshot taken on the event loop, for a save from a
         worker thread; else taken now). False, logged and counted when it cannot be written: a
-        full disk costs the history, never the daemon."""
-        path = self.cfg.actuation.history_path
+        full disk costs the profiles, never the daemon."""
+        path = self.cfg.actuation.profiles_path
         if path is None:
             return True
-        data = self.history_snapshot() if data is None else data
+        data = self.profiles_snapshot() if data is None else data
         try:
-            history.save(path, data)
+            profiles.save(path, data)
         except OSError as exc:
-            log.error("function history not saved", extra={"path": str(path), "reason": str(exc)})
-            self.metrics.history_saves.labels("error").inc()
+            log.error("function profiles not saved", extra={"path": str(path), "reason": str(exc)})
+            self.metrics.profile_saves.labels("error").inc()
             return False
-        self.metrics.history_saves.labels("ok").inc()
-        self.metrics.history_functions.set(len(data["functions"]))
+        self.metrics.profile_saves.labels("ok").inc()
+        self.metrics.profiled_functions.set(len(data["functions"]))
         return True
 
     def _open(self, ref: ContainerRef) -> cgroups.Cgroup:

@@ -66,7 +66,7 @@ def test_example_config_loads() -> None:
         ("[safeguard]\nmem_headroom_mb = nan", "expected a finite number"),
         ("[safeguard]\nmem_margin_units = 1.5", "safeguard.mem_margin_units 1.5 outside [0, 1]"),
         ("[safeguard]\nmem_harvest_after = -1", "safeguard.mem_harvest_after must be >= 0"),
-        ("[actuation]\nhistory_save_s = 0.5", "actuation.history_save_s 0.5 must be >= 1"),
+        ("[actuation]\nprofiles_save_s = 0.5", "actuation.profiles_save_s 0.5 must be >= 1"),
         ("[safeguard]\nmem_margin_sd = -0.5", "safeguard.mem_margin_sd must be >= 0"),
         ("[safeguard]\nmem_harvest_after = 2.5", "expected an integer"),
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),

@@ -340,15 +340,15 @@ def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> Non
 
 
 def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path, boxes) -> None:
-    """``sidecar.history``: a 300 MB spike seen before a SIGKILL still sets the harvested memory
+    """``sidecar.profiles``: a 300 MB spike seen before a SIGKILL still sets the harvested memory
     floor after the restart (the periodic save); without the file the restarted node forgets it
     and calibrates again at the user's size."""
     a = boxes("h@1")
     spec = {a.rel: ("fh", 2.0, 512)}  # two cores: touching 300 MB may keep one busy
     port = free_port()
     model = write_policy(tmp_path / "h.onnx", "harvest")
-    cfg = write_config(tmp_path, port, spec, model, actuation="history_save_s = 1")
-    history_file = tmp_path / "functions.json"
+    cfg = write_config(tmp_path, port, spec, model, actuation="profiles_save_s = 1")
+    profiles_file = tmp_path / "profiles.json"
     d = Daemon(cfg, port, tmp_path / "daemon.log")
     try:
         d.wait_ready()
@@ -366,12 +366,12 @@ def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path,
         deadline = time.monotonic() + 10
         while True:  # the periodic save has seen both runs
             try:
-                saved = json.loads(history_file.read_text())["functions"]["fh"]["guard"]
+                saved = json.loads(profiles_file.read_text())["functions"]["fh"]["guard"]
                 if saved["runs"] == 2:
                     break
             except (OSError, ValueError, KeyError):
                 pass
-            assert time.monotonic() < deadline, "history never saved"
+            assert time.monotonic() < deadline, "profiles never saved"
             time.sleep(0.1)
     finally:
         d.stop(signal.SIGKILL)
@@ -383,12 +383,12 @@ def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path,
         a.wait_done()
     finally:
         assert d2.stop() == 0
-    assert "function history restored" in (tmp_path / "daemon2.log").read_text()
+    assert "function profiles restored" in (tmp_path / "daemon2.log").read_text()
     assert after["start"]["allocation"]["units"][1] < 8, after["start"]
     assert after["start"]["allowed"]["mem_units"][0] == floor
     assert after["mem_limit"] >= 300 * MB
     # the control: a node told to forget starts over at the user's size
-    cfg = write_config(tmp_path, port, spec, model, actuation="history_file = ''")
+    cfg = write_config(tmp_path, port, spec, model, actuation="profiles_file = ''")
     d3 = Daemon(cfg, port, tmp_path / "daemon3.log")
     try:
         d3.wait_ready()
@@ -399,11 +399,11 @@ def test_a_restart_remembers_a_memory_spike_even_after_a_sigkill(tmp_path: Path,
     assert a.oom_kills() == 0
 
 
-def test_a_history_that_cannot_be_saved_is_counted_and_costs_nothing_else(
+def test_profiles_that_cannot_be_saved_is_counted_and_costs_nothing_else(
     tmp_path: Path, boxes
 ) -> None:
-    """A history file under a regular file (as a read-only or full disk would): every save fails,
-    is logged and counted for ``FaasrmHistoryNotSaved``, and the node decides and exits as ever."""
+    """A profiles file under a regular file (as a read-only or full disk would): every save fails,
+    is logged and counted for ``FaasrmProfilesNotSaved``, and the node decides and exits as ever."""
     a = boxes("hs@1")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
@@ -413,20 +413,20 @@ def test_a_history_that_cannot_be_saved_is_counted_and_costs_nothing_else(
         port,
         {a.rel: ("fs", 1.0, 256)},
         write_policy(tmp_path / "h.onnx", "harvest"),
-        actuation=f"history_save_s = 1\nhistory_file = '{blocker / 'functions.json'}'",
+        actuation=f"profiles_save_s = 1\nprofiles_file = '{blocker / 'profiles.json'}'",
     )
     d = Daemon(cfg, port, tmp_path / "daemon.log")
     try:
         d.wait_ready()
         deadline = time.monotonic() + 10
-        while _metric(d, 'faasrm_history_saves_total{result="error"}') < 1:
+        while _metric(d, 'faasrm_profile_saves_total{result="error"}') < 1:
             assert time.monotonic() < deadline, "no failed save counted"
             time.sleep(0.2)
-        assert _metric(d, 'faasrm_history_saves_total{result="ok"}') == 0
+        assert _metric(d, 'faasrm_profile_saves_total{result="ok"}') == 0
         _invoke(d, a, "duty 0.2 0.2", "fs")  # still deciding
     finally:
         assert d.stop() == 0
-    assert "function history not saved" in (tmp_path / "daemon.log").read_text()
+    assert "function profiles not saved" in (tmp_path / "daemon.log").read_text()
 
 
 def _metric(d: Daemon, line_start: str) -> float:

@@ -141,7 +141,7 @@ def test_a_preset_changes_one_safeguard_setting_and_keeps_the_others():
     assert base.with_safeguard() is base
 
 
-def test_a_restart_without_history_calibrates_every_function_again(small):
+def test_a_restart_without_profiles_calibrates_every_function_again(small):
     """``restart_every_s``: after each restart a function's first decision runs at the user's
     size (the safeguard's FIRST mode), as on a node that forgot it; without restarts only its
     first ever must."""

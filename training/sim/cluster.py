@@ -101,8 +101,8 @@ class ClusterConfig:
     run, as in the measured curves of docs/duration-model.md."""
     restart_every_s: float = 0.0
     """Every node restarts each this many seconds and forgets what it learned about every
-    function, as a sidecar without ``[actuation] history_file`` does: each function's statistics
-    and safeguard state start over. 0: never, or a node that keeps its history
+    function, as a sidecar without ``[actuation] profiles_file`` does: each function's statistics
+    and safeguard state start over. 0: never, or a node that keeps its profiles
     (docs/sidecar.md, "What a restart remembers")."""
 
 

@@ -1,14 +1,14 @@
-"""What a node has learned about each function, kept across restarts.
+"""Function profiles: what a node has learned about each function, kept across restarts.
 
 The safeguard's remembered peaks (a memory spike seen once, the CPU burst, the input growth,
 the peaks' spread, the run count) and the policy's per-function statistics live in the engine.
 Without this file a restart forgets them: every function calibrates again at its user's size,
 and a spike seen before the restart is harvested into an OOM kill after it. The daemon saves
-the file every ``[actuation] history_save_s`` and at shutdown (``sidecar.durable``), and reads
+the file every ``[actuation] profiles_save_s`` and at shutdown (``sidecar.durable``), and reads
 it at start-up. A SIGKILL loses at most the invocations since the last save.
 
 A file that cannot be used is logged and ignored, never fatal: the node then starts as the
-reference does, with no history. Within a usable file an entry that does not parse is skipped
+reference does, with no profiles. Within a usable file an entry that does not parse is skipped
 alone. Monotonic times are stored as Unix times (a reboot restarts the monotonic clock). A
 function's last allocation is in grid units, so it is dropped when the grid changed; the
 function then calibrates once at its user's size, keeping its peaks.
@@ -29,7 +29,7 @@ from sidecar.core.safeguard import FAILURE, FIRST, SafeguardState
 from sidecar.core.stats import FunctionStats
 from sidecar.durable import write_atomic
 
-log = logging.getLogger("faasrm.history")
+log = logging.getLogger("faasrm.profiles")
 
 VERSION = 1
 _STATS = tuple(f.name for f in dataclasses.fields(FunctionStats))
@@ -44,7 +44,7 @@ def snapshot(
     grid: ResourceGrid,
     mono_to_wall: float,
 ) -> dict[str, Any]:
-    """The history as JSON-ready data, least recently used function first (the engine's order).
+    """The profiles as JSON-ready data, least recently used function first (the engine's order).
 
     ``mono_to_wall``: Unix time minus monotonic time, now."""
     functions = {}
@@ -150,22 +150,22 @@ def save(path: str | Path, data: dict[str, Any]) -> None:
 def load(
     path: str | Path, grid: ResourceGrid, wall_to_mono: float
 ) -> dict[str, tuple[FunctionStats, SafeguardState]]:
-    """The history in ``path``; empty (and logged) when it is missing or unusable."""
+    """The profiles in ``path``; empty (and logged) when it is missing or unusable."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        log.error("function history unreadable; starting without", extra={"reason": str(exc)})
+        log.error("function profiles unreadable; starting without", extra={"reason": str(exc)})
         return {}
     try:
         functions, skipped = restore(json.loads(raw), grid, wall_to_mono)
     except ValueError as exc:  # json's errors are ValueErrors too
         log.error(
-            "function history unusable; starting without",
+            "function profiles unusable; starting without",
             extra={"path": str(path), "reason": str(exc)[:200]},
         )
         return {}
     if skipped:
-        log.warning("function history: entries skipped", extra={"skipped": skipped})
+        log.warning("function profiles: entries skipped", extra={"skipped": skipped})
     return functions

@@ -1,5 +1,5 @@
-"""``sidecar.history``: what a node learned about each function survives a restart, and a file
-that cannot be used costs the history, never the daemon."""
+"""``sidecar.profiles``: what a node learned about each function survives a restart, and a file
+that cannot be used costs the profiles, never the daemon."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar import engine as engine_mod
-from sidecar import history
+from sidecar import profiles
 from sidecar.config import ActuationConfig
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.safeguard import FIRST, HARVEST, SafeguardState, guard
@@ -56,15 +56,15 @@ def _fields(obj) -> dict:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(run, max_size=12), min_size=1, max_size=4), st.floats(-1e6, 1e6))
-def test_a_saved_history_reads_back_as_it_was(functions: list[list[tuple]], shift: float) -> None:
+def test_saved_profiles_read_back_as_it_was(functions: list[list[tuple]], shift: float) -> None:
     """Every field of every function comes back, in order; monotonic times move with the clock
     (a new boot's monotonic clock reads ``shift`` seconds apart from the old one's)."""
     kept = {f"fn{i}": _lived(runs, 1000.0) for i, runs in enumerate(functions)}
     stats = {k: v[0] for k, v in kept.items()}
     guards = {k: v[1] for k, v in kept.items()}
     mono_to_wall = 1.7e9
-    data = json.loads(history.encode(history.snapshot(stats, guards, GRID, mono_to_wall)))
-    back, skipped = history.restore(data, GRID, -(mono_to_wall + shift))
+    data = json.loads(profiles.encode(profiles.snapshot(stats, guards, GRID, mono_to_wall)))
+    back, skipped = profiles.restore(data, GRID, -(mono_to_wall + shift))
     assert skipped == 0 and list(back) == list(kept)
     for name, (st_back, gs_back) in back.items():
         assert _fields(gs_back) == _fields(guards[name])
@@ -86,9 +86,9 @@ def _spiked() -> tuple[FunctionStats, SafeguardState]:
 def test_a_remembered_spike_keeps_the_memory_floor_after_a_restart(tmp_path: Path) -> None:
     """The point of the file: the restarted node harvests above the spike, not at the last run."""
     stats, gs = _spiked()
-    path = tmp_path / "functions.json"
-    history.save(path, history.snapshot({"f": stats}, {"f": gs}, GRID, 0.0))
-    back = history.load(path, GRID, 0.0)
+    path = tmp_path / "profiles.json"
+    profiles.save(path, profiles.snapshot({"f": stats}, {"f": gs}, GRID, 0.0))
+    back = profiles.load(path, GRID, 0.0)
     g = guard(GRID, USER, back["f"][1])
     assert g.mem_mode == HARVEST and g.mem_lo * GRID.mem_unit_mb >= 300.0
     forgot = guard(GRID, USER, SafeguardState())  # what a node without the file decides
@@ -97,9 +97,9 @@ def test_a_remembered_spike_keeps_the_memory_floor_after_a_restart(tmp_path: Pat
 
 def test_a_changed_grid_drops_the_last_allocation_and_keeps_the_peaks(tmp_path: Path) -> None:
     stats, gs = _spiked()
-    data = json.loads(history.encode(history.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
+    data = json.loads(profiles.encode(profiles.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
     other = ResourceGrid(0.5, 4, 128.0, 4)
-    back, skipped = history.restore(data, other, 0.0)
+    back, skipped = profiles.restore(data, other, 0.0)
     gs_back = back["f"][1]
     assert skipped == 0 and gs_back.last_alloc is None
     assert gs_back.mem_peak_memory_mb == gs.mem_peak_memory_mb
@@ -108,7 +108,7 @@ def test_a_changed_grid_drops_the_last_allocation_and_keeps_the_peaks(tmp_path: 
 
 def test_bad_entries_are_skipped_alone_and_a_bad_file_is_ignored(tmp_path: Path) -> None:
     stats, gs = _spiked()
-    data = json.loads(history.encode(history.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
+    data = json.loads(profiles.encode(profiles.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
     good = data["functions"]["f"]
     bad = {
         "text": {**good, "guard": {**good["guard"], "runs": "many"}},
@@ -121,13 +121,13 @@ def test_bad_entries_are_skipped_alone_and_a_bad_file_is_ignored(tmp_path: Path)
         "no guard": {"stats": good["stats"]},
     }
     data["functions"].update(bad)
-    back, skipped = history.restore(data, GRID, 0.0)
+    back, skipped = profiles.restore(data, GRID, 0.0)
     assert list(back) == ["f"] and skipped == len(bad)
-    path = tmp_path / "functions.json"
+    path = tmp_path / "profiles.json"
     for text in ("{not json", json.dumps({**data, "version": 99}), "[]", '{"version": 1}'):
         path.write_text(text)
-        assert history.load(path, GRID, 0.0) == {}
-    assert history.load(tmp_path / "missing.json", GRID, 0.0) == {}
+        assert profiles.load(path, GRID, 0.0) == {}
+    assert profiles.load(tmp_path / "missing.json", GRID, 0.0) == {}
 
 
 json_values = st.recursive(
@@ -149,12 +149,12 @@ def test_any_value_in_any_field_never_breaks_loading(
     """Fuzz: one field (or an unknown one) set to any JSON value; the file loads, that entry
     kept or skipped."""
     stats, gs = _spiked()
-    data = json.loads(history.encode(history.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
+    data = json.loads(profiles.encode(profiles.snapshot({"f": stats}, {"f": gs}, GRID, 0.0)))
     field = draw.draw(st.sampled_from([*sorted(data["functions"]["f"][part]), "unknown"]))
     data["functions"]["f"][part][field] = value
-    path = tmp_path / "functions.json"
+    path = tmp_path / "profiles.json"
     path.write_text(json.dumps(data))
-    back = history.load(path, GRID, 0.0)
+    back = profiles.load(path, GRID, 0.0)
     if back:
         st_back, gs_back = back["f"]
         guard(GRID, USER, gs_back)  # the safeguard can decide with whatever was kept
@@ -167,7 +167,7 @@ def _engine() -> Engine:
     )
 
 
-def test_the_engine_takes_a_history_oldest_first_and_keeps_its_own(monkeypatch) -> None:
+def test_the_engine_takes_profiles_oldest_first_and_keeps_its_own(monkeypatch) -> None:
     monkeypatch.setattr(engine_mod, "MAX_FUNCTIONS", 3)
     eng = _engine()
     seen, _ = eng._function("seen")
@@ -178,10 +178,10 @@ def test_the_engine_takes_a_history_oldest_first_and_keeps_its_own(monkeypatch) 
     assert eng.stats["seen"] is seen and eng.guards["b"] is kept["b"][1]
 
 
-def test_the_history_file_is_taken_beside_the_state_file() -> None:
+def test_the_profiles_file_is_taken_beside_the_state_file() -> None:
     cfg = ActuationConfig(state_file="/var/lib/x/state.json")
-    assert cfg.history_path == Path("/var/lib/x/functions.json")
-    assert ActuationConfig(state_file="/s.json", history_file="/h/f.json").history_path == Path(
+    assert cfg.profiles_path == Path("/var/lib/x/profiles.json")
+    assert ActuationConfig(state_file="/s.json", profiles_file="/h/f.json").profiles_path == Path(
         "/h/f.json"
     )
-    assert ActuationConfig(history_file="").history_path is None
+    assert ActuationConfig(profiles_file="").profiles_path is None
