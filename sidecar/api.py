@@ -14,6 +14,7 @@ and ``socket_group``) or holds the token can resize containers.
 * ``GET /healthz`` (the loop ticks), ``/readyz`` (first sample done; names the model or the
   fallback), ``/metrics`` (Prometheus), ``/debug/allocations?function=&container=&limit=``,
   ``/debug/containers``, ``/debug/history?container=&limit=`` (one container's recent samples),
+  ``/debug/profiles?function=&limit=`` (what the node learned about each function),
   ``/debug/model``, ``/debug/shipper``; ``/debug/`` is a page built on them
   (``sidecar/debug_page.html``: inline CSS and JS, nothing loaded from elsewhere).
 
@@ -23,6 +24,7 @@ Debug handlers read snapshots and never write cgroups.
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import math
 import socket
@@ -34,7 +36,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from sidecar.engine import EngineError, effective
+from sidecar.engine import MAX_FUNCTIONS, EngineError, effective
 from sidecar.node import NODE, Node, StartResult
 from sidecar.process import json_response
 from sidecar.runtimes.base import UserSize
@@ -326,6 +328,28 @@ async def debug_history(request: web.Request) -> web.Response:
     )
 
 
+async def debug_profiles(request: web.Request) -> web.Response:
+    """One function's profile (``function``), else the ``limit`` most recently used functions',
+    most recent first: what the safeguard remembers and the policy's statistics."""
+    node = request.app[NODE]
+    q = request.query
+    try:
+        limit = int(q.get("limit", "100"))
+        if not 1 <= limit <= MAX_FUNCTIONS:
+            raise ValueError
+    except ValueError:
+        return _error(400, f"'limit' must be an integer 1..{MAX_FUNCTIONS}")
+    if "function" in q:
+        name = q["function"]
+        functions = node.profiles_snapshot([name])["functions"]
+        if name not in functions:
+            return _error(404, f"unknown function {name!r}")
+        return json_response({"function": name, **functions[name]})
+    names = list(itertools.islice(reversed(node.engine.stats), limit))
+    functions = node.profiles_snapshot(names)["functions"]
+    return json_response({"count": len(functions), "functions": functions})
+
+
 _PAGE = resources.files("sidecar").joinpath("debug_page.html")
 # the page may talk to this server only: no CDN, no external script, style or font
 _PAGE_HEADERS = {
@@ -369,6 +393,7 @@ def add_routes(app: web.Application, registry: Any) -> None:
     app.router.add_get("/debug/allocations", debug_allocations)
     app.router.add_get("/debug/containers", debug_containers)
     app.router.add_get("/debug/history", debug_history)
+    app.router.add_get("/debug/profiles", debug_profiles)
     app.router.add_get("/debug/", debug_page)
     app.router.add_get("/debug/model", debug_model)
     app.router.add_get("/debug/shipper", debug_shipper)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +115,12 @@ class Node:
             )
         return len(functions)
 
-    def profiles_snapshot(self) -> dict[str, Any]:
+    def profiles_snapshot(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Every function's profile, or those of ``names`` that the node knows
+        (``sidecar.profiles.snapshot``: the file's format, times in Unix seconds)."""
         eng = self.engine
-        return profiles.snapshot(eng.stats, eng.guards, self.grid, eng.wall() - eng.clock())
+        stats = eng.stats if names is None else {n: eng.stats[n] for n in names if n in eng.stats}
+        return profiles.snapshot(stats, eng.guards, self.grid, eng.wall() - eng.clock())
 
     def save_profiles(self, data: dict[str, Any] | None = None) -> bool:
         """Write the profiles (``data``: a snapshot taken on the event loop, for a save from a

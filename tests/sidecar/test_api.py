@@ -220,6 +220,14 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
             assert {c["id"] for c in cont["containers"]} == {"faasrm/resize@1", "faasrm/thumb@1"}
             model = await (await client.get("/debug/model")).json()
             assert model["current"]["source"] == "onnx" and model["last_error"] is None
+            prof = await (await client.get("/debug/profiles")).json()
+            assert list(prof["functions"]) == ["resize"] and prof["count"] == 1
+            one = await (await client.get("/debug/profiles?function=resize")).json()
+            assert one["function"] == "resize" and one["guard"]["runs"] == 2
+            assert one["stats"]["completions"] == 2 and one["guard"]["calibrate"] is None
+            assert abs(one["stats"]["last_arrival_s"] - time.time()) < 60  # a Unix time
+            assert (await client.get("/debug/profiles?function=nope")).status == 404
+            assert (await client.get("/debug/profiles?limit=0")).status == 400
             text = await (await client.get("/metrics")).text()
             for name in (
                 "faasrm_decision_latency_seconds_bucket",

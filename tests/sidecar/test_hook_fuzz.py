@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 from aiohttp import web
@@ -280,3 +280,43 @@ def test_fuzz_end(server: Server, v1_root: None, start: bool, bad_id: str, end: 
         ok = answer["duration_s"]
         assert math.isfinite(ok) and ok >= 0, answer
         assert _limits(server.containers[2]) == USER  # the end restored the user's size
+
+
+READ_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/debug/",
+    "/debug/allocations",
+    "/debug/containers",
+    "/debug/history",
+    "/debug/profiles",
+    "/debug/model",
+    "/debug/shipper",
+)
+
+
+@pytest.mark.parametrize("path", READ_PATHS)
+@settings(settings.get_profile("hooks"), max_examples=60)
+@given(
+    query=st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from(["function", "container", "limit"]), st.text(max_size=8)),
+            st.one_of(
+                st.sampled_from(["resize", "a@1", "0", "-1", "1e9", "nan", "100000", "1" * 400]),
+                NUMBERS.map(str),
+                st.text(max_size=30),
+            ),
+        ),
+        max_size=4,
+    ),
+)
+def test_fuzz_read_endpoints(
+    server: Server, v1_root: None, path: str, query: list[tuple[str, str]]
+) -> None:
+    """Every GET route with any query string: 200 or a 4xx with a reason, never a 5xx, and
+    nothing lost (``Server.check``)."""
+    if server.containers[0] not in [v for _, v in query] and query:  # a known container, too
+        query = [*query, ("container", server.containers[0])]
+    status, answer = request("GET", f"{path}?{urlencode(query)}", server.sock)
+    server.check(status, answer)
