@@ -78,6 +78,12 @@ def test_saved_profiles_read_back_as_it_was(functions: list[list[tuple]], shift:
         assert guard(GRID, USER, gs_back) == guard(GRID, USER, guards[name])
 
 
+def test_a_node_with_no_functions_saves_a_valid_empty_file() -> None:
+    data = json.loads(profiles.encode(profiles.snapshot({}, {}, GRID, 0.0)))
+    assert data == {"version": profiles.VERSION, "grid": dataclasses.asdict(GRID), "functions": {}}
+    assert profiles.restore(data, GRID, 0.0) == ({}, 0)
+
+
 def _spiked() -> tuple[FunctionStats, SafeguardState]:
     """A function calibrated with a 300 MB spike, then a 40 MB run."""
     return _lived([(0.3, 300.0, False, None, 1.0), (0.3, 40.0, False, None, 1.0)], 0.0)
