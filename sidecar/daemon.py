@@ -181,21 +181,24 @@ async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _profiles_loop(app: web.Application) -> None:
+async def _profiles_loop(app: web.Application, stop: asyncio.Event) -> None:
     node = app[NODE]
     while True:
-        await asyncio.sleep(node.cfg.actuation.profiles_save_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), node.cfg.actuation.profiles_save_s)
+        if stop.is_set():
+            return
         if node.cfg.actuation.profiles_path is not None:
             data = node.profiles_snapshot()  # on the loop: one consistent view
             await asyncio.to_thread(node.save_profiles, data)
 
 
 async def _profiles_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_profiles_loop(app), name="faasrm-profiles")
+    stop = asyncio.Event()
+    task = asyncio.create_task(_profiles_loop(app, stop), name="faasrm-profiles")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stop.set()  # not a cancel: a save under way in its thread finishes before the shutdown's own
+    await task
 
 
 async def _consume_events(app: web.Application, runtime: Runtime) -> None:

@@ -132,7 +132,7 @@ class Node:
         data = self.profiles_snapshot() if data is None else data
         try:
             profiles.save(path, data)
-        except OSError as exc:
+        except Exception as exc:  # a full disk, or a bug: logged, counted, never fatal
             log.error("function profiles not saved", extra={"path": str(path), "reason": str(exc)})
             self.metrics.profile_saves.labels("error").inc()
             return False
