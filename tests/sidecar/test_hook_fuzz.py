@@ -24,9 +24,11 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from sidecar_helpers import write_policy
 
 from sidecar import cgroups, config
+from sidecar.api import add_routes
 from sidecar.daemon import build_app, hook_socket
 from sidecar.node import NODE
 from sidecar.process import Notifier
@@ -282,18 +284,14 @@ def test_fuzz_end(server: Server, v1_root: None, start: bool, bad_id: str, end: 
         assert _limits(server.containers[2]) == USER  # the end restored the user's size
 
 
-READ_PATHS = (
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/debug/",
-    "/debug/allocations",
-    "/debug/containers",
-    "/debug/history",
-    "/debug/profiles",
-    "/debug/model",
-    "/debug/shipper",
-)
+def _read_paths() -> list[str]:
+    """Every GET route the daemon serves, from ``add_routes`` itself: a new one is fuzzed too."""
+    app = web.Application()
+    add_routes(app, CollectorRegistry())
+    return sorted({r.resource.canonical for r in app.router.routes() if r.method == "GET"})
+
+
+READ_PATHS = _read_paths()
 
 
 @pytest.mark.parametrize("path", READ_PATHS)
