@@ -98,6 +98,31 @@ def test_oom_kill_is_recorded_and_worker_restarted(v1_root: None) -> None:
     assert not _exists(parent)
 
 
+def test_pending_counts_every_arrival_waiting_on_the_invoker_not_only_the_functions_own(
+    v1_root: None,
+) -> None:
+    """The start hook's ``pending`` is the simulator's admission queue: every arrival on this
+    invoker not yet started. A function whose container is idle still sees another's backlog."""
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    loop, hog = BY_NAME["pyloop"], BY_NAME["memhog"]  # pyloop: ~1.3 s a call at its 0.5 core
+    containers = Containers(parent, [loop, hog])
+    invs = [Arrival(i, 0.05 * i, loop.name, loop.input_size(1.0)) for i in range(3)]
+    invs.append(Arrival(3, 0.6, hog.name, hog.input_size(0.0)))
+
+    async def main() -> list:
+        try:
+            await containers.start(warm=False)
+            return await Invoker(containers).replay(invs)
+        finally:
+            await containers.stop()
+
+    recs = sorted(asyncio.run(main()), key=lambda r: r.idx)
+    assert all(r.outcome == "success" for r in recs), recs
+    assert recs[0].exec_s > 0.6, recs[0]  # the two later pyloop calls still wait at 0.6 s
+    assert recs[3].start_s < recs[1].start_s  # memhog's container was idle: it started at once
+    assert [r.pending for r in recs] == [0, 1, 0, 2], recs  # per container it would be 0 for hog
+
+
 def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: None) -> None:
     from sidecar.core.grid import ResourceGrid
     from training.baselines import Vpa

@@ -4,11 +4,13 @@ worker) and the asyncio trace replay.
 One container per function, one invocation at a time per container (as an OpenWhisk action
 container): later arrivals wait for it, which is the response time's queueing. For every invocation
 the invoker calls the sidecar's hook (``POST /v1/invocations`` before, ``.../end`` after, on the
-sidecar's unix socket) when one is given, runs the function in the container's worker and records
-execution time (measured inside the worker), response time (arrival to completion) and outcome
-(``success``, ``failure``, ``timeout``, ``oom``: the kernel killed the worker; a dead worker is
-restarted, the invocation is not retried). The caller owns cleanup: ``Containers.stop()`` kills
-every worker and removes every cgroup (or Docker container), and is safe to call twice.
+sidecar's unix socket) when one is given, with ``pending`` every arrival on the invoker not yet
+started (all containers: the simulator's admission queue, not only the function's own backlog), runs
+the function in the container's worker and records execution time (measured inside the worker),
+response time (arrival to completion) and outcome (``success``, ``failure``, ``timeout``, ``oom``:
+the kernel killed the worker; a dead worker is restarted, the invocation is not retried). The caller
+owns cleanup: ``Containers.stop()`` kills every worker and removes every cgroup (or Docker
+container), and is safe to call twice.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Measurement:
     cpu_cores: float = 0.0
     mem_mb: float = 0.0
     give_backs: int = 0
+    pending: int = 0  # arrivals on this invoker still waiting to start when this one started
     error: str | None = None
     units: tuple[int, int] | None = None  # the sidecar's choice and its inputs, in grid units:
     user_units: tuple[int, int] | None = None  # the user's size,
@@ -351,6 +354,7 @@ class Progress:
     total: int = 0
     done: int = 0
     running: int = 0
+    waiting: int = 0  # arrived, not yet started: the hook's ``pending``
     failures: int = 0
     records: list[Measurement] = field(default_factory=list)
 
@@ -412,10 +416,13 @@ class Invoker:
         )
         arrived = time.monotonic()
         c.waiting += 1
+        self.progress.waiting += 1
         async with c.lock:
             c.waiting -= 1
+            self.progress.waiting -= 1
             self.progress.running += 1
             rec.start_s = time.monotonic() - t0
+            rec.pending = self.progress.waiting
             inv_id = None
             try:
                 if self.sidecar_socket:
@@ -427,7 +434,7 @@ class Invoker:
                             "function": c.name,
                             "input_size": inv.size,
                             "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
-                            "pending": c.waiting,
+                            "pending": rec.pending,
                         },
                     )
                     if start and "invocation" in start:
