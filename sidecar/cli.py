@@ -288,7 +288,8 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         help="comma-separated: fixed (no sidecar: the reference, always included), greedy, "
         "ensure, vpa (applied by the invoker), rule, smallest (a sidecar without a model: the "
         "allowed candidate closest to the user's size / the smallest allowed one), learned "
-        "(sidecar + shipped model)",
+        "(sidecar + shipped model); a sidecar manager may carry a label, smallest@tight, to run "
+        "again side by side with the settings given as --sidecar-set tight:SECTION.KEY=VALUE",
     )
     p.add_argument(
         "--repeats",
@@ -316,9 +317,9 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         "--sidecar-set",
         action="append",
         default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a setting for every sidecar manager (repeatable; as 'faasrm sidecar run --set'), "
-        "e.g. actuation.v1_memory_harvest=soft",
+        metavar="[LABEL:]SECTION.KEY=VALUE",
+        help="a setting for every sidecar manager, or with LABEL: for the managers labelled so "
+        "(repeatable; as 'faasrm sidecar run --set'), e.g. actuation.v1_memory_harvest=soft",
     )
     p.add_argument(
         "--cores-per-mb",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.invoker.invoker import Measurement
-from training.invoker.real import choice_shares
+from training.invoker.real import choice_shares, parse_managers
 
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +35,9 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
             "bench",
             "real",
             "--managers",
-            "fixed,smallest",
+            "fixed,smallest,smallest@asuser",
+            "--sidecar-set",
+            "asuser:model.rule=user",
             "--repeats",
             "2",
             "--minutes",
@@ -55,8 +57,9 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     assert "gmean RFET" in proc.stdout and "noise" in proc.stdout, proc.stdout
     got = json.loads(out.read_text())
     assert got["config"]["repeats"] == 2
-    assert got["config"]["order"] == [["fixed", "smallest"], ["smallest", "fixed"]]
-    assert set(got["results"]) == {"fixed", "smallest"}
+    runs = ["fixed", "smallest", "smallest@asuser"]
+    assert got["config"]["order"] == [runs, runs[::-1]]
+    assert set(got["results"]) == set(runs)
     for row in (got["noise"], *got["results"].values()):
         for key in STATS:
             assert key in row, key
@@ -87,6 +90,40 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     choices = got["results"]["smallest"]["choices"]
     assert choices["decisions"] > 0 and choices["at_smallest"] == 1.0, choices
     assert "choices" not in got["results"]["fixed"] and "choices (decisions" in proc.stdout
+    # the labelled run took its own setting and no other run did: the same sidecar, told to take
+    # the allowed candidate closest to the user's size, harvested nothing
+    variant = got["results"]["smallest@asuser"]
+    assert variant["harvested_frac"] == 0 and variant["choices"]["at_user_closest"] == 1.0
+    assert got["config"]["sidecar_settings"] == {
+        "smallest": {},
+        "smallest@asuser": {"model": {"rule": "user"}},
+    }
+
+
+def test_parse_managers_gives_each_labelled_run_its_settings_and_refuses_what_it_cannot_run() -> (
+    None
+):
+    managers, settings = parse_managers(
+        "smallest,learned@tight,learned",
+        ["safeguard.mem_margin_sd=1", "tight:safeguard.mem_margin_sd=2", "tight:grid.x=1"],
+    )
+    assert managers == ["fixed", "smallest", "learned@tight", "learned"]
+    assert settings == {
+        "smallest": {"safeguard": {"mem_margin_sd": 1}},
+        "learned@tight": {"safeguard": {"mem_margin_sd": 2}, "grid": {"x": 1}},  # its own wins
+        "learned": {"safeguard": {"mem_margin_sd": 1}},
+    }
+    for managers_text, sets, why in (
+        ("fixed@x", [], "only a sidecar manager"),  # Fixed and the invoker's rules take no config
+        ("vpa@x", [], "only a sidecar manager"),
+        ("smallest@Tight", [], "a-z"),
+        ("smallest@" + "x" * 33, [], "1-32"),
+        ("nope", [], "unknown manager"),
+        ("smallest", ["tight:safeguard.mem_margin_sd=2"], "no manager is labelled 'tight'"),
+        ("smallest@tight", ["tight:safeguard=2"], "SECTION.KEY=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_managers(managers_text, sets)
 
 
 def test_choice_shares_place_each_choice_in_the_safeguard_box() -> None:

@@ -15,7 +15,10 @@ round (``training.evidence.round_order``), so a drift of the host hits every man
   model-free rule (``[model] rule``: the allowed candidate closest to the user's size, or the
   smallest allowed one) behind the safeguard;
 * ``learned``: the sidecar with the shipped model, called through its hook API at every
-  invocation's start and end.
+  invocation's start and end;
+* a labelled sidecar manager, ``smallest@tight``: the same manager run again in every round, side
+  by side, with the settings ``--sidecar-set tight:SECTION.KEY=VALUE`` gives it (the only way to
+  compare two settings with paired intervals: separate runs share no rounds).
 
 Every manager works on one grid: the model's (from its metadata; the daemon refuses a model
 trained on another), by default ``models/invoker.onnx``'s 0.25 core x 8, 64 MB x 8, trained on
@@ -39,6 +42,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -68,6 +72,8 @@ from training.processes import SidecarProcess, TrainerProcess, free_port
 SIDECAR_RULES = {"rule": "user", "smallest": "smallest"}
 """Managers that are a model-less sidecar, and the ``[model] rule`` each runs."""
 MANAGERS = ("fixed", *BASELINE_RULES, *SIDECAR_RULES, "learned")
+LABEL = re.compile(r"[a-z0-9_-]{1,32}")
+"""A sidecar manager's label, ``smallest@LABEL``: a name for one set of settings."""
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "invoker.onnx"
 INVOKER_GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
@@ -79,6 +85,53 @@ burst of invocations ran slower in whichever run had the busier start (2-5x for 
 seven invocations in one run), which showed up as a gain for the sidecar runs."""
 
 
+def base_manager(manager: str) -> str:
+    """``smallest@tight`` -> ``smallest``."""
+    return manager.partition("@")[0]
+
+
+Settings = dict[str, dict[str, Any]]
+"""Sidecar config, section by section."""
+
+
+def parse_managers(text: str, sets: list[str]) -> tuple[list[str], dict[str, Settings]]:
+    """``--managers`` and the ``--sidecar-set`` flags -> (managers, Fixed first; each sidecar
+    manager's settings). A setting without a label goes to every sidecar manager, one with
+    ``LABEL:`` to the managers labelled so, after the others."""
+    managers = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    sidecars = (*SIDECAR_RULES, "learned")
+    for m in managers:
+        base, at, label = m.partition("@")
+        if base not in MANAGERS:
+            raise ValueError(f"unknown manager {m!r}: choose from {', '.join(MANAGERS)}")
+        if at and (base not in sidecars or not LABEL.fullmatch(label)):
+            raise ValueError(
+                f"manager {m!r}: only a sidecar manager ({', '.join(sidecars)}) takes a label, "
+                "of 1-32 characters a-z, 0-9, _ or -, e.g. smallest@tight"
+            )
+    managers = ["fixed", *(m for m in managers if m != "fixed")]
+    labels = {m.partition("@")[2] for m in managers if "@" in m}
+    common: Settings = {}
+    labelled: dict[str, Settings] = {}
+    for text in sets:
+        key, value = parse_override(text)
+        label, colon, key = key.rpartition(":")
+        if colon and label not in labels:
+            raise ValueError(
+                f"--sidecar-set {text!r}: no manager is labelled {label!r} (e.g. smallest@{label})"
+            )
+        sec, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"--sidecar-set {text!r}: expected [LABEL:]SECTION.KEY=VALUE")
+        (labelled.setdefault(label, {}) if colon else common).setdefault(sec, {})[name] = value
+    settings = {}
+    for m in managers:
+        if base_manager(m) in sidecars:
+            own = labelled.get(m.partition("@")[2], {})
+            settings[m] = {s: {**common.get(s, {}), **own.get(s, {})} for s in {*common, *own}}
+    return managers, settings
+
+
 def sidecar_process(
     parent: str,
     workdir: Path,
@@ -87,7 +140,7 @@ def sidecar_process(
     trainer: TrainerProcess | None = None,
     docker: DockerEngine | None = None,
     rule: str = "user",
-    settings: dict[str, dict[str, Any]] | None = None,
+    settings: Settings | None = None,
 ) -> SidecarProcess:
     """A sidecar managing every child cgroup of ``parent`` (with ``docker``: the invoker's Docker
     containers on that engine) on ``grid``; without ``model``, the model-free ``rule``;
@@ -151,12 +204,14 @@ async def run_manager(
     baselines: dict[str, float] | None = None,
     engine: DockerEngine | None = None,
     round_index: int = 0,
-    settings: dict[str, dict[str, Any]] | None = None,
+    settings: Settings | None = None,
 ) -> tuple[list[Measurement], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
-    ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline)."""
-    run = f"{manager}-r{round_index}"
+    ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline);
+    ``settings``: the sidecar's config beyond the defaults."""
+    base = base_manager(manager)
+    run = f"{manager.replace('@', '-')}-r{round_index}"
     parent = f"{PARENT_PREFIX}{os.getpid()}-{run}"
     containers = Containers(parent, SPECS, ratio, engine=engine)
     sidecar = None
@@ -164,17 +219,17 @@ async def run_manager(
     try:
         await containers.start()
         rule = None
-        if manager in BASELINE_RULES:
-            rule = BASELINE_RULES[manager](grid)
-        elif manager != "fixed":
+        if base in BASELINE_RULES:
+            rule = BASELINE_RULES[base](grid)
+        elif base != "fixed":
             sidecar = sidecar_process(
                 parent,
                 workdir / run,
-                model if manager == "learned" else None,
+                model if base == "learned" else None,
                 grid,
                 trainer,
                 docker=engine,
-                rule=SIDECAR_RULES.get(manager, "user"),
+                rule=SIDECAR_RULES.get(base, "user"),
                 settings=settings,
             )
             ready = await asyncio.to_thread(sidecar.start)
@@ -342,11 +397,12 @@ async def run_all(
     with_trainer: bool = False,
     echo=print,
     engine: DockerEngine | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    settings: dict[str, Settings] | None = None,
 ) -> dict[str, Any]:
     """``repeats`` rounds of every manager over the same invocations (``round_order``);
     ``with_trainer``: a local trainer service receives the sidecar's trajectories (its learner
-    runs with its defaults); ``settings``: more config for every sidecar."""
+    runs with its defaults); ``settings``: each sidecar manager's config beyond the defaults."""
+    settings = settings or {}
     invocations = schedule(minutes, speedup, seed)
     # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
@@ -398,12 +454,14 @@ async def run_all(
             refresher = asyncio.create_task(refresh())
         for r in range(repeats):
             for m in evidence.round_order(managers, r):
-                if m in BASELINE_RULES:
+                base = base_manager(m)
+                extra = f", with {settings[m]}" if settings.get(m) else ""
+                if base in BASELINE_RULES:
                     say(f"{m}: applied by the invoker (no sidecar), grid {grid_text(grid)}")
-                elif m in SIDECAR_RULES:
-                    say(f"{m}: sidecar without a model, rule '{SIDECAR_RULES[m]}'")
-                elif m == "learned":
-                    say(f"{m}: sidecar with {model}")
+                elif base in SIDECAR_RULES:
+                    say(f"{m}: sidecar without a model, rule '{SIDECAR_RULES[base]}'{extra}")
+                elif base == "learned":
+                    say(f"{m}: sidecar with {model}{extra}")
                 records, ooms, gbs = await run_manager(
                     m,
                     invocations,
@@ -417,7 +475,7 @@ async def run_all(
                     trainer=trainer,
                     engine=engine,
                     round_index=r,
-                    settings=settings,
+                    settings=settings.get(m),
                 )
                 measured[m].append(records)
                 oom_kills[m] += ooms
@@ -461,7 +519,7 @@ async def run_all(
             "cores_per_mb": ratio,
             "model": str(model) if model else None,
             "grid": dataclasses.asdict(grid),
-            "sidecar_settings": settings or {},
+            "sidecar_settings": settings,
             "resamples": evidence.RESAMPLES,
             "bootstrap_seed": evidence.SEED,
         },
@@ -613,26 +671,15 @@ def main(args: Any, *, demo: bool = False) -> int:
             file=sys.stderr,
         )
         return 2
-    managers = list(dict.fromkeys(m.strip() for m in args.managers.split(",") if m.strip()))
-    bad = [m for m in managers if m not in MANAGERS]
-    if bad:
-        raise ValueError(f"unknown manager(s) {bad}: choose from {', '.join(MANAGERS)}")
+    # Fixed is the reference; it runs first in the first round
+    managers, settings = parse_managers(args.managers, args.sidecar_set)
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
-    if "fixed" in managers:
-        managers.remove("fixed")
-    managers.insert(0, "fixed")  # the reference; it runs first in the first round
-    settings: dict[str, dict[str, Any]] = {}
-    for text in args.sidecar_set:
-        key, value = parse_override(text)
-        sec, _, name = key.partition(".")
-        if not name:
-            raise ValueError(f"--sidecar-set {text!r}: expected SECTION.KEY=VALUE")
-        settings.setdefault(sec, {})[name] = value
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    if "learned" in managers and not model.is_file():
+    learned = any(base_manager(m) == "learned" for m in managers)
+    if learned and not model.is_file():
         raise FileNotFoundError(f"model {model} not found")
-    grid = (model_grid(model) if "learned" in managers else None) or INVOKER_GRID
+    grid = (model_grid(model) if learned else None) or INVOKER_GRID
     engine = None
     if args.runtime == "docker":  # explicitly asked for: installing docker.io is allowed
         try:
