@@ -314,6 +314,13 @@ def _real_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="arrival placement and input sizes")
     p.add_argument(
+        "--memory-mb",
+        type=float,
+        help="the invoker's memory for running calls: a call waits, first come first served, "
+        "until its allocation's memory is free (as a container pool with a memory limit); "
+        "default: no limit",
+    )
+    p.add_argument(
         "--sidecar-set",
         action="append",
         default=[],

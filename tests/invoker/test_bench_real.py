@@ -38,6 +38,8 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
             "fixed,smallest,smallest@asuser",
             "--sidecar-set",
             "asuser:model.rule=user",
+            "--memory-mb",
+            "1024",
             "--repeats",
             "2",
             "--minutes",
@@ -57,6 +59,7 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     assert "gmean RFET" in proc.stdout and "noise" in proc.stdout, proc.stdout
     got = json.loads(out.read_text())
     assert got["config"]["repeats"] == 2
+    assert got["config"]["memory_mb"] == 1024 and "memory pool: 1024 MB" in proc.stdout
     runs = ["fixed", "smallest", "smallest@asuser"]
     assert got["config"]["order"] == [runs, runs[::-1]]
     assert set(got["results"]) == set(runs)

@@ -123,6 +123,33 @@ def test_pending_counts_every_arrival_waiting_on_the_invoker_not_only_the_functi
     assert [r.pending for r in recs] == [0, 1, 0, 2], recs  # per container it would be 0 for hog
 
 
+def test_a_memory_pool_holds_a_call_back_until_its_allocation_fits(v1_root: None) -> None:
+    """``memory_mb``: memhog (512 MB) waits for pyloop (128 MB) to end although its own container
+    is idle, and a later pyloop call waits behind it: first come, first served."""
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    loop, hog = BY_NAME["pyloop"], BY_NAME["memhog"]
+    containers = Containers(parent, [loop, hog])
+    invs = [
+        Arrival(0, 0.0, loop.name, loop.input_size(1.0)),  # ~1.3 s at its 0.5 core
+        Arrival(1, 0.2, hog.name, hog.input_size(0.0)),
+        Arrival(2, 0.4, loop.name, loop.input_size(0.0)),
+    ]
+
+    async def main() -> list:
+        try:
+            await containers.start(warm=False)
+            return await Invoker(containers, memory_mb=512).replay(invs)
+        finally:
+            await containers.stop()
+
+    first, hog_call, second = sorted(asyncio.run(main()), key=lambda r: r.idx)
+    assert all(r.outcome == "success" for r in (first, hog_call, second))
+    assert hog_call.start_s >= first.start_s + first.exec_s  # 128 + 512 > 512: it waited
+    assert hog_call.response_s > hog_call.exec_s + 0.5  # the wait is response time
+    assert second.start_s >= hog_call.start_s + hog_call.exec_s  # behind memhog, not beside it
+    assert not _exists(parent)
+
+
 def test_invoker_applies_a_local_manager_and_restores_the_user_size(v1_root: None) -> None:
     from sidecar.core.grid import ResourceGrid
     from training.baselines import Vpa

@@ -11,12 +11,17 @@ response time (arrival to completion) and outcome (``success``, ``failure``, ``t
 the kernel killed the worker; a dead worker is restarted, the invocation is not retried). The caller
 owns cleanup: ``Containers.stop()`` kills every worker and removes every cgroup (or Docker
 container), and is safe to call twice.
+
+With ``memory_mb`` the invoker also has a ``MemoryPool``: a call whose container is free still
+waits until its allocation's memory fits beside the calls running, as in a container pool with a
+memory limit (off by default: this host's memory is never short).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import ctypes
 import json
 import math
@@ -24,7 +29,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -349,6 +355,48 @@ class Containers(dict[str, WorkerContainer]):
             raise errors[0]
 
 
+class MemoryPool:
+    """The host's memory for running invocations, handed out first come, first served, as a
+    container pool holds arrivals back while its memory is full: memory a manager harvests admits
+    the next arrival sooner, an acceleration's extra holds it back. A call larger than the whole
+    pool runs when nothing else does. Held from admission to the end of the run at the
+    allocation's size (a give-back during the run is not added)."""
+
+    def __init__(self, mb: float) -> None:
+        if not mb > 0:
+            raise ValueError(f"a memory pool needs some memory, got {mb} MB")
+        self.mb = mb
+        self.used = 0.0
+        self._queue: deque[tuple[float, asyncio.Future[None]]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, mb: float) -> AsyncIterator[None]:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((mb, fut))
+        self._admit()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # admitted as the cancel came: hand it back
+                self._release(mb)
+            raise
+        try:
+            yield
+        finally:
+            self._release(mb)
+
+    def _release(self, mb: float) -> None:
+        self.used -= mb
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._queue and (self.used == 0 or self.used + self._queue[0][0] <= self.mb):
+            mb, fut = self._queue.popleft()
+            if not fut.cancelled():
+                self.used += mb
+                fut.set_result(None)
+
+
 @dataclass
 class Progress:
     total: int = 0
@@ -370,8 +418,12 @@ class Invoker:
         rule: BaselineRule | None = None,
         baselines: dict[str, float] | None = None,
         headroom_mb: float = 16.0,
+        memory_mb: float | None = None,
     ) -> None:
-        """``rule``: a baseline rule (``training.baselines``) the invoker applies itself (no
+        """``memory_mb``: the host's memory for running invocations (``MemoryPool``); None: no
+        limit, every call starts as soon as its container is free.
+
+        ``rule``: a baseline rule (``training.baselines``) the invoker applies itself (no
         sidecar): its allocation is written before each invocation (memory never below current
         usage + ``headroom_mb``; if refused, the user's memory stays) and the user's size restored
         after it; the rule observes the measured CPU/memory peak and time, and ``baselines[fn]``
@@ -381,7 +433,20 @@ class Invoker:
         self.rule = rule
         self.baselines = baselines or {}
         self.headroom_bytes = int(headroom_mb * MB)
+        self.pool = MemoryPool(memory_mb) if memory_mb is not None else None
         self.progress = Progress()
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, rec: Measurement, t0: float) -> AsyncIterator[None]:
+        """Wait for the pool to hold the allocation's memory, then count the call as started."""
+        async with self.pool.hold(rec.mem_mb) if self.pool else contextlib.nullcontext():
+            self.progress.waiting -= 1
+            self.progress.running += 1
+            rec.start_s = time.monotonic() - t0
+            try:
+                yield
+            finally:
+                self.progress.running -= 1
 
     async def replay(self, invocations: list[Arrival]) -> list[Measurement]:
         import aiohttp
@@ -419,61 +484,58 @@ class Invoker:
         self.progress.waiting += 1
         async with c.lock:
             c.waiting -= 1
-            self.progress.waiting -= 1
-            self.progress.running += 1
-            rec.start_s = time.monotonic() - t0
-            rec.pending = self.progress.waiting
+            rec.pending = self.progress.waiting - 1  # the others not yet started
             inv_id = None
-            try:
-                if self.sidecar_socket:
-                    start = await self._hook(
-                        http,
-                        "/v1/invocations",
-                        {
-                            "container": c.sidecar_id,
-                            "function": c.name,
-                            "input_size": inv.size,
-                            "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
-                            "pending": rec.pending,
-                        },
-                    )
-                    if start and "invocation" in start:
-                        inv_id = start["invocation"]
-                        alloc = start.get("allocation") or {}
-                        rec.kind = alloc.get("kind", "user")
-                        rec.cpu_cores = float(alloc.get("cpu_cores", c.user_cpu))
-                        rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
-                        box = start.get("allowed") or {}
-                        if "units" in alloc and "cpu_units" in box:
-                            rec.units = tuple(alloc["units"])
-                            rec.user_units = tuple(start["user"]["units"])
-                            rec.allowed = (*box["cpu_units"], *box["mem_units"])
-                    else:
-                        rec.error = f"hook start: {start}"
-                if self.rule is not None:
-                    err = await self._managed_run(c, inv, rec)
+            if self.sidecar_socket:
+                start = await self._hook(
+                    http,
+                    "/v1/invocations",
+                    {
+                        "container": c.sidecar_id,
+                        "function": c.name,
+                        "input_size": inv.size,
+                        "user": {"cpu_cores": c.user_cpu, "mem_mb": c.user_mem_mb},
+                        "pending": rec.pending,
+                    },
+                )
+                if start and "invocation" in start:
+                    inv_id = start["invocation"]
+                    alloc = start.get("allocation") or {}
+                    rec.kind = alloc.get("kind", "user")
+                    rec.cpu_cores = float(alloc.get("cpu_cores", c.user_cpu))
+                    rec.mem_mb = float(alloc.get("mem_bytes", c.user_mem_mb * MB)) / MB
+                    box = start.get("allowed") or {}
+                    if "units" in alloc and "cpu_units" in box:
+                        rec.units = tuple(alloc["units"])
+                        rec.user_units = tuple(start["user"]["units"])
+                        rec.allowed = (*box["cpu_units"], *box["mem_units"])
                 else:
+                    rec.error = f"hook start: {start}"
+            if self.rule is not None:
+                err = await self._managed_run(c, inv, rec, t0)
+            else:
+                async with self._admitted(rec, t0):
                     rec.exec_s, rec.outcome, err = await c.run(inv.size)
-                rec.error = rec.error or err
-                if inv_id is not None:
-                    end = await self._hook(
-                        http,
-                        f"/v1/invocations/{inv_id}/end",
-                        {
-                            "outcome": "success" if rec.outcome == "success" else "failure",
-                            "duration_s": rec.exec_s,
-                        },
-                    )
-                    rec.give_backs = len((end or {}).get("give_backs") or [])
-            finally:
-                self.progress.running -= 1
+            rec.error = rec.error or err
+            if inv_id is not None:
+                end = await self._hook(
+                    http,
+                    f"/v1/invocations/{inv_id}/end",
+                    {
+                        "outcome": "success" if rec.outcome == "success" else "failure",
+                        "duration_s": rec.exec_s,
+                    },
+                )
+                rec.give_backs = len((end or {}).get("give_backs") or [])
         rec.response_s = time.monotonic() - arrived
         self.progress.done += 1
         self.progress.failures += rec.outcome != "success"
         self.progress.records.append(rec)
         return rec
 
-    async def _managed_run(self, c: WorkerContainer, inv: Arrival, rec: Measurement) -> str | None:
+    async def _managed_run(
+        self, c: WorkerContainer, inv: Arrival, rec: Measurement, t0: float
+    ) -> str | None:
         """Apply the rule's allocation, run, measure, restore the user's size, observe."""
         from training.baselines import Run
 
@@ -498,17 +560,18 @@ class Invoker:
             c.cg.reset_peak()
         except cgroups.CgroupError:
             pass
-        u0 = c.cg.read_usage(oom=False, slow=True)
-        t0 = time.monotonic()
-        try:
-            rec.exec_s, rec.outcome, run_err = await c.run(inv.size)
-        finally:
-            wall = max(1e-6, time.monotonic() - t0)
-            u1 = c.cg.read_usage(oom=False, slow=True)
-            try:  # back to the user's size (the kernel reclaims cache when memory goes down)
-                c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
-            except cgroups.CgroupError:
-                c.cg.read_limits()  # retried through the diff at the next invocation
+        async with self._admitted(rec, t0):
+            u0 = c.cg.read_usage(oom=False, slow=True)
+            started = time.monotonic()
+            try:
+                rec.exec_s, rec.outcome, run_err = await c.run(inv.size)
+            finally:
+                wall = max(1e-6, time.monotonic() - started)
+                u1 = c.cg.read_usage(oom=False, slow=True)
+                try:  # back to the user's size (the kernel reclaims cache when memory goes down)
+                    c.cg.write_limits(c.user_limits, headroom_bytes=0, force=True)
+                except cgroups.CgroupError:
+                    c.cg.read_limits()  # retried through the diff at the next invocation
         self.rule.observe(
             c.name,
             Run(

@@ -205,11 +205,13 @@ async def run_manager(
     engine: DockerEngine | None = None,
     round_index: int = 0,
     settings: Settings | None = None,
+    memory_mb: float | None = None,
 ) -> tuple[list[Measurement], int, int]:
     """Replay ``invocations`` under ``manager``; (records, OOM kills, give-backs).
 
     ``baselines``: each function's mean execution time under ``fixed`` (ENSURE's baseline);
-    ``settings``: the sidecar's config beyond the defaults."""
+    ``settings``: the sidecar's config beyond the defaults; ``memory_mb``: the invoker's memory
+    pool (``invoker.MemoryPool``), None for none."""
     base = base_manager(manager)
     run = f"{manager.replace('@', '-')}-r{round_index}"
     parent = f"{PARENT_PREFIX}{os.getpid()}-{run}"
@@ -241,7 +243,11 @@ async def run_manager(
             echo(f"  {sidecar.url}/debug/ (allocations: /debug/allocations)")
         await asyncio.sleep(SETTLE_S)  # the same quiet start for every manager
         invoker = Invoker(
-            containers, sidecar.socket if sidecar else None, rule=rule, baselines=baselines
+            containers,
+            sidecar.socket if sidecar else None,
+            rule=rule,
+            baselines=baselines,
+            memory_mb=memory_mb,
         )
         state["invoker"] = invoker
         records = await invoker.replay(invocations)
@@ -398,16 +404,20 @@ async def run_all(
     echo=print,
     engine: DockerEngine | None = None,
     settings: dict[str, Settings] | None = None,
+    memory_mb: float | None = None,
 ) -> dict[str, Any]:
     """``repeats`` rounds of every manager over the same invocations (``round_order``);
     ``with_trainer``: a local trainer service receives the sidecar's trajectories (its learner
-    runs with its defaults); ``settings``: each sidecar manager's config beyond the defaults."""
+    runs with its defaults); ``settings``: each sidecar manager's config beyond the defaults;
+    ``memory_mb``: the invoker's memory pool for running calls (None: none)."""
     settings = settings or {}
     invocations = schedule(minutes, speedup, seed)
     # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
     echo(f"  {minutes:g} min per manager: {len(invocations)} invocations on {len(SPECS)} functions")
     echo(f"  grid: {grid_text(grid)}; {repeats} round(s), order reversed every other round")
+    if memory_mb is not None:
+        echo(f"  memory pool: {memory_mb:g} MB for running calls, first come, first served")
     measured: dict[str, list[list[Measurement]]] = {m: [] for m in managers}
     oom_kills = dict.fromkeys(managers, 0)
     give_backs = dict.fromkeys(managers, 0)
@@ -476,6 +486,7 @@ async def run_all(
                     engine=engine,
                     round_index=r,
                     settings=settings.get(m),
+                    memory_mb=memory_mb,
                 )
                 measured[m].append(records)
                 oom_kills[m] += ooms
@@ -520,6 +531,7 @@ async def run_all(
             "model": str(model) if model else None,
             "grid": dataclasses.asdict(grid),
             "sidecar_settings": settings,
+            "memory_mb": memory_mb,
             "resamples": evidence.RESAMPLES,
             "bootstrap_seed": evidence.SEED,
         },
@@ -675,6 +687,8 @@ def main(args: Any, *, demo: bool = False) -> int:
     managers, settings = parse_managers(args.managers, args.sidecar_set)
     if args.repeats < 1:
         raise ValueError("--repeats must be at least 1")
+    if args.memory_mb is not None and not args.memory_mb > 0:
+        raise ValueError("--memory-mb must be above 0")
     model = Path(args.model) if args.model else DEFAULT_MODEL
     learned = any(base_manager(m) == "learned" for m in managers)
     if learned and not model.is_file():
@@ -722,6 +736,7 @@ def main(args: Any, *, demo: bool = False) -> int:
                 echo=lambda m: print(m, flush=True),
                 engine=engine,
                 settings=settings,
+                memory_mb=args.memory_mb,
             )
 
     try:
