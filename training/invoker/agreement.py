@@ -568,6 +568,7 @@ def main(args: argparse.Namespace) -> int:
                     records=True,
                     runtime="cgroup",
                     sidecar_set=[],
+                    memory_mb=None,
                 )
             ),
         )
