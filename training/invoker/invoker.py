@@ -76,7 +76,7 @@ class Measurement:
     cpu_cores: float = 0.0
     mem_mb: float = 0.0
     give_backs: int = 0
-    pending: int = 0  # arrivals on this invoker still waiting to start when this one started
+    pending: int = 0  # the other arrivals not yet started when its container came free (the hook)
     error: str | None = None
     units: tuple[int, int] | None = None  # the sidecar's choice and its inputs, in grid units:
     user_units: tuple[int, int] | None = None  # the user's size,
