@@ -535,6 +535,13 @@ def _measured(path: str | None, out: Path, produce) -> dict:
     return json.loads(out.read_text())
 
 
+def _cli_args(*argv: str) -> argparse.Namespace:
+    """A command's arguments as its own parser makes them: every flag and default, no copy."""
+    from sidecar.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
 def main(args: argparse.Namespace) -> int:
     from training.invoker import curves as curves_cmd
     from training.invoker import real as real_cmd
@@ -547,30 +554,18 @@ def main(args: argparse.Namespace) -> int:
         curves = _measured(
             args.curves,
             Path(stem + ".curves.json"),
-            lambda out: curves_cmd.main(
-                argparse.Namespace(functions=None, repeats=3, json=str(out), periods=None)
-            ),
+            lambda out: curves_cmd.main(_cli_args("bench", "curves", "--json", str(out))),
         )
+        real_argv = [
+            "bench", "real", "--managers", ",".join(names or []), "--repeats", str(args.repeats),
+            "--minutes", repr(args.minutes), "--speedup", repr(args.speedup),
+            "--seed", str(args.seed), "--cores-per-mb", repr(args.cores_per_mb), "--records",
+            *(["--model", str(args.model)] if args.model else []),
+        ]  # fmt: skip
         real = _measured(
             args.real,
             Path(stem + ".real.json"),
-            lambda out: real_cmd.main(
-                argparse.Namespace(
-                    managers=",".join(names or []),
-                    repeats=args.repeats,
-                    minutes=args.minutes,
-                    speedup=args.speedup,
-                    seed=args.seed,
-                    cores_per_mb=args.cores_per_mb,
-                    model=args.model,
-                    json=str(out),
-                    plots=None,
-                    records=True,
-                    runtime="cgroup",
-                    sidecar_set=[],
-                    memory_mb=None,
-                )
-            ),
+            lambda out: real_cmd.main(_cli_args(*real_argv, "--json", str(out))),
         )
     rep = agreement(real, curves, names, args.model)
     print()
