@@ -264,10 +264,11 @@ def _real_figures(
     ref: np.ndarray,
     ref_cpu_s: np.ndarray,
     ref_mem_s: np.ndarray,
+    ref_resp_s: np.ndarray,
     classes: np.ndarray,
     functions: np.ndarray,
 ) -> None:
-    """Register one row's figures; ``ref`` is (N,) or (R, N)."""
+    """Register one row's figures; ``ref`` is (N,) or (R, N); ``ref_*_s`` are Fixed's (N,)."""
     r, n = runs.exec_s.shape
     unit = np.tile(np.arange(n), r)
     pool = Pool(unit)
@@ -288,6 +289,9 @@ def _real_figures(
     )
     figs.add(f"{prefix}p98_duration_s", pool.quantile(ok.ravel(), 0.98))
     figs.add(f"{prefix}p98_response_s", pool.quantile(runs.response_s.ravel(), 0.98))
+    figs.add(  # waiting included: where harvesting admits calls sooner, this is where it shows
+        f"{prefix}response_ratio", pool.ratio(runs.response_s.ravel(), np.tile(ref_resp_s, r))
+    )
     figs.add(
         f"{prefix}alloc_cpu_ratio",
         pool.ratio(runs.cpu_cores.ravel() * ex, np.tile(ref_cpu_s, r)),
@@ -337,6 +341,7 @@ def _row(
         "time_weighted_rfet",
         "p98_duration_s",
         "p98_response_s",
+        "response_ratio",
         "alloc_cpu_ratio",
         "alloc_mem_ratio",
     ):
@@ -383,13 +388,16 @@ def real_report(
     # Fixed's resources per invocation: the user's size x its mean execution time over rounds
     ref_cpu_s = np.nanmean(fixed.cpu_cores * fixed.exec_s, axis=0)
     ref_mem_s = np.nanmean(fixed.mem_mb * fixed.exec_s, axis=0)
+    ref_resp_s = np.nanmean(fixed.response_s, axis=0)
     figs = Figures()
     noise = fixed.rounds >= 2
     if noise:
         later, noise_ref = _later_vs_earlier(fixed)
-        _real_figures(figs, "noise:", later, noise_ref, ref_cpu_s, ref_mem_s, classes, fn)
+        _real_figures(
+            figs, "noise:", later, noise_ref, ref_cpu_s, ref_mem_s, ref_resp_s, classes, fn
+        )
     for name, runs in results.items():
-        _real_figures(figs, f"{name}:", runs, ref, ref_cpu_s, ref_mem_s, classes, fn)
+        _real_figures(figs, f"{name}:", runs, ref, ref_cpu_s, ref_mem_s, ref_resp_s, classes, fn)
         if runs.rounds >= 2:  # its own rounds against each other: did they agree?
             own, own_ref = _later_vs_earlier(runs)
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 STATS = (
     "invocations", "gmean_rfet", "gmean_rfet_ci", "mean_rfet", "p98_rfet", "p98_rfet_ci",
     "slowdown_frac_1_2", "slowdown_frac_1_2_ci", "time_weighted_rfet", "p98_duration_s",
-    "p98_response_s", "oom_kills", "failures", "verdict", "alloc_cpu_ratio", "alloc_mem_ratio",
+    "p98_response_s", "response_ratio", "oom_kills", "failures", "verdict", "alloc_cpu_ratio",
+    "alloc_mem_ratio",
     "by_duration", "by_function",
 )  # fmt: skip
 

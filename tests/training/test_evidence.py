@@ -75,7 +75,7 @@ def test_stats_keys_duration_classes_functions_and_resources():
     for key in (
         "invocations", "gmean_rfet", "gmean_rfet_ci", "mean_rfet", "p98_rfet", "p98_rfet_ci",
         "slowdown_frac_1_2", "slowdown_frac_1_2_ci", "time_weighted_rfet", "p98_duration_s",
-        "p98_response_s", "oom_kills", "failures", "verdict", "alloc_cpu_ratio",
+        "p98_response_s", "response_ratio", "oom_kills", "failures", "verdict", "alloc_cpu_ratio",
         "alloc_mem_ratio", "by_duration", "by_function",
     ):  # fmt: skip
         assert key in row, key
@@ -89,6 +89,24 @@ def test_stats_keys_duration_classes_functions_and_resources():
     lo, hi = row["alloc_cpu_ratio_ci"]
     assert lo <= row["alloc_cpu_ratio"] <= hi
     assert rep["results"]["fixed"]["alloc_cpu_ratio"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_response_ratio_counts_the_wait_beside_the_run_paired_by_invocation():
+    """Same execution, but Fixed's calls also waited a second each: the manager that waits none
+    holds a known share of Fixed's response time, with an interval that excludes 1."""
+    run, fns = _world(n=300)
+    exec_s = run()
+    ones, none = np.ones(exec_s.shape), np.zeros(exec_s.shape, bool)
+    waited = Replays(exec_s, exec_s + 1.0, ones, ones, none)
+    prompt = _replays(exec_s)  # the same runs, 10 ms of response overhead, no wait
+    rep = evidence.real_report({"fixed": waited, "prompt": prompt}, fns, resamples=500)
+    row = rep["results"]["prompt"]
+    want = (exec_s + 0.01).sum() / (exec_s + 1.0).sum()
+    assert row["response_ratio"] == pytest.approx(want, rel=1e-9)
+    lo, hi = row["response_ratio_ci"]
+    assert lo <= want <= hi < 1.0
+    assert row["gmean_rfet"] == pytest.approx(1.0, abs=1e-9)  # execution alone: no difference
+    assert rep["results"]["fixed"]["response_ratio"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_a_class_only_slowed_shows_in_its_class_and_not_the_others():

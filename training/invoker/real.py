@@ -553,7 +553,8 @@ def table(out: dict[str, Any]) -> str:
     rows = ([("noise", out["noise"])] if out.get("noise") else []) + list(out["results"].items())
     head = [
         "manager", "gmean RFET [95%]", "verdict", ">1.2 [95%]", "vs noise", "p98 RFET",
-        "p98 exec s", "p98 resp s", "alloc CPU", "alloc MB", "fail", "OOM", "n",
+        "p98 exec s", "p98 resp s", "resp vs fixed [95%]", "alloc CPU", "alloc MB", "fail",
+        "OOM", "n",
         "later/earlier rounds",
     ]  # fmt: skip
     body = []
@@ -571,6 +572,7 @@ def table(out: dict[str, Any]) -> str:
                 "-" if ref else f"{st['p98_rfet']:.2f}",
                 f"{st['p98_duration_s']:.2f}",
                 f"{st['p98_response_s']:.2f}",
+                "-" if ref else _fmt_ci(st["response_ratio"], st["response_ratio_ci"]),
                 f"{st['alloc_cpu_ratio']:.2f}",
                 f"{st['alloc_mem_ratio']:.2f}",
                 str(st["failures"]),
