@@ -75,12 +75,15 @@ def user_limits(user: UserSize, original: Limits, exact: bool) -> Limits:
     )
 
 
-def target_limits(user: Limits, target: Target, period_us: int) -> Limits:
+def target_limits(user: Limits, target: Target, period_us: int, oom_hold: bool = False) -> Limits:
     """Limits for a target (``None`` fields take the user's value; a changed quota comes with
-    the target's period, else ``period_us``)."""
+    the target's period, else ``period_us``). ``oom_hold``: a hard memory limit below the user's
+    holds a task that outgrows it instead of killing it (``Limits.mem_oom_hold``)."""
     cpu_changed = target.cpu_cores is not None
     if cpu_changed:
         period_us = target.cpu_period_us or period_us
+    mem = target.mem_limit_bytes
+    harvested = mem is not None and (user.mem_limit_bytes is None or mem < user.mem_limit_bytes)
     return Limits(
         cpu_quota_cores=target.cpu_cores if cpu_changed else user.cpu_quota_cores,
         cpu_period_us=period_us if cpu_changed else user.cpu_period_us,
@@ -91,6 +94,7 @@ def target_limits(user: Limits, target: Target, period_us: int) -> Limits:
         mem_high_bytes=user.mem_high_bytes
         if target.mem_high_bytes is None
         else target.mem_high_bytes,
+        mem_oom_hold=user.mem_oom_hold or (oom_hold and harvested),
     )
 
 
@@ -112,10 +116,13 @@ class Actuator:
         headroom_bytes: int,
         period_us: int = 100_000,
         opener: Callable[[Managed], cgroups.Cgroup] = open_for,
+        oom_hold: bool = False,
     ) -> None:
         self.state_file = Path(state_file)
         self.headroom_bytes = headroom_bytes
         self.period_us = period_us
+        self.oom_hold = oom_hold
+        """Harvested hard memory limits hold a task, not kill it (v1_memory_harvest = "hold")."""
         self.opener = opener
         self.managed: dict[str, Managed] = {}
         self.writes_ok = 0
@@ -257,14 +264,14 @@ class Actuator:
         m.owner = owner
         applied = target
         try:
-            self._write(m, target_limits(m.user, target, self.period_us))
+            self._write(m, target_limits(m.user, target, self.period_us, self.oom_hold))
         except ValueError as exc:
             log.warning(
                 "memory floor kept the user's memory",
                 extra={"container": container_id, "reason": str(exc)},
             )
             applied = target._replace(mem_limit_bytes=None, mem_high_bytes=None)
-            self._write(m, target_limits(m.user, applied, self.period_us))
+            self._write(m, target_limits(m.user, applied, self.period_us, self.oom_hold))
         m.applied = applied
         m.restore_pending = False
         self._mark(m)
@@ -315,10 +322,21 @@ class Actuator:
         return self._restore(m)
 
     def release(self, container_id: str) -> None:
-        """The owning decision ended but its limits stay (restore_on_end = false)."""
+        """The owning decision ended but its limits stay (restore_on_end = false). A hold goes:
+        nobody gives memory back to a container no decision watches, so it is killed as before."""
         m = self.managed.get(container_id)
-        if m is not None:
-            m.owner = None
+        if m is None:
+            return
+        m.owner = None
+        w = m.written
+        if w is not None and w.mem_oom_hold and not m.user.mem_oom_hold:
+            try:
+                self._write(m, dataclasses.replace(w, mem_oom_hold=False))
+            except (ValueError, cgroups.CgroupError) as exc:
+                log.warning(
+                    "could not lift the OOM hold",
+                    extra={"container": container_id, "reason": str(exc)},
+                )
 
     def retry_restores(self) -> dict[str, str]:
         return {

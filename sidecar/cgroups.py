@@ -57,6 +57,7 @@ class Usage(NamedTuple):
     oom_kills: int  # cumulative
     mem_pressure_some_avg10: float | None  # v2 PSI only (None on v1 or without PSI)
     nr_periods: int = 0  # CFS periods in which the cgroup ran with a quota (cumulative)
+    mem_held: bool = False  # v1 under_oom as last read: a task waits at the limit (mem_oom_hold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,11 @@ class Limits:
     cpu_weight: int = 100  # v2 weight 1..10000; see weight_to_shares for v1
     mem_limit_bytes: int | None = None  # hard limit; None = unlimited
     mem_high_bytes: int | None = None  # v2 memory.high (throttles); v1 soft_limit_in_bytes
+    mem_oom_hold: bool = False
+    """v1 memory.oom_control's oom_kill_disable: a task that outgrows the hard limit waits for
+    more memory instead of being OOM-killed (the sidecar sets it only while it holds the limit
+    below the user's size and watches the container; ignored on v2, whose memory.high never
+    kills)."""
 
 
 class CgroupError(Exception):
@@ -242,6 +248,10 @@ class Cgroup(abc.ABC):
     def _plan_mem(self, kind: str, value: int | None) -> _Plan:
         return [(self._p(self._MEM_FILES[kind]), self._UNLIMITED if value is None else str(value))]
 
+    def _plan_hold(self, hold: bool) -> _Plan:
+        """Writes that set ``Limits.mem_oom_hold`` (none on v2: it has no such switch)."""
+        return []
+
     def read_limits(self) -> Limits:
         """Read the limits from the kernel (someone else may have changed them)."""
         self._last = self._read_limits()
@@ -269,12 +279,18 @@ class Cgroup(abc.ABC):
                     f"refusing memory limit {new_mem} B: usage {current} B + headroom "
                     f"{headroom_bytes} B in {self.paths[-1]}"
                 )
-        plan = self._plan_mem("limit", new_mem) if raising else []
+        hold = limits.mem_oom_hold
+        # the hold goes on before the limit comes down, and off only after it went up: a task
+        # waiting at the old limit is woken by the raise, not killed by the hold going off
+        plan = self._plan_hold(hold) if hold and not old.mem_oom_hold else []
+        plan += self._plan_mem("limit", new_mem) if raising else []
         plan += self._plan_cpu(old, limits)
         if limits.mem_high_bytes != old.mem_high_bytes:
             plan += self._plan_mem("high", limits.mem_high_bytes)
         if lowering:
             plan += self._plan_mem("limit", new_mem)
+        if old.mem_oom_hold and not hold:
+            plan += self._plan_hold(hold)
         try:
             for path, value in plan:
                 self._write(path, value)
@@ -398,6 +414,7 @@ class CgroupV1(Cgroup):
         self.rel_path = rel_path.strip("/")
         self.root = root
         self._efd: int | None = None  # OOM notification eventfd (oom_eventfd)
+        self._held = False  # under_oom as last read
         self._fast: tuple[int, int] | None = None  # kept fds of cpuacct.usage, usage_in_bytes
         self._throttled = (0, 0, 0)  # nr_periods, nr_throttled, throttled_time (ns) as last read
         self._files = tuple(
@@ -432,7 +449,7 @@ class CgroupV1(Cgroup):
                     periods, nr, ns = self._throttled
                     return Usage(
                         t, cpu_ns / 1e9, nr, ns / 1e9, mem, peak if peak > mem else mem,
-                        self._oom, None, periods,
+                        self._oom, None, periods, self._held,
                     )  # fmt: skip
         raw, (f_cpu, f_stat, f_mem, f_peak, f_oom) = self._raw, self._files
         if fast is None:
@@ -455,9 +472,10 @@ class CgroupV1(Cgroup):
         if oom or self._oom is None:
             toks = (data := raw(f_oom)).split()  # oom_kill_disable 0 under_oom 0 oom_kill N
             if len(toks) == 6 and toks[4] == b"oom_kill" and toks[5].isdigit():
-                self._oom = int(toks[5])
+                self._oom, self._held = int(toks[5]), toks[3] == b"1"
             else:
-                (self._oom,) = self._keyed_fast(f_oom, data, b"oom_kill")
+                self._oom, under = self._keyed_fast(f_oom, data, b"oom_kill", b"under_oom")
+                self._held = under == 1
         periods, nr_throttled, throttled_ns = self._throttled
         return Usage(
             t,
@@ -469,6 +487,7 @@ class CgroupV1(Cgroup):
             self._oom,
             None,
             periods,
+            self._held,
         )
 
     def _v1_stat(self, path: str, data: bytes) -> tuple[int, int, int]:
@@ -524,6 +543,8 @@ class CgroupV1(Cgroup):
             cpu_weight=shares_to_weight(num("cpu.shares")),
             mem_limit_bytes=mem("memory.limit_in_bytes"),
             mem_high_bytes=mem("memory.soft_limit_in_bytes"),
+            mem_oom_hold=self._keyed("memory.oom_control", "oom_kill_disable")["oom_kill_disable"]
+            == 1,
         )
 
     def _plan_cpu(self, old: Limits, new: Limits) -> _Plan:
@@ -550,6 +571,9 @@ class CgroupV1(Cgroup):
         if memsw < _V1_UNLIMITED and (value is None or memsw < value):
             plan.insert(0, (memsw_path, plan[0][1]))
         return plan
+
+    def _plan_hold(self, hold: bool) -> _Plan:
+        return [(self._p("memory.oom_control"), "1" if hold else "0")]
 
     def reset_peak(self) -> None:
         self._peak_seen = None

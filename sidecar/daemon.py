@@ -107,6 +107,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         cfg.actuation.state_file,
         int(cfg.safeguard.mem_headroom_mb * MB),
         cfg.actuation.cpu_period_us,
+        oom_hold=cfg.actuation.v1_memory_harvest == "hold",
     )
     models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256, cfg.model.rule)
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
@@ -321,6 +322,7 @@ def reload(app: web.Application) -> bool:
     )
     node.actuator.headroom_bytes = int(new.safeguard.mem_headroom_mb * MB)
     node.actuator.period_us = new.actuation.cpu_period_us
+    node.actuator.oom_hold = new.actuation.v1_memory_harvest == "hold"
     try:
         runtimes = make_runtimes(new)
     except ConfigError as exc:

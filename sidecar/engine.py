@@ -12,12 +12,14 @@ Decisions the spec left open, documented here:
 * Targets are per resource: a resource decided at the user's grid point gets the user's *exact*
   value (``None`` in ``Target`` = "the user's own limit"), so a user size off the grid is never
   rounded on a safeguard run or a restore.
-* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies), or with
-  ``[actuation] v1_memory_harvest = "soft"`` keeps it at the user's size and harvests with
+* Memory: v1 harvests with the hard limit (``memory.limit_in_bytes``, the floor applies; with
+  ``[actuation] v1_memory_harvest = "hold"`` a task that outgrows it waits instead of being
+  OOM-killed), or with ``"soft"`` keeps it at the user's size and harvests with
   ``memory.soft_limit_in_bytes``; v2 keeps ``memory.max`` at the user's size and harvests with
   ``memory.high`` (throttles, never kills).
 * Give-backs: within an invocation a harvested resource returns to the user's size at once, for
-  one of two reasons: ``usage`` (the window's mean usage reached ``give_back_threshold`` of the
+  one of three reasons: ``oom_hold`` (memory: a task waits at the harvested hard limit),
+  ``usage`` (the window's mean usage reached ``give_back_threshold`` of the
   allocation) or, for CPU, ``throttled`` (more than ``[actuation] throttle_target`` of the CFS
   periods since the last look were throttled: the fast half of two-timescale control, the
   policy's per-invocation decision being the slow half). One step, all the way to the user's
@@ -93,6 +95,7 @@ class Target(NamedTuple):
 USER_TARGET = Target()
 USAGE = "usage"
 THROTTLED = "throttled"
+OOM_HOLD = "oom_hold"
 """Why a give-back happened (``GiveBack.reasons``, the trace's ``give_backs[].reason``)."""
 
 
@@ -626,10 +629,11 @@ class Engine:
             elif rate == rate and give_back_needed(rate, t.cpu_cores, user.cpu_cores, cfg):
                 reasons["cpu"] = USAGE
         _, mem_alloc = effective(user, t)
-        if "memory" not in inv.given_back and give_back_needed(
-            s.mem_bytes, mem_alloc, user.mem_bytes, cfg
-        ):
-            reasons["memory"] = USAGE
+        if "memory" not in inv.given_back and mem_alloc < user.mem_bytes:
+            if s.mem_held:  # a task waits at the harvested limit (hold mode): wake it now
+                reasons["memory"] = OOM_HOLD
+            elif give_back_needed(s.mem_bytes, mem_alloc, user.mem_bytes, cfg):
+                reasons["memory"] = USAGE
         if not reasons:
             return None
         if "cpu" in reasons:
@@ -640,7 +644,7 @@ class Engine:
         inv.target = t
         cores, mem = effective(user, t)
         now = self.clock()
-        for why in (THROTTLED, USAGE):  # one trace entry per reason
+        for why in (OOM_HOLD, THROTTLED, USAGE):  # one trace entry per reason
             resources = [r for r, w in reasons.items() if w == why]
             if resources:
                 inv.trace["give_backs"].append(

@@ -71,6 +71,8 @@ class Sample(NamedTuple):
     """CFS periods with a quota (cumulative; current on a slow tick and for watched containers)."""
     nr_throttled: int = 0
     """Of those, the throttled ones (cumulative, as fresh as nr_periods)."""
+    mem_held: bool = False
+    """v1: a task waits at the harvested hard limit (``Limits.mem_oom_hold``) as last read."""
 
 
 @dataclass(slots=True)
@@ -232,6 +234,7 @@ class Sampler:
                         u[7],
                         u[8],
                         u[2],
+                        u[9],
                     )  # fmt: skip
                 )
             except cgroups.CgroupGone:

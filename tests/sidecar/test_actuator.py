@@ -170,3 +170,38 @@ def test_real_v1_harvest_restore_and_floor(v1_cgroup, spawn, tmp_path: Path) -> 
     assert p.poll() is None
     assert "oom_kill 0" in Path(mem_dir, "memory.oom_control").read_text()
     assert os.path.exists(tmp_path / "state.json")
+
+
+def test_real_v1_oom_hold_only_while_a_decision_holds_memory_below_the_user(
+    v1_cgroup, tmp_path: Path
+) -> None:
+    """``oom_hold``: oom_kill_disable is set with a harvested hard limit only, not with more
+    memory than the user's, and lifted by a restore, by a give-back of the memory (a target
+    without it) and when the decision is released with its limits left in place."""
+    rel = v1_cgroup.rel_path
+    act = Actuator(tmp_path / "state.json", 16 * MB, oom_hold=True)
+    act.adopt(ref(rel, cpu=1.0, mem_mb=256, version=1, path=rel), v1_cgroup)
+
+    def hold() -> bool:
+        return v1_cgroup.read_limits().mem_oom_hold
+
+    assert not hold()
+    act.apply(rel, Target(0.5, None, 128 * MB, None), owner="i")
+    assert hold()
+    act.apply(rel, Target(0.5, None, None, None), owner="i")  # memory given back
+    assert not hold() and v1_cgroup.read_limits().mem_limit_bytes == 256 * MB
+    act.apply(rel, Target(2.0, None, 512 * MB, None), owner="j")  # accelerated: no hold
+    assert not hold()
+    act.apply(rel, Target(0.5, None, 128 * MB, None), owner="k")
+    assert act.restore(rel) == "restored" and not hold()
+    act.apply(rel, Target(0.5, None, 128 * MB, None), owner="l")
+    act.release(rel)  # restore_on_end = false: the harvest stays, nobody would wake a waiter
+    assert not hold() and v1_cgroup.read_limits().mem_limit_bytes == 128 * MB
+    act.apply(rel, Target(0.5, None, 128 * MB, None), owner="crashed")
+    assert hold()
+    assert Actuator(tmp_path / "state.json", 16 * MB).recover() == {rel: "restored"}  # a restart
+    assert not hold() and v1_cgroup.read_limits().mem_limit_bytes == 256 * MB
+    plain = Actuator(tmp_path / "state2.json", 16 * MB)  # the default: "hard"
+    plain.adopt(ref(rel, cpu=1.0, mem_mb=256, version=1, path=rel), v1_cgroup)
+    plain.apply(rel, Target(0.5, None, 128 * MB, None), owner="m")
+    assert not hold()

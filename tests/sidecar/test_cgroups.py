@@ -509,6 +509,37 @@ def test_v1_limit_below_working_set_oom_kills(v1_cgroup: CgroupV1, spawn) -> Non
     assert cg.read_usage().oom_kills >= 1
 
 
+def test_v1_oom_hold_makes_a_task_wait_at_the_limit_until_it_is_raised(
+    v1_cgroup: CgroupV1, spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mem_oom_hold``: the task that outgrows the hard limit waits (under_oom, no kill) and runs
+    on when the limit is raised. The hold goes on before the limit comes down and off only after
+    it went up, so the write that lifts it never kills the waiting task."""
+    cg = v1_cgroup
+    proc = _started(spawn(ALLOC))
+    before = cg.read_usage()
+    order = _record_writes(cg, monkeypatch)
+    low = Limits(mem_limit_bytes=before.mem_bytes + 16 * MiB, mem_oom_hold=True)
+    cg.write_limits(low, headroom_bytes=8 * MiB)
+    assert order == ["memory.oom_control", "memory.limit_in_bytes"]
+    assert cg.read_limits() == low
+    assert proc.stdin is not None
+    proc.stdin.write("48\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 5
+    while not (u := cg.read_usage()).mem_held:
+        assert proc.poll() is None and time.monotonic() < deadline, "never held"
+        time.sleep(0.01)
+    assert u.oom_kills == 0 and u.mem_bytes >= low.mem_limit_bytes - MiB
+    del order[:]
+    cg.write_limits(Limits(mem_limit_bytes=256 * MiB), headroom_bytes=0)
+    assert order == ["memory.limit_in_bytes", "memory.oom_control"]
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ok"  # it ran on
+    after = cg.read_usage()
+    assert not after.mem_held and after.oom_kills == 0
+    assert cg.read_limits() == Limits(mem_limit_bytes=256 * MiB)  # oom_kill_disable 0 again
+
+
 def test_v1_raises_memsw_before_memory(v1_cgroup: CgroupV1) -> None:
     cg = v1_cgroup
     memsw = Path(cg._p("memory.memsw.limit_in_bytes"))

@@ -72,7 +72,7 @@ def test_example_config_loads() -> None:
         ("[model]\nrule = 'largest'", "model.rule 'largest' is not one of user, smallest"),
         (
             "[actuation]\nv1_memory_harvest = 'both'",
-            "actuation.v1_memory_harvest 'both' is not one of hard, soft",
+            "actuation.v1_memory_harvest 'both' is not one of hard, hold, soft",
         ),
         ("[actuation]\nthrottle_target = 1.5", "actuation.throttle_target 1.5 outside [0, 1]"),
         (

@@ -579,3 +579,58 @@ def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
         assert gb["reason"] == "usage" and gb["mem_bytes"] >= 0.9 * soft, gb
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["hard", "hold"])
+def test_v1_hold_memory_harvest_survives_a_spike_that_the_hard_limit_kills(
+    tmp_path: Path, boxes, mode: str
+) -> None:
+    """``v1_memory_harvest = "hold"`` lowers the hard limit as ``hard`` does, but sets
+    memory.oom_control's oom_kill_disable while it is harvested: a spike past the harvest (at
+    once, faster than any usage give-back) waits at the limit instead of being OOM-killed, and the
+    next tick gives the user's memory back (reason ``oom_hold``). Under ``hard`` the same spike
+    is killed. The hold is lifted with the user's limits."""
+    m = boxes("spike@1")
+    port = free_port()
+    model = write_policy(tmp_path / "harvest.onnx", "harvest")
+    cfg = write_config(
+        tmp_path,
+        port,
+        {m.rel: ("spike", 1.0, 512)},
+        model,
+        actuation=f"v1_memory_harvest = '{mode}'",
+    )
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+
+    def hold() -> int:
+        return int(m.file("memory", "memory.oom_control").split()[1])
+
+    try:
+        d.wait_ready()
+        _invoke(d, m, "mem 20", "spike")  # its usual run, at the user's size
+        m.send("free")
+        m.wait_done()
+        assert hold() == 0
+        status, s = d.call("/v1/invocations", {"container": m.rel, "function": "spike"})
+        assert status == 200 and s["allocation"]["kind"] == "harvested", s
+        harvest = s["allocation"]["mem_bytes"]
+        assert m.mem_limit() == harvest < 256 * MB  # the hard limit is the harvest, both modes
+        assert hold() == (mode == "hold")
+        m.send("mem 300")  # far past the harvest, in a fraction of a tick
+        if mode == "hard":
+            m.proc.wait(timeout=20)
+            assert m.oom_kills() == 1
+            return
+        m.wait_done()
+        status, e = d.call(f"/v1/invocations/{s['invocation']}/end", {"outcome": "success"})
+        assert status == 200 and e["outcome"] == "success" and "memory" in e["give_backs"], e
+        assert e["mem_peak_bytes"] >= 300 * MB
+        assert m.oom_kills() == 0 and m.proc.poll() is None
+        assert m.mem_limit() == 512 * MB and hold() == 0  # the user's limits, the hold lifted
+        _, allocs = d.call(f"/debug/allocations?container={m.rel}&limit=1")
+        (gb,) = [g for g in allocs["allocations"][0]["give_backs"] if "memory" in g["resources"]]
+        assert gb["reason"] == "oom_hold" and gb["new_mem_bytes"] == 512 * MB, gb
+        assert gb["tick"] <= 3, gb  # held for a tick or two, not until the invocation's end
+        assert _metric(d, 'faasrm_give_backs_total{resource="memory"}') == 1.0
+    finally:
+        assert d.stop() == 0
