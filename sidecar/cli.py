@@ -31,7 +31,7 @@ def _sim_eval(args: argparse.Namespace) -> int:
 
 def _preset(args: argparse.Namespace) -> Preset:
     """The named preset, with ``--decline-when-queued`` and the ``--mem-*`` flags applied to its
-    safeguard and ``--restart-every`` to its cluster."""
+    safeguard and ``--restart-every`` and ``--v1-memory-harvest`` to its cluster."""
     from training.sim.presets import get_preset
 
     changes: dict[str, object] = {}
@@ -46,6 +46,8 @@ def _preset(args: argparse.Namespace) -> Preset:
     preset = get_preset(args.preset).with_safeguard(**changes)
     if args.restart_every is not None:
         preset = preset.with_cluster(restart_every_s=args.restart_every)
+    if args.v1_memory_harvest is not None:
+        preset = preset.with_cluster(oom_hold=args.v1_memory_harvest == "hold")
     return preset
 
 
@@ -446,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="every node restarts each this many simulated seconds and forgets what it "
             "learned about each function, as a node without actuation.profiles_file does "
             "(default: never, as a node that keeps its profiles)",
+        )
+        cmd.add_argument(
+            "--v1-memory-harvest",
+            choices=("hard", "hold"),
+            help="as the node's actuation.v1_memory_harvest: 'hard' OOM-kills a run that "
+            "outgrows its harvested memory before a give-back, 'hold' makes it wait a tick for "
+            "the user's memory (default: the preset's, as on a node)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

@@ -209,6 +209,24 @@ def test_a_spike_is_allocated_at_once_and_no_give_back_saves_it():
     assert r.exec_s[1] == pytest.approx(MEM_PEAK_AT * 10.0 + 0.5 + 10.0)
 
 
+@pytest.mark.parametrize("spike", [False, True])
+def test_with_the_oom_hold_a_run_past_its_harvested_limit_waits_a_tick_instead_of_dying(spike):
+    """``oom_hold`` (the node's ``v1_memory_harvest = "hold"``): the two runs above that are
+    killed wait one tick where they reach the limit, then run on at the user's memory."""
+    d = 10.0 if spike else 0.2
+    wl = _workload([d, d], [200.0, 200.0], phi=0.5, user_mem=4, spike=[False, spike], cold_s=0.4)
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)], replace(HOST, oom_hold=True)).results
+    assert not r.failed[1] and r.give_backs[1] == 1
+    assert r.exec_s[1] == pytest.approx(d + 0.1)  # its run plus the tick it waited
+    reach = MEM_PEAK_AT * (1.0 if spike else 128.0 / 200.0) * d
+    back = reach + 0.1
+    assert r.mem_held[1] == pytest.approx(128.0 * back + 256.0 * (d + 0.1 - back))
+    assert r.mem_peak[1] == 200.0
+    # a limit above the working set is never reached; at the user's size nothing is held
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 4)], replace(HOST, oom_hold=True)).results
+    assert not r.failed[1] and r.give_backs[1] == 0 and r.exec_s[1] == pytest.approx(d)
+
+
 def test_without_the_give_back_every_run_above_its_limit_is_killed():
     wl = _workload([10.0, 10.0], [200.0, 200.0], phi=0.5, user_mem=4)
     r = _run(wl, [Alloc(4, 4), Alloc(4, 2)], replace(HOST, give_back=False)).results

@@ -36,7 +36,10 @@ from the node's rules, one ``tick_s`` at a time:
   reached at least one tick after usage crossed the give-back threshold of it (the sample that
   sees it comes within a tick; the worst phase is assumed), else the run is OOM-killed where it
   reaches the limit and retried at the user's size (a failure). A spike's extra memory is
-  allocated at once (``Workload.spike``): no give-back saves it.
+  allocated at once (``Workload.spike``): no usage give-back saves it. With ``oom_hold`` (the
+  node's ``v1_memory_harvest = "hold"``) a run that would be killed waits at the limit instead,
+  a whole tick (the worst phase again), and runs on at the user's size: its execution time grows
+  by the tick and its memory is held at the harvest until then.
 
 A run that will give back reserves the user's size at admission, as an OOM retry does: the tick it
 runs harvested is not worth an event. ``Log.give_backs`` counts the resources given back and
@@ -99,6 +102,11 @@ class ClusterConfig:
     give_back: bool = True
     """Model the node's give-back (module docstring). Off: limits stay as decided for the whole
     run, as in the measured curves of docs/duration-model.md."""
+    oom_hold: bool = False
+    """Model ``[actuation] v1_memory_harvest = "hold"``: a run that reaches a harvested memory
+    limit below its working set, where the usage give-back comes too late (a spike, fast growth),
+    waits there one tick and runs on at the user's size instead of being OOM-killed (module
+    docstring). Needs ``give_back``."""
     restart_every_s: float = 0.0
     """Every node restarts each this many seconds and forgets what it learned about every
     function, as a sidecar without ``[actuation] profiles_file`` does: each function's statistics
@@ -318,6 +326,7 @@ class ClusterSim:
         self._worker = workload.worker_mb.tolist()
         self._tick = cluster.tick_s
         self._give_back = cluster.give_back
+        self._hold = cluster.oom_hold and cluster.give_back
         self._gb_thr = safeguard.give_back_threshold
         # CFS: per function the burst rate (its threads, at most a server's cores) and the cost of
         # a throttled period; per invocation its CPU work, its CPU time at the user's size and
@@ -524,18 +533,23 @@ class ClusterSim:
         cpu_s, cpu_back = self._cpu_time(inv, fn, cores)
         ws = self._ws[inv]
         kill = mem_back = -1.0  # share of the run at the OOM kill; seconds to the memory give-back
+        hold = -1.0  # share of the run at which it waits a tick at its harvested limit
         if mem_mb < ws:
             mem_back = self._mem_give_back(inv, fn, mem_mb, cpu_s)
             if mem_back < 0.0:
                 w = self._worker[fn]
-                kill = MEM_PEAK_AT
+                reach = MEM_PEAK_AT
                 if not self._spike[inv]:
                     grown = (mem_mb - w) / (ws - w) if ws > w else 0.0
-                    kill *= grown if grown > 0.0 else 0.0
+                    reach *= grown if grown > 0.0 else 0.0
+                if self._hold and mem_mb < user_mb:
+                    hold = reach
+                else:
+                    kill = reach
         # An OOM-killed run is retried at the user's size and a give-back raises a resource to
         # it: reserve the larger of the two.
         need_mem, need_cpu = mem_mb, cores
-        if (kill >= 0.0 or mem_back >= 0.0) and user_mb > need_mem:
+        if (kill >= 0.0 or mem_back >= 0.0 or hold >= 0.0) and user_mb > need_mem:
             need_mem = user_mb
         if (kill >= 0.0 or cpu_back) and user_cores > need_cpu:
             need_cpu = user_cores
@@ -549,6 +563,9 @@ class ClusterSim:
             self.cold_starts += 1
         s = self.servers[si]
         exec_s, base, load, run = self._duration(inv, fn, s.load, cpu_s, mem_mb, kill)
+        if hold >= 0.0:  # it waits at the limit until the next tick gives the user's memory
+            mem_back = hold * run + self._tick
+            exec_s += self._tick
         res.exec_s[inv] = exec_s
         res.baseline_s[inv] = base
         res.queue_s[inv] = self.now - self._queued_at.pop(inv, self.now)
