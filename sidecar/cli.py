@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sidecar.config import Config
     from training.sim.presets import Preset
 
 
@@ -167,10 +168,17 @@ def _sidecar_overrides(args: argparse.Namespace) -> dict:
         ("spool_dir", "spool.dir"),
         ("log_level", "log_level"),
     ):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
     return out
+
+
+def _recover(cfg: Config) -> dict[str, str]:
+    """Every container of the state file back at its user's limits (``Actuator.recover``)."""
+    from sidecar.actuator import Actuator
+
+    return Actuator(cfg.actuation.state_file, int(cfg.safeguard.mem_headroom_mb * 2**20)).recover()
 
 
 def _sidecar_run(args: argparse.Namespace) -> int:
@@ -180,12 +188,22 @@ def _sidecar_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, overrides)
     # Crash recovery first, before the heavier imports: a previous run's containers go back to
     # their user limits well within a second (the daemon's start-up repeats it, idempotently).
-    from sidecar.actuator import Actuator
-
-    Actuator(cfg.actuation.state_file, int(cfg.safeguard.mem_headroom_mb * 2**20)).recover()
+    _recover(cfg)
     from sidecar.daemon import run
 
     return run(cfg, args.config, overrides)
+
+
+def _sidecar_restore(args: argparse.Namespace) -> int:
+    """Put every container of the state file back at its user's limits, as a start-up does.
+
+    The unit's ExecStopPost: after a crash, no container waits for the restart at a harvest, or
+    held at a harvested memory limit (``v1_memory_harvest = "hold"``)."""
+    from sidecar import config
+
+    results = _recover(config.load(args.config, _sidecar_overrides(args)))
+    print(json.dumps(results, sort_keys=True))
+    return 1 if any(r.startswith("error") for r in results.values()) else 0
 
 
 def _bench_sidecar(args: argparse.Namespace) -> int:
@@ -486,6 +504,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config key, e.g. --set sampler.tick_s=0.05 (repeatable)",
     )
     run.set_defaults(func=_sidecar_run)
+    rs = sc.add_parser(
+        "restore",
+        help="put every container the state file lists back at its user's limits (what a "
+        "start-up does first; the unit runs it after the daemon exits)",
+    )
+    rs.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    rs.add_argument("--state-file", help="crash-safety state file (actuation.state_file)")
+    rs.add_argument("--set", action="append", metavar="KEY=VALUE", help="as for run")
+    rs.set_defaults(func=_sidecar_restore)
 
     tr = sub.add_parser(
         "train",

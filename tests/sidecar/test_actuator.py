@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,28 @@ def test_real_v1_oom_hold_only_while_a_decision_holds_memory_below_the_user(
     plain.adopt(ref(rel, cpu=1.0, mem_mb=256, version=1, path=rel), v1_cgroup)
     plain.apply(rel, Target(0.5, None, 128 * MB, None), owner="m")
     assert not hold()
+
+
+def test_sidecar_restore_command_puts_a_crashed_nodes_containers_back(
+    v1_cgroup, tmp_path: Path
+) -> None:
+    """``faasrm sidecar restore`` (the unit's ExecStopPost): a harvest and its OOM hold left
+    behind by a daemon that died are undone at once, and a second run finds nothing to do."""
+    rel = v1_cgroup.rel_path
+    state = tmp_path / "state.json"
+    act = Actuator(state, 16 * MB, oom_hold=True)
+    act.adopt(ref(rel, cpu=1.0, mem_mb=256, version=1, path=rel), v1_cgroup)
+    act.apply(rel, Target(0.25, None, 128 * MB, None), owner="i")  # then the daemon "dies"
+    assert v1_cgroup.read_limits().mem_oom_hold
+
+    def restore() -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "sidecar", "sidecar", "restore", "--state-file", str(state)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    done = restore()
+    assert done.returncode == 0 and json.loads(done.stdout) == {rel: "restored"}, done.stderr
+    limits = v1_cgroup.read_limits()
+    assert limits.cpu_quota_cores == 1.0 and limits.mem_limit_bytes == 256 * MB
+    assert not limits.mem_oom_hold
+    again = restore()  # idempotent: the container is at its user's limits already
+    assert again.returncode == 0 and json.loads(again.stdout) == {rel: "restored"}
