@@ -17,6 +17,9 @@ Decisions the spec left open, documented here:
   OOM-killed), or with ``"soft"`` keeps it at the user's size and harvests with
   ``memory.soft_limit_in_bytes``; v2 keeps ``memory.max`` at the user's size and harvests with
   ``memory.high`` (throttles, never kills).
+* An invocation that ends as a failure after its memory reached a harvested hard limit counts
+  as ``oom`` although nothing was killed: under the OOM hold an allocation the kernel makes for
+  a syscall (a read() into a fresh buffer) fails at the limit rather than wait.
 * Give-backs: within an invocation a harvested resource returns to the user's size at once, for
   one of three reasons: ``oom_hold`` (memory: a task waits at the harvested hard limit),
   ``usage`` (the window's mean usage reached ``give_back_threshold`` of the
@@ -169,6 +172,8 @@ class Invocation:
     input_size: float | None = None
     """As the invoker reported it: with the usage at start it feeds the safeguard's input floor."""
     oom: bool = False
+    mem_wall_bytes: int = 0
+    """The harvested hard memory limit it ran under until a give-back (0: none)."""
     throttle_start: tuple[int, int] | None = None
     """(cpu.stat nr_periods, nr_throttled) at the start, when read then."""
     throttle_mark: tuple[int, int] | None = None
@@ -477,8 +482,12 @@ class Engine:
                 inv.cpu_peak_cores = max(inv.cpu_peak_cores, cpu_s / window)
             if c is not None:
                 c.last_mem_bytes = usage.mem_bytes
-        if inv.oom and outcome in ("success", "failure"):  # the kernel said why it failed
-            outcome = "oom"
+        wall = inv.mem_wall_bytes or _hard_harvest(inv.target, inv.user)
+        if outcome in ("success", "failure") and (
+            inv.oom  # the kernel said why it failed
+            or (outcome == "failure" and wall and inv.mem_peak_bytes >= wall)
+        ):  # it failed against its harvested limit: under the OOM hold a syscall's allocation
+            outcome = "oom"  # there fails (EFAULT, ENOMEM) rather than wait, and nothing is killed
         failed = outcome != "success"
         stats, gs = self._function(inv.function)
         baseline = stats.baseline_duration_s
@@ -639,6 +648,7 @@ class Engine:
         if "cpu" in reasons:
             t = t._replace(cpu_cores=None, cpu_weight=None, cpu_period_us=None)
         if "memory" in reasons:
+            inv.mem_wall_bytes = _hard_harvest(t, user)
             t = t._replace(mem_limit_bytes=None, mem_high_bytes=None)
         inv.given_back.update(reasons)
         inv.target = t
@@ -714,6 +724,12 @@ class Engine:
             if len(out) >= limit:
                 break
         return out
+
+
+def _hard_harvest(target: Target, user: UserSize) -> int:
+    """The target's hard memory limit when it is below the user's size, else 0."""
+    m = target.mem_limit_bytes
+    return m if m is not None and m < user.mem_bytes else 0
 
 
 def _share(start: tuple[int, int] | None, end: Usage | None) -> float | None:

@@ -178,7 +178,13 @@ def test_engine_decides_like_the_simulators_learned_manager(parallelism, scorer,
     """The simulator runs a workload under ``Learned``; the engine replays the same arrivals,
     inputs and outcomes (a sample at the peak, the CPU work, OOM kills, durations). Same choice
     and probabilities at every decision."""
-    sim = ClusterSim(_sequential_workload(40, parallelism), ClusterConfig(1, 2.0, 2048.0), GRID)
+    # the OOM path needs the reference's hard limit: with the hold (the default) nothing is killed
+    hard = kind == "oom"
+    sim = ClusterSim(
+        _sequential_workload(40, parallelism),
+        ClusterConfig(1, 2.0, 2048.0, oom_hold=not hard),
+        GRID,
+    )
     learned = Learned(scorer)
     learned.reset(sim)
     eng = make_engine(scorer=scorer, host_cores=sim.total_cores, host_mem_mb=sim.total_mem)
@@ -361,6 +367,33 @@ def test_oom_between_invocations_and_failure_outcome_trip_the_safeguard() -> Non
     assert inv.guard.cpu_mode == "harvest"
     assert eng.end(inv.id, "failure").outcome == "failure"
     assert eng.start("fn@1", usage=usage()).guard.cpu_mode == "failure"
+
+
+@pytest.mark.parametrize("give_back", [False, True])
+def test_a_failure_that_reached_its_harvested_hard_limit_counts_as_oom(give_back) -> None:
+    """Under the OOM hold a syscall's allocation at the limit fails (EFAULT, ENOMEM) instead of
+    waiting, and nothing is killed: a failure whose peak reached the harvested hard limit is the
+    harvest's all the same, whether or not the memory was given back before it ended."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    wall = inv.target.mem_limit_bytes
+    assert wall == 128 * MB
+    if give_back:
+        clock.t += 0.1
+        (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, mem_mb=128, peak_mb=128))
+        assert gb.resources == ("memory",) and gb.target.mem_limit_bytes is None
+    clock.t += 0.1
+    ended = eng.end(inv.id, "failure", usage=usage(0.1, 60, 128))
+    assert ended.outcome == "oom"
+    # the same failure below its limit is the function's own
+    eng.add_container(ref("g@1", function="g", cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cid="g@1", cpu_peak=0.3, mem_mb=40)
+    other = eng.start("g@1", usage=usage(0, 40))
+    assert other.target.mem_limit_bytes == 128 * MB
+    assert eng.end(other.id, "failure", usage=usage(0.1, 60, 100)).outcome == "failure"
 
 
 def test_a_failing_model_never_stops_a_decision() -> None:
