@@ -23,12 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar import cgroups
 from sidecar.cgroups import Limits
 from sidecar.durable import write_atomic
 from sidecar.engine import USER_TARGET, Target
 from sidecar.runtimes.base import ContainerRef, UserSize
+from sidecar.units import MB
+
+if TYPE_CHECKING:
+    from sidecar.config import Config
 
 log = logging.getLogger("faasrm.actuator")
 STATE_VERSION = 1
@@ -131,6 +136,16 @@ class Actuator:
         self.held: set[str] = set()
         """Containers not at their user's limits: a decision's are in place, or a restore is
         pending. Kept as the limits change, so a tick never scans every container for them."""
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> Actuator:
+        """The actuator a node with ``cfg`` runs (the daemon, its crash recovery, the bench)."""
+        return cls(
+            cfg.actuation.state_file,
+            int(cfg.safeguard.mem_headroom_mb * MB),
+            cfg.actuation.cpu_period_us,
+            oom_hold=cfg.actuation.v1_memory_harvest == "hold",
+        )
 
     # -------------------------------------------------------------------------------- state
     def _save(self, clean: bool = False) -> None:

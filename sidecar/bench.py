@@ -144,7 +144,7 @@ def _node(rels: list[str], tmp: Path, model: str):
     node = Node(
         cfg,
         runtimes=make_runtimes(cfg),
-        actuator=Actuator(cfg.actuation.state_file, 16 * MB),
+        actuator=Actuator.for_config(cfg),
         models=models,
         spool=Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes),
         metrics=Metrics(),

@@ -178,7 +178,7 @@ def _recover(cfg: Config) -> dict[str, str]:
     """Every container of the state file back at its user's limits (``Actuator.recover``)."""
     from sidecar.actuator import Actuator
 
-    return Actuator(cfg.actuation.state_file, int(cfg.safeguard.mem_headroom_mb * 2**20)).recover()
+    return Actuator.for_config(cfg).recover()
 
 
 def _sidecar_run(args: argparse.Namespace) -> int:

@@ -103,12 +103,7 @@ def make_runtimes(cfg: Config) -> list[Runtime]:
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     metrics = app[METRICS]
-    actuator = Actuator(
-        cfg.actuation.state_file,
-        int(cfg.safeguard.mem_headroom_mb * MB),
-        cfg.actuation.cpu_period_us,
-        oom_hold=cfg.actuation.v1_memory_harvest == "hold",
-    )
+    actuator = Actuator.for_config(cfg)
     models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256, cfg.model.rule)
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
     cores, mem_mb = host_capacity()
