@@ -105,14 +105,14 @@ class ActuationConfig:
     """Scale cpu weight/shares with the allocated cores (user weight x cores / user cores)."""
     harvest_memory: bool = True
     """Lower memory below the user's size (v2: memory.high; v1: see v1_memory_harvest)."""
-    v1_memory_harvest: str = "hard"
-    """How cgroup v1 harvests memory: ``hard`` lowers memory.limit_in_bytes (above the floor: an
-    invocation that outgrows it is OOM-killed unless a give-back comes first); ``hold`` lowers it
-    too, but a task that outgrows it waits (memory.oom_control's oom_kill_disable, set only while
-    the limit is harvested and a decision watches) until the next tick gives the user's memory
-    back; ``soft`` keeps the hard limit at the user's size and lowers
-    memory.soft_limit_in_bytes, which the kernel enforces only under host-wide memory pressure
-    (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
+    v1_memory_harvest: str = "hold"
+    """How cgroup v1 harvests memory: ``hold`` lowers memory.limit_in_bytes (above the floor), and
+    a task that outgrows it waits (memory.oom_control's oom_kill_disable, set only while the limit
+    is harvested and a decision watches) until the next tick gives the user's memory back;
+    ``hard`` (the reference's) lowers it without the hold: an invocation that outgrows it is
+    OOM-killed unless a usage give-back comes first; ``soft`` keeps the hard limit at the user's
+    size and lowers memory.soft_limit_in_bytes, which the kernel enforces only under host-wide
+    memory pressure (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
     throttle_target: float = 0.25
     """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
     this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /

@@ -28,6 +28,8 @@ from training.sim.workload import Workload, WorkloadConfig
 
 GRID = ResourceGrid(cpu_unit_cores=0.25, cpu_units=8, mem_unit_mb=64.0, mem_units=8)
 HOST = ClusterConfig(servers=1, cores=2.0, mem_mb=4096.0, cpu_overcommit=4.0)
+HARD = replace(HOST, oom_hold=False)
+"""The reference's hard memory limit: no OOM hold."""
 
 
 def _workload(
@@ -194,7 +196,7 @@ def test_memory_growing_slowly_past_a_harvested_limit_is_given_back_not_killed()
 
 def test_memory_growing_within_a_tick_past_a_harvested_limit_is_killed_where_it_reaches_it():
     wl = _workload([0.2, 0.2], [200.0, 200.0], phi=0.5, user_mem=4, cold_s=0.4)
-    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)]).results
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)], HARD).results
     assert r.failed[1] and r.give_backs[1] == 0
     kill = MEM_PEAK_AT * 128.0 / 200.0  # share of the run when the limit is reached
     base = r.baseline_s[1]
@@ -202,20 +204,21 @@ def test_memory_growing_within_a_tick_past_a_harvested_limit_is_killed_where_it_
     assert r.mem_peak[1] == 128.0  # the node sees the limit it was killed at
 
 
-def test_a_spike_is_allocated_at_once_and_no_give_back_saves_it():
+def test_a_spike_is_allocated_at_once_and_no_usage_give_back_saves_it():
     wl = _workload([10.0, 10.0], [200.0, 200.0], phi=0.5, user_mem=4, spike=[False, True])
-    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)]).results
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)], HARD).results
     assert r.failed[1] and r.give_backs[1] == 0
     assert r.exec_s[1] == pytest.approx(MEM_PEAK_AT * 10.0 + 0.5 + 10.0)
 
 
 @pytest.mark.parametrize("spike", [False, True])
 def test_with_the_oom_hold_a_run_past_its_harvested_limit_waits_a_tick_instead_of_dying(spike):
-    """``oom_hold`` (the node's ``v1_memory_harvest = "hold"``): the two runs above that are
-    killed wait one tick where they reach the limit, then run on at the user's memory."""
+    """``oom_hold`` (the node's default ``v1_memory_harvest = "hold"``): the two runs above that
+    the hard limit kills wait one tick where they reach the limit, then run on at the user's
+    memory."""
     d = 10.0 if spike else 0.2
     wl = _workload([d, d], [200.0, 200.0], phi=0.5, user_mem=4, spike=[False, spike], cold_s=0.4)
-    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)], replace(HOST, oom_hold=True)).results
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 2)]).results  # the default, as on a node
     assert not r.failed[1] and r.give_backs[1] == 1
     assert r.exec_s[1] == pytest.approx(d + 0.1)  # its run plus the tick it waited
     reach = MEM_PEAK_AT * (1.0 if spike else 128.0 / 200.0) * d
@@ -223,7 +226,7 @@ def test_with_the_oom_hold_a_run_past_its_harvested_limit_waits_a_tick_instead_o
     assert r.mem_held[1] == pytest.approx(128.0 * back + 256.0 * (d + 0.1 - back))
     assert r.mem_peak[1] == 200.0
     # a limit above the working set is never reached; at the user's size nothing is held
-    r = _run(wl, [Alloc(4, 4), Alloc(4, 4)], replace(HOST, oom_hold=True)).results
+    r = _run(wl, [Alloc(4, 4), Alloc(4, 4)]).results
     assert not r.failed[1] and r.give_backs[1] == 0 and r.exec_s[1] == pytest.approx(d)
 
 

@@ -77,7 +77,8 @@ def test_extra_cpu_beyond_parallelism_does_not_help(small):
 
 def test_memory_below_working_set_is_an_oom_and_a_retry_or_a_give_back(small):
     p, wl = small
-    sim = _run(p, wl, lambda s, r: Alloc(r.user.cpu, 1))
+    hard = replace(p.cluster, oom_hold=False)  # the reference's hard limit
+    sim = _run(p, wl, lambda s, r: Alloc(r.user.cpu, 1), cluster=hard)
     r = sim.results
     below = wl.working_set_mb > p.grid.mem_unit_mb
     saved = r.give_backs > 0
@@ -90,6 +91,14 @@ def test_memory_below_working_set_is_an_oom_and_a_retry_or_a_give_back(small):
     assert np.all(r.exec_s[killed] >= r.baseline_s[killed] + wl.cold_start_s[killed] - 1e-9)
     np.testing.assert_allclose(r.exec_s[saved], r.baseline_s[saved])  # no slowdown above the ws
     assert not wl.spike[saved].any()  # a spike is allocated at once: nothing saves it
+    # with the OOM hold (the default) each of those kills is a tick's wait instead
+    held = _run(p, wl, lambda s, r: Alloc(r.user.cpu, 1)).results
+    assert not held.failed.any() and np.array_equal(held.give_backs > 0, below)
+    np.testing.assert_allclose(held.exec_s[saved], held.baseline_s[saved])  # usage give-backs
+    tick = p.cluster.tick_s
+    below_user = killed & (wl.user_mem[wl.fn] > 1)  # a harvest: the user's size is above it
+    assert below_user.any()
+    np.testing.assert_allclose(held.exec_s[below_user], held.baseline_s[below_user] + tick)
 
 
 def test_queued_invocations_wait_and_do_not_progress(small):

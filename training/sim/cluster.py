@@ -102,11 +102,11 @@ class ClusterConfig:
     give_back: bool = True
     """Model the node's give-back (module docstring). Off: limits stay as decided for the whole
     run, as in the measured curves of docs/duration-model.md."""
-    oom_hold: bool = False
-    """Model ``[actuation] v1_memory_harvest = "hold"``: a run that reaches a harvested memory
-    limit below its working set, where the usage give-back comes too late (a spike, fast growth),
-    waits there one tick and runs on at the user's size instead of being OOM-killed (module
-    docstring). Needs ``give_back``."""
+    oom_hold: bool = True
+    """Model ``[actuation] v1_memory_harvest = "hold"``, a node's default: a run that reaches a
+    harvested memory limit below its working set, where the usage give-back comes too late (a
+    spike, fast growth), waits there one tick and runs on at the user's size instead of being
+    OOM-killed (module docstring). Needs ``give_back``. False: the reference's hard limit."""
     restart_every_s: float = 0.0
     """Every node restarts each this many seconds and forgets what it learned about every
     function, as a sidecar without ``[actuation] profiles_file`` does: each function's statistics
