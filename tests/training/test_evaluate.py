@@ -48,10 +48,14 @@ def test_fixed_is_the_reference_point(ev):
 
 
 def test_greedy_is_punished_for_careless_harvesting(ev):
-    g = ev.results["greedy"]
-    assert g["failures"] > 0
+    g = ev.results["greedy"]  # under the OOM hold (the default): slowed, not killed
+    assert g["failures"] == 0 and g["give_backs"] > 1000
     assert g["slowdown_frac_1_2"] > 0.05
-    assert g["mean_rfet"] > 1.1
+    assert g["mean_rfet"] > 1.05
+    hard = get_preset("small").with_cluster(oom_hold=False)  # the reference's: killed too
+    h = evaluate(hard, ["fixed", "greedy"], seed=2, progress=False).results["greedy"]
+    assert h["failures"] > 0
+    assert h["mean_rfet"] > g["mean_rfet"] + 0.1
 
 
 def test_ensure_touches_cpu_only(ev):
@@ -223,8 +227,13 @@ def test_the_daemons_rules_as_managers_in_the_evaluation():
     res = evaluate(get_preset("small"), ["rule", "smallest"], seed=2, progress=False).results
     # rule: the user's size wherever the safeguard allows it, so never below it, never an OOM
     assert res["rule"]["harvested_frac"] == 0.0 and res["rule"]["failures"] == 0
-    # smallest: whatever the safeguard lets it harvest, and pays for it with OOM kills
-    assert res["smallest"]["harvested_frac"] > 0.2 and res["smallest"]["failures"] > 0
+    # smallest: whatever the safeguard lets it harvest; it outgrows some harvests, which the
+    # OOM hold gives back (the reference's hard limit kills them)
+    s = res["smallest"]
+    assert s["harvested_frac"] > 0.2 and s["failures"] == 0 and s["give_backs"] > 0
+    hard = get_preset("small").with_cluster(oom_hold=False)
+    killed = evaluate(hard, ["smallest"], seed=2, progress=False).results["smallest"]
+    assert killed["failures"] > 0
 
 
 # ------------------------------------------------------------------------------------ capacity

@@ -121,9 +121,18 @@ def test_gate_refuses_a_candidate_identical_to_the_running_model(tmp_path: Path)
     )
 
 
-def test_gate_refuses_a_candidate_worse_than_a_rule(tmp_path: Path) -> None:
+def test_gate_refuses_a_candidate_worse_than_a_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``fast_small`` (most CPU, least memory) beats a running ``harvest`` model and ``smallest``,
-    not ``rule``: refused, and the reason names the rule."""
+    not ``rule``: refused, and the reason names the rule. On the reference's hard memory limit
+    (no OOM hold) its harvests are killed twice, which the gate names too."""
+    from training.sim import presets
+
+    real = presets.get_preset
+    monkeypatch.setattr(
+        presets, "get_preset", lambda *a, **k: real(*a, **k).with_cluster(oom_hold=False)
+    )
     harvest, fast_small = _policies(tmp_path, "harvest", "fast_small")
     rep = gate(fast_small, harvest, [], GRID, GateConfig())
     sim = rep["sim"]
