@@ -67,7 +67,7 @@ def user_limits(user: UserSize, original: Limits, exact: bool) -> Limits:
     """The limits restored whenever no decision owns a container.
 
     ``exact``: the user's size was read from these very limits (keep them, unlimited included);
-    otherwise the configured size with the cgroup's own period and soft limit.
+    otherwise the configured size with the cgroup's own period, soft limit and OOM hold.
     """
     if exact:
         return original
@@ -77,6 +77,7 @@ def user_limits(user: UserSize, original: Limits, exact: bool) -> Limits:
         cpu_weight=user.cpu_weight,
         mem_limit_bytes=user.mem_bytes,
         mem_high_bytes=original.mem_high_bytes,
+        mem_oom_hold=original.mem_oom_hold,  # a container run with --oom-kill-disable keeps it
     )
 
 

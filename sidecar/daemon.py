@@ -165,7 +165,18 @@ async def _sample_loop(app: web.Application) -> None:
             log.info("ready")
         notifier.watchdog()
 
-    await ticker.run(tick)
+    def tick_oom() -> None:
+        try:
+            node.tick_oom()
+        except Exception:
+            log.exception("OOM wake-up failed")
+
+    loop, watched = asyncio.get_running_loop(), node.sampler.oom_fd()
+    loop.add_reader(watched, tick_oom)
+    try:
+        await ticker.run(tick)
+    finally:
+        loop.remove_reader(watched)
 
 
 async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -36,7 +36,7 @@ from sidecar.engine import (
 from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
 from sidecar.runtimes.base import ContainerRef, Runtime, RuntimeEvent, UserSize
-from sidecar.sampler import Sampler
+from sidecar.sampler import Sampler, TickResult
 from sidecar.spool import Spool
 
 log = logging.getLogger("faasrm.node")
@@ -466,7 +466,22 @@ class Node:
         now = time.monotonic()
         if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
             self.sync_containers(full=False)
-        res = self.sampler.tick(self._hot(), self._watched())
+        self._process(self.sampler.tick(self._hot(), self._watched()))
+        m = self.metrics
+        for result in self.actuator.retry_restores().values():
+            if result == "restored":
+                m.restores.labels("restored").inc()
+        self.first_tick_done = True
+        self.last_tick_s = time.monotonic()
+        m.tick_duration.observe(time.perf_counter() - t0)
+
+    def tick_oom(self) -> None:
+        """The kernel signalled an OOM between ticks: sample those containers now, so a task
+        held at its harvested limit gets its memory back at once (``Sampler.tick_oom``)."""
+        self._process(self.sampler.tick_oom())
+
+    def _process(self, res: TickResult) -> None:
+        """A sampling round's samples through the engine, its effects applied."""
         m = self.metrics
         m.samples.inc(len(res.samples))
         for cid in res.gone:
@@ -477,12 +492,6 @@ class Node:
             log.warning("sample failed", extra={"container": cid, "reason": reason})
         for effect in self.engine.on_samples(res.samples):
             self._effect(effect)
-        for result in self.actuator.retry_restores().values():
-            if result == "restored":
-                m.restores.labels("restored").inc()
-        self.first_tick_done = True
-        self.last_tick_s = time.monotonic()
-        m.tick_duration.observe(time.perf_counter() - t0)
 
     def _hot(self) -> set[str]:
         """The containers sampled every tick: those running an invocation or holding a

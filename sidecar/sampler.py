@@ -16,8 +16,10 @@ nothing else: its peak, throttling and PSI mean nothing until its next invocatio
 reads it in full. A container with no sample yet is read on the next tick. The OOM counter: on v1
 the kernel signals an eventfd on every OOM in the cgroup (``Cgroup.oom_eventfd``), one
 ``epoll_wait`` per tick covers every container, and a signalled container is read, OOM counter
-included, on that tick and the next, hot or not; without an eventfd (v2) the counter is read
-whenever the container is. The memory peak, PSI and v1 throttling counters are read on a hot
+included, on that tick and the next, hot or not (the daemon also watches the epoll in its
+event loop and reads a signalled container at once, between ticks: ``tick_oom``, so a task held
+at its limit waits for no tick); without an eventfd (v2) the counter is read whenever the
+container is. The memory peak, PSI and v1 throttling counters are read on a hot
 container's slow ticks (in between the peak is the last one read, raised to the current usage),
 except that the throttling counters of the *watched* containers (``tick(watch=...)``: those
 holding a harvested CPU quota, for the throttle give-back) are read every tick: one more pread of
@@ -105,7 +107,7 @@ class Sampler:
         self._tracked: dict[str, _Tracked] = {}
         self._phases: list[dict[str, _Tracked]] = [{} for _ in range(self.slow_every)]
         self._due: dict[str, _Tracked] = {}  # read next tick: never read yet, or OOM-notified
-        self._epoll: select.epoll | None = None
+        self._epoll: select.epoll | None = select.epoll()  # the OOM eventfds (oom_fd)
         self._by_efd: dict[int, _Tracked] = {}
         self.oom_notifications = 0
         self.ticks = 0
@@ -178,23 +180,43 @@ class Sampler:
             out.append((h[i], h[i + 1], int(h[i + 2])))
         return out
 
-    def tick(self, hot: Collection[str] | None = None, watch: Container[str] = ()) -> TickResult:
+    def oom_fd(self) -> int:
+        """A descriptor that turns readable when the kernel signals an OOM in a tracked container
+        (the epoll of the OOM eventfds), for an event loop to call ``tick_oom`` at once."""
+        if self._epoll is None:  # closed: a new one
+            self._epoll = select.epoll()
+        return self._epoll.fileno()
+
+    def tick_oom(self) -> TickResult:
+        """Between ticks: read only the containers whose OOM eventfd the kernel signalled (a task
+        waiting at a held limit is given its memory back now, not at the next tick). The tick
+        count and the slow-tick phases do not move."""
+        return self.tick(hot=(), only_notified=True)
+
+    def tick(
+        self,
+        hot: Collection[str] | None = None,
+        watch: Container[str] = (),
+        only_notified: bool = False,
+    ) -> TickResult:
         """Sample the containers due this tick (see the module docstring); ``hot``: the
         containers read every tick (None = all); ``watch``: those of them whose throttling
-        counters are read every tick too."""
+        counters are read every tick too; ``only_notified``: ``tick_oom``."""
         out = TickResult()
         if self._by_efd:
             self._notified()
         phase = self.ticks % self.slow_every
-        if hot is None:
-            due: dict[str, _Tracked] = self._tracked
+        if only_notified:
+            due: dict[str, _Tracked] = {c: t for c, t in self._due.items() if t.oom_due}
+        elif hot is None:
+            due = self._tracked
         else:
             due = {**self._phases[phase], **self._due}
             tracked = self._tracked
             for cid in hot:
                 if (t := tracked.get(cid)) is not None:
                     due[cid] = t
-        self._due = {}
+        self._due = {c: t for c, t in self._due.items() if c not in due} if only_notified else {}
         append, nan = out.samples.append, math.nan
         for cid, t in due.items():
             busy = hot is None or cid in hot
@@ -243,8 +265,9 @@ class Sampler:
                 out.errors[cid] = str(exc)
                 if t.last is None:
                     self._due[cid] = t  # never read: try again next tick
-        self.ticks += 1
-        self.last_tick_s = time.monotonic()
+        if not only_notified:
+            self.ticks += 1
+            self.last_tick_s = time.monotonic()
         return out
 
     def _notified(self) -> None:

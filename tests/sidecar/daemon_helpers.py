@@ -175,7 +175,7 @@ def write_config(
         "log_level = 'info'",
         f"[server]\nport = {port}\n{server.strip()}",
         "[grid]\ncpu_unit_cores = 0.25\ncpu_units = 8\nmem_unit_mb = 64.0\nmem_units = 8",
-        f"[sampler]\ntick_s = {tick_s}",
+        f"[sampler]\ntick_s = {tick_s}\ndiscover_every_s = {max(2.0, tick_s)}",
         f"[actuation]\nstate_file = '{tmp_path / 'state.json'}'\n{actuation.strip()}",
         f"[spool]\ndir = '{tmp_path / 'spool'}'",
         f"[model]\npath = '{model}'",

@@ -26,6 +26,8 @@ def test_user_limits_exact_or_from_config() -> None:
     assert user_limits(UserSize(1.0, 128 * MB, 300), orig, exact=False) == Limits(
         1.0, 50_000, 300, 128 * MB, 64 * MB
     )
+    held = Limits(None, 50_000, 100, None, None, mem_oom_hold=True)  # docker --oom-kill-disable
+    assert user_limits(UserSize(1.0, 128 * MB), held, exact=False).mem_oom_hold
 
 
 def test_target_limits_take_user_values_for_none() -> None:

@@ -225,6 +225,36 @@ def test_real_v1_oom_kill_is_seen_within_a_tick_through_the_eventfd(v1_cgroup, s
     s.close()
 
 
+def test_real_v1_a_held_task_makes_oom_fd_readable_and_tick_oom_reads_it_alone(
+    v1_cgroup, spawn
+) -> None:
+    """Under the OOM hold the kernel's notification makes ``oom_fd`` readable; ``tick_oom``
+    then reads that container alone, held (``mem_held``), without moving the tick count."""
+    import select
+
+    s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=1000)
+    cg = s.track(ref("c", version=1, path=v1_cgroup.rel_path))
+    p = spawn("import sys\nprint('go', flush=True)\nsys.stdin.readline()\nx = b'x' * (256 << 20)\n")
+    assert p.stdout.readline().strip() == "go"
+    s.tick(hot=())
+    s.tick(hot=())
+    assert s.tick_oom().samples == []  # nothing signalled
+    cg.write_limits(cgroups.Limits(mem_limit_bytes=64 * MB, mem_oom_hold=True), headroom_bytes=0)
+    p.stdin.write("\n")
+    p.stdin.flush()
+    assert select.select([s.oom_fd()], [], [], 10)[0]  # readable: the kernel held the task
+    ticks = s.ticks
+    (x,) = s.tick_oom().samples
+    assert x.container_id == "c" and x.mem_held and x.oom_delta == 0
+    assert s.ticks == ticks and p.poll() is None
+    assert not select.select([s.oom_fd()], [], [], 0)[0]  # drained
+    cg.write_limits(cgroups.Limits(mem_limit_bytes=512 * MB), headroom_bytes=0)
+    assert p.wait(timeout=10) == 0  # woken by the raise, not killed
+    (y,) = s.tick(hot=()).samples  # the notification's second read, at the next tick
+    assert not y.mem_held and y.oom_kills == 0
+    s.close()
+
+
 def _throttled_busy_ticks(v1_cgroup, spawn, watch: set[str]) -> tuple[Sampler, list]:
     """A busy loop at 0.1 core in 10 ms periods, sampled hot for 7 ticks of 50 ms."""
     s = Sampler(lambda r: cgroups.CgroupV1(r.cgroup_path), slow_every=3)
