@@ -38,8 +38,9 @@ from the node's rules, one ``tick_s`` at a time:
   reaches the limit and retried at the user's size (a failure). A spike's extra memory is
   allocated at once (``Workload.spike``): no usage give-back saves it. With ``oom_hold`` (the
   node's ``v1_memory_harvest = "hold"``) a run that would be killed waits at the limit instead,
-  a whole tick (the worst phase again), and runs on at the user's size: its execution time grows
-  by the tick and its memory is held at the harvest until then.
+  a whole tick, and runs on at the user's size: its execution time grows by the tick and its
+  memory is held at the harvest until then. The tick is a bound: the node, woken by the
+  kernel's OOM notification, gives the memory back within milliseconds.
 
 A run that will give back reserves the user's size at admission, as an OOM retry does: the tick it
 runs harvested is not worth an event. ``Log.give_backs`` counts the resources given back and
@@ -563,7 +564,7 @@ class ClusterSim:
             self.cold_starts += 1
         s = self.servers[si]
         exec_s, base, load, run = self._duration(inv, fn, s.load, cpu_s, mem_mb, kill)
-        if hold >= 0.0:  # it waits at the limit until the next tick gives the user's memory
+        if hold >= 0.0:  # it waits at the limit until the node gives the user's memory back
             mem_back = hold * run + self._tick
             exec_s += self._tick
         res.exec_s[inv] = exec_s
