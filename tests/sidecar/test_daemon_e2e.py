@@ -538,12 +538,9 @@ def test_a_harvest_period_comes_with_the_harvested_quota_only(tmp_path: Path, bo
         assert d.stop() == 0
 
 
-def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
-    tmp_path: Path, boxes
-) -> None:
-    """``v1_memory_harvest = "soft"``: the harvest is memory.soft_limit_in_bytes, the hard limit
-    stays the user's, so a spike past the harvest (here at once, faster than any give-back) is
-    not killed; the usage give-back then lifts the soft limit."""
+def _spike_daemon(tmp_path: Path, boxes, harvest: str, tick_s: float = 0.1) -> tuple[Box, Daemon]:
+    """A daemon with ``v1_memory_harvest = harvest`` managing one 512 MB box, ready, the box's
+    usual 20 MB run done at the user's size (its next run is harvested); the caller stops it."""
     m = boxes("spike@1")
     port = free_port()
     model = write_policy(tmp_path / "harvest.onnx", "harvest")
@@ -552,14 +549,29 @@ def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
         port,
         {m.rel: ("spike", 1.0, 512)},
         model,
-        actuation="v1_memory_harvest = 'soft'",
+        tick_s=tick_s,
+        actuation=f"v1_memory_harvest = '{harvest}'",
     )
     d = Daemon(cfg, port, tmp_path / "daemon.log")
     try:
         d.wait_ready()
-        _invoke(d, m, "mem 20", "spike")  # its usual run, at the user's size
+        _invoke(d, m, "mem 20", "spike")
         m.send("free")
         m.wait_done()
+    except BaseException:
+        d.stop()
+        raise
+    return m, d
+
+
+def test_v1_soft_memory_harvest_keeps_the_hard_limit_and_survives_a_spike(
+    tmp_path: Path, boxes
+) -> None:
+    """``v1_memory_harvest = "soft"``: the harvest is memory.soft_limit_in_bytes, the hard limit
+    stays the user's, so a spike past the harvest (here at once, faster than any give-back) is
+    not killed; the usage give-back then lifts the soft limit."""
+    m, d = _spike_daemon(tmp_path, boxes, "soft")
+    try:
         status, s = d.call("/v1/invocations", {"container": m.rel, "function": "spike"})
         assert status == 200 and s["allocation"]["kind"] == "harvested", s
         soft = s["allocation"]["mem_bytes"]
@@ -592,27 +604,12 @@ def test_v1_hold_memory_harvest_survives_a_spike_that_the_hard_limit_kills(
     is killed. The hold is lifted with the user's limits. The kernel's OOM notification wakes
     the daemon between ticks, so the task waits for no tick. (5 s ticks: with 100 ms ones on a
     busy host the spike's pages may come slowly enough for the usage give-back to win the race.)"""
-    m = boxes("spike@1")
-    port = free_port()
-    model = write_policy(tmp_path / "harvest.onnx", "harvest")
-    cfg = write_config(
-        tmp_path,
-        port,
-        {m.rel: ("spike", 1.0, 512)},
-        model,
-        tick_s=5.0,  # the spike outruns any tick, on a busy host too: no usage give-back first
-        actuation=f"v1_memory_harvest = '{mode}'",
-    )
-    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    m, d = _spike_daemon(tmp_path, boxes, mode, tick_s=5.0)
 
     def hold() -> int:
         return int(m.file("memory", "memory.oom_control").split()[1])
 
     try:
-        d.wait_ready()
-        _invoke(d, m, "mem 20", "spike")  # its usual run, at the user's size
-        m.send("free")
-        m.wait_done()
         assert hold() == 0
         status, s = d.call("/v1/invocations", {"container": m.rel, "function": "spike"})
         assert status == 200 and s["allocation"]["kind"] == "harvested", s
