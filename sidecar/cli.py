@@ -471,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--v1-memory-harvest",
             choices=("hard", "hold"),
             help="as the node's actuation.v1_memory_harvest: 'hard' OOM-kills a run that "
-            "outgrows its harvested memory before a give-back, 'hold' makes it wait a tick for "
-            "the user's memory (default: the preset's, as on a node)",
+            "outgrows its harvested memory before a give-back, 'hold' makes it wait for the "
+            "user's memory, charged a whole tick (default: the preset's 'hold', as on a node)",
         )
 
     trace = sub.add_parser("trace", help="workload traces").add_subparsers(

@@ -109,11 +109,11 @@ class ActuationConfig:
     """How cgroup v1 harvests memory: ``hold`` lowers memory.limit_in_bytes (above the floor), and
     a task that outgrows it waits (memory.oom_control's oom_kill_disable, set only while the limit
     is harvested and a decision watches) until the daemon, woken by the kernel's OOM
-    notification, gives the user's memory back;
-    ``hard`` (the reference's) lowers it without the hold: an invocation that outgrows it is
-    OOM-killed unless a usage give-back comes first; ``soft`` keeps the hard limit at the user's
-    size and lowers memory.soft_limit_in_bytes, which the kernel enforces only under host-wide
-    memory pressure (docs/sidecar.md, "Memory harvesting on cgroup v1")."""
+    notification, gives the user's memory back; ``hard`` (the reference's) lowers it without the
+    hold: an invocation that outgrows it is OOM-killed unless a usage give-back comes first;
+    ``soft`` keeps the hard limit at the user's size and lowers memory.soft_limit_in_bytes, which
+    the kernel enforces only under host-wide memory pressure (docs/sidecar.md, "Memory
+    harvesting on cgroup v1")."""
     throttle_target: float = 0.25
     """Throttle give-back: a harvested CPU quota returns to the user's size at once when more than
     this share of the CFS periods since the last tick were throttled (cpu.stat nr_throttled /
