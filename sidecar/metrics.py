@@ -101,6 +101,12 @@ class Metrics:
             "OOM kills during an invocation whose decision gave it less memory than its user's",
             registry=r,
         )
+        self.oom_holds = Counter(
+            "faasrm_oom_holds_total",
+            "Tasks held at a harvested hard memory limit and given their memory back "
+            '([actuation] v1_memory_harvest = "hold"): OOM kills under the hard limit',
+            registry=r,
+        )
         self.invocations = Counter(
             "faasrm_invocations_total", "Finished invocations", ["outcome"], registry=r
         )

@@ -21,6 +21,7 @@ from sidecar import cgroups, profiles
 from sidecar.actuator import Actuator
 from sidecar.config import Config
 from sidecar.engine import (
+    OOM_HOLD,
     THROTTLED,
     USER_TARGET,
     Engine,
@@ -519,6 +520,8 @@ class Node:
                 m.give_backs.labels(r).inc()
                 if why == THROTTLED:
                     m.throttle_raises.inc()
+                elif why == OOM_HOLD:
+                    m.oom_holds.inc()
             self._apply(inv, effect.target)
             log.info(
                 "gave back",

@@ -636,5 +636,6 @@ def test_v1_hold_memory_harvest_survives_a_spike_that_the_hard_limit_kills(
         assert gb["reason"] == "oom_hold" and gb["new_mem_bytes"] == 512 * MB, gb
         assert gb["tick"] <= 2, gb  # the wake-up's read (a tick may have come since the start)
         assert _metric(d, 'faasrm_give_backs_total{resource="memory"}') == 1.0
+        assert _metric(d, "faasrm_oom_holds_total") == 1.0
     finally:
         assert d.stop() == 0
