@@ -145,7 +145,7 @@ class Actuator:
             cfg.actuation.state_file,
             int(cfg.safeguard.mem_headroom_mb * MB),
             cfg.actuation.cpu_period_us,
-            oom_hold=cfg.actuation.v1_memory_harvest == "hold",
+            oom_hold=cfg.actuation.oom_hold,
         )
 
     # -------------------------------------------------------------------------------- state

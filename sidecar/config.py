@@ -134,6 +134,11 @@ class ActuationConfig:
     this much of it."""
 
     @property
+    def oom_hold(self) -> bool:
+        """A harvested hard memory limit holds a task rather than kill it (``hold``)."""
+        return self.v1_memory_harvest == "hold"
+
+    @property
     def profiles_path(self) -> Path | None:
         if not self.profiles_file:
             return None

@@ -328,7 +328,7 @@ def reload(app: web.Application) -> bool:
     )
     node.actuator.headroom_bytes = int(new.safeguard.mem_headroom_mb * MB)
     node.actuator.period_us = new.actuation.cpu_period_us
-    node.actuator.oom_hold = new.actuation.v1_memory_harvest == "hold"
+    node.actuator.oom_hold = new.actuation.oom_hold
     try:
         runtimes = make_runtimes(new)
     except ConfigError as exc:
