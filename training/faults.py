@@ -882,7 +882,9 @@ def main(args: argparse.Namespace) -> int:
         args.kill_tries, args.outage_s, args.hook_posts, args.trajectory_posts, args.seed
     )
     workdir = Path(tempfile.mkdtemp(prefix="faasrm-faults-"))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM stop the run and clean up, as the demo's do, also when started as a
+    # shell's background job (which inherits SIGINT ignored)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     # a SIGKILLed trainer cannot remove multiprocessing's temporary directory: the children's
     # temporary files go in the run's directory, removed with it
     tmp = os.environ.get("TMPDIR")
@@ -893,7 +895,8 @@ def main(args: argparse.Namespace) -> int:
         print("interrupted: every process, cgroup and file of the run removed")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
         if tmp is None:
             del os.environ["TMPDIR"]
         else:
