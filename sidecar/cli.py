@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--mem-margin-units",
             type=float,
             help="decide under safeguard.mem_margin_units: memory's lower bound is the recent "
-            "peak plus this many units (default: the preset's, 1, the reference's box, as on a "
-            "node)",
+            "peak plus this many units (default: the preset's, a quarter as on a node; 1 is the "
+            "reference's box)",
         )
         cmd.add_argument(
             "--mem-margin-sd",

@@ -56,7 +56,7 @@ class Args:
     """the simulation preset (training.sim.presets) the envs draw workloads from"""
     mem_margin_units: float | None = None
     """the safeguard's memory margin the envs decide under (SafeguardConfig.mem_margin_units;
-    None: the preset's, the reference's box, as on a node)"""
+    None: the preset's, a quarter unit, as on a node)"""
     seed: int = 1
     """seed of the experiment (torch, numpy, python, env i gets seed + i)"""
     torch_deterministic: bool = True

@@ -123,9 +123,9 @@ def test_second_invocation_harvests_within_the_safeguard_range_and_gets_a_reward
     inv = eng.start("fn@1", usage=usage(0, 40))
     assert inv.guard.cpu_mode == "harvest" and inv.guard.mem_mode == "harvest"
     # recent peak 0.3 cores -> lo = ceil(0.3/0.25 + 1) = 3 units; 40 MB + 16 MB floor -> 1 unit,
-    # peak rule: ceil(40/64 + 1) = 2 units
-    assert inv.alloc == Alloc(3, 2)
-    assert inv.target.cpu_cores == pytest.approx(0.75) and inv.target.mem_limit_bytes == 128 * MB
+    # peak rule: ceil(40/64 + 0.25) = 1 unit (the reference's whole unit: 2)
+    assert inv.alloc == Alloc(3, 1)
+    assert inv.target.cpu_cores == pytest.approx(0.75) and inv.target.mem_limit_bytes == 64 * MB
     assert inv.target.cpu_weight == round(100 * 0.75 / 2.0)
     assert inv.trace["kind"] == "harvested"
     clock.t += 1.5
@@ -232,7 +232,7 @@ def test_give_back_cpu_and_memory_once_each() -> None:
     clock = Clock()
     eng = make_engine(clock=clock)
     eng.add_container(ref(cpu=2.0, mem_mb=512))
-    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)  # harvested to 128 MB: 60 + a quarter unit
     inv = eng.start("fn@1", usage=usage(0, 40))
     assert inv.target.cpu_cores == 0.75
     clock.t += 0.1
@@ -265,7 +265,7 @@ def test_throttle_give_back_raises_a_harvested_quota_in_one_step() -> None:
     clock = Clock()
     eng = make_engine(clock=clock)
     eng.add_container(ref(cpu=2.0, mem_mb=512))
-    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)  # harvested to 128 MB: 60 + a quarter unit
     inv = eng.start("fn@1", usage=_counters(usage(0, 40), 100, 5))
     assert inv.cpu_harvested and inv.target.cpu_cores == 0.75
     clock.t += 0.1
@@ -377,7 +377,7 @@ def test_a_failure_that_reached_its_harvested_hard_limit_counts_as_oom(give_back
     clock = Clock()
     eng = make_engine(clock=clock)
     eng.add_container(ref(cpu=2.0, mem_mb=512))
-    run_one(eng, clock, cpu_peak=0.3, mem_mb=40)
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)  # harvested to 128 MB: 60 + a quarter unit
     inv = eng.start("fn@1", usage=usage(0, 40))
     wall = inv.target.mem_limit_bytes
     assert wall == 128 * MB
@@ -390,7 +390,7 @@ def test_a_failure_that_reached_its_harvested_hard_limit_counts_as_oom(give_back
     assert ended.outcome == "oom"
     # the same failure below its limit is the function's own
     eng.add_container(ref("g@1", function="g", cpu=2.0, mem_mb=512))
-    run_one(eng, clock, cid="g@1", cpu_peak=0.3, mem_mb=40)
+    run_one(eng, clock, cid="g@1", cpu_peak=0.3, mem_mb=60)
     other = eng.start("g@1", usage=usage(0, 40))
     assert other.target.mem_limit_bytes == 128 * MB
     assert eng.end(other.id, "failure", usage=usage(0.1, 60, 100)).outcome == "failure"
@@ -429,9 +429,9 @@ def test_reported_input_sizes_keep_the_memory_a_larger_input_needs() -> None:
     clock.t += 1.0
     eng.end(small.id, "success", usage=usage(0.3, 10, 52))
     big = eng.start("fn@1", usage=usage(0, 10), input_size=250.0)
-    # the peak rule alone allows ceil((72 + 64) / 64) = 3 units (192 MB), which a small input
+    # the peak rule alone allows ceil((72 + 16) / 64) = 2 units (128 MB), which a small input
     # gets; 10 + 1.04 x 250 + 16 MB needs 5 units (320 MB)
-    assert GRID.mb(small.alloc.mem) == 192 and 320 <= GRID.mb(big.alloc.mem) <= 512
+    assert GRID.mb(small.alloc.mem) == 128 and 320 <= GRID.mb(big.alloc.mem) <= 512
     assert big.trace["input_size"] == 250.0
 
 
@@ -540,7 +540,7 @@ def test_the_reward_counts_what_the_invocation_held_until_each_give_back() -> No
     clock = Clock()
     eng = make_engine(clock=clock)
     eng.add_container(ref(cpu=2.0, mem_mb=512))
-    run_one(eng, clock, cpu_peak=0.3, mem_mb=40, dur=1.0)  # baseline 1 s at the user's size
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60, dur=1.0)  # baseline 1 s at the user's size
     inv = eng.start("fn@1", usage=usage(0, 40))
     assert (inv.target.cpu_cores, inv.target.mem_limit_bytes) == (0.75, 128 * MB)
     clock.t += 0.5

@@ -480,7 +480,8 @@ def test_after_a_failure_both_resources_are_pinned(gu, data) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(gu=grid_and_user(), data=st.data())
-def test_harvest_never_below_recent_peak_plus_one_unit(gu, data) -> None:
+def test_harvest_never_below_recent_peak_plus_its_margin(gu, data) -> None:
+    """CPU keeps the reference's one unit above the recent peak, memory ``mem_margin_units``."""
     g, user = gu
     assume(user.mem * g.mem_unit_mb >= 2 * CFG.mem_headroom_mb)  # floor not binding at usage 0
     cu, mu = g.cpu_unit_cores, g.mem_unit_mb
@@ -492,6 +493,7 @@ def test_harvest_never_below_recent_peak_plus_one_unit(gu, data) -> None:
     mem_recent = mem_last + data.draw(st.floats(0.0, 2.0)) * user.mem * mu
     s = _state(la, cpu_last, mem_last, cpu_recent, mem_recent)
     gd = guard(g, user, s)
+    margin = CFG.mem_margin_units * mu
     assert gd.cpu_mode == HARVEST and gd.mem_mode == HARVEST
     allowed = _allowed(g, gd)
     assert allowed
@@ -500,10 +502,10 @@ def test_harvest_never_below_recent_peak_plus_one_unit(gu, data) -> None:
         if a.cpu < user.cpu:
             assert a.cpu * cu >= s.recent_cpu_peak_cores + cu - _tol(cu)
         if a.mem < user.mem:
-            assert a.mem * mu >= s.recent_mem_peak_mb + mu - _tol(mu)
+            assert a.mem * mu >= s.recent_mem_peak_mb + margin - _tol(mu)
     if s.recent_cpu_peak_cores + cu > user.cpu * cu + _tol(cu):
         assert {a.cpu for a in allowed} == {user.cpu}
-    if s.recent_mem_peak_mb + mu > user.mem * mu + _tol(mu):
+    if s.recent_mem_peak_mb + margin > user.mem * mu + _tol(mu):
         assert {a.mem for a in allowed} == {user.mem}
     # the user's size itself is always allowed while harvesting
     assert gd.allows(user)
@@ -600,10 +602,12 @@ def test_example_harvest_cpu() -> None:
     s = _state(Alloc(3, 4), cpu_last=1.2, mem_last=100.0)
     gd = guard(G1, USER, s)
     assert (gd.cpu_lo, gd.cpu_hi, gd.cpu_mode) == (3, 4, HARVEST)
-    # memory: 100 MB <= 0.9 x 256 and < 0.9 x 256 (last alloc) -> harvest [ceil(164 / 64), 4]
-    assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (3, 4, HARVEST)
-    assert int(gd.mask.sum()) == 4
-    assert gd.allows(Alloc(3, 3)) and gd.allows(USER) and not gd.allows(Alloc(2, 4))
+    # memory: 100 MB <= 0.9 x 256 and < 0.9 x 256 (last alloc) -> harvest from the peak plus a
+    # quarter unit, [ceil(116 / 64), 4]; the reference's whole unit: [ceil(164 / 64), 4]
+    assert (gd.mem_lo, gd.mem_hi, gd.mem_mode) == (2, 4, HARVEST)
+    assert int(gd.mask.sum()) == 2 * 3
+    assert gd.allows(Alloc(3, 2)) and gd.allows(USER) and not gd.allows(Alloc(2, 4))
+    assert guard(G1, USER, s, cfg=SafeguardConfig(mem_margin_units=1.0)).mem_lo == 3
 
 
 def test_example_harvest_uses_recent_not_last_peak() -> None:
@@ -698,9 +702,9 @@ def test_example_a_tighter_memory_margin() -> None:
 
 def test_example_memory_is_harvested_only_after_a_functions_first_calls() -> None:
     """A function whose third call spikes to 200 MB (usually 40): harvested from its second call,
-    that spike meets a 128 MB limit; with ``mem_harvest_after = 5`` it runs at the user's 256 MB,
+    that spike meets a 64 MB limit; with ``mem_harvest_after = 5`` it runs at the user's 256 MB,
     and the remembered spike keeps the limit there afterwards."""
-    for after, lo_at_call in ((0, {2: 2, 3: 2}), (5, {2: 4, 3: 4, 4: 4, 5: 4, 6: 4})):
+    for after, lo_at_call in ((0, {2: 1, 3: 1}), (5, {2: 4, 3: 4, 4: 4, 5: 4, 6: 4})):
         cfg = SafeguardConfig(mem_harvest_after=after)
         s = SafeguardState()
         for call in range(1, 7):
@@ -844,8 +848,8 @@ def test_example_walk_through_a_history() -> None:
     assert s.calibrate is None and s.last_alloc == USER
     assert (s.recent_cpu_peak_cores, s.recent_mem_peak_mb) == (1.2, 100.0)
 
-    gd = guard(G1, USER, s)  # harvest cpu [3, 4], mem [3, 4]
-    assert (gd.cpu_mode, gd.cpu_lo, gd.mem_mode, gd.mem_lo) == (HARVEST, 3, HARVEST, 3)
+    gd = guard(G1, USER, s)  # harvest cpu [3, 4], mem [2, 4] (100 MB + a quarter unit)
+    assert (gd.cpu_mode, gd.cpu_lo, gd.mem_mode, gd.mem_lo) == (HARVEST, 3, HARVEST, 2)
     s.observe(gd, Alloc(3, 3), cpu_peak_cores=0.8, mem_peak_mb=90.0, failed=False)
     assert (s.recent_cpu_peak_cores, s.recent_mem_peak_mb) == (1.2, 100.0)  # max, not reset
 
@@ -942,8 +946,8 @@ def test_input_floor_of_a_function_with_a_fixed_part_does_not_pin_large_inputs()
     assert s.input_growth_mb == pytest.approx(110.0)
     assert s.input_max == pytest.approx(100.0)
     gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=100.0)
-    # the peak rule's ceil((130 + 64) / 64) = 4 units; the input floor needs only 146 MB
-    assert gd.mem_lo == guard(G1, user, s, mem_usage_mb=20.0).mem_lo == 4
+    # the peak rule's ceil((130 + 16) / 64) = 3 units; the input floor needs 146 MB, no more
+    assert gd.mem_lo == guard(G1, user, s, mem_usage_mb=20.0).mem_lo == 3
     gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=400.0)  # beyond anything seen
     assert gd.mem_lo == math.ceil((20.0 + 110.0 * 4 + 16.0) / 64.0)  # 476 MB: 8 units
     # a true growth 100 + 0.1 x never exceeds the floor's growth for any larger input
@@ -957,8 +961,8 @@ def test_input_floor_ignores_what_does_not_grow_and_remembers_the_largest_growth
     gd = guard(G1, user, s, mem_usage_mb=20.0, input_size=1000.0)
     s.observe(gd, user, 1.0, 20.0, False, input_size=1000.0, mem_start_mb=20.0)  # flat
     assert s.input_growth_mb == 0.0
-    # nothing added to the peak rule's ceil((20 + 64) / 64) = 2 units
-    assert guard(G1, user, s, mem_usage_mb=20.0, input_size=9000.0).mem_lo == 2
+    # nothing added to the peak rule's ceil((20 + 16) / 64) = 1 unit
+    assert guard(G1, user, s, mem_usage_mb=20.0, input_size=9000.0).mem_lo == 1
     s.observe(gd, user, 1.0, 120.0, False, input_size=100.0, mem_start_mb=20.0)
     s.observe(gd, user, 1.0, 60.0, False, input_size=100.0, mem_start_mb=20.0)
     assert s.input_growth_mb == pytest.approx(100.0 * DECAY)  # the largest, decayed once

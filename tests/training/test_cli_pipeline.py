@@ -54,17 +54,17 @@ def test_train_export_eval_end_to_end(tmp_path):
 
 
 def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
-    """The ``--mem-*`` flags reach the evaluated safeguard: `smallest` in the tighter box holds
-    fewer MB-seconds than in the reference's; more when the margin also follows the functions'
-    spread, or when memory is harvested only after a function's first calls; and ``--restart-every``
-    reaches the cluster."""
+    """The ``--mem-*`` flags reach the evaluated safeguard: `smallest` in the default quarter-unit
+    box holds fewer MB-seconds than in the reference's whole unit; more when the margin also
+    follows the functions' spread, or when memory is harvested only after a function's first
+    calls; and ``--restart-every`` reaches the cluster."""
     held = {}
     for name, flags in (
-        ("reference", ()),
-        ("tight", ("--mem-margin-units", "0.25")),
+        ("reference", ("--mem-margin-units", "1")),
+        ("tight", ()),
         ("tight+spread", ("--mem-margin-units", "0.25", "--mem-margin-sd", "3")),
-        ("after", ("--mem-harvest-after", "5")),
-        ("restarts", ("--restart-every", "60")),
+        ("after", ("--mem-margin-units", "1", "--mem-harvest-after", "5")),
+        ("restarts", ("--mem-margin-units", "1", "--restart-every", "60")),
     ):
         res = _sim_eval(tmp_path / f"{name}.json", "smallest", *flags)
         held[name] = res["smallest"]["alloc_mem_ratio"]
