@@ -276,6 +276,12 @@ def _bench_curves(args: argparse.Namespace) -> int:
     return curves_main(args)
 
 
+def _bench_bound(args: argparse.Namespace) -> int:
+    from training.invoker.bound import main as bound_main
+
+    return bound_main(args)
+
+
 def _bench_agreement(args: argparse.Namespace) -> int:
     from training.invoker.agreement import main as agreement_main
 
@@ -629,6 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
     bcu.add_argument("--sizes", help="with --periods: inputs, e.g. matmul=400 (default: curves')")
     bcu.add_argument("--json", help="write the curves and fits as JSON to this path")
     bcu.set_defaults(func=_bench_curves)
+    bbd = bench.add_parser(
+        "bound",
+        help="the least RFET and p98 execution time any allocation gives a real run's calls",
+        description="Each function's fastest CPU quota up to the host's cores in a 'faasrm bench "
+        "curves --json' output, over its time at the user's size, applied to Fixed's calls of "
+        "a 'faasrm bench real --records --json' run: the geometric-mean RFET by duration class "
+        "and the p98 execution time no manager can beat there (docs/invoker.md).",
+    )
+    bbd.add_argument("--real", required=True, help="a 'faasrm bench real --records --json' output")
+    bbd.add_argument("--curves", required=True, help="a 'faasrm bench curves --json' output")
+    bbd.add_argument(
+        "--host-cores", type=float, help="the cores a call may get (default: this host's)"
+    )
+    bbd.add_argument("--json", help="write the bound as JSON to this path")
+    bbd.set_defaults(func=_bench_bound)
     bag = bench.add_parser(
         "agreement",
         help="the simulator against a real run: same slice, functions and managers, side by side",

@@ -1,0 +1,123 @@
+"""What any re-sizing can gain at most on a real run's calls, from the measured curves.
+
+The simulator has its Oracle for this; real functions have ``faasrm bench curves``: each
+function's median time at CFS quotas of 0.25 to 2 cores. More memory than the peak buys no speed
+(docs/duration-model.md), so the fastest a call can run on this host is its function's fastest
+quota up to the host's cores. ``best_speedups`` takes that over the time at the user's CPU, per
+function; ``allocation_bound`` applies it to Fixed's calls of a ``faasrm bench real --records``
+run and gives the geometric-mean RFET by duration class and the p98 execution time against
+Fixed's that no manager can beat there, up to the curves' noise (a function already fast at its
+user's size has a speed-up of 1, whatever it is given).
+
+``faasrm bench bound --real PATH --curves PATH``: docs/invoker.md, "What the functions allow".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.evidence import DURATION_CLASSES, duration_class
+
+
+def best_speedups(curves: dict[str, Any], host_cores: float) -> dict[str, float]:
+    """Per function of a ``bench curves`` JSON: its least measured time at a quota up to
+    ``host_cores`` (its user's quota included) over its time at the user's quota, at most 1."""
+    out: dict[str, float] = {}
+    for c in curves["functions"]:
+        times = dict(zip(c["quotas"], c["cpu_times_s"], strict=True))
+        at_user = times.get(c["user_cpu"])
+        if at_user is None or at_user <= 0.0:
+            raise ValueError(
+                f"{c['function']}: no time measured at its user's {c['user_cpu']} cores"
+            )
+        least = min(t for q, t in times.items() if q <= host_cores or q == c["user_cpu"])
+        out[c["function"]] = least / at_user
+    return out
+
+
+def allocation_bound(records: Iterable[dict[str, Any]], best: dict[str, float]) -> dict[str, Any]:
+    """Fixed's successful ``records``, each sped up by its function's ``best``: the geometric-mean
+    RFET per duration class of its execution time, and the p98 execution time before and after."""
+    logs: dict[str, list[float]] = {c: [] for c in DURATION_CLASSES}
+    execs, bounded = [], []
+    for r in records:
+        if r["outcome"] != "success":
+            continue
+        if r["function"] not in best:
+            raise ValueError(f"no curve for {r['function']!r}: measure it with bench curves")
+        s, e = best[r["function"]], r["exec_s"]
+        cls = duration_class(e)
+        if cls is not None:
+            logs[cls].append(math.log(s))
+        execs.append(e)
+        bounded.append(e * s)
+    if not execs:
+        raise ValueError("no successful Fixed call in the run (was it run with --records?)")
+    p98, p98_bound = float(np.percentile(execs, 98)), float(np.percentile(bounded, 98))
+    return {
+        "by_duration": {
+            c: {
+                "gmean_rfet_bound": math.exp(sum(v) / len(v)) if v else None,
+                "invocations": len(v),
+            }
+            for c, v in logs.items()
+        },
+        "gmean_rfet_bound": math.exp(
+            sum(math.log(b / e) for b, e in zip(bounded, execs, strict=True)) / len(execs)
+        ),
+        "p98_exec_s": p98,
+        "p98_exec_s_bound": p98_bound,
+        "p98_exec_ratio_bound": p98_bound / p98,
+        "invocations": len(execs),
+    }
+
+
+def _fixed_records(real: dict[str, Any]) -> list[dict[str, Any]]:
+    rounds = (real.get("records") or {}).get("fixed")
+    if not rounds:
+        raise ValueError("the real run has no Fixed records: run bench real with --records")
+    return [r for rnd in rounds for r in (rnd if isinstance(rnd, list) else [rnd])]
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [
+        f"the least any allocation gives Fixed's {out['invocations']} calls on "
+        f"{out['host_cores']:g} cores (each function's fastest quota in bench curves):",
+        f"  all calls: geometric-mean RFET {out['gmean_rfet_bound']:.3f}",
+    ]
+    for c, b in out["by_duration"].items():
+        g = b["gmean_rfet_bound"]
+        lines.append(f"  {c}: {'-' if g is None else f'{g:.3f}'} ({b['invocations']} calls)")
+    lines.append(
+        f"  p98 execution time {out['p98_exec_s_bound']:.2f} s against Fixed's "
+        f"{out['p98_exec_s']:.2f} s ({out['p98_exec_ratio_bound']:.3f} of it)"
+    )
+    per = ", ".join(f"{f} {s:.2f}" for f, s in sorted(out["best_speedup"].items()))
+    lines.append(f"  best time over the user's size, per function: {per}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    real = json.loads(Path(args.real).read_text())
+    curves = json.loads(Path(args.curves).read_text())
+    host = float(args.host_cores or os.cpu_count() or 1)
+    best = best_speedups(curves, host)
+    out = {
+        **allocation_bound(_fixed_records(real), best),
+        "best_speedup": best,
+        "host_cores": host,
+    }
+    print(table(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
