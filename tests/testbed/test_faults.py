@@ -37,6 +37,16 @@ def test_kill_trainer_and_sidecar_mid_stream_exactly_once(tmp_path: Path, v1_roo
         time.sleep(1.0)  # the nodes keep producing and retry with backoff
         tb.trainer.start()
         wait_for(lambda: tb.stored_count() >= len(tb.produced_ids()) - 10, 20, "catching up")
+        # and node0 out of the outage's backoff (up to 16 s by now): its batch acknowledged, so
+        # that its next POST comes at the shipping interval, within step 2's wait
+        wait_for(
+            lambda: (
+                json.loads((tb.nodes[0].dir / "shipper.json").read_text()).get("pending") is None
+            ),
+            40,
+            "node0 acknowledged after the outage",
+            poll_s=0.02,
+        )
         # 2. a sidecar dies mid-batch: its POST is in flight (the trainer is frozen) when killed
         tb.pause()
         node = tb.nodes[0]
