@@ -33,6 +33,7 @@ def _sim_eval(args: argparse.Namespace) -> int:
 def _preset(args: argparse.Namespace) -> Preset:
     """The named preset, with ``--decline-when-queued`` and the ``--mem-*`` flags applied to its
     safeguard and ``--restart-every`` and ``--v1-memory-harvest`` to its cluster."""
+    from sidecar.config import HARD_MEM_MARGIN_UNITS
     from training.sim.presets import get_preset
 
     changes: dict[str, object] = {}
@@ -40,6 +41,8 @@ def _preset(args: argparse.Namespace) -> Preset:
         changes["decline_when_queued"] = True
     if args.mem_margin_units is not None:
         changes["mem_margin_units"] = args.mem_margin_units
+    elif args.v1_memory_harvest == "hard":  # as a node's config does (HARD_MEM_MARGIN_UNITS)
+        changes["mem_margin_units"] = HARD_MEM_MARGIN_UNITS
     if args.mem_margin_sd is not None:
         changes["mem_margin_sd"] = args.mem_margin_sd
     if args.mem_harvest_after is not None:
@@ -451,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--mem-margin-units",
             type=float,
             help="decide under safeguard.mem_margin_units: memory's lower bound is the recent "
-            "peak plus this many units (default: the preset's, a quarter as on a node; 1 is the "
-            "reference's box)",
+            "peak plus this many units (default: the preset's, a quarter as on a node; 1, the "
+            "reference's box, under --v1-memory-harvest hard, as on a node)",
         )
         cmd.add_argument(
             "--mem-margin-sd",

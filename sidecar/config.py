@@ -437,10 +437,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+HARD_MEM_MARGIN_UNITS = 1.0
+"""``safeguard.mem_margin_units`` when ``v1_memory_harvest = "hard"`` and the margin is not set:
+under the hard limit every miss of the margin is an OOM kill, and a quarter unit was killed
+about twice as often as the reference's whole one (docs/learning.md, "A quarter-unit margin by
+default")."""
+
+
+def _margin_follows_memory_mode(data: dict) -> None:
+    """Give a ``hard`` host the reference's whole-unit margin unless its margin is set."""
+    actuation = data.get("actuation")
+    if isinstance(actuation, dict) and actuation.get("v1_memory_harvest") == "hard":
+        safeguard = data.setdefault("safeguard", {})
+        if isinstance(safeguard, dict):
+            safeguard.setdefault("mem_margin_units", HARD_MEM_MARGIN_UNITS)
+
+
 def from_dict(data: dict, overrides: dict[str, Any] | None = None) -> Config:
     data = _deep_copy(data)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+    _margin_follows_memory_mode(data)
     cfg = _build(Config, data)
     validate(cfg)
     return cfg

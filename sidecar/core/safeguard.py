@@ -113,7 +113,9 @@ class SafeguardConfig:
     OOM-killed (after a kill, the reference's 1). A quarter, not the reference's 1: under the v1
     OOM hold (or v2's ``memory.high``) a working set that outgrows the margin waits for the
     give-back instead of being killed, and the quarter unit held a quarter less memory on real
-    functions at no speed cost measured (docs/learning.md, "A quarter-unit margin by default")."""
+    functions at no speed cost measured (docs/learning.md, "A quarter-unit margin by default").
+    A node on the hard limit takes 1 unless its config sets it
+    (``sidecar.config.HARD_MEM_MARGIN_UNITS``)."""
     mem_margin_sd: float = 0.0
     """Memory's margin is at least this many standard deviations of the function's successful
     peaks (a decayed mean and variance, ``SafeguardState.mem_peak_sd``); 0: off. A function whose

@@ -125,6 +125,23 @@ def test_overrides_win_and_are_typed(tmp_path: Path) -> None:
         config.load(p, {"server.port.x": 1})
 
 
+def test_memory_margin_follows_the_memory_mode_unless_set(tmp_path: Path) -> None:
+    """A quarter unit under the hold; the reference's whole unit on a ``hard`` host, where every
+    miss is a kill; whatever the operator wrote, in the file or as a flag."""
+    assert from_dict({}).safeguard.mem_margin_units == 0.25
+    for mode, margin in (("hold", 0.25), ("soft", 0.25), ("hard", 1.0)):
+        cfg = from_dict({"actuation": {"v1_memory_harvest": mode}})
+        assert cfg.safeguard.mem_margin_units == margin, mode
+    p = tmp_path / "hard.toml"
+    p.write_text("[actuation]\nv1_memory_harvest = 'hard'\n[safeguard]\nmem_margin_units = 0.5\n")
+    assert config.load(p).safeguard.mem_margin_units == 0.5
+    assert config.load(p, {"safeguard.mem_margin_units": 0.25}).safeguard.mem_margin_units == 0.25
+    hard = config.load(None, {"actuation.v1_memory_harvest": "hard"})
+    assert hard.safeguard.mem_margin_units == 1.0 and hard.safeguard.mem_headroom_mb == 16.0
+    with pytest.raises(ConfigError, match="safeguard"):
+        from_dict({"actuation": {"v1_memory_harvest": "hard"}, "safeguard": 3})
+
+
 def test_cli_flags_map_to_config_keys(tmp_path: Path) -> None:
     from sidecar.cli import _sidecar_overrides, build_parser
 

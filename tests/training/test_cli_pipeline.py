@@ -57,7 +57,8 @@ def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
     """The ``--mem-*`` flags reach the evaluated safeguard: `smallest` in the default quarter-unit
     box holds fewer MB-seconds than in the reference's whole unit; more when the margin also
     follows the functions' spread, or when memory is harvested only after a function's first
-    calls; and ``--restart-every`` reaches the cluster."""
+    calls; ``--restart-every`` reaches the cluster; and ``--v1-memory-harvest hard`` decides in
+    the whole unit unless a margin is named, as a node's config does."""
     held = {}
     for name, flags in (
         ("reference", ("--mem-margin-units", "1")),
@@ -65,6 +66,8 @@ def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
         ("tight+spread", ("--mem-margin-units", "0.25", "--mem-margin-sd", "3")),
         ("after", ("--mem-margin-units", "1", "--mem-harvest-after", "5")),
         ("restarts", ("--mem-margin-units", "1", "--restart-every", "60")),
+        ("hard", ("--v1-memory-harvest", "hard")),
+        ("hard+tight", ("--v1-memory-harvest", "hard", "--mem-margin-units", "0.25")),
     ):
         res = _sim_eval(tmp_path / f"{name}.json", "smallest", *flags)
         held[name] = res["smallest"]["alloc_mem_ratio"]
@@ -72,3 +75,7 @@ def test_sim_eval_decides_under_the_named_memory_box(tmp_path):
     assert held["tight"] < held["reference"] < held["after"] < 1.0
     # a node that forgets every minute calibrates every function again at the user's size
     assert held["reference"] < held["restarts"] < 1.0
+    # the hard limit's kills move the figures a little; the box is what moves them most
+    assert abs(held["hard"] - held["reference"]) < 0.01
+    assert abs(held["hard+tight"] - held["tight"]) < 0.01 < held["hard"] - held["hard+tight"]
+
