@@ -642,9 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bound",
         help="the least RFET and p98 execution time any allocation gives a real run's calls",
         description="Each function's fastest CPU quota up to the host's cores in a 'faasrm bench "
-        "curves --json' output, over its time at the user's size, applied to Fixed's calls of "
-        "a 'faasrm bench real --records --json' run: the geometric-mean RFET by duration class "
-        "and the p98 execution time no manager can beat there (docs/invoker.md).",
+        "curves --json' output, over its time at the user's size, applied to each call of a "
+        "'faasrm bench real --records --json' run at its reference (the geometric mean of "
+        "Fixed's rounds): the geometric-mean RFET by duration class and the p98 execution time "
+        "no manager can beat there (docs/invoker.md).",
     )
     bbd.add_argument("--real", required=True, help="a 'faasrm bench real --records --json' output")
     bbd.add_argument("--curves", required=True, help="a 'faasrm bench curves --json' output")

@@ -29,6 +29,7 @@ draw serve every figure; quantiles are the weighted inverted-CDF quantile (numpy
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -231,7 +232,8 @@ class Replays:
 
 def reference_times(fixed: Replays) -> np.ndarray:
     """Each invocation's reference: the geometric mean of its successful Fixed executions."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a call Fixed never ran through: NaN
         return np.exp(np.nanmean(np.log(fixed.ok_exec()), axis=0))
 
 

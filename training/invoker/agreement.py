@@ -38,7 +38,7 @@ import numpy as np
 
 from sidecar.core.grid import Alloc, ResourceGrid
 from training.evaluate import make_manager, run, sim_run
-from training.evidence import reference_times, sim_report
+from training.evidence import Replays, reference_times, sim_report
 from training.invoker.curves import QUOTAS, working_set_mb
 from training.invoker.invoker import Arrival, Measurement, kind, schedule
 from training.sim.cluster import ClusterConfig, ClusterSim, Request
@@ -338,11 +338,15 @@ class RealRun:
                     )
         return cls(data, arrivals, records)
 
-    def reference_s(self) -> np.ndarray:
-        """Each invocation's reference time: the geometric mean of its Fixed executions."""
+    def fixed(self) -> Replays:
+        """Fixed's rounds as (round x invocation) arrays."""
         from training.invoker.real import replays
 
-        return reference_times(replays(self.records["fixed"], len(self.arrivals), 0))
+        return replays(self.records["fixed"], len(self.arrivals), 0)
+
+    def reference_s(self) -> np.ndarray:
+        """Each invocation's reference time: the geometric mean of its Fixed executions."""
+        return reference_times(self.fixed())
 
     def block(self, manager: str) -> dict:
         st = self.data["results"][manager]

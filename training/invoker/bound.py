@@ -5,9 +5,10 @@ function's median time at CFS quotas of 0.25 to 2 cores. More memory than the pe
 (docs/duration-model.md), so the fastest a call can run on this host is its function's fastest
 quota up to the host's cores. ``best_speedups`` takes that over the time at the user's CPU, per
 function; ``allocation_bound`` applies it to Fixed's calls of a ``faasrm bench real --records``
-run and gives the geometric-mean RFET by duration class and the p98 execution time against
-Fixed's that no manager can beat there, up to the curves' noise (a function already fast at its
-user's size has a speed-up of 1, whatever it is given).
+run and gives the geometric-mean RFET by duration class (each call classed by its reference
+time, the geometric mean of Fixed's rounds, as ``bench real`` classes it) and the p98 execution
+time against Fixed's that no manager can beat there, up to the curves' noise (a function
+already fast at its user's size has a speed-up of 1, whatever it is given).
 
 ``faasrm bench bound --real PATH --curves PATH``: docs/invoker.md, "What the functions allow".
 """
@@ -18,13 +19,14 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.evidence import DURATION_CLASSES, duration_class
+from training.evidence import DURATION_CLASSES, Replays, duration_class, reference_times
+from training.invoker.agreement import RealRun
 
 
 def best_speedups(curves: dict[str, Any], host_cores: float) -> dict[str, float]:
@@ -43,26 +45,30 @@ def best_speedups(curves: dict[str, Any], host_cores: float) -> dict[str, float]
     return out
 
 
-def allocation_bound(records: Iterable[dict[str, Any]], best: dict[str, float]) -> dict[str, Any]:
-    """Fixed's successful ``records``, each sped up by its function's ``best``: the geometric-mean
-    RFET per duration class of its execution time, and the p98 execution time before and after."""
+def allocation_bound(
+    fixed: Replays, functions: Sequence[str], best: dict[str, float]
+) -> dict[str, Any]:
+    """Fixed's rounds of calls to ``functions``, each sped up by its function's ``best``: the
+    geometric-mean RFET per duration class over Fixed's successful runs, each classed by its
+    call's reference time, and their p98 execution time before and after: as ``bench real``
+    classes, counts and pools them."""
+    missing = sorted(set(functions) - set(best))
+    if missing:
+        raise ValueError(f"no curve for {missing[0]!r}: measure it with bench curves")
+    speed = np.array([best[f] for f in functions])
+    ok = fixed.ok_exec()
+    runs = np.isfinite(ok).sum(axis=0)  # each call counts once per successful Fixed run
+    if not runs.any():
+        raise ValueError("no call that Fixed ran through in the run")
     logs: dict[str, list[float]] = {c: [] for c in DURATION_CLASSES}
-    every, execs, bounded = [], [], []
-    for r in records:
-        if r["outcome"] != "success":
-            continue
-        if r["function"] not in best:
-            raise ValueError(f"no curve for {r['function']!r}: measure it with bench curves")
-        s, e = best[r["function"]], r["exec_s"]
-        cls = duration_class(e)
+    every: list[float] = []
+    for r, s, k in zip(reference_times(fixed), speed, runs, strict=True):
+        cls = duration_class(float(r)) if k else None
         if cls is not None:
-            logs[cls].append(math.log(s))
-        every.append(math.log(s))
-        execs.append(e)
-        bounded.append(e * s)
-    if not execs:
-        raise ValueError("no successful Fixed call in the run (was it run with --records?)")
-    p98, p98_bound = float(np.percentile(execs, 98)), float(np.percentile(bounded, 98))
+            logs[cls] += [math.log(s)] * k
+        every += [math.log(s)] * k
+    p98 = float(np.nanpercentile(ok, 98))
+    p98_bound = float(np.nanpercentile(ok * speed, 98))
     return {
         "by_duration": {
             c: {
@@ -75,26 +81,19 @@ def allocation_bound(records: Iterable[dict[str, Any]], best: dict[str, float]) 
         "p98_exec_s": p98,
         "p98_exec_s_bound": p98_bound,
         "p98_exec_ratio_bound": p98_bound / p98,
-        "invocations": len(execs),
+        "invocations": len(every),
     }
-
-
-def _fixed_records(real: dict[str, Any]) -> list[dict[str, Any]]:
-    rounds = (real.get("records") or {}).get("fixed")
-    if not rounds:
-        raise ValueError("the real run has no Fixed records: run bench real with --records")
-    return [r for rnd in rounds for r in rnd]
 
 
 def table(out: dict[str, Any]) -> str:
     lines = [
-        f"the least any allocation gives Fixed's {out['invocations']} calls on "
+        f"the least any allocation gives Fixed's {out['invocations']} runs on "
         f"{out['host_cores']:g} cores (each function's fastest quota in bench curves):",
         f"  all calls: geometric-mean RFET {out['gmean_rfet_bound']:.3f}",
     ]
     for c, b in out["by_duration"].items():
         g = b["gmean_rfet_bound"]
-        lines.append(f"  {c}: {'-' if g is None else f'{g:.3f}'} ({b['invocations']} calls)")
+        lines.append(f"  {c}: {'-' if g is None else f'{g:.3f}'} ({b['invocations']} runs)")
     lines.append(
         f"  p98 execution time {out['p98_exec_s_bound']:.2f} s against Fixed's "
         f"{out['p98_exec_s']:.2f} s ({out['p98_exec_ratio_bound']:.3f} of it)"
@@ -108,9 +107,13 @@ def main(args: argparse.Namespace) -> int:
     real = json.loads(Path(args.real).read_text())
     curves = json.loads(Path(args.curves).read_text())
     host = float(args.host_cores or os.cpu_count() or 1)
+    if not isinstance(curves, dict) or not isinstance(curves.get("functions"), list):
+        raise ValueError(f"{args.curves} is not a 'faasrm bench curves --json' output")
     best = best_speedups(curves, host)
+    run = RealRun.of(real)
+    functions = [a.container for a in run.arrivals]
     out = {
-        **allocation_bound(_fixed_records(real), best),
+        **allocation_bound(run.fixed(), functions, best),
         "best_speedup": best,
         "host_cores": host,
     }
