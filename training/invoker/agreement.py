@@ -30,13 +30,15 @@ import json
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sidecar.config import from_dict as config_from_dict
 from sidecar.core.grid import Alloc, ResourceGrid
+from sidecar.core.safeguard import SafeguardConfig
 from training.evaluate import make_manager, run, sim_run
 from training.evidence import Replays, reference_times, sim_report
 from training.invoker.curves import QUOTAS, working_set_mb
@@ -265,6 +267,21 @@ def host_config(cores: float, mem_mb: float) -> ClusterConfig:
     return ClusterConfig(servers=1, cores=cores, mem_mb=mem_mb, cpu_overcommit=1e9)
 
 
+def node_box(settings: dict[str, dict[str, Any]]) -> tuple[SafeguardConfig, bool, list[str]]:
+    """The safeguard and the OOM hold a ``bench real`` sidecar decided under, its
+    ``sidecar_settings`` read as a node reads its config (so a default follows the memory mode
+    there as on a node), and the settings the simulator does not model."""
+    cfg = config_from_dict(settings)
+    unmodelled = sorted(
+        f"{sec}.{key}"
+        for sec, kv in settings.items()
+        for key, value in kv.items()
+        if sec != "safeguard"
+        and not (sec == "actuation" and key == "v1_memory_harvest" and value in ("hold", "hard"))
+    )
+    return cfg.safeguard, cfg.actuation.oom_hold, unmodelled
+
+
 # ------------------------------------------------------------------------- both sides
 def simulate(
     wl: Workload,
@@ -273,14 +290,19 @@ def simulate(
     host: ClusterConfig,
     model: str | Path | None,
     names: Sequence[str],
+    settings: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, dict]:
-    """Each manager on ``wl``: the compared figures (with the simulator's own bootstrap interval
-    over invocations), harvested / accelerated by the real invoker's rule (``invoker.kind``), and
-    each function's geometric-mean RFET."""
-    sim = ClusterSim(wl, host, grid)
+    """Each manager on ``wl``, a labelled one (``smallest@tight``) under its ``settings`` (bench
+    real's ``sidecar_settings``): the compared figures (with the simulator's own bootstrap
+    interval over invocations), harvested / accelerated by the real invoker's rule
+    (``invoker.kind``), and each function's geometric-mean RFET."""
+    from training.invoker.real import base_manager
+
     runs = {}
     for name in managers:
-        run(sim, make_manager(name, model, grid))
+        safeguard, hold, _ = node_box((settings or {}).get(name, {}))
+        sim = ClusterSim(wl, replace(host, oom_hold=hold), grid, safeguard)
+        run(sim, make_manager(base_manager(name), model, grid))
         runs[name] = sim_run(sim)
     stats = sim_report({m: [r] for m, r in runs.items()})
     out = {}
@@ -406,10 +428,13 @@ def agreement(
         host = host_capacity()
     models = function_models(curves, real_data["functions"])
     wl = fitted_workload(real.arrivals, real.reference_s(), models, grid)
-    sim = simulate(wl, managers, grid, host_config(*host), model, list(models))
+    settings = cfg.get("sidecar_settings") or {}
+    sim = simulate(wl, managers, grid, host_config(*host), model, list(models), settings)
     order = [m for m in cfg.get("order", [[]])[0] if m in real_data["results"]]
     order += [m for m in real_data["results"] if m not in order]  # the run's order, fixed first
     results = compare(sim, {m: real.block(m) for m in order})
+    for m, row in results.items():
+        row["not_simulated"] = node_box(settings.get(m, {}))[2]
     errors = [
         row["abs_error_gmean_rfet"]
         for m, row in results.items()
@@ -496,13 +521,19 @@ def table(rep: dict) -> str:
     mae = rep["mean_abs_error_gmean_rfet"]
     noise = rep["noise"]
     load, cpus = c["curves"].get("load_avg"), c["curves"].get("cpus")
-    busy = (
+    warnings = (
         f"\n\nwarning: bench curves ran at a load average of up to {max(load):.1f} on {cpus} "
         "cores: the fitted functions describe that load more than themselves; measure the "
         "curves on a quiet host"
         if load and cpus and max(load) > BUSY_LOAD * cpus
         else ""
     )
+    for m, row in rep["results"].items():
+        if row.get("not_simulated"):
+            warnings += (
+                f"\n\nwarning: {m} ran with settings the simulator does not model "
+                f"({', '.join(row['not_simulated'])}): its simulated side ran without them"
+            )
     return (
         f"slice: {sl['minutes']:g} min at {sl['speedup']:g}x, seed {sl['seed']}, "
         f"{c['invocations']} invocations; real: {c['repeats']} round(s)\n"
@@ -516,7 +547,7 @@ def table(rep: dict) -> str:
             else f"; the real noise row: {_ci(noise, 'gmean_rfet')}, "
             f"{noise['slowdown_frac_1_2']:.1%} above 1.2"
         )
-        + busy
+        + warnings
     )
 
 
