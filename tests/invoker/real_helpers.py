@@ -9,7 +9,7 @@ from training.invoker.agreement import simulated_curves
 from training.invoker.curves import QUOTAS
 from training.invoker.functions import SPECS
 from training.invoker.invoker import Measurement, record_dicts, schedule
-from training.invoker.real import report
+from training.invoker.real import SIDECAR_RULES, base_manager, report, sidecar_box
 
 HOST = (2.0, 8192.0)
 # phi, p, time at the user's size (s), idle worker MB, working-set growth a (MB at the curve's
@@ -53,9 +53,14 @@ def fake_curves() -> dict:
     return {"cpus": 2, "period_us": 100_000, "load_avg": [0.4, 0.6], "functions": functions}
 
 
-def fake_real(minutes: float = 0.5, managers=("fixed", "rule", "vpa")) -> dict:
+def fake_real(
+    minutes: float = 0.5, managers=("fixed", "rule", "vpa"), settings: dict | None = None
+) -> dict:
     """A one-round ``bench real --records --json`` output built with bench real's own report:
-    ``rule`` runs pyloop 2x faster on 1 core and harvests sleepy; ``vpa`` harvests memory."""
+    ``rule`` runs pyloop 2x faster on 1 core and harvests sleepy; ``vpa`` harvests memory.
+    ``settings``: each sidecar manager's ``--sidecar-set``, recorded as bench real records it."""
+    sidecars = [m for m in managers if base_manager(m) in (*SIDECAR_RULES, "learned")]
+    settings = {m: (settings or {}).get(m, {}) for m in sidecars}
     arrivals = schedule(minutes, 15.0, 0)
     rng = np.random.default_rng(0)
     measured, users = {}, {s.name: s for s in SPECS}
@@ -89,6 +94,8 @@ def fake_real(minutes: float = 0.5, managers=("fixed", "rule", "vpa")) -> dict:
             "repeats": 1,
             "cores_per_mb": 1 / 256.0,
             "model": None,
+            "sidecar_settings": settings,
+            "sidecar_boxes": {m: sidecar_box(kv) for m, kv in settings.items()},
             "grid": {
                 "cpu_unit_cores": 0.25,
                 "cpu_units": 8,

@@ -155,38 +155,46 @@ def test_the_report_puts_sim_beside_real_and_names_what_is_missing() -> None:
     assert "load average of up to 3.0 on 2 cores" in table(agreement(real, busy, host=HOST))
 
 
-def test_a_labelled_manager_is_simulated_under_its_own_settings() -> None:
+def test_a_sidecar_is_simulated_in_the_box_it_ran_in() -> None:
     """bench real's ``smallest@LABEL`` ran with its own ``--sidecar-set``: the simulated side
-    decides under the same safeguard and memory mode (read as a node reads its config), and a
-    setting the simulator does not model is named, not silently dropped."""
+    decides under the safeguard and memory mode the run recorded for it (read as a node reads
+    its config), and a setting the simulator does not model is named, not silently dropped."""
     managers = ("fixed", "smallest", "smallest@whole", "smallest@hard", "smallest@odd")
-    real = fake_real(managers=managers)
-    real["config"]["sidecar_settings"] = {
-        "smallest": {},
-        "smallest@whole": {"safeguard": {"mem_margin_units": 1.0}},
-        "smallest@hard": {"actuation": {"v1_memory_harvest": "hard"}},
-        "smallest@odd": {"actuation": {"throttle_target": 0.5}},
-    }
+    real = fake_real(
+        managers=managers,
+        settings={
+            "smallest@whole": {"safeguard": {"mem_margin_units": 1.0}},
+            "smallest@hard": {"actuation": {"v1_memory_harvest": "hard"}},
+            "smallest@odd": {"actuation": {"throttle_target": 0.5}},
+        },
+    )
     rep = agreement(real, fake_curves(), host=HOST)
     res = rep["results"]
     sim = {m: res[m]["sim"] for m in managers}
-    assert sim["smallest"]["alloc_mem_ratio"] < sim["smallest@whole"]["alloc_mem_ratio"] - 0.01
+    held = {m: s["alloc_mem_ratio"] for m, s in sim.items()}
+    assert held["smallest"] < held["smallest@whole"] - 0.01
     # the hard limit takes the whole unit unless a margin is set, as on a node
-    assert (
-        abs(sim["smallest@hard"]["alloc_mem_ratio"] - sim["smallest@whole"]["alloc_mem_ratio"])
-        < 0.01
-    )
+    assert abs(held["smallest@hard"] - held["smallest@whole"]) < 0.01
     assert sim["smallest@odd"] == sim["smallest"]
     assert [res[m]["not_simulated"] for m in managers] == [
-        [],
-        [],
-        [],
-        [],
+        *([[]] * 4),
         ["actuation.throttle_target"],
     ]
     text = table(rep)
     assert "warning: smallest@odd ran with settings the simulator does not model" in text
     assert "actuation.throttle_target" in text and "warning: smallest@whole" not in text
+    assert "predates recorded sidecar boxes" not in text
+
+    # A box recorded under another day's default is the one simulated, not today's default...
+    boxes = real["config"]["sidecar_boxes"]
+    boxes["smallest"] = boxes["smallest@whole"]
+    then = agreement(real, fake_curves(), ["smallest"], host=HOST)["results"]["smallest"]["sim"]
+    assert then == sim["smallest@whole"]
+    # ...and a run that recorded no boxes is simulated under today's defaults, with a warning.
+    del real["config"]["sidecar_boxes"]
+    old = agreement(real, fake_curves(), ["smallest"], host=HOST)
+    assert old["results"]["smallest"]["sim"] == sim["smallest"]
+    assert "predates recorded sidecar boxes" in table(old)
 
 
 def test_a_real_run_without_records_or_of_another_slice_is_refused() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from training.invoker.invoker import Measurement
-from training.invoker.real import choice_shares, parse_managers
+from training.invoker.real import choice_shares, parse_managers, sidecar_box
 
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
@@ -102,6 +102,29 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
         "smallest": {},
         "smallest@asuser": {"model": {"rule": "user"}},
     }
+    # and the box each sidecar decided in, defaults included, for a later simulation of the run
+    boxes = got["config"]["sidecar_boxes"]
+    assert boxes["smallest"] == boxes["smallest@asuser"] == sidecar_box({})
+    assert boxes["smallest"]["safeguard"]["mem_margin_units"] == 0.25
+    assert boxes["smallest"]["v1_memory_harvest"] == "hold"
+
+
+def test_bench_real_refuses_a_setting_no_sidecar_can_take_before_it_runs(
+    v1_root: None, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "bench", "real", "--managers", "smallest@odd"]
+        + ["--sidecar-set", "odd:safeguard.mem_margin_units=3", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--sidecar-set for smallest@odd: safeguard.mem_margin_units 3.0 outside" in proc.stderr
+    assert "trace:" not in proc.stdout and not out.exists()
 
 
 def test_parse_managers_gives_each_labelled_run_its_settings_and_refuses_what_it_cannot_run() -> (

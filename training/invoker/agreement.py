@@ -30,13 +30,12 @@ import json
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sidecar.config import from_dict as config_from_dict
 from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.safeguard import SafeguardConfig
 from training.evaluate import make_manager, run, sim_run
@@ -267,11 +266,17 @@ def host_config(cores: float, mem_mb: float) -> ClusterConfig:
     return ClusterConfig(servers=1, cores=cores, mem_mb=mem_mb, cpu_overcommit=1e9)
 
 
-def node_box(settings: dict[str, dict[str, Any]]) -> tuple[SafeguardConfig, bool, list[str]]:
-    """The safeguard and the OOM hold a ``bench real`` sidecar decided under, its
-    ``sidecar_settings`` read as a node reads its config (so a default follows the memory mode
-    there as on a node), and the settings the simulator does not model."""
-    cfg = config_from_dict(settings)
+def node_box(
+    settings: dict[str, dict[str, Any]], box: dict[str, Any] | None = None
+) -> tuple[SafeguardConfig, bool, list[str]]:
+    """The safeguard and the OOM hold a ``bench real`` sidecar decided under, and the settings
+    the simulator does not model: from the ``box`` the run recorded (``real.sidecar_box``), else
+    from its ``settings`` read under today's defaults (a run recorded before the boxes were)."""
+    from training.invoker.real import sidecar_box
+
+    box = box or sidecar_box(settings)
+    known = {f.name for f in fields(SafeguardConfig)}
+    safeguard = SafeguardConfig(**{k: v for k, v in box["safeguard"].items() if k in known})
     unmodelled = sorted(
         f"{sec}.{key}"
         for sec, kv in settings.items()
@@ -279,7 +284,7 @@ def node_box(settings: dict[str, dict[str, Any]]) -> tuple[SafeguardConfig, bool
         if sec != "safeguard"
         and not (sec == "actuation" and key == "v1_memory_harvest" and value in ("hold", "hard"))
     )
-    return cfg.safeguard, cfg.actuation.oom_hold, unmodelled
+    return safeguard, box["v1_memory_harvest"] == "hold", unmodelled
 
 
 # ------------------------------------------------------------------------- both sides
@@ -291,16 +296,17 @@ def simulate(
     model: str | Path | None,
     names: Sequence[str],
     settings: dict[str, dict[str, dict[str, Any]]] | None = None,
+    boxes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict]:
-    """Each manager on ``wl``, a labelled one (``smallest@tight``) under its ``settings`` (bench
-    real's ``sidecar_settings``): the compared figures (with the simulator's own bootstrap
-    interval over invocations), harvested / accelerated by the real invoker's rule
-    (``invoker.kind``), and each function's geometric-mean RFET."""
+    """Each manager on ``wl``, a sidecar (``smallest@tight`` too) in the box its ``settings``
+    gave it (bench real's ``sidecar_settings`` and ``sidecar_boxes``): the compared figures
+    (with the simulator's own bootstrap interval over invocations), harvested / accelerated by
+    the real invoker's rule (``invoker.kind``), and each function's geometric-mean RFET."""
     from training.invoker.real import base_manager
 
     runs = {}
     for name in managers:
-        safeguard, hold, _ = node_box((settings or {}).get(name, {}))
+        safeguard, hold, _ = node_box((settings or {}).get(name, {}), (boxes or {}).get(name))
         sim = ClusterSim(wl, replace(host, oom_hold=hold), grid, safeguard)
         run(sim, make_manager(base_manager(name), model, grid))
         runs[name] = sim_run(sim)
@@ -428,13 +434,13 @@ def agreement(
         host = host_capacity()
     models = function_models(curves, real_data["functions"])
     wl = fitted_workload(real.arrivals, real.reference_s(), models, grid)
-    settings = cfg.get("sidecar_settings") or {}
-    sim = simulate(wl, managers, grid, host_config(*host), model, list(models), settings)
+    settings, boxes = cfg.get("sidecar_settings") or {}, cfg.get("sidecar_boxes")
+    sim = simulate(wl, managers, grid, host_config(*host), model, list(models), settings, boxes)
     order = [m for m in cfg.get("order", [[]])[0] if m in real_data["results"]]
     order += [m for m in real_data["results"] if m not in order]  # the run's order, fixed first
     results = compare(sim, {m: real.block(m) for m in order})
     for m, row in results.items():
-        row["not_simulated"] = node_box(settings.get(m, {}))[2]
+        row["not_simulated"] = node_box(settings.get(m, {}), (boxes or {}).get(m))[2]
     errors = [
         row["abs_error_gmean_rfet"]
         for m, row in results.items()
@@ -449,6 +455,7 @@ def agreement(
             "repeats": cfg["repeats"],
             "grid": cfg["grid"],
             "model": str(model) if model else None,
+            "boxes_recorded": boxes is not None,
             "cores_per_mb": cfg.get("cores_per_mb"),
             "host": {"cores": host[0], "mem_mb": host[1]},
             "curves": {k: curves.get(k) for k in ("cpus", "period_us", "load_avg")},
@@ -528,6 +535,12 @@ def table(rep: dict) -> str:
         if load and cpus and max(load) > BUSY_LOAD * cpus
         else ""
     )
+    if not c.get("boxes_recorded", True):
+        warnings += (
+            "\n\nwarning: the real run predates recorded sidecar boxes (bench real's "
+            "config.sidecar_boxes): its sidecars are simulated under today's defaults, which may "
+            "not be those they ran with"
+        )
     for m, row in rep["results"].items():
         if row.get("not_simulated"):
             warnings += (

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.config import from_dict as config_from_dict
 from sidecar.config import parse_override
 from sidecar.core.grid import ResourceGrid
 from sidecar.dockerd import DockerEngine
@@ -130,6 +131,17 @@ def parse_managers(text: str, sets: list[str]) -> tuple[list[str], dict[str, Set
             own = labelled.get(m.partition("@")[2], {})
             settings[m] = {s: {**common.get(s, {}), **own.get(s, {})} for s in {*common, *own}}
     return managers, settings
+
+
+def sidecar_box(settings: Settings) -> dict[str, Any]:
+    """The safeguard and memory mode a sidecar given ``settings`` decides under, defaults
+    included, as the node reads its config. Kept with a run, so that simulating it later (bench
+    agreement) does not take a later default."""
+    cfg = config_from_dict(settings)
+    return {
+        "safeguard": dataclasses.asdict(cfg.safeguard),
+        "v1_memory_harvest": cfg.actuation.v1_memory_harvest,
+    }
 
 
 def sidecar_process(
@@ -411,6 +423,12 @@ async def run_all(
     runs with its defaults); ``settings``: each sidecar manager's config beyond the defaults;
     ``memory_mb``: the invoker's memory pool for running calls (None: none)."""
     settings = settings or {}
+    boxes = {}
+    for m, kv in settings.items():  # a setting no sidecar can take fails here, before any run
+        try:
+            boxes[m] = sidecar_box(kv)
+        except ValueError as exc:
+            raise ValueError(f"--sidecar-set for {m}: {exc}") from None
     invocations = schedule(minutes, speedup, seed)
     # short lines: a terminal of 80 columns must not cut a word (nor a URL, below)
     echo(f"trace: bundled Azure sample, {speedup:g} trace minutes per minute, seed {seed}")
@@ -531,6 +549,7 @@ async def run_all(
             "model": str(model) if model else None,
             "grid": dataclasses.asdict(grid),
             "sidecar_settings": settings,
+            "sidecar_boxes": boxes,
             "memory_mb": memory_mb,
             "resamples": evidence.RESAMPLES,
             "bootstrap_seed": evidence.SEED,
