@@ -295,18 +295,17 @@ def simulate(
     host: ClusterConfig,
     model: str | Path | None,
     names: Sequence[str],
-    settings: dict[str, dict[str, dict[str, Any]]] | None = None,
-    boxes: dict[str, dict[str, Any]] | None = None,
+    boxes: dict[str, tuple[SafeguardConfig, bool, list[str]]],
 ) -> dict[str, dict]:
-    """Each manager on ``wl``, a sidecar (``smallest@tight`` too) in the box its ``settings``
-    gave it (bench real's ``sidecar_settings`` and ``sidecar_boxes``): the compared figures
+    """Each manager on ``wl``, a sidecar (``smallest@tight`` too) in its box (``node_box``):
+    the compared figures
     (with the simulator's own bootstrap interval over invocations), harvested / accelerated by
     the real invoker's rule (``invoker.kind``), and each function's geometric-mean RFET."""
     from training.invoker.real import base_manager
 
     runs = {}
     for name in managers:
-        safeguard, hold, _ = node_box((settings or {}).get(name, {}), (boxes or {}).get(name))
+        safeguard, hold, _ = boxes[name]
         sim = ClusterSim(wl, replace(host, oom_hold=hold), grid, safeguard)
         run(sim, make_manager(base_manager(name), model, grid))
         runs[name] = sim_run(sim)
@@ -434,13 +433,17 @@ def agreement(
         host = host_capacity()
     models = function_models(curves, real_data["functions"])
     wl = fitted_workload(real.arrivals, real.reference_s(), models, grid)
-    settings, boxes = cfg.get("sidecar_settings") or {}, cfg.get("sidecar_boxes")
-    sim = simulate(wl, managers, grid, host_config(*host), model, list(models), settings, boxes)
+    settings, recorded = cfg.get("sidecar_settings") or {}, cfg.get("sidecar_boxes")
+    boxes = {
+        m: node_box(settings.get(m, {}), (recorded or {}).get(m))
+        for m in dict.fromkeys([*managers, *real_data["results"]])
+    }
+    sim = simulate(wl, managers, grid, host_config(*host), model, list(models), boxes)
     order = [m for m in cfg.get("order", [[]])[0] if m in real_data["results"]]
     order += [m for m in real_data["results"] if m not in order]  # the run's order, fixed first
     results = compare(sim, {m: real.block(m) for m in order})
     for m, row in results.items():
-        row["not_simulated"] = node_box(settings.get(m, {}), (boxes or {}).get(m))[2]
+        row["not_simulated"] = boxes[m][2]
     errors = [
         row["abs_error_gmean_rfet"]
         for m, row in results.items()
@@ -455,7 +458,7 @@ def agreement(
             "repeats": cfg["repeats"],
             "grid": cfg["grid"],
             "model": str(model) if model else None,
-            "boxes_recorded": boxes is not None,
+            "boxes_recorded": recorded is not None,
             "cores_per_mb": cfg.get("cores_per_mb"),
             "host": {"cores": host[0], "mem_mb": host[1]},
             "curves": {k: curves.get(k) for k in ("cpus", "period_us", "load_avg")},
