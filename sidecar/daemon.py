@@ -139,7 +139,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
         for rt in node.runtimes:
             rt.close()
         log.info("restored user limits", extra={"containers": results})
-        node.save_profiles()  # after shutdown: runs cut short are remembered as failures
+        node.save_profiles()  # after shutdown: what the runs it cut short had taught is kept
 
 
 async def _sample_loop(app: web.Application) -> None:

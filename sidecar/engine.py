@@ -461,7 +461,12 @@ class Engine:
         duration_s: float | None = None,
         usage: Usage | None = None,
         now_s: float | None = None,
+        learn: bool = True,
     ) -> Ended:
+        """End an invocation: learn from it, credit its decision, build its record.
+
+        ``learn=False`` is for a run the daemon cuts short itself (``lost`` at shutdown): it says
+        nothing of the function's needs, so only a kill the kernel reported in it is learned."""
         if outcome not in OUTCOMES:
             raise EngineError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
         inv = self.invocations.pop(invocation_id, None)
@@ -483,9 +488,8 @@ class Engine:
             if c is not None:
                 c.last_mem_bytes = usage.mem_bytes
         wall = inv.mem_wall_bytes or _hard_harvest(inv.target, inv.user)
-        if outcome in ("success", "failure") and (
-            inv.oom  # the kernel said why it failed
-            or (outcome == "failure" and wall and inv.mem_peak_bytes >= wall)
+        if inv.oom or (  # the kernel killed a task in it, whatever ended the invocation
+            outcome == "failure" and wall and inv.mem_peak_bytes >= wall
         ):  # it failed against its harvested limit: under the OOM hold a syscall's allocation
             outcome = "oom"  # there fails (EFAULT, ENOMEM) rather than wait, and nothing is killed
         failed = outcome != "success"
@@ -493,28 +497,28 @@ class Engine:
         baseline = stats.baseline_duration_s
         mem_peak_mb = inv.mem_peak_bytes / MB
         user_mb = inv.user.mem_bytes / MB
-        gs.observe(
-            inv.guard,
-            inv.alloc,
-            inv.cpu_peak_cores,
-            mem_peak_mb,
-            failed,
-            inv.input_size,
-            inv.mem_start_bytes / MB,
-            cpu_s,
-            duration,
-            self.act_cfg.cpu_period_us / 1e6,
-            user_mb,
-        )
-        at_user = inv.alloc == inv.user_alloc and not failed
-        stats.on_completion(
-            now,
-            duration,
-            inv.cpu_peak_cores,
-            mem_peak_mb,
-            at_user_size=at_user,
-            input_size=inv.input_size,
-        )
+        if learn or outcome == "oom":
+            gs.observe(
+                inv.guard,
+                inv.alloc,
+                inv.cpu_peak_cores,
+                mem_peak_mb,
+                failed,
+                inv.input_size,
+                inv.mem_start_bytes / MB,
+                cpu_s,
+                duration,
+                self.act_cfg.cpu_period_us / 1e6,
+                user_mb,
+            )
+            stats.on_completion(
+                now,
+                duration,
+                inv.cpu_peak_cores,
+                mem_peak_mb,
+                at_user_size=inv.alloc == inv.user_alloc and not failed,
+                input_size=inv.input_size,
+            )
         # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with
         known = baseline == baseline and baseline > 0 and outcome != "lost"
         reward = None

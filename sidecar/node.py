@@ -423,8 +423,11 @@ class Node:
         duration_s: float | None,
         usage: cgroups.Usage | None,
         restore: bool,
+        learn: bool = True,
     ) -> Any:
-        ended = self.engine.end(invocation_id, outcome, duration_s=duration_s, usage=usage)
+        ended = self.engine.end(
+            invocation_id, outcome, duration_s=duration_s, usage=usage, learn=learn
+        )
         inv = ended.invocation
         self.metrics.invocations.labels(ended.outcome).inc()
         if (share := inv.trace["throttled_share"]) is not None:
@@ -557,7 +560,7 @@ class Node:
     def shutdown(self) -> dict[str, str]:
         for inv_id in list(self.engine.invocations):
             try:
-                self._finish(inv_id, "lost", None, usage=None, restore=False)
+                self._finish(inv_id, "lost", None, usage=None, restore=False, learn=False)
             except EngineError:
                 pass
         results = self.actuator.restore_all()

@@ -109,12 +109,12 @@ class SafeguardConfig:
     """Within an invocation, usage at this share of a harvested allocation returns the user's
     size."""
     mem_margin_units: float = 0.25
-    """Memory's lower bound is the remembered peak plus this many grid units, for a function never
-    OOM-killed (after a kill, the reference's 1). A quarter, not the reference's 1: under the v1
-    OOM hold (or v2's ``memory.high``) a working set that outgrows the margin waits for the
-    give-back instead of being killed, and the quarter unit held a quarter less memory on real
-    functions at no speed cost measured (docs/learning.md, "A quarter-unit margin by default").
-    A node on the hard limit takes 1 unless its config sets it
+    """Memory's lower bound is the remembered peak plus this many grid units, for a function that
+    has never failed (after a failed run, the reference's 1). A quarter, not the reference's 1:
+    under the v1 OOM hold (or v2's ``memory.high``) a working set that outgrows the margin waits
+    for the give-back instead of being killed, and the quarter unit held a quarter less memory
+    on real functions at no speed cost measured (docs/learning.md, "A quarter-unit margin by
+    default"). A node on the hard limit takes 1 unless its config sets it
     (``sidecar.config.HARD_MEM_MARGIN_UNITS``)."""
     mem_margin_sd: float = 0.0
     """Memory's margin is at least this many standard deviations of the function's successful

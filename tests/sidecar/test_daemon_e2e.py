@@ -316,7 +316,9 @@ def test_the_latest_user_size_a_hook_reports_is_saved_and_restored(tmp_path: Pat
 def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> None:
     """Issue 15.9a: after a SIGTERM that restored every container, the next start has nothing
     to restore and does not warn about containers left by a previous run (a SIGKILL still
-    leaves them: ``test_sigkill_mid_actuation_then_restart_restores_within_a_second``)."""
+    leaves them: ``test_sigkill_mid_actuation_then_restart_restores_within_a_second``). The
+    invocation the SIGTERM cut short ends ``lost`` and costs the function nothing it had learned:
+    the restarted node harvests it as before, where it once calibrated again at the user's size."""
     a = boxes("c@1")
     port = free_port()
     cfg = write_config(
@@ -331,11 +333,15 @@ def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> Non
     finally:
         assert d.stop() == 0
     assert (a.quota_cores(), a.mem_limit()) == (1.0, 256 * MB)
+    saved = json.loads((tmp_path / "profiles.json").read_text())["functions"]["fc"]["guard"]
+    assert saved["failures"] == 0 and saved["runs"] == 1, saved
     d2 = Daemon(cfg, port, tmp_path / "daemon2.log")
     try:
         assert d2.wait_ready()["recovered"] == {}
+        after = _invoke(d2, a, "duty 0.3 0.2", "fc")
     finally:
         assert d2.stop() == 0
+    assert after["start"]["allocation"] == s["allocation"], (after["start"], s)
     assert "left by a previous run" not in (tmp_path / "daemon2.log").read_text()
 
 

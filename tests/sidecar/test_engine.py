@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import msgpack
@@ -367,6 +368,41 @@ def test_oom_between_invocations_and_failure_outcome_trip_the_safeguard() -> Non
     assert inv.guard.cpu_mode == "harvest"
     assert eng.end(inv.id, "failure").outcome == "failure"
     assert eng.start("fn@1", usage=usage()).guard.cpu_mode == "failure"
+
+
+def test_a_run_cut_short_by_shutdown_teaches_nothing_unless_a_task_was_killed() -> None:
+    """The daemon's shutdown ends running invocations ``lost`` without learning from them: a cut
+    run says nothing of the function's needs (it had left every running function calibrating at
+    its user's size after a restart, its remembered memory peak raised to that size and memory's
+    margin widened for good). A kill the kernel reported during it is still learned, and a run
+    lost any other way (its container removed mid-run: a timeout's kill, say) still trips the
+    safeguard, as a failure."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)
+    harvested = eng.start("fn@1", usage=usage(0, 40))
+    assert harvested.guard.mem_mode == "harvest"
+    gs, stats = eng.guards["fn"], eng.stats["fn"]
+    before = (dataclasses.asdict(gs), dataclasses.asdict(stats))
+    clock.t += 0.3
+    ended = eng.end(harvested.id, "lost", learn=False)
+    assert ended.outcome == "lost" and ended.reward is None and ended.record
+    assert (dataclasses.asdict(gs), dataclasses.asdict(stats)) == before
+    nxt = eng.start("fn@1", usage=usage(0, 40))
+    assert nxt.guard.reason == harvested.guard.reason and nxt.alloc == harvested.alloc
+    clock.t += 0.1
+    (kill,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, oom_delta=1))
+    assert isinstance(kill, OomKill) and kill.invocation_id == nxt.id
+    assert eng.end(nxt.id, "lost", learn=False).outcome == "oom"
+    assert gs.failures == 1
+    assert eng.start("fn@1", usage=usage()).guard.reason == "cpu=failure,mem=failure"
+    # a run lost without the daemon's doing is a failure to the safeguard, as before
+    eng.add_container(ref("g@1", function="g", cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cid="g@1", cpu_peak=0.3, mem_mb=60)
+    removed = eng.start("g@1", usage=usage(0, 40))
+    assert eng.end(removed.id, "lost").outcome == "lost"
+    assert eng.start("g@1", usage=usage()).guard.reason == "cpu=failure,mem=failure"
 
 
 @pytest.mark.parametrize("give_back", [False, True])
