@@ -318,7 +318,7 @@ def test_a_clean_sigterm_leaves_nothing_to_restore(tmp_path: Path, boxes) -> Non
     to restore and does not warn about containers left by a previous run (a SIGKILL still
     leaves them: ``test_sigkill_mid_actuation_then_restart_restores_within_a_second``). The
     invocation the SIGTERM cut short ends ``lost`` and costs the function nothing it had learned:
-    the restarted node harvests it as before, where it once calibrated again at the user's size."""
+    the restarted node harvests it as before."""
     a = boxes("c@1")
     port = free_port()
     cfg = write_config(

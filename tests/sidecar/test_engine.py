@@ -372,11 +372,9 @@ def test_oom_between_invocations_and_failure_outcome_trip_the_safeguard() -> Non
 
 def test_a_run_cut_short_by_shutdown_teaches_nothing_unless_a_task_was_killed() -> None:
     """The daemon's shutdown ends running invocations ``lost`` without learning from them: a cut
-    run says nothing of the function's needs (it had left every running function calibrating at
-    its user's size after a restart, its remembered memory peak raised to that size and memory's
-    margin widened for good). A kill the kernel reported during it is still learned, and a run
-    lost any other way (its container removed mid-run: a timeout's kill, say) still trips the
-    safeguard, as a failure."""
+    run says nothing of the function's needs. A kill the kernel reported during it is still
+    learned, and a run lost any other way (its container removed mid-run: a timeout's kill, say)
+    still trips the safeguard, as a failure."""
     clock = Clock()
     eng = make_engine(clock=clock)
     eng.add_container(ref(cpu=2.0, mem_mb=512))
