@@ -229,13 +229,21 @@ class Actuator:
             self._write(m, m.user)
         return m
 
-    def set_user(self, container_id: str, user: UserSize) -> None:
-        """A hook (or the config) reported the user's size: if it differs from the one saved,
-        persist it before it is ever restored to. ValueError if the kernel would refuse it."""
+    def check_user(self, container_id: str, user: UserSize) -> Limits:
+        """The user limits ``user`` means for this container; ValueError if the kernel would
+        refuse them."""
         m = self.managed[container_id]
         new = user_limits(user, m.user, exact=False)
         if new != m.user:
             cgroups.check_limits(new)
+        return new
+
+    def set_user(self, container_id: str, user: UserSize) -> None:
+        """A hook (or the config) reported the user's size: if it differs from the one saved,
+        persist it before it is ever restored to. ValueError if the kernel would refuse it."""
+        m = self.managed[container_id]
+        new = self.check_user(container_id, user)
+        if new != m.user:
             m.user = new
             self._save()
 

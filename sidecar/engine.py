@@ -195,6 +195,9 @@ class Invocation:
 @dataclass
 class ManagedContainer:
     ref: ContainerRef
+    hook_user: UserSize | None = None
+    """The latest user size a hook reported at a start (the actuator saved it and restores to
+    it); a start that reports none is decided against it too. None: the ref's."""
     active: Invocation | None = None
     hooked: bool = False
     """A hook reported an invocation here: no inference for this container."""
@@ -202,6 +205,11 @@ class ManagedContainer:
     quiet_ticks: int = 0
     last_busy_s: float = math.nan
     window_start_s: float = math.nan
+
+    @property
+    def user(self) -> UserSize:
+        """The user's size as the actuator knows it: what decisions are made against."""
+        return self.hook_user or self.ref.user
 
 
 class GiveBack(NamedTuple):
@@ -316,8 +324,8 @@ class Engine:
         c = self.containers.get(ref.id)
         if c is None:
             self.containers[ref.id] = ManagedContainer(ref)
-        else:
-            c.ref = ref
+        else:  # a new configured size replaces whatever a hook reported, as in the actuator
+            c.ref, c.hook_user = ref, None
 
     def remove_container(self, container_id: str) -> Invocation | None:
         """Forget a container; returns its running invocation (the caller ends it as lost)."""
@@ -391,7 +399,9 @@ class Engine:
             c.hooked = True
         t0 = time.perf_counter()
         now = self.clock() if now_s is None else now_s
-        user = user or c.ref.user
+        if user is not None:
+            c.hook_user = user
+        user = c.user
         fn = function or c.ref.function
         user_alloc = self.grid.nearest(user.cpu_cores, user.mem_bytes / MB)
         stats, gs = self._function(fn)

@@ -320,9 +320,9 @@ class Node:
     ) -> StartResult:
         if container_id not in self.engine.containers:
             raise UnknownContainer(f"unknown container {container_id!r}")
-        if user is not None:  # the actuator compares it with the size it saved
+        if user is not None:  # saved only once the start is taken (below)
             try:
-                self.actuator.set_user(container_id, user)  # persisted before any write
+                self.actuator.check_user(container_id, user)
             except ValueError as exc:
                 raise EngineError(f"'user' cannot be written to this container: {exc}") from None
         usage = self._usage(container_id)
@@ -342,6 +342,8 @@ class Node:
             inferred=inferred,
             usage=usage,
         )
+        if user is not None:  # the actuator compares it with the size it saved
+            self.actuator.set_user(container_id, user)  # persisted before any write
         m = self.metrics
         m.decision_latency.observe(inv.decision_s)
         if inv.fallback is not None:
@@ -590,9 +592,9 @@ class Node:
                     "cgroup_path": c.ref.cgroup_path,
                     "cgroup_version": c.ref.cgroup_version,
                     "user": {
-                        "cpu_cores": c.ref.user.cpu_cores,
-                        "mem_bytes": c.ref.user.mem_bytes,
-                        "cpu_weight": c.ref.user.cpu_weight,
+                        "cpu_cores": c.user.cpu_cores,
+                        "mem_bytes": c.user.mem_bytes,
+                        "cpu_weight": c.user.cpu_weight,
                     },
                     "limits": None
                     if lim is None

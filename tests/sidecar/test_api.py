@@ -477,6 +477,63 @@ def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path
     run(main())
 
 
+def test_a_user_size_a_hook_reports_holds_until_the_config_changes_it(tmp_path: Path) -> None:
+    """A start that reports no user size (a hook that sends it once, a Docker unpause) is decided
+    against the size the last hook reported, as the actuator restores to it: decided against the
+    configured size instead, a harvest below the reported size read as an acceleration, with no
+    give-back watching it. A start refused (409) saves no size it reported."""
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    cfg_path.write_text(
+        cfg_path.read_text()
+        .replace("default_cpu_cores = 2.0", "default_cpu_cores = 1.0")
+        .replace("default_mem_mb = 512.0", "default_mem_mb = 256.0")
+    )
+    cfg = config.load(cfg_path)
+    d = dirs["resize@1"]
+    reported = {"cpu_cores": 2.0, "mem_mb": 512}
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            r = await client.post(
+                "/v1/invocations", json={"container": "faasrm/resize@1", "user": reported}
+            )
+            a = await r.json()
+            assert a["allocation"]["kind"] == "user" and a["user"]["units"] == [8, 8], a
+            for f in ("memory.current", "memory.peak"):  # the run needs 300 MB of its 512
+                (d / f).write_text(f"{300 * MB}\n")
+            await client.post(f"/v1/invocations/{a['invocation']}/end")
+            (d / "memory.current").write_text(f"{100 * MB}\n")
+            r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            b = await r.json()
+            assert b["user"]["units"] == [8, 8] and b["user"]["mem_bytes"] == 512 * MB, b
+            assert b["allocation"]["kind"] == "harvested", b
+            assert b["allocation"]["mem_bytes"] < 512 * MB
+            assert int((d / "memory.high").read_text()) == b["allocation"]["mem_bytes"]
+            assert int((d / "memory.max").read_text()) == 512 * MB  # the user's, as reported
+            # a start refused as a duplicate saves none of the size it reported
+            r = await client.post(
+                "/v1/invocations",
+                json={"container": "faasrm/thumb@1", "id": b["invocation"], "user": reported},
+            )
+            assert r.status == 409
+            assert node.actuator.managed["faasrm/thumb@1"].user.cpu_quota_cores == 1.0
+            assert node.engine.containers["faasrm/thumb@1"].user.cpu_cores == 1.0
+            await client.post(f"/v1/invocations/{b['invocation']}/end")
+            # a new configured size replaces the reported one, in the engine as in the actuator
+            cfg_path.write_text(
+                cfg_path.read_text().replace("default_mem_mb = 256.0", "default_mem_mb = 384.0")
+            )
+            assert reload(client.server.app) is True
+            assert node.engine.containers["faasrm/resize@1"].user.mem_bytes == 384 * MB
+            assert node.actuator.managed["faasrm/resize@1"].user.mem_limit_bytes == 384 * MB
+        finally:
+            await client.close()
+
+    run(main())
+
+
 class _NanScorer:
     def scores(self, rows):
         import numpy as np
