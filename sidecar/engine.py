@@ -172,6 +172,10 @@ class Invocation:
     input_size: float | None = None
     """As the invoker reported it: with the usage at start it feeds the safeguard's input floor."""
     oom: bool = False
+    """The kernel OOM-killed a task in its container while it ran."""
+    oom_kills_at_start: int = -1
+    """The container's cumulative kill count when it started (-1: unknown): a kill counted
+    later happened during it, one already counted belongs to an earlier run."""
     mem_wall_bytes: int = 0
     """The harvested hard memory limit it ran under until a give-back (0: none)."""
     throttle_start: tuple[int, int] | None = None
@@ -455,6 +459,7 @@ class Engine:
             input_size=input_size,
             fallback=d.fallback,
             throttle_start=None if usage is None else (usage.nr_periods, usage.nr_throttled),
+            oom_kills_at_start=-1 if usage is None else usage.oom_kills,
         )
         inv.throttle_mark = inv.throttle_start
         inv.trace = trace_entry(inv)
@@ -497,6 +502,8 @@ class Engine:
                 inv.cpu_peak_cores = max(inv.cpu_peak_cores, cpu_s / window)
             if c is not None:
                 c.last_mem_bytes = usage.mem_bytes
+            if 0 <= inv.oom_kills_at_start < usage.oom_kills:  # counted before a tick saw it
+                inv.oom = True
         wall = inv.mem_wall_bytes or _hard_harvest(inv.target, inv.user)
         if inv.oom or (  # the kernel killed a task in it, whatever ended the invocation
             outcome == "failure" and wall and inv.mem_peak_bytes >= wall
@@ -619,13 +626,16 @@ class Engine:
         inv = c.active
         rate = s.cpu_cores
         if s.oom_delta > 0:
-            if inv is not None:
+            killed = inv  # the run the kill belongs to, if one is running
+            if inv is not None and s.oom_kills <= inv.oom_kills_at_start:
+                killed = None  # counted before it started: an earlier run's, which its end saw
+            elif inv is not None:
                 inv.oom = True
             else:
                 _, gs = self._function(c.ref.function)
                 gs.failures += 1
                 gs.calibrate = FAILURE
-            effects.append(OomKill(c.ref.id, s.oom_delta, inv.id if inv else None))
+            effects.append(OomKill(c.ref.id, s.oom_delta, killed.id if killed else None))
         if inv is not None:
             inv.samples += 1
             self._observe_usage(inv, s.mem_bytes, s.mem_peak_bytes)

@@ -403,6 +403,36 @@ def test_a_run_cut_short_by_shutdown_teaches_nothing_unless_a_task_was_killed() 
     assert eng.start("g@1", usage=usage()).guard.reason == "cpu=failure,mem=failure"
 
 
+def test_a_kill_belongs_to_the_run_it_was_counted_in() -> None:
+    """The kernel counts a kill as it picks its victim, before the invoker sees the run fail; the
+    sampler's tick may only see it later. The end's own read of the counter classes the killed
+    run, whatever the invoker reported, and a tick that sees the kill after the next run started
+    does not charge that run with it: it would be recorded as an OOM at the user's size."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)
+    killed = eng.start("fn@1", usage=usage(0, 40))
+    clock.t += 0.05
+    ended = eng.end(killed.id, "success", usage=usage(0.1, 60, 100)._replace(oom_kills=1))
+    assert ended.outcome == "oom" and eng.guards["fn"].failures == 1
+    nxt = eng.start("fn@1", usage=usage(0, 40)._replace(oom_kills=1))
+    assert nxt.guard.reason == "cpu=failure,mem=failure"
+    clock.t += 0.05
+    (late,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.3, oom_delta=1))  # the same kill
+    assert isinstance(late, OomKill) and late.invocation_id is None
+    clock.t += 1.0
+    ended = eng.end(nxt.id, "success", usage=usage(0.3, 60, 60)._replace(oom_kills=1))
+    assert ended.outcome == "success" and ended.reward is not None and ended.reward > -1
+    assert eng.guards["fn"].failures == 1 and eng.guards["fn"].calibrate is None
+    # a kill counted after a run started is that run's, by the tick or by its end
+    third = eng.start("fn@1", usage=usage(0, 40)._replace(oom_kills=1))
+    clock.t += 0.1
+    (mine,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, oom_delta=1)._replace(oom_kills=2))
+    assert mine.invocation_id == third.id
+    assert eng.end(third.id, "success", usage=usage(0.1, 40)._replace(oom_kills=2)).outcome == "oom"
+
+
 @pytest.mark.parametrize("give_back", [False, True])
 def test_a_failure_that_reached_its_harvested_hard_limit_counts_as_oom(give_back) -> None:
     """Under the OOM hold a syscall's allocation at the limit fails (EFAULT, ENOMEM) instead of
