@@ -225,8 +225,10 @@ class Actuator:
         self.managed[ref.id] = m
         if save:
             self._save()
-        if original != m.user:  # e.g. a fresh cgroup: put the user's limits in place now
-            self._write(m, m.user)
+        # e.g. a fresh cgroup: put the user's limits in place now, or as soon as the kernel lets
+        if original != m.user and self._restore(m) == "gone":
+            self.managed.pop(ref.id, None)
+            raise cgroups.CgroupGone(f"{ref.cgroup_path} vanished")
         return m
 
     def check_user(self, container_id: str, user: UserSize) -> Limits:
@@ -252,6 +254,8 @@ class Actuator:
         if m is None:
             return "unknown"
         result = self._restore(m) if restore else "skipped"
+        if restore and m.restore_pending:  # kept and retried every tick until the limits are back
+            return result
         self.managed.pop(container_id, None)
         self.held.discard(container_id)
         if m.cg is not None:
@@ -308,12 +312,16 @@ class Actuator:
             self.held.discard(m.container_id)
 
     def _restore(self, m: Managed) -> str:
+        """Put the user's limits back: "restored", "gone", or, when the kernel refused part of
+        them or a write failed, "pending" / "error: ..." with the restore left pending, so that
+        ``retry_restores`` tries again every tick until they are in place."""
         try:
-            self._write(m, m.user)
-        except ValueError:
-            # memory still above the user's limit + headroom: restore CPU now, memory later
-            cur = self._cg(m).read_limits()
             try:
+                self._write(m, m.user)
+                result = "restored"
+            except ValueError:
+                # memory still above the user's limit + headroom: restore CPU now, memory later
+                cur = self._cg(m).read_limits()
                 self._write(
                     m,
                     dataclasses.replace(
@@ -322,22 +330,19 @@ class Actuator:
                         mem_high_bytes=cur.mem_high_bytes,
                     ),
                 )
-            except (ValueError, cgroups.CgroupError) as exc:
-                return f"error: {exc}"
-            m.restore_pending = True
-            m.owner = None
-            self._mark(m)
-            return "pending"
+                result = "pending"
         except cgroups.CgroupGone:
             return "gone"
-        except cgroups.CgroupError as exc:
-            m.cg = None
-            return f"error: {exc}"
+        except (ValueError, cgroups.CgroupError) as exc:
+            if isinstance(exc, cgroups.CgroupError):
+                m.cg = None  # reopened on the next try
+            result = f"error: {exc}"
         m.owner = None
-        m.applied = USER_TARGET
-        m.restore_pending = False
+        m.restore_pending = result != "restored"
+        if not m.restore_pending:
+            m.applied = USER_TARGET
         self._mark(m)
-        return "restored"
+        return result
 
     def restore(self, container_id: str) -> str:
         m = self.managed.get(container_id)

@@ -98,6 +98,71 @@ def test_restore_pending_when_usage_exceeds_user_memory(tmp_path: Path) -> None:
     assert (d / "memory.max").read_text().strip() == str(256 * MB)
 
 
+def _break(path: Path) -> str:
+    """A cgroup file that fails every read and write (EISDIR), as a kernel's EIO or EBUSY would;
+    returns what it held."""
+    text = path.read_text()
+    path.unlink()
+    path.mkdir()
+    return text
+
+
+def _mend(path: Path, text: str) -> None:
+    path.rmdir()
+    path.write_text(text)
+
+
+def test_a_restore_that_fails_is_retried_until_the_user_limits_are_back(tmp_path: Path) -> None:
+    """A restore that hits an I/O error, or whose memory the kernel refuses and whose limits then
+    cannot even be read, is left pending and retried every tick: none strands a container below
+    its user's limits with no decision owning it. ``forget`` keeps such a container until it is
+    restored."""
+    d = v2_container(tmp_path, "c1")
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    m = act.adopt(ref("c1", cpu=1.0, mem_mb=256, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    act.apply("c1", Target(0.25, 25, None, 128 * MB), owner="i")
+    harvested = _break(d / "cpu.max")
+    assert act.restore("c1").startswith("error:")
+    assert m.restore_pending and m.owner is None and "c1" in act.held
+    assert act.retry_restores()["c1"].startswith("error:")  # still broken: tried again
+    _mend(d / "cpu.max", harvested)
+    assert act.retry_restores() == {"c1": "restored"}
+    assert (d / "cpu.max").read_text().split() == ["100000", "100000"]
+    assert not m.restore_pending and "c1" not in act.held
+    # memory refused (usage above the user's 256 MB) and the limits unreadable: pending, no raise
+    act.apply("c1", Target(2.0, None, 512 * MB, 512 * MB), owner="j")
+    (d / "memory.current").write_text(f"{300 * MB}\n")
+    high = _break(d / "memory.high")
+    assert act.restore("c1").startswith("error:") and m.restore_pending
+    _mend(d / "memory.high", high)
+    assert act.retry_restores() == {"c1": "pending"}  # CPU back, memory waits for the usage
+    assert (d / "cpu.max").read_text().split()[0] == "100000"
+    (d / "memory.current").write_text(f"{100 * MB}\n")
+    assert act.retry_restores() == {"c1": "restored"}
+    # forget: a container whose restore fails stays managed, and is retried, until restored
+    act.apply("c1", Target(0.25, 25, None, 128 * MB), owner="k")
+    harvested = _break(d / "cpu.max")
+    assert act.forget("c1").startswith("error:") and "c1" in act.managed
+    assert "c1" in json.loads((tmp_path / "state.json").read_text())["containers"]
+    _mend(d / "cpu.max", harvested)
+    assert act.retry_restores() == {"c1": "restored"}
+    assert act.forget("c1") == "restored" and "c1" not in act.managed
+
+
+def test_adopt_puts_in_place_what_the_kernel_takes_and_retries_the_rest(tmp_path: Path) -> None:
+    """A container adopted with more memory in use than its user's size allows (the floor) gets
+    its user's CPU at once and its memory once the usage fits: it was left half-managed, never
+    written, at whatever limits it had."""
+    d = v2_container(tmp_path, "c1")  # 0.5 cores, memory.current ~80 MiB
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    m = act.adopt(ref("c1", cpu=2.0, mem_mb=64, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+    assert m.restore_pending and "c1" in act.held
+    (d / "memory.current").write_text(f"{40 * MB}\n")
+    assert act.retry_restores() == {"c1": "restored"}
+    assert (d / "memory.max").read_text().strip() == str(64 * MB)
+
+
 def test_recover_restores_state_file_containers_and_drops_gone(tmp_path: Path) -> None:
     d1, d2 = v2_container(tmp_path, "c1"), v2_container(tmp_path, "c2")
     state = tmp_path / "state.json"
