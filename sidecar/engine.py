@@ -536,8 +536,14 @@ class Engine:
                 at_user_size=inv.alloc == inv.user_alloc and not failed,
                 input_size=inv.input_size,
             )
-        # no baseline yet, or a run cut short by shutdown/removal: nothing to credit the policy with
-        known = baseline == baseline and baseline > 0 and outcome != "lost"
+        # no baseline yet, a run cut short by shutdown/removal, or a decision never put in place:
+        # nothing to credit the policy with
+        known = (
+            baseline == baseline
+            and baseline > 0
+            and outcome != "lost"
+            and inv.trace.get("applied") is not False
+        )
         reward = None
         if known:
             core_s, mb_s = held_seconds(inv.trace, inv.user, duration)

@@ -377,7 +377,7 @@ class Node:
         except cgroups.CgroupGone as exc:
             for r in resources:
                 self.metrics.limit_writes.labels(r, "error").inc()
-            inv.target = USER_TARGET
+            self._not_applied(inv)
             return StartResult(inv, False, 0.0, f"container vanished: {exc}")
         except (cgroups.CgroupError, ValueError) as exc:
             for r in resources:
@@ -387,8 +387,7 @@ class Node:
                 extra={"container": inv.container_id, "reason": str(exc)},
             )
             self.actuator.restore(inv.container_id)
-            inv.target = USER_TARGET
-            inv.trace["applied"] = False
+            self._not_applied(inv)
             return StartResult(inv, False, 0.0, str(exc))
         if applied != target:
             self.metrics.limit_writes.labels("memory", "refused").inc()
@@ -401,6 +400,16 @@ class Node:
         inv.trace["actuation_us"] = round(took * 1e6, 1)
         inv.trace["applied"] = True
         return StartResult(inv, True, took)
+
+    @staticmethod
+    def _not_applied(inv: Invocation) -> None:
+        """The decision never took effect: the run holds the user's size, as its trace says, and
+        its record earns the policy no credit (``Engine.end``)."""
+        inv.target = USER_TARGET
+        cores, mem = effective(inv.user, USER_TARGET)
+        inv.trace["chosen"].update(cpu_cores=cores, mem_bytes=mem)
+        inv.trace["kind"] = "user"
+        inv.trace["applied"] = False
 
     @staticmethod
     def _resources(inv: Invocation, target: Any) -> list[str]:

@@ -534,6 +534,49 @@ def test_a_user_size_a_hook_reports_holds_until_the_config_changes_it(tmp_path: 
     run(main())
 
 
+def test_a_decision_that_could_not_be_applied_is_recorded_at_the_users_size(
+    tmp_path: Path,
+) -> None:
+    """When the limits cannot be written, the run holds the user's size: its trace says so and
+    its record earns the policy no reward (it had been credited with a harvest it never made),
+    and the container is put back at its user's limits once the cgroup answers again."""
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    d = dirs["resize@1"]
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        try:
+            r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            first = (await r.json())["invocation"]
+            await asyncio.sleep(0.12)
+            await client.post(f"/v1/invocations/{first}/end")
+            quota = (d / "cpu.max").read_text()
+            (d / "cpu.max").unlink()
+            (d / "cpu.max").mkdir()  # fails every write, as an I/O error would
+            r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
+            b = await r.json()
+            assert r.status == 200 and b["applied"] is False and b["error"], b
+            (d / "cpu.max").rmdir()
+            (d / "cpu.max").write_text(quota)
+            await asyncio.sleep(0.12)
+            r = await client.post(f"/v1/invocations/{b['invocation']}/end")
+            e = await r.json()
+            assert e["outcome"] == "success" and e["reward"] is None, e
+            allocs = await (await client.get("/debug/allocations?function=resize")).json()
+            entry = allocs["allocations"][0]
+            assert entry["invocation"] == b["invocation"] and entry["kind"] == "user", entry
+            assert entry["chosen"]["cpu_cores"] == 2.0 and entry["applied"] is False
+            for _ in range(50):  # the restore the failed write left pending is retried
+                if (d / "cpu.max").read_text().split() == ["200000", "100000"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+        finally:
+            await client.close()
+
+    run(main())
+
+
 class _NanScorer:
     def scores(self, rows):
         import numpy as np
