@@ -67,6 +67,7 @@ from sidecar.core.record import OUTCOMES, Record
 from sidecar.core.reward import RewardConfig, held_ratio, invocation_reward
 from sidecar.core.safeguard import (
     FAILURE,
+    FIRST,
     Guard,
     SafeguardConfig,
     SafeguardState,
@@ -533,9 +534,11 @@ class Engine:
                 duration,
                 inv.cpu_peak_cores,
                 mem_peak_mb,
-                at_user_size=inv.alloc == inv.user_alloc and not failed,
+                at_user_size=inv.guard.sets_baseline(inv.alloc, inv.user_alloc, failed),
                 input_size=inv.input_size,
             )
+            if gs.calibrate is None and not stats.baseline_runs:  # e.g. a zero-length run:
+                gs.calibrate = FIRST  # nothing has measured the user's size yet, the next run does
         # no baseline yet, a run cut short by shutdown/removal, or a decision never put in place:
         # nothing to credit the policy with
         known = (

@@ -242,6 +242,15 @@ class Guard(NamedTuple):
         """A first or after-failure run: both resources pinned at the user's size."""
         return self.cpu_mode in (FIRST, FAILURE)
 
+    def sets_baseline(self, alloc: Alloc, user: Alloc, failed: bool) -> bool:
+        """Whether a run decided under this guard measures the function at the user's size (its
+        statistics' baseline): it succeeded at the user's size, or it calibrated with memory the
+        floor lifted above it (the user's memory would not hold the idle usage, so no run can
+        come closer, and without it the function would never get a baseline)."""
+        if failed or alloc.cpu != user.cpu:
+            return False
+        return alloc.mem == user.mem or (self.calibrating and alloc.mem > user.mem)
+
     @property
     def reason(self) -> str:
         return f"cpu={self.cpu_mode},mem={self.mem_mode}"

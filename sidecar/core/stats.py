@@ -74,7 +74,7 @@ class FunctionStats:
         self.last_cpu_peak_cores = cpu_peak_cores
         self.last_mem_peak_mb = mem_peak_mb
         self.mean_duration_s += a * (duration_s - self.mean_duration_s)
-        if at_user_size:
+        if at_user_size and duration_s > 0.0:  # a zero-length run measures nothing
             self.baseline_runs += 1
             if self.baseline_runs == 1:
                 self.baseline_duration_s = duration_s

@@ -403,6 +403,37 @@ def test_a_run_cut_short_by_shutdown_teaches_nothing_unless_a_task_was_killed() 
     assert eng.start("g@1", usage=usage()).guard.reason == "cpu=failure,mem=failure"
 
 
+def test_every_function_gets_a_baseline_to_be_rewarded_against() -> None:
+    """A calibrating run whose memory the floor lifts above the user's size (idle usage within
+    the headroom of it) measures the function as closely as any run can, and sets the baseline;
+    a zero-length run measures nothing, so the next run calibrates instead. Either had left the
+    function without a baseline for good, every record after it without a reward."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=1.0, mem_mb=256))  # 4 units of 64 MB
+    first = eng.start("fn@1", usage=usage(0, 250))  # 250 MB idle + 16 MB headroom: 5 units
+    assert first.guard.calibrating and first.alloc.mem == first.user_alloc.mem + 1
+    clock.t += 1.0
+    eng.end(first.id, usage=usage(0.3, 250, 252))
+    assert eng.stats["fn"].baseline_duration_s == pytest.approx(1.0)
+    nxt = eng.start("fn@1", usage=usage(0, 250))
+    clock.t += 1.0
+    assert eng.end(nxt.id, usage=usage(0.3, 250, 252)).reward is not None
+    # a zero-length run at the user's size: no baseline of 0, and the next run calibrates
+    eng.add_container(ref("g@1", function="g", cpu=1.0, mem_mb=256))
+    zero = eng.start("g@1", usage=usage(0, 40))
+    eng.end(zero.id, duration_s=0.0, usage=usage(0.0, 40, 40))
+    assert eng.stats["g"].baseline_runs == 0
+    again = eng.start("g@1", usage=usage(0, 40))
+    assert again.guard.reason == "cpu=first,mem=first"
+    clock.t += 0.5
+    eng.end(again.id, usage=usage(0.1, 40, 40))
+    assert eng.stats["g"].baseline_duration_s == pytest.approx(0.5)
+    later = eng.start("g@1", usage=usage(0, 40))
+    clock.t += 0.5
+    assert eng.end(later.id, usage=usage(0.1, 40, 40)).reward is not None
+
+
 def test_a_kill_belongs_to_the_run_it_was_counted_in() -> None:
     """The kernel counts a kill as it picks its victim, before the invoker sees the run fail; the
     sampler's tick may only see it later. The end's own read of the counter classes the killed

@@ -157,7 +157,7 @@ def test_state_is_constant_size_and_means_are_bounded(events) -> None:
     if events:
         assert min(durs) - 1e-9 <= s.mean_duration_s <= max(durs) + 1e-9
         assert min(cpus) - 1e-9 <= s.mean_cpu_peak_cores <= max(cpus) + 1e-9
-        assert s.baseline_runs == sum(e[4] for e in events)
+        assert s.baseline_runs == sum(e[4] and e[1] > 0 for e in events)  # zero-length: none
         assert math.isnan(s.baseline_duration_s) == (s.baseline_runs == 0)
 
 

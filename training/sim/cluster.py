@@ -760,7 +760,7 @@ class ClusterSim:
             self._period,
             user_mb,
         )
-        at_user = cpu == self._ucpu[fn] and mem == self._umem[fn] and not failed
+        at_user = gd.sets_baseline(Alloc(cpu, mem), self.user_alloc(fn), failed)
         self.stats[fn].on_completion(
             self.now, exec_s, cpu_peak, mem_peak, at_user_size=at_user, input_size=size
         )
