@@ -214,9 +214,22 @@ class Actuator:
         """
         m = self.managed.get(ref.id)
         root = getattr(cg, "root", cgroups.DEFAULT_ROOT)
-        if m is not None and m.cgroup_path == ref.cgroup_path:
+        if m is not None and m.cgroup_path == ref.cgroup_path:  # e.g. recovered after a crash
             if cg is not None:
                 m.cg = cg
+            if ref.labels.get("user_from") not in ("limits", "mixed"):
+                # the configured size, which may have changed while the node was down, wins, as
+                # it does on a reload (and as the engine, which starts from it, assumes)
+                before = m.user
+                try:
+                    self.set_user(ref.id, ref.user)
+                except ValueError as exc:
+                    log.warning(
+                        "configured user size refused, the saved one kept",
+                        extra={"container": ref.id, "reason": str(exc)},
+                    )
+                if m.user != before and m.owner is None:
+                    self._restore(m)
             return m
         m = Managed(ref.id, ref.cgroup_path, ref.cgroup_version, root, Limits())
         m.cg = cg or self.opener(m)

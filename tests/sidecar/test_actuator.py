@@ -182,6 +182,27 @@ def test_recover_restores_state_file_containers_and_drops_gone(tmp_path: Path) -
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_size_configured_while_the_node_was_down_wins_at_the_restart(tmp_path: Path) -> None:
+    """Recovery restores the size saved before a crash; the configured size the node starts with
+    (changed while it was down) then replaces it, as on a reload, since the engine decides
+    against it. A size the kernel would refuse keeps the saved one."""
+    d = v2_container(tmp_path, "c1")
+    state = tmp_path / "state.json"
+    act = Actuator(state, 16 * MB)
+    act.adopt(ref("c1", cpu=1.0, mem_mb=512, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    act.apply("c1", Target(0.25, 25, None, 128 * MB), owner="x")
+    act2 = Actuator(state, 16 * MB)  # "crash", then a restart with the size raised to 2 cores
+    assert act2.recover() == {"c1": "restored"}
+    assert (d / "cpu.max").read_text().split() == ["100000", "100000"]
+    m = act2.adopt(ref("c1", cpu=2.0, mem_mb=512, version=2, path=str(d)))
+    assert m.user.cpu_quota_cores == 2.0 and not m.restore_pending
+    assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+    assert json.loads(state.read_text())["containers"]["c1"]["user"]["cpu_quota_cores"] == 2.0
+    act3 = Actuator(state, 16 * MB)
+    act3.recover()
+    assert act3.adopt(ref("c1", cpu=0.001, mem_mb=512, version=2, path=str(d))).user == m.user
+
+
 def test_unreadable_state_file_is_an_error(tmp_path: Path) -> None:
     p = tmp_path / "state.json"
     p.write_text("{not json")
