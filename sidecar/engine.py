@@ -190,6 +190,11 @@ class Invocation:
     trace: dict = field(default_factory=dict)
 
     @property
+    def mem_harvested(self) -> bool:
+        """Its decision gave it less memory than its user's: a kill in it is the harvest's."""
+        return self.trace["chosen"]["mem_bytes"] < self.user.mem_bytes
+
+    @property
     def cpu_harvested(self) -> bool:
         """Its CPU quota is below the user's and not given back: the throttle give-back watches
         it (the sampler reads its throttling counters every tick)."""
@@ -207,6 +212,10 @@ class ManagedContainer:
     hooked: bool = False
     """A hook reported an invocation here: no inference for this container."""
     last_mem_bytes: int = 0
+    oom_kills: int = -1
+    """The cumulative kill count up to which kills were reported (an ``OomKill``, by a tick or
+    by the end of the run they killed): a later read of no higher a count reports none again.
+    -1: none reported yet."""
     quiet_ticks: int = 0
     last_busy_s: float = math.nan
     window_start_s: float = math.nan
@@ -240,6 +249,8 @@ class OomKill(NamedTuple):
     container_id: str
     kills: int
     invocation_id: str | None
+    harvested: bool = False
+    """The killed run's decision gave it less memory than its user's."""
 
 
 Effect = GiveBack | InferredStart | InferredEnd | OomKill
@@ -254,6 +265,8 @@ class Ended:
     rfet: float | None
     record: dict
     """The trajectory record, packed (``Record.pack``): what the spool stores."""
+    oom: OomKill | None = None
+    """Kills in the run that its end's own read found first (no tick had reported them)."""
 
 
 class EngineError(Exception):
@@ -494,6 +507,7 @@ class Engine:
         now = self.clock() if now_s is None else now_s
         duration = max(0.0, now - inv.start_s) if duration_s is None else duration_s
         cpu_s = 0.0  # its CPU work, when the usage at both ends is known (the burst rule)
+        oom = None
         if usage is not None:
             self._observe_usage(inv, usage.mem_bytes, usage.mem_peak_bytes)
             window = now - inv.start_s
@@ -505,6 +519,16 @@ class Engine:
                 c.last_mem_bytes = usage.mem_bytes
             if 0 <= inv.oom_kills_at_start < usage.oom_kills:  # counted before a tick saw it
                 inv.oom = True
+                reported = max(inv.oom_kills_at_start, c.oom_kills if c is not None else -1)
+                if usage.oom_kills > reported:  # reported here, once: the next tick's read is not
+                    oom = OomKill(
+                        inv.container_id,
+                        usage.oom_kills - reported,
+                        inv.id,
+                        inv.mem_harvested,
+                    )
+                    if c is not None:
+                        c.oom_kills = usage.oom_kills
         wall = inv.mem_wall_bytes or _hard_harvest(inv.target, inv.user)
         if inv.oom or (  # the kernel killed a task in it, whatever ended the invocation
             outcome == "failure" and wall and inv.mem_peak_bytes >= wall
@@ -575,6 +599,7 @@ class Engine:
             reward,
             rfet,
             self._record(inv, outcome, duration, reward, baseline).pack(),
+            oom,
         )
 
     def _record(
@@ -634,17 +659,12 @@ class Engine:
         c.last_mem_bytes = s.mem_bytes
         inv = c.active
         rate = s.cpu_cores
-        if s.oom_delta > 0:
-            killed = inv  # the run the kill belongs to, if one is running
-            if inv is not None and s.oom_kills <= inv.oom_kills_at_start:
-                killed = None  # counted before it started: an earlier run's, which its end saw
-            elif inv is not None:
-                inv.oom = True
-            else:
-                _, gs = self._function(c.ref.function)
-                gs.failures += 1
-                gs.calibrate = FAILURE
-            effects.append(OomKill(c.ref.id, s.oom_delta, killed.id if killed else None))
+        if s.oom_delta > 0:  # kills not reported yet (the end of the run they killed may have)
+            seen = c.oom_kills
+            kills = s.oom_delta if seen < 0 else min(s.oom_delta, s.oom_kills - seen)
+            if kills > 0:
+                c.oom_kills = s.oom_kills
+                self._oom_tick(c, inv, s.oom_kills, kills, effects)
         if inv is not None:
             inv.samples += 1
             self._observe_usage(inv, s.mem_bytes, s.mem_peak_bytes)
@@ -656,6 +676,27 @@ class Engine:
                 effects.append(gb)
         if self.bounds.infer and not c.hooked and rate == rate:
             effects.extend(self._infer(c, s, rate))
+
+    def _oom_tick(
+        self,
+        c: ManagedContainer,
+        inv: Invocation | None,
+        count: int,
+        kills: int,
+        effects: list[Effect],
+    ) -> None:
+        """A tick read ``kills`` unreported kills (``count``: the cumulative count it read)."""
+        killed = inv  # the run the kill belongs to, if one is running
+        if inv is not None and count <= inv.oom_kills_at_start:
+            killed = None  # counted before it started: an earlier run's, which its end saw
+        elif inv is not None:
+            inv.oom = True
+        else:
+            _, gs = self._function(c.ref.function)
+            gs.failures += 1
+            gs.calibrate = FAILURE
+        harvested = killed is not None and killed.mem_harvested
+        effects.append(OomKill(c.ref.id, kills, killed.id if killed else None, harvested))
 
     def _give_back(self, inv: Invocation, rate: float, s: Any) -> GiveBack | None:
         """The give-back rules (see the module docstring) on one sample of ``inv``'s container."""

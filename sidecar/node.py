@@ -441,6 +441,8 @@ class Node:
         )
         inv = ended.invocation
         self.metrics.invocations.labels(ended.outcome).inc()
+        if ended.oom is not None:
+            self._oom(ended.oom)
         if (share := inv.trace["throttled_share"]) is not None:
             self.metrics.throttled_ratio.observe(share)
         try:
@@ -467,6 +469,17 @@ class Node:
         self.metrics.active.set(len(self.engine.invocations))
         self._update_ratio()
         return ended
+
+    def _oom(self, kill: OomKill) -> None:
+        """Count kills once, whoever reported them first: a tick, or the end of the killed run
+        (which may come before any tick read the counter, the run gone by then)."""
+        self.metrics.oom_kills.inc(kill.kills)
+        if kill.harvested:
+            self.metrics.harvested_oom_kills.inc(kill.kills)
+        log.warning(
+            "OOM kill in a managed container",
+            extra={"container": kill.container_id, "invocation": kill.invocation_id},
+        )
 
     def _update_ratio(self) -> None:
         alloc = user = 0.0
@@ -546,14 +559,7 @@ class Node:
                 },
             )
         elif isinstance(effect, OomKill):
-            m.oom_kills.inc(effect.kills)
-            inv = self.engine.invocations.get(effect.invocation_id or "")
-            if inv is not None and inv.trace["chosen"]["mem_bytes"] < inv.user.mem_bytes:
-                m.harvested_oom_kills.inc(effect.kills)
-            log.warning(
-                "OOM kill in a managed container",
-                extra={"container": effect.container_id, "invocation": effect.invocation_id},
-            )
+            self._oom(effect)
         elif isinstance(effect, InferredStart):
             try:
                 self.start(effect.container_id, inferred=True)

@@ -447,11 +447,12 @@ def test_a_kill_belongs_to_the_run_it_was_counted_in() -> None:
     clock.t += 0.05
     ended = eng.end(killed.id, "success", usage=usage(0.1, 60, 100)._replace(oom_kills=1))
     assert ended.outcome == "oom" and eng.guards["fn"].failures == 1
+    assert ended.oom is not None and (ended.oom.kills, ended.oom.invocation_id) == (1, killed.id)
     nxt = eng.start("fn@1", usage=usage(0, 40)._replace(oom_kills=1))
     assert nxt.guard.reason == "cpu=failure,mem=failure"
     clock.t += 0.05
-    (late,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.3, oom_delta=1))  # the same kill
-    assert isinstance(late, OomKill) and late.invocation_id is None
+    # the same kill, which the end reported: not again
+    assert eng.on_sample(sample("fn@1", clock.t, cpu=0.3, oom_delta=1)) == []
     clock.t += 1.0
     ended = eng.end(nxt.id, "success", usage=usage(0.3, 60, 60)._replace(oom_kills=1))
     assert ended.outcome == "success" and ended.reward is not None and ended.reward > -1
@@ -461,7 +462,8 @@ def test_a_kill_belongs_to_the_run_it_was_counted_in() -> None:
     clock.t += 0.1
     (mine,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, oom_delta=1)._replace(oom_kills=2))
     assert mine.invocation_id == third.id
-    assert eng.end(third.id, "success", usage=usage(0.1, 40)._replace(oom_kills=2)).outcome == "oom"
+    ended = eng.end(third.id, "success", usage=usage(0.1, 40)._replace(oom_kills=2))
+    assert ended.outcome == "oom" and ended.oom is None  # the tick reported it
 
 
 @pytest.mark.parametrize("give_back", [False, True])
