@@ -263,11 +263,14 @@ class Actuator:
             self._save()
 
     def forget(self, container_id: str, restore: bool = True) -> str:
+        """Stop managing a container, after putting its user's limits back (``restore``). A
+        restore that fails keeps it, retried every tick until the limits are back; one that finds
+        the cgroup gone (the container deleted) leaves nothing to restore, so it goes."""
         m = self.managed.get(container_id)
         if m is None:
             return "unknown"
         result = self._restore(m) if restore else "skipped"
-        if restore and m.restore_pending:  # kept and retried every tick until the limits are back
+        if restore and result != "gone" and m.restore_pending:
             return result
         self.managed.pop(container_id, None)
         self.held.discard(container_id)

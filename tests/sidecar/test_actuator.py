@@ -149,6 +149,25 @@ def test_a_restore_that_fails_is_retried_until_the_user_limits_are_back(tmp_path
     assert act.forget("c1") == "restored" and "c1" not in act.managed
 
 
+def test_forget_drops_a_container_whose_pending_restore_finds_it_gone(tmp_path: Path) -> None:
+    """A container whose restore is pending (its memory refused) and whose cgroup is then
+    removed (the container deleted): nothing is left to restore, so ``forget`` drops it from the
+    state, the state file and the retries, where a failed restore would have kept it."""
+    import shutil
+
+    d = v2_container(tmp_path, "c1")
+    act = Actuator(tmp_path / "state.json", 16 * MB)
+    m = act.adopt(ref("c1", cpu=1.0, mem_mb=256, version=2, path=str(d)), cgroups.CgroupV2(str(d)))
+    act.apply("c1", Target(2.0, None, 512 * MB, 512 * MB), owner="i")  # accelerated
+    (d / "memory.current").write_text(f"{300 * MB}\n")  # above the user's 256 MB
+    assert act.restore("c1") == "pending" and m.restore_pending
+    shutil.rmtree(d)
+    assert act.forget("c1") == "gone"
+    assert "c1" not in act.managed and "c1" not in act.held
+    assert json.loads((tmp_path / "state.json").read_text())["containers"] == {}
+    assert act.retry_restores() == {}
+
+
 def test_adopt_puts_in_place_what_the_kernel_takes_and_retries_the_rest(tmp_path: Path) -> None:
     """A container adopted with more memory in use than its user's size allows (the floor) gets
     its user's CPU at once and its memory once the usage fits: it was left half-managed, never
