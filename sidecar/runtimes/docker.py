@@ -25,7 +25,9 @@ What this adapter answers (and nothing more: usage is read from cgroup files by 
   of the container's init process, see :func:`cgroup_path`.
 * **Invocation boundaries.** OpenWhisk pauses an idle container and unpauses it for an activation,
   so ``unpause`` -> ``invocation_start`` and ``pause`` -> ``invocation_end``; ``start`` ->
-  ``added``; ``die``/``destroy`` -> ``removed`` (once per container).
+  ``added``; ``die``/``destroy`` -> ``removed`` (once per container). After the event stream
+  reconnects, a listing finds what it missed (``_resync``): a pause among it still ends the
+  invocation.
 
 This adapter never writes to Docker: the daemon actuates through cgroup files (with the Python SDK
 a container started with ``--cpus`` refuses ``cpu_quota`` updates, and ``docker update`` costs
@@ -510,7 +512,8 @@ class DockerRuntime(RuntimeBase):
 
     def _resync(self, client: Any) -> list[RuntimeEvent]:
         """After a reconnect: diff a fresh listing against the known set (events the daemon
-        dropped while the stream was down are otherwise lost beyond its replay buffer)."""
+        dropped while the stream was down are otherwise lost beyond its replay buffer). A known
+        container now paused that was running ends its invocation: its pause was lost."""
         with self._lock:
             before = dict(self._known)
         try:
@@ -524,13 +527,21 @@ class DockerRuntime(RuntimeBase):
             names = s.get("Names") or []
             if self._managed_function(names[0] if names else "", s.get("Labels")) is None:
                 continue
-            seen.add(s["Id"])
-            if s["Id"] not in before:
-                ref = self._safe_inspect(client, s["Id"])
+            cid = s["Id"]
+            seen.add(cid)
+            if cid not in before:
+                ref = self._safe_inspect(client, cid)
                 if ref is not None:
                     with self._lock:
                         self._known[ref.id] = ref
                     out.append(RuntimeEvent("added", ref.id, ref))
+            elif "State" in s:
+                paused = s["State"] == "paused"
+                with self._lock:
+                    was_paused = self._paused.get(cid)
+                    self._paused[cid] = paused
+                if paused and was_paused is False:
+                    out.append(RuntimeEvent("invocation_end", cid, before[cid]))
         for cid, ref in before.items():
             if cid not in seen:
                 with self._lock:

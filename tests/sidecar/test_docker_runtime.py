@@ -269,7 +269,12 @@ class FakeAPI:
 
     def containers(self, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002
         return [
-            {"Id": c["Id"], "Names": [c["Name"]], "Labels": c["Config"]["Labels"]}
+            {
+                "Id": c["Id"],
+                "Names": [c["Name"]],
+                "Labels": c["Config"]["Labels"],
+                "State": "paused" if c["State"].get("Paused") else "running",
+            }
             for c in self.engine.containers.values()
         ]
 
@@ -435,6 +440,44 @@ def test_events_reconnect_with_backoff_and_resync(fake: tuple[FakeEngine, Docker
     assert len(calls) == 4  # first, two refused, reconnected
     assert calls[0]["since"] is None
     assert all(c["since"] == "1.000000123" for c in calls[1:])
+
+
+def test_a_pause_lost_while_the_stream_was_down_ends_the_invocation_at_resync(
+    fake: tuple[FakeEngine, DockerRuntime],
+) -> None:
+    """OpenWhisk pauses a container when its activation ends. A pause while the event stream was
+    down, and not replayed, would leave the invocation its unpause started open for good: the
+    resync's listing shows the container paused and ends it. A container still running, or one
+    already paused before, gets nothing."""
+    engine, rt = fake
+    a = engine.add("wsk0_1_guest_hello", "a" * 64)
+    b = engine.add("wsk0_2_guest_busy", "b" * 64)
+    idle = engine.add("wsk0_3_guest_idle", "c" * 64)
+    engine.containers[idle]["State"] = {"Running": True, "Paused": True}
+    rt.discover()
+
+    async def run() -> list[tuple[str, str]]:
+        it = rt.events()
+        first = asyncio.ensure_future(it.__anext__())
+        await _wait_stream(engine, 1)
+        engine.event("unpause", a, t_ns=1_000_000_000)
+        engine.event("unpause", b, t_ns=2_000_000_000)
+        got = [await asyncio.wait_for(first, 5), await _next(it)]
+        # the stream breaks; meanwhile a's activation ends (paused), b's goes on
+        engine.containers[a]["State"] = {"Running": True, "Paused": True}
+        engine.streams[0].items.put(None)
+        got.append(await _next(it))
+        with pytest.raises(asyncio.TimeoutError):  # nothing for b or the idle container
+            await asyncio.wait_for(it.__anext__(), 0.3)
+        await it.aclose()
+        return [(e.kind, e.container_id[:1]) for e in got]
+
+    assert asyncio.run(run()) == [
+        ("invocation_start", "a"),
+        ("invocation_start", "b"),
+        ("invocation_end", "a"),
+    ]
+    assert rt.is_paused(a) is True and rt.is_paused(b) is False
 
 
 def test_close_ends_the_iterator_and_the_thread(fake: tuple[FakeEngine, DockerRuntime]) -> None:
