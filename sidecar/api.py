@@ -7,8 +7,8 @@ and ``socket_group``) or holds the token can resize containers.
 
 * ``POST /v1/invocations`` ``{"function", "container", "user": {"cpu_cores", "mem_mb"},
   "input_size", "pending", "id"}`` (only ``container`` is required) -> 200 with the allocation
-  applied; 400 with a reason on malformed input, 404 for an unknown container, 409 if the container
-  already runs an invocation.
+  applied; 400 with a reason on malformed input, 404 for an unknown container (or one whose cgroup
+  went: deleted, or restarted under its name), 409 if the container already runs an invocation.
 * ``POST /v1/invocations/{id}/end`` ``{"outcome": "success"|"failure", "duration_s"}`` -> 200
   with duration, RFET and reward; 404 for an unknown invocation.
 * ``GET /healthz`` (the loop ticks), ``/readyz`` (first sample done; names the model or the

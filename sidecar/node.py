@@ -298,12 +298,18 @@ class Node:
                 self.end(inv_id)
 
     # ------------------------------------------------------------------------ invocations
-    def _usage(self, cid: str) -> cgroups.Usage | None:
+    def _usage(self, cid: str, gone_ok: bool = True) -> cgroups.Usage | None:
+        """The container's usage now; None if unreadable. ``gone_ok=False``: CgroupGone when its
+        cgroup was removed, or removed and made again (the kept files answer ENODEV)."""
         cg = self.sampler.cgroup(cid)
         if cg is None:
             return None
         try:
             return cg.read_usage()
+        except cgroups.CgroupGone:
+            if not gone_ok:
+                raise
+            return None
         except cgroups.CgroupError:
             return None
 
@@ -325,7 +331,13 @@ class Node:
                 self.actuator.check_user(container_id, user)
             except ValueError as exc:
                 raise EngineError(f"'user' cannot be written to this container: {exc}") from None
-        usage = self._usage(container_id)
+        try:
+            usage = self._usage(container_id, gone_ok=False)
+        except cgroups.CgroupGone as exc:
+            # deleted, or restarted under the same name: every handle is the old cgroup's, so
+            # nothing is decided on them; the next listing adopts a new cgroup afresh
+            self.remove(container_id, restore=False)
+            raise UnknownContainer(f"container {container_id!r} is gone: {exc}") from None
         cg = self.sampler.cgroup(container_id)
         if cg is not None:
             try:

@@ -1,17 +1,20 @@
 """The node in-process over real v1 cgroups and processes: what happens to a container between two
-ticks (a run killed and reported before any tick saw it). The node's methods are called from the
-test's own coroutine, so no tick or OOM wake-up runs between two calls unless the test awaits."""
+ticks (a run killed and reported before any tick saw it, a cgroup recreated). The node's methods
+are called from the test's own coroutine, so no tick or OOM wake-up runs between two calls unless
+the test awaits."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
 from daemon_helpers import write_config
 from sidecar_helpers import MB, write_policy
 from test_api import _client
 
-from sidecar import config
+from sidecar import cgroups, config
+from sidecar.engine import UnknownContainer, effective
 from sidecar.node import NODE, Node
 
 
@@ -64,5 +67,54 @@ def test_a_harvested_run_killed_before_any_tick_counts_one_harvested_kill(
             assert node.engine.guards["fo"].failures == 1
         finally:
             await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_start_on_a_recreated_cgroup_forgets_the_old_one_and_is_refused(
+    tmp_path: Path, v1_cgroup: cgroups.CgroupV1
+) -> None:
+    """A container restarted under the same name between two ticks: its cgroup removed and made
+    again at the same path. The node's handles still point at the old one (kept files that now
+    answer ENODEV, the limits last written there), so a start must not decide on them nor write
+    the decision into the new cgroup: it forgets the container and answers 404 (unknown), and the
+    next listing adopts the new cgroup afresh."""
+    rel = f"{v1_cgroup.rel_path}/re@1"
+    cgroups.create_v1(rel).close()
+    cfg_path = write_config(
+        tmp_path, 0, {rel: ("fr", 1.0, 256)}, write_policy(tmp_path / "h.onnx", "harvest")
+    )
+    cfg = config.load(cfg_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            assert node.sampler.last(rel) is not None  # a tick read it: its files are kept open
+            first = node.start(rel, function="fr")  # the user's size; the next one is harvested
+            await asyncio.sleep(0.3)
+            node.end(first.invocation.id)
+            cgroups.remove_v1(rel)
+            new = cgroups.create_v1(rel)  # the restarted container's, at the kernel's defaults
+            fresh = new.read_limits()
+            with pytest.raises(UnknownContainer) as refused:
+                node.start(rel, function="fr")
+            assert refused.value.status == 404 and "gone" in str(refused.value)
+            assert new.read_limits() == fresh  # nothing written into the new cgroup
+            assert rel not in node.engine.containers and rel not in node.actuator.managed
+            assert node.sampler.cgroup(rel) is None
+            node.sync_containers()  # the next listing: the new cgroup, at the user's size
+            assert new.read_limits().cpu_quota_cores == 1.0
+            assert new.read_limits().mem_limit_bytes == 256 * MB
+            again = node.start(rel, function="fr")  # decided and written on the new cgroup
+            cores, mem = effective(again.invocation.user, again.invocation.target)
+            assert again.applied and again.invocation.trace["kind"] == "harvested"
+            lim = new.read_limits()
+            assert (lim.cpu_quota_cores, lim.mem_limit_bytes) == (cores, mem)
+            node.end(again.invocation.id)
+            new.close()
+        finally:
+            await client.close()
+            cgroups.remove_v1(rel)
 
     asyncio.run(main())
