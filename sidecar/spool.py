@@ -157,9 +157,11 @@ class Spool:
         )
 
     def close(self) -> None:
+        """Close the segment being written; an empty one is deleted unless it is the only one,
+        whose number must survive so numbering never restarts below the shipper's position."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-            if self._segs.get(self._seq) == [0, 0]:
+            if self._segs.get(self._seq) == [0, 0] and len(self._segs) > 1:
                 self._segs.pop(self._seq)
                 self._path(self._seq).unlink(missing_ok=True)

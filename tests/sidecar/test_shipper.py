@@ -253,3 +253,23 @@ def test_spool_full_while_trainer_down_drops_oldest_counted_never_silently(tmp_p
     # every record is either stored or counted as dropped; the stored ones are the newest
     assert len(got) + spool.dropped == len(produced)
     assert got == produced[-len(got) :]
+
+
+def test_records_after_quiet_restarts_are_shipped(tmp_path: Path) -> None:
+    """Restarts with nothing written in between leave the spool with its one empty segment: it
+    must be kept at close, or segment numbering restarts below the shipper's position and
+    nothing written afterwards is ever shipped."""
+    with ServerThread(tmp_path / "data") as srv:
+        spool, sh = make(tmp_path, srv.url)
+        for i in range(10):
+            spool.append(record("n1", i))
+        asyncio.run(drain(sh))
+        for _ in range(3):  # quiet restarts: the shipper runs, nothing is written
+            spool.close()
+            spool, sh = make(tmp_path, srv.url)
+            assert asyncio.run(drain(sh)) == ["idle"]
+        for i in range(10, 15):
+            spool.append(record("n1", i))
+        asyncio.run(drain(sh))
+        spool.close()
+    assert stored(tmp_path) == [f"n1-inv-{i}" for i in range(15)]
