@@ -23,7 +23,6 @@ Debug handlers read snapshots and never write cgroups.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 import math
@@ -38,7 +37,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.engine import MAX_FUNCTIONS, EngineError, effective
 from sidecar.node import NODE, Node, StartResult
-from sidecar.process import json_response
+from sidecar.process import bearer_matches, json_response
 from sidecar.runtimes.base import UserSize
 from sidecar.sampler import HISTORY
 from sidecar.units import MB
@@ -96,8 +95,7 @@ async def guard_hooks(request: web.Request, handler: Any) -> web.StreamResponse:
             "(curl --unix-socket PATH http://localhost/v1/invocations ...); over TCP only with "
             "[server] tcp_hooks = true and a bearer token",
         )
-    sent = request.headers.get("Authorization", "").encode()
-    if not hmac.compare_digest(sent, f"Bearer {access.tcp_token}".encode()):
+    if not bearer_matches(request, access.tcp_token):
         return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
     return await handler(request)
 

@@ -1,11 +1,13 @@
 """Process plumbing shared by both daemons (the node's sidecar and the trainer service).
 
-JSON-lines logging on stderr, systemd's sd_notify, and strict JSON responses: one definition
-each, so the two services log, report readiness and serialise alike. No torch, no node state.
+JSON-lines logging on stderr, systemd's sd_notify, strict JSON responses and the bearer token
+check: one definition each, so the two services log, report readiness, serialise and authorize
+alike. No torch, no node state.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -127,3 +129,16 @@ def strict_dumps(obj: Any) -> str:
 def json_response(data: Any, status: int = 200) -> web.Response:
     """An aiohttp JSON response serialised with :func:`strict_dumps`."""
     return web.json_response(data, status=status, dumps=strict_dumps)
+
+
+# ------------------------------------------------------------------------------------ auth
+def bearer_matches(request: web.Request, token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (compared in constant time).
+
+    aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encoded back the same
+    way they are just a wrong token (401), never an encoding error (500).
+    """
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        sent.strip().encode("utf-8", "surrogateescape"), token.encode()
+    )

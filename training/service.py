@@ -37,7 +37,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import logging
 import math
@@ -61,7 +60,7 @@ from sidecar.config import ConfigError, load_tree, tls_client_context
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.record import SCHEMA_VERSION, RecordError, check_batch
 from sidecar.models import ModelRejected
-from sidecar.process import Notifier, json_response, setup_logging
+from sidecar.process import Notifier, bearer_matches, json_response, setup_logging
 from sidecar.shipper import bearer
 from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
@@ -391,7 +390,7 @@ class Service:
 
     def __init__(self, cfg: TrainerConfig, token: str) -> None:
         self.cfg = cfg
-        self.token = token.encode()
+        self.token = token
         data = Path(cfg.data_dir)
         self.store = TrajectoryStore(data / "trajectories.sqlite")
         self.registry = Registry(data / "models", cfg.grid)
@@ -418,9 +417,7 @@ class Service:
         ev.set()
 
     def authorized(self, request: web.Request) -> bool:
-        auth = request.headers.get("Authorization", "")
-        scheme, _, tok = auth.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(tok.strip().encode(), self.token)
+        return bearer_matches(request, self.token)
 
     def start_validators(self) -> None:
         """The ``ingest_workers`` processes; none with 0. Spawned (they never inherit the loop's

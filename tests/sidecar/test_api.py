@@ -148,6 +148,37 @@ def test_hooks_over_tcp_need_the_opt_in_and_the_token(tmp_path: Path) -> None:
     assert status == 403 and cfg.server.socket in reason and "tcp_hooks" in reason
 
 
+async def _raw_post(client: TestClient, path: str, headers: bytes, body: bytes) -> int:
+    """POST with header bytes as given (no client would send bytes that are not UTF-8)."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + headers
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    status = int((await reader.readline()).split()[1])
+    writer.close()
+    return status
+
+
+def test_a_token_that_is_not_utf8_is_refused_with_401(tmp_path: Path) -> None:
+    cfg, cfg_path, _ = _setup(tmp_path)
+    body = b'{"container": "faasrm/resize@1"}'
+
+    async def main() -> list[int]:
+        client = await _client(cfg, cfg_path)
+        try:
+            return [
+                await _raw_post(client, "/v1/invocations", b"Authorization: Bearer \xff\r\n", body),
+                await _raw_post(client, "/v1/invocations", b"Authorization: \xc3(\r\n", body),
+            ]
+        finally:
+            await client.close()
+
+    assert run(main()) == [401, 401]
+
+
 def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
     cfg, cfg_path, dirs = _setup(tmp_path)
     d = dirs["resize@1"]

@@ -217,6 +217,15 @@ def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> 
     assert reg.latest() is None and reg.versions() == []
 
 
+def test_a_token_that_is_not_utf8_is_refused_with_401(server) -> None:
+    """aiohttp keeps header bytes that are not UTF-8 as surrogates: a wrong token, not a 500."""
+    for raw in (b"Bearer \xff", b"\xc3( \xff"):
+        headers = {"Authorization": raw, "Content-Type": "application/msgpack"}
+        good = batch("n1", 0, [record("n1", 0)])
+        assert http(server.url + "/v1/trajectories", good, token=None, headers=headers)[0] == 401
+        assert http(server.url + "/v1/models", token=None, headers=headers)[0] == 401
+
+
 def test_every_endpoint_but_health_and_metrics_needs_the_token(server) -> None:
     """Models and the learner's report are the cluster's data: a GET needs the token too."""
     assert _publish(server, onnx_policy("harvest"))[0] == 200
