@@ -28,6 +28,7 @@ import json
 import math
 import socket
 import time
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -122,6 +123,16 @@ async def _body(request: web.Request, allowed: set[str], required: bool = True) 
     return data
 
 
+def _text(v: str) -> bool:
+    """Whether ``v`` is UTF-8 text without control characters: a name goes into metric labels,
+    logs and the spool, none of which can take a lone surrogate (JSON ``"\\ud800"``)."""
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return not any(unicodedata.category(c) == "Cc" for c in v)
+
+
 def _str(data: dict, key: str, required: bool = False) -> str | None:
     v = data.get(key)
     if v is None:
@@ -130,6 +141,8 @@ def _str(data: dict, key: str, required: bool = False) -> str | None:
         return None
     if not isinstance(v, str) or not v or len(v) > 512:
         raise BadRequest(f"'{key}' must be a non-empty string (at most 512 characters)")
+    if not _text(v):
+        raise BadRequest(f"'{key}' must be UTF-8 text without control characters")
     return v
 
 

@@ -148,6 +148,41 @@ def test_hooks_over_tcp_need_the_opt_in_and_the_token(tmp_path: Path) -> None:
     assert status == 403 and cfg.server.socket in reason and "tcp_hooks" in reason
 
 
+def test_names_that_are_not_utf8_text_get_400_and_the_metrics_stay_up(tmp_path: Path) -> None:
+    """A lone surrogate or a control character in a name would reach the metrics' labels (a
+    harvested function's) and the spool, which cannot encode it: refused at the door."""
+    cfg, cfg_path, _ = _setup(tmp_path)
+
+    async def main() -> tuple[list[tuple[str, str, int, str]], int]:
+        client = await _client(cfg, cfg_path)
+        answers = []
+        try:
+            for key in ("container", "function", "id"):
+                for bad in (r'"\ud800"', r'"a\u0001b"', r'"a\nb"', r'"a\u007fb"'):
+                    for _ in range(2):  # the second start of a function is harvested
+                        body = f'{{"container": "faasrm/resize@1", "{key}": {bad}}}'.encode()
+                        r = await client.post("/v1/invocations", data=body)
+                        a = await r.json()
+                        answers.append((key, bad, r.status, a.get("error") or ""))
+                        if r.status == 200 and key != "id":  # (a bad id has no URL to end it)
+                            await client.post(f"/v1/invocations/{a['invocation']}/end")
+            for key, value in (("function", "thumb"), ("id", "inv-\u00e9\u6f22")):
+                r = await client.post(
+                    "/v1/invocations", json={"container": "faasrm/thumb@1", key: value}
+                )
+                assert r.status == 200, (key, value)
+                r = await client.post(f"/v1/invocations/{(await r.json())['invocation']}/end")
+                assert r.status == 200
+            return answers, (await client.get("/metrics")).status
+        finally:
+            await client.close()
+
+    answers, metrics = run(main())
+    assert metrics == 200
+    for key, bad, status, error in answers:
+        assert status == 400 and "control characters" in error, (key, bad, status, error)
+
+
 async def _raw_post(client: TestClient, path: str, headers: bytes, body: bytes) -> int:
     """POST with header bytes as given (no client would send bytes that are not UTF-8)."""
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)

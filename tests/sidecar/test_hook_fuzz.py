@@ -99,12 +99,13 @@ class Server:
         return request("POST", path, self.sock, body)
 
     def check(self, status: int, body: Any) -> None:
-        """The answer was no 5xx, and no state was lost."""
+        """The answer was no 5xx, no state was lost, and the metrics can still be scraped."""
         assert 200 <= status < 500, (status, body)
         if status >= 400 and isinstance(body, dict):  # the router's own 404s are plain text
             assert isinstance(body.get("error"), str), body
         st_, ready = request("GET", "/readyz", self.sock)
         assert st_ == 200 and ready["containers"] == len(NAMES), ready
+        assert request("GET", "/metrics", self.sock)[0] == 200
         node = self.thread.app[NODE]
         for inv_id, inv in list(node.engine.invocations.items()):  # an accepted start: end it
             st_, ended = self.post(f"/v1/invocations/{quote(inv_id, safe='')}/end", b"{}")
@@ -205,7 +206,9 @@ NUMBERS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0, 1, 0.01, 0.001, 1e-6, 16, 2**30, 1e15, 1e16, 86_400, 1e300, -1]),
 )
-SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=30))
+CHARS = st.characters(exclude_categories=())
+"""Every code point: control characters, and lone surrogates (JSON can carry ``"\\ud800"``)."""
+SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(CHARS, max_size=30))
 VALUES = st.recursive(
     SCALARS,
     lambda kids: st.one_of(
@@ -228,7 +231,7 @@ def start_bodies(draw: st.DrawFn, containers: list[str]) -> dict:
     for key in ("function", "id", "input_size", "pending"):
         if draw(st.integers(0, 3)) == 0:
             body[key] = draw(
-                st.one_of(VALUES, NUMBERS, st.text(min_size=1, max_size=600))
+                st.one_of(VALUES, NUMBERS, st.text(CHARS, min_size=1, max_size=600))
                 if key in ("function", "id")
                 else st.one_of(NUMBERS, VALUES)
             )
