@@ -24,6 +24,7 @@ from typing import Any
 
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import RULES
+from sidecar.core.record import NODE_ID_RULE, is_node_id
 from sidecar.core.reward import RewardConfig
 from sidecar.core.safeguard import SafeguardConfig
 
@@ -590,6 +591,11 @@ def validate(cfg: Config) -> None:
         problems.append("model_poller: 1 <= min_invocations <= watch_invocations")
     if cfg.debug.trace_size < 1 or cfg.debug.max_function_labels < 0:
         problems.append("debug.trace_size must be >= 1, debug.max_function_labels >= 0")
+    if not is_node_id(cfg.node):
+        source = "" if cfg.node_id else " (the hostname: set node_id)"
+        problems.append(
+            f"node_id {cfg.node!r}{source} is not {NODE_ID_RULE}: the trainer refuses its batches"
+        )
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level {cfg.log_level!r} is not debug, info, warning or error")
     if problems:

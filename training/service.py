@@ -41,7 +41,6 @@ import ipaddress
 import logging
 import math
 import os
-import re
 import signal
 import sqlite3
 import ssl
@@ -58,7 +57,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.config import ConfigError, load_tree, tls_client_context
 from sidecar.core.grid import ResourceGrid
-from sidecar.core.record import SCHEMA_VERSION, RecordError, check_batch
+from sidecar.core.record import (
+    NODE_ID_RULE,
+    SCHEMA_VERSION,
+    RecordError,
+    check_batch,
+    is_node_id,
+)
 from sidecar.models import ModelRejected
 from sidecar.process import Notifier, bearer_matches, json_response, setup_logging
 from sidecar.shipper import bearer
@@ -335,7 +340,6 @@ class Batch:
     rewarded: int
 
 
-_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ENVELOPE = {"schema_version", "node_id", "seq", "records"}
 
 
@@ -369,8 +373,8 @@ def decode_batch(body: bytes, max_records: int) -> Batch:
         extra, missing = sorted(map(str, set(obj) - _ENVELOPE)), sorted(_ENVELOPE - set(obj))
         raise BatchError(400, f"envelope keys: missing {missing}, unknown {extra}")
     node, seq, records = obj["node_id"], obj["seq"], obj["records"]
-    if not isinstance(node, str) or not _NODE_RE.match(node):
-        raise BatchError(400, "'node_id' must be 1-128 characters [A-Za-z0-9._:-]")
+    if not is_node_id(node):
+        raise BatchError(400, f"'node_id' must be {NODE_ID_RULE}")
     if not _is_int(seq) or not 0 <= seq < 2**63:
         raise BatchError(400, "'seq' must be an integer in 0..2^63-1")
     if type(records) is not tuple or not records:

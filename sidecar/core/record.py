@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -45,6 +46,17 @@ from sidecar.core.grid import Alloc, ResourceGrid
 RECORD_VERSION = 1
 SCHEMA_VERSION = 1
 """Version of the batch envelope a shipper posts and the trainer reads."""
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+"""A node id (the records' ``node``, a batch's ``node_id``), matched whole: ``is_node_id``."""
+NODE_ID_RULE = "1-128 characters [A-Za-z0-9._:-], the first a letter or digit"
+
+
+def is_node_id(node: object) -> bool:
+    """Whether the trainer takes ``node`` as a node id; the sidecar's config refuses any other, so
+    a node never runs to have every batch refused."""
+    return isinstance(node, str) and NODE_ID_RE.fullmatch(node) is not None
+
+
 OUTCOMES = ("success", "failure", "oom", "lost")
 REQUIRED = (
     "v",

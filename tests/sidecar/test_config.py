@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +90,8 @@ def test_example_config_loads() -> None:
         ),
         ("[server]\ntcp_hooks = true", "server.tcp_hooks needs server.token_file or server.token"),
         (f"[server]\nsocket = '/{'s' * 107}'", "server.socket is longer than 107 bytes"),
+        ("node_id = 'a b'", "node_id 'a b' is not 1-128 characters"),
+        ('node_id = "n1\\n"', "node_id 'n1\\n' is not 1-128 characters"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:
@@ -189,3 +195,25 @@ def test_a_trainer_ca_file_needs_https_urls_and_a_readable_file() -> None:
         from_dict({"shipper": {**sh, "ca_file": ""}}).shipper.ssl_context().verify_mode
         == ssl.CERT_REQUIRED
     )
+
+
+def test_a_hostname_the_trainer_would_refuse_as_node_id_is_a_config_error() -> None:
+    """Without ``node_id`` the hostname is the node's id: load refuses one the trainer would."""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a hostname of its own")
+    code = (
+        "import socket, sys\n"
+        "socket.sethostname('bad_host!')\n"
+        "from sidecar import config\n"
+        "config.load(None)\n"
+    )
+    res = subprocess.run(
+        ["unshare", "--uts", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(config.__file__).parents[1])},
+    )
+    if "sethostname" in res.stderr or "unshare:" in res.stderr:
+        pytest.skip(f"cannot set a hostname in a new UTS namespace: {res.stderr.strip()}")
+    assert "ConfigError: config: node_id 'bad_host!' (the hostname" in res.stderr, res

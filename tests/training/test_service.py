@@ -19,6 +19,8 @@ from trainer_helpers import GRID, TOKEN, ServerThread, batch, http, js, record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sidecar"))
 from sidecar_helpers import onnx_policy  # noqa: E402
 
+from sidecar import config as sidecar_config  # noqa: E402
+from sidecar.config import ConfigError  # noqa: E402
 from sidecar.core.grid import ResourceGrid  # noqa: E402
 from sidecar.models import ModelRejected  # noqa: E402
 from training.registry import Registry, TrajectoryStore  # noqa: E402
@@ -215,6 +217,27 @@ def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> 
     with pytest.raises(ModelRejected, match="non-finite"):
         reg.add(onnx_policy("nan"))
     assert reg.latest() is None and reg.versions() == []
+
+
+NODE_IDS = ["n1", "host.example.com", "10.0.0.7:9", "x" * 128, "a b", "n1\n", "-n", "x" * 129]
+
+
+@pytest.mark.parametrize("node", NODE_IDS)
+def test_a_node_id_the_trainer_refuses_is_a_sidecar_config_error(node: str) -> None:
+    """A node the trainer would refuse every batch of must not start at all."""
+    try:
+        decode_batch(batch(node, 0, [record(node, 0)]), 100)
+        trainer_takes = True
+    except BatchError as exc:
+        assert "node_id" in exc.reason
+        trainer_takes = False
+    try:
+        sidecar_config.from_dict({"node_id": node})
+        sidecar_takes = True
+    except ConfigError as exc:
+        assert "node_id" in str(exc)
+        sidecar_takes = False
+    assert sidecar_takes == trainer_takes == (node in NODE_IDS[:4]), node
 
 
 def test_a_token_that_is_not_utf8_is_refused_with_401(server) -> None:
