@@ -254,7 +254,7 @@ async def _shipper_ctx(app: web.Application) -> AsyncIterator[None]:
     from sidecar.shipper import SHIPPER, Shipper
 
     node = app[NODE]
-    shipper = Shipper(node.spool, cfg.shipper, cfg.node, cfg.shipper.resolve_token(), app[METRICS])
+    shipper = Shipper(node.spool, cfg.shipper, cfg.shipper.resolve_token(), app[METRICS])
     app[SHIPPER] = shipper
     task = asyncio.create_task(shipper.run(), name="faasrm-shipper")
     log.info(

@@ -3,8 +3,10 @@
 Exactly once = at-least-once delivery + the trainer's idempotency on ``(node_id, seq)``:
 
 1. A batch is planned from the acknowledged spool position (segment, byte offset): up to
-   ``batch_records`` whole records, never more than ``max_batch_bytes``. Its range and its ``seq``
-   (one more than the last) are written to ``state_file`` (fsynced) *before* it is sent.
+   ``batch_records`` whole records, never more than ``max_batch_bytes``, all carrying one node
+   id, which its envelope names (records spooled before the node was renamed keep the old one).
+   Its range and its ``seq`` (one more than the last) are written to ``state_file`` (fsynced)
+   *before* it is sent.
 2. It is POSTed until the trainer answers. 2xx (stored, or a duplicate of a batch it already
    stored): the position moves past the batch and ``seq`` advances, persisted again.
 3. After a crash anywhere in between, the same bytes go out again under the same ``seq``: the
@@ -117,13 +119,11 @@ class Shipper:
         self,
         spool: Spool,
         cfg: ShipperConfig,
-        node_id: str,
         token: str,
         metrics: Any = None,
     ) -> None:
         self.spool = spool
         self.cfg = cfg
-        self.node_id = node_id
         self.token = token
         self.metrics = metrics
         self.state_path = Path(cfg.state_file)
@@ -187,7 +187,8 @@ class Shipper:
             self._save()
 
     def _scan(self, path: Path, offset: int) -> tuple[int, int, int]:
-        """(start, end, records) of the whole records from ``offset``, within the batch limits."""
+        """(start, end, records) of the whole records from ``offset``, within the batch limits and
+        all carrying the first one's node (records spooled before a rename keep the old one)."""
         try:
             with open(path, "rb") as fh:
                 fh.seek(offset)
@@ -196,15 +197,17 @@ class Shipper:
             return offset, offset, 0
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(data)
-        end, n = 0, 0
+        end, n, node = 0, 0, None
         budget = self.cfg.max_batch_bytes - 64  # the envelope
         try:
             for obj in unpacker:
                 pos = unpacker.tell()
-                if pos > budget and n:
+                is_map = isinstance(obj, dict)
+                if n and (pos > budget or (is_map and obj.get("node") != node)):
                     break
                 end = pos
-                if isinstance(obj, dict):
+                if is_map:
+                    node = node if n else obj.get("node")
                     n += 1
                 if n >= self.cfg.batch_records:
                     break
@@ -216,13 +219,15 @@ class Shipper:
         with open(self.spool.dir / f"{_PREFIX}{p.segment:020d}{_SUFFIX}", "rb") as fh:
             fh.seek(p.start)
             raw = fh.read(p.end - p.start)
-        # keep only the maps (a stray non-map object was skipped when planning)
+        # keep only the maps (a stray non-map object was skipped when planning); the envelope
+        # names the node they carry (one per batch: ``_scan``), not necessarily this node's
         unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(raw)
-        parts, prev = [], 0
+        parts, prev, node = [], 0, None
         for obj in unpacker:
             pos = unpacker.tell()
             if isinstance(obj, dict):
+                node = node if parts else obj.get("node")
                 parts.append(raw[prev:pos])
             prev = pos
         pk = msgpack.Packer(use_bin_type=True)
@@ -231,7 +236,7 @@ class Shipper:
             + pk.pack("schema_version")
             + pk.pack(SCHEMA_VERSION)
             + pk.pack("node_id")
-            + pk.pack(self.node_id)
+            + pk.pack(node)
             + pk.pack("seq")
             + pk.pack(p.seq)
             + pk.pack("records")

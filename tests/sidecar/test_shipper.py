@@ -34,7 +34,7 @@ def make(tmp: Path, url: str, **kw) -> tuple[Spool, Shipper]:
         timeout_s=5,
         **kw,
     )
-    return spool, Shipper(spool, cfg, "n1", TOKEN)
+    return spool, Shipper(spool, cfg, TOKEN)
 
 
 async def drain(shipper: Shipper, max_steps: int = 500) -> list[str]:
@@ -147,7 +147,7 @@ def test_a_failure_streak_shows_in_the_metrics_until_the_trainer_answers(tmp_pat
         backoff_max_s=0.05,
     )
     metrics = Metrics()
-    sh = Shipper(spool, cfg, "n1", TOKEN, metrics)
+    sh = Shipper(spool, cfg, TOKEN, metrics)
     for i in range(5):
         spool.append(record("n1", i))
 
@@ -232,7 +232,7 @@ def test_spool_full_while_trainer_down_drops_oldest_counted_never_silently(tmp_p
         backoff_initial_s=0.01,
         backoff_max_s=0.02,
     )
-    sh = Shipper(spool, cfg, "n1", TOKEN)
+    sh = Shipper(spool, cfg, TOKEN)
     produced = []
 
     def produce(lo: int, hi: int) -> None:
@@ -273,3 +273,40 @@ def test_records_after_quiet_restarts_are_shipped(tmp_path: Path) -> None:
         asyncio.run(drain(sh))
         spool.close()
     assert stored(tmp_path) == [f"n1-inv-{i}" for i in range(15)]
+
+
+def test_records_spooled_under_an_old_node_id_are_shipped_under_it(tmp_path: Path) -> None:
+    """A node renamed between restarts still ships what it spooled before: each batch's envelope
+    names the node its records carry (the trainer refuses a batch whose records name another)."""
+    spool, _ = make(tmp_path, "http://127.0.0.1:9")
+    produced = []
+    for i in range(10):  # spooled while the trainer was unreachable, under the old name
+        rec = record("old-name", i)
+        spool.append(rec)
+        produced.append(rec["invocation"])
+    spool.close()
+    with ServerThread(tmp_path / "data") as srv:
+        spool, sh = make(tmp_path, srv.url)  # restarted as "n1"
+        for i in range(10, 18):
+            rec = record("n1", i)
+            spool.append(rec)
+            produced.append(rec["invocation"])
+        res = asyncio.run(drain(sh))
+        spool.close()
+    assert res[-1] == "idle" and "dropped" not in res and sh.dropped == 0
+    assert stored(tmp_path) == produced
+
+
+def test_a_segment_holding_two_node_ids_ships_each_under_its_own(tmp_path: Path) -> None:
+    with ServerThread(tmp_path / "data") as srv:
+        spool, sh = make(tmp_path, srv.url)
+        produced = []
+        for i, node in enumerate(["a"] * 2 + ["b"] * 2 + ["a"] * 2):
+            rec = record(node, i)
+            spool.append(rec)
+            produced.append(rec["invocation"])
+        assert len(spool.segments()) == 1
+        res = asyncio.run(drain(sh))
+        spool.close()
+    assert res == ["shipped"] * 3 + ["idle"]
+    assert stored(tmp_path) == produced

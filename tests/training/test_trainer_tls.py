@@ -98,7 +98,7 @@ def _shipper(tmp: Path, url: str, ca_file: str) -> Shipper:
         backoff_max_s=0.05,
         timeout_s=5,
     )
-    return Shipper(spool, cfg, "n1", TOKEN)
+    return Shipper(spool, cfg, TOKEN)
 
 
 def _poller(tmp: Path, url: str, **kw: Any) -> ModelPoller:
