@@ -261,8 +261,10 @@ class ModelPoller:
 
     async def run(self) -> None:
         attempt = 0
+        interval = min(1.0, self.cfg.wait_s)
         async with trainer_session(self.ssl_context) as session:
             while True:
+                started = time.monotonic()
                 result = await self.poll_once(session)
                 if result == "error":
                     delay = self.backoff_s(attempt)
@@ -271,9 +273,9 @@ class ModelPoller:
                     await asyncio.sleep(delay)
                     continue
                 attempt = 0
-                if result == "none":
-                    await asyncio.sleep(min(1.0, self.cfg.wait_s))  # 404 answers at once if the
-                    # trainer's wait is shorter; never spin
+                # at most one poll per interval: a trainer (or proxy) that answers 304 or 404
+                # without waiting out the long-poll must not make the node spin
+                await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
 
     def status(self) -> dict:
         return {

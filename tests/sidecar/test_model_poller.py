@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from sidecar_helpers import GRID, onnx_policy, write_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -46,6 +49,32 @@ def poller(tmp: Path, url: str, node=None, **kw) -> ModelPoller:
 async def poll(p: ModelPoller) -> str:
     async with aiohttp.ClientSession() as s:
         return await p.poll_once(s)
+
+
+@contextlib.asynccontextmanager
+async def fake_trainer(
+    latest: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A real HTTP server on 127.0.0.1 whose ``/v1/models/latest`` is ``latest`` (a trainer or
+    proxy that misbehaves in a chosen way); yields its URL."""
+    app = web.Application()
+    app.router.add_get("/v1/models/latest", latest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def run_for(p: ModelPoller, seconds: float) -> None:
+    """``p.run()`` for ``seconds``, then cancelled."""
+    task = asyncio.create_task(p.run())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def rec(model: str, slow: bool) -> dict:
@@ -118,3 +147,23 @@ def test_long_poll_learns_of_a_promotion_within_a_second(tmp_path: Path) -> None
 
         assert asyncio.run(race()) < 1.0
         assert p.active_version == 2
+
+
+@pytest.mark.parametrize("status", [304, 404])
+def test_a_trainer_that_answers_at_once_is_polled_at_most_once_per_interval(
+    tmp_path: Path, status: int
+) -> None:
+    """A trainer (or proxy) that answers without waiting must not make the node spin: one poll
+    per min(1 s, wait_s) at most."""
+    hits: list[float] = []
+
+    async def latest(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        return web.Response(status=status, headers={"ETag": '"v1-0"'})
+
+    async def main() -> None:
+        async with fake_trainer(latest) as url:
+            await run_for(poller(tmp_path, url, wait_s=0.5), 2.0)
+
+    asyncio.run(main())
+    assert 2 <= len(hits) <= 5, len(hits)
