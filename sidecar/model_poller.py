@@ -248,10 +248,12 @@ class ModelPoller:
                 if r.status != 200:
                     self.last_error = f"HTTP {r.status}"
                     return "error"
-                data = await r.read()
+                etag = r.headers["ETag"]
+                if etag == self.etag:  # a server or proxy that ignores If-None-Match: this
+                    return "same"  # version was adopted or refused already
                 version = int(r.headers["X-Model-Version"])
                 sha = r.headers["X-Model-Sha256"]
-                etag = r.headers["ETag"]
+                data = await r.read()
         except (TimeoutError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return "error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,6 +67,20 @@ async def fake_trainer(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def model_response(data: bytes, version: int, sha: str | None = None) -> web.Response:
+    """A ``/v1/models/latest`` answer as the trainer gives it (``sha``: the X-Model-Sha256 it
+    claims, by default the body's)."""
+    sha = sha or hashlib.sha256(data).hexdigest()
+    return web.Response(
+        body=data,
+        headers={
+            "ETag": f'"v{version}-{sha[:16]}"',
+            "X-Model-Version": str(version),
+            "X-Model-Sha256": sha,
+        },
+    )
 
 
 async def run_for(p: ModelPoller, seconds: float) -> None:
@@ -167,3 +182,25 @@ def test_a_trainer_that_answers_at_once_is_polled_at_most_once_per_interval(
 
     asyncio.run(main())
     assert 2 <= len(hits) <= 5, len(hits)
+
+
+def test_a_model_served_again_under_the_same_etag_is_not_adopted_again(tmp_path: Path) -> None:
+    """A server or proxy that ignores If-None-Match answers 200 with the version the node has:
+    not loaded again, and the rollback watch of that version goes on counting."""
+    data = onnx_policy("harvest")
+
+    async def latest(request: web.Request) -> web.Response:
+        return model_response(data, 1)
+
+    async def main() -> ModelPoller:
+        async with fake_trainer(latest) as url:
+            p = poller(tmp_path, url)
+            assert await poll(p) == "new"
+            for _ in range(3):
+                p.on_record(rec(p.node.models.current.id, slow=False))
+            assert await poll(p) == "same"
+            return p
+
+    p = asyncio.run(main())
+    assert [h["result"] for h in p.history] == ["loaded"]
+    assert p.watch is not None and p.watch["n"] == 3
