@@ -1,11 +1,13 @@
 """Follow the trainer's model registry: long-poll, validate, hot-swap, watch, roll back.
 
 ``GET /v1/models/latest?wait=S`` with ``If-None-Match`` returns as soon as a newer version is
-promoted (304 otherwise). A new model is written to ``model_poller.dir`` (with its sha256 beside
-it) and loaded by ``sidecar.models.ModelManager.load``: every check a local model file gets
-(sha256, onnxruntime, feature version/schema hash/grid, finite scores on probe rows). A refused
-model leaves the running one in place; its ETag is remembered, so it is not fetched again until a
-newer version appears.
+promoted (304 otherwise). A download whose sha256 is not its ``X-Model-Sha256`` is refused before
+it touches the disk (and fetched again after a backoff). A new model is written atomically to
+``model_poller.dir`` as ``v<version>-<sha256[:16]>.onnx`` (so no model overwrites another's file),
+its sha256 beside it, and loaded by ``sidecar.models.ModelManager.load``: every check a local
+model file gets (sha256, onnxruntime, feature version/schema hash/grid, finite scores on probe
+rows). A refused model leaves the running one in place; its ETag is remembered, so it is not
+fetched again until a newer version appears.
 
 The swap runs on the event loop, which also makes every decision: a decision sees the old model or
 the new one, never a mix. After a swap the poller watches the new model's finished invocations
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import random
@@ -136,8 +139,10 @@ class ModelPoller:
         }
         write_atomic(self.dir / "active.json", json.dumps(state).encode())
 
-    def _path(self, version: int) -> Path:
-        return self.dir / f"v{version:06d}.onnx"
+    def _path(self, version: int, sha: str) -> Path:
+        """Named by version and content: two models under one version number (a trainer whose
+        registry was reset) never overwrite each other's file."""
+        return self.dir / f"v{version:06d}-{sha[:16]}.onnx"
 
     def _event(self, version: int | None, sha: str | None, result: str, reason: str = "") -> None:
         self.history.append(
@@ -151,14 +156,16 @@ class ModelPoller:
         )
 
     def adopt(self, data: bytes, version: int, sha: str, etag: str) -> bool:
-        """Validate and swap in a registry model; False if refused (the running one stays)."""
+        """Validate and swap in a registry model whose ``data`` hashes to ``sha`` (checked at
+        download); False if refused (the running one stays)."""
         self.etag = etag  # a refused version is not fetched again
         if sha in self.bad_sha:
             self._event(version, sha, "rejected", "rolled back earlier on this node")
             return False
-        path = self._path(version)
+        path = self._path(version, sha)
+        side = Path(str(path) + ".json")
         write_atomic(path, data)
-        Path(str(path) + ".json").write_text(json.dumps({"sha256": sha, "version": version}))
+        write_atomic(side, json.dumps({"sha256": sha, "version": version}).encode())
         ok = self.models.load(path)
         if self.metrics is not None:
             self.metrics.model_loads.labels("ok" if ok else "rejected").inc()
@@ -171,6 +178,7 @@ class ModelPoller:
                 extra={"version": version, "reason": reason, "running": self.models.current.id},
             )
             path.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
             return False
         cur = self.models.current
         self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
@@ -252,10 +260,18 @@ class ModelPoller:
                 if etag == self.etag:  # a server or proxy that ignores If-None-Match: this
                     return "same"  # version was adopted or refused already
                 version = int(r.headers["X-Model-Version"])
-                sha = r.headers["X-Model-Sha256"]
+                sha = r.headers["X-Model-Sha256"].lower()
                 data = await r.read()
         except (TimeoutError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
+            return "error"
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha:  # damaged on the way: refused before it touches the disk, fetched again
+            self.last_error = (
+                f"version {version}: the download's sha256 {got[:16]}... is not its "
+                f"X-Model-Sha256 {sha[:16]}..."
+            )
+            self._event(version, sha, "rejected", self.last_error)
             return "error"
         self.last_error = None
         self.adopt(data, version, sha, etag)

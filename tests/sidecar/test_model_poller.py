@@ -204,3 +204,40 @@ def test_a_model_served_again_under_the_same_etag_is_not_adopted_again(tmp_path:
     p = asyncio.run(main())
     assert [h["result"] for h in p.history] == ["loaded"]
     assert p.watch is not None and p.watch["n"] == 3
+
+
+def test_a_download_is_checked_before_it_is_written_and_never_replaces_another_model(
+    tmp_path: Path,
+) -> None:
+    """A body that does not match its X-Model-Sha256 is refused before it touches the disk, and
+    another model under the same version number (a trainer whose registry was reset) gets its
+    own file: either way the running model and its file stay, so a restart still loads it."""
+    good, other = onnx_policy("harvest"), onnx_policy("harvest", grid=ResourceGrid())
+    serving = [model_response(good, 1)]
+
+    async def latest(request: web.Request) -> web.Response:
+        return serving[0]
+
+    async def main() -> tuple[ModelPoller, list[str]]:
+        async with fake_trainer(latest) as url:
+            p = poller(tmp_path, url)
+            assert await poll(p) == "new"
+            files = sorted(f.name for f in p.dir.iterdir())
+            serving[0] = model_response(good[:-7] + b"garbage", 2, p.active["sha256"])
+            assert await poll(p) == "error" and "sha256" in (p.last_error or "")
+            assert p.history[-1]["result"] == "rejected"
+            assert sorted(f.name for f in p.dir.iterdir()) == files
+            serving[0] = model_response(other, 1)
+            assert await poll(p) == "new" and p.history[-1]["result"] == "rejected"
+            return p, files
+
+    p, files = asyncio.run(main())
+    sha = hashlib.sha256(good).hexdigest()
+    assert p.active_version == 1 and p.node.models.current.sha256 == sha
+    assert f"v000001-{sha[:16]}.onnx" in files
+    assert Path(p.active["path"]).read_bytes() == good
+    assert not list(p.dir.glob("*.tmp"))
+    node2 = StubNode()
+    p2 = poller(tmp_path, "http://127.0.0.1:9", node2)
+    p2.restore_active()
+    assert node2.models.current.sha256 == sha and p2.active_version == 1
