@@ -19,11 +19,13 @@ adopts that version again. After ``watch_invocations`` the model is confirmed. `
 shows the active registry version and this history.
 
 ``<dir>/active.json`` (written atomically after every change) records the registry version the
-node runs, the one it would roll back to, the versions rolled back and the last ETag seen: a
-restarted daemon loads the rollback target and then the active version at once (so a rollback
-after the restart returns to the version that ran before), never takes a rolled-back version
-again, and its first poll carries that ETag. Requests carry the trainer's bearer token and verify
-its https certificate like the shipper's (``sidecar.shipper.trainer_session``).
+node runs, the one it would roll back to, the versions rolled back, the rollback watch and the
+last ETag seen: a restarted daemon loads the rollback target and then the active version at once
+(so a rollback after the restart returns to the version that ran before), resumes the watch of a
+model not yet confirmed (with the counts saved when it started: invocations are not written to
+disk one by one), never takes a rolled-back version again, and its first poll carries that ETag.
+Requests carry the trainer's bearer token and verify its https certificate like the shipper's
+(``sidecar.shipper.trainer_session``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class ModelPoller:
         self.bad_sha: set[str] = {x for x in saved.get("rolled_back_sha256", []) if _is_sha(x)}
         """Versions rolled back on this node (kept in active.json): never adopted again."""
         self.watch: dict | None = None
+        """The rollback watch of the model swapped in last: {version, model, sha256, n, slow}
+        (in active.json, so a restart resumes it; None once confirmed or rolled back)."""
         self.polls = 0
         self.last_error: str | None = None
         self._rng = random.Random()
@@ -119,6 +123,9 @@ class ModelPoller:
             cur = self.models.current
             self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
             restored = version
+        watch = self.watch or saved.get("watch")
+        resumed = isinstance(watch, dict) and watch.get("sha256") == self.models.current.sha256
+        self.watch = watch if resumed and WATCH_KEYS <= set(watch) else None
         self._sync()
         if restored is not None:
             self._event(restored, self.models.current.sha256, "loaded", reason)
@@ -136,6 +143,7 @@ class ModelPoller:
             "etag": self.etag,
             "previous": self.previous,
             "rolled_back_sha256": sorted(self.bad_sha),
+            "watch": self.watch,
         }
         write_atomic(self.dir / "active.json", json.dumps(state).encode())
 
@@ -182,8 +190,8 @@ class ModelPoller:
             return False
         cur = self.models.current
         self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
-        self._sync()
         self.watch = {"version": version, "model": cur.id, "sha256": sha, "n": 0, "slow": 0}
+        self._sync()
         self._event(version, sha, "loaded")
         log.info(
             "registry model active", extra={"version": version, "model": self.models.current.id}
@@ -205,6 +213,7 @@ class ModelPoller:
         elif w["n"] >= self.cfg.watch_invocations:
             self._event(w["version"], w["sha256"], "confirmed", f"{w['slow']}/{w['n']} slowed")
             self.watch = None
+            self._sync()
 
     def rollback(self, reason: str) -> bool:
         """The watched model slowed invocations down: back to the previous model."""
@@ -308,6 +317,10 @@ class ModelPoller:
             "polls": self.polls,
             "last_error": self.last_error,
         }
+
+
+WATCH_KEYS = frozenset({"version", "model", "sha256", "n", "slow"})
+"""What a rollback watch holds (``ModelPoller.watch``)."""
 
 
 def _entry(version: int, path: Path, model: str, sha256: str | None) -> dict:

@@ -241,3 +241,36 @@ def test_a_download_is_checked_before_it_is_written_and_never_replaces_another_m
     p2 = poller(tmp_path, "http://127.0.0.1:9", node2)
     p2.restore_active()
     assert node2.models.current.sha256 == sha and p2.active_version == 1
+
+
+def test_a_restart_during_the_rollback_watch_resumes_it(tmp_path: Path) -> None:
+    """The watch of a new model is in active.json: a daemon restarted before the model was
+    confirmed still rolls it back when it slows invocations down, and the rollback holds across
+    the next restart."""
+    with ServerThread(tmp_path / "data") as srv:
+        node = StubNode()
+        p = poller(tmp_path, srv.url, node)
+        publish(srv.url, TOKEN, onnx_policy("harvest"))
+        assert asyncio.run(poll(p)) == "new"
+        v1_id = node.models.current.id
+        publish(srv.url, TOKEN, onnx_policy("user"))
+        assert asyncio.run(poll(p)) == "new"
+        v2_id = node.models.current.id
+        for obs in node.record_observers:
+            obs(rec(v2_id, True))
+        node2 = StubNode()
+        p2 = poller(tmp_path, srv.url, node2)
+        p2.restore_active()
+        assert node2.models.current.id == v2_id and p2.watch is not None
+        assert p2.watch["version"] == 2
+        for _ in range(5):
+            for obs in node2.record_observers:
+                obs(rec(v2_id, True))
+        assert node2.models.current.id == v1_id and p2.active_version == 1
+        assert p2.history[-1]["result"] == "rolled_back" and p2.watch is None
+        node3 = StubNode()
+        p3 = poller(tmp_path, srv.url, node3)
+        p3.restore_active()
+        assert node3.models.current.id == v1_id and p3.watch is None
+        assert asyncio.run(poll(p3)) == "same"  # v2 is never taken again
+        assert node3.models.current.id == v1_id
