@@ -10,7 +10,8 @@ One update (``Learner.step``, on a worker thread):
    clipped surrogate, clipped value loss, entropy bonus) and grad-norm clip. Each real decision
    is a one-step episode: its reward is the outcome of the invocation it sized, so the return is
    the reward and the advantage ``reward - V(context)``; the old log-probability is the one the
-   node recorded (importance ratio against the policy the node actually ran);
+   node recorded (importance ratio against the policy the node actually ran). An update that
+   meets a non-finite parameter or loss (``Diverged``) is "rejected" here: nothing is exported;
 4. export the candidate with ``training.export.export`` on the nodes' grid;
 5. the promotion gate, both must pass (a ratchet: only a better model replaces the running one):
    * simulator (``sim_gate``): ``training.evaluate.evaluate`` on ``gate.preset`` with the fixed
@@ -80,10 +81,22 @@ def records_to_batch(records: list[dict], grid: ResourceGrid) -> dict[str, torch
 
 
 # ------------------------------------------------------------------------------------ PPO update
+class Diverged(ArithmeticError):
+    """A PPO update met non-finite parameters or a non-finite loss: its agent is garbage."""
+
+
+def _check_finite(agent: Agent, when: str) -> None:
+    bad = [name for name, p in agent.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise Diverged(f"non-finite parameters {', '.join(bad)} {when}")
+
+
 def ppo_update(
     agent: Agent, b: dict[str, torch.Tensor], cfg: Any, seed: int = 0
 ) -> dict[str, float]:
-    """PPO epochs over one batch of one-step episodes; returns the ``losses/`` scalars."""
+    """PPO epochs over one batch of one-step episodes; returns the ``losses/`` scalars. Raises
+    Diverged as soon as a parameter or the loss is not finite (before the policy's distribution
+    would refuse NaN logits with a less telling error)."""
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.learning_rate, eps=1e-5)
     b_ctx, b_cpu, b_mem, b_mask = b["ctx"], b["cpu"], b["mem"], b["mask"]
@@ -98,10 +111,11 @@ def ppo_update(
     clipfracs: list[float] = []
     zero = torch.zeros(())
     out = PPOLoss(zero, zero, zero, zero, zero, zero, 0.0)  # no minibatch (update_epochs 0)
-    for _epoch in range(cfg.update_epochs):
+    for epoch in range(cfg.update_epochs):
         rng.shuffle(b_inds)
         for start in range(0, batch_size, minibatch_size):
             mb_inds = b_inds[start : start + minibatch_size]
+            _check_finite(agent, f"in epoch {epoch}")
             _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                 b_ctx[mb_inds], b_cpu[mb_inds], b_mem[mb_inds], b_mask[mb_inds], b_actions[mb_inds]
             )
@@ -119,12 +133,15 @@ def ppo_update(
                 ent_coef=cfg.ent_coef,
                 vf_coef=cfg.vf_coef,
             )
+            if not torch.isfinite(out.loss):
+                raise Diverged(f"non-finite loss in epoch {epoch}")
             clipfracs.append(out.clipfrac)
 
             optimizer.zero_grad()
             out.loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
+    _check_finite(agent, "after the update")
     return {
         "losses/policy_loss": float(out.pg_loss.item()),
         "losses/value_loss": float(out.v_loss.item()),
@@ -395,7 +412,13 @@ class Learner:
             return self._done(out, t0)
         torch.manual_seed(self.lcfg.seed + self.updates)
         agent.train()
-        losses = ppo_update(agent, b, self.lcfg, seed=self.lcfg.seed + self.updates)
+        try:
+            losses = ppo_update(agent, b, self.lcfg, seed=self.lcfg.seed + self.updates)
+        except Diverged as exc:  # nothing exported: no candidate to gate, publish or clean up
+            out.update(base=source, result="rejected", reason=f"training diverged: {exc}")
+            log.error("update diverged", extra={"reason": str(exc), "base": source})
+            self.last_batch_id = upto
+            return self._done(out, t0)
         agent.eval()
         from training.export import export
 

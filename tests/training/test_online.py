@@ -22,7 +22,13 @@ from sidecar.core.grid import Alloc  # noqa: E402
 from sidecar.core.safeguard import SafeguardState  # noqa: E402
 from training.export import export  # noqa: E402
 from training.linear_policies import largest_agent  # noqa: E402
-from training.online import gate, ppo_update, real_gate, records_to_batch  # noqa: E402
+from training.online import (  # noqa: E402
+    Diverged,
+    gate,
+    ppo_update,
+    real_gate,
+    records_to_batch,
+)
 from training.ppo import Agent  # noqa: E402
 from training.service import GateConfig, LearnerConfig, load_config, publish  # noqa: E402
 
@@ -62,6 +68,14 @@ def test_ppo_update_moves_the_policy_towards_rewarded_actions() -> None:
         after = agent.get_action_and_value(b["ctx"], b["cpu"], b["mem"], b["mask"], five)[1]
     assert after.exp().mean() > before.exp().mean() + 0.05
     assert set(losses) >= {"losses/policy_loss", "losses/value_loss", "losses/approx_kl"}
+
+
+def test_ppo_update_stops_at_the_first_non_finite_loss() -> None:
+    torch.manual_seed(0)
+    b = records_to_batch([record("n", i) for i in range(64)], GRID)
+    cfg = LearnerConfig(learning_rate=1e30, max_grad_norm=1e30)
+    with pytest.raises(Diverged, match="non-finite loss in epoch 0"):
+        ppo_update(Agent(), b, cfg)
 
 
 def _real_record(i: int) -> dict:
@@ -309,3 +323,28 @@ def test_online_loop_keeps_the_model_when_the_gate_fails(tmp_path: Path) -> None
         assert "mean RFET does not beat rule's" in last["reason"]
         assert set(last["gate"]["sim"]["managers"]) == {"candidate", "running", "rule", "smallest"}
         assert js(http(srv.url + "/v1/models")[2])["latest"] == 1
+
+
+def test_a_diverged_update_is_rejected_and_its_candidate_removed(tmp_path: Path) -> None:
+    """An update that leaves NaN in the agent (here: it starts from a checkpoint already
+    poisoned) is recorded as rejected, never gated or published, and leaves no candidate file."""
+    agent = Agent()
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.fill_(float("nan"))
+    init = tmp_path / "nan.pt"
+    torch.save({"agent": agent.state_dict()}, init)
+    ov = {
+        "learner.enabled": True,
+        "learner.interval_s": 0.2,
+        "learner.min_records": 20,
+        "learner.init_checkpoint": str(init),
+    }
+    with ServerThread(tmp_path / "data", **ov) as srv:
+        recs = [record("n1", i) for i in range(30)]
+        assert http(srv.url + "/v1/trajectories", batch("n1", 0, recs))[0] == 200
+        last = _learner_decision(srv.url, 1)
+        assert last["result"] == "rejected" and last["gate"] is None, last
+        assert last["reason"].startswith("training diverged")
+        assert js(http(srv.url + "/v1/models")[2])["latest"] is None
+        assert list((tmp_path / "data" / "candidates").iterdir()) == []
