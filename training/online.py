@@ -32,7 +32,8 @@ One update (``Learner.step``, on a worker thread):
    first; a candidate they would refuse (NaN scores after a diverged update) is "rejected".
 
 Every decision, promoted or refused, keeps its gate report and reason in ``Learner.history``
-(``/debug/learner``).
+(``/debug/learner``); a gate that raises is recorded as an "error" with its reason, and no
+candidate file outlives its update.
 """
 
 from __future__ import annotations
@@ -423,40 +424,53 @@ class Learner:
         from training.export import export
 
         cand = self.work / f"candidate-{self.updates:06d}.onnx"
-        meta = export(agent, cand, args={"online": True, "base": source, **losses}, grid=self.grid)
-        report = gate(
-            cand,
-            base.onnx_path if base else None,
-            records,
-            self.grid,
-            self.cfg.gate,
-            self._sim_cache,
-        )
+        out.update(base=source, losses=losses)
+        self.last_batch_id = upto  # whatever the gate says, the same data is not tried again
+        try:
+            meta = export(
+                agent, cand, args={"online": True, "base": source, **losses}, grid=self.grid
+            )
+            self._judge(agent, cand, meta, base, records, out)
+        finally:
+            cand.unlink(missing_ok=True)
+            Path(str(cand) + ".json").unlink(missing_ok=True)
+        return self._done(out, t0)
+
+    def _judge(
+        self, agent: Agent, cand: Path, meta: dict, base: Any, records: list[dict], out: dict
+    ) -> None:
+        """Gate the exported candidate and promote it if it passes; ``out`` gets the result and
+        why. A gate that raises is an "error" with its reason: recorded like any decision."""
+        try:
+            report = gate(
+                cand,
+                base.onnx_path if base else None,
+                records,
+                self.grid,
+                self.cfg.gate,
+                self._sim_cache,
+            )
+        except Exception as exc:  # noqa: BLE001 (a missing file, a simulator bug: say which)
+            out.update(result="error", reason=f"the gate failed: {type(exc).__name__}: {exc}")
+            log.exception("the gate failed", extra={"candidate": str(cand)})
+            return
         for check in ("sim", "real"):
             self.metrics.gate.labels(check, "pass" if report[check]["passed"] else "fail").inc()
-        out.update(base=source, losses=losses, gate=report)
-        self.last_batch_id = upto
-        if report["passed"]:
-            buf = io.BytesIO()
-            torch.save({"agent": agent.state_dict(), "args": {"online": True}}, buf)
-            try:
-                v = self.registry.add(
-                    cand.read_bytes(), meta, report, buf.getvalue(), source="online"
-                )
-            except ModelRejected as exc:
-                out.update(result="rejected", reason=f"the registry refused it: {exc}")
-                log.error("candidate refused by the registry", extra={"reason": str(exc)})
-            else:
-                out.update(
-                    result="promoted", version=v.version, sha256=v.sha256, reason=report["reason"]
-                )
-                log.info("candidate promoted", extra={"version": v.version, "gate": report})
-        else:
+        out.update(gate=report)
+        if not report["passed"]:
             out.update(result="rejected", reason=report["reason"])
             log.info("candidate refused by the gate", extra={"gate": report})
-        cand.unlink(missing_ok=True)
-        Path(str(cand) + ".json").unlink(missing_ok=True)
-        return self._done(out, t0)
+            return
+        buf = io.BytesIO()
+        torch.save({"agent": agent.state_dict(), "args": {"online": True}}, buf)
+        try:
+            v = self.registry.add(cand.read_bytes(), meta, report, buf.getvalue(), source="online")
+        except ModelRejected as exc:
+            out.update(result="rejected", reason=f"the registry refused it: {exc}")
+            log.error("candidate refused by the registry", extra={"reason": str(exc)})
+            return
+        out.update(result="promoted", version=v.version, sha256=v.sha256, reason=report["reason"])
+        log.info("candidate promoted", extra={"version": v.version, "gate": report})
 
     def _done(self, out: dict, t0: float) -> dict:
         out["duration_s"] = round(time.perf_counter() - t0, 3)

@@ -348,3 +348,23 @@ def test_a_diverged_update_is_rejected_and_its_candidate_removed(tmp_path: Path)
         assert last["reason"].startswith("training diverged")
         assert js(http(srv.url + "/v1/models")[2])["latest"] is None
         assert list((tmp_path / "data" / "candidates").iterdir()) == []
+
+
+def test_a_gate_that_fails_is_recorded_as_an_error_and_its_candidate_removed(
+    tmp_path: Path,
+) -> None:
+    """The running version's ONNX is gone from the registry's disk: the gate cannot run. The
+    update is recorded as an error with the reason, the loop goes on, nothing is published."""
+    ov = {"learner.enabled": True, "learner.interval_s": 0.2, "learner.min_records": 20}
+    with ServerThread(tmp_path / "data", **ov) as srv:
+        _publish_fresh_agent(srv.url, tmp_path)
+        (tmp_path / "data" / "models" / "000001" / "model.onnx").unlink()
+        recs = [record("n1", i) for i in range(30)]
+        assert http(srv.url + "/v1/trajectories", batch("n1", 0, recs))[0] == 200
+        last = _learner_decision(srv.url, 1, timeout_s=30)
+        assert last["result"] == "error" and last["version"] is None, last
+        assert last["reason"].startswith("the gate failed: FileNotFoundError"), last
+        assert list((tmp_path / "data" / "candidates").iterdir()) == []
+        assert js(http(srv.url + "/v1/models")[2])["latest"] == 1
+        metrics = http(srv.url + "/metrics")[2].decode()
+        assert 'faasrm_trainer_updates_total{result="error"} 1.0' in metrics
