@@ -29,7 +29,9 @@ One update (``Learner.step``, on a worker thread):
      slowdown and failure rates are reported beside them.
 6. promote: a new registry version (ONNX, export metadata, the gate report as evaluation, the
    agent checkpoint), then every long-poll is woken. The registry runs the nodes' model checks
-   first; a candidate they would refuse (NaN scores after a diverged update) is "rejected".
+   first; a candidate they would refuse (NaN scores after a diverged update) is "rejected", and
+   so is one whose gate compared it with a version no longer the latest (another was published
+   during the update: ``training.registry.Superseded``).
 
 Every decision, promoted or refused, keeps its gate report and reason in ``Learner.history``
 (``/debug/learner``); a gate that raises is recorded as an "error" with its reason, and no
@@ -60,6 +62,7 @@ from sidecar.models import ModelRejected
 from training.baselines import RULE_MANAGERS
 from training.evidence import SimRun, sim_report
 from training.ppo import Agent, PPOLoss, load_checkpoint, ppo_loss
+from training.registry import Superseded
 
 log = logging.getLogger("faasrm.learner")
 
@@ -464,8 +467,15 @@ class Learner:
         buf = io.BytesIO()
         torch.save({"agent": agent.state_dict(), "args": {"online": True}}, buf)
         try:
-            v = self.registry.add(cand.read_bytes(), meta, report, buf.getvalue(), source="online")
-        except ModelRejected as exc:
+            v = self.registry.add(
+                cand.read_bytes(),
+                meta,
+                report,
+                buf.getvalue(),
+                source="online",
+                replaces=base.version if base else 0,
+            )
+        except (ModelRejected, Superseded) as exc:
             out.update(result="rejected", reason=f"the registry refused it: {exc}")
             log.error("candidate refused by the registry", extra={"reason": str(exc)})
             return

@@ -12,7 +12,9 @@ torch state the online learner continues from). Only models a node can run get i
 the nodes' own checks (``sidecar.models.validate``) on the registry's grid first, so the latest
 version is always one a freshly started node accepts. A version directory is written under a
 temporary name, fsynced and renamed, then ``LATEST`` is replaced atomically: a crash leaves
-either the old or the new latest, never a half-written one.
+either the old or the new latest, never a half-written one. ``add(replaces=N)`` stores nothing
+(``Superseded``) unless N is still the latest: the online learner gated its candidate against N,
+and a version published meanwhile must not be replaced by a model never compared with it.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ class TrajectoryStore:
 
 
 # ------------------------------------------------------------------------------------ models
+class Superseded(RuntimeError):
+    """The latest version is not the one a candidate was gated against: adding it would replace
+    a model it was never compared with."""
+
+
 @dataclass(frozen=True)
 class Version:
     version: int
@@ -199,12 +206,21 @@ class Registry:
         evaluation: dict | None = None,
         checkpoint: bytes | str | Path | None = None,
         source: str = "publish",
+        replaces: int | None = None,
     ) -> Version:
         """Store a new version and make it the latest (durably); returns it. Raises
-        ``sidecar.models.ModelRejected`` (nothing stored) for a model no node could run."""
+        ``sidecar.models.ModelRejected`` (nothing stored) for a model no node could run, and
+        Superseded (nothing stored) when ``replaces`` (the version the candidate was gated
+        against, 0: none; None: no check, an operator's publish) is no longer the latest."""
         validate(onnx, self.grid, None)
         sha = hashlib.sha256(onnx).hexdigest()
         with self._lock:
+            latest = self._latest.version if self._latest is not None else 0
+            if replaces is not None and replaces != latest:
+                raise Superseded(
+                    f"the latest version is {latest}, not {replaces} the candidate was gated "
+                    "against (0: none): another was published since"
+                )
             version = max(self.versions(), default=0) + 1
             tmp = self.dir / f".tmp-{version}-{os.getpid()}"
             tmp.mkdir()

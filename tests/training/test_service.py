@@ -23,7 +23,7 @@ from sidecar import config as sidecar_config  # noqa: E402
 from sidecar.config import ConfigError  # noqa: E402
 from sidecar.core.grid import ResourceGrid  # noqa: E402
 from sidecar.models import ModelRejected  # noqa: E402
-from training.registry import Registry, TrajectoryStore  # noqa: E402
+from training.registry import Registry, Superseded, TrajectoryStore  # noqa: E402
 from training.service import BatchError, decode_batch, load_config  # noqa: E402
 
 
@@ -247,6 +247,27 @@ def test_a_token_that_is_not_utf8_is_refused_with_401(server) -> None:
         good = batch("n1", 0, [record("n1", 0)])
         assert http(server.url + "/v1/trajectories", good, token=None, headers=headers)[0] == 401
         assert http(server.url + "/v1/models", token=None, headers=headers)[0] == 401
+
+
+def test_a_candidate_gated_against_a_version_that_is_no_longer_latest_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The learner gates a candidate against the latest version of when it started; if another
+    was published meanwhile, adding the candidate would silently replace a model it was never
+    compared with (a lost update). ``replaces`` names the version it was gated against (0: none)."""
+    reg = Registry(tmp_path / "models", GRID)
+    with pytest.raises(Superseded, match="the latest version is 0, not 3"):
+        reg.add(onnx_policy("harvest"), replaces=3)
+    assert reg.add(onnx_policy("harvest"), replaces=0).version == 1
+    assert reg.add(onnx_policy("user")).version == 2  # an operator's publish: no check
+    with pytest.raises(Superseded, match="the latest version is 2, not 1 "):
+        reg.add(onnx_policy("largest"), replaces=1)
+    with pytest.raises(Superseded):
+        reg.add(onnx_policy("largest"), replaces=0)
+    assert reg.latest().version == 2 and reg.versions() == [1, 2]
+    assert not list((tmp_path / "models").glob(".tmp-*"))
+    assert Registry(tmp_path / "models", GRID).latest().version == 2
+    assert reg.add(onnx_policy("largest"), replaces=2).version == 3
 
 
 def test_every_endpoint_but_health_and_metrics_needs_the_token(server) -> None:
