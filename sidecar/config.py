@@ -305,6 +305,9 @@ class ModelPollerConfig:
     """Invocations under a new model before the rollback check applies."""
     watch_invocations: int = 200
     """Invocations after which a new model is confirmed and no longer watched."""
+    max_model_bytes: int = 64 * 2**20
+    """Largest model download (the trainer's own ``max_model_bytes`` default): a larger one is
+    refused before or while it is read, so a broken trainer cannot make the node hold more."""
 
 
 @dataclass(frozen=True)
@@ -589,6 +592,8 @@ def validate(cfg: Config) -> None:
         problems.append("model_poller: wait_s in (0, 300], max_slowdown_rate in [0, 1]")
     if mp.min_invocations < 1 or mp.watch_invocations < mp.min_invocations:
         problems.append("model_poller: 1 <= min_invocations <= watch_invocations")
+    if mp.max_model_bytes < 1:
+        problems.append("model_poller.max_model_bytes must be >= 1")
     if cfg.debug.trace_size < 1 or cfg.debug.max_function_labels < 0:
         problems.append("debug.trace_size must be >= 1, debug.max_function_labels >= 0")
     if not is_node_id(cfg.node):

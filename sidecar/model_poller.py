@@ -1,8 +1,10 @@
 """Follow the trainer's model registry: long-poll, validate, hot-swap, watch, roll back.
 
 ``GET /v1/models/latest?wait=S`` with ``If-None-Match`` returns as soon as a newer version is
-promoted (304 otherwise). A download whose sha256 is not its ``X-Model-Sha256`` is refused before
-it touches the disk (and fetched again after a backoff). A new model is written atomically to
+promoted (304 otherwise). A download larger than ``max_model_bytes`` is refused on its
+Content-Length, or as soon as it grows beyond it: a broken trainer cannot make the node hold more.
+A download whose sha256 is not its ``X-Model-Sha256`` is refused before it touches the disk (and
+fetched again after a backoff). A new model is written atomically to
 ``model_poller.dir`` as ``v<version>-<sha256[:16]>.onnx`` (so no model overwrites another's file),
 its sha256 beside it, and loaded by ``sidecar.models.ModelManager.load``: every check a local
 model file gets (sha256, onnxruntime, feature version/schema hash/grid, finite scores on probe
@@ -45,6 +47,7 @@ from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
 from sidecar.durable import write_atomic
+from sidecar.process import read_limited
 from sidecar.shipper import bearer, jittered_backoff, log_retry, trainer_session
 
 log = logging.getLogger("faasrm.model_poller")
@@ -163,12 +166,23 @@ class ModelPoller:
             }
         )
 
+    def refuse(self, version: int, sha: str, etag: str, reason: str) -> None:
+        """Keep the running model and remember ``etag``: a refused version is not fetched again
+        until a newer one appears."""
+        self.etag = etag
+        self._event(version, sha, "rejected", reason)
+        if self.metrics is not None:
+            self.metrics.model_updates.labels("rejected").inc()
+        log.error(
+            "registry model refused, keeping the running one",
+            extra={"version": version, "reason": reason, "running": self.models.current.id},
+        )
+
     def adopt(self, data: bytes, version: int, sha: str, etag: str) -> bool:
         """Validate and swap in a registry model whose ``data`` hashes to ``sha`` (checked at
         download); False if refused (the running one stays)."""
-        self.etag = etag  # a refused version is not fetched again
         if sha in self.bad_sha:
-            self._event(version, sha, "rejected", "rolled back earlier on this node")
+            self.refuse(version, sha, etag, "rolled back earlier on this node")
             return False
         path = self._path(version, sha)
         side = Path(str(path) + ".json")
@@ -177,17 +191,14 @@ class ModelPoller:
         ok = self.models.load(path)
         if self.metrics is not None:
             self.metrics.model_loads.labels("ok" if ok else "rejected").inc()
-            self.metrics.model_updates.labels("loaded" if ok else "rejected").inc()
         if not ok:
-            reason = (self.models.last_error or {}).get("reason", "refused")
-            self._event(version, sha, "rejected", reason)
-            log.error(
-                "registry model refused, keeping the running one",
-                extra={"version": version, "reason": reason, "running": self.models.current.id},
-            )
             path.unlink(missing_ok=True)
             side.unlink(missing_ok=True)
+            self.refuse(version, sha, etag, (self.models.last_error or {}).get("reason", "refused"))
             return False
+        self.etag = etag
+        if self.metrics is not None:
+            self.metrics.model_updates.labels("loaded").inc()
         cur = self.models.current
         self.entries[cur.sha256] = _entry(version, path, cur.id, cur.sha256)
         self.watch = {"version": version, "model": cur.id, "sha256": sha, "n": 0, "slow": 0}
@@ -246,7 +257,7 @@ class ModelPoller:
         )
 
     async def poll_once(self, session: Any) -> str:
-        """One long-poll: 'new', 'same', 'none' or 'error'."""
+        """One long-poll: 'new' (a new version, adopted or refused), 'same', 'none' or 'error'."""
         import aiohttp
 
         headers = bearer(self.token)
@@ -270,10 +281,13 @@ class ModelPoller:
                     return "same"  # version was adopted or refused already
                 version = int(r.headers["X-Model-Version"])
                 sha = r.headers["X-Model-Sha256"].lower()
-                data = await r.read()
+                data = await read_limited(r.content, r.content_length, self.cfg.max_model_bytes)
         except (TimeoutError, aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return "error"
+        if data is None:
+            self.refuse(version, sha, etag, f"larger than {self.cfg.max_model_bytes} bytes")
+            return "new"
         got = hashlib.sha256(data).hexdigest()
         if got != sha:  # damaged on the way: refused before it touches the disk, fetched again
             self.last_error = (

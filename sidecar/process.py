@@ -1,8 +1,8 @@
 """Process plumbing shared by both daemons (the node's sidecar and the trainer service).
 
-JSON-lines logging on stderr, systemd's sd_notify, strict JSON responses and the bearer token
-check: one definition each, so the two services log, report readiness, serialise and authorize
-alike. No torch, no node state.
+JSON-lines logging on stderr, systemd's sd_notify, strict JSON responses, the bearer token check
+and size-bounded body reads: one definition each, so the two services log, report readiness,
+serialise, authorize and bound what a peer sends alike. No torch, no node state.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 log = logging.getLogger("faasrm.process")
 
@@ -142,3 +142,20 @@ def bearer_matches(request: web.Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(
         sent.strip().encode("utf-8", "surrogateescape"), token.encode()
     )
+
+
+async def read_limited(
+    content: StreamReader, content_length: int | None, limit: int
+) -> bytes | None:
+    """A request's or a response's body, or None if it is larger than ``limit``: refused on its
+    Content-Length before reading, and as soon as a body without one grows beyond it, so a peer
+    can never make this process hold more."""
+    if content_length is not None and content_length > limit:
+        return None
+    chunks, total = [], 0
+    async for chunk in content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -65,7 +65,13 @@ from sidecar.core.record import (
     is_node_id,
 )
 from sidecar.models import ModelRejected
-from sidecar.process import Notifier, bearer_matches, json_response, setup_logging
+from sidecar.process import (
+    Notifier,
+    bearer_matches,
+    json_response,
+    read_limited,
+    setup_logging,
+)
 from sidecar.shipper import bearer
 from sidecar.units import MB
 from training.registry import Registry, TrajectoryStore
@@ -471,19 +477,6 @@ def _error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None if it is larger than ``limit`` (checked before and while reading)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks, total = [], 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # ------------------------------------------------------------------------------------ handlers
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 """The only endpoints answered without the token (probes and Prometheus)."""
@@ -503,7 +496,7 @@ async def post_trajectories(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     m = svc.metrics
     t0 = time.perf_counter()
-    body = await _read_limited(request, svc.cfg.max_body_bytes)
+    body = await read_limited(request.content, request.content_length, svc.cfg.max_body_bytes)
     if body is None:
         m.rejected.labels("too_large").inc()
         return _error(413, f"body larger than {svc.cfg.max_body_bytes} bytes")
@@ -614,7 +607,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def post_model(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    body = await _read_limited(request, svc.cfg.max_model_bytes)
+    body = await read_limited(request.content, request.content_length, svc.cfg.max_model_bytes)
     if body is None:
         return _error(413, f"model larger than {svc.cfg.max_model_bytes} bytes")
     try:

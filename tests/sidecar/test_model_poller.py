@@ -274,3 +274,39 @@ def test_a_restart_during_the_rollback_watch_resumes_it(tmp_path: Path) -> None:
         assert node3.models.current.id == v1_id and p3.watch is None
         assert asyncio.run(poll(p3)) == "same"  # v2 is never taken again
         assert node3.models.current.id == v1_id
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_download_larger_than_max_model_bytes_is_refused_without_reading_it(
+    tmp_path: Path, declared: bool
+) -> None:
+    """A trainer (or something posing as one) that announces a body beyond max_model_bytes, or
+    streams one without end, is refused at once: nothing is written and the running model
+    stays (the server never finishes either body, so reading it whole would hang)."""
+    data = onnx_policy("harvest")
+    sha = hashlib.sha256(data).hexdigest()
+
+    async def latest(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(
+            headers={"ETag": '"v1-x"', "X-Model-Version": "1", "X-Model-Sha256": sha}
+        )
+        if declared:
+            r.content_length = 1 << 40
+        await r.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            while True:  # until the node hangs up
+                await r.write(b"\0" * 4096)
+                await asyncio.sleep(0.001)
+        return r
+
+    async def main() -> ModelPoller:
+        async with fake_trainer(latest) as url:
+            p = poller(tmp_path, url, max_model_bytes=len(data))
+            assert await asyncio.wait_for(poll(p), 5) == "new"
+            return p
+
+    p = asyncio.run(main())
+    assert p.history[-1]["result"] == "rejected"
+    assert f"larger than {len(data)} bytes" in p.history[-1]["reason"]
+    assert p.node.models.current.source == "fallback" and p.active_version is None
+    assert not list(p.dir.glob("*.onnx*"))
