@@ -167,9 +167,10 @@ class ModelPoller:
         )
 
     def refuse(self, version: int, sha: str, etag: str, reason: str) -> None:
-        """Keep the running model and remember ``etag``: a refused version is not fetched again
-        until a newer one appears."""
+        """Keep the running model and remember ``etag`` in active.json: a refused version is not
+        fetched again until a newer one appears, across restarts too."""
         self.etag = etag
+        self._sync()
         self._event(version, sha, "rejected", reason)
         if self.metrics is not None:
             self.metrics.model_updates.labels("rejected").inc()

@@ -310,3 +310,30 @@ def test_a_download_larger_than_max_model_bytes_is_refused_without_reading_it(
     assert f"larger than {len(data)} bytes" in p.history[-1]["reason"]
     assert p.node.models.current.source == "fallback" and p.active_version is None
     assert not list(p.dir.glob("*.onnx*"))
+
+
+def test_a_refused_model_is_not_fetched_again_after_a_restart(tmp_path: Path) -> None:
+    """The ETag of a refused model is in active.json: a restarted node's first poll carries it,
+    so it neither downloads that model again nor records another rejection."""
+    other = onnx_policy("harvest", grid=ResourceGrid())  # a grid this node cannot run
+    resp = model_response(other, 1)
+    served: list[str | None] = []
+
+    async def latest(request: web.Request) -> web.Response:
+        served.append(request.headers.get("If-None-Match"))
+        if request.headers.get("If-None-Match") == resp.headers["ETag"]:
+            return web.Response(status=304)
+        return model_response(other, 1)
+
+    async def main() -> tuple[ModelPoller, ModelPoller]:
+        async with fake_trainer(latest) as url:
+            p = poller(tmp_path, url)
+            assert await poll(p) == "new" and p.history[-1]["result"] == "rejected"
+            p2 = poller(tmp_path, url)
+            p2.restore_active()
+            assert await poll(p2) == "same"
+            return p, p2
+
+    p, p2 = asyncio.run(main())
+    assert served == [None, resp.headers["ETag"]]
+    assert p2.node.models.current.source == "fallback" and not p2.history
