@@ -15,7 +15,8 @@ Start-up, in cleanup-context order (teardown runs in reverse, each only if its s
 3. ``_events_ctx``: one task per runtime event stream (Docker pause/unpause, container changes).
 4. ``_shipper_ctx`` (when ``[shipper] enabled``): ships the spool to the trainer
    (``sidecar.shipper``); ``_poller_ctx`` (when ``[model_poller] enabled``): follows the trainer's
-   model registry (``sidecar.model_poller``). Each task is cancelled and awaited at teardown.
+   model registry (``sidecar.model_poller``). Each task is cancelled and awaited at teardown
+   (the poller then saves its rollback watch's counts).
 5. ``_signals_ctx``: SIGHUP reloads config and model. SIGTERM/SIGINT belong to ``run_app``
    (graceful exit: ``STOPPING=1`` in on_shutdown, then the teardowns above).
 
@@ -289,6 +290,7 @@ async def _poller_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    poller.close()
 
 
 def reload(app: web.Application) -> bool:

@@ -24,8 +24,9 @@ shows the active registry version and this history.
 node runs, the one it would roll back to, the versions rolled back, the rollback watch and the
 last ETag seen: a restarted daemon loads the rollback target and then the active version at once
 (so a rollback after the restart returns to the version that ran before), resumes the watch of a
-model not yet confirmed (with the counts saved when it started: invocations are not written to
-disk one by one), never takes a rolled-back version again, and its first poll carries that ETag.
+model not yet confirmed (with the counts saved at the last clean shutdown, ``close``, or after a
+crash those saved when it started: invocations are not written to disk one by one), never takes
+a rolled-back version again, and its first poll carries that ETag.
 Requests carry the trainer's bearer token and verify its https certificate like the shipper's
 (``sidecar.shipper.trainer_session``).
 """
@@ -249,6 +250,11 @@ class ModelPoller:
                 "registry model rolled back, never taken again",
                 extra={"version": entry["version"], "running": now.id, "reason": reason},
             )
+        self._sync()
+
+    def close(self) -> None:
+        """At the daemon's shutdown: save the watch's counts (written otherwise only when it
+        starts and ends), so a clean restart resumes it where it was."""
         self._sync()
 
     # ------------------------------------------------------------------------ polling

@@ -337,3 +337,33 @@ def test_a_refused_model_is_not_fetched_again_after_a_restart(tmp_path: Path) ->
     p, p2 = asyncio.run(main())
     assert served == [None, resp.headers["ETag"]]
     assert p2.node.models.current.source == "fallback" and not p2.history
+
+
+def test_a_clean_restart_resumes_the_rollback_watch_with_its_counts(tmp_path: Path) -> None:
+    """Closing the poller (the daemon's shutdown) saves the watch's counts: the next start goes
+    on from them, not from the counts saved when the watch began."""
+    data = onnx_policy("harvest")
+
+    async def latest(request: web.Request) -> web.Response:
+        return model_response(data, 1)
+
+    async def main() -> ModelPoller:
+        async with fake_trainer(latest) as url:
+            p = poller(tmp_path, url)
+            assert await poll(p) == "new"
+            return p
+
+    p = asyncio.run(main())
+    model = p.node.models.current.id
+    for slow in (True, False, False):
+        p.on_record(rec(model, slow))
+    p.close()
+    p2 = poller(tmp_path, "http://127.0.0.1:9")
+    p2.restore_active()
+    assert p2.watch == {
+        "version": 1,
+        "model": model,
+        "sha256": p.active["sha256"],
+        "n": 3,
+        "slow": 1,
+    }
