@@ -11,6 +11,7 @@ No I/O beyond reading the one file: parsing and validation are pure and tested w
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
@@ -21,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import RULES
@@ -38,6 +40,16 @@ V1_MEMORY_HARVEST = ("hard", "hold", "soft")
 
 MAX_SOCKET_PATH = 107
 """Longest unix socket path the kernel takes (sun_path holds 108 bytes with the final NUL)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address, or a URL's host) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
 
 
 def read_token(key: str, token_file: str, fallback: str) -> str:
@@ -249,6 +261,10 @@ class ShipperConfig:
     ca_file: str = ""
     """CA certificate(s), PEM, that the trainer's https certificate must chain to (e.g. the
     ``ca.crt`` of ``systemd/trainer-tls.sh``); empty = the system's CAs."""
+    allow_plaintext: bool = False
+    """Let the shipper and the model poller use an http:// url to a host that is not loopback
+    (a trainer with its own allow_plaintext, on a trusted private network): the token, the
+    records and the models then cross the network in clear text."""
     state_file: str = "/var/lib/faasrm/shipper.json"
     """Acknowledged spool position, next batch seq and the in-flight batch (fsynced)."""
     batch_records: int = 2000
@@ -288,7 +304,8 @@ class ModelPollerConfig:
     enabled: bool = False
     """Long-poll the trainer's registry for new models and hot-swap them."""
     url: str = ""
-    """Trainer base URL (empty = shipper.url); it uses [shipper]'s token and ca_file."""
+    """Trainer base URL (empty = shipper.url); it uses [shipper]'s token, ca_file and
+    allow_plaintext."""
     dir: str = "/var/lib/faasrm/models"
     """Where downloaded models are kept (the active one is reloaded after a restart)."""
     wait_s: float = 30.0
@@ -574,14 +591,24 @@ def validate(cfg: Config) -> None:
         problems.append("shipper.url must be an http(s) URL when the shipper is enabled")
     if mp.enabled and not (mp.url or sh.url).startswith(("http://", "https://")):
         problems.append("model_poller.url (or shipper.url) must be an http(s) URL")
-    plain = [
-        name
-        for name, on, url in (("shipper", sh.enabled, sh.url), ("model_poller", mp.enabled, mp.url))
-        if on and (url or sh.url).startswith("http://")
-    ]
+    plain = {
+        name: url
+        for name, on, url in (
+            ("shipper", sh.enabled, sh.url),
+            ("model_poller", mp.enabled, mp.url or sh.url),
+        )
+        if on and url.startswith("http://")
+    }
     if sh.ca_file and plain:
         problems.append(
             f"shipper.ca_file is set but the {' and '.join(plain)} url is http://: use https://"
+        )
+    exposed = [n for n, url in plain.items() if not is_loopback(urlsplit(url).hostname or "")]
+    if exposed and not sh.allow_plaintext:
+        problems.append(
+            f"the {' and '.join(exposed)} url is plain http to a host that is not loopback: the "
+            "trainer's token would cross the network in clear text; use https:// (or "
+            "shipper.allow_plaintext = true on a trusted private network)"
         )
     if sh.batch_records < 1 or sh.max_batch_bytes < 4096 or sh.interval_s <= 0:
         problems.append("shipper: batch_records >= 1, max_batch_bytes >= 4096, interval_s > 0")

@@ -37,7 +37,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from sidecar.config import ConfigError, load_tree, tls_client_context
+from sidecar.config import ConfigError, is_loopback, load_tree, tls_client_context
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.record import (
     NODE_ID_RULE,
@@ -193,16 +192,6 @@ class TrainerConfig:
                 f"tls_cert_file {self.tls_cert_file} / tls_key_file {self.tls_key_file}: {exc}"
             ) from None
         return ctx
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a listen address) only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or "" (every interface)
-        return False
 
 
 REMOVED_KEYS = {

@@ -191,10 +191,36 @@ def test_a_trainer_ca_file_needs_https_urls_and_a_readable_file() -> None:
     )
     with pytest.raises(ConfigError, match="shipper.ca_file /etc/faasrm/trainer-ca.crt"):
         cfg.shipper.ssl_context()  # named when the daemon builds its clients
-    assert (
-        from_dict({"shipper": {**sh, "ca_file": ""}}).shipper.ssl_context().verify_mode
-        == ssl.CERT_REQUIRED
-    )
+    https = {**sh, "url": "https://trainer:9480", "ca_file": ""}
+    assert from_dict({"shipper": https}).shipper.ssl_context().verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(
+    ("shipper", "poller"),
+    [("http://trainer:9480", ""), ("https://trainer:9480", "http://10.0.0.5:9480")],
+)
+def test_a_trainer_url_off_this_host_needs_https_or_allow_plaintext(
+    shipper: str, poller: str
+) -> None:
+    """The bearer token (and the records) would cross the network in clear text: refused unless
+    the operator says the network is trusted."""
+    sections = {
+        "shipper": {"enabled": True, "url": shipper},
+        "model_poller": {"enabled": True, "url": poller},
+    }
+    with pytest.raises(ConfigError, match=r"plain http to a host that is not loopback.*https://"):
+        from_dict(sections)
+    allowed = {**sections, "shipper": {**sections["shipper"], "allow_plaintext": True}}
+    assert from_dict(allowed).shipper.allow_plaintext
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9480", "http://127.3.2.1:9480", "http://[::1]:9480", "http://localhost"],
+)
+def test_a_trainer_on_this_host_may_be_plain_http(url: str) -> None:
+    cfg = from_dict({"shipper": {"enabled": True, "url": url}, "model_poller": {"enabled": True}})
+    assert cfg.shipper.url == url and not cfg.shipper.allow_plaintext
 
 
 def test_a_hostname_the_trainer_would_refuse_as_node_id_is_a_config_error() -> None:
