@@ -148,7 +148,7 @@ class Metrics:
             self.restores.labels(out)
         self.spool_dropped = Counter(
             "faasrm_spool_dropped_records_total",
-            "Trajectory records dropped because the spool was full",
+            "Trajectory records dropped unshipped because the spool was full",
             registry=r,
         )
         self.spool_bytes = Gauge("faasrm_spool_bytes", "Bytes in the trajectory spool", registry=r)

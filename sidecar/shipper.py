@@ -128,6 +128,7 @@ class Shipper:
         self.metrics = metrics
         self.state_path = Path(cfg.state_file)
         self.state = self._load()
+        spool.shipped = (self.state.segment, self.state.offset)
         self.shipped_records = 0
         self.shipped_batches = 0
         self.retries = 0
@@ -153,7 +154,9 @@ class Shipper:
             return ShipState()
 
     def _save(self) -> None:
+        """Persist the state, and tell the spool what a full spool would not lose."""
         write_atomic(self.state_path, json.dumps(asdict(self.state)).encode())
+        self.spool.shipped = (self.state.segment, self.state.offset)
 
     # ------------------------------------------------------------------------ planning
     def _segments(self) -> list[Path]:

@@ -4,8 +4,9 @@ Layout: ``<dir>/seg-<20-digit sequence>.msgpack`` files, each a stream of msgpac
 ``<dir>/spool.json`` (the dropped-record counter, written atomically). Appends go to the newest
 segment; a new segment starts at ``segment_bytes`` and on every start-up (so a segment torn by a
 crash is never appended to). When the total would exceed ``max_bytes``, the oldest segments are
-deleted and their records counted as dropped: the newest experience is the most useful, and the
-host's disk is never filled. A torn record at a segment's end is skipped when reading (and counted
+deleted and their records not yet shipped (those past the shipper's acknowledged position,
+``shipped``) counted as dropped: the newest experience is the most useful, and the host's disk is
+never filled. A torn record at a segment's end is skipped when reading (and counted
 as ``corrupt``). Records are flushed per append (not fsynced: losing the last records of a crash
 costs training data, never correctness).
 
@@ -52,6 +53,9 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self._meta = self.dir / "spool.json"
+        self.shipped: tuple[int, int] = (0, 0)
+        """The shipper's acknowledged position (segment, byte offset; kept by the shipper): the
+        records before it are stored by the trainer, so dropping them loses nothing."""
         self.dropped = self._load_dropped()
         self.corrupt = 0
         # sequence -> [bytes, records] of every segment on disk
@@ -85,9 +89,10 @@ class Spool:
         self._fh = open(self._path(self._seq), "ab")  # noqa: SIM115 (kept open for appends)
         self._segs[self._seq] = [0, 0]
 
-    def _read(self, path: Path) -> Iterator[dict]:
+    def _read(self, path: Path, end: int | None = None) -> Iterator[dict]:
+        """The records of ``path`` (of its first ``end`` bytes, if given)."""
         try:
-            data = path.read_bytes()
+            data = path.read_bytes()[:end]
         except FileNotFoundError:
             return
         unpacker = msgpack.Unpacker(raw=False)
@@ -124,11 +129,20 @@ class Spool:
         while self.total_bytes() + incoming > self.max_bytes and len(self._segs) > 1:
             oldest = min(self._segs)
             _, n = self._segs.pop(oldest)
+            dropped += self._unshipped(oldest, n)
             self._path(oldest).unlink(missing_ok=True)
-            dropped += n
         if dropped:
             self.dropped += dropped
             self._save_dropped()
+
+    def _unshipped(self, seq: int, n: int) -> int:
+        """How many of segment ``seq``'s ``n`` records lie past the shipper's position."""
+        segment, offset = self.shipped
+        if seq < segment:
+            return 0
+        if seq > segment or not offset:
+            return n
+        return max(0, n - sum(1 for _ in self._read(self._path(seq), offset)))
 
     # -------------------------------------------------------------------------------- reading
     def segments(self) -> list[Path]:

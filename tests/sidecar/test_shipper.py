@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread, free_port, record  # noqa: E402
@@ -310,3 +311,26 @@ def test_a_segment_holding_two_node_ids_ships_each_under_its_own(tmp_path: Path)
         spool.close()
     assert res == ["shipped"] * 3 + ["idle"]
     assert stored(tmp_path) == produced
+
+
+@pytest.mark.parametrize("shipped", [3, 7])
+def test_a_full_spool_counts_as_dropped_only_the_records_never_shipped(
+    tmp_path: Path, shipped: int
+) -> None:
+    """The spool drops its oldest segment, part or all of which the trainer already stored: only
+    the rest is lost, so the stored and the dropped records add up to those produced."""
+    with ServerThread(tmp_path / "data") as srv:
+        spool, sh = make(tmp_path, srv.url, batch_records=shipped)
+        spool.max_bytes = 4 * spool.segment_bytes
+        for i in range(7):
+            spool.append(record("n1", i))
+        assert asyncio.run(drain(sh, max_steps=1)) == ["shipped"]
+        first = spool.segments()[0]
+        produced = 7
+        while first in spool.segments():  # the trainer is away: the spool fills up
+            spool.append(record("n1", produced))
+            produced += 1
+        assert sh.shipped_records == shipped
+        asyncio.run(drain(sh))
+        spool.close()
+    assert len(stored(tmp_path)) + spool.dropped == produced
