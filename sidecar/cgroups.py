@@ -558,19 +558,27 @@ class CgroupV1(Cgroup):
         return plan
 
     def _plan_mem(self, kind: str, value: int | None) -> _Plan:
-        """The kernel wants limit <= memory+swap limit: raise memsw first when it is lower.
+        """The memory+swap limit moves with the hard limit, keeping the swap the user was given.
 
-        Docker sets memsw to twice the memory limit, so raising memory past that would fail with
-        EINVAL. The raised memsw equals the new limit: no extra swap is granted.
+        Docker sets memsw to the limit plus ``--memory-swap``'s extra (twice the limit by
+        default). Left alone, a harvested container could swap past its harvested box, and an
+        accelerated one (whose memsw must rise first: the kernel wants limit <= memsw, EINVAL
+        otherwise) kept the raised memsw after its restore. So memsw = limit + the swap it had:
+        raised before the limit, lowered after it; an unlimited memsw stays unlimited.
         """
         plan = super()._plan_mem(kind, value)
         memsw_path = self._p("memory.memsw.limit_in_bytes")
         if kind == "high" or not os.path.exists(memsw_path):
             return plan
         memsw = _int(_read_once(memsw_path), memsw_path)
-        if memsw < _V1_UNLIMITED and (value is None or memsw < value):
-            plan.insert(0, (memsw_path, plan[0][1]))
-        return plan
+        if memsw >= _V1_UNLIMITED:
+            return plan
+        limit_path = self._p("memory.limit_in_bytes")
+        limit = _int(_read_once(limit_path), limit_path)  # finite: the kernel keeps it <= memsw
+        if value is None:
+            return [(memsw_path, "-1"), *plan]
+        memsw_plan = [(memsw_path, str(value + memsw - limit))]
+        return memsw_plan + plan if value > limit else plan + memsw_plan
 
     def _plan_hold(self, hold: bool) -> _Plan:
         return [(self._p("memory.oom_control"), "1" if hold else "0")]

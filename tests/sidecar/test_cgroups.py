@@ -554,6 +554,30 @@ def test_v1_raises_memsw_before_memory(v1_cgroup: CgroupV1) -> None:
     assert cg.read_limits().mem_limit_bytes is None
 
 
+def test_v1_memsw_keeps_the_users_swap_across_harvest_and_acceleration(
+    v1_cgroup: CgroupV1,
+) -> None:
+    """The memory+swap limit moves with the memory limit, keeping the swap the user was given
+    (docker's --memory-swap minus --memory): a harvested container may not swap its way past
+    its harvested box, and an accelerated one returns to its user's memsw, not to the raised
+    one (the kernel wants limit <= memsw, so memsw goes up first and comes down last)."""
+    cg = v1_cgroup
+    memsw = Path(cg._p("memory.memsw.limit_in_bytes"))
+    if not memsw.exists():
+        pytest.skip("no swap accounting (memory.memsw.*) on this kernel")
+    Path(cg._p("memory.limit_in_bytes")).write_text(str(256 * MiB))
+    memsw.write_text(str(384 * MiB))  # the user's 256 MiB and 128 MiB of swap
+
+    def limits() -> tuple[int, int]:
+        return int(_file(cg, "memory.limit_in_bytes")), int(memsw.read_text())
+
+    for mib in (128, 256, 512, 256):  # harvest, restore, accelerate, restore
+        cg.write_limits(Limits(mem_limit_bytes=mib * MiB), headroom_bytes=0)
+        assert limits() == (mib * MiB, (mib + 128) * MiB)
+    cg.write_limits(Limits(), headroom_bytes=0)  # unlimited: memsw first
+    assert cg.read_limits().mem_limit_bytes is None
+
+
 def test_v1_removed_cgroup_is_gone(v1_cgroup: CgroupV1) -> None:
     cg = v1_cgroup
     cg.read_usage()  # fds now kept open
