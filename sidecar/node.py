@@ -382,14 +382,17 @@ class Node:
         self._update_ratio()
         return result
 
-    def _apply(self, inv: Invocation, target: Any) -> StartResult:
+    def _apply(self, inv: Invocation, target: Any, give_back: bool = False) -> StartResult:
+        """Write ``target`` for ``inv``: its start's decision, or a ``give_back`` of a run that
+        already holds its decision's limits (a failed write does not undo that part of its
+        history: ``_write_failed``)."""
         resources = self._resources(inv, target)
         try:
             applied, took = self.actuator.apply(inv.container_id, target, inv.id)
         except cgroups.CgroupGone as exc:
             for r in resources:
                 self.metrics.limit_writes.labels(r, "error").inc()
-            self._not_applied(inv)
+            self._write_failed(inv, give_back)
             return StartResult(inv, False, 0.0, f"container vanished: {exc}")
         except (cgroups.CgroupError, ValueError) as exc:
             for r in resources:
@@ -399,7 +402,7 @@ class Node:
                 extra={"container": inv.container_id, "reason": str(exc)},
             )
             self.actuator.restore(inv.container_id)
-            self._not_applied(inv)
+            self._write_failed(inv, give_back)
             return StartResult(inv, False, 0.0, str(exc))
         if applied != target:
             self.metrics.limit_writes.labels("memory", "refused").inc()
@@ -414,10 +417,15 @@ class Node:
         return StartResult(inv, True, took)
 
     @staticmethod
-    def _not_applied(inv: Invocation) -> None:
-        """The decision never took effect: the run holds the user's size, as its trace says, and
-        its record earns the policy no credit (``Engine.end``)."""
+    def _write_failed(inv: Invocation, give_back: bool) -> None:
+        """The limits could not be written (or the container vanished); one still there goes
+        back to its user's size, the restore retried every tick until in place. A start's
+        decision never took effect: the run holds the user's size, as its trace says, and its
+        record earns the policy no credit (``Engine.end``). A give-back's run held its decision
+        until now: its trace keeps it."""
         inv.target = USER_TARGET
+        if give_back:
+            return
         cores, mem = effective(inv.user, USER_TARGET)
         inv.trace["chosen"].update(cpu_cores=cores, mem_bytes=mem)
         inv.trace["kind"] = "user"
@@ -561,7 +569,7 @@ class Node:
                     m.throttle_raises.inc()
                 elif why == OOM_HOLD:
                     m.oom_holds.inc()
-            self._apply(inv, effect.target)
+            self._apply(inv, effect.target, give_back=True)
             log.info(
                 "gave back",
                 extra={

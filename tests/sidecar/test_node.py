@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from daemon_helpers import write_config
 from sidecar_helpers import MB, write_policy
-from test_api import _client
+from test_api import _client, _setup
 
 from sidecar import cgroups, config
 from sidecar.engine import UnknownContainer, effective
 from sidecar.node import NODE, Node
 
 
-def _metric(node: Node, name: str) -> float:
-    return node.metrics.registry.get_sample_value(name) or 0.0
+def _metric(node: Node, name: str, **labels: str) -> float:
+    return node.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_a_harvested_run_killed_before_any_tick_counts_one_harvested_kill(
@@ -116,5 +116,56 @@ def test_a_start_on_a_recreated_cgroup_forgets_the_old_one_and_is_refused(
         finally:
             await client.close()
             cgroups.remove_v1(rel)
+
+    asyncio.run(main())
+
+
+def test_a_give_back_that_cannot_be_written_keeps_the_run_harvested_and_restores_later(
+    tmp_path: Path,
+) -> None:
+    """A harvested run near its memory allocation gets its memory back, but the cgroup refuses the
+    write: the run did run harvested until then, so its trace keeps the decision (and its reward),
+    and the restore path owns the limits, retried every tick until the user's are back."""
+    cfg, cfg_path, dirs = _setup(tmp_path)
+    d, cid = dirs["resize@1"], "faasrm/resize@1"
+    (d / "memory.peak").unlink()  # a kernel without it: a file tree takes no peak reset
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            first = node.start(cid)  # the user's size: sets the baseline
+            await asyncio.sleep(0.12)
+            node.end(first.invocation.id)
+            res = node.start(cid)
+            inv = res.invocation
+            assert res.applied and inv.trace["kind"] == "harvested", res
+            chosen = dict(inv.trace["chosen"])
+            high = int((d / "memory.high").read_text())
+            assert high < 512 * MB
+            (d / "memory.high").unlink()
+            (d / "memory.high").mkdir()  # fails every write, as an I/O error would
+            (d / "memory.current").write_text(f"{high - MB}\n")  # near it: give memory back
+            for _ in range(40):
+                if inv.trace["give_backs"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert [g["resources"] for g in inv.trace["give_backs"]] == [["memory"]]
+            assert _metric(node, "faasrm_give_backs_total", resource="memory") == 1.0
+            assert node.actuator.managed[cid].restore_pending
+            (d / "memory.high").rmdir()
+            (d / "memory.high").write_text(f"{high}\n")
+            for _ in range(40):  # the restore the failed write left pending is retried
+                if (d / "memory.high").read_text().strip() == "max":
+                    break
+                await asyncio.sleep(0.05)
+            assert (d / "memory.high").read_text().strip() == "max"
+            assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
+            ended = node.end(inv.id)
+            assert ended.outcome == "success" and ended.reward is not None
+            assert inv.trace["kind"] == "harvested" and inv.trace["chosen"] == chosen
+            assert inv.trace["applied"] is True
+        finally:
+            await client.close()
 
     asyncio.run(main())
