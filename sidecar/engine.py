@@ -176,7 +176,7 @@ class Invocation:
     """The kernel OOM-killed a task in its container while it ran."""
     oom_kills_at_start: int = -1
     """The container's cumulative kill count when it started (-1: unknown): a kill counted
-    later happened during it, one already counted belongs to an earlier run."""
+    later happened during it, one already counted before it (an earlier run's, or while idle)."""
     mem_wall_bytes: int = 0
     """The harvested hard memory limit it ran under until a give-back (0: none)."""
     throttle_start: tuple[int, int] | None = None
@@ -685,12 +685,14 @@ class Engine:
         kills: int,
         effects: list[Effect],
     ) -> None:
-        """A tick read ``kills`` unreported kills (``count``: the cumulative count it read)."""
-        killed = inv  # the run the kill belongs to, if one is running
-        if inv is not None and count <= inv.oom_kills_at_start:
-            killed = None  # counted before it started: an earlier run's, which its end saw
-        elif inv is not None:
-            inv.oom = True
+        """A tick read ``kills`` unreported kills (``count``: the cumulative count it read).
+
+        Kills counted before the running invocation started are not its own, and no end reported
+        them (one that saw them would have): they are charged as idle kills, the start having
+        read the counter before any tick did."""
+        killed = inv if inv is not None and count > inv.oom_kills_at_start else None
+        if killed is not None:
+            killed.oom = True
         else:
             _, gs = self._function(c.ref.function)
             gs.failures += 1

@@ -466,6 +466,28 @@ def test_a_kill_belongs_to_the_run_it_was_counted_in() -> None:
     assert ended.outcome == "oom" and ended.oom is None  # the tick reported it
 
 
+def test_a_kill_while_idle_read_first_by_the_next_start_still_charges_the_function() -> None:
+    """A task killed between two runs (with ``restore_on_end = false`` an idle container keeps a
+    harvested limit) whose kill the next start reads before any tick does: no end reported it,
+    so the tick that sees it counts it once, as an idle kill, which charges the function's
+    safeguard as any idle kill does, and not the run that started after it."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60)
+    nxt = eng.start("fn@1", usage=usage(0, 40)._replace(oom_kills=1))  # the kill counted before
+    assert nxt.guard.cpu_mode == "harvest"
+    clock.t += 0.1
+    (kill,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.1, oom_delta=1))
+    assert (kill.kills, kill.invocation_id, kill.harvested) == (1, None, False)
+    assert eng.guards["fn"].failures == 1
+    assert eng.on_sample(sample("fn@1", clock.t + 0.1, cpu=0.1, oom_delta=1)) == []  # once
+    clock.t += 1.0
+    ended = eng.end(nxt.id, "success", usage=usage(0.3, 60, 60)._replace(oom_kills=1))
+    assert ended.outcome == "success" and ended.oom is None
+    assert eng.guards["fn"].failures == 1
+
+
 @pytest.mark.parametrize("give_back", [False, True])
 def test_a_failure_that_reached_its_harvested_hard_limit_counts_as_oom(give_back) -> None:
     """Under the OOM hold a syscall's allocation at the limit fails (EFAULT, ENOMEM) instead of
