@@ -1,13 +1,15 @@
 """The node: runtimes, sampler, engine, actuator, spool, models and metrics working together.
 
 Everything here runs on the event loop thread (one owner for every cgroup object); nothing
-blocks longer than a few cgroup writes. The HTTP handlers and the sampling loop call these
-methods; the daemon wires them (``sidecar.daemon``). Kept apart from the pure engine so the
+blocks longer than a few cgroup writes (the runtimes' periodic listings run in a worker thread:
+``relist``). The HTTP handlers and the sampling loop call these methods; the daemon wires them
+(``sidecar.daemon``). Kept apart from the pure engine so the
 decision logic stays testable without I/O, and from the daemon so it is testable without sockets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -94,6 +96,8 @@ class Node:
         self.first_tick_done = False
         self.last_tick_s = math.nan
         self.last_discover_s = -math.inf
+        self._relisting: asyncio.Task[None] | None = None
+        """The periodic relist under way (``relist``), cancelled at shutdown."""
         self.recovered: dict[str, str] = {}
         self._spool_dropped_seen = spool.dropped
         self.record_observers: list[Any] = []
@@ -171,22 +175,55 @@ class Node:
         self._runtime_of[ref.id] = runtime
         return True
 
-    def sync_containers(self, full: bool = True) -> None:
-        """Re-list every runtime: adopt new containers, restore and forget vanished ones.
-
-        Runtimes are asked in order, most specific first, and the first to list a container
-        claims it (``_claim``). ``full=False`` (the periodic safety net) asks each for its
-        cheaper ``relist``.
-        """
-        seen: dict[str, ContainerRef] = {}
-        claimed: set[tuple[int, str]] = set()
-        for rt in self.runtimes:
+    @staticmethod
+    def _list(
+        runtimes: list[Runtime], full: bool
+    ) -> list[tuple[Runtime, list[ContainerRef]]] | None:
+        """Each runtime's listing, in order (``full``: ``discover``, else the cheaper
+        ``relist``); None if one failed (logged). Blocking: a Docker API call can take seconds."""
+        out = []
+        for rt in runtimes:
             try:
-                refs = rt.discover() if full else rt.relist()
+                out.append((rt, rt.discover() if full else rt.relist()))
             except Exception as exc:
                 log.error("discovery failed", extra={"runtime": rt.name, "reason": str(exc)})
-                self.last_discover_s = time.monotonic()  # retried at the next interval
-                return  # never forget containers because one listing failed
+                return None
+        return out
+
+    def sync_containers(self, full: bool = True) -> None:
+        """Re-list every runtime now (start-up, reload): adopt new containers, restore and forget
+        vanished ones (``_settle``)."""
+        self._settle(self._list(self.runtimes, full), self._known())
+
+    async def relist(self) -> None:
+        """The periodic safety net for missed events: the runtimes' ``relist`` in a worker thread,
+        so a slow listing stalls neither the sampling loop nor the hook API, settled on the loop.
+        Events may have added containers meanwhile: only those known before can be forgotten."""
+        runtimes, known = self.runtimes, self._known()
+        try:
+            listings = await asyncio.to_thread(self._list, runtimes, False)
+            if runtimes is self.runtimes:  # else a reload replaced them, and listed its own
+                self._settle(listings, known)
+        except Exception:  # the next interval tries again; the logs say what happened
+            log.exception("relist failed")
+            self.last_discover_s = time.monotonic()
+
+    def _known(self) -> set[str]:
+        """Every container the node manages or the state file holds."""
+        return {*self.engine.containers, *self.actuator.managed}
+
+    def _settle(
+        self, listings: list[tuple[Runtime, list[ContainerRef]]] | None, known: set[str]
+    ) -> None:
+        """Adopt what the runtimes listed; restore and forget those of ``known`` none lists.
+        Runtimes are in order, most specific first, and the first to list a container claims it
+        (``_claim``). No listings (one failed): nothing forgotten, retried at the next interval."""
+        self.last_discover_s = time.monotonic()
+        if listings is None:
+            return  # never forget containers because one listing failed
+        seen: dict[str, ContainerRef] = {}
+        claimed: set[tuple[int, str]] = set()
+        for rt, refs in listings:
             for ref in refs:
                 if self._claim(rt, ref, seen, claimed):
                     seen[ref.id] = ref
@@ -198,15 +235,12 @@ class Node:
                 self._update(ref)
         if added:
             self.actuator.save()  # one fsync for the whole batch, before any decision can apply
-        for cid in list(self.engine.containers):
-            if cid not in seen:
-                self.remove(cid, restore=True)
+        for cid in [c for c in self.engine.containers if c in known and c not in seen]:
+            self.remove(cid, restore=True)
         # containers of the state file that no runtime lists any more: restore and forget them
-        for cid in list(self.actuator.managed):
-            if cid not in seen:
-                self.actuator.forget(cid, restore=True)
+        for cid in [c for c in self.actuator.managed if c in known and c not in seen]:
+            self.actuator.forget(cid, restore=True)
         self.metrics.managed.set(len(self.engine.containers))
-        self.last_discover_s = time.monotonic()
 
     def add(self, ref: ContainerRef, save: bool = True) -> bool:
         try:
@@ -512,8 +546,9 @@ class Node:
     def tick(self) -> None:
         t0 = time.perf_counter()
         now = time.monotonic()
-        if now - self.last_discover_s >= self.cfg.sampler.discover_every_s:
-            self.sync_containers(full=False)
+        relisting = self._relisting is not None and not self._relisting.done()
+        if now - self.last_discover_s >= self.cfg.sampler.discover_every_s and not relisting:
+            self._relisting = asyncio.get_running_loop().create_task(self.relist())
         self._process(self.sampler.tick(self._hot(), self._watched()))
         m = self.metrics
         for result in self.actuator.retry_restores().values():
@@ -595,6 +630,8 @@ class Node:
 
     # ------------------------------------------------------------------------ shutdown, views
     def shutdown(self) -> dict[str, str]:
+        if self._relisting is not None:
+            self._relisting.cancel()  # its listing, if back after this, is for nobody
         for inv_id in list(self.engine.invocations):
             try:
                 self._finish(inv_id, "lost", None, usage=None, restore=False, learn=False)

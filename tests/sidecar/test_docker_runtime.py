@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 from docker_env import DockerEngine, busybox_image, client_for, docker_engine  # noqa: F401
+from test_api import _client, _setup
 
 from sidecar.cgroups import shares_to_weight
+from sidecar.node import NODE
 from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
 from sidecar.runtimes.docker import (
     FUNCTION_LABEL,
@@ -237,6 +239,8 @@ class FakeEngine:
         self.fail_connects = 0
         self.lock = threading.Lock()
         self.new_stream = threading.Event()
+        self.list_delay_s = 0.0  # how long a listing takes (a busy engine: seconds)
+        self.listings = 0
 
     def add(self, name: str, cid: str, labels: dict[str, str] | None = None, **hc: Any) -> str:
         for c in ("cpu", "memory"):
@@ -268,6 +272,8 @@ class FakeAPI:
         self.engine = engine
 
     def containers(self, all: bool = False) -> list[dict[str, Any]]:  # noqa: A002
+        time.sleep(self.engine.list_delay_s)
+        self.engine.listings += 1
         return [
             {
                 "Id": c["Id"],
@@ -343,6 +349,40 @@ def test_discover_with_fake_engine(fake: tuple[FakeEngine, DockerRuntime]) -> No
     )
     assert refs["b" * 64].function == "team/resize"
     assert rt.is_paused(a) is False and rt.is_paused("e" * 64) is True
+
+
+def test_a_slow_listing_stalls_neither_the_event_loop_nor_the_sampling(
+    fake: tuple[FakeEngine, DockerRuntime], tmp_path: Any
+) -> None:
+    """The node's periodic relist asks the Engine API for its containers, which takes a second
+    on a busy engine: the call runs in a worker thread, so meanwhile the event loop keeps
+    serving (the sampling loop's ticks, the hook API) and the listing is settled once back."""
+    engine, rt = fake
+    a = engine.add("wsk0_1_guest_hello", "a" * 64)
+    cfg, cfg_path, _ = _setup(tmp_path)
+    engine.list_delay_s = 1.0
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        node = client.server.app[NODE]
+        try:
+            node.runtimes.insert(0, rt)
+            ticks, listings = node.sampler.ticks, engine.listings
+            start = time.monotonic()
+            node.last_discover_s = start - cfg.sampler.discover_every_s  # the next tick relists
+            gaps = []
+            while time.monotonic() - start < 1.5:
+                before = time.monotonic()
+                await asyncio.sleep(0.05)
+                gaps.append(time.monotonic() - before)
+            assert engine.listings == listings + 1 and node.last_discover_s > start
+            assert max(gaps) < 0.5, max(gaps)
+            assert node.sampler.ticks - ticks >= 15  # 30 ticks of 50 ms in 1.5 s
+            assert rt.is_paused(a) is False  # listed, its state kept
+        finally:
+            await client.close()
+
+    asyncio.run(main())
 
 
 async def _next(it: Any, timeout: float = 5.0) -> RuntimeEvent:
