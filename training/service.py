@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -614,6 +615,10 @@ async def post_model(request: web.Request) -> web.Response:
     for key in ("metadata", "evaluation"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             return _error(400, f"'{key}' must be a map")
+        try:  # as the registry writes it into meta.json: bytes keys (msgpack allows them) cannot
+            json.dumps(obj.get(key), default=str)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return _error(400, f"'{key}' cannot be stored as JSON: {exc}")
     ckpt = obj.get("checkpoint")
     if ckpt is not None and not isinstance(ckpt, bytes):
         return _error(400, "'checkpoint' must be bytes")
@@ -802,7 +807,6 @@ def call_trainer(
 ) -> Any:
     """GET ``url`` (or POST a msgpack ``body``) with the bearer token, an https url verified
     against ``ca_file`` (empty = the system's CAs); its JSON answer, or TrainerError."""
-    import json
     import urllib.error
     import urllib.request
 
@@ -835,8 +839,6 @@ def publish(
 ) -> dict:
     """POST an exported model (and its ``<path>.json`` metadata when present) to the registry;
     TrainerError (422 with the reason) for a model no node could run."""
-    import json
-
     metadata: dict = {}
     if not isinstance(onnx, bytes):
         side = Path(str(onnx) + ".json")

@@ -219,6 +219,26 @@ def test_the_registry_refuses_models_no_node_can_run(server, tmp_path: Path) -> 
     assert reg.latest() is None and reg.versions() == []
 
 
+def test_metadata_that_is_not_json_is_refused_with_400_and_nothing_stored(
+    server, tmp_path: Path
+) -> None:
+    """A published map's keys may be bytes (msgpack allows them) or its values nested beyond
+    what JSON takes; meta.json could not hold them: 400 naming the field, not a 500 that leaves
+    a half-written version behind."""
+    good = onnx_policy("harvest")
+    for key, value in (
+        ("metadata", {b"raw": 1}),
+        ("evaluation", {"runs": {b"k": 1.0}}),
+        ("metadata", {"deep": [{b"x": 2}]}),
+    ):
+        st, out = _publish(server, good, **{key: value})
+        assert st == 400 and key in out["error"], (key, value, st, out)
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": None, "versions": []}
+    assert not list((tmp_path / "data" / "models").glob(".tmp-*"))
+    st, out = _publish(server, good, metadata={"note": b"bytes become text"})
+    assert st == 200 and out["version"] == 1
+
+
 NODE_IDS = ["n1", "host.example.com", "10.0.0.7:9", "x" * 128, "a b", "n1\n", "-n", "x" * 129]
 
 
