@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -424,8 +425,16 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+_NUMPY_RNG_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, np.dtypes.UInt32DType]
+"""What a checkpoint holds beyond tensors and plain data: numpy's RNG state (``rng``)."""
+
+
+def load_checkpoint(source: str | Path | bytes) -> dict:
+    """A checkpoint (a file, or its bytes), loaded without running code it may carry
+    (``weights_only``): the trainer loads checkpoints that came over the network."""
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _to_t(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:

@@ -595,6 +595,14 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
+def check_checkpoint(data: bytes) -> None:
+    """Raise unless ``data`` is a checkpoint whose ``agent`` loads into the learner's agent
+    (every online update starts from it), without running any code it carries."""
+    from training.ppo import Agent, load_checkpoint
+
+    Agent().load_state_dict(load_checkpoint(data)["agent"])
+
+
 async def post_model(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     body = await read_limited(request.content, request.content_length, svc.cfg.max_model_bytes)
@@ -623,6 +631,12 @@ async def post_model(request: web.Request) -> web.Response:
     if ckpt is not None and not isinstance(ckpt, bytes):
         return _error(400, "'checkpoint' must be bytes")
     loop = asyncio.get_running_loop()
+    if ckpt is not None:
+        try:
+            await loop.run_in_executor(svc.db, check_checkpoint, ckpt)
+        except Exception as exc:  # noqa: BLE001 (torch raises many types for a bad file)
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+            return _error(422, f"the checkpoint does not load into the agent: {reason}")
     try:
         v = await loop.run_in_executor(
             svc.db,

@@ -4,6 +4,7 @@ registry."""
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import sqlite3
 import sys
@@ -237,6 +238,57 @@ def test_metadata_that_is_not_json_is_refused_with_400_and_nothing_stored(
     assert not list((tmp_path / "data" / "models").glob(".tmp-*"))
     st, out = _publish(server, good, metadata={"note": b"bytes become text"})
     assert st == 200 and out["version"] == 1
+
+
+class _RunsCode:
+    """A pickled object that would create ``marker`` when unpickled (any code could run)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_no_learner_could_load_is_refused_without_running_it(
+    server, tmp_path: Path
+) -> None:
+    """A published checkpoint is what every online update starts from: one that does not load
+    into the agent would fail each of them, and one loaded with pickle's full powers would run
+    whatever code any token holder (every node) put in it. 422, nothing stored, nothing run."""
+    torch = pytest.importorskip("torch")
+    from training.ppo import Agent, Args, load_checkpoint, save_checkpoint
+
+    def saved(obj: object) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    marker = tmp_path / "ran"
+    agent = Agent()
+    wrong = {k: v[..., :1] for k, v in agent.state_dict().items()}
+    good = onnx_policy("harvest")
+    for ckpt in (
+        b"not a checkpoint",
+        saved({"agent": agent.state_dict(), "args": _RunsCode(marker)}),
+        saved({"agent": wrong}),
+        saved({"optimizer": {}}),
+    ):
+        st, out = _publish(server, good, checkpoint=ckpt)
+        assert st == 422 and "checkpoint" in out["error"], (st, out)
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": None, "versions": []}
+    planted = tmp_path / "planted.pt"  # e.g. written into the registry some other way
+    planted.write_bytes(saved({"agent": agent.state_dict(), "args": _RunsCode(marker)}))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(planted)  # what the learner starts from
+    assert not marker.exists()
+    # a `faasrm train` checkpoint (optimizer, numpy's RNG state) is taken and loads back
+    path = tmp_path / "train.pt"
+    save_checkpoint(path, agent, torch.optim.Adam(agent.parameters()), 3, 100, Args())
+    st, out = _publish(server, good, checkpoint=path.read_bytes())
+    assert st == 200 and out["version"] == 1, out
+    stored = Registry(tmp_path / "data" / "models", GRID).latest().checkpoint_path
+    Agent().load_state_dict(load_checkpoint(stored)["agent"])
 
 
 NODE_IDS = ["n1", "host.example.com", "10.0.0.7:9", "x" * 128, "a b", "n1\n", "-n", "x" * 129]
