@@ -177,10 +177,32 @@ def _sidecar_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+def _private_dirs(cfg: Config) -> None:
+    """Refuse (ConfigError) a directory of the node's state that another user could write."""
+    from sidecar.config import ConfigError
+    from sidecar.durable import private_dir
+
+    dirs = {
+        "actuation.state_file": Path(cfg.actuation.state_file).parent,
+        "spool.dir": cfg.spool.dir,
+    }
+    if cfg.shipper.enabled:
+        dirs["shipper.state_file"] = Path(cfg.shipper.state_file).parent
+    if cfg.model_poller.enabled:
+        dirs["model_poller.dir"] = cfg.model_poller.dir
+    for key, path in dirs.items():
+        try:
+            private_dir(path)
+        except OSError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
 def _recover(cfg: Config) -> dict[str, str]:
-    """Every container of the state file back at its user's limits (``Actuator.recover``)."""
+    """Every container of the state file back at its user's limits (``Actuator.recover``), once
+    the state's directories are known to be root's alone."""
     from sidecar.actuator import Actuator
 
+    _private_dirs(cfg)
     return Actuator.for_config(cfg).recover()
 
 

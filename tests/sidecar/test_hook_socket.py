@@ -162,3 +162,37 @@ def test_a_socket_group_that_does_not_exist_is_a_start_up_error(
     err = (tmp_path / "daemon.log").read_text()
     assert "server.socket_group 'faasrm-no-such-group': no such group" in err, err
     assert not sock.exists()
+
+
+def test_state_dirs_another_user_could_write_are_refused(
+    tmp_path: Path, boxes, sock_dir: Path
+) -> None:
+    """The daemon restores limits from its state file and ships or loads what its spool and
+    model directories hold: a directory another user can write (or owns) would let that user
+    plant them. Such a directory is a start-up error; one the daemon creates is 0750 whatever
+    the umask."""
+    box = boxes("w@1")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for mode, owner in ((0o777, 0), (0o755, NOBODY)):
+        spool.chmod(mode)
+        os.chown(spool, owner, owner)
+        d, _ = _daemon(tmp_path, box, sock_dir / "sidecar.sock")
+        try:
+            assert d.proc.wait(timeout=60) == 2
+        finally:
+            d.stop()
+        err = (tmp_path / "daemon.log").read_text()
+        assert f"spool.dir: {spool}" in err and ("writable" in err or "owned" in err), err
+        assert not (tmp_path / "state.json").exists()  # refused before anything was read
+    spool.rmdir()
+    old = os.umask(0)
+    try:
+        d, _ = _daemon(tmp_path, box, sock_dir / "sidecar.sock")
+    finally:
+        os.umask(old)
+    try:
+        d.wait_ready()
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o750
+    finally:
+        assert d.stop() == 0
