@@ -7,6 +7,7 @@ at module level here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -177,19 +178,19 @@ def _sidecar_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _private_dirs(cfg: Config) -> None:
-    """Refuse (ConfigError) a directory of the node's state that another user could write."""
+def _private_dirs(cfg: Config, state_only: bool = False) -> None:
+    """Refuse (ConfigError) a directory of the node's state that another user could write:
+    the state file's (``state_only``), else also the spool's, the shipper's and the models'."""
     from sidecar.config import ConfigError
     from sidecar.durable import private_dir
 
-    dirs = {
-        "actuation.state_file": Path(cfg.actuation.state_file).parent,
-        "spool.dir": cfg.spool.dir,
-    }
-    if cfg.shipper.enabled:
-        dirs["shipper.state_file"] = Path(cfg.shipper.state_file).parent
-    if cfg.model_poller.enabled:
-        dirs["model_poller.dir"] = cfg.model_poller.dir
+    dirs = {"actuation.state_file": Path(cfg.actuation.state_file).parent}
+    if not state_only:
+        dirs["spool.dir"] = Path(cfg.spool.dir)
+        if cfg.shipper.enabled:
+            dirs["shipper.state_file"] = Path(cfg.shipper.state_file).parent
+        if cfg.model_poller.enabled:
+            dirs["model_poller.dir"] = Path(cfg.model_poller.dir)
     for key, path in dirs.items():
         try:
             private_dir(path)
@@ -199,18 +200,41 @@ def _private_dirs(cfg: Config) -> None:
 
 def _recover(cfg: Config) -> dict[str, str]:
     """Every container of the state file back at its user's limits (``Actuator.recover``), once
-    the state's directories are known to be root's alone."""
+    the state file's directory is known to be root's alone."""
     from sidecar.actuator import Actuator
 
-    _private_dirs(cfg)
+    _private_dirs(cfg, state_only=True)
     return Actuator.for_config(cfg).recover()
 
 
-def _sidecar_run(args: argparse.Namespace) -> int:
+def _load_or_recover(args: argparse.Namespace) -> tuple[Config, dict]:
+    """The config and its overrides. One that does not load raises, but only after the
+    containers of the state file it names (else the default one) are back at their users'
+    limits: no run that would restore them can start with it, so a crashed run's harvests would
+    otherwise stay with nothing deciding for them."""
     from sidecar import config
 
     overrides = _sidecar_overrides(args)
-    cfg = config.load(args.config, overrides)
+    try:
+        return config.load(args.config, overrides), overrides
+    except config.ConfigError:
+        state_file = overrides.get("actuation.state_file")
+        if state_file is None:
+            with contextlib.suppress(config.ConfigError, AttributeError):
+                state_file = config.read_toml(args.config).get("actuation", {}).get("state_file")
+        if not isinstance(state_file, str) or not state_file:
+            state_file = config.ActuationConfig.state_file
+        if Path(state_file).exists():
+            try:
+                _recover(config.Config(actuation=config.ActuationConfig(state_file=state_file)))
+            except (OSError, ValueError) as exc:
+                print(f"faasrm: cannot restore from {state_file}: {exc}", file=sys.stderr)
+        raise
+
+
+def _sidecar_run(args: argparse.Namespace) -> int:
+    cfg, overrides = _load_or_recover(args)
+    _private_dirs(cfg)
     # Crash recovery first, before the heavier imports: a previous run's containers go back to
     # their user limits well within a second (the daemon's start-up repeats it, idempotently).
     _recover(cfg)
@@ -224,9 +248,7 @@ def _sidecar_restore(args: argparse.Namespace) -> int:
 
     The unit's ExecStopPost: after a crash, no container waits for the restart at a harvest, or
     held at a harvested memory limit (``v1_memory_harvest = "hold"``)."""
-    from sidecar import config
-
-    results = _recover(config.load(args.config, _sidecar_overrides(args)))
+    results = _recover(_load_or_recover(args)[0])
     print(json.dumps(results, sort_keys=True))
     return 1 if any(r.startswith("error") for r in results.values()) else 0
 

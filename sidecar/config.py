@@ -484,7 +484,7 @@ def from_dict(data: dict, overrides: dict[str, Any] | None = None) -> Config:
     return cfg
 
 
-def _read_toml(path: str | Path | None) -> dict:
+def read_toml(path: str | Path | None) -> dict:
     """The TOML file's table (empty for None); unreadable or malformed -> ConfigError."""
     if path is None:
         return {}
@@ -499,7 +499,7 @@ def _read_toml(path: str | Path | None) -> dict:
 
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read ``path`` (TOML; None = all defaults) and apply dotted ``overrides``."""
-    data = _read_toml(path)
+    data = read_toml(path)
     try:
         return from_dict(data, overrides)
     except ConfigError as exc:
@@ -647,7 +647,7 @@ def load_tree(
     key that no longer exists to what replaced it: an old file that sets one is refused with that
     message instead of the generic unknown-key one.
     """
-    data = _read_toml(path)
+    data = read_toml(path)
     data = _deep_copy(data)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)

@@ -339,3 +339,25 @@ def test_sidecar_restore_command_puts_a_crashed_nodes_containers_back(
     assert not limits.mem_oom_hold
     again = restore()  # idempotent: the container is at its user's limits already
     assert again.returncode == 0 and json.loads(again.stdout) == {rel: "restored"}
+
+
+def test_a_config_that_does_not_load_still_restores_a_crashed_nodes_containers(
+    v1_cgroup, tmp_path: Path
+) -> None:
+    """A bad edit of the config, then a crash: ExecStopPost's restore and every restart fail on
+    the config, and a harvest left behind would stay with nothing deciding for it. Both commands
+    still restore from the state file the config names, then report the error (exit 2)."""
+    rel = v1_cgroup.rel_path
+    state = tmp_path / "state.json"
+    bad = tmp_path / "sidecar.toml"
+    bad.write_text(f"[actuation]\nstate_file = '{state}'\n[sampler]\ntick_s = 99.0\n")
+    for command in ("restore", "run"):
+        act = Actuator(state, 16 * MB, oom_hold=True)
+        act.adopt(ref(rel, cpu=1.0, mem_mb=256, version=1, path=rel), v1_cgroup)
+        act.apply(rel, Target(0.25, None, 128 * MB, None), owner="i")  # then the daemon "dies"
+        argv = [sys.executable, "-m", "sidecar", "sidecar", command, "--config", str(bad)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "sampler.tick_s 99.0" in done.stderr, done
+        limits = v1_cgroup.read_limits()
+        assert limits.cpu_quota_cores == 1.0 and limits.mem_limit_bytes == 256 * MB, command
+        assert not limits.mem_oom_hold
