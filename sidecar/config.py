@@ -53,13 +53,17 @@ def is_loopback(host: str) -> bool:
 
 
 def read_token(key: str, token_file: str, fallback: str) -> str:
-    """A bearer token: the contents of ``token_file`` when set, else ``fallback``."""
+    """A bearer token: the contents of ``token_file`` when set (an empty file is an error, not
+    "no token"), else ``fallback``."""
     if not token_file:
         return fallback
     try:
-        return Path(token_file).read_text().strip()
+        token = Path(token_file).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{key}.token_file {token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{key}.token_file {token_file} is empty")
+    return token
 
 
 @dataclass(frozen=True)

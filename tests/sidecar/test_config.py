@@ -243,3 +243,24 @@ def test_a_hostname_the_trainer_would_refuse_as_node_id_is_a_config_error() -> N
     if "sethostname" in res.stderr or "unshare:" in res.stderr:
         pytest.skip(f"cannot set a hostname in a new UTS namespace: {res.stderr.strip()}")
     assert "ConfigError: config: node_id 'bad_host!' (the hostname" in res.stderr, res
+
+
+def test_an_empty_token_file_is_a_config_error(tmp_path: Path) -> None:
+    """An empty token file used to resolve to no token: hooks over TCP were then refused with a
+    403 saying to turn on the tcp_hooks that were on, and the shipper sent ``Bearer `` for ever."""
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    cfg = config.load(
+        None,
+        {
+            "server.tcp_hooks": True,
+            "server.token_file": str(empty),
+            "shipper.token_file": str(empty),
+        },
+    )
+    with pytest.raises(ConfigError, match=rf"server.token_file {empty} is empty"):
+        cfg.server.resolve_token()
+    with pytest.raises(ConfigError, match=rf"shipper.token_file {empty} is empty"):
+        cfg.shipper.resolve_token()
+    empty.write_text("s3cret\n")
+    assert cfg.server.resolve_token() == cfg.shipper.resolve_token() == "s3cret"
