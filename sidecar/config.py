@@ -518,6 +518,17 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+REWARD_WEIGHTS = (
+    "slowdown_weight",
+    "tolerance",
+    "delay_weight",
+    "delay_floor_s",
+    "failure_penalty",
+    "efficiency_weight",
+)
+"""The ``[reward]`` keys that may not be negative (a negative one rewards what it punishes)."""
+
+
 def validate(cfg: Config) -> None:
     """Value checks the type system does not express."""
     problems = []
@@ -537,6 +548,13 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.safeguard, name)
         if not 0 < v <= 1:
             problems.append(f"safeguard.{name} {v} outside (0, 1]")
+    for name in REWARD_WEIGHTS:
+        if getattr(cfg.reward, name) < 0:
+            problems.append(f"reward.{name} {getattr(cfg.reward, name)} must be >= 0")
+    if cfg.reward.clip <= 0:
+        problems.append(f"reward.clip {cfg.reward.clip} must be > 0")
+    if cfg.model.max_runtime_failures < 1:
+        problems.append(f"model.max_runtime_failures {cfg.model.max_runtime_failures} must be >= 1")
     if cfg.model.rule not in RULES:
         problems.append(f"model.rule {cfg.model.rule!r} is not one of {', '.join(RULES)}")
     if cfg.safeguard.mem_headroom_mb < 0:
@@ -577,6 +595,9 @@ def validate(cfg: Config) -> None:
         problems.append("docker.cores_per_share must be >= 0 (0 = host cores / 1024)")
     if cfg.docker.base_url and "://" not in cfg.docker.base_url:
         problems.append(f"docker.base_url {cfg.docker.base_url!r} needs a scheme (unix://, tcp://)")
+    for name in ("default_cpu_cores", "default_mem_mb"):
+        if getattr(cfg.cgroupfs, name) < 0:
+            problems.append(f"cgroupfs.{name} {getattr(cfg.cgroupfs, name)} must be >= 0")
     if cfg.cgroupfs.version not in (0, 1, 2):
         problems.append(f"cgroupfs.version {cfg.cgroupfs.version} is not 0, 1 or 2")
     seen = set()
@@ -616,6 +637,8 @@ def validate(cfg: Config) -> None:
         )
     if sh.batch_records < 1 or sh.max_batch_bytes < 4096 or sh.interval_s <= 0:
         problems.append("shipper: batch_records >= 1, max_batch_bytes >= 4096, interval_s > 0")
+    if sh.timeout_s <= 0:
+        problems.append(f"shipper.timeout_s {sh.timeout_s} must be > 0")
     for name, sec in (("shipper", sh), ("model_poller", mp)):
         if not 0 < sec.backoff_initial_s <= sec.backoff_max_s:
             problems.append(f"{name}: need 0 < backoff_initial_s <= backoff_max_s")
@@ -623,6 +646,11 @@ def validate(cfg: Config) -> None:
         problems.append("model_poller: wait_s in (0, 300], max_slowdown_rate in [0, 1]")
     if mp.min_invocations < 1 or mp.watch_invocations < mp.min_invocations:
         problems.append("model_poller: 1 <= min_invocations <= watch_invocations")
+    if mp.slowdown_rfet < 1:
+        problems.append(
+            f"model_poller.slowdown_rfet {mp.slowdown_rfet} must be >= 1 (below 1 an invocation "
+            "faster than its baseline counts as slowed down)"
+        )
     if mp.max_model_bytes < 1:
         problems.append("model_poller.max_model_bytes must be >= 1")
     if cfg.debug.trace_size < 1 or cfg.debug.max_function_labels < 0:

@@ -92,6 +92,17 @@ def test_example_config_loads() -> None:
         (f"[server]\nsocket = '/{'s' * 107}'", "server.socket is longer than 107 bytes"),
         ("node_id = 'a b'", "node_id 'a b' is not 1-128 characters"),
         ('node_id = "n1\\n"', "node_id 'n1\\n' is not 1-128 characters"),
+        ("[shipper]\ntimeout_s = 0", "shipper.timeout_s 0.0 must be > 0"),
+        ("[shipper]\ntimeout_s = -1", "shipper.timeout_s -1.0 must be > 0"),
+        ("[model]\nmax_runtime_failures = 0", "model.max_runtime_failures 0 must be >= 1"),
+        ("[model_poller]\nslowdown_rfet = 0", "model_poller.slowdown_rfet 0.0 must be >= 1"),
+        ("[model_poller]\nslowdown_rfet = 0.5", "model_poller.slowdown_rfet 0.5 must be >= 1"),
+        ("[cgroupfs]\ndefault_cpu_cores = -1", "cgroupfs.default_cpu_cores -1.0 must be >= 0"),
+        ("[cgroupfs]\ndefault_mem_mb = -1", "cgroupfs.default_mem_mb -1.0 must be >= 0"),
+        ("[reward]\nslowdown_weight = -1", "reward.slowdown_weight -1.0 must be >= 0"),
+        ("[reward]\nfailure_penalty = -5", "reward.failure_penalty -5.0 must be >= 0"),
+        ("[reward]\ndelay_floor_s = -1", "reward.delay_floor_s -1.0 must be >= 0"),
+        ("[reward]\nclip = 0", "reward.clip 0.0 must be > 0"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:
