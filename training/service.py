@@ -205,6 +205,33 @@ REMOVED_KEYS = {
 """Keys an older trainer.toml may still set, and what replaced them."""
 
 
+MIN_MODEL_BYTES = MB
+"""The smallest ``max_model_bytes``: a model with its checkpoint is tens of KB, so a smaller
+bound is a unit mistake that would refuse every publish."""
+
+POSITIVE_KEYS = {
+    "learner": (
+        ("window_records", 1, False),
+        ("update_epochs", 1, False),
+        ("num_minibatches", 1, False),
+        ("learning_rate", 0, True),
+        ("clip_coef", 0, True),
+        ("max_grad_norm", 0, True),
+        ("ent_coef", 0, False),
+        ("vf_coef", 0, False),
+    ),
+    "gate": (
+        ("real_window", 1, False),
+        ("max_failure_increase", 0, False),
+        ("real_max_increase", 0, False),
+        ("slowdown_rfet", 1, False),
+    ),
+}
+"""(key, bound, strict) of the learner's and the gate's numbers: each must be above (strict) or
+at least its bound. A window of 0 would be every stored record ([-0:]), 0 epochs or mini-batches
+no update, and an RFET bound below 1 counts an invocation faster than its baseline as slowed."""
+
+
 def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfig:
     cfg = load_tree(TrainerConfig, path, overrides, REMOVED_KEYS)
     problems = []
@@ -214,8 +241,17 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainerConfi
         problems.append("ingest_workers must be 0..64")
     if cfg.max_body_bytes < 1024 or cfg.max_records_per_batch < 1:
         problems.append("max_body_bytes must be >= 1024 and max_records_per_batch >= 1")
+    if cfg.max_model_bytes < MIN_MODEL_BYTES:
+        problems.append(f"max_model_bytes {cfg.max_model_bytes} must be >= {MIN_MODEL_BYTES}")
+    if cfg.long_poll_max_s <= 0:
+        problems.append(f"long_poll_max_s {cfg.long_poll_max_s} must be > 0")
     if cfg.learner.interval_s <= 0 or cfg.learner.min_records < 1:
         problems.append("learner.interval_s must be > 0 and learner.min_records >= 1")
+    for section, bounds in POSITIVE_KEYS.items():
+        for name, low, strict in bounds:
+            v = getattr(getattr(cfg, section), name)
+            if v < low or (strict and v == low):
+                problems.append(f"{section}.{name} {v} must be {'>' if strict else '>='} {low}")
     if cfg.gate.preset not in ("sample", "small", "paper"):
         problems.append(f"gate.preset {cfg.gate.preset!r} is not sample, small or paper")
     if cfg.gate.min_gain < 0:

@@ -376,6 +376,38 @@ def test_config_requires_token(tmp_path: Path, monkeypatch) -> None:
     assert load_config(None, {"token_file": str(tmp_path / "tok")}).resolve_token() == "secret"
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("max_model_bytes", 1024, "max_model_bytes 1024 must be >= 1048576"),
+        ("long_poll_max_s", -1, "long_poll_max_s -1.0 must be > 0"),
+        ("long_poll_max_s", 0, "long_poll_max_s 0.0 must be > 0"),
+        ("learner.window_records", 0, "learner.window_records 0 must be >= 1"),
+        ("learner.update_epochs", 0, "learner.update_epochs 0 must be >= 1"),
+        ("learner.num_minibatches", 0, "learner.num_minibatches 0 must be >= 1"),
+        ("learner.learning_rate", 0, "learner.learning_rate 0.0 must be > 0"),
+        ("learner.clip_coef", -0.2, "learner.clip_coef -0.2 must be > 0"),
+        ("learner.max_grad_norm", 0, "learner.max_grad_norm 0.0 must be > 0"),
+        ("learner.ent_coef", -1, "learner.ent_coef -1.0 must be >= 0"),
+        ("learner.vf_coef", -1, "learner.vf_coef -1.0 must be >= 0"),
+        ("gate.real_window", 0, "gate.real_window 0 must be >= 1"),
+        ("gate.max_failure_increase", -1, "gate.max_failure_increase -1 must be >= 0"),
+        ("gate.real_max_increase", -0.1, "gate.real_max_increase -0.1 must be >= 0"),
+        ("gate.slowdown_rfet", 0.5, "gate.slowdown_rfet 0.5 must be >= 1"),
+    ],
+)
+def test_a_value_the_trainer_cannot_run_with_is_a_config_error_naming_the_key(
+    key: str, value: float, needle: str
+) -> None:
+    """A zero window learned from every record ever stored ([-0:] is the whole list), zero
+    epochs or mini-batches never updated, a tiny max_model_bytes refused every publish, and
+    a long_poll_max_s <= 0 answered each long-poll at once (a node then polls in a tight loop)."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"token": "t", key: value})
+    assert str(exc.value) == f"config: {needle}"
+    assert load_config(None, {"token": "t"}).learner.window_records == 8192  # defaults load
+
+
 def test_on_the_loop_validation_gives_the_same_answers(tmp_path: Path) -> None:
     with ServerThread(tmp_path / "data", ingest_workers=0) as srv:
         assert post(srv, batch("n1", 0, [record("n1", i) for i in range(5)]))[0] == 200
