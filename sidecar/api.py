@@ -41,15 +41,10 @@ from sidecar.node import NODE, Node, StartResult
 from sidecar.process import bearer_matches, json_response
 from sidecar.runtimes.base import UserSize
 from sidecar.sampler import HISTORY
-from sidecar.units import MB
+from sidecar.units import MB, MIN_USER_CORES, min_user_mem_mb
 
 _START_KEYS = {"function", "container", "user", "input_size", "pending", "id"}
 _END_KEYS = {"outcome", "duration_s"}
-MIN_USER_CORES = 0.01
-"""The smallest user CPU: the kernel's smallest CFS quota (1,000 us) in a 100 ms period."""
-MIN_USER_MEM_MB = 4.0
-"""The smallest user memory, unless ``[safeguard] mem_headroom_mb`` is larger (a hard limit is
-never written below usage + headroom)."""
 MAX_PENDING = 1_000_000
 MAX_INPUT_SIZE = 1e15
 MAX_DURATION_S = 86_400.0
@@ -181,7 +176,7 @@ def _user(data: dict, node: Node) -> UserSize | None:
     unknown = sorted(set(u) - {"cpu_cores", "mem_mb", "cpu_weight"})
     if unknown:
         raise BadRequest(f"unknown field(s) in 'user': {', '.join(unknown)}")
-    floor_mb = max(MIN_USER_MEM_MB, node.cfg.safeguard.mem_headroom_mb)
+    floor_mb = min_user_mem_mb(node.cfg.safeguard.mem_headroom_mb)
     eng = node.engine
     cpu = _num(u, "cpu_cores", MIN_USER_CORES, eng.host_cores, name="user.cpu_cores")
     mem = _num(u, "mem_mb", floor_mb, eng.host_mem_mb, name="user.mem_mb")

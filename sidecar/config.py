@@ -29,6 +29,7 @@ from sidecar.core.policy import RULES
 from sidecar.core.record import NODE_ID_RULE, is_node_id
 from sidecar.core.reward import RewardConfig
 from sidecar.core.safeguard import SafeguardConfig
+from sidecar.units import MIN_USER_CORES, min_user_mem_mb
 
 
 class ConfigError(ValueError):
@@ -601,14 +602,24 @@ def validate(cfg: Config) -> None:
     if cfg.cgroupfs.version not in (0, 1, 2):
         problems.append(f"cgroupfs.version {cfg.cgroupfs.version} is not 0, 1 or 2")
     seen = set()
+    mem_floor = min_user_mem_mb(cfg.safeguard.mem_headroom_mb)  # what a hook may report
     for i, c in enumerate(cfg.cgroupfs.containers):
         if not c.path.strip("/"):
             problems.append(f"cgroupfs.containers[{i}].path is empty")
         if c.path.strip("/") in seen:
             problems.append(f"cgroupfs.containers[{i}].path {c.path!r} listed twice")
         seen.add(c.path.strip("/"))
-        if c.cpu_cores < 0 or c.mem_mb < 0 or not 1 <= c.cpu_weight <= 10000:
-            problems.append(f"cgroupfs.containers[{i}]: negative size or weight outside 1..10000")
+        key = f"cgroupfs.containers[{i}]"
+        if c.cpu_cores != 0 and c.cpu_cores < MIN_USER_CORES:
+            problems.append(
+                f"{key}.cpu_cores {c.cpu_cores} must be 0 (the cgroup's own) or >= {MIN_USER_CORES}"
+            )
+        if c.mem_mb != 0 and c.mem_mb < mem_floor:
+            problems.append(
+                f"{key}.mem_mb {c.mem_mb} must be 0 (the cgroup's own) or >= {mem_floor}"
+            )
+        if not 1 <= c.cpu_weight <= 10000:
+            problems.append(f"{key}.cpu_weight {c.cpu_weight} outside 1..10000")
     if cfg.spool.max_bytes < cfg.spool.segment_bytes or cfg.spool.segment_bytes < 4096:
         problems.append("spool.segment_bytes must be >= 4096 and <= spool.max_bytes")
     sh, mp = cfg.shipper, cfg.model_poller

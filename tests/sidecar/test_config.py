@@ -103,6 +103,26 @@ def test_example_config_loads() -> None:
         ("[reward]\nfailure_penalty = -5", "reward.failure_penalty -5.0 must be >= 0"),
         ("[reward]\ndelay_floor_s = -1", "reward.delay_floor_s -1.0 must be >= 0"),
         ("[reward]\nclip = 0", "reward.clip 0.0 must be > 0"),
+        (
+            "[[cgroupfs.containers]]\npath = 'a'\ncpu_cores = 0.001",
+            "cgroupfs.containers[0].cpu_cores 0.001 must be 0 (the cgroup's own) or >= 0.01",
+        ),
+        (
+            "[safeguard]\nmem_headroom_mb = 0\n[[cgroupfs.containers]]\npath = 'a'\nmem_mb = 2",
+            "cgroupfs.containers[0].mem_mb 2.0 must be 0 (the cgroup's own) or >= 4.0",
+        ),
+        (  # the default safeguard.mem_headroom_mb (16) is the floor, as for a hook
+            "[[cgroupfs.containers]]\npath = 'a'\nmem_mb = 8",
+            "cgroupfs.containers[0].mem_mb 8.0 must be 0 (the cgroup's own) or >= 16.0",
+        ),
+        (
+            "[[cgroupfs.containers]]\npath = 'a'\ncpu_cores = -1",
+            "cgroupfs.containers[0].cpu_cores -1.0 must be 0 (the cgroup's own) or >= 0.01",
+        ),
+        (
+            "[[cgroupfs.containers]]\npath = 'a'\ncpu_weight = 0",
+            "cgroupfs.containers[0].cpu_weight 0 outside 1..10000",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, toml: str, needle: str) -> None:
