@@ -86,6 +86,10 @@ class ServerConfig:
     """File holding the bearer token of hooks over TCP (else ``token``)."""
     token: str = ""
     """The bearer token itself (prefer token_file)."""
+    allow_plaintext: bool = False
+    """Let ``tcp_hooks`` listen on a host that is not loopback (a trusted private network only):
+    the TCP listener has no TLS, so the token and the hooks then cross the network in clear
+    text."""
 
     def resolve_token(self) -> str:
         return read_token("server", self.token_file, self.token)
@@ -539,6 +543,13 @@ def validate(cfg: Config) -> None:
         problems.append(f"server.socket is longer than {MAX_SOCKET_PATH} bytes (a kernel limit)")
     if cfg.server.tcp_hooks and not (cfg.server.token_file or cfg.server.token):
         problems.append("server.tcp_hooks needs server.token_file or server.token")
+    if cfg.server.tcp_hooks and not is_loopback(cfg.server.host) and not cfg.server.allow_plaintext:
+        problems.append(
+            f"server.tcp_hooks on server.host {cfg.server.host!r}, not a loopback address: the "
+            "hooks' token would cross the network in clear text (the TCP listener has no TLS); "
+            "use the unix socket, a loopback host, or server.allow_plaintext = true on a trusted "
+            "private network"
+        )
     if not 0.005 <= cfg.sampler.tick_s <= 10:
         problems.append(f"sampler.tick_s {cfg.sampler.tick_s} outside 0.005..10")
     if cfg.sampler.discover_every_s < cfg.sampler.tick_s:

@@ -254,6 +254,24 @@ def test_a_trainer_on_this_host_may_be_plain_http(url: str) -> None:
     assert cfg.shipper.url == url and not cfg.shipper.allow_plaintext
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "invoker.example.org", ""])
+def test_hooks_over_tcp_off_this_host_need_allow_plaintext(host: str) -> None:
+    """The sidecar's TCP listener has no TLS: the hooks' bearer token would cross the network in
+    clear text, so it is refused unless the operator says the network is trusted (as the
+    trainer's own allow_plaintext)."""
+    server = {"host": host, "tcp_hooks": True, "token": "s3cret"}
+    with pytest.raises(ConfigError, match=r"server.tcp_hooks on server.host .* clear text"):
+        from_dict({"server": server})
+    assert from_dict({"server": {**server, "allow_plaintext": True}}).server.allow_plaintext
+    assert not from_dict({"server": {"host": host}}).server.tcp_hooks  # read-only endpoints
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_hooks_over_tcp_on_this_host_need_no_allow_plaintext(host: str) -> None:
+    cfg = from_dict({"server": {"host": host, "tcp_hooks": True, "token": "s3cret"}})
+    assert cfg.server.tcp_hooks and not cfg.server.allow_plaintext
+
+
 def test_a_hostname_the_trainer_would_refuse_as_node_id_is_a_config_error() -> None:
     """Without ``node_id`` the hostname is the node's id: load refuses one the trainer would."""
     if not shutil.which("unshare"):
