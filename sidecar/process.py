@@ -1,8 +1,9 @@
 """Process plumbing shared by both daemons (the node's sidecar and the trainer service).
 
-JSON-lines logging on stderr, systemd's sd_notify, strict JSON responses, the bearer token check
-and size-bounded body reads: one definition each, so the two services log, report readiness,
-serialise, authorize and bound what a peer sends alike. No torch, no node state.
+JSON-lines logging on stderr, systemd's sd_notify, starting a listener, strict JSON responses, the
+bearer token check and size-bounded body reads: one definition each, so the two services log,
+report readiness, listen, serialise, authorize and bound what a peer sends alike. No torch, no
+node state.
 """
 
 from __future__ import annotations
@@ -19,7 +20,20 @@ from typing import Any
 
 from aiohttp import StreamReader, web
 
+from sidecar.config import ConfigError
+
 log = logging.getLogger("faasrm.process")
+
+
+async def start_site(site: web.BaseSite, keys: str) -> None:
+    """Start listening on ``site``. An address it cannot take (in use, not this host's, a
+    privileged port) is a ConfigError naming ``keys``: a one-line error and exit code 2, as any
+    config error, rather than a traceback."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"{keys}: {os.strerror(exc.errno) if exc.errno else exc}") from None
+
 
 # ------------------------------------------------------------------------------------ logging
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

@@ -71,6 +71,7 @@ from sidecar.process import (
     json_response,
     read_limited,
     setup_logging,
+    start_site,
 )
 from sidecar.shipper import bearer
 from sidecar.units import MB
@@ -814,23 +815,23 @@ async def serve(cfg: TrainerConfig, stop: asyncio.Event | None = None) -> None:
     await runner.setup()
     tls = cfg.ssl_context()
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls)
-    await site.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)  # not in a thread (tests)
-    port = runner.addresses[0][1] if runner.addresses else cfg.port
-    scheme = "https" if tls else "http"
-    app[NOTIFIER].send(
-        f"READY=1\nSTATUS=listening on {scheme}://{cfg.host}:{port}\nMAINPID={os.getpid()}"
-    )
-    app[SERVICE].ready.set()
-    log.info(
-        "trainer listening",
-        extra={"host": cfg.host, "port": port, "scheme": scheme, "data_dir": cfg.data_dir},
-    )
     try:
+        await start_site(site, f"port {cfg.port} on host {cfg.host!r}")
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)  # not in a thread (tests)
+        port = runner.addresses[0][1] if runner.addresses else cfg.port
+        scheme = "https" if tls else "http"
+        app[NOTIFIER].send(
+            f"READY=1\nSTATUS=listening on {scheme}://{cfg.host}:{port}\nMAINPID={os.getpid()}"
+        )
+        app[SERVICE].ready.set()
+        log.info(
+            "trainer listening",
+            extra={"host": cfg.host, "port": port, "scheme": scheme, "data_dir": cfg.data_dir},
+        )
         await stop.wait()
     finally:
         await runner.cleanup()

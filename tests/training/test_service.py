@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import socket
 import sqlite3
 import sys
 import threading
@@ -24,6 +25,7 @@ from sidecar import config as sidecar_config  # noqa: E402
 from sidecar.config import ConfigError  # noqa: E402
 from sidecar.core.grid import ResourceGrid  # noqa: E402
 from sidecar.models import ModelRejected  # noqa: E402
+from training.processes import TrainerProcess  # noqa: E402
 from training.registry import Registry, Superseded, TrajectoryStore  # noqa: E402
 from training.service import BatchError, decode_batch, load_config  # noqa: E402
 
@@ -406,6 +408,21 @@ def test_a_value_the_trainer_cannot_run_with_is_a_config_error_naming_the_key(
         load_config(None, {"token": "t", key: value})
     assert str(exc.value) == f"config: {needle}"
     assert load_config(None, {"token": "t"}).learner.window_records == 8192  # defaults load
+
+
+def test_a_port_in_use_is_a_one_line_error_and_exit_code_2(tmp_path: Path) -> None:
+    """As a config error: a traceback buried the reason, and the exit code (1) told a unit's
+    restart policy nothing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tr = TrainerProcess(tmp_path, port, {"learner.enabled": False})
+        tr.start(wait=False)
+        assert tr.proc is not None and tr.proc.wait(timeout=120) == 2
+    err = tr.log.read_text()
+    assert "Traceback" not in err, err
+    assert f"faasrm: error: port {port} on host '127.0.0.1': Address already in use" in err, err
 
 
 def test_on_the_loop_validation_gives_the_same_answers(tmp_path: Path) -> None:
