@@ -48,7 +48,7 @@ from sidecar.config import Config, ConfigError, ServerConfig
 from sidecar.metrics import Metrics
 from sidecar.models import ModelManager
 from sidecar.node import NODE, Node
-from sidecar.process import Notifier, setup_logging
+from sidecar.process import Notifier, setup_logging, start_site
 from sidecar.runtimes.base import Runtime
 from sidecar.sampler import Ticker
 from sidecar.spool import Spool
@@ -437,21 +437,32 @@ def hook_socket(server: ServerConfig) -> socket.socket:
     return sock
 
 
+async def serve(app: web.Application, server: ServerConfig, unix: socket.socket | None) -> None:
+    """Serve ``app`` on TCP and the unix socket until SIGTERM/SIGINT. A TCP address that cannot
+    be listened on (a port in use) is a ConfigError, after the start-up's containers are given
+    back by the cleanup."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        keys = f"server.port {server.port} on server.host {server.host!r}"
+        await start_site(web.TCPSite(runner, server.host, server.port), keys)
+        if unix is not None:
+            await web.SockSite(runner, unix).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def run(cfg: Config, config_path: str | None = None, overrides: dict | None = None) -> int:
     setup_logging(cfg.log_level)
     app = build_app(cfg, config_path, overrides)
     unix = hook_socket(cfg.server) if cfg.server.socket else None
     try:
-        web.run_app(
-            app,
-            host=cfg.server.host,
-            port=cfg.server.port,
-            sock=unix,
-            print=None,
-            access_log=None,
-            shutdown_timeout=5.0,
-            handle_signals=True,
-        )
+        asyncio.run(serve(app, cfg.server, unix))
     finally:
         if unix is not None:
             Path(cfg.server.socket).unlink(missing_ok=True)

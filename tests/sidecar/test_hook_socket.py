@@ -9,6 +9,7 @@ import grp
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -196,3 +197,38 @@ def test_state_dirs_another_user_could_write_are_refused(
         assert stat.S_IMODE(spool.stat().st_mode) == 0o750
     finally:
         assert d.stop() == 0
+
+
+def test_a_port_or_socket_in_use_is_a_one_line_error_and_exit_code_2(
+    tmp_path: Path, boxes, sock_dir: Path
+) -> None:
+    """As a config error: a TCP port in use was a traceback and exit code 1 (which a unit's
+    restart policy cannot tell from a crash); the listed container stays at its user's size."""
+    box = boxes("p@1")
+    sock = sock_dir / "sidecar.sock"
+    policy = write_policy(tmp_path / "h.onnx", "harvest")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(
+            tmp_path, port, {box.rel: ("fs", 1.0, 256)}, policy, server=f"socket = '{sock}'"
+        )
+        d = Daemon(cfg, port, tmp_path / "daemon.log")
+        assert d.proc.wait(timeout=60) == 2
+    err = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in err, err
+    assert f"server.port {port} on server.host '127.0.0.1': Address already in use" in err, err
+    assert not sock.exists() and box.quota_cores() == 1.0  # the configured user's size
+    port = free_port()
+    cfg = write_config(
+        tmp_path, port, {box.rel: ("fs", 1.0, 256)}, policy, server=f"socket = '{sock}'"
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(sock))
+        other.listen()
+        d = Daemon(cfg, port, tmp_path / "daemon2.log")
+        assert d.proc.wait(timeout=60) == 2
+    err = (tmp_path / "daemon2.log").read_text()
+    assert "Traceback" not in err, err
+    assert f"server.socket {sock} is in use by another process" in err, err
