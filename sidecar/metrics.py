@@ -151,6 +151,11 @@ class Metrics:
             "Trajectory records dropped unshipped because the spool was full",
             registry=r,
         )
+        self.spool_corrupt = Counter(
+            "faasrm_spool_corrupt_records_total",
+            "Torn or unreadable trajectory records found in the spool (a crash mid-append)",
+            registry=r,
+        )
         self.spool_bytes = Gauge("faasrm_spool_bytes", "Bytes in the trajectory spool", registry=r)
         self.profile_saves = Counter(
             "faasrm_profile_saves_total",

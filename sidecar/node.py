@@ -100,6 +100,8 @@ class Node:
         """The periodic relist under way (``relist``), cancelled at shutdown."""
         self.recovered: dict[str, str] = {}
         self._spool_dropped_seen = spool.dropped
+        self._spool_corrupt_seen = 0
+        self._spool_metrics()  # the torn tails the spool found at start-up
         self.record_observers: list[Any] = []
         """Callables given every finished invocation's trajectory record (the model poller)."""
 
@@ -207,6 +209,15 @@ class Node:
         except Exception:  # the next interval tries again; the logs say what happened
             log.exception("relist failed")
             self.last_discover_s = time.monotonic()
+
+    def _spool_metrics(self) -> None:
+        """The spool's counters into the metrics: what grew since last time (its dropped count
+        is kept across restarts, a metric counts this run's)."""
+        st, m = self.spool.stats(), self.metrics
+        m.spool_dropped.inc(st.dropped - self._spool_dropped_seen)
+        m.spool_corrupt.inc(st.corrupt - self._spool_corrupt_seen)
+        self._spool_dropped_seen, self._spool_corrupt_seen = st.dropped, st.corrupt
+        m.spool_bytes.set(st.bytes)
 
     def _known(self) -> set[str]:
         """Every container the node manages or the state file holds."""
@@ -508,11 +519,7 @@ class Node:
                 observe(ended.record)
             except Exception:
                 log.exception("record observer failed")
-        st = self.spool.stats()
-        if st.dropped > self._spool_dropped_seen:
-            self.metrics.spool_dropped.inc(st.dropped - self._spool_dropped_seen)
-            self._spool_dropped_seen = st.dropped
-        self.metrics.spool_bytes.set(st.bytes)
+        self._spool_metrics()
         if restore and inv.container_id in self.actuator.managed:
             if self.cfg.actuation.restore_on_end:
                 result = self.actuator.restore(inv.container_id)

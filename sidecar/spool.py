@@ -6,9 +6,10 @@ segment; a new segment starts at ``segment_bytes`` and on every start-up (so a s
 crash is never appended to). When the total would exceed ``max_bytes``, the oldest segments are
 deleted and their records not yet shipped (those past the shipper's acknowledged position,
 ``shipped``) counted as dropped: the newest experience is the most useful, and the host's disk is
-never filled. A torn record at a segment's end is skipped when reading (and counted
-as ``corrupt``). Records are flushed per append (not fsynced: losing the last records of a crash
-costs training data, never correctness).
+never filled. A torn record at a segment's end is skipped when reading (and counted once, however
+often it is read, as ``corrupt``: ``/debug/shipper``, ``faasrm_spool_corrupt_records_total``).
+Records are flushed per append (not fsynced: losing the last records of a crash costs training
+data, never correctness).
 
 Records are the maps of ``sidecar.core.record.Record.pack``.
 """
@@ -26,6 +27,11 @@ from sidecar.core.record import REQUIRED
 from sidecar.durable import write_atomic
 
 _PREFIX, _SUFFIX = "seg-", ".msgpack"
+
+
+def _seq_of(path: Path) -> int:
+    """A segment file's sequence number."""
+    return int(path.name[len(_PREFIX) : -len(_SUFFIX)])
 
 
 def encode(record: dict) -> bytes:
@@ -58,10 +64,13 @@ class Spool:
         records before it are stored by the trainer, so dropping them loses nothing."""
         self.dropped = self._load_dropped()
         self.corrupt = 0
+        self._corrupt_at: set[tuple[int, int]] = set()
+        """The (segment, byte offset) of every corrupt spot counted: a segment is read again and
+        again (shipping, a full spool), its torn tail counts once."""
         # sequence -> [bytes, records] of every segment on disk
         self._segs: dict[int, list[int]] = {}
         for path in sorted(self.dir.glob(f"{_PREFIX}*{_SUFFIX}")):
-            seq = int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+            seq = _seq_of(path)
             n = sum(1 for _ in self._read(path))
             self._segs[seq] = [path.stat().st_size, n]
         self._fh = None
@@ -102,12 +111,19 @@ class Spool:
                 if isinstance(obj, dict):
                     yield obj
                 else:
-                    self.corrupt += 1
+                    self._count_corrupt(path, unpacker.tell())
         except (msgpack.UnpackException, ValueError):
-            self.corrupt += 1  # garbage: everything before it is good
+            self._count_corrupt(path, unpacker.tell())  # garbage: everything before it is good
             return
-        if unpacker.tell() < len(data):
-            self.corrupt += 1  # torn tail after a crash: everything before it is good
+        if unpacker.tell() < len(data):  # torn tail after a crash: everything before it is good
+            self._count_corrupt(path, unpacker.tell())
+
+    def _count_corrupt(self, path: Path, offset: int) -> None:
+        """Count the corrupt spot at ``offset`` of segment ``path`` unless counted already."""
+        spot = (_seq_of(path), offset)
+        if spot not in self._corrupt_at:
+            self._corrupt_at.add(spot)
+            self.corrupt += 1
 
     def total_bytes(self) -> int:
         return sum(b for b, _ in self._segs.values())
@@ -155,7 +171,7 @@ class Spool:
 
     def remove(self, path: Path) -> None:
         """Delete a shipped segment (not the one being written)."""
-        seq = int(path.name[len(_PREFIX) : -len(_SUFFIX)])
+        seq = _seq_of(path)
         if seq == self._seq:
             raise ValueError("cannot remove the segment being written")
         self._segs.pop(seq, None)

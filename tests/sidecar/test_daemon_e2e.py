@@ -645,3 +645,23 @@ def test_v1_hold_memory_harvest_survives_a_spike_that_the_hard_limit_kills(
         assert _metric(d, "faasrm_oom_holds_total") == 1.0
     finally:
         assert d.stop() == 0
+
+
+def test_a_torn_spool_tail_left_by_a_crash_is_counted_in_the_metrics(tmp_path: Path) -> None:
+    """A crash mid-append leaves a torn record at a spool segment's end: the restarted daemon
+    skips it and counts it once, in ``faasrm_spool_corrupt_records_total`` and ``/debug``."""
+    import msgpack
+
+    (tmp_path / "spool").mkdir()
+    torn = msgpack.packb({"v": 1, "node": "n"})[:-3]
+    (tmp_path / "spool" / f"seg-{1:020d}.msgpack").write_bytes(torn)
+    port = free_port()
+    cfg = write_config(tmp_path, port, {}, write_policy(tmp_path / "h.onnx", "harvest"))
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        assert _metric(d, "faasrm_spool_corrupt_records_total") == 1.0
+        status, body = d.call("/debug/shipper")
+        assert status == 200 and body["spool"]["corrupt"] == 1, body
+    finally:
+        assert d.stop() == 0

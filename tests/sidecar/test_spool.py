@@ -89,3 +89,17 @@ def test_torn_tail_is_skipped_and_never_appended_to(tmp_path: Path) -> None:
     sp2.remove(sp2.segments()[0])
     assert [r["action"] for r in sp2.iter_records()] == [4]
     sp2.close()
+
+
+def test_a_torn_tail_is_counted_once_however_often_it_is_read(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    for i in range(3):
+        sp.append(rec(i))
+    sp.close()
+    seg = sp.segments()[-1]
+    seg.write_bytes(seg.read_bytes() + msgpack.packb(rec(3))[:-7])  # a crash mid-write
+    sp2 = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    for _ in range(3):
+        assert [r["action"] for r in sp2.iter_records()] == [0, 1, 2]
+    assert sp2.corrupt == 1 and sp2.stats().corrupt == 1
+    sp2.close()
