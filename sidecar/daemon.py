@@ -62,6 +62,7 @@ METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", Config)
 CONFIG_SOURCE = web.AppKey("config_source", tuple)
 SAMPLE_TASK = web.AppKey("sample_task", asyncio.Task)
+TICKER = web.AppKey("ticker", Ticker)
 EVENT_TASKS = web.AppKey("event_tasks", list)
 
 
@@ -146,7 +147,7 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _sample_loop(app: web.Application) -> None:
     node = app[NODE]
     notifier = app[NOTIFIER]
-    ticker = Ticker(node.cfg.sampler.tick_s)
+    ticker = app[TICKER]
     ready = False
     counted = 0  # ticker.overruns grows between ticks: count what it skipped since the last one
 
@@ -181,6 +182,7 @@ async def _sample_loop(app: web.Application) -> None:
 
 
 async def _sampling_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[TICKER] = Ticker(app[NODE].cfg.sampler.tick_s)  # a reload changes its period
     task = asyncio.create_task(_sample_loop(app), name="faasrm-sampler")
     app[SAMPLE_TASK] = task
     yield
@@ -321,7 +323,11 @@ def reload(app: web.Application) -> bool:
         )
     logging.getLogger().setLevel(new.log_level.upper())
     node.cfg = new
+    ticker = app.get(TICKER)
+    if ticker is not None and new.sampler.tick_s != ticker.period_s:
+        ticker.set_period(new.sampler.tick_s)  # /healthz judges the ticks by the new period
     eng = node.engine
+    eng.tick_s = new.sampler.tick_s
     eng.sg_cfg, eng.reward_cfg, eng.act_cfg, eng.bounds = (
         new.safeguard,
         new.reward,

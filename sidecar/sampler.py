@@ -310,6 +310,15 @@ class Ticker:
         self.k = 0
         self.overruns = 0
         self.max_late_s = 0.0
+        self._reschedule: Callable[[], None] | None = None
+        """While ``run`` runs: replaces the timer of the next deadline (``set_period``)."""
+
+    def set_period(self, period_s: float) -> None:
+        """Tick every ``period_s`` from now on (a config reload): the next tick comes one new
+        period from now, not at the deadline the old period scheduled."""
+        self.period_s, self.start_s, self.k = period_s, self.clock(), 0
+        if self._reschedule is not None:
+            self._reschedule()
 
     def next_deadline(self) -> float:
         self.k += 1
@@ -337,6 +346,8 @@ class Ticker:
 
         def schedule() -> None:
             nonlocal handle
+            if handle is not None:
+                handle.cancel()  # a no-op once it fired
             deadline = self.next_deadline()
             handle = loop.call_at(loop.time() + deadline - self.clock(), fire, deadline)
 
@@ -355,8 +366,10 @@ class Ticker:
                 schedule()
 
         schedule()
+        self._reschedule = schedule
         try:
             await done
         finally:
+            self._reschedule = None
             if handle is not None:
                 handle.cancel()

@@ -665,3 +665,32 @@ def test_a_torn_spool_tail_left_by_a_crash_is_counted_in_the_metrics(tmp_path: P
         assert status == 200 and body["spool"]["corrupt"] == 1, body
     finally:
         assert d.stop() == 0
+
+
+def test_a_sighup_applies_a_new_tick_period_to_the_ticking_and_to_healthz(tmp_path: Path) -> None:
+    """``/healthz`` judges the last tick's age by ``sampler.tick_s``: after a SIGHUP that shortens
+    it, the daemon ticks at the new period at once (not one old period later), so it stays
+    healthy."""
+    port = free_port()
+    model = write_policy(tmp_path / "h.onnx", "harvest")
+    cfg = write_config(tmp_path, port, {}, model, tick_s=5.0)  # /healthz allows 100 s
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready(timeout_s=40)
+        write_config(tmp_path, port, {}, model, tick_s=0.05)  # /healthz allows 2 s
+        d.proc.send_signal(signal.SIGHUP)
+        t0 = time.monotonic()
+        while '"msg": "reloaded"' not in (tmp_path / "daemon.log").read_text():
+            assert time.monotonic() - t0 < 10, "no reload logged"
+            time.sleep(0.05)
+        ticks = _metric(d, "faasrm_tick_duration_seconds_count")
+        ages = []
+        while time.monotonic() - t0 < 6:  # longer than the old period
+            status, body = d.call("/healthz")
+            assert status == 200, body
+            ages.append(body["last_tick_age_s"])
+            time.sleep(0.1)
+        assert max(ages) < 1.0, ages
+        assert _metric(d, "faasrm_tick_duration_seconds_count") - ticks >= 40
+    finally:
+        assert d.stop() == 0
