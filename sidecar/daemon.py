@@ -295,8 +295,10 @@ async def _poller_ctx(app: web.Application) -> AsyncIterator[None]:
     poller.close()
 
 
-def reload(app: web.Application) -> bool:
-    """SIGHUP: re-read the config file and the model; False if the new config was refused."""
+async def reload(app: web.Application) -> bool:
+    """SIGHUP: re-read the config file and the model; False if the new config was refused. The
+    runtimes are built and listed in a worker thread (a Docker API call can take seconds), so
+    the loop keeps ticking and serving meanwhile."""
     path, overrides = app[CONFIG_SOURCE]
     node = app[NODE]
     try:
@@ -338,7 +340,7 @@ def reload(app: web.Application) -> bool:
     node.actuator.period_us = new.actuation.cpu_period_us
     node.actuator.oom_hold = new.actuation.oom_hold
     try:
-        runtimes = make_runtimes(new)
+        runtimes = await asyncio.to_thread(make_runtimes, new)
     except ConfigError as exc:
         log.error("reload: keeping the running runtimes", extra={"reason": str(exc)})
         runtimes = None
@@ -346,9 +348,8 @@ def reload(app: web.Application) -> bool:
         for rt in node.runtimes:
             rt.close()  # ends their event consumers
         node.runtimes = runtimes
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing consumes events
-            _start_consumers(app, runtimes)
-    node.sync_containers()  # containers the new config dropped are restored and forgotten
+        _start_consumers(app, runtimes)
+    await node.relist(full=True)  # containers the new config dropped are restored and forgotten
     models = node.models
     models.configure(new.model.path, new.model.sha256, new.model.rule)
     eng.fallback = models.fallback.scorer
@@ -366,14 +367,30 @@ def reload(app: web.Application) -> bool:
 
 async def _signals_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
+    lock = asyncio.Lock()  # one reload at a time, in the order of the signals
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_in_turn() -> None:
+        async with lock:
+            await reload(app)
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload_in_turn(), name="faasrm-reload")
+        reloads.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(reloads.discard)
+
     try:
-        loop.add_signal_handler(signal.SIGHUP, reload, app)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         installed = True
     except (NotImplementedError, RuntimeError):  # not the main thread (tests)
         installed = False
     yield
     if installed:
         loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(reloads):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _stopping(app: web.Application) -> None:

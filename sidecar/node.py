@@ -1,10 +1,10 @@
 """The node: runtimes, sampler, engine, actuator, spool, models and metrics working together.
 
 Everything here runs on the event loop thread (one owner for every cgroup object); nothing
-blocks longer than a few cgroup writes (the runtimes' periodic listings run in a worker thread:
-``relist``). The HTTP handlers and the sampling loop call these methods; the daemon wires them
-(``sidecar.daemon``). Kept apart from the pure engine so the
-decision logic stays testable without I/O, and from the daemon so it is testable without sockets.
+blocks longer than a few cgroup writes (the runtimes' listings after start-up run in a worker
+thread: ``relist``). The HTTP handlers and the sampling loop call these methods; the daemon
+wires them (``sidecar.daemon``). Kept apart from the pure engine so the decision logic stays
+testable without I/O, and from the daemon so it is testable without sockets.
 """
 
 from __future__ import annotations
@@ -193,17 +193,18 @@ class Node:
         return out
 
     def sync_containers(self, full: bool = True) -> None:
-        """Re-list every runtime now (start-up, reload): adopt new containers, restore and forget
+        """Re-list every runtime now (start-up): adopt new containers, restore and forget
         vanished ones (``_settle``)."""
         self._settle(self._list(self.runtimes, full), self._known())
 
-    async def relist(self) -> None:
-        """The periodic safety net for missed events: the runtimes' ``relist`` in a worker thread,
-        so a slow listing stalls neither the sampling loop nor the hook API, settled on the loop.
-        Events may have added containers meanwhile: only those known before can be forgotten."""
+    async def relist(self, full: bool = False) -> None:
+        """The periodic safety net for missed events (``full``: a reload's ``discover``): the
+        runtimes' listing in a worker thread, so a slow listing stalls neither the sampling loop
+        nor the hook API, settled on the loop. Events may have added containers meanwhile: only
+        those known before can be forgotten."""
         runtimes, known = self.runtimes, self._known()
         try:
-            listings = await asyncio.to_thread(self._list, runtimes, False)
+            listings = await asyncio.to_thread(self._list, runtimes, full)
             if runtimes is self.runtimes:  # else a reload replaced them, and listed its own
                 self._settle(listings, known)
         except Exception:  # the next interval tries again; the logs say what happened

@@ -471,14 +471,14 @@ def test_vanished_container_and_reload_with_a_bad_model(tmp_path: Path) -> None:
             # SIGHUP with a NaN model: refused, the running model kept and the reason reported
             running = node.models.current.id
             write_policy(Path(cfg.model.path), "nan")
-            assert reload(app) is True
+            assert await reload(app) is True
             model = await (await client.get("/debug/model")).json()
             assert (
                 model["current"]["id"] == running and "non-finite" in model["last_error"]["reason"]
             )
             # a bad config file is refused as a whole
             cfg_path.write_text(cfg_path.read_text() + "\nbogus = 1\n")
-            assert reload(app) is False
+            assert await reload(app) is False
             assert (await client.get("/healthz")).status == 200
         finally:
             await client.close()
@@ -508,7 +508,7 @@ def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
                 "cpu_cores = 1.0\nmem_mb = 256.0\n"
             )
             cfg_path.write_text(text)
-            assert reload(app) is True
+            assert await reload(app) is True
             assert set(node.engine.containers) == {"faasrm/thumb@1"}
             assert (d / "cpu.max").read_text().split() == ["200000", "100000"]
             assert (d / "memory.high").read_text().strip() == "max"
@@ -532,7 +532,7 @@ def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path
                 "default_cpu_cores = 2.0", "default_cpu_cores = 0.001"
             )
             cfg_path.write_text(text)
-            assert reload(app) is True  # the daemon keeps running, the old size is kept
+            assert await reload(app) is True  # the daemon keeps running, the old size is kept
             r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
             assert r.status == 200 and (await r.json())["applied"]
             assert (dirs["resize@1"] / "cpu.max").read_text().split()[0] in ("200000", "100000")
@@ -591,7 +591,7 @@ def test_a_user_size_a_hook_reports_holds_until_the_config_changes_it(tmp_path: 
             cfg_path.write_text(
                 cfg_path.read_text().replace("default_mem_mb = 256.0", "default_mem_mb = 384.0")
             )
-            assert reload(client.server.app) is True
+            assert await reload(client.server.app) is True
             assert node.engine.containers["faasrm/resize@1"].user.mem_bytes == 384 * MB
             assert node.actuator.managed["faasrm/resize@1"].user.mem_limit_bytes == 384 * MB
         finally:
@@ -714,7 +714,7 @@ def test_the_model_free_rule_decides_without_a_model_and_follows_a_reload(tmp_pa
             assert inv.model == "fallback" and inv.alloc == Alloc(g.cpu_lo, g.mem_lo)
             assert inv.alloc != inv.user_alloc  # it harvests
             cfg_path.write_text(cfg_path.read_text().replace('"smallest"', '"user"'))
-            assert reload(app) is True
+            assert await reload(app) is True
             ready = await (await client.get("/readyz")).json()
             assert "'user' rule" in ready["model_note"]
             assert node.engine.fallback is node.models.fallback.scorer

@@ -18,6 +18,7 @@ from docker_env import DockerEngine, busybox_image, client_for, docker_engine  #
 from test_api import _client, _setup
 
 from sidecar.cgroups import shares_to_weight
+from sidecar.daemon import reload
 from sidecar.node import NODE
 from sidecar.runtimes.base import ContainerRef, RuntimeEvent, UserSize
 from sidecar.runtimes.docker import (
@@ -378,6 +379,46 @@ def test_a_slow_listing_stalls_neither_the_event_loop_nor_the_sampling(
             assert engine.listings == listings + 1 and node.last_discover_s > start
             assert max(gaps) < 0.5, max(gaps)
             assert node.sampler.ticks - ticks >= 15  # 30 ticks of 50 ms in 1.5 s
+            assert rt.is_paused(a) is False  # listed, its state kept
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_sighup_reload_lists_the_containers_off_the_event_loop(
+    fake: tuple[FakeEngine, DockerRuntime], tmp_path: Any
+) -> None:
+    """A reload re-lists every runtime in full (``discover``), which takes as long as the Engine
+    API does: the listing runs in a worker thread, so meanwhile the event loop keeps serving
+    (the ticks, the hook API) and the listing is settled once back."""
+    engine, rt = fake
+    a = engine.add("wsk0_1_guest_hello", "a" * 64)
+    cfg, cfg_path, _ = _setup(tmp_path)
+    # no engine at this address: the reload keeps the running runtimes, the fake one among them
+    no_engine = f"unix://{tmp_path / 'no-engine.sock'}"
+    cfg_path.write_text(
+        f"{cfg_path.read_text()}[docker]\nenabled = true\nbase_url = '{no_engine}'\n"
+    )
+    engine.list_delay_s = 1.0
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        node = app[NODE]
+        try:
+            node.runtimes.insert(0, rt)
+            ticks, listings = node.sampler.ticks, engine.listings
+            reloading = asyncio.create_task(reload(app))
+            gaps = []
+            while not reloading.done():
+                before = time.monotonic()
+                await asyncio.sleep(0.05)
+                gaps.append(time.monotonic() - before)
+            assert reloading.result() is True and rt in node.runtimes
+            assert engine.listings == listings + 1
+            assert max(gaps) < 0.5, max(gaps)
+            assert node.sampler.ticks - ticks >= 10  # 20 ticks of 50 ms in the 1 s listing
             assert rt.is_paused(a) is False  # listed, its state kept
         finally:
             await client.close()

@@ -136,7 +136,7 @@ def test_first_runtime_claims_a_cgroup_and_events_own_their_invocations(tmp_path
 
             # reload builds new runtimes: the fake is closed, its consumer ends, the new ones
             # get consumers of their own
-            assert reload(app) is True
+            assert await reload(app) is True
             await _settle()
             assert fake.closed and fake not in node.runtimes
             live = [t for t in app[EVENT_TASKS] if not t.done()]
