@@ -66,6 +66,11 @@ TICKER = web.AppKey("ticker", Ticker)
 EVENT_TASKS = web.AppKey("event_tasks", list)
 
 
+ROLLED_BACK_FILE = "rolled-back-models.json"
+"""Beside the state file: the sha256 of every model rolled back on this node
+(``ModelManager.rolled_back``)."""
+
+
 def host_capacity() -> tuple[float, float]:
     import psutil
 
@@ -106,7 +111,13 @@ async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     metrics = app[METRICS]
     actuator = Actuator.for_config(cfg)
-    models = ModelManager(cfg.grid, cfg.model.path, cfg.model.sha256, cfg.model.rule)
+    models = ModelManager(
+        cfg.grid,
+        cfg.model.path,
+        cfg.model.sha256,
+        cfg.model.rule,
+        rolled_back_file=Path(cfg.actuation.state_file).parent / ROLLED_BACK_FILE,
+    )
     spool = Spool(cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.segment_bytes)
     cores, mem_mb = host_capacity()
     node = Node(

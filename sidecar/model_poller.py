@@ -48,6 +48,7 @@ from aiohttp import web
 
 from sidecar.config import ModelPollerConfig
 from sidecar.durable import write_atomic
+from sidecar.models import is_sha256
 from sidecar.process import read_limited
 from sidecar.shipper import bearer, jittered_backoff, log_retry, trainer_session
 
@@ -83,7 +84,7 @@ class ModelPoller:
         """The entry of the model a rollback would return to (None: not a registry model)."""
         self.history: collections.deque[dict] = collections.deque(maxlen=50)
         saved = self._read_state()
-        self.bad_sha: set[str] = {x for x in saved.get("rolled_back_sha256", []) if _is_sha(x)}
+        self.bad_sha: set[str] = {x for x in saved.get("rolled_back_sha256", []) if is_sha256(x)}
         """Versions rolled back on this node (kept in active.json): never adopted again."""
         self.watch: dict | None = None
         """The rollback watch of the model swapped in last: {version, model, sha256, n, slow}
@@ -346,10 +347,6 @@ WATCH_KEYS = frozenset({"version", "model", "sha256", "n", "slow"})
 
 def _entry(version: int, path: Path, model: str, sha256: str | None) -> dict:
     return {"version": version, "path": str(path), "model": model, "sha256": sha256}
-
-
-def _is_sha(x: Any) -> bool:
-    return isinstance(x, str) and len(x) == 64
 
 
 POLLER = web.AppKey("model_poller", ModelPoller)

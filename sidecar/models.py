@@ -14,7 +14,9 @@ no model file at the default path the daemon runs the model-free rule ``[model] 
 (``sidecar.core.policy.RULES``; ``user`` is Fixed wherever the safeguard allows the user's size)
 and says so in ``/readyz``. ``rollback()`` returns to the previous model (the daemon calls it
 after repeated non-finite decisions at run time, the model poller when a new model slows
-invocations down) and tells ``on_rollback`` (the poller, which remembers it on disk).
+invocations down) and tells ``on_rollback`` (the poller, which remembers it on disk). A model
+rolled back is refused from then on, across SIGHUPs and restarts (its sha256 is kept in
+``rolled_back_file``, beside the state file), until the file holds another model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sidecar.core.grid import Alloc, ResourceGrid
 from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
 from sidecar.core.safeguard import SafeguardState
 from sidecar.core.stats import FunctionStats
+from sidecar.durable import write_atomic
 
 log = logging.getLogger("faasrm.models")
 
@@ -77,6 +80,11 @@ def default_model_path(grid: ResourceGrid | None = None) -> Path:
         if model_grid(path) == grid:
             return path
     return default  # refused on its grid, with the reason, and the rule fallback runs
+
+
+def is_sha256(x: object) -> bool:
+    """A sha256 as this package stores it (64 hex digits' length)."""
+    return isinstance(x, str) and len(x) == 64
 
 
 class ModelRejected(ValueError):
@@ -203,9 +211,18 @@ def _expected_sha(path: Path, configured: str) -> str | None:
 
 class ModelManager:
     def __init__(
-        self, grid: ResourceGrid, path: str = "", sha256: str = "", rule: str = "user"
+        self,
+        grid: ResourceGrid,
+        path: str = "",
+        sha256: str = "",
+        rule: str = "user",
+        rolled_back_file: Path | None = None,
     ) -> None:
         self.grid = grid
+        self.rolled_back_file = rolled_back_file
+        self.rolled_back: set[str] = self._read_rolled_back()
+        """sha256 of the models rolled back on this node (kept in ``rolled_back_file``): a model
+        that failed at run time would fail again, so it is refused until its file changes."""
         self.rule = rule
         self.fallback = Loaded(fallback_scorer(rule), "fallback", "fallback")
         """The model-free rule, run while no model is loaded (the engine's fallback too)."""
@@ -217,6 +234,35 @@ class ModelManager:
         self.last_error: dict | None = None
         self.loads_ok = 0
         self.loads_failed = 0
+
+    def _read_rolled_back(self) -> set[str]:
+        if self.rolled_back_file is None:
+            return set()
+        try:
+            saved = json.loads(self.rolled_back_file.read_text())["rolled_back_sha256"]
+            return {x for x in saved if is_sha256(x)}
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "unreadable list of rolled-back models, starting without it",
+                extra={"path": str(self.rolled_back_file), "reason": str(exc)},
+            )
+            return set()
+
+    def _save_rolled_back(self) -> None:
+        """Persist ``rolled_back``; a disk that cannot take it costs the memory across restarts,
+        never the rollback."""
+        if self.rolled_back_file is None:
+            return
+        data = json.dumps({"rolled_back_sha256": sorted(self.rolled_back)}).encode()
+        try:
+            write_atomic(self.rolled_back_file, data)
+        except OSError as exc:
+            log.error(
+                "rolled-back models not saved",
+                extra={"path": str(self.rolled_back_file), "reason": str(exc)},
+            )
 
     def configure(self, path: str, sha256: str, rule: str = "user") -> None:
         """Set ``[model] path`` / ``sha256`` / ``rule`` (start-up, config reload); an empty path
@@ -249,6 +295,11 @@ class ModelManager:
             sha = hashlib.sha256(data).hexdigest()
             if self.current.sha256 == sha and str(self.current.path) == str(p):
                 return True  # unchanged
+            if sha in self.rolled_back:
+                raise ModelRejected(
+                    f"sha256 {sha[:16]}... was rolled back on this node after it failed; "
+                    "a different model file is loaded"
+                )
             scorer, meta = validate(data, self.grid, _expected_sha(p, self.sha256))
         except ModelRejected as exc:
             self.loads_failed += 1
@@ -282,6 +333,9 @@ class ModelManager:
         }
         bad = self.current
         self.current, self.previous = target, None
+        if bad.sha256 is not None:
+            self.rolled_back.add(bad.sha256)
+            self._save_rolled_back()
         for listener in self.on_rollback:
             listener(bad, target, reason)
         return True
@@ -295,6 +349,7 @@ class ModelManager:
             "last_error": self.last_error,
             "loads_ok": self.loads_ok,
             "loads_failed": self.loads_failed,
+            "rolled_back_sha256": sorted(self.rolled_back),
         }
 
     def ready_note(self) -> str:

@@ -9,13 +9,14 @@ once 12 invocations are pending.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from daemon_helpers import Daemon, free_port, write_config
-from sidecar_helpers import onnx_policy
+from sidecar_helpers import onnx_policy, write_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from trainer_helpers import TOKEN, ServerThread  # noqa: E402
@@ -109,3 +110,49 @@ def test_a_runtime_rollback_survives_a_restart(tmp_path: Path, boxes) -> None:
             assert _busy_invocations(d, box.rel, 4) == [v1] * 4
         finally:
             assert d.stop() == 0
+
+
+def _reload(d: Daemon) -> None:
+    """SIGHUP, and wait until the daemon logged one more reload."""
+    n = d.log.read_text().count('"msg": "reloaded"')
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.log.read_text().count('"msg": "reloaded"') == n:
+        assert time.monotonic() < deadline, "no reload logged"
+        time.sleep(0.05)
+
+
+def test_a_local_model_rolled_back_at_run_time_is_not_loaded_again_until_it_changes(
+    tmp_path: Path, boxes
+) -> None:
+    """The configured model file fails at run time (NaN once 12 invocations are pending) and is
+    rolled back to the rule: neither a SIGHUP nor a restart loads that file again, until it is
+    replaced by another model."""
+    box = boxes("l@1")
+    port = free_port()
+    model = write_policy(tmp_path / "local.onnx", "nan_when_busy")
+    cfg = write_config(tmp_path, port, {box.rel: ("fr", 1.0, 256)}, model)
+    d = Daemon(cfg, port, tmp_path / "daemon.log")
+    try:
+        d.wait_ready()
+        bad, _ = _registry(d)
+        assert bad.startswith("sha256:")
+        assert _busy_invocations(d, box.rel, 3) == ["fallback"] * 3
+        assert _registry(d)[0] == "fallback"  # rolled back to the rule
+        _reload(d)
+        assert _registry(d)[0] == "fallback"
+        assert _busy_invocations(d, box.rel, 1) == ["fallback"]
+    finally:
+        assert d.stop() == 0
+    d = Daemon(cfg, port, tmp_path / "daemon2.log")
+    try:
+        d.wait_ready()
+        status, body = d.call("/debug/model")
+        assert body["current"]["id"] == "fallback", body
+        assert "rolled back" in body["last_error"]["reason"], body
+        write_policy(model, "user")  # a new file: loaded
+        _reload(d)
+        good, _ = _registry(d)
+        assert good.startswith("sha256:") and good != bad
+    finally:
+        assert d.stop() == 0
