@@ -574,9 +574,10 @@ def sim_report(
     managers = list(runs)
     sizes = [len(r.exec_s) for r in next(iter(runs.values()))]
     pool = Pool(np.arange(sum(sizes)))
-    # classes by the invocation's duration at the user's size in Fixed-like conditions: the
-    # counterfactual baseline of the first manager's run (the same workload for every manager)
-    base = _cat(runs[managers[0]]).baseline_s
+    # classes by the invocation's duration at the user's size under Fixed: its baseline there.
+    # Another manager's baseline carries the load its own choices made (it would class the same
+    # invocation otherwise, by the order of the managers); without Fixed, the first manager's.
+    base = _cat(runs["fixed" if "fixed" in runs else managers[0]]).baseline_s
     classes = np.array([duration_class(x) or "" for x in base])
     figs = Figures()
     pooled = {m: _cat(rs) for m, rs in runs.items()}

@@ -4,6 +4,7 @@ row, the interleaving order and the duration classes (training/evidence.py)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -260,3 +261,18 @@ def test_sim_report_pools_seeds_with_intervals_and_paired_differences():
     for key in ("mean_rfet", "mean_rfet_ci", "p98_rfet", "p98_response_s", "p98_response_s_ci"):
         assert key in res["fixed"]
     assert set(res["fixed"]["by_duration"]) == set(evidence.DURATION_CLASSES)
+
+
+def test_sim_classes_are_fixeds_whatever_the_order_of_the_managers():
+    """A manager's counterfactual baseline carries the load its own choices made, so only
+    Fixed's (its execution time) classes an invocation the same for every order of managers."""
+    rng = np.random.default_rng(2)
+    base = np.exp(rng.uniform(math.log(0.01), math.log(3.0), 400))
+    fixed = _sim_run(rng, base, 1.0, 1.0)
+    busier = replace(_sim_run(rng, base, 1.0, 1.0), baseline_s=base * 1.3)
+    classes = [evidence.duration_class(x) for x in base]
+    want = {k: classes.count(k) for k in evidence.DURATION_CLASSES}
+    for runs in ({"fixed": [fixed], "busier": [busier]}, {"busier": [busier], "fixed": [fixed]}):
+        rep = evidence.sim_report(runs, resamples=20)
+        got = {k: rep["busier"]["by_duration"][k]["invocations"] for k in want}
+        assert got == want, list(runs)
