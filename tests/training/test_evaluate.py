@@ -21,6 +21,7 @@ from training.evaluate import (
     render_seeds_table,
     render_table,
 )
+from training.evidence import sim_report
 from training.linear_policies import onnx_policy
 from training.sim.cluster import ClusterSim
 from training.sim.presets import get_preset
@@ -45,6 +46,15 @@ def test_fixed_is_the_reference_point(ev):
     assert f["mean_rfet"] == pytest.approx(1.0)
     assert f["harvested_frac"] == f["accelerated_frac"] == 0.0
     assert f["failures"] == 0
+
+
+def test_one_seeds_percentiles_are_the_pooled_figures_of_that_seed(ev):
+    """A seed's own figures (``per_seed``, ``capacity_per_seed``) and the pooled ones of that
+    seed alone are one percentile, not two (a seed's capacity must not depend on which)."""
+    pooled = sim_report({m: [r] for m, r in ev.runs.items()}, resamples=10)
+    for m, row in ev.results.items():
+        for k in ("p98_rfet", "p98_duration_s", "p98_response_s"):
+            assert row[k] == pooled[m][k], (m, k)
 
 
 def test_greedy_is_punished_for_careless_harvesting(ev):
