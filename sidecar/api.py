@@ -10,7 +10,9 @@ and ``socket_group``) or holds the token can resize containers.
   applied; 400 with a reason on malformed input, 404 for an unknown container (or one whose cgroup
   went: deleted, or restarted under its name), 409 if the container already runs an invocation.
 * ``POST /v1/invocations/{id}/end`` ``{"outcome": "success"|"failure", "duration_s"}`` -> 200
-  with duration, RFET and reward; 404 for an unknown invocation.
+  with duration, RFET, reward, the resources given back and what the run held over its duration
+  (``held_core_s``, ``held_mb_s``: the allocation in effect at each moment x how long, give-backs
+  included; ``sidecar.engine.held_seconds``); 404 for an unknown invocation.
 * ``GET /healthz`` (the loop ticks), ``/readyz`` (first sample done; names the model or the
   fallback), ``/metrics`` (Prometheus), ``/debug/allocations?function=&container=&limit=``,
   ``/debug/containers``, ``/debug/history?container=&limit=`` (one container's recent samples),
@@ -266,6 +268,8 @@ async def end_invocation(request: web.Request) -> web.Response:
             "cpu_peak_cores": ended.invocation.cpu_peak_cores,
             "mem_peak_bytes": ended.invocation.mem_peak_bytes,
             "give_backs": sorted(ended.invocation.given_back),
+            "held_core_s": ended.invocation.trace["held_core_s"],
+            "held_mb_s": ended.invocation.trace["held_mb_s"],
         }
     )
 

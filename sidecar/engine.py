@@ -30,11 +30,11 @@ Decisions the spec left open, documented here:
   half step would cost another throttled tick of it.
 * Reward: ``invocation_reward(duration, baseline before this run)`` with the core- and
   MB-seconds the invocation held (its allocation until each give-back, the user's size after:
-  ``held_seconds``) relative to the user's size; a node has no admission queue, so no queueing
-  caused to others. With no baseline yet (the first safeguard run, or failures before any), the
-  reward is ``None`` and the record says so: the trainer skips it (there is nothing to compare
-  with). A ``lost`` run (daemon shutdown, container removed mid-run) also gets ``None``: its end
-  is not the policy's doing.
+  ``held_seconds``, also in its trace and the end hook's answer) relative to the user's size; a
+  node has no admission queue, so no queueing caused to others. With no baseline yet (the first
+  safeguard run, or failures before any), the reward is ``None`` and the record says so: the
+  trainer skips it (there is nothing to compare with). A ``lost`` run (daemon shutdown,
+  container removed mid-run) also gets ``None``: its end is not the policy's doing.
 * After an invocation ends the container returns to the user's size (``restore_on_end``), so an
   idle container never sits harvested while nobody watches its demand.
 * Node state: free = capacity - allocations of running invocations (as the simulator counts it);
@@ -572,8 +572,8 @@ class Engine:
             and inv.trace.get("applied") is not False
         )
         reward = None
+        core_s, mb_s = held_seconds(inv.trace, duration)
         if known:
-            core_s, mb_s = held_seconds(inv.trace, inv.user, duration)
             reward = invocation_reward(
                 duration,
                 baseline,
@@ -588,6 +588,8 @@ class Engine:
             mem_peak_bytes=inv.mem_peak_bytes,
             throttled_share=_share(inv.throttle_start, usage),
             duration_s=round(duration, 6),
+            held_core_s=round(core_s, 6),
+            held_mb_s=round(mb_s, 6),
             rfet=None if rfet is None else round(rfet, 4),
             outcome=outcome,
             reward=reward,
@@ -849,25 +851,28 @@ def trace_entry(inv: Invocation) -> dict:
         "mem_peak_bytes": None,
         "throttled_share": None,
         "duration_s": None,
+        "held_core_s": None,
+        "held_mb_s": None,
         "rfet": None,
         "outcome": None,
     }
 
 
-def held_seconds(entry: dict, user: UserSize, duration_s: float) -> tuple[float, float]:
-    """(core-seconds, MB-seconds) an invocation held over ``duration_s``: its allocation-trace
-    entry's chosen size until each resource's give-back, the user's size after."""
+def held_seconds(entry: dict, duration_s: float) -> tuple[float, float]:
+    """(core-seconds, MB-seconds) an invocation held over ``duration_s``: the allocation in
+    effect at each moment times how long it was, from its allocation-trace entry: the chosen size
+    from the start, each give-back's new size from its ``after_s`` on (the user's, when the
+    give-back's write failed and the container was restored). One definition for the reward,
+    the trace and the end hook's answer."""
     cores, mem_mb = entry["chosen"]["cpu_cores"], entry["chosen"]["mem_bytes"] / MB
-    cpu_until = mem_until = duration_s
-    for gb in entry["give_backs"]:
-        at = min(duration_s, gb["after_s"])
-        if "cpu" in gb["resources"]:
-            cpu_until = min(cpu_until, at)
-        if "memory" in gb["resources"]:
-            mem_until = min(mem_until, at)
-    core_s = cores * cpu_until + user.cpu_cores * (duration_s - cpu_until)
-    mb_s = mem_mb * mem_until + user.mem_bytes / MB * (duration_s - mem_until)
-    return core_s, mb_s
+    core_s = mb_s = since = 0.0
+    for gb in entry["give_backs"]:  # in the order they happened
+        at = min(duration_s, max(since, gb["after_s"]))
+        core_s += cores * (at - since)
+        mb_s += mem_mb * (at - since)
+        since, cores, mem_mb = at, gb["new_cpu_cores"], gb["new_mem_bytes"] / MB
+    rest = max(0.0, duration_s - since)
+    return core_s + cores * rest, mb_s + mem_mb * rest
 
 
 def _kind(user: UserSize, cores: float, mem: int) -> str:

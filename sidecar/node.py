@@ -468,11 +468,15 @@ class Node:
         back to its user's size, the restore retried every tick until in place. A start's
         decision never took effect: the run holds the user's size, as its trace says, and its
         record earns the policy no credit (``Engine.end``). A give-back's run held its decision
-        until now: its trace keeps it."""
+        until now: its trace keeps it, and its give-back says the user's size from now on."""
         inv.target = USER_TARGET
-        if give_back:
-            return
         cores, mem = effective(inv.user, USER_TARGET)
+        if give_back:
+            last = inv.trace["give_backs"][-1]["t_monotonic"]
+            for gb in inv.trace["give_backs"]:  # this give-back's entries, one per reason
+                if gb["t_monotonic"] == last:
+                    gb.update(new_cpu_cores=cores, new_mem_bytes=mem)
+            return
         inv.trace["chosen"].update(cpu_cores=cores, mem_bytes=mem)
         inv.trace["kind"] = "user"
         inv.trace["applied"] = False

@@ -211,13 +211,14 @@ class Figures:
 class Replays:
     """One manager's R replays of the same N invocations: row = round, column = invocation.
 
-    ``exec_s`` is the execution time (for a failed invocation: until it failed), ``cpu_cores``
-    and ``mem_mb`` the allocation it started with (the user's size under Fixed)."""
+    ``exec_s`` is the execution time (for a failed invocation: until it failed), ``core_s``
+    and ``mb_s`` the core- and MB-seconds it held over it (the allocation in effect at each
+    moment x how long, give-backs included; the user's size x ``exec_s`` under Fixed)."""
 
     exec_s: np.ndarray
     response_s: np.ndarray
-    cpu_cores: np.ndarray
-    mem_mb: np.ndarray
+    core_s: np.ndarray
+    mb_s: np.ndarray
     failed: np.ndarray
     oom_kills: int = 0
 
@@ -245,8 +246,8 @@ def _later_vs_earlier(runs: Replays) -> tuple[Replays, np.ndarray]:
     later = Replays(
         runs.exec_s[1:],
         runs.response_s[1:],
-        runs.cpu_cores[1:],
-        runs.mem_mb[1:],
+        runs.core_s[1:],
+        runs.mb_s[1:],
         runs.failed[1:],
     )
     logs = np.log(runs.ok_exec())
@@ -280,7 +281,6 @@ def _real_figures(
     log_rfet = np.log(rfet)
     valid = np.isfinite(rfet)
     slow = np.where(valid, (rfet > SLOWDOWN_RFET).astype(float), math.nan)
-    ex = runs.exec_s.ravel()
     figs.add(f"{prefix}gmean_rfet", _exp(pool.mean(log_rfet)))
     figs.add(f"{prefix}mean_rfet", pool.mean(rfet))
     figs.add(f"{prefix}p98_rfet", pool.quantile(rfet, 0.98))
@@ -294,14 +294,8 @@ def _real_figures(
     figs.add(  # waiting included: where harvesting admits calls sooner, this is where it shows
         f"{prefix}response_ratio", pool.ratio(runs.response_s.ravel(), np.tile(ref_resp_s, r))
     )
-    figs.add(
-        f"{prefix}alloc_cpu_ratio",
-        pool.ratio(runs.cpu_cores.ravel() * ex, np.tile(ref_cpu_s, r)),
-    )
-    figs.add(
-        f"{prefix}alloc_mem_ratio",
-        pool.ratio(runs.mem_mb.ravel() * ex, np.tile(ref_mem_s, r)),
-    )
+    figs.add(f"{prefix}alloc_cpu_ratio", pool.ratio(runs.core_s.ravel(), np.tile(ref_cpu_s, r)))
+    figs.add(f"{prefix}alloc_mem_ratio", pool.ratio(runs.mb_s.ravel(), np.tile(ref_mem_s, r)))
     for label, keys in (("by_duration", classes), ("by_function", functions)):
         flat = np.tile(keys, r)
         for key in sorted(set(keys.tolist()) - {""}):
@@ -388,8 +382,8 @@ def real_report(
     fn = np.asarray(functions, dtype=object)
     classes = np.array([duration_class(x) or "" if math.isfinite(x) else "" for x in ref])
     # Fixed's resources per invocation: the user's size x its mean execution time over rounds
-    ref_cpu_s = np.nanmean(fixed.cpu_cores * fixed.exec_s, axis=0)
-    ref_mem_s = np.nanmean(fixed.mem_mb * fixed.exec_s, axis=0)
+    ref_cpu_s = np.nanmean(fixed.core_s, axis=0)
+    ref_mem_s = np.nanmean(fixed.mb_s, axis=0)
     ref_resp_s = np.nanmean(fixed.response_s, axis=0)
     figs = Figures()
     noise = fixed.rounds >= 2

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training.invoker.invoker import Measurement
-from training.invoker.real import choice_shares, parse_managers, sidecar_box
+from training.invoker.invoker import Arrival, Measurement
+from training.invoker.real import choice_shares, parse_managers, report, sidecar_box
 
 pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +76,12 @@ def test_bench_real_two_rounds_writes_the_noise_row_and_intervals(
     n = got["workload"]["invocations"]
     assert n > 0 and len(got["records"]["smallest"]) == 2
     assert all(len(rs) == n for rs in got["records"]["smallest"])
+    # each sidecar call's resource-seconds are what its end hook reported it held: at least its
+    # start allocation x its time (a give-back only adds); Fixed's calls have none to report
+    for x in got["records"]["smallest"][0]:
+        assert x["held_core_s"] >= x["cpu_cores"] * x["exec_s"] - 1e-5, x
+        assert x["held_mb_s"] >= x["mem_mb"] * x["exec_s"] - 1e-3, x
+    assert all(x["held_core_s"] is None for x in got["records"]["fixed"][0])
     # the noise row compares Fixed's second round with its first: one round's worth of pairs
     assert 0 < got["noise"]["invocations"] <= n
     assert got["results"]["smallest"]["verdict"] in ("faster", "slower", "indistinguishable")
@@ -167,3 +173,24 @@ def test_choice_shares_place_each_choice_in_the_safeguard_box() -> None:
     got = choice_shares(records)
     assert got == {"decisions": 3, "at_smallest": 1 / 3, "at_user_closest": 2 / 3}
     assert choice_shares(records[3:]) is None
+
+
+def test_alloc_ratios_count_what_a_sidecar_says_each_call_held_give_backs_included() -> None:
+    """A sidecar call started harvested (0.5 core, 128 MB of the user's 1 core, 256 MB) and got
+    its resources back mid-run: the end hook's ``held_core_s`` / ``held_mb_s`` are what it held,
+    not its start allocation x its time. A call without them (no sidecar ran it) held its start
+    allocation throughout, as Fixed's do."""
+    arrivals = [Arrival(i, float(i), "f", 1.0) for i in range(2)]
+
+    def call(i: int, cpu: float, mem: float) -> Measurement:
+        return Measurement(i, "f", 1.0, float(i), float(i), 2.0, 2.0, "success", "user", cpu, mem)
+
+    fixed = [call(0, 1.0, 256.0), call(1, 1.0, 256.0)]
+    given_back = call(0, 0.5, 128.0)
+    given_back.held_core_s, given_back.held_mb_s = 0.5 * 0.5 + 1.0 * 1.5, 128.0 * 1.0 + 256.0
+    sidecar = [given_back, call(1, 0.5, 128.0)]
+    none = dict.fromkeys(("fixed", "smallest"), 0)
+    row = report({"fixed": [fixed], "smallest": [sidecar]}, none, none, arrivals)["results"]
+    assert row["fixed"]["alloc_cpu_ratio"] == pytest.approx(1.0)
+    assert row["smallest"]["alloc_cpu_ratio"] == pytest.approx((1.75 + 0.5 * 2.0) / 4.0)
+    assert row["smallest"]["alloc_mem_ratio"] == pytest.approx((384.0 + 128.0 * 2.0) / 1024.0)

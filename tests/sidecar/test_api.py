@@ -272,6 +272,10 @@ def test_invocation_flow_harvests_on_v2_and_debug_views(tmp_path: Path) -> None:
             )
             e2 = await r.json()
             assert e2["rfet"] is not None and e2["reward"] is not None
+            # what it held over the 0.2 s it reported: its allocation, nothing given back
+            assert e2["give_backs"] == []
+            assert e2["held_core_s"] == pytest.approx(b["allocation"]["cpu_cores"] * 0.2)
+            assert e2["held_mb_s"] == pytest.approx(b["allocation"]["mem_bytes"] / MB * 0.2)
             assert (d / "cpu.max").read_text().split() == ["200000", "100000"]  # restored at end
             assert (d / "memory.high").read_text().strip() == "max"
             # debug views

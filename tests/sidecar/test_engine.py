@@ -667,7 +667,7 @@ def test_the_reward_counts_what_the_invocation_held_until_each_give_back() -> No
     assert gb.resources == ("cpu",)
     clock.t += 0.5
     ended = eng.end(inv.id, usage=usage(0.5, 50, 60))
-    core_s, mb_s = held_seconds(inv.trace, inv.user, 1.0)
+    core_s, mb_s = held_seconds(inv.trace, 1.0)
     assert core_s == pytest.approx(0.75 * 0.5 + 2.0 * 0.5)
     assert mb_s == pytest.approx(128.0 * 1.0)
     held_cpu, held_mem = core_s / (2.0 * 1.0), mb_s / (512.0 * 1.0)
@@ -675,6 +675,43 @@ def test_the_reward_counts_what_the_invocation_held_until_each_give_back() -> No
         invocation_reward(1.0, 1.0, cpu_held=held_cpu, mem_held=held_mem)
     )
     assert ended.reward > 0.0  # the same speed on less: a bonus
+
+
+def test_the_end_reports_what_the_run_held_with_each_give_back_in_time() -> None:
+    """A harvested run that gets CPU back at 0.5 s and memory at 0.8 s held its decision until
+    each, the user's size after: its trace says so over the duration the hook reported, which a
+    give-back after the run's own end does not touch."""
+    clock = Clock()
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60, dur=1.0)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    assert (inv.target.cpu_cores, inv.target.mem_limit_bytes) == (0.75, 128 * MB)
+    clock.t += 0.5
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.7, mem_mb=50))
+    assert gb.resources == ("cpu",)
+    clock.t += 0.3
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=1.0, mem_mb=120))
+    assert gb.resources == ("memory",)
+    clock.t += 0.4
+    ended = eng.end(inv.id, usage=usage(0.5, 120, 125))
+    assert ended.duration_s == pytest.approx(1.2)
+    assert inv.trace["held_core_s"] == pytest.approx(0.75 * 0.5 + 2.0 * 0.7)
+    assert inv.trace["held_mb_s"] == pytest.approx(128.0 * 0.8 + 512.0 * 0.4)
+    # the hook's own duration: the memory give-back came after the run's end
+    eng = make_engine(clock=clock)
+    eng.add_container(ref(cpu=2.0, mem_mb=512))
+    run_one(eng, clock, cpu_peak=0.3, mem_mb=60, dur=1.0)
+    inv = eng.start("fn@1", usage=usage(0, 40))
+    clock.t += 0.2
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=0.7, mem_mb=50))
+    assert gb.resources == ("cpu",)
+    clock.t += 0.3
+    (gb,) = eng.on_sample(sample("fn@1", clock.t, cpu=1.0, mem_mb=120))
+    assert gb.resources == ("memory",)
+    eng.end(inv.id, duration_s=0.4, usage=usage(0.5, 120, 125))
+    assert inv.trace["held_core_s"] == pytest.approx(0.75 * 0.2 + 2.0 * 0.2)
+    assert inv.trace["held_mb_s"] == pytest.approx(128.0 * 0.4)
 
 
 def test_the_engine_feeds_the_burst_rule_the_cpu_work_it_measured() -> None:

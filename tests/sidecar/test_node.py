@@ -125,7 +125,8 @@ def test_a_give_back_that_cannot_be_written_keeps_the_run_harvested_and_restores
 ) -> None:
     """A harvested run near its memory allocation gets its memory back, but the cgroup refuses the
     write: the run did run harvested until then, so its trace keeps the decision (and its reward),
-    and the restore path owns the limits, retried every tick until the user's are back."""
+    and the restore path owns the limits, retried every tick until the user's are back. From the
+    give-back on it is counted at the user's size, CPU as well: the restore put it there."""
     cfg, cfg_path, dirs = _setup(tmp_path)
     d, cid = dirs["resize@1"], "faasrm/resize@1"
     (d / "memory.peak").unlink()  # a kernel without it: a file tree takes no peak reset
@@ -164,6 +165,18 @@ def test_a_give_back_that_cannot_be_written_keeps_the_run_harvested_and_restores
             ended = node.end(inv.id)
             assert ended.outcome == "success" and ended.reward is not None
             assert inv.trace["kind"] == "harvested" and inv.trace["chosen"] == chosen
+            assert chosen["cpu_cores"] < 2.0  # harvested CPU too, which the restore gave back
+            (gb,) = inv.trace["give_backs"]
+            assert (gb["new_cpu_cores"], gb["new_mem_bytes"]) == (2.0, 512 * MB)
+            at, dur = gb["after_s"], ended.duration_s
+            held = inv.trace["held_core_s"], inv.trace["held_mb_s"]
+            assert held == pytest.approx(
+                (
+                    chosen["cpu_cores"] * at + 2.0 * (dur - at),
+                    chosen["mem_bytes"] / MB * at + 512.0 * (dur - at),
+                ),
+                abs=1e-5,
+            )
             assert inv.trace["applied"] is True
         finally:
             await client.close()

@@ -17,8 +17,8 @@ def _replays(exec_s: np.ndarray, cpu: float = 1.0, mem: float = 256.0) -> Replay
     return Replays(
         exec_s=exec_s,
         response_s=exec_s + 0.01,
-        cpu_cores=np.full(exec_s.shape, cpu),
-        mem_mb=np.full(exec_s.shape, mem),
+        core_s=cpu * exec_s,
+        mb_s=mem * exec_s,
         failed=np.zeros(exec_s.shape, bool),
     )
 
@@ -130,7 +130,7 @@ def test_failed_invocations_are_counted_and_left_out_of_rfet():
     m = _replays(run())
     failed = m.failed.copy()
     failed[0, :10] = True
-    m = Replays(m.exec_s, m.response_s, m.cpu_cores, m.mem_mb, failed, oom_kills=3)
+    m = Replays(m.exec_s, m.response_s, m.core_s, m.mb_s, failed, oom_kills=3)
     row = evidence.real_report({"fixed": fixed, "m": m}, fns, resamples=100)["results"]["m"]
     assert row["failures"] == 10 and row["oom_kills"] == 3
     assert row["invocations"] == 190

@@ -76,6 +76,8 @@ class Measurement:
     cpu_cores: float = 0.0
     mem_mb: float = 0.0
     give_backs: int = 0
+    held_core_s: float | None = None  # what the sidecar's end hook says the call held, give-backs
+    held_mb_s: float | None = None  # included (NaN: it did not say); None: no sidecar ran it
     pending: int = 0  # the other arrivals not yet started when its container came free (the hook)
     error: str | None = None
     units: tuple[int, int] | None = None  # the sidecar's choice and its inputs, in grid units:
@@ -527,6 +529,8 @@ class Invoker:
                     },
                 )
                 rec.give_backs = len((end or {}).get("give_backs") or [])
+                rec.held_core_s = _held(end, "held_core_s")
+                rec.held_mb_s = _held(end, "held_mb_s")
         rec.response_s = time.monotonic() - arrived
         self.progress.done += 1
         self.progress.failures += rec.outcome != "success"
@@ -586,6 +590,13 @@ class Invoker:
             ),
         )
         return run_err or err
+
+
+def _held(end: dict | None, key: str) -> float:
+    """A figure of the end hook's answer; NaN when it has none (a failed hook): such a call is
+    left out of the resource figures rather than credited with its start allocation."""
+    v = (end or {}).get(key)
+    return float(v) if isinstance(v, int | float) else math.nan
 
 
 def kind(user_cpu: float, user_mem_mb: float, cpu: float, mem_mb: float) -> str:

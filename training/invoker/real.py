@@ -339,14 +339,23 @@ def replays(records: list[list[Measurement]], n: int, oom_kills: int) -> evidenc
     """One manager's rounds of measurements as (round x invocation) arrays for the figures."""
     shape = (len(records), n)
     exec_s, resp = np.full(shape, np.nan), np.full(shape, np.nan)
-    cpu, mem = np.full(shape, np.nan), np.full(shape, np.nan)
+    core_s, mb_s = np.full(shape, np.nan), np.full(shape, np.nan)
     failed = np.ones(shape, bool)  # an invocation the replay lost counts as failed
     for r, rs in enumerate(records):
         for m in rs:
             exec_s[r, m.idx], resp[r, m.idx] = m.exec_s, m.response_s
-            cpu[r, m.idx], mem[r, m.idx] = m.cpu_cores, m.mem_mb
+            core_s[r, m.idx], mb_s[r, m.idx] = held(m)
             failed[r, m.idx] = m.outcome != "success"
-    return evidence.Replays(exec_s, resp, cpu, mem, failed, oom_kills)
+    return evidence.Replays(exec_s, resp, core_s, mb_s, failed, oom_kills)
+
+
+def held(m: Measurement) -> tuple[float, float]:
+    """(core-seconds, MB-seconds) a call held: what the sidecar's end hook reported (give-backs
+    included), else its allocation throughout (Fixed, the invoker's own rules, a call the sidecar
+    never started: nothing changes a container's limits mid-run)."""
+    if m.held_core_s is None or m.held_mb_s is None:
+        return m.cpu_cores * m.exec_s, m.mem_mb * m.exec_s
+    return m.held_core_s, m.held_mb_s
 
 
 def choice_shares(records: list[Measurement]) -> dict[str, float] | None:
