@@ -339,6 +339,7 @@ async def reload(app: web.Application) -> bool:
     ticker = app.get(TICKER)
     if ticker is not None and new.sampler.tick_s != ticker.period_s:
         ticker.set_period(new.sampler.tick_s)  # /healthz judges the ticks by the new period
+    node.sampler.set_slow_every(new.sampler.slow_every)
     eng = node.engine
     eng.tick_s = new.sampler.tick_s
     eng.sg_cfg, eng.reward_cfg, eng.act_cfg, eng.bounds = (

@@ -137,6 +137,15 @@ class Sampler:
                 pass  # read the counter every tick instead
         return cg
 
+    def set_slow_every(self, slow_every: int) -> None:
+        """Give every container one of ``slow_every`` slow-tick phases from now on (a config
+        reload), spread as evenly as ``track`` spreads them."""
+        self.slow_every = max(1, slow_every)
+        self._phases = [{} for _ in range(self.slow_every)]
+        for k, (cid, t) in enumerate(self._tracked.items()):
+            t.phase = k % self.slow_every
+            self._phases[t.phase][cid] = t
+
     def _close(self, t: _Tracked) -> None:
         self._phases[t.phase].pop(t.ref.id, None)
         self._due.pop(t.ref.id, None)

@@ -525,6 +525,31 @@ def test_reload_dropping_a_container_restores_it(tmp_path: Path) -> None:
     run(main())
 
 
+def test_reload_applies_a_new_slow_every_to_the_idle_reads(tmp_path: Path) -> None:
+    """``sampler.slow_every`` changed by a SIGHUP re-buckets the containers at once: an idle
+    container is read every tick at ``slow_every = 1``, not once in the start-up's 10 ticks."""
+    cfg, cfg_path, _ = _setup(tmp_path)
+
+    async def main() -> None:
+        client = await _client(cfg, cfg_path)
+        app = client.server.app
+        node = app[NODE]
+        url = "/debug/history?container=faasrm/resize@1"
+        try:
+            text = cfg_path.read_text().replace("tick_s = 0.05", "tick_s = 0.05\nslow_every = 1")
+            cfg_path.write_text(text)
+            assert await reload(app) is True
+            before, ticks = len((await (await client.get(url)).json())["t"]), node.sampler.ticks
+            while node.sampler.ticks < ticks + 20:
+                await asyncio.sleep(0.02)
+            after = len((await (await client.get(url)).json())["t"])
+            assert after - before >= 18, (before, after)  # every tick, not 2 in 20
+        finally:
+            await client.close()
+
+    run(main())
+
+
 def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path: Path) -> None:
     cfg, cfg_path, dirs = _setup(tmp_path)
 
