@@ -8,6 +8,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 from daemon_helpers import Daemon, free_port, write_config
 from sidecar_helpers import write_policy
+
+from sidecar.durable import private_dir
 
 pytest.importorskip("onnxruntime")
 
@@ -197,6 +200,32 @@ def test_state_dirs_another_user_could_write_are_refused(
         assert stat.S_IMODE(spool.stat().st_mode) == 0o750
     finally:
         assert d.stop() == 0
+
+
+def test_a_state_dir_under_a_parent_another_user_could_write_is_refused(tmp_path: Path) -> None:
+    """Whoever can write a parent can rename the state directory away and put their own in its
+    place: every ancestor must be root's (or ours) and not writable by every user, unless
+    sticky (as /tmp) with the component below it ours; the error names the ancestor."""
+    shared = tmp_path / "shared"
+    spool = shared / "run" / "spool"
+    spool.mkdir(parents=True)
+    for mode, owner, why in (
+        (0o777, 0, "writable by every user"),
+        (0o755, NOBODY, f"owned by uid {NOBODY}"),
+        (0o1777, NOBODY, f"owned by uid {NOBODY}"),
+    ):
+        shared.chmod(mode)
+        os.chown(shared, owner, owner)
+        with pytest.raises(PermissionError, match=re.escape(f"ancestor {shared} is {why}")):
+            private_dir(spool)
+        with pytest.raises(PermissionError, match=re.escape(f"ancestor {shared} is {why}")):
+            private_dir(shared / "new")  # created first, then refused
+    os.chown(shared, 0, 0)
+    shared.chmod(0o1777)  # as /tmp: sticky, the directory below it root's
+    private_dir(spool)
+    os.chown(spool.parent, NOBODY, NOBODY)  # below the sticky one: another user's
+    with pytest.raises(PermissionError, match=re.escape(f"ancestor {spool.parent} is owned")):
+        private_dir(spool)
 
 
 def test_a_port_or_socket_in_use_is_a_one_line_error_and_exit_code_2(
