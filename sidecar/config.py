@@ -607,13 +607,22 @@ def validate(cfg: Config) -> None:
         problems.append("docker.cores_per_share must be >= 0 (0 = host cores / 1024)")
     if cfg.docker.base_url and "://" not in cfg.docker.base_url:
         problems.append(f"docker.base_url {cfg.docker.base_url!r} needs a scheme (unix://, tcp://)")
-    for name in ("default_cpu_cores", "default_mem_mb"):
-        if getattr(cfg.cgroupfs, name) < 0:
-            problems.append(f"cgroupfs.{name} {getattr(cfg.cgroupfs, name)} must be >= 0")
     if cfg.cgroupfs.version not in (0, 1, 2):
         problems.append(f"cgroupfs.version {cfg.cgroupfs.version} is not 0, 1 or 2")
-    seen = set()
     mem_floor = min_user_mem_mb(cfg.safeguard.mem_headroom_mb)  # what a hook may report
+    sizes = [("cgroupfs.default_", cfg.cgroupfs.default_cpu_cores, cfg.cgroupfs.default_mem_mb)]
+    sizes += [
+        (f"cgroupfs.containers[{i}].", c.cpu_cores, c.mem_mb)
+        for i, c in enumerate(cfg.cgroupfs.containers)
+    ]
+    for key, cores, mem_mb in sizes:
+        if cores != 0 and cores < MIN_USER_CORES:
+            problems.append(
+                f"{key}cpu_cores {cores} must be 0 (the cgroup's own) or >= {MIN_USER_CORES}"
+            )
+        if mem_mb != 0 and mem_mb < mem_floor:
+            problems.append(f"{key}mem_mb {mem_mb} must be 0 (the cgroup's own) or >= {mem_floor}")
+    seen = set()
     for i, c in enumerate(cfg.cgroupfs.containers):
         if not c.path.strip("/"):
             problems.append(f"cgroupfs.containers[{i}].path is empty")
@@ -621,14 +630,6 @@ def validate(cfg: Config) -> None:
             problems.append(f"cgroupfs.containers[{i}].path {c.path!r} listed twice")
         seen.add(c.path.strip("/"))
         key = f"cgroupfs.containers[{i}]"
-        if c.cpu_cores != 0 and c.cpu_cores < MIN_USER_CORES:
-            problems.append(
-                f"{key}.cpu_cores {c.cpu_cores} must be 0 (the cgroup's own) or >= {MIN_USER_CORES}"
-            )
-        if c.mem_mb != 0 and c.mem_mb < mem_floor:
-            problems.append(
-                f"{key}.mem_mb {c.mem_mb} must be 0 (the cgroup's own) or >= {mem_floor}"
-            )
         if not 1 <= c.cpu_weight <= 10000:
             problems.append(f"{key}.cpu_weight {c.cpu_weight} outside 1..10000")
     if cfg.spool.max_bytes < cfg.spool.segment_bytes or cfg.spool.segment_bytes < 4096:

@@ -551,20 +551,27 @@ def test_reload_applies_a_new_slow_every_to_the_idle_reads(tmp_path: Path) -> No
 
 
 def test_reload_with_a_user_size_the_kernel_refuses_keeps_the_saved_one(tmp_path: Path) -> None:
+    """A configured size the config allows can still be one the kernel refuses: 0.05 cores in
+    the containers' own 10 ms CFS period is a 500 us quota, below the kernel's 1000 us."""
     cfg, cfg_path, dirs = _setup(tmp_path)
+    for d in dirs.values():
+        (d / "cpu.max").write_text("20000 10000\n")
 
     async def main() -> None:
         client = await _client(cfg, cfg_path)
         app = client.server.app
+        d = dirs["resize@1"]
         try:
+            assert (d / "cpu.max").read_text().split() == ["20000", "10000"]  # the user's 2 cores
             text = cfg_path.read_text().replace(
-                "default_cpu_cores = 2.0", "default_cpu_cores = 0.001"
+                "default_cpu_cores = 2.0", "default_cpu_cores = 0.05"
             )
             cfg_path.write_text(text)
             assert await reload(app) is True  # the daemon keeps running, the old size is kept
             r = await client.post("/v1/invocations", json={"container": "faasrm/resize@1"})
             assert r.status == 200 and (await r.json())["applied"]
-            assert (dirs["resize@1"] / "cpu.max").read_text().split()[0] in ("200000", "100000")
+            quota, period = map(int, (d / "cpu.max").read_text().split())
+            assert quota / period in (2.0, 1.0)  # the user's size, or a harvest of it
             assert app[NODE].actuator.managed["faasrm/resize@1"].user.cpu_quota_cores == 2.0
         finally:
             await client.close()

@@ -97,8 +97,22 @@ def test_example_config_loads() -> None:
         ("[model]\nmax_runtime_failures = 0", "model.max_runtime_failures 0 must be >= 1"),
         ("[model_poller]\nslowdown_rfet = 0", "model_poller.slowdown_rfet 0.0 must be >= 1"),
         ("[model_poller]\nslowdown_rfet = 0.5", "model_poller.slowdown_rfet 0.5 must be >= 1"),
-        ("[cgroupfs]\ndefault_cpu_cores = -1", "cgroupfs.default_cpu_cores -1.0 must be >= 0"),
-        ("[cgroupfs]\ndefault_mem_mb = -1", "cgroupfs.default_mem_mb -1.0 must be >= 0"),
+        (
+            "[cgroupfs]\ndefault_cpu_cores = -1",
+            "cgroupfs.default_cpu_cores -1.0 must be 0 (the cgroup's own) or >= 0.01",
+        ),
+        (
+            "[cgroupfs]\ndefault_cpu_cores = 0.001",
+            "cgroupfs.default_cpu_cores 0.001 must be 0 (the cgroup's own) or >= 0.01",
+        ),
+        (
+            "[cgroupfs]\ndefault_mem_mb = -1",
+            "cgroupfs.default_mem_mb -1.0 must be 0 (the cgroup's own) or >= 16.0",
+        ),
+        (  # the safeguard's headroom is the floor, as for a hook and a listed container
+            "[cgroupfs]\ndefault_mem_mb = 8",
+            "cgroupfs.default_mem_mb 8.0 must be 0 (the cgroup's own) or >= 16.0",
+        ),
         ("[reward]\nslowdown_weight = -1", "reward.slowdown_weight -1.0 must be >= 0"),
         ("[reward]\nfailure_penalty = -5", "reward.failure_penalty -5.0 must be >= 0"),
         ("[reward]\ndelay_floor_s = -1", "reward.delay_floor_s -1.0 must be >= 0"),
