@@ -254,3 +254,25 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
     else:
         assert not ok and source == "fallback" and "feature_version" in error["reason"]
     assert page  # GET /debug/ is served from package data
+
+
+def test_an_invoker_set_up_as_documented_takes_the_trainer_token_from_sidecar_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/trainer.md puts the trainer's token in /etc/faasrm/sidecar.env (the unit's
+    EnvironmentFile) and turns [shipper] on in the installed sidecar.toml: the example config must
+    then use $FAASRM_TRAINER_TOKEN, not name a token file nobody writes (the sidecar would refuse
+    to start, and restart in a loop, as soon as shipping is on)."""
+    from sidecar import config
+
+    unit = (REPO / "systemd" / "faasrm-sidecar.service").read_text()
+    assert "EnvironmentFile=-/etc/faasrm/sidecar.env" in unit
+    assert "FAASRM_TRAINER_TOKEN=" in (REPO / "docs" / "trainer.md").read_text()
+    monkeypatch.setenv("FAASRM_TRAINER_TOKEN", "from-sidecar-env")
+    on = {
+        "shipper.enabled": True,
+        "shipper.url": "https://trainer.example.org:9480",
+        "model_poller.enabled": True,
+    }
+    cfg = config.load(REPO / "sidecar" / "example.toml", on)
+    assert cfg.shipper.resolve_token() == "from-sidecar-env"
