@@ -11,7 +11,8 @@
 #          --tls-names SAN (the trainer's certificate names, default "DNS:<fqdn>,DNS:<hostname>").
 # DESTDIR=/some/root installs into a staging tree (no systemctl calls then).
 # A trainer also gets a private CA and a TLS pair in /etc/faasrm/tls (systemd/trainer-tls.sh;
-# existing files are kept): copy /etc/faasrm/tls/ca.crt to the nodes ([shipper] ca_file).
+# existing files are kept): copy /etc/faasrm/tls/ca.crt to the nodes ([shipper] ca_file), and a
+# bearer token in /etc/faasrm/trainer.env (0600, kept): put it in each node's sidecar.env.
 set -eu
 
 ROLE=sidecar
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
         --start) START=yes; shift ;;
         --skip-venv) SKIP_VENV=yes; shift ;;
         --tls-names) TLS_NAMES=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -74,6 +75,24 @@ case "$ROLE" in
     trainer) copy_config training/trainer.example.toml trainer.toml ;;
     both) copy_config sidecar/example.toml sidecar.toml
           copy_config training/trainer.example.toml trainer.toml ;;
+esac
+# the trainer's bearer token, in the units' EnvironmentFile: root's alone (0600) whatever the
+# caller's umask, written once (a re-run keeps it). A trainer gets a fresh one (it refuses to start
+# without); an invoker host's file waits for the trainer's (sudoedit keeps the mode).
+write_env() {
+    if [ ! -e "$DESTDIR/etc/faasrm/$1" ]; then
+        (umask 077 && printf '%s\n' "$2" > "$DESTDIR/etc/faasrm/$1")
+        echo "wrote /etc/faasrm/$1 (root only)"
+    fi
+}
+case "$ROLE" in
+    trainer|both)
+        token=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+        write_env trainer.env "FAASRM_TRAINER_TOKEN=$token" ;;
+esac
+case "$ROLE" in
+    both) write_env sidecar.env "$(grep '^FAASRM_TRAINER_TOKEN=' "$DESTDIR/etc/faasrm/trainer.env")" ;;
+    sidecar) write_env sidecar.env "# FAASRM_TRAINER_TOKEN=<the token in the trainer's trainer.env>" ;;
 esac
 # the trainer's TLS pair (its example config listens on every interface, over https only)
 case "$ROLE" in

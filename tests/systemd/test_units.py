@@ -276,3 +276,59 @@ def test_an_invoker_set_up_as_documented_takes_the_trainer_token_from_sidecar_en
     }
     cfg = config.load(REPO / "sidecar" / "example.toml", on)
     assert cfg.shipper.resolve_token() == "from-sidecar-env"
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """The variables a unit's EnvironmentFile= sets (KEY=VALUE lines; # comments)."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_install_sh_gives_the_trainer_a_root_only_token(
+    tmp_path: Path, debian_tool: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``install.sh --role trainer --start`` must start a trainer that has a token (it refuses to
+    run without one): install.sh writes one to the unit's EnvironmentFile, readable by root only
+    whatever the caller's umask, once (a re-run keeps it); on one host with both units the
+    sidecar's env file carries the same token."""
+    from training.service import load_config
+
+    debian_tool("openssl", ["openssl"], "install.sh's TLS pair")
+    dest = tmp_path / "root"
+
+    def install(root: Path, *args: str) -> None:
+        script = shlex.join(["sh", str(REPO / "systemd" / "install.sh"), "--skip-venv", *args])
+        subprocess.run(
+            ["sh", "-c", f"umask 000 && {script}"],
+            env={**os.environ, "DESTDIR": str(root)},
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+
+    install(dest, "--role", "both", "--tls-names", "DNS:trainer.test")
+    etc = dest / "etc/faasrm"
+    for name in ("trainer.env", "sidecar.env"):
+        st = (etc / name).stat()
+        assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid(), name
+    token = _env_file(etc / "trainer.env")["FAASRM_TRAINER_TOKEN"]
+    assert len(token) >= 32 and int(token, 16)
+    assert _env_file(etc / "sidecar.env") == {"FAASRM_TRAINER_TOKEN": token}
+    trainer_unit = (dest / "etc/systemd/system/faasrm-trainer.service").read_text()
+    assert "EnvironmentFile=-/etc/faasrm/trainer.env" in trainer_unit
+    # the installed trainer.toml, with the unit's credentials and environment, starts
+    monkeypatch.setenv("FAASRM_TRAINER_TOKEN", token)
+    pair = {
+        "tls_cert_file": str(etc / "tls/trainer.crt"),
+        "tls_key_file": str(etc / "tls/trainer.key"),
+    }
+    cfg = load_config(etc / "trainer.toml", {**pair, "data_dir": str(tmp_path / "data")})
+    assert cfg.resolve_token() == token and cfg.ssl_context() is not None
+    install(dest, "--role", "both")
+    assert _env_file(etc / "trainer.env")["FAASRM_TRAINER_TOKEN"] == token  # kept
+    # an invoker host alone gets the file to paste the trainer's token into, root's only too
+    alone = tmp_path / "invoker"
+    install(alone, "--role", "sidecar")
+    env = alone / "etc/faasrm/sidecar.env"
+    assert env.stat().st_mode & 0o777 == 0o600 and _env_file(env) == {}
+    assert "FAASRM_TRAINER_TOKEN=" in env.read_text()
