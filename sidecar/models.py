@@ -35,7 +35,7 @@ import numpy as np
 
 from sidecar.core.features import FEATURE_VERSION, FeatureEncoder, NodeState, schema_hash
 from sidecar.core.grid import Alloc, ResourceGrid
-from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer
+from sidecar.core.policy import OnnxScorer, Scorer, fallback_scorer, onnx_session
 from sidecar.core.safeguard import SafeguardState
 from sidecar.core.stats import FunctionStats
 from sidecar.durable import write_atomic
@@ -59,10 +59,8 @@ MODELS_DIR = _models_dir()
 def model_grid(path: str | Path) -> ResourceGrid | None:
     """The grid a model file declares in its metadata (a model only loads on its own grid), so
     tools can configure a sidecar for it; None when it declares none or cannot be read."""
-    import onnxruntime as ort
-
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = onnx_session(path)
         return ResourceGrid(**json.loads(sess.get_modelmeta().custom_metadata_map["grid"]))
     except Exception:  # noqa: BLE001 (missing, corrupt, no grid: the loader says why)
         return None

@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from sidecar.core.features import FEATURES
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 ONNX_INPUT = "rows"
 ONNX_OUTPUT = "scores"
@@ -72,17 +75,23 @@ class MLPScorer:
         return (h @ self.weights[-1])[..., 0] + self.biases[-1][0]
 
 
+def onnx_session(path: str | Path | bytes) -> InferenceSession:
+    """A CPU onnxruntime session that runs on its caller's thread: the default pool would start
+    a thread per core, more than the sidecar unit's TasksMax allows on a large host."""
+    import onnxruntime as ort  # imported here: the simulator's numpy path does not need it
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxScorer:
     """Scores with onnxruntime on one thread: a few microseconds for 64 candidates, no torch."""
 
     def __init__(self, path: str | Path | bytes) -> None:
-        import onnxruntime as ort  # imported here: the simulator's numpy path does not need it
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        src = path if isinstance(path, bytes) else str(path)
-        self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path)
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [ONNX_INPUT] or outputs[:1] != [ONNX_OUTPUT]:

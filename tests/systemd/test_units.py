@@ -332,3 +332,40 @@ def test_install_sh_gives_the_trainer_a_root_only_token(
     env = alone / "etc/faasrm/sidecar.env"
     assert env.stat().st_mode & 0o777 == 0o600 and _env_file(env) == {}
     assert "FAASRM_TRAINER_TOKEN=" in env.read_text()
+
+
+PIDS = Path("/sys/fs/cgroup/pids")
+
+
+def test_the_shipped_model_is_found_with_no_thread_to_spare(tmp_path: Path, v1_root) -> None:
+    """The sidecar unit caps the daemon's threads (TasksMax=64) whatever the host's cores. An
+    empty [model] path reads each shipped model's grid; an onnxruntime session with its default
+    pool wants a thread per core, and on a host with more cores than the cap leaves it fails:
+    the grid's model was then never found and the rule fallback ran. Here, in a pids cgroup
+    whose budget the process already uses up, the probe must still find invoker.onnx."""
+    if not PIDS.is_dir():
+        pytest.skip("no v1 pids hierarchy at /sys/fs/cgroup/pids")
+    cg = PIDS / f"faasrm-test-{os.getpid()}"
+    cg.mkdir()
+    probe = (
+        "import os, sys\n"
+        "import numpy, onnxruntime\n"
+        "from sidecar.core.grid import ResourceGrid\n"
+        "from sidecar.models import default_model_path\n"
+        "cg = sys.argv[1]\n"
+        "open(cg + '/cgroup.procs', 'w').write(str(os.getpid()))\n"
+        "open(cg + '/pids.max', 'w').write(str(len(os.listdir('/proc/self/task'))))\n"
+        "print(default_model_path(ResourceGrid(0.25, 8, 64.0, 8)).name)\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(cg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+    finally:
+        cg.rmdir()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "invoker.onnx", out.stderr
