@@ -369,3 +369,38 @@ def test_the_shipped_model_is_found_with_no_thread_to_spare(tmp_path: Path, v1_r
         cg.rmdir()
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "invoker.onnx", out.stderr
+
+
+def _unit_environment(unit: str) -> dict[str, str]:
+    """The variables a unit's Environment= lines set (unquoted KEY=VALUE words)."""
+    text = (REPO / "systemd" / f"{unit}.service").read_text()
+    words = [
+        w
+        for line in text.splitlines()
+        if line.startswith("Environment=")
+        for w in line[12:].split()
+    ]
+    return dict(w.split("=", 1) for w in words)
+
+
+@pytest.mark.parametrize(
+    ("unit", "modules"),
+    [
+        ("faasrm-sidecar", "sidecar.daemon, sidecar.models"),
+        ("faasrm-trainer", "training.service, training.online"),
+    ],
+)
+def test_a_daemon_starts_no_thread_per_core_under_its_unit(unit: str, modules: str) -> None:
+    """Each unit caps its daemon's tasks (TasksMax) whatever the host's cores, but numpy's
+    OpenBLAS starts a thread per core (up to 64) when it is imported: on a 64-core host the
+    sidecar had used its 64 tasks before its first asyncio.to_thread (container discovery), and
+    each of the trainer's ingest workers took 64 more. Under the unit's environment importing
+    the daemon's modules must leave the main thread alone."""
+    blas = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # not the caller's
+    env = {k: v for k, v in os.environ.items() if k not in blas} | _unit_environment(unit)
+    probe = f"import os, {modules}\nprint(len(os.listdir('/proc/self/task')))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1", (unit, os.cpu_count())
