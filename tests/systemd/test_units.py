@@ -404,3 +404,29 @@ def test_a_daemon_starts_no_thread_per_core_under_its_unit(unit: str, modules: s
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1", (unit, os.cpu_count())
+
+
+def test_a_rerun_beside_an_own_certificate_makes_no_ca_that_did_not_sign_it(
+    tmp_path: Path, debian_tool: Callable[..., str]
+) -> None:
+    """docs/trainer.md: a pair from your own CA goes in /etc/faasrm/tls. Re-running install.sh
+    (an upgrade) then kept the pair but created a private ca.crt beside it, which never signed
+    it: a node given that ca.crt ([shipper] ca_file, as the docs say) refuses the trainer."""
+    debian_tool("openssl", ["openssl"], "install.sh's TLS pair")
+    script = str(REPO / "systemd" / "trainer-tls.sh")
+    own = tmp_path / "own-ca"
+    subprocess.run(["sh", script, str(own), "DNS:trainer.test"], check=True, capture_output=True)
+    dest = tmp_path / "root"
+    tls = dest / "etc/faasrm/tls"
+    tls.mkdir(parents=True, mode=0o700)
+    for name in ("trainer.crt", "trainer.key"):
+        shutil.copy2(own / name, tls / name)
+    subprocess.run(
+        ["sh", str(REPO / "systemd" / "install.sh"), "--role", "trainer", "--skip-venv"],
+        env={**os.environ, "DESTDIR": str(dest)},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert sorted(p.name for p in tls.iterdir()) == ["trainer.crt", "trainer.key"]
+    assert (tls / "trainer.crt").read_bytes() == (own / "trainer.crt").read_bytes()
