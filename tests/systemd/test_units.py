@@ -242,6 +242,8 @@ def test_a_wheel_install_carries_and_loads_the_shipped_models(tmp_path: Path) ->
         timeout=60,
         cwd=tmp_path,
         check=True,
+        # a PYTHONPATH naming a source tree (as when testing a checkout) would win over the install
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     module, path, ok, source, page, error = json.loads(out.stdout)
     assert module.startswith(str(venv)), module  # the installed copy, not this source tree
