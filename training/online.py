@@ -2,7 +2,8 @@
 
 One update (``Learner.step``, on a worker thread):
 
-1. batch: the newest ``window_records`` accepted records on the trainer's grid with a reward
+1. batch: the newest ``window_records`` accepted records on the trainer's grid and feature
+   encoding (``sidecar.core.record.readable``) with a reward
    (records with ``reward`` None: safeguard first runs, lost invocations, are skipped);
 2. start from the latest promoted version's agent checkpoint (else ``init_checkpoint``, else a
    fresh ``Agent`` when the registry is empty);
@@ -57,7 +58,7 @@ import torch.nn as nn
 from sidecar.core.features import expand_rows
 from sidecar.core.grid import ResourceGrid
 from sidecar.core.policy import OnnxScorer, fallback_scorer
-from sidecar.core.record import learnable
+from sidecar.core.record import learnable, readable
 from sidecar.models import ModelRejected
 from training.baselines import RULE_MANAGERS
 from training.evidence import SimRun, sim_report
@@ -292,14 +293,10 @@ def real_gate(
     candidate: Path, current: Path | None, records: list[dict], grid: ResourceGrid, cfg: Any
 ) -> dict:
     """The real-data half of the gate: the newest ``cfg.real_window`` real decisions on this grid
-    replayed through the candidate and the running model (none: the daemon's fallback rule); the
-    candidate's predicted slowdown and failure rates may exceed the running model's by
-    ``cfg.real_max_increase`` plus two standard errors."""
-    real = [
-        r
-        for r in records
-        if len(r["cpu_block"]) == grid.cpu_units and len(r["mem_block"]) == grid.mem_units
-    ][-cfg.real_window :]
+    and feature encoding (``readable``) replayed through the candidate and the running model
+    (none: the daemon's fallback rule); the candidate's predicted slowdown and failure rates may
+    exceed the running model's by ``cfg.real_max_increase`` plus two standard errors."""
+    real = [r for r in records if readable(r, grid)][-cfg.real_window :]
     if not real:
         return {"records": 0, "passed": True, "reasons": [], "note": "no real records on this grid"}
     cur_scorer = OnnxScorer(current.read_bytes()) if current is not None else fallback_scorer()

@@ -371,19 +371,30 @@ class Learnable(NamedTuple):
     """(n,) float32"""
 
 
+def readable(record: dict, grid: ResourceGrid) -> bool:
+    """Whether a reader on ``grid`` with this host's feature encoding can use ``record``: this
+    grid's blocks, this grid, feature version and schema hash where the record names them. A node
+    on another encoding (an older sidecar mid-rollout) ships rows whose columns mean something
+    else, and ``check_batch`` accepts them (the lengths agree)."""
+    return (
+        len(record["cpu_block"]) == grid.cpu_units
+        and len(record["mem_block"]) == grid.mem_units
+        and (record.get("grid") is None or list(record["grid"]) == grid_fields(grid))
+        and record.get("feature_version", FEATURE_VERSION) == FEATURE_VERSION
+        and record.get("schema_hash", _SCHEMA_HASH) == _SCHEMA_HASH
+    )
+
+
 def learnable(records: Sequence[dict], grid: ResourceGrid) -> Learnable | None:
-    """The records a learner on ``grid`` can use (a finite reward and log-probability, this
-    grid's blocks, and this grid if they name one) as arrays; None if there are none."""
-    fields = grid_fields(grid)
+    """The records a learner on ``grid`` can use (a finite reward and log-probability,
+    ``readable``) as arrays; None if there are none."""
     keep = [
         r
         for r in records
         if r.get("reward") is not None
         and math.isfinite(r["reward"])
         and math.isfinite(r["logp"])
-        and len(r["cpu_block"]) == grid.cpu_units
-        and len(r["mem_block"]) == grid.mem_units
-        and (r.get("grid") is None or list(r["grid"]) == fields)
+        and readable(r, grid)
     ]
     if not keep:
         return None

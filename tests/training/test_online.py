@@ -43,6 +43,24 @@ def test_records_to_batch_skips_unrewarded_and_other_grids() -> None:
     assert records_to_batch([recs[1]], GRID) is None
 
 
+def test_records_of_another_feature_schema_are_neither_learned_nor_replayed(
+    tmp_path: Path,
+) -> None:
+    """A node on another feature encoding (an older sidecar mid-rollout) ships rows whose columns
+    mean something else: learning from them, or replaying them through the gate, is garbage."""
+    recs = [_real_record(i) for i in range(50)]
+    for r in recs[:10]:
+        r["schema_hash"] = "0" * 16
+    recs[10]["feature_version"] = -1
+    b = records_to_batch(recs, GRID)
+    assert b is not None and len(b["actions"]) == 39
+    harvest = tmp_path / "harvest.onnx"
+    harvest.write_bytes(onnx_policy("harvest"))
+    assert real_gate(harvest, None, recs, GRID, GateConfig())["records"] == 39
+    recs[11]["grid"] = [1.0, 8, 64.0, 8]  # another grid with the same block lengths
+    assert real_gate(harvest, None, recs, GRID, GateConfig())["records"] == 38
+
+
 def test_ppo_update_moves_the_policy_towards_rewarded_actions() -> None:
     torch.manual_seed(0)
     agent = Agent()
