@@ -134,7 +134,7 @@ def ppo_update(
                 b_values[mb_inds],
                 clip_coef=cfg.clip_coef,
                 clip_vloss=True,
-                norm_adv=len(mb_inds) > 1,  # one record has no spread to normalise by
+                norm_adv=True,
                 ent_coef=cfg.ent_coef,
                 vf_coef=cfg.vf_coef,
             )

@@ -469,7 +469,8 @@ def ppo_loss(
     """CleanRL's PPO loss of one minibatch: clipped surrogate, (optionally clipped) value loss and
     entropy bonus, with the approx-KL and clip-fraction statistics. ``new*`` come from the
     current agent, ``mb_*`` from the rollout (old log-probabilities, advantages, returns,
-    values)."""
+    values). A minibatch of one decision (the last of a batch that does not divide evenly) keeps
+    its advantage as it is."""
     logratio = newlogprob - mb_logprobs
     ratio = logratio.exp()
     with torch.no_grad():
@@ -478,7 +479,7 @@ def ppo_loss(
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean().item()
 
-    if norm_adv:
+    if norm_adv and mb_advantages.numel() > 1:  # one value has no spread: its std() is NaN
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
 
     # policy loss

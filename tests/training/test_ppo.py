@@ -279,3 +279,12 @@ def test_the_ledger_credits_every_simulated_reward_once_to_its_decision() -> Non
     assert ledger.credited == n and ledger.dropped == 0
     for inv, s in decided.items():  # each decision's row holds its own invocation's reward
         assert float(rewards[s, 0]) == pytest.approx(log.reward[inv], rel=1e-6, abs=1e-6)
+
+
+def test_a_last_minibatch_of_one_decision_leaves_the_agent_finite(tmp_path: Path) -> None:
+    """5 decisions in minibatches of 2 leave a last one of 1: its advantage has no spread to
+    normalise by (std() of one value is NaN), and one NaN loss makes every weight NaN."""
+    args = _toy_args(tmp_path, total_timesteps=10, num_envs=1, num_steps=5, num_minibatches=2)
+    out = train(args, env_fn=lambda i: BiggestCpuEnv())
+    assert all(torch.isfinite(p).all() for p in out["agent"].parameters())
+    assert np.isfinite(float(out["losses/policy_loss"]))
