@@ -51,12 +51,14 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.config import ConfigError, is_loopback, load_tree, tls_client_context
 from sidecar.core.grid import ResourceGrid
+from sidecar.core.policy import OnnxScorer
 from sidecar.core.record import (
     NODE_ID_RULE,
     SCHEMA_VERSION,
@@ -64,7 +66,7 @@ from sidecar.core.record import (
     check_batch,
     is_node_id,
 )
-from sidecar.models import ModelRejected
+from sidecar.models import ModelRejected, probe_rows, validate
 from sidecar.process import (
     Notifier,
     bearer_matches,
@@ -632,12 +634,28 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
-def check_checkpoint(data: bytes) -> None:
+def check_checkpoint(data: bytes, scorer: OnnxScorer, grid: ResourceGrid) -> None:
     """Raise unless ``data`` is a checkpoint whose ``agent`` loads into the learner's agent
-    (every online update starts from it), without running any code it carries."""
+    (every online update starts from it), without running any code it carries, and whose actor
+    scores the probe rows as the published model (``scorer``) does: the learner weighs each
+    record by the actor's probability of its action against the one the node recorded under the
+    model, so a checkpoint of another policy would make every importance ratio meaningless."""
+    import torch
+
     from training.ppo import Agent, load_checkpoint
 
-    Agent().load_state_dict(load_checkpoint(data)["agent"])
+    agent = Agent()
+    agent.load_state_dict(load_checkpoint(data)["agent"])
+    with torch.no_grad():
+        for rows in probe_rows(grid):
+            want = scorer.scores(rows)
+            got = agent.scores(torch.from_numpy(rows)).numpy()
+            gap = float(np.max(np.abs(got - want) / (1.0 + np.abs(want))))
+            if not gap <= 1e-4:
+                raise ValueError(
+                    f"its actor scores differently from the model (relative gap {gap:.3g}): "
+                    "online updates would start from a policy the nodes never ran"
+                )
 
 
 async def post_model(request: web.Request) -> web.Response:
@@ -668,12 +686,17 @@ async def post_model(request: web.Request) -> web.Response:
     if ckpt is not None and not isinstance(ckpt, bytes):
         return _error(400, "'checkpoint' must be bytes")
     loop = asyncio.get_running_loop()
+    try:
+        scorer, _ = await loop.run_in_executor(svc.db, validate, obj["onnx"], svc.cfg.grid, None)
+    except ModelRejected as exc:
+        log.warning("published model refused", extra={"sha256": sha, "reason": str(exc)})
+        return _error(422, f"no node could run this model: {exc}")
     if ckpt is not None:
         try:
-            await loop.run_in_executor(svc.db, check_checkpoint, ckpt)
+            await loop.run_in_executor(svc.db, check_checkpoint, ckpt, scorer, svc.cfg.grid)
         except Exception as exc:  # noqa: BLE001 (torch raises many types for a bad file)
             reason = f"{type(exc).__name__}: {str(exc)[:300]}"
-            return _error(422, f"the checkpoint does not load into the agent: {reason}")
+            return _error(422, f"the checkpoint is not the model's agent: {reason}")
     try:
         v = await loop.run_in_executor(
             svc.db,

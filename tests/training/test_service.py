@@ -259,6 +259,7 @@ def test_a_checkpoint_no_learner_could_load_is_refused_without_running_it(
     into the agent would fail each of them, and one loaded with pickle's full powers would run
     whatever code any token holder (every node) put in it. 422, nothing stored, nothing run."""
     torch = pytest.importorskip("torch")
+    from training.export import export
     from training.ppo import Agent, Args, load_checkpoint, save_checkpoint
 
     def saved(obj: object) -> bytes:
@@ -284,13 +285,40 @@ def test_a_checkpoint_no_learner_could_load_is_refused_without_running_it(
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(planted)  # what the learner starts from
     assert not marker.exists()
-    # a `faasrm train` checkpoint (optimizer, numpy's RNG state) is taken and loads back
+    # a `faasrm train` checkpoint (optimizer, numpy's RNG state) of the model is taken
     path = tmp_path / "train.pt"
     save_checkpoint(path, agent, torch.optim.Adam(agent.parameters()), 3, 100, Args())
-    st, out = _publish(server, good, checkpoint=path.read_bytes())
+    export(agent, tmp_path / "train.onnx", grid=GRID)
+    st, out = _publish(server, (tmp_path / "train.onnx").read_bytes(), checkpoint=path.read_bytes())
     assert st == 200 and out["version"] == 1, out
     stored = Registry(tmp_path / "data" / "models", GRID).latest().checkpoint_path
     Agent().load_state_dict(load_checkpoint(stored)["agent"])
+
+
+def test_a_checkpoint_of_another_policy_than_the_model_is_refused(server, tmp_path: Path) -> None:
+    """Online updates continue from the published checkpoint and weigh each record by its
+    probability there against the one the node recorded under the model: a checkpoint of another
+    policy makes every importance ratio compare two policies that have nothing in common."""
+    torch = pytest.importorskip("torch")
+    from training.export import export
+    from training.ppo import Agent
+
+    torch.manual_seed(0)
+    ran, other = Agent(), Agent()
+    export(ran, tmp_path / "ran.onnx", grid=GRID)
+    onnx = (tmp_path / "ran.onnx").read_bytes()
+
+    def saved(agent: Agent) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"agent": agent.state_dict()}, buf)
+        return buf.getvalue()
+
+    for wrong in (onnx_policy("harvest"), onnx):
+        st, out = _publish(server, wrong, checkpoint=saved(other))
+        assert st == 422 and "scores differently" in out["error"], (st, out)
+    assert js(http(server.url + "/v1/models")[2]) == {"latest": None, "versions": []}
+    st, out = _publish(server, onnx, checkpoint=saved(ran))
+    assert st == 200 and out["version"] == 1, out
 
 
 NODE_IDS = ["n1", "host.example.com", "10.0.0.7:9", "x" * 128, "a b", "n1\n", "-n", "x" * 129]
