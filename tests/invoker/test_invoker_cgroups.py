@@ -226,3 +226,31 @@ def test_spiky_fits_the_users_size_and_is_killed_by_a_harvest_from_its_usual_pea
     assert usual_peak < 64 * MB and harvest == 128 * MB  # ~25 MB worker and call, 2 units
     assert harvest <= SPIKE_MB * MB < spike_peak < 256 * MB - 16 * MB  # ~5x its usual peak
     assert killed[1] == "oom" and ooms == 1, killed
+
+
+def test_a_failed_start_leaves_no_other_container_starting(v1_root: None) -> None:
+    """One container failing to start must not leave the others' starts running past the
+    caller's cleanup (they would create a cgroup and a worker after ``stop()``)."""
+    parent = f"faasrm-test-invoker-{uuid.uuid4().hex[:8]}"
+    bad = replace(BY_NAME["sleepy"], mem_mb=1.0)  # 1 MB -> a CPU quota the kernel refuses
+    containers = Containers(parent, [BY_NAME["pyloop"], bad])
+
+    async def main() -> tuple[BaseException | None, list]:
+        err = None
+        try:
+            await containers.start(warm=False)
+        except ValueError as exc:
+            err = exc
+        finally:
+            await containers.stop()
+        await asyncio.sleep(3)  # time for a start still running to make its worker
+        c = containers["pyloop"]
+        live = c.proc is not None and c.proc.returncode is None
+        if live:  # the test's own cleanup
+            await c.stop()
+        return err, [live, c.cg is not None]
+
+    err, leftovers = asyncio.run(main())
+    assert err is not None
+    assert leftovers == [False, False]
+    assert not _exists(parent)

@@ -336,7 +336,11 @@ class Containers(dict[str, WorkerContainer]):
         self.engine = engine
 
     async def start(self, warm: bool = True) -> None:
-        await asyncio.gather(*(c.start() for c in self.values()))
+        """Start every container; if one fails, raise only once the others' starts are over, so
+        the caller's ``stop()`` finds every worker and cgroup (none is made after it)."""
+        results = await asyncio.gather(*(c.start() for c in self.values()), return_exceptions=True)
+        if errors := [r for r in results if isinstance(r, BaseException)]:
+            raise errors[0]
         if warm:  # one unrecorded mid-size run each, one at a time: warm allocator, caches, BLAS
             for c in self.values():
                 await c.run(c.spec.input_size(0.5))
