@@ -4,10 +4,12 @@ nothing is left behind (trainer, sidecar, workers, cgroups), also after Ctrl-C."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,13 @@ pytest.importorskip("onnxruntime")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _leftovers(pid: int) -> tuple[list[str], list[str]]:
+MARK = "FAASRM_DEMO_SMOKE"
+"""An environment variable every process the demo starts inherits: what tells its processes
+from other tests' or tools' workers running on the same machine."""
+
+
+def _leftovers(pid: int, mark: str) -> tuple[list[str], list[str]]:
+    """The demo's cgroups and its workers, sidecars and trainer still present."""
     cgs = [
         str(p)
         for c in ("cpu", "cpuacct", "memory")
@@ -27,15 +35,19 @@ def _leftovers(pid: int) -> tuple[list[str], list[str]]:
         if d.name.isdigit():
             try:
                 cmd = (d / "cmdline").read_bytes()
+                env = (d / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"training.invoker.worker" in cmd or b"faasrm-real-" in cmd:
+            ours = f"{MARK}={mark}".encode() in env
+            if ours and (b"training.invoker.worker" in cmd or b"faasrm-real-" in cmd):
                 procs.append(cmd.decode(errors="replace"))
     return cgs, procs
 
 
-def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def _demo(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """The demo started with its own ``MARK`` value (returned)."""
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -51,11 +63,13 @@ def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, MARK: mark},
     )
+    return proc, mark
 
 
 def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path) -> None:
-    proc = _demo(tmp_path, "--minutes", "0.15")
+    proc, mark = _demo(tmp_path, "--minutes", "0.15")
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert "gmean RFET" in out and "/debug/allocations" in out, out
@@ -85,13 +99,25 @@ def test_demo_short_run_prints_table_and_cleans_up(v1_root: None, tmp_path: Path
     assert results["learned"]["invocations"] > 0 and results["fixed"]["invocations"] > 0
     assert out_json["noise"] is None and out_json["config"]["repeats"] == 1
     assert results["learned"]["verdict"] in ("faster", "slower", "indistinguishable")
-    assert _leftovers(proc.pid) == ([], [])
+    assert _leftovers(proc.pid, mark) == ([], [])
 
 
 def test_demo_ctrl_c_leaves_nothing_behind(v1_root: None, tmp_path: Path) -> None:
-    proc = _demo(tmp_path, "--minutes", "1")
-    time.sleep(8)  # containers up, the Fixed replay running
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (out, err[-3000:])
-    assert _leftovers(proc.pid) == ([], [])
+    # a worker of another run on this machine, alive throughout: not the demo's leftover
+    other = subprocess.Popen(
+        [sys.executable, "-m", "training.invoker.worker", "sleepy"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        proc, mark = _demo(tmp_path, "--minutes", "1")
+        time.sleep(8)  # containers up, the Fixed replay running
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (out, err[-3000:])
+        assert other.poll() is None
+        assert _leftovers(proc.pid, mark) == ([], [])
+    finally:
+        other.kill()
+        other.wait()
