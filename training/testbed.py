@@ -66,7 +66,12 @@ class Worker:
             text=True,
             preexec_fn=cgroups.join_in_child(self.cg),  # noqa: PLW1509 (no driver thread yet)
         )
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
+        try:
+            assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "up"
+        except BaseException:  # Ctrl-C while it starts: the caller never gets this Worker
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def burn(self, n: int) -> None:
         self.start_burn(n)
@@ -203,6 +208,10 @@ class Testbed:
         """The cgroup under which a node's workers live (its sidecar's cgroupfs parent)."""
         return f"{self.parent}/{node_id}"
 
+    def worker_rel(self, node_id: str, j: int) -> str:
+        """The cgroup of a node's worker ``j``."""
+        return f"{self.node_parent(node_id)}/fn{j}"
+
     # ------------------------------------------------------------------------ lifecycle
     def start(self, drive: bool = True) -> Testbed:
         try:
@@ -211,7 +220,8 @@ class Testbed:
             for n in self.nodes:
                 parent = self.node_parent(n.id)
                 cgroups.create_v1(parent).close()
-                self.workers[n.id] = [Worker(f"{parent}/fn{j}") for j in range(self.n_workers)]
+                for j in range(self.n_workers):  # one by one: stop() sees every worker made
+                    self.workers[n.id].append(Worker(self.worker_rel(n.id, j)))
             self.trainer.start(wait=False)
             for n in self.nodes:
                 n.start(wait=False)
@@ -285,9 +295,9 @@ class Testbed:
             for w in self.workers[n.id]:
                 w.close()
         self.trainer.stop()
-        for n in self.nodes:
-            for w in self.workers[n.id]:
-                cgroups.remove_v1(w.rel)
+        for n in self.nodes:  # by name: a start cut short may have made a cgroup, no Worker
+            for j in range(self.n_workers):
+                cgroups.remove_v1(self.worker_rel(n.id, j))
             cgroups.remove_v1(self.node_parent(n.id))
         cgroups.remove_v1(self.parent)
 

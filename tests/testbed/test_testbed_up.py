@@ -1,0 +1,43 @@
+"""``faasrm testbed up`` as a subprocess: Ctrl-C while it starts leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from testbed_helpers import cgroup_gone
+
+
+def test_ctrl_c_while_workers_start_removes_every_cgroup_and_process(v1_root: None) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "testbed", "up", "--nodes", "4", "--workers", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    kids: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        found = re.search(r"cgroups under (\S+)\)", first)
+        assert found, first
+        parent = found.group(1)
+        deadline = time.monotonic() + 30
+        while cgroup_gone(f"{parent}/node1/fn1") and time.monotonic() < deadline:
+            time.sleep(0.005)  # node0's workers are up, node1's are starting
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, [p.cmdline()[:5] for p in alive]
+    assert cgroup_gone(parent), rest[-3000:]
