@@ -56,7 +56,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,9 @@ from training.testbed import (
     USER_MEM_MB,
     Testbed,
     Worker,
+    interrupt,
     invoke,
+    uninterrupted,
     wait_for,
 )
 
@@ -813,17 +815,6 @@ SCENARIOS = (
 """In this order, then ``end``."""
 
 
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """Ignore Ctrl-C and SIGTERM while cleaning up (a second Ctrl-C would leave cgroups)."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def run(settings: Settings, workdir: Path) -> dict:
     """Every scenario on a new testbed in ``workdir``; the report (see the module)."""
     tb = Testbed(
@@ -848,7 +839,7 @@ def run(settings: Settings, workdir: Path) -> dict:
         fr.scenario("end", fr.end, check=False)
         return fr.report()
     finally:
-        with _uninterrupted():
+        with uninterrupted():
             tb.stop()
 
 
@@ -870,10 +861,6 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(args: argparse.Namespace) -> int:
     reason = v1_unavailable()
     if reason:
@@ -884,7 +871,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="faasrm-faults-"))
     # Ctrl-C and SIGTERM stop the run and clean up, as the demo's do, also when started as a
     # shell's background job (which inherits SIGINT ignored)
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     # a SIGKILLed trainer cannot remove multiprocessing's temporary directory: the children's
     # temporary files go in the run's directory, removed with it
     tmp = os.environ.get("TMPDIR")

@@ -16,7 +16,9 @@ root and writable cgroup v1 hierarchies.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -341,6 +343,23 @@ class Testbed:
         return time.monotonic() - t0
 
 
+def interrupt(signum: int, frame: Any) -> None:
+    """A handler for SIGINT and SIGTERM: both stop a run as Ctrl-C does, through its cleanup
+    (also when started as a shell's background job, which inherits SIGINT ignored)."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while cleaning up (a second Ctrl-C would leave cgroups)."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def main(args: Any) -> int:
     # a testbed learns fast: small updates often (a real trainer waits for more data)
     tb = Testbed(
@@ -351,10 +370,11 @@ def main(args: Any) -> int:
         trainer_overrides={"learner.interval_s": 5.0, "learner.min_records": 100},
     )
     print(f"starting 1 trainer + {args.nodes} sidecars in {tb.workdir} (cgroups under {tb.parent})")
-    tb.start()
-    print(f"trainer {tb.trainer.url}; nodes " + ", ".join(n.url for n in tb.nodes))
-    t0 = time.monotonic()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        tb.start()
+        print(f"trainer {tb.trainer.url}; nodes " + ", ".join(n.url for n in tb.nodes))
+        t0 = time.monotonic()
         while not args.duration or time.monotonic() - t0 < args.duration:
             time.sleep(5)
             models = call_trainer(tb.trainer.url + "/v1/models", TOKEN)
@@ -366,6 +386,9 @@ def main(args: Any) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        tb.stop()
+        with uninterrupted():
+            tb.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
         print("stopped; cgroups removed")
     return 0

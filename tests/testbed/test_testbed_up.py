@@ -41,3 +41,37 @@ def test_ctrl_c_while_workers_start_removes_every_cgroup_and_process(v1_root: No
     _, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive, [p.cmdline()[:5] for p in alive]
     assert cgroup_gone(parent), rest[-3000:]
+
+
+def test_sigterm_once_up_stops_every_process_and_removes_cgroups(v1_root: None) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "testbed", "up", "--nodes", "1", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    kids: list[psutil.Process] = []
+    parent = ""
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        found = re.search(r"cgroups under (\S+)\)", first)
+        assert found, first
+        parent = found.group(1)
+        up = proc.stdout.readline()
+        assert up.startswith("trainer "), up  # the trainer and the node are ready
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        assert len(kids) >= 1 + 1 + 2  # the trainer, the sidecar, two workers
+        proc.send_signal(signal.SIGTERM)  # as `timeout` or a service manager stops it
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _, alive = psutil.wait_procs(kids, timeout=10)
+        for p in alive:  # what it left: the test's own cleanup
+            p.kill()
+    assert proc.returncode == 0, rest[-3000:]
+    assert not alive, [p.cmdline()[:5] for p in alive]
+    assert cgroup_gone(parent), rest[-3000:]
