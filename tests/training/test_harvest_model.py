@@ -273,6 +273,20 @@ def test_the_guard_gets_the_input_and_the_memory_a_container_holds_at_start():
     assert gs.input_max == pytest.approx(30.0) and sim.stats[0].inputs == 3
 
 
+def test_the_node_state_counts_the_cores_allocated_as_a_nodes_engine_does():
+    # A mostly waiting function (10% CPU-bound) holds its user's core while it uses 0.1 of it:
+    # a node's engine counts free cores as its capacity minus the running allocations, and a
+    # policy trained here must see what it will see there.
+    wl = _workload([10.0, 10.0], [40.0, 40.0], arrival=[0.0, 1.0], phi=0.1, cold_s=0.0)
+    sim = ClusterSim(wl, HOST, GRID)
+    free = []
+    while (req := sim.next_request()) is not None:
+        free.append(sim.node_state().free_cores)
+        sim.apply(req.user)
+    sim.run_to_end()
+    assert free == pytest.approx([2.0, 1.0])  # 2 cores less the first's 1 core allocated
+
+
 # ------------------------------------------------------------------------------------ queueing
 def test_the_queueing_an_over_allocation_causes_is_charged_to_it():
     # One 512 MB server. A (user 256 MB) takes 512 MB for 10 s; B arrives at 1 s and waits 9 s.

@@ -367,7 +367,6 @@ class ClusterSim:
         self.total_mem = c.mem_mb * c.servers
         self.used_mem = 0.0
         self.used_cpu = 0.0
-        self.used_load = 0.0
         # The queue's length integrated over time, per MB and per core held (``_advance``).
         self._acc_mem = 0.0
         self._acc_cpu = 0.0
@@ -405,10 +404,12 @@ class ClusterSim:
         return Results.of(self.log)
 
     def node_state(self) -> NodeState:
+        """What is free as a node's engine counts it: capacity minus what the running invocations
+        are allocated (not the cores they use: a policy must see here what it sees on a host)."""
         return NodeState(
             total_cores=self.total_cores,
             total_mem_mb=self.total_mem,
-            free_cores=self.total_cores - self.used_load,
+            free_cores=self.total_cores - self.used_cpu,
             free_mem_mb=self.total_mem - self.used_mem,
             pending=len(self._queue),
         )
@@ -592,7 +593,6 @@ class ClusterSim:
         s.load += load
         self.used_mem += need_mem
         self.used_cpu += need_cpu
-        self.used_load += load
         self._running[inv] = (si, need_mem, need_cpu, load, warm, self._acc_mem, self._acc_cpu)
         heapq.heappush(self._events, (self.now + cold + exec_s, inv))
         return True
@@ -718,7 +718,6 @@ class ClusterSim:
         s.load -= load
         self.used_mem -= need_mem
         self.used_cpu -= need_cpu
-        self.used_load -= load
         fn = self._fn[inv]
         self._warm[fn].setdefault(si, []).append(self.now)
 
