@@ -237,7 +237,8 @@ class SimulatedRule:
     """A baseline rule as a simulator manager: ``ClusterSim``'s log adapted to ``Run``.
 
     The simulator's only failure is an OOM kill; ENSURE's baseline is the function's
-    ``FunctionStats.baseline_duration_s``.
+    ``FunctionStats.baseline_duration_s`` when the invocation arrived: a baseline known before
+    the run, as on the real invoker, not one that already averages the run in.
     """
 
     def __init__(self, rule: type[BaselineRule]) -> None:
@@ -246,8 +247,11 @@ class SimulatedRule:
 
     def reset(self, sim: ClusterSim) -> None:
         self.rule = self.rule_type(sim.grid)
+        self.baseline: dict[int, float] = {}
+        """Invocation -> its function's baseline at its arrival, until it is observed."""
 
     def decide(self, sim: ClusterSim, req: Request) -> Alloc:
+        self.baseline[req.inv] = req.stats.baseline_duration_s
         cpu, mem = self.rule.decide(req.fn)
         user = req.user
         return Alloc(user.cpu if cpu is None else cpu, user.mem if mem is None else mem)
@@ -262,7 +266,7 @@ class SimulatedRule:
             log.cpu_peak[inv],
             log.mem_peak[inv],
             log.exec_s[inv],
-            sim.stats[fn].baseline_duration_s,
+            self.baseline.pop(inv),
             failed,
             failed,
         )

@@ -4,7 +4,9 @@ invoker, fed ``Run`` observations in cores and MB (no cgroups here)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
+import numpy as np
 import pytest
 
 from sidecar.core.grid import ResourceGrid
@@ -19,6 +21,8 @@ from training.baselines import (
     Vpa,
 )
 from training.invoker.invoker import kind
+from training.sim.cluster import ClusterSim
+from training.sim.presets import get_preset
 
 G = ResourceGrid()  # 1 core x 8, 64 MB x 8
 
@@ -138,3 +142,33 @@ def test_the_simulator_drives_the_same_rules() -> None:
 def test_kind(cpu: float, mem: float, want: str) -> None:
     assert kind(1.0, 256.0, cpu, mem) == want
     assert kind(0.5, 128.0, 1.0, 128.0) == "accelerated"
+
+
+def test_ensure_in_the_simulator_compares_a_run_with_the_baseline_known_before_it() -> None:
+    # As on a node (the reward's "baseline before this run") and on the real invoker (a baseline
+    # measured beforehand): a run at the user's size must not be compared with a baseline that
+    # already averages it in, which hides its own slowdown.
+    class Recording(Ensure):
+        def __init__(self, grid: ResourceGrid) -> None:
+            super().__init__(grid)
+            self.runs: list[Run] = []
+
+        def observe(self, fn: Hashable, r: Run) -> None:
+            self.runs.append(r)
+            super().observe(fn, r)
+
+    p = get_preset("small")
+    sim = ClusterSim(p.build(3), p.cluster, p.grid)
+    mgr = SimulatedRule(Recording)
+    mgr.reset(sim)
+    known: dict[int, float] = {}  # the function's baseline when each invocation arrived
+    seen: list[tuple[float, float]] = []
+    while (req := sim.next_request()) is not None:
+        for inv in sim.finished:
+            mgr.observe(sim, inv)
+            seen.append((mgr.rule.runs[-1].baseline_s, known[inv]))
+        sim.finished.clear()
+        known[req.inv] = req.stats.baseline_duration_s
+        sim.apply(mgr.decide(sim, req))
+    assert len(seen) > 1000 and sum(b == b for _, b in seen) > 1000
+    np.testing.assert_array_equal(np.array(seen)[:, 0], np.array(seen)[:, 1])
