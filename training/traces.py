@@ -82,8 +82,11 @@ class Trace:
         The trace only has per-minute counts, so placement within a minute is synthesised:
         timer-triggered functions fire evenly spaced at a per-function seeded phase (so a timer
         stays periodic across minutes); the rest are uniform random in their minute.
+        The draws come from a stream of their own: ``generate`` and ``build_workload`` draw from
+        ``default_rng(seed)`` for the same seed, and sharing it put every timer's phase in the
+        range of the draw that made it a timer (the first third of its minute).
         """
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([seed, 3])
         fn_parts, min_parts, cnt_parts = [], [], []
         for i, f in enumerate(self.functions):  # only non-zero cells; no dense matrix
             nz = np.flatnonzero(f.per_minute)

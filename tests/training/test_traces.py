@@ -195,6 +195,22 @@ def test_arrivals_sorted_counted_and_in_their_minutes():
     np.testing.assert_allclose(np.diff(first), 60.0 / first.size)
 
 
+def test_timer_phases_are_spread_over_the_minute_for_the_traces_own_seed():
+    # A preset generates its trace and places its arrivals from one seed: the phases must not
+    # be the draws that chose which functions are timers (then every timer fired in the first
+    # third of its minute, together).
+    t = generate(300, 30, seed=5)
+    times, fn = t.arrivals(seed=5)
+    timer = np.array([f.trigger == "timer" for f in t.functions])
+    minute = (times // 60).astype(int)
+    count = np.array([t.functions[f].per_minute[m] for f, m in zip(fn, minute)])
+    # firing r of c in a minute is at (phase + r) / c of it: the phase is what is left over
+    phase = (times % 60.0) / 60.0 * count % 1.0
+    phases = np.array([phase[fn == i][0] for i in np.flatnonzero(timer) if (fn == i).any()])
+    assert len(phases) > 50
+    assert 0.35 < phases.mean() < 0.65 and phases.max() > 0.8
+
+
 def test_arrivals_fast_for_a_million_invocations():
     t = generate(1000, 60, seed=2, mean_rate_per_min=1e6 / 60)
     start = time.perf_counter()
