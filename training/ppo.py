@@ -585,6 +585,11 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
     """
     args = dataclasses.replace(args)
     args.batch_size = int(args.num_envs * args.num_steps)
+    if not 1 <= args.num_minibatches <= args.batch_size:
+        raise ValueError(
+            f"num_minibatches {args.num_minibatches} must be 1..{args.batch_size} "
+            "(num_envs x num_steps): a minibatch needs at least one decision"
+        )
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
     run_dir = Path(args.out_dir)
@@ -776,8 +781,14 @@ def train(args: Args, env_fn: Callable[[int], gym.Env] | None = None) -> dict:
 
 
 def agent_from_checkpoint(path: str | Path) -> tuple[Agent, dict]:
-    """The agent of a checkpoint and the checkpoint's ``args`` dict."""
+    """The agent of a checkpoint and the checkpoint's ``args`` dict. ValueError for one without
+    ``args``: its preset, and so the grid an export is for, would have to be guessed."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("args"), dict):
+        raise ValueError(
+            f"{path}: the checkpoint records no training args (its preset and grid); a "
+            "behaviour-cloning checkpoint from before it recorded them must be made again"
+        )
     agent = Agent()
     agent.load_state_dict(ckpt["agent"])
     agent.eval()

@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     agent, acc = fit(data, a.epochs, a.lr, a.seed)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"agent": agent.state_dict(), "bc_accuracy": acc, "samples": len(data["action"])}, a.out
+        {
+            "agent": agent.state_dict(),
+            "args": {"preset": a.preset, "behaviour_cloning": vars(a)},  # export reads the preset
+            "bc_accuracy": acc,
+            "samples": len(data["action"]),
+        },
+        a.out,
     )
     print(
         f"behaviour cloning: {len(data['action'])} samples, teacher agreement {acc:.1%} -> {a.out}"

@@ -133,3 +133,23 @@ def test_mlp_from_onnx_scores_like_onnxruntime(tmp_path):
     np.testing.assert_allclose(
         mlp_from_onnx(path).scores(rows), OnnxScorer(path).scores(rows), atol=1e-5
     )
+
+
+def test_a_behaviour_cloning_checkpoint_exports_for_its_own_preset(tmp_path: Path) -> None:
+    """``training.pretrain`` records its preset, so the export is for that preset's grid; a
+    checkpoint without training args is refused by name instead of guessing a grid (it read
+    ``small``'s, or failed with KeyError 'args')."""
+    from training import pretrain
+    from training.ppo import agent_from_checkpoint
+
+    bc = tmp_path / "bc.pt"
+    pretrain.main(
+        ["--preset", "sample", "--episodes", "1", "--decisions", "64", "--epochs", "1"]
+        + ["--out", str(bc)]
+    )
+    meta = export(bc, tmp_path / "bc.onnx")
+    assert json.loads(meta["training_config"])["preset"] == "sample"
+    bare = tmp_path / "bare.pt"
+    torch.save({"agent": Agent().state_dict()}, bare)
+    with pytest.raises(ValueError, match="records no training args"):
+        agent_from_checkpoint(bare)

@@ -288,3 +288,12 @@ def test_a_last_minibatch_of_one_decision_leaves_the_agent_finite(tmp_path: Path
     out = train(args, env_fn=lambda i: BiggestCpuEnv())
     assert all(torch.isfinite(p).all() for p in out["agent"].parameters())
     assert np.isfinite(float(out["losses/policy_loss"]))
+
+
+def test_more_minibatches_than_decisions_is_refused_before_training(tmp_path: Path) -> None:
+    """A minibatch size of 0 crashed deep in the first update with a range error."""
+    args = Args(preset="sample", num_envs=1, num_steps=4, num_minibatches=8)
+    args.out_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="num_minibatches 8 must be 1..4"):
+        train(args)
+    assert not (tmp_path / "run").exists()
