@@ -224,12 +224,15 @@ class Testbed:
                 cgroups.create_v1(parent).close()
                 for j in range(self.n_workers):  # one by one: stop() sees every worker made
                     self.workers[n.id].append(Worker(self.worker_rel(n.id, j)))
+                    stop_requested()
             self.trainer.start(wait=False)
             for n in self.nodes:
                 n.start(wait=False)
+            stop_requested()
             self.trainer.wait()
             for n in self.nodes:
                 n.wait()
+            stop_requested()
             if drive:
                 self.drive()
         except BaseException:
@@ -343,10 +346,23 @@ class Testbed:
         return time.monotonic() - t0
 
 
+STOP = threading.Event()
+"""Set by ``interrupt``. A KeyboardInterrupt raised while a child is being forked lands in an
+at-fork callback, which only prints it ("Exception ignored"): the run checks this too
+(``stop_requested``), so a Ctrl-C during a start is never lost."""
+
+
 def interrupt(signum: int, frame: Any) -> None:
     """A handler for SIGINT and SIGTERM: both stop a run as Ctrl-C does, through its cleanup
     (also when started as a shell's background job, which inherits SIGINT ignored)."""
+    STOP.set()
     raise KeyboardInterrupt
+
+
+def stop_requested() -> None:
+    """Raise KeyboardInterrupt if ``interrupt`` ran, whether or not its own raise got through."""
+    if STOP.is_set():
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -376,7 +392,8 @@ def main(args: Any) -> int:
         print(f"trainer {tb.trainer.url}; nodes " + ", ".join(n.url for n in tb.nodes))
         t0 = time.monotonic()
         while not args.duration or time.monotonic() - t0 < args.duration:
-            time.sleep(5)
+            if STOP.wait(5):
+                break
             models = call_trainer(tb.trainer.url + "/v1/models", TOKEN)
             print(
                 f"{time.monotonic() - t0:6.0f}s  produced {len(tb.produced_ids())}  stored "
