@@ -13,21 +13,30 @@ import psutil
 from testbed_helpers import cgroup_gone
 
 
-def test_ctrl_c_while_workers_start_removes_every_cgroup_and_process(v1_root: None) -> None:
+def _up(nodes: int, workers: int) -> tuple[subprocess.Popen, str]:
+    """``faasrm testbed up`` started, and the cgroup parent its first line names."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "testbed", "up", "--nodes", "4", "--workers", "4"],
+        [sys.executable, "-m", "sidecar", "testbed", "up", "--nodes", str(nodes)]
+        + ["--workers", str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    found = re.search(r"cgroups under (\S+)\)", first)
+    if not found:
+        proc.kill()
+        proc.wait()
+    assert found, first
+    return proc, found.group(1)
+
+
+def test_ctrl_c_while_workers_start_removes_every_cgroup_and_process(v1_root: None) -> None:
+    proc, parent = _up(4, 4)
     kids: list[psutil.Process] = []
     try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        found = re.search(r"cgroups under (\S+)\)", first)
-        assert found, first
-        parent = found.group(1)
         deadline = time.monotonic() + 30
         while cgroup_gone(f"{parent}/node1/fn1") and time.monotonic() < deadline:
             time.sleep(0.005)  # node0's workers are up, node1's are starting
@@ -44,21 +53,10 @@ def test_ctrl_c_while_workers_start_removes_every_cgroup_and_process(v1_root: No
 
 
 def test_sigterm_once_up_stops_every_process_and_removes_cgroups(v1_root: None) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "testbed", "up", "--nodes", "1", "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    proc, parent = _up(1, 2)
     kids: list[psutil.Process] = []
-    parent = ""
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()
-        found = re.search(r"cgroups under (\S+)\)", first)
-        assert found, first
-        parent = found.group(1)
         up = proc.stdout.readline()
         assert up.startswith("trainer "), up  # the trainer and the node are ready
         kids = psutil.Process(proc.pid).children(recursive=True)
